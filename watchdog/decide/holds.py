@@ -1,0 +1,43 @@
+"""Cluster-wide holds: conditions under which no node may be reset (DESIGN §4)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from watchdog.decide.config import DecideConfig, Policy
+from watchdog.decide.observations import SourceHealth
+from watchdog.decide.reasons import Reason
+from watchdog.decide.state import DOWN_PHASES, Phase
+
+
+def is_storm(phases: Iterable[Phase], total_nodes: int, cfg: DecideConfig) -> bool:
+    """Too many nodes down at once looks exactly like a partition around the controller."""
+    down = sum(1 for p in phases if p in DOWN_PHASES)
+    if down == 0 or total_nodes <= 0:
+        return False
+    return down > cfg.storm_max_unreachable or down / total_nodes >= cfg.storm_max_fraction
+
+
+def cluster_holds(
+    phases: Iterable[Phase],
+    total_nodes: int,
+    health: SourceHealth,
+    policy: Policy,
+    cfg: DecideConfig,
+    upgrade_running: bool = False,
+) -> tuple[Reason, ...]:
+    """Every hold in force, most fundamental first (the first one is reported)."""
+    holds: list[Reason] = []
+    if health.broker_up_since is None:
+        holds.append(Reason.HOLD_BROKER_DOWN)
+    if health.api_up_since is None:
+        holds.append(Reason.HOLD_API_DOWN)
+    if is_storm(phases, total_nodes, cfg):
+        holds.append(Reason.HOLD_STORM)
+    if not policy.enable:
+        holds.append(Reason.HOLD_POLICY_DISABLED)
+    if upgrade_running:
+        holds.append(Reason.HOLD_UPGRADE)
+    if cfg.dry_run:
+        holds.append(Reason.HOLD_DRY_RUN)
+    return tuple(holds)

@@ -1,0 +1,374 @@
+"""The per-node state machine (DESIGN §4): `(state, observation, context, now) → Decision`.
+
+Pure: same inputs, same outputs. The caller evaluates a node when something about it changed
+or when the returned `wake_at` is reached; nothing here sleeps or reads a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, assert_never
+
+from watchdog.decide.actions import (
+    Action,
+    DeleteVolumeAttachments,
+    EmitEvent,
+    EventType,
+    ForceDeletePods,
+    MarkPodsNotReady,
+    PersistState,
+    RemoveOutOfServiceTaint,
+    RunFenceHook,
+    StartEvacuation,
+    StopEvacuation,
+    TaintOutOfService,
+)
+from watchdog.decide.config import DecideConfig, FenceMode, Policy
+from watchdog.decide.falsely_ready import falsely_ready
+from watchdog.decide.observations import NodeObservation, SourceHealth
+from watchdog.decide.reasons import Reason
+from watchdog.decide.safety import reset_not_before
+from watchdog.decide.signals import Signal, Signals, signals_of
+from watchdog.decide.state import NodeState, Phase
+
+# While pods are being force-deleted, look again this often (deletes are idempotent).
+RESET_RETRY_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What the whole cluster contributes to one node's decision."""
+
+    health: SourceHealth
+    policy: Policy
+    holds: tuple[Reason, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    state: NodeState
+    actions: tuple[Action, ...] = ()
+    wake_at: float | None = None
+    signals: Signals | None = None
+    # Every phase change of this step, in order: (from, to, reason).
+    transitions: tuple[tuple[Phase, Phase, Reason], ...] = field(default=())
+
+
+def decide(
+    state: NodeState,
+    obs: NodeObservation,
+    ctx: Context,
+    now: float,
+    cfg: DecideConfig,
+) -> Decision:
+    """Decide one node: new state, actions as data, and when to look again."""
+    sig = signals_of(obs, ctx.health, now, cfg)
+    step = _Step(state, obs, ctx, now, cfg, sig)
+    match state.phase:
+        case Phase.HEALTHY:
+            step.healthy()
+        case Phase.SUSPECT:
+            step.suspect()
+        case Phase.DEGRADED:
+            step.degraded()
+        case Phase.UNREACHABLE | Phase.FENCING:
+            step.fencing()
+        case Phase.RESETTING:
+            step.resetting()
+        case Phase.RESET:
+            step.reset()
+        case Phase.RECOVERING:
+            step.recovering()
+        case _ as unreachable:
+            assert_never(unreachable)
+    return step.result()
+
+
+class _Step:
+    """One evaluation; accumulates actions and the earliest wake-up, then yields a Decision."""
+
+    def __init__(
+        self,
+        state: NodeState,
+        obs: NodeObservation,
+        ctx: Context,
+        now: float,
+        cfg: DecideConfig,
+        sig: Signals,
+    ) -> None:
+        self.start = state
+        self.state = state
+        self.obs = obs
+        self.ctx = ctx
+        self.now = now
+        self.cfg = cfg
+        self.sig = sig
+        self.actions: list[Action] = []
+        self.wake: float | None = None
+        self.transitions: list[tuple[Phase, Phase, Reason]] = []
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def result(self) -> Decision:
+        if self.transitions:
+            self.actions.append(PersistState(self.obs.name, self.state.to_annotation()))
+        return Decision(
+            state=self.state,
+            actions=tuple(self.actions),
+            wake_at=self.wake,
+            signals=self.sig,
+            transitions=tuple(self.transitions),
+        )
+
+    def wake_at(self, t: float | None) -> None:
+        if t is not None and t > self.now and (self.wake is None or t < self.wake):
+            self.wake = t
+
+    def event(self, event: str, reason: Reason, message: str, warning: bool = False) -> None:
+        kind = EventType.WARNING if warning else EventType.NORMAL
+        self.actions.append(EmitEvent(self.obs.name, event, reason, message, kind))
+
+    def move(self, phase: Phase, reason: Reason, **changes: Any) -> None:
+        self.transitions.append((self.state.phase, phase, reason))
+        self.state = self.state.moved(phase, reason, self.now, **changes)
+
+    def fresh_enough(self) -> bool:
+        """Hysteresis: N heartbeats in a row since the node was marked, and still alive."""
+        got = self.obs.heartbeats_received - self.state.heartbeats_at_mark
+        return self.sig.heartbeat is Signal.ALIVE and got >= self.cfg.recovery_heartbeats
+
+    def kubelet_path_stale(self) -> bool:
+        return self.sig.lease is Signal.STALE or self.sig.ready is Signal.STALE
+
+    def corroboration(self) -> Reason | None:
+        if self.sig.lease is Signal.STALE:
+            return Reason.CORROBORATED_LEASE
+        if self.sig.ready is Signal.STALE:
+            return Reason.CORROBORATED_READY
+        if self.sig.peers is Signal.STALE:
+            return Reason.CORROBORATED_PEERS
+        return None
+
+    def heartbeat_wakeups(self) -> None:
+        """Wake when a silent source would cross its next threshold."""
+        if self.ctx.health.broker_up_since is not None:
+            ref = max(self.obs.last_heartbeat_at or 0.0, self.ctx.health.broker_up_since)
+            self.wake_at(ref + self.cfg.suspect_after_s)
+            self.wake_at(ref + self.cfg.unreachable_after_s)
+        if self.ctx.health.api_up_since is not None and self.obs.lease_seen:
+            ref = max(self.obs.lease_renewed_at or 0.0, self.ctx.health.api_up_since)
+            self.wake_at(ref + self.cfg.lease_stale_after_s)
+
+    def to_suspect(self) -> None:
+        reason = Reason.AGENT_OFFLINE if self.obs.agent_offline else Reason.HEARTBEAT_STALE
+        last = self.obs.last_heartbeat_at
+        self.move(
+            Phase.SUSPECT,
+            reason,
+            last_contact_at=last,
+            heartbeats_at_mark=self.obs.heartbeats_received,
+            boot_id=self.obs.boot_id,
+            fence=self.obs.fence,
+        )
+        age = self.sig.heartbeat_age_s or 0.0
+        self.event("NodeSuspect", reason, f"no heartbeat for {age:.1f}s", warning=True)
+
+    # --- phases --------------------------------------------------------------------------------
+
+    def healthy(self) -> None:
+        if self.sig.heartbeat is Signal.STALE:
+            self.to_suspect()
+            self.suspect()
+        elif self.sig.heartbeat is Signal.ALIVE and self.kubelet_path_stale():
+            self.to_degraded()
+        else:
+            self.heartbeat_wakeups()
+
+    def to_degraded(self) -> None:
+        self.move(Phase.DEGRADED, Reason.KUBELET_PATH_LOST, heartbeats_at_mark=0)
+        self.event(
+            "EvacuationStarted",
+            Reason.KUBELET_PATH_LOST,
+            "agent heartbeats but kubelet lease/Ready is stale: VMs are alive, live-migrating",
+            warning=True,
+        )
+        self.actions.append(StartEvacuation(self.obs.name))
+
+    def suspect(self) -> None:
+        if self.sig.heartbeat is Signal.ALIVE:
+            if self.fresh_enough():
+                if self.kubelet_path_stale():
+                    self.to_degraded()
+                else:
+                    self.move(Phase.HEALTHY, Reason.HEARTBEAT_FRESH)
+            self.heartbeat_wakeups()
+            return
+        if self.sig.heartbeat is Signal.UNKNOWN:
+            return  # blind: neither recover nor escalate
+        age = self.sig.heartbeat_age_s or 0.0
+        if age < self.cfg.unreachable_after_s:
+            self.heartbeat_wakeups()
+            return
+        why = self.corroboration()
+        if why is None:
+            self.heartbeat_wakeups()  # heartbeat alone is not evidence; wait for a corroborator
+            return
+        self.to_unreachable(why, age)
+
+    def to_unreachable(self, why: Reason, age: float) -> None:
+        self.move(Phase.UNREACHABLE, why, unreachable_at=self.now, fence_clock_from=None)
+        self.event(
+            "NodeUnreachable", why, f"no heartbeat for {age:.1f}s; {why.value}", warning=True
+        )
+        pods = falsely_ready(self.obs.launcher_pods)
+        if pods:
+            names = ", ".join(f"{p.namespace}/{p.name}" for p in pods)
+            self.event(
+                "FalselyReadyPods",
+                why,
+                f"{len(pods)} launcher pods show Ready: {names}",
+                warning=True,
+            )
+            if self.cfg.mark_pods_not_ready and not self.cfg.dry_run:
+                self.actions.append(
+                    MarkPodsNotReady(self.obs.name, tuple((p.namespace, p.name) for p in pods))
+                )
+        self.fencing()
+
+    def degraded(self) -> None:
+        if self.sig.heartbeat is Signal.STALE:
+            self.actions.append(StopEvacuation(self.obs.name))
+            self.to_suspect()
+            self.suspect()
+        elif self.sig.heartbeat is Signal.ALIVE and not self.kubelet_path_stale():
+            if self.sig.lease is Signal.UNKNOWN and self.sig.ready is Signal.UNKNOWN:
+                return  # API blind: keep evacuating state until we can see again
+            self.move(Phase.HEALTHY, Reason.KUBELET_PATH_BACK)
+            self.actions.append(StopEvacuation(self.obs.name))
+            self.event("NodeRecovered", Reason.KUBELET_PATH_BACK, "kubelet path is back")
+        else:
+            self.heartbeat_wakeups()
+
+    def node_back(self) -> bool:
+        if not self.fresh_enough():
+            return False
+        rebooted = self.obs.boot_id is not None and self.obs.boot_id != self.state.boot_id
+        reason = Reason.NODE_REBOOTED if rebooted else Reason.NODE_BACK
+        self.move(Phase.RECOVERING, reason)
+        self.event("NodeRecovered", reason, "heartbeats are back", warning=False)
+        self.recovering()
+        return True
+
+    def fencing(self) -> None:
+        if self.sig.heartbeat is Signal.ALIVE:
+            if not self.node_back():
+                self.heartbeat_wakeups()
+            return
+        if self.state.phase is Phase.UNREACHABLE:
+            self.move(
+                Phase.FENCING,
+                Reason.PERIOD_RUNNING,
+                heartbeats_at_mark=self.obs.heartbeats_received,
+            )
+            if self.cfg.fence_mode is FenceMode.EXTERNAL and not self.cfg.dry_run:
+                self.actions.append(RunFenceHook(self.obs.name))
+        self.start_fence_clock()
+        fenced = self.fence_proof()
+        earliest = self.earliest_reset()
+        if self.ctx.holds:
+            self.hold(self.ctx.holds[0])
+            return
+        if fenced is None:
+            if self.cfg.fence_mode is FenceMode.SELF and self.state.fence_clock_from is not None:
+                self.hold(Reason.HOLD_UNFENCED)
+            return
+        if earliest is None or self.now < earliest:
+            self.wake_at(earliest)
+            return
+        self.to_resetting(fenced)
+
+    def start_fence_clock(self) -> None:
+        # The agent can read that it is being fenced only once the annotation is visible.
+        visible = self.obs.persisted_phase in {Phase.UNREACHABLE, Phase.FENCING}
+        if self.state.fence_clock_from is None and visible:
+            self.state = replace(self.state, fence_clock_from=self.now)
+
+    def fence_proof(self) -> Reason | None:
+        mode = self.cfg.fence_mode
+        if self.obs.out_of_service_tainted and not self.state.tainted:
+            return Reason.FENCE_MANUAL_TAINT  # an administrator's taint is proof in any mode
+        if mode is FenceMode.NONE:
+            return Reason.FENCE_NOT_REQUIRED
+        if mode is FenceMode.EXTERNAL:
+            return Reason.FENCE_EXTERNAL_CONFIRMED if self.obs.external_fence_confirmed else None
+        if mode is FenceMode.MANUAL:
+            return None
+        fence = self.state.fence
+        if fence is None or not fence.armed or self.state.fence_clock_from is None:
+            return None
+        return Reason.FENCE_SELF_ELAPSED
+
+    def earliest_reset(self) -> float | None:
+        assert self.state.unreachable_at is not None
+        if self.obs.out_of_service_tainted and not self.state.tainted:
+            return self.state.unreachable_at + self.ctx.policy.period_s
+        return reset_not_before(
+            self.state.unreachable_at,
+            self.state.fence_clock_from,
+            self.ctx.policy,
+            self.state.fence,
+            self.cfg,
+        )
+
+    def hold(self, why: Reason) -> None:
+        if self.state.held is not why:
+            self.state = replace(self.state, held=why)
+            self.event("ResetHeld", why, f"reset held: {why.value}", warning=True)
+
+    def to_resetting(self, fenced: Reason) -> None:
+        self.event("NodeFenced", fenced, f"fencing proven: {fenced.value}")
+        self.move(Phase.RESETTING, Reason.RESET_STARTED, tainted=True)
+        self.actions.append(TaintOutOfService(self.obs.name))
+        self.issue_deletes()
+        if self.cfg.delete_volume_attachments:
+            self.actions.append(DeleteVolumeAttachments(self.obs.name))
+        n = len(self.obs.launcher_pods)
+        self.event("ForceReset", Reason.RESET_STARTED, f"force-deleting {n} launcher pods")
+
+    def issue_deletes(self) -> None:
+        pods = tuple((p.namespace, p.name) for p in self.obs.launcher_pods)
+        if pods:
+            self.actions.append(ForceDeletePods(self.obs.name, pods))
+            self.wake_at(self.now + RESET_RETRY_S)
+
+    def resetting(self) -> None:
+        if self.obs.launcher_pods:
+            if self.ctx.health.api_up_since is not None:
+                self.issue_deletes()
+            return
+        self.move(
+            Phase.RESET, Reason.LAUNCHER_PODS_GONE, heartbeats_at_mark=self.obs.heartbeats_received
+        )
+
+    def reset(self) -> None:
+        if self.sig.heartbeat is Signal.ALIVE and not self.node_back():
+            self.heartbeat_wakeups()
+
+    def recovering(self) -> None:
+        if self.sig.heartbeat is Signal.STALE:
+            self.to_suspect()
+            return
+        if self.state.tainted:
+            # Kubernetes must first clean up every pod still bound to the node, or the node's
+            # kubelet would restart VMs that already run elsewhere.
+            if self.obs.launcher_pods:
+                return
+            self.actions.append(RemoveOutOfServiceTaint(self.obs.name))
+        self.move(
+            Phase.HEALTHY,
+            Reason.RECOVERED,
+            tainted=False,
+            unreachable_at=None,
+            fence_clock_from=None,
+        )
+        self.heartbeat_wakeups()

@@ -1,0 +1,62 @@
+"""Typed observations handed to the decision core by the observers (values, no clients).
+
+Times are seconds on the controller's monotonic clock, stamped when the controller saw the
+change, never another machine's wall clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class FenceDeclaration:
+    """What a node's agent says about its own fencing, in every heartbeat (DESIGN §5)."""
+
+    armed: bool
+    after_s: float
+    bound_s: float
+
+    def to_json(self) -> dict[str, object]:
+        return {"armed": self.armed, "after_s": self.after_s, "bound_s": self.bound_s}
+
+
+@dataclass(frozen=True, slots=True)
+class SourceHealth:
+    """When the controller's own connections came up; None while a connection is down."""
+
+    broker_up_since: float | None
+    api_up_since: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class LauncherPod:
+    """A virt-launcher pod bound to a node, as the API shows it."""
+
+    namespace: str
+    name: str
+    vmi: str
+    ready: bool
+    terminating: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NodeObservation:
+    """Everything observed about one node, assembled per decision by the runtime."""
+
+    name: str
+    last_heartbeat_at: float | None = None
+    heartbeats_received: int = 0
+    boot_id: str | None = None
+    fence: FenceDeclaration | None = None
+    agent_offline: bool = False
+    lease_seen: bool = False
+    lease_renewed_at: float | None = None
+    ready: str | None = None
+    peers_unreachable: bool | None = None
+    out_of_service_tainted: bool = False
+    launcher_pods: tuple[LauncherPod, ...] = field(default_factory=tuple)
+    external_fence_confirmed: bool = False
+    # The phase this node's annotation shows, as last seen through the API watch: the fence
+    # clock starts only once the agent could read that it is being fenced.
+    persisted_phase: str | None = None

@@ -1,0 +1,41 @@
+"""Why a node changed phase or why an action was held: one enum for logs, Events and metrics."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Every transition and hold carries one of these (bounded metric label values)."""
+
+    # detection
+    HEARTBEAT_STALE = "HeartbeatStale"
+    AGENT_OFFLINE = "AgentOffline"
+    HEARTBEAT_FRESH = "HeartbeatFresh"
+    CORROBORATED_LEASE = "CorroboratedByLease"
+    CORROBORATED_READY = "CorroboratedByReady"
+    CORROBORATED_PEERS = "CorroboratedByPeers"
+    KUBELET_PATH_LOST = "KubeletPathLost"
+    KUBELET_PATH_BACK = "KubeletPathBack"
+    # fencing and reset
+    PERIOD_RUNNING = "PeriodRunning"
+    FENCE_SELF_ELAPSED = "SelfFenceDelayElapsed"
+    FENCE_EXTERNAL_CONFIRMED = "ExternalFenceConfirmed"
+    FENCE_MANUAL_TAINT = "ManualOutOfServiceTaint"
+    FENCE_NOT_REQUIRED = "FencingDisabled"
+    RESET_STARTED = "ResetStarted"
+    LAUNCHER_PODS_GONE = "LauncherPodsGone"
+    # recovery
+    NODE_BACK = "NodeBack"
+    NODE_REBOOTED = "NodeRebooted"
+    RECOVERED = "Recovered"
+    # holds
+    HOLD_STORM = "Storm"
+    HOLD_BROKER_DOWN = "BrokerDown"
+    HOLD_API_DOWN = "APIDown"
+    HOLD_POLICY_DISABLED = "PolicyDisabled"
+    HOLD_DRY_RUN = "DryRun"
+    HOLD_UPGRADE = "UpgradeRunning"
+    HOLD_UNFENCED = "NoArmedFence"
+    # bookkeeping
+    RESUMED = "ResumedFromAnnotation"

@@ -1,0 +1,60 @@
+"""Safety arithmetic: how long after a node was declared unreachable its VMs may be reset.
+
+Resetting a node that is only partitioned would start a second copy of each of its VMs on a
+shared volume. The reset therefore waits until the node's agent has provably stopped them,
+using the fencing parameters that agent itself declared, never a value assumed here.
+"""
+
+from __future__ import annotations
+
+from watchdog.decide.config import DecideConfig, FenceMode, Policy
+from watchdog.decide.observations import FenceDeclaration
+
+
+def safe_delay_s(declared: FenceDeclaration | None, cfg: DecideConfig) -> float | None:
+    """Seconds from the fence clock's start until the node's VMs are proven stopped.
+
+    None when the agent never declared an armed fence: no delay makes such a node safe, and
+    the caller must fall back to manual proof (an administrator's out-of-service taint).
+    The fence clock starts when both hold: the controller has had no heartbeat for
+    `unreachable_after_s`, and the node's annotation says it is being fenced (an agent that
+    still reaches the API reads that and fences at once, so its API contact stops counting).
+    """
+    if declared is None or not declared.armed:
+        return None
+    return (
+        declared.after_s  # the agent fences once cut off from broker and API this long
+        + declared.bound_s  # the fence action (reboot, watchdog expiry) stops VMs within this
+        + cfg.heartbeat_interval_s  # the agent may have had one more broker round trip than we saw
+        + cfg.fence_margin_s  # clock-rate drift between the two machines, scheduling delay
+    )
+
+
+def effective_period_s(
+    policy: Policy, declared: FenceDeclaration | None, cfg: DecideConfig
+) -> float:
+    """The wait actually applied: the policy period, raised to the safe delay in mode self.
+
+    A configured period shorter than the safe delay never shortens it (the runtime warns).
+    """
+    if cfg.fence_mode is not FenceMode.SELF:
+        return policy.period_s
+    delay = safe_delay_s(declared, cfg)
+    return policy.period_s if delay is None else max(policy.period_s, delay)
+
+
+def reset_not_before(
+    unreachable_at: float,
+    fence_clock_from: float | None,
+    policy: Policy,
+    declared: FenceDeclaration | None,
+    cfg: DecideConfig,
+) -> float | None:
+    """Earliest monotonic time a reset may start; None while it cannot be computed yet."""
+    period_end = unreachable_at + policy.period_s
+    if cfg.fence_mode is not FenceMode.SELF:
+        return period_end
+    delay = safe_delay_s(declared, cfg)
+    if delay is None or fence_clock_from is None:
+        return None
+    return max(period_end, fence_clock_from + delay)

@@ -1,0 +1,85 @@
+"""Per-source signals: what each independent source says about a node right now.
+
+A source that cannot see (broker or API connection down, nothing observed yet) says UNKNOWN,
+never STALE: losing a source is an observation about us, not evidence about the node.
+Ages count on the controller's monotonic clock from when *it* observed a change, and never
+from before the source was last (re)connected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from watchdog.decide.config import DecideConfig
+from watchdog.decide.observations import NodeObservation, SourceHealth
+
+
+class Signal(StrEnum):
+    ALIVE = "alive"
+    STALE = "stale"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Signals:
+    """The four signals of one node at one instant, plus the heartbeat age behind them."""
+
+    heartbeat: Signal
+    lease: Signal
+    ready: Signal
+    peers: Signal
+    heartbeat_age_s: float | None
+
+
+def _age(now: float, changed_at: float | None, source_up_since: float) -> float:
+    # A change we could not see (source down) must not age: count from reconnection.
+    reference = source_up_since if changed_at is None else max(changed_at, source_up_since)
+    return now - reference
+
+
+def heartbeat_signal(
+    obs: NodeObservation, health: SourceHealth, now: float, cfg: DecideConfig
+) -> tuple[Signal, float | None]:
+    if health.broker_up_since is None:
+        return Signal.UNKNOWN, None
+    age = _age(now, obs.last_heartbeat_at, health.broker_up_since)
+    if obs.agent_offline:
+        # The broker delivered the agent's Last Will or a clean "offline": no need to wait.
+        return Signal.STALE, age
+    return (Signal.STALE if age >= cfg.suspect_after_s else Signal.ALIVE), age
+
+
+def lease_signal(
+    obs: NodeObservation, health: SourceHealth, now: float, cfg: DecideConfig
+) -> Signal:
+    if health.api_up_since is None or not obs.lease_seen:
+        return Signal.UNKNOWN
+    age = _age(now, obs.lease_renewed_at, health.api_up_since)
+    return Signal.STALE if age >= cfg.lease_stale_after_s else Signal.ALIVE
+
+
+def ready_signal(obs: NodeObservation, health: SourceHealth) -> Signal:
+    if health.api_up_since is None or obs.ready is None:
+        return Signal.UNKNOWN
+    return Signal.ALIVE if obs.ready == "True" else Signal.STALE
+
+
+def peers_signal(obs: NodeObservation, health: SourceHealth) -> Signal:
+    # Peer reports travel over the broker, so they are blind exactly when the broker is.
+    if health.broker_up_since is None or obs.peers_unreachable is None:
+        return Signal.UNKNOWN
+    return Signal.STALE if obs.peers_unreachable else Signal.ALIVE
+
+
+def signals_of(
+    obs: NodeObservation, health: SourceHealth, now: float, cfg: DecideConfig
+) -> Signals:
+    heartbeat, age = heartbeat_signal(obs, health, now, cfg)
+    return Signals(
+        heartbeat=heartbeat,
+        lease=lease_signal(obs, health, now, cfg),
+        ready=ready_signal(obs, health),
+        peers=peers_signal(obs, health),
+        heartbeat_age_s=age,
+    )

@@ -1,0 +1,106 @@
+"""Node phases, the per-node state the machine carries, and its persisted annotation form.
+
+The phase is persisted on the Node (annotation `node-watchdog.kubevirt.io/state`) so that a new
+leader resumes where the old one stopped. Monotonic timestamps are process-local and are not
+persisted: a resuming leader restarts its timers from its own observations, which can only
+delay a reset, never hasten it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Any
+
+from watchdog.decide.observations import FenceDeclaration
+from watchdog.decide.reasons import Reason
+
+STATE_ANNOTATION = "node-watchdog.kubevirt.io/state"
+
+
+class Phase(StrEnum):
+    HEALTHY = "Healthy"
+    SUSPECT = "Suspect"
+    DEGRADED = "Degraded"
+    UNREACHABLE = "Unreachable"
+    FENCING = "Fencing"
+    RESETTING = "Resetting"
+    RESET = "Reset"
+    RECOVERING = "Recovering"
+
+
+# Phases in which a node counts as down for storm control and for the node's own agent.
+DOWN_PHASES = frozenset({Phase.UNREACHABLE, Phase.FENCING, Phase.RESETTING, Phase.RESET})
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    """What the machine remembers about one node between two decisions."""
+
+    name: str
+    phase: Phase = Phase.HEALTHY
+    reason: Reason = Reason.HEARTBEAT_FRESH
+    entered_at: float = 0.0
+    last_contact_at: float | None = None
+    unreachable_at: float | None = None
+    fence_clock_from: float | None = None
+    heartbeats_at_mark: int = 0
+    boot_id: str | None = None
+    fence: FenceDeclaration | None = None
+    tainted: bool = False
+    held: Reason | None = None
+    resumed: bool = False
+
+    def moved(self, phase: Phase, reason: Reason, now: float, **changes: Any) -> NodeState:
+        return replace(self, phase=phase, reason=reason, entered_at=now, held=None, **changes)
+
+    def to_annotation(self) -> str:
+        """Compact JSON for the Node annotation (what a new leader needs to resume)."""
+        doc: dict[str, Any] = {"phase": self.phase.value, "reason": self.reason.value}
+        if self.boot_id is not None:
+            doc["bootID"] = self.boot_id
+        if self.fence is not None:
+            doc["fence"] = self.fence.to_json()
+        if self.tainted:
+            doc["tainted"] = True
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_annotation(cls, name: str, value: str | None, now: float) -> NodeState:
+        """Resume from an annotation; anything unreadable resumes as HEALTHY (and is said so).
+
+        Timers restart at `now`: a resumed UNREACHABLE/FENCING node waits its whole period and
+        safe delay again, counted from this leader's own observations.
+        """
+        if not value:
+            return cls(name=name, entered_at=now)
+        try:
+            doc = json.loads(value)
+            phase = Phase(doc["phase"])
+            reason = Reason(doc.get("reason", Reason.RESUMED.value))
+            fence_doc = doc.get("fence")
+            fence = (
+                FenceDeclaration(
+                    armed=bool(fence_doc["armed"]),
+                    after_s=float(fence_doc["after_s"]),
+                    bound_s=float(fence_doc["bound_s"]),
+                )
+                if isinstance(fence_doc, dict)
+                else None
+            )
+            boot_id = doc.get("bootID")
+            tainted = bool(doc.get("tainted", False))
+        except (ValueError, KeyError, TypeError):
+            return cls(name=name, entered_at=now, reason=Reason.RESUMED, resumed=True)
+        return cls(
+            name=name,
+            phase=phase,
+            reason=reason,
+            entered_at=now,
+            unreachable_at=now if phase in DOWN_PHASES else None,
+            boot_id=boot_id if isinstance(boot_id, str) else None,
+            fence=fence,
+            tainted=tainted,
+            resumed=True,
+        )

@@ -1,0 +1,363 @@
+"""The watchdog's configuration: one pydantic-settings model, every field with a unit and a why.
+
+Sources, highest priority first: environment (`WATCHDOG_` prefix, `__` for nested fields), the
+YAML file named by `WATCHDOG_CONFIG_FILE` (mounted from a ConfigMap in deploy/), defaults.
+This module owns validation; it must not open connections or start anything.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from watchdog.decide.config import DecideConfig, FenceMode, Policy
+
+CONFIG_FILE_ENV = "WATCHDOG_CONFIG_FILE"
+
+
+class ConfigFileError(Exception):
+    """The configuration file could not be read or parsed."""
+
+
+class MQTTSettings(BaseModel):
+    """Connection to the MQTT broker that carries heartbeats."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        "mqtt://127.0.0.1:1883",
+        description="Broker URL: mqtt://host:port or mqtts://host:port (TLS).",
+        pattern=r"^mqtts?://[^/:]+(:\d+)?/?$",
+    )
+    topic_prefix: str = Field(
+        "node-watchdog/v1", description="Prefix of every topic (heartbeat/, status/, peers/)."
+    )
+    keepalive_s: int = Field(
+        5,
+        ge=2,
+        le=600,
+        description="MQTT keepalive in seconds; the broker announces a silent client's Will "
+        "after about 1.5 x this.",
+    )
+    username: str | None = Field(None, description="Broker username (per-agent in deploy/).")
+    password_file: Path | None = Field(
+        None, description="File holding the broker password (a mounted Secret)."
+    )
+    password: SecretStr | None = Field(
+        None, description="Broker password given directly (prefer password_file)."
+    )
+    ca_file: Path | None = Field(None, description="CA bundle to verify the broker (TLS).")
+    cert_file: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    key_file: Path | None = Field(None, description="Client key for mutual TLS.")
+    max_queued_messages: int = Field(
+        100_000,
+        ge=100,
+        description="Bound of the controller's inbound heartbeat queue (messages); "
+        "the latest heartbeat per node wins when it overflows.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> MQTTSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class PolicySettings(BaseModel):
+    """The force-reset policy used when the cluster has no Harvester `vm-force-reset-policy`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enable: bool = Field(True, description="False = detect-only: report, never reset.")
+    period_s: float = Field(
+        15.0, gt=0, description="Seconds a node must stay unreachable before its VMs are reset."
+    )
+    vm_migration_timeout_s: float = Field(
+        180.0, ge=0, description="Seconds an evacuation may take before it is reported as stuck."
+    )
+
+
+class LeaderSettings(BaseModel):
+    """Leader election on a coordination.k8s.io Lease."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lease_name: str = Field("node-watchdog-leader", description="Name of the leader Lease.")
+    lease_duration_s: float = Field(
+        8.0, gt=0, description="Seconds a standby waits after the last renewal before taking over."
+    )
+    renew_deadline_s: float = Field(
+        5.0, gt=0, description="Seconds the leader keeps trying to renew before it steps down."
+    )
+    retry_period_s: float = Field(1.0, gt=0, description="Seconds between election attempts.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LeaderSettings:
+        if not self.retry_period_s < self.renew_deadline_s < self.lease_duration_s:
+            raise ValueError(
+                "need retry_period_s < renew_deadline_s < lease_duration_s, got "
+                f"{self.retry_period_s} / {self.renew_deadline_s} / {self.lease_duration_s}"
+            )
+        return self
+
+
+class Settings(BaseSettings):
+    """Every knob of node-watchdog. Durations are seconds (`_s`), counts are plain integers."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WATCHDOG_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # --- identity ----------------------------------------------------------------------------
+    node_name: str | None = Field(
+        None, description="This node's name (the DaemonSet sets it from the downward API)."
+    )
+    namespace: str = Field("node-watchdog", description="Namespace of the watchdog itself.")
+    vm_namespaces: list[str] = Field(
+        default_factory=list, description="Namespaces whose VMs are watched; empty = all."
+    )
+    boot_id_file: Path = Field(
+        Path("/proc/sys/kernel/random/boot_id"),
+        description="File holding this machine's boot id; a new id proves a reboot.",
+    )
+
+    # --- heartbeats and detection (DESIGN §4) ----------------------------------------------------
+    heartbeat_interval_s: float = Field(
+        1.0, gt=0, le=60, description="Seconds between two heartbeats of an agent."
+    )
+    suspect_after_s: float = Field(
+        3.0,
+        gt=0,
+        description="Seconds without a heartbeat before a node is SUSPECT (3 missed at 1 s).",
+    )
+    unreachable_after_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds without a heartbeat before a corroborated node is UNREACHABLE.",
+    )
+    lease_stale_after_s: float = Field(
+        15.0,
+        gt=0,
+        description="Seconds the kubelet's Lease renewTime may stay unchanged before it is stale "
+        "(kubelet renews every 10 s).",
+    )
+    virt_handler_stale_after_s: float = Field(
+        300.0, gt=0, description="Seconds without a kubevirt.io/heartbeat update: weak signal."
+    )
+    recovery_heartbeats: int = Field(
+        3, ge=1, description="Fresh heartbeats in a row before a SUSPECT node is HEALTHY again."
+    )
+    storm_max_unreachable: int = Field(
+        10,
+        ge=1,
+        description="More unreachable nodes than this at once holds every reset (storm).",
+    )
+    storm_max_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="This fraction of nodes (or more) unreachable at once holds every reset: a "
+        "partition around the controller looks exactly like that.",
+    )
+
+    # --- fencing (DESIGN §5) -------------------------------------------------------------------
+    fence_mode: FenceMode = Field(
+        FenceMode.SELF,
+        description="self (agent fences itself), external (hook), manual (admin taint), "
+        "none (no fencing, Harvester-compatible; explicit opt-in).",
+    )
+    self_fence_after_s: float = Field(
+        8.0,
+        gt=0,
+        description="Seconds an agent may be cut off from both broker and API before it fences.",
+    )
+    fence_action_bound_s: float = Field(
+        5.0, ge=0, description="Upper bound in seconds for the fence action to stop the VMs."
+    )
+    fence_margin_s: float = Field(
+        2.0, ge=0, description="Extra seconds of safety for clock rate drift and scheduling."
+    )
+    fence_command: str | None = Field(
+        None,
+        description="Agent: shell command that fences this node (default on a real node: "
+        "`echo b > /proc/sysrq-trigger`). Unset = the agent declares its fence unarmed.",
+    )
+    fence_hook_command: str | None = Field(
+        None,
+        description="Controller, fence_mode=external: command run with the node name as "
+        "$NODE; exit 0 means the node is powered off.",
+    )
+    fence_hook_url: str | None = Field(
+        None,
+        description='Controller, fence_mode=external: URL POSTed {"node": name}; 2xx means '
+        "the node is powered off.",
+    )
+    fence_hook_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds an external fence hook may take."
+    )
+    api_check_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="Agent: seconds between its API-server reachability checks.",
+    )
+
+    # --- policy and reset (DESIGN §5) ----------------------------------------------------------
+    policy: PolicySettings = Field(
+        default_factory=PolicySettings,  # type: ignore[arg-type]
+        description="Policy used when no Harvester setting exists.",
+    )
+    harvester_setting: str = Field(
+        "vm-force-reset-policy", description="Name of the Harvester Setting read live."
+    )
+    mark_pods_not_ready: bool = Field(
+        True, description="Mark falsely-ready launcher pods Ready=False on unreachable nodes."
+    )
+    out_of_service_taint: str = Field(
+        "node.kubernetes.io/out-of-service=nodeshutdown:NoExecute",
+        description="Taint key=value:effect applied before force-deleting pods.",
+        pattern=r"^[A-Za-z0-9./_-]+(=[A-Za-z0-9._-]*)?:(NoExecute|NoSchedule|PreferNoSchedule)$",
+    )
+    delete_volume_attachments: bool = Field(
+        False, description="Delete the VolumeAttachments of reset VMs' volumes (opt-in)."
+    )
+    dry_run: bool = Field(False, description="Decide and report, never write to the cluster.")
+
+    # --- evacuation (DESIGN §6) ----------------------------------------------------------------
+    parallel_migrations_per_cluster: int = Field(
+        5, ge=1, description="KubeVirt limit used when the KubeVirt CR does not say."
+    )
+    parallel_outbound_migrations_per_node: int = Field(
+        2, ge=1, description="KubeVirt limit used when the KubeVirt CR does not say."
+    )
+
+    # --- connections and endpoints -------------------------------------------------------------
+    mqtt: MQTTSettings = Field(default_factory=MQTTSettings)  # type: ignore[arg-type]
+    leader: LeaderSettings = Field(default_factory=LeaderSettings)  # type: ignore[arg-type]
+    api_request_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds a single Kubernetes API request may take."
+    )
+    watch_timeout_s: int = Field(
+        60, ge=5, description="Server-side timeout of each watch request, in seconds."
+    )
+    metrics_host: str = Field("0.0.0.0", description="Address of the HTTP endpoints.")
+    metrics_port: int = Field(
+        9102, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz; 0 = disabled."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        if self.suspect_after_s < self.heartbeat_interval_s:
+            raise ValueError(
+                f"suspect_after_s ({self.suspect_after_s}) must be at least "
+                f"heartbeat_interval_s ({self.heartbeat_interval_s}): one late heartbeat "
+                "must not make a node suspect"
+            )
+        if self.unreachable_after_s <= self.suspect_after_s:
+            raise ValueError(
+                f"unreachable_after_s ({self.unreachable_after_s}) must be greater than "
+                f"suspect_after_s ({self.suspect_after_s})"
+            )
+        if self.fence_mode is FenceMode.EXTERNAL and not (
+            self.fence_hook_command or self.fence_hook_url
+        ):
+            raise ValueError("fence_mode 'external' needs fence_hook_command or fence_hook_url")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlFileSource(settings_cls))
+
+    def decide_config(self, nodes_hint: int = 0) -> DecideConfig:
+        """The pure decision core's view of these settings."""
+        del nodes_hint
+        return DecideConfig(
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            suspect_after_s=self.suspect_after_s,
+            unreachable_after_s=self.unreachable_after_s,
+            lease_stale_after_s=self.lease_stale_after_s,
+            recovery_heartbeats=self.recovery_heartbeats,
+            storm_max_unreachable=self.storm_max_unreachable,
+            storm_max_fraction=self.storm_max_fraction,
+            fence_mode=self.fence_mode,
+            fence_margin_s=self.fence_margin_s,
+            dry_run=self.dry_run,
+            mark_pods_not_ready=self.mark_pods_not_ready,
+            delete_volume_attachments=self.delete_volume_attachments,
+        )
+
+    def default_policy(self) -> Policy:
+        """The policy from configuration, for clusters without the Harvester setting."""
+        return Policy(
+            enable=self.policy.enable,
+            period_s=self.policy.period_s,
+            vm_migration_timeout_s=self.policy.vm_migration_timeout_s,
+        )
+
+    def mqtt_password(self) -> str | None:
+        """The broker password, read from its file at use time so rotated Secrets apply."""
+        if self.mqtt.password_file is not None:
+            return self.mqtt.password_file.read_text().strip()
+        return self.mqtt.password.get_secret_value() if self.mqtt.password else None
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by WATCHDOG_CONFIG_FILE; a bad file is an error, not a default."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        self._data = _read_yaml(os.environ.get(CONFIG_FILE_ENV))
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def _read_yaml(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigFileError(f"{CONFIG_FILE_ENV}={path}: cannot read: {e.strerror}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigFileError(f"{CONFIG_FILE_ENV}={path}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigFileError(
+            f"{CONFIG_FILE_ENV}={path}: top level must be a mapping of settings, "
+            f"got {type(data).__name__}"
+        )
+    return data
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from environment, config file and defaults (overrides win, for tests and CLI)."""
+    return Settings(**overrides)
