@@ -243,8 +243,14 @@ class Settings(BaseSettings):
     )
 
     # --- connections and endpoints -------------------------------------------------------------
-    mqtt: MQTTSettings = Field(default_factory=MQTTSettings)  # type: ignore[arg-type]
-    leader: LeaderSettings = Field(default_factory=LeaderSettings)  # type: ignore[arg-type]
+    mqtt: MQTTSettings = Field(
+        default_factory=MQTTSettings,  # type: ignore[arg-type]
+        description="The MQTT broker carrying heartbeats.",
+    )
+    leader: LeaderSettings = Field(
+        default_factory=LeaderSettings,  # type: ignore[arg-type]
+        description="Leader election among controller replicas.",
+    )
     api_request_timeout_s: float = Field(
         10.0, gt=0, description="Seconds a single Kubernetes API request may take."
     )

@@ -1,0 +1,146 @@
+"""The configuration contract: every bad input is a clear exit 2 naming field, value and why."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from watchdog.decide.config import FenceMode
+from watchdog.runtime.settings import Settings
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("WATCHDOG_")}
+    return subprocess.run(
+        [sys.executable, "-m", "watchdog.runtime.cli", *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_defaults_are_valid_and_documented() -> None:
+    s = Settings()
+    assert s.fence_mode is FenceMode.SELF
+    assert s.heartbeat_interval_s == 1.0
+    schema = Settings.model_json_schema()
+    undocumented = [k for k, v in schema["properties"].items() if not v.get("description")]
+    assert undocumented == []
+
+
+def test_nested_environment_and_yaml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("fence_mode: manual\npolicy:\n  period_s: 42\nmqtt:\n  keepalive_s: 9\n")
+    monkeypatch.setenv("WATCHDOG_CONFIG_FILE", str(cfg))
+    monkeypatch.setenv("WATCHDOG_MQTT__KEEPALIVE_S", "11")
+    s = Settings()
+    assert s.fence_mode is FenceMode.MANUAL
+    assert s.policy.period_s == 42
+    assert s.mqtt.keepalive_s == 11  # the environment wins over the file
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        pytest.param(
+            {"WATCHDOG_HEARTBEAT_INTERVAL_S": "-1"},
+            ["heartbeat_interval_s = '-1'", "greater than 0", "WATCHDOG_HEARTBEAT_INTERVAL_S"],
+            id="negative duration names field, value and env var",
+        ),
+        pytest.param(
+            {"WATCHDOG_SUSPECT_AFTER_S": "soon"},
+            ["suspect_after_s = 'soon'", "valid number"],
+            id="wrong type",
+        ),
+        pytest.param(
+            {"WATCHDOG_UNREACHABLE_AFTER_S": "2"},
+            ["unreachable_after_s (2.0) must be greater than suspect_after_s (3.0)"],
+            id="inverted durations",
+        ),
+        pytest.param(
+            {"WATCHDOG_FENCE_MODE": "stonith"},
+            ["fence_mode = 'stonith'", "'self', 'external', 'manual' or 'none'"],
+            id="unknown fence mode",
+        ),
+        pytest.param(
+            {"WATCHDOG_FENCE_MODE": "external"},
+            ["needs fence_hook_command or fence_hook_url"],
+            id="external fencing without a hook",
+        ),
+        pytest.param(
+            {"WATCHDOG_MQTT__URL": "http://broker"},
+            ["mqtt.url = 'http://broker'", "WATCHDOG_MQTT__URL"],
+            id="nested field bad value",
+        ),
+        pytest.param(
+            {"WATCHDOG_CONFIG_FILE": "/nonexistent/watchdog.yaml"},
+            ["/nonexistent/watchdog.yaml", "cannot read"],
+            id="unreadable config file",
+        ),
+        pytest.param(
+            {"WATCHDOG_NO_SUCH_KNOB": "1"},
+            [],
+            id="unknown env vars with the prefix are ignored, like every pydantic-settings app",
+        ),
+    ],
+)
+def test_bad_configuration_exits_2_with_a_clear_message(
+    env: dict[str, str], expected: list[str]
+) -> None:
+    result = run_cli("config", env=env)
+    if not expected:
+        assert result.returncode == 0, result.stderr
+        return
+    assert result.returncode == 2, result.stdout
+    for text in expected:
+        assert text in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        pytest.param("fence_mode: [self\n", "not valid YAML", id="broken yaml"),
+        pytest.param("- a\n- b\n", "top level must be a mapping", id="yaml list"),
+        pytest.param("fence_mod: self\n", "fence_mod", id="misspelled key is refused"),
+    ],
+)
+def test_bad_config_file_exits_2(tmp_path: Path, content: str, expected: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(content)
+    result = run_cli("config", env={"WATCHDOG_CONFIG_FILE": str(cfg)})
+    assert result.returncode == 2
+    assert expected in result.stderr
+
+
+def test_config_prints_effective_values_with_secrets_masked(tmp_path: Path) -> None:
+    result = run_cli(
+        "config",
+        env={"WATCHDOG_MQTT__PASSWORD": "hunter2", "WATCHDOG_POLICY__PERIOD_S": "30"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout
+    data = json.loads(result.stdout)
+    assert data["mqtt"]["password"] == "***"
+    assert data["policy"]["period_s"] == 30
+
+
+def test_schema_lists_every_field() -> None:
+    result = run_cli("config", "--schema")
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    assert {"heartbeat_interval_s", "fence_mode", "policy", "mqtt"} <= set(schema["properties"])
+
+
+def test_password_is_read_from_its_file_at_use_time(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("first\n")
+    s = Settings(mqtt={"password_file": secret})
+    assert s.mqtt_password() == "first"
+    secret.write_text("rotated\n")
+    assert s.mqtt_password() == "rotated"

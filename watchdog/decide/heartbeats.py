@@ -1,0 +1,180 @@
+"""The heartbeat wire format and what the controller believes of it (DESIGN §4, §9).
+
+Pure: the agent encodes with `encode_heartbeat`, the controller parses with
+`parse_heartbeat` and keeps per-node trust in a `HeartbeatBook`. A heartbeat is never trusted
+because it arrived: its topic must name its node, its size and schema must be right, the node
+must be known, and (boot_id, seq) must move forward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from watchdog.decide.observations import FenceDeclaration
+
+MAX_HEARTBEAT_BYTES = 1024
+WIRE_VERSION = 1
+
+
+class RejectReason(StrEnum):
+    OVERSIZED = "oversized"
+    MALFORMED = "malformed"
+    SCHEMA = "schema"
+    TOPIC_MISMATCH = "topic_mismatch"
+    UNKNOWN_NODE = "unknown_node"
+    REPLAYED = "replayed"
+
+
+class HeartbeatRejected(ValueError):
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    node: str
+    boot_id: str
+    seq: int
+    sent_at: float  # sender's wall clock: informational only, never compared with ours
+    version: str
+    fence: FenceDeclaration
+
+
+def heartbeat_topic(prefix: str, node: str) -> str:
+    return f"{prefix}/heartbeat/{node}"
+
+
+def status_topic(prefix: str, node: str) -> str:
+    return f"{prefix}/status/{node}"
+
+
+def encode_heartbeat(hb: Heartbeat) -> bytes:
+    doc = {
+        "node": hb.node,
+        "boot_id": hb.boot_id,
+        "seq": hb.seq,
+        "sent_at": hb.sent_at,
+        "version": hb.version,
+        "fence": hb.fence.to_json(),
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _require(doc: dict[str, Any], key: str, kinds: type | tuple[type, ...]) -> Any:
+    value = doc.get(key)
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise HeartbeatRejected(RejectReason.SCHEMA, f"{key} has wrong type bool")
+    if not isinstance(value, kinds):
+        raise HeartbeatRejected(RejectReason.SCHEMA, f"{key} missing or wrong type")
+    return value
+
+
+def _seconds(doc: dict[str, Any], key: str) -> float:
+    value = float(_require(doc, key, (int, float)))
+    if not math.isfinite(value) or value < 0 or value > 86_400:
+        raise HeartbeatRejected(RejectReason.SCHEMA, f"{key} out of range: {value}")
+    return value
+
+
+def parse_heartbeat(topic: str, payload: bytes, prefix: str) -> Heartbeat:
+    """Validate one heartbeat message; raise HeartbeatRejected naming why it is refused."""
+    if len(payload) > MAX_HEARTBEAT_BYTES:
+        raise HeartbeatRejected(RejectReason.OVERSIZED, f"{len(payload)} bytes")
+    head = f"{prefix}/heartbeat/"
+    if not topic.startswith(head) or "/" in topic[len(head) :] or topic == head:
+        raise HeartbeatRejected(RejectReason.TOPIC_MISMATCH, f"unexpected topic {topic[:120]!r}")
+    try:
+        doc = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise HeartbeatRejected(RejectReason.MALFORMED, str(e)[:120]) from e
+    if not isinstance(doc, dict):
+        raise HeartbeatRejected(RejectReason.MALFORMED, "not a JSON object")
+    node = _require(doc, "node", str)
+    if node != topic[len(head) :]:
+        raise HeartbeatRejected(RejectReason.TOPIC_MISMATCH, f"node {node[:64]!r} on {topic!r}")
+    boot_id = _require(doc, "boot_id", str)
+    if not 0 < len(boot_id) <= 64:
+        raise HeartbeatRejected(RejectReason.SCHEMA, "boot_id length")
+    seq = _require(doc, "seq", int)
+    if seq < 0:
+        raise HeartbeatRejected(RejectReason.SCHEMA, "seq negative")
+    sent_at = float(_require(doc, "sent_at", (int, float)))
+    if not math.isfinite(sent_at):
+        raise HeartbeatRejected(RejectReason.SCHEMA, "sent_at not finite")
+    version = _require(doc, "version", str)[:32]
+    fence_doc = _require(doc, "fence", dict)
+    fence = FenceDeclaration(
+        armed=_require(fence_doc, "armed", bool),
+        after_s=_seconds(fence_doc, "after_s"),
+        bound_s=_seconds(fence_doc, "bound_s"),
+    )
+    return Heartbeat(node, boot_id, seq, sent_at, version, fence)
+
+
+@dataclass(slots=True)
+class NodeHeartbeats:
+    """The controller's trust record of one node's agent."""
+
+    boot_id: str | None = None
+    seq: int = -1
+    last_at: float | None = None  # controller's monotonic time of the last accepted heartbeat
+    received: int = 0
+    fence: FenceDeclaration | None = None
+    offline: bool = False  # the broker delivered the Will (or a clean "offline")
+
+
+class HeartbeatBook:
+    """Per-node acceptance: known nodes only, (boot_id, seq) strictly forward.
+
+    A new boot_id is accepted with any seq (the agent restarted its counter after a reboot);
+    a replay of an old boot_id after a newer one was seen is refused, because boot ids are
+    random and we cannot order them: only the current one is trusted.
+    """
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, NodeHeartbeats] = {}
+        self.known: set[str] = set()
+        self._retired: dict[str, set[str]] = {}
+
+    def set_known(self, names: set[str]) -> None:
+        self.known = names
+
+    def record(self, node: str) -> NodeHeartbeats:
+        rec = self.nodes.get(node)
+        if rec is None:
+            rec = self.nodes[node] = NodeHeartbeats()
+        return rec
+
+    def accept(self, hb: Heartbeat, now: float) -> NodeHeartbeats:
+        if hb.node not in self.known:
+            raise HeartbeatRejected(RejectReason.UNKNOWN_NODE, hb.node[:64])
+        rec = self.record(hb.node)
+        if hb.boot_id == rec.boot_id:
+            if hb.seq <= rec.seq:
+                raise HeartbeatRejected(RejectReason.REPLAYED, f"seq {hb.seq} <= {rec.seq}")
+        elif hb.boot_id in self._retired.get(hb.node, set()):
+            raise HeartbeatRejected(RejectReason.REPLAYED, "boot_id of an earlier boot")
+        elif rec.boot_id is not None:
+            self._retired.setdefault(hb.node, set()).add(rec.boot_id)
+        rec.boot_id = hb.boot_id
+        rec.seq = hb.seq
+        rec.last_at = now
+        rec.received += 1
+        rec.fence = hb.fence
+        rec.offline = False
+        return rec
+
+    def status(self, node: str, online: bool) -> NodeHeartbeats | None:
+        """Retained status / Last Will. Only an "offline" changes trust; "online" is a hint."""
+        if node not in self.known:
+            return None
+        rec = self.record(node)
+        if not online:
+            rec.offline = True
+        return rec

@@ -1,0 +1,124 @@
+"""Every metric of DESIGN §7, declared once, on one registry, fed from decisions and actions.
+
+Names are a contract with dashboards/ and alert rules. Label values are bounded: phases,
+reasons, actions and results are enums; `node` appears only on per-node gauges.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from watchdog.decide.reasons import Reason
+from watchdog.decide.state import Phase
+
+# Latency buckets from 0.1 s to 900 s: sub-second detection up to Harvester's 5-8 min resets.
+LATENCY_BUCKETS = (
+    0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 240, 300, 420, 600, 900,
+)  # fmt: skip
+
+
+class Metrics:
+    """One instance per process; tests make their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.nodes = Gauge("watchdog_nodes", "Nodes per phase.", ["phase"], registry=r)
+        self.heartbeat_age = Gauge(
+            "watchdog_heartbeat_age_seconds",
+            "Age of the last heartbeat seen.",
+            ["node"],
+            registry=r,
+        )
+        self.heartbeats = Counter("watchdog_heartbeats_total", "Accepted heartbeats.", registry=r)
+        self.heartbeats_rejected = Counter(
+            "watchdog_heartbeats_rejected_total", "Rejected heartbeats.", ["reason"], registry=r
+        )
+        self.detection = Histogram(
+            "watchdog_detection_seconds",
+            "Last contact to UNREACHABLE.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.false_ready = Gauge(
+            "watchdog_false_ready_pods",
+            "virt-launcher pods Ready=True on unreachable nodes.",
+            registry=r,
+        )
+        self.reset = Histogram(
+            "watchdog_reset_seconds",
+            "UNREACHABLE to launcher pods force-deleted.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.reschedule = Histogram(
+            "watchdog_reschedule_seconds",
+            "Launcher pod deleted to VMI Running on another node.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.failover = Histogram(
+            "watchdog_failover_seconds",
+            "Last contact to VMI Running elsewhere, per VM.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.transitions = Counter(
+            "watchdog_transitions_total",
+            "Phase transitions.",
+            ["from", "to", "reason"],
+            registry=r,
+        )
+        self.actions = Counter(
+            "watchdog_actions_total", "Actuations by result.", ["action", "result"], registry=r
+        )
+        self.resets_held = Gauge(
+            "watchdog_resets_held", "1 while a hold blocks resets.", ["reason"], registry=r
+        )
+        self.policy_period = Gauge(
+            "watchdog_policy_period_seconds", "Effective force-reset period.", registry=r
+        )
+        self.policy_invalid = Gauge(
+            "watchdog_policy_invalid", "1 while the policy setting is invalid.", registry=r
+        )
+        self.leader = Gauge("watchdog_leader", "1 on the acting replica.", registry=r)
+        self.migrations = Counter(
+            "watchdog_migrations_total",
+            "Evacuation migrations by result.",
+            ["result"],
+            registry=r,
+        )
+        self.migration_duration = Histogram(
+            "watchdog_migration_seconds",
+            "Evacuation migration start to end.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.watch_restarts = Counter(
+            "watchdog_watch_restarts_total",
+            "Watch restarts by resource and cause.",
+            ["resource", "cause"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "watchdog_queue_depth", "Items waiting per internal queue.", ["queue"], registry=r
+        )
+        self.source_up = Gauge(
+            "watchdog_source_up",
+            "1 while the controller's connection to a source is up.",
+            ["source"],
+            registry=r,
+        )
+        for phase in Phase:
+            self.nodes.labels(phase=phase.value).set(0)
+        for reason in (
+            Reason.HOLD_STORM,
+            Reason.HOLD_BROKER_DOWN,
+            Reason.HOLD_API_DOWN,
+            Reason.HOLD_POLICY_DISABLED,
+            Reason.HOLD_DRY_RUN,
+            Reason.HOLD_UPGRADE,
+        ):
+            self.resets_held.labels(reason=reason.value).set(0)
+        self.policy_invalid.set(0)
+        self.leader.set(0)
