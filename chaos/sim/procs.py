@@ -19,6 +19,7 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 from collections.abc import Mapping, Sequence
@@ -75,7 +76,7 @@ class ManagedProcess:
                 stderr=log,
                 env=self.env,
                 start_new_session=True,
-                preexec_fn=lambda parent=os.getpid(): _die_with_parent(parent),
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()),
             )
         self.frozen = False
         _LIVE[self.process.pid] = self

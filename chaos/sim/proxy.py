@@ -47,21 +47,37 @@ class ProxyStatistics:
 
 @dataclass(eq=False)
 class _Link:
+    """One client connection and, once connected, its upstream twin."""
+
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    handler: asyncio.Task[None] | None = None
+    aborted: bool = False
+    # Set whenever the mode changes or the link is aborted: wakes whatever waits on the gate.
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def abort(self) -> None:
+        self.aborted = True
         for writer in (self.client, self.upstream):
             if writer is not None:
                 _abort_with_rst(writer)
+        self.wake.set()
+
+    def close(self) -> None:
+        for writer in (self.client, self.upstream):
+            if writer is not None:
+                writer.close()
 
 
 class TcpProxy:
     """`async with TcpProxy("127.0.0.1", 6443) as p:` then clients connect to `p.port`."""
 
     def __init__(
-        self, target_host: str, target_port: int, *, listen_host: str = "127.0.0.1",
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        listen_host: str = "127.0.0.1",
         name: str = "proxy",
     ) -> None:
         self.target_host = target_host
@@ -69,8 +85,6 @@ class TcpProxy:
         self.listen_host = listen_host
         self.name = name
         self._mode = ProxyMode.PASS
-        self._flowing = asyncio.Event()
-        self._flowing.set()
         self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
         self._stats = ProxyStatistics()
@@ -92,14 +106,11 @@ class TcpProxy:
     def set_mode(self, mode: ProxyMode | str) -> None:
         """Switch every current and future connection to `mode`, effective immediately."""
         self._mode = ProxyMode(mode)
-        if self._mode is ProxyMode.PASS:
-            self._flowing.set()
-            return
-        self._flowing.clear()
-        if self._mode is ProxyMode.RESET:
-            for link in list(self._links):
+        for link in list(self._links):
+            if self._mode is ProxyMode.RESET:
                 self._stats.reset += 1
                 link.abort()
+            link.wake.set()
 
     def statistics(self) -> ProxyStatistics:
         return ProxyStatistics(**{**self._stats.__dict__, "active": len(self._links)})
@@ -112,12 +123,11 @@ class TcpProxy:
         """Stop listening and abort every connection; returns once their handlers ended."""
         if self._server is not None:
             self._server.close()
-        tasks: set[asyncio.Task[None]] = set()
+        handlers = [link.handler for link in self._links if link.handler is not None]
         for link in list(self._links):
             link.abort()
-            tasks |= link.tasks
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        if handlers:
+            await asyncio.gather(*handlers, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -127,7 +137,9 @@ class TcpProxy:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         await self.close()
@@ -138,46 +150,53 @@ class TcpProxy:
             self._stats.reset += 1
             _abort_with_rst(writer)
             return
-        link = _Link(client=writer)
-        task = asyncio.current_task()
-        assert task is not None
-        link.tasks.add(task)
+        link = _Link(client=writer, handler=asyncio.current_task())
         self._links.add(link)
         try:
             await self._serve(link, reader)
         finally:
             self._links.discard(link)
-            link.abort()
+            if not link.aborted:
+                link.close()
 
     async def _serve(self, link: _Link, client_reader: asyncio.StreamReader) -> None:
         # Do not connect upstream while cut: the target must not learn of a client it cannot
         # reach yet.
-        await self._flowing.wait()
-        if link.client.is_closing():
+        if not await self._gate(link):
             return  # reset while it was held
         try:
             up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
             return  # the target is down: the client gets an RST, as a direct connect would
         link.upstream = up_writer
-        if self._mode is ProxyMode.RESET:
-            return  # reset while we were connecting; `finally` aborts both sides
+        if self._mode is ProxyMode.RESET or link.aborted:
+            link.abort()  # reset while we were connecting
+            return
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._pump(client_reader, up_writer, "bytes_to_target", link),
-                           name=f"{self.name}: client→target")
-            tg.create_task(self._pump(up_reader, link.client, "bytes_to_client", link),
-                           name=f"{self.name}: target→client")
+            tg.create_task(
+                self._pump(client_reader, up_writer, "bytes_to_target", link),
+                name=f"{self.name}: client→target",
+            )
+            tg.create_task(
+                self._pump(up_reader, link.client, "bytes_to_client", link),
+                name=f"{self.name}: target→client",
+            )
 
     async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counter: str,
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        counter: str,
         link: _Link,
     ) -> None:
         try:
             while True:
-                await self._flowing.wait()
+                if not await self._gate(link):
+                    return
                 data = await reader.read(_CHUNK)
                 # Data read just before a cut is held, not forwarded, until the link heals.
-                await self._flowing.wait()
+                if not await self._gate(link):
+                    return
                 if not data:
                     if writer.can_write_eof():
                         writer.write_eof()
@@ -187,6 +206,13 @@ class TcpProxy:
                 await writer.drain()
         except (ConnectionError, OSError):
             link.abort()
+
+    async def _gate(self, link: _Link) -> bool:
+        """Wait until bytes may flow on `link`; False once it is aborted."""
+        while self._mode is not ProxyMode.PASS and not link.aborted:
+            link.wake.clear()
+            await link.wake.wait()
+        return not link.aborted
 
 
 def _abort_with_rst(writer: asyncio.StreamWriter) -> None:

@@ -70,7 +70,7 @@ def _role(name: str) -> Callable[[argparse.Namespace], int]:
         settings = settings_or_exit(**overrides)
         from watchdog.runtime import app
 
-        return app.main(name, settings, args)
+        return int(app.main(name, settings, args))
 
     return run
 
@@ -89,29 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema", action="store_true", help="print the JSON schema instead")
     p.set_defaults(func=cmd_config)
 
-    if _roles_available():
-        roles = {
-            "run": "agent + leader-elected controller (what the DaemonSet runs)",
-            "agent": "only the node agent: heartbeats, Last Will, self-fencing",
-            "controller": "only the controller: detection, fencing, reset, metrics",
-        }
-        for name, text in roles.items():
-            p = sub.add_parser(name, help=text)
-            if name != "agent":
-                p.add_argument("--dry-run", action="store_true", help="decide and report only")
-            p.set_defaults(func=_role(name))
-        p = sub.add_parser(
-            "preflight", help="check API, RBAC, CRDs and broker; non-zero on failure"
-        )
-        p.set_defaults(func=_role("preflight"))
+    roles = {
+        "run": "agent + leader-elected controller (what the DaemonSet runs)",
+        "agent": "only the node agent: heartbeats, Last Will, self-fencing",
+        "controller": "only the controller: detection, fencing, reset, metrics",
+    }
+    for name, text in roles.items():
+        p = sub.add_parser(name, help=text)
+        if name != "agent":
+            p.add_argument("--dry-run", action="store_true", help="decide and report only")
+        p.set_defaults(func=_role(name))
+    p = sub.add_parser("preflight", help="check API, RBAC, CRDs and broker; non-zero on failure")
+    p.set_defaults(func=_role("preflight"))
     return parser
-
-
-def _roles_available() -> bool:
-    # The roles land with the service; until then `--help` lists only what exists.
-    import importlib.util
-
-    return importlib.util.find_spec("watchdog.runtime.app") is not None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,220 @@
+"""The MQTT broker of the test cluster: an embedded amqtt, a real mosquitto, or an external one.
+
+Owns: starting a broker on a loopback port, stopping it and starting it again on the same port
+(a broker outage: clients lose their connections and must reconnect), and its URL.
+
+- `EmbeddedBroker`: amqtt 0.12 in this process (no binary needed; delivers Wills).
+- `MosquittoBroker`: Debian's `/usr/sbin/mosquitto` with a generated config file, as a child
+  process that dies with us (tests use it: it is what deploy/ runs).
+- `ExternalBroker`: a URL given by the user; it cannot be stopped from here.
+
+Must not: know about nodes or agents; per-node links to the broker are proxies (cluster.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from chaos.sim.procs import ManagedProcess, managed
+
+log = logging.getLogger(__name__)
+
+MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/bin/mosquitto")
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+class MqttBroker(Protocol):
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_port(host: str, port: int, timeout_s: float = 10.0) -> None:
+    """Return once `host:port` accepts TCP connections."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(host, port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+
+
+class EmbeddedBroker:
+    """amqtt in-process. Restarted as a fresh instance on the same port."""
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = port or _free_port()
+        self._broker: object | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._broker is not None
+
+    async def start(self) -> None:
+        if self._broker is not None:
+            return
+        from amqtt.broker import Broker  # imported late: amqtt is heavy and only needed here
+
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+            },
+        }
+        broker = Broker(config)
+        await broker.start()
+        self._broker = broker
+        log.info("embedded amqtt broker on %s", self.url)
+
+    async def stop(self) -> None:
+        broker, self._broker = self._broker, None
+        if broker is not None:
+            await broker.shutdown()  # type: ignore[attr-defined]
+
+
+class MosquittoBroker:
+    """A real mosquitto on a loopback port, with a generated config file."""
+
+    def __init__(
+        self,
+        work_dir: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        binary: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port or _free_port()
+        self.work_dir = work_dir
+        found = (
+            binary
+            or next((p for p in MOSQUITTO_PATHS if os.path.exists(p)), None)
+            or shutil.which("mosquitto")
+        )
+        if not found:
+            raise BrokerError("mosquitto not found (apt-get install mosquitto)")
+        self.binary = found
+        self._proc: ManagedProcess | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return any(os.path.exists(p) for p in MOSQUITTO_PATHS) or bool(shutil.which("mosquitto"))
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.running
+
+    def _write_config(self) -> Path:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.work_dir / "mosquitto.conf"
+        lines = [
+            f"listener {self.port} {self.host}",
+            "allow_anonymous true",
+            "persistence false",
+            "log_dest stdout",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "connection_messages true",
+            "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+            "set_tcp_nodelay true",
+            "max_keepalive 65535",
+        ]
+        if os.geteuid() == 0:
+            lines.append("user root")  # else it drops to `mosquitto`, which cannot read our dir
+        conf.write_text("\n".join(lines) + "\n")
+        return conf
+
+    async def start(self) -> None:
+        if self.running:
+            return
+        conf = self._write_config()
+        self._proc = managed(
+            "mosquitto", [self.binary, "-c", str(conf)], self.work_dir / "mosquitto.log"
+        )
+        await self._proc.spawn()
+        try:
+            await wait_port(self.host, self.port)
+        except TimeoutError as e:
+            tail = self._proc.log_tail()
+            await self._proc.stop()
+            raise BrokerError(f"mosquitto did not listen on {self.port}:\n{tail}") from e
+        log.info("mosquitto on %s (pid %s)", self.url, self._proc.pid)
+
+    async def stop(self) -> None:
+        if self._proc is not None:
+            await self._proc.stop(5.0)
+
+
+class ExternalBroker:
+    def __init__(self, url: str) -> None:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+            raise BrokerError(f"--broker: expected mqtt://host:port, got {url!r}")
+        self.host = parsed.hostname
+        self.port = parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
+        self._url = url.rstrip("/")
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def running(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        raise BrokerError("the broker is external (--broker): it cannot be stopped from here")
+
+
+def make_broker(spec: str | None, work_dir: Path) -> MqttBroker | None:
+    """`None`/"none" → no broker; "amqtt"/"embedded" → in-process; "mosquitto"; or a URL."""
+    if spec in (None, "", "none"):
+        return None
+    if spec in ("amqtt", "embedded"):
+        return EmbeddedBroker()
+    if spec == "mosquitto":
+        return MosquittoBroker(work_dir / "mosquitto")
+    return ExternalBroker(spec)

@@ -1,0 +1,753 @@
+"""The test cluster, assembled: a real control plane, simulated machines, KubeVirt and Harvester,
+the ground-truth ledger, faults, an optional broker and real agents.
+
+Owns: `SimConfig` (what a scenario varies: node and VM counts, runStrategies, access modes,
+Harvester version, time scale, broker, agents), `SimCluster` (start in order, run the simulators
+as one task group on one shared API client, wait until ready, tear everything down), and the
+machine-side plumbing of each node: its links to the broker and the API server (TCP proxies a
+fault can black-hole), its agent process, its boot-id file and its fence command.
+
+Must not: decide what faults to inject or when (the chaos harness does), or compute results
+(ledger.py does).
+
+Usage::
+
+    async with SimCluster(SimConfig(nodes=3, vms=6, time_scale=0.2)) as cluster:
+        await cluster.wait_ready()
+        await cluster.faults.apply("poweroff", "node-1")
+        await cluster.wait_until(lambda: not cluster.ledger.lost(), 60, "VMs back")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chaos.sim.binaries import ControlPlaneBinaries
+from chaos.sim.broker import MqttBroker, make_broker
+from chaos.sim.control import ControlServer, FenceServer, fence_command
+from chaos.sim.controlplane import ControlPlane, Timings
+from chaos.sim.faults import Faults
+from chaos.sim.harvester import HARVESTER_MODES, Longhorn, NodeDownController, ensure_setting
+from chaos.sim.informer import (
+    CRDS,
+    KUBEVIRTS,
+    NAMESPACES,
+    NODES,
+    PODS,
+    PVCS,
+    SETTINGS,
+    VMIMS,
+    VMIS,
+    VMS,
+    VOLUME_ATTACHMENTS,
+    ApiError,
+    Clock,
+    Informer,
+    Kube,
+    Obj,
+    condition,
+)
+from chaos.sim.kubelet import Fleet, NodeCapacity, NodeTimings
+from chaos.sim.kubevirt import (
+    KubeVirtSim,
+    KubeVirtTimings,
+    MigrationLimits,
+    kubevirt_cr,
+    vm_manifest,
+)
+from chaos.sim.ledger import RESTARTING_STRATEGIES, Ledger
+from chaos.sim.procs import ManagedProcess, managed
+from chaos.sim.proxy import ProxyMode, TcpProxy
+
+log = logging.getLogger(__name__)
+
+RUN_STRATEGIES = ("Always", "RerunOnFailure", "Manual", "Halted", "Once")
+ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce")
+DEFAULT_AGENT_COMMAND = ("node-watchdog", "agent")
+
+
+@dataclass
+class SimConfig:
+    """Everything a scenario can vary. Durations in the timing dataclasses are unscaled."""
+
+    nodes: int = 3
+    vms: int = 6
+    time_scale: float = 1.0
+    harvester: str = "none"  # "none", "1.6" or "1.7"
+    harvester_policy: dict[str, Any] | None = None  # vm-force-reset-policy value; None: default
+    run_strategies: tuple[str, ...] = ("RerunOnFailure",)  # cycled over vm-1..M
+    access_modes: tuple[str, ...] = ("ReadWriteMany",)  # cycled over vm-1..M
+    vm_namespace: str = "default"
+    vm_memory: str = "1Gi"
+    spread_vms: bool = True
+    node_capacity: NodeCapacity = field(default_factory=NodeCapacity)
+    node_timings: NodeTimings = field(default_factory=NodeTimings)
+    kubevirt_timings: KubeVirtTimings = field(default_factory=KubeVirtTimings)
+    migration_limits: MigrationLimits = field(default_factory=MigrationLimits)
+    control_plane_timings: Timings | None = None
+    broker: str | None = None  # None, "amqtt", "mosquitto" or mqtt://host:port
+    agents: bool = False
+    agent_command: tuple[str, ...] | None = None  # default: node-watchdog agent
+    agent_env: dict[str, str] = field(default_factory=dict)
+    node_links: bool | None = None  # per-node proxies; default: when a broker or agents run
+    fence_action: str = "poweroff"  # what the fence channel does: "poweroff" or "reboot"
+    work_dir: Path | None = None
+    kubeconfig: Path | None = None  # where to write the admin kubeconfig (default: work dir)
+    control_plane_bin: Path | None = None
+    audit_log: bool = False
+    control_channel: bool = False  # serve the `fault`/`ledger` control API (the CLI does)
+    keep_work_dir: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the value for anything unusable."""
+
+        def bad(name: str, value: object, why: str) -> ValueError:
+            return ValueError(f"{name}={value!r}: {why}")
+
+        if self.nodes < 1:
+            raise bad("nodes", self.nodes, "need at least one node")
+        if self.vms < 0:
+            raise bad("vms", self.vms, "cannot be negative")
+        if not 0 < self.time_scale <= 10:
+            raise bad("time_scale", self.time_scale, "must be in (0, 10]")
+        if self.harvester not in HARVESTER_MODES:
+            raise bad("harvester", self.harvester, f"one of {', '.join(HARVESTER_MODES)}")
+        for s in self.run_strategies:
+            if s not in RUN_STRATEGIES:
+                raise bad("run_strategies", s, f"one of {', '.join(RUN_STRATEGIES)}")
+        for m in self.access_modes:
+            if m not in ACCESS_MODES:
+                raise bad("access_modes", m, f"one of {', '.join(ACCESS_MODES)}")
+        if not self.run_strategies or not self.access_modes:
+            raise bad("run_strategies/access_modes", (), "need at least one value")
+        if self.fence_action not in ("poweroff", "reboot"):
+            raise bad("fence_action", self.fence_action, "poweroff or reboot")
+        if self.control_plane_bin is not None and not Path(self.control_plane_bin).is_dir():
+            raise bad("control_plane_bin", str(self.control_plane_bin), "not a directory")
+
+    @property
+    def wants_links(self) -> bool:
+        return (
+            self.node_links
+            if self.node_links is not None
+            else (self.broker is not None or self.agents)
+        )
+
+
+@dataclass
+class NodeLinks:
+    """A machine's network paths, as proxies a fault can cut (no FIN, no RST when cut)."""
+
+    broker: TcpProxy | None = None
+    api: TcpProxy | None = None
+
+    def set_mode(self, mode: ProxyMode) -> None:
+        for proxy in (self.broker, self.api):
+            if proxy is not None:
+                proxy.set_mode(mode)
+
+    async def close(self) -> None:
+        for proxy in (self.broker, self.api):
+            if proxy is not None:
+                await proxy.close()
+
+
+@dataclass
+class AgentSlot:
+    """One node's agent process and what it is started with."""
+
+    node: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: ManagedProcess | None = None
+    starts: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.running
+
+
+def crd_documents() -> list[Obj]:
+    """The CRDs shipped in chaos/sim/crds (KubeVirt, MigrationPolicy, Harvester Setting)."""
+    docs = []
+    for entry in sorted(
+        resources.files("chaos.sim").joinpath("crds").iterdir(), key=lambda e: e.name
+    ):
+        if entry.name.endswith(".yaml"):
+            docs.extend(d for d in yaml.safe_load_all(entry.read_text()) if d)
+    return docs
+
+
+class SimCluster:
+    """The whole test cluster. `async with SimCluster(config) as c: await c.wait_ready()`."""
+
+    def __init__(
+        self,
+        config: SimConfig | None = None,
+        *,
+        binaries: ControlPlaneBinaries | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config or SimConfig()
+        self.config.validate()
+        self.clock = Clock(self.config.time_scale)
+        self.ledger = Ledger()
+        self.faults = Faults(self)
+        self._binaries = binaries
+        self._progress = progress or (lambda line: log.info("%s", line))
+        self.work_dir = Path()
+        self._own_work_dir = False
+        self.control_plane: ControlPlane = None  # type: ignore[assignment]
+        self.kube: Kube = None  # type: ignore[assignment]
+        self.fleet: Fleet = None  # type: ignore[assignment]
+        self.kubevirt: KubeVirtSim = None  # type: ignore[assignment]
+        self.longhorn: Longhorn = None  # type: ignore[assignment]
+        self.harvester: NodeDownController = None  # type: ignore[assignment]
+        self.broker: MqttBroker | None = None
+        self.informers: dict[str, Informer] = {}
+        self.links: dict[str, NodeLinks] = {}
+        self.agents: dict[str, AgentSlot] = {}
+        self.agent_note: str | None = None
+        self.kubeconfig = Path()
+        self._runner: asyncio.Task[None] | None = None
+        self._control: ControlServer | None = None
+        self._fence: FenceServer | None = None
+        self.started_at: float | None = None
+        self.timings: dict[str, float] = {}
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> SimCluster:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        t0 = time.monotonic()
+        cfg = self.config
+        try:
+            self._prepare_work_dir()
+            binaries = self._binaries
+            if binaries is None and cfg.control_plane_bin is not None:
+                from chaos.sim.binaries import ensure_binaries
+
+                binaries = await asyncio.to_thread(
+                    ensure_binaries, cfg.control_plane_bin, progress=self._progress
+                )
+            self.control_plane = ControlPlane(
+                work_dir=self.work_dir / "controlplane",
+                time_scale=cfg.time_scale,
+                binaries=binaries,
+                audit_log=cfg.audit_log,
+                timings=cfg.control_plane_timings,
+                progress=self._progress,
+            )
+            await self.control_plane.start()
+            self.timings["control_plane_s"] = time.monotonic() - t0
+            self.kubeconfig = self._write_kubeconfig()
+            self.kube = await Kube.from_kubeconfig(self.control_plane.admin_kubeconfig)
+            await self._install_crds()
+            self._build_simulators()
+            self._runner = asyncio.create_task(self._run_all(), name="sim cluster")
+            await self._wait_informers()
+            await self._create_cluster_objects()
+            await self.fleet.wait_started()
+            await self._start_broker_and_links()
+            await self._create_vms()
+            await self._start_agents()
+            if cfg.control_channel:
+                self._control = ControlServer(self, self.kubeconfig)
+                await self._control.start(
+                    {"work_dir": str(self.work_dir), "nodes": list(self.fleet.members)}
+                )
+            self.started_at = time.monotonic()
+            self.timings["start_s"] = self.started_at - t0
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop everything this cluster started, in reverse order; idempotent."""
+        with contextlib.suppress(Exception):
+            await self.faults.close()
+        if self._control is not None:
+            await self._control.stop()
+            self._control = None
+        if self._fence is not None:
+            await self._fence.stop()
+            self._fence = None
+        for slot in self.agents.values():
+            if slot.proc is not None and slot.proc.running:
+                with contextlib.suppress(Exception):
+                    await slot.proc.stop(5.0)
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(BaseException):
+                await self._runner
+            self._runner = None
+        if self.kubevirt is not None:
+            self.kubevirt.close()
+        for links in self.links.values():
+            with contextlib.suppress(Exception):
+                await links.close()
+        self.links.clear()
+        if self.broker is not None and self.broker.running:
+            with contextlib.suppress(Exception):
+                await self.broker.stop()
+        if self.kube is not None:
+            await self.kube.close()
+            self.kube = None  # type: ignore[assignment]
+        if self.control_plane is not None:
+            await self.control_plane.stop()
+        if self._own_work_dir and not (
+            self.config.keep_work_dir or os.environ.get("WATCHDOG_CHAOS_KEEP_WORK_DIR")
+        ):
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            self._own_work_dir = False
+
+    def _prepare_work_dir(self) -> None:
+        if self.config.work_dir is not None:
+            self.work_dir = Path(self.config.work_dir)
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.work_dir = Path(tempfile.mkdtemp(prefix="watchdog-sim-"))
+            self._own_work_dir = True
+
+    def _write_kubeconfig(self) -> Path:
+        target = self.config.kubeconfig
+        admin = self.control_plane.admin_kubeconfig
+        if target is None:
+            return admin
+        target = Path(target).absolute()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(admin, tmp)
+        tmp.chmod(0o600)
+        tmp.replace(target)
+        return target
+
+    async def _install_crds(self) -> None:
+        names = []
+        for doc in crd_documents():
+            names.append(doc["metadata"]["name"])
+            try:
+                await self.kube.create(CRDS, doc)
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+        pending = set(names)
+
+        async def poll() -> None:
+            for n in list(pending):
+                cond = condition(await self.kube.get_or_none(CRDS, n), "Established")
+                if cond and cond.get("status") == "True":
+                    pending.discard(n)
+
+        await self.wait_until(lambda: not pending, 30, "CRDs established", poll=poll)
+
+    def _build_simulators(self) -> None:
+        cfg = self.config
+        kube = self.kube
+        inf = self.informers
+        inf["pods"] = Informer(kube, PODS)
+        inf["nodes"] = Informer(kube, NODES)
+        inf["pvcs"] = Informer(kube, PVCS)
+        inf["vms"] = Informer(kube, VMS)
+        inf["vmis"] = Informer(kube, VMIS)
+        inf["vmims"] = Informer(kube, VMIMS)
+        inf["kubevirts"] = Informer(kube, KUBEVIRTS, namespace="kubevirt")
+        inf["settings"] = Informer(kube, SETTINGS)
+        inf["volumeattachments"] = Informer(kube, VOLUME_ATTACHMENTS)
+        self.fleet = Fleet(
+            kube,
+            self.clock,
+            self.ledger,
+            inf["pods"],
+            inf["nodes"],
+            timings=cfg.node_timings,
+            capacity=cfg.node_capacity,
+        )
+        self.longhorn = Longhorn(
+            kube,
+            self.clock,
+            pvcs=inf["pvcs"],
+            vas=inf["volumeattachments"],
+            pods=inf["pods"],
+            nodes=inf["nodes"],
+        )
+        self.fleet.storage = self.longhorn
+        self.kubevirt = KubeVirtSim(
+            kube,
+            self.clock,
+            self.fleet,
+            self.ledger,
+            pods=inf["pods"],
+            nodes=inf["nodes"],
+            pvcs=inf["pvcs"],
+            vms=inf["vms"],
+            vmis=inf["vmis"],
+            vmims=inf["vmims"],
+            kubevirts=inf["kubevirts"],
+            timings=cfg.kubevirt_timings,
+        )
+        self.harvester = NodeDownController(
+            kube,
+            self.clock,
+            cfg.harvester,
+            nodes=inf["nodes"],
+            pods=inf["pods"],
+            settings=inf["settings"],
+            longhorn=self.longhorn,
+            handler_stale_s=cfg.kubevirt_timings.handler_stale_s,
+        )
+        for i in range(1, cfg.nodes + 1):
+            self.fleet.add(f"node-{i}")
+
+    async def _run_all(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for name, informer in self.informers.items():
+                tg.create_task(informer.run(), name=f"informer {name}")
+            await self._wait_informers()
+            tg.create_task(self.fleet.run(), name="fleet")
+            tg.create_task(self.kubevirt.run(), name="kubevirt")
+            tg.create_task(self.harvester.run(), name="harvester")
+            tg.create_task(self.longhorn.run(), name="longhorn")
+
+    async def _wait_informers(self) -> None:
+        async with asyncio.timeout(60):
+            for informer in self.informers.values():
+                await self._guarded(informer.synced.wait())
+
+    async def _guarded(self, aw: Any) -> Any:
+        """Await `aw` unless the simulators' task group died first (then raise its error)."""
+        runner = self._runner
+        task = asyncio.ensure_future(aw)
+        if runner is None:
+            return await task
+        done, _ = await asyncio.wait({task, runner}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        exc = runner.exception() if not runner.cancelled() else None
+        raise RuntimeError(f"the simulators stopped: {exc!r}") from exc
+
+    async def _create_cluster_objects(self) -> None:
+        for ns in ("kubevirt", self.config.vm_namespace):
+            with contextlib.suppress(ApiError):
+                await self.kube.create(
+                    NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+                )
+        try:
+            await self.kube.create(KUBEVIRTS, kubevirt_cr(self.config.migration_limits))
+        except ApiError as e:
+            if e.status != 409:
+                raise
+        await self.longhorn.ensure_storage_class()
+        if self.config.harvester != "none":
+            await ensure_setting(self.kube, self.config.harvester, self.config.harvester_policy)
+
+    async def _create_vms(self) -> None:
+        cfg = self.config
+        strategies = itertools.cycle(cfg.run_strategies)
+        modes = itertools.cycle(cfg.access_modes)
+        plan = [(f"vm-{i}", next(strategies), next(modes)) for i in range(1, cfg.vms + 1)]
+        sem = asyncio.Semaphore(32)
+
+        async def limited(coro: Any) -> None:
+            async with sem:
+                await coro
+
+        # Volumes first, as Harvester creates them: the scheduler rejects a pod whose claim
+        # names a PV it has not seen yet, and only retries on a later cluster event.
+        await asyncio.gather(
+            *(
+                limited(
+                    self.longhorn.provision(cfg.vm_namespace, f"{name}-rootdisk", access_mode=mode)
+                )
+                for name, _, mode in plan
+            )
+        )
+        pvcs = self.informers["pvcs"]
+        claims = [f"{cfg.vm_namespace}/{name}-rootdisk" for name, _, _ in plan]
+        await self.wait_until(
+            lambda: all(
+                (pvcs.get(c) or {}).get("status", {}).get("phase") == "Bound" for c in claims
+            ),
+            60,
+            "VM volumes bound",
+        )
+
+        async def create(name: str, strategy: str) -> None:
+            body = vm_manifest(
+                name,
+                cfg.vm_namespace,
+                run_strategy=strategy,
+                memory=cfg.vm_memory,
+                spread=cfg.spread_vms,
+            )
+            try:
+                await self.kube.create(VMS, body)
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+
+        await asyncio.gather(*(limited(create(name, strategy)) for name, strategy, _ in plan))
+
+    # --- broker, links and agents ------------------------------------------------------------
+
+    async def _start_broker_and_links(self) -> None:
+        cfg = self.config
+        self.broker = make_broker(cfg.broker, self.work_dir)
+        if self.broker is not None:
+            await self.broker.start()
+        if not cfg.wants_links:
+            return
+        api_port = int(self.control_plane.server_url.rsplit(":", 1)[1])
+        for name in self.fleet.members:
+            links = NodeLinks()
+            if self.broker is not None:
+                links.broker = TcpProxy(
+                    self.broker.host, self.broker.port, name=f"{name} broker link"
+                )
+                await links.broker.start()
+            links.api = TcpProxy("127.0.0.1", api_port, name=f"{name} api link")
+            await links.api.start()
+            self.links[name] = links
+
+    def links_down(self, node: str) -> None:
+        links = self.links.get(node)
+        if links is not None:
+            links.set_mode(ProxyMode.BLACKHOLE)
+
+    def sync_links(self, node: str) -> None:
+        """A machine's links carry traffic iff it is powered and its network is up."""
+        links = self.links.get(node)
+        if links is not None:
+            links.set_mode(ProxyMode.PASS if self.fleet[node].connected else ProxyMode.BLACKHOLE)
+
+    def node_broker_url(self, node: str) -> str | None:
+        links = self.links.get(node)
+        if links is None or links.broker is None:
+            return None
+        return f"mqtt://127.0.0.1:{links.broker.port}"
+
+    def node_kubeconfig(self, node: str) -> Path:
+        """An admin kubeconfig reaching the API server through `node`'s link."""
+        path = self.work_dir / "nodes" / node / "kubeconfig"
+        links = self.links.get(node)
+        data = yaml.safe_load(self.control_plane.admin_kubeconfig.read_text())
+        if links is not None and links.api is not None:
+            for cluster in data["clusters"]:
+                cluster["cluster"]["server"] = f"https://127.0.0.1:{links.api.port}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        path.chmod(0o600)
+        return path
+
+    def boot_id_file(self, node: str) -> Path:
+        path = self.work_dir / "nodes" / node / "boot_id"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.fleet[node].boot_id + "\n")
+        return path
+
+    async def _start_agents(self) -> None:
+        cfg = self.config
+        if not cfg.agents:
+            return
+        argv = list(cfg.agent_command or DEFAULT_AGENT_COMMAND)
+        exe = shutil.which(argv[0])
+        if exe is None:
+            self.agent_note = (
+                f"--agents: {argv[0]!r} is not installed (not on PATH): running without agents"
+            )
+            log.warning("%s", self.agent_note)
+            return
+        self._fence = FenceServer(self.work_dir / "fence.sock", self._on_fence)
+        await self._fence.start()
+        for name in self.fleet.members:
+            env = {
+                **os.environ,
+                **cfg.agent_env,
+                "WATCHDOG_NODE_NAME": name,
+                "KUBECONFIG": str(self.node_kubeconfig(name)),
+                "WATCHDOG_BOOT_ID_FILE": str(self.boot_id_file(name)),
+                "WATCHDOG_METRICS_PORT": "0",
+                "WATCHDOG_FENCE_COMMAND": fence_command(self._fence.path, name),
+            }
+            broker_url = self.node_broker_url(name)
+            if broker_url:
+                env["WATCHDOG_MQTT__URL"] = broker_url
+            self.agents[name] = AgentSlot(
+                name, [exe, *argv[1:]], env, self.work_dir / "logs" / f"agent-{name}.log"
+            )
+        await asyncio.gather(*(self.start_agent(n) for n in self.agents))
+
+    async def _on_fence(self, node: str) -> None:
+        if node in self.fleet.members:
+            await self.faults.apply("fence", node)
+        else:
+            log.warning("fence request for unknown node %r ignored", node)
+
+    async def start_agent(self, node: str) -> bool:
+        slot = self.agents.get(node)
+        if slot is None or slot.running or not self.fleet[node].powered:
+            return False
+        self.boot_id_file(node)
+        slot.proc = managed(f"agent {node}", slot.argv, slot.log_path, slot.env)
+        await slot.proc.spawn()
+        slot.starts += 1
+        return True
+
+    def start_agent_after_boot(self, node: str) -> None:
+        sim = self.fleet[node]
+        boot_id = sim.boot_id
+        delay = self.clock.scaled(self.config.node_timings.boot_s)
+
+        async def later() -> None:
+            if sim.powered and sim.boot_id == boot_id:
+                await self.start_agent(node)
+
+        if node in self.agents:
+            self.faults._later(delay, f"agent start {node}", later)
+
+    async def kill_agent(self, node: str) -> bool:
+        """SIGKILL the agent's process group; what its sockets do depends on its links."""
+        slot = self.agents.get(node)
+        if slot is None or slot.proc is None or not slot.proc.running:
+            return False
+        proc = slot.proc
+        proc.kill_now()
+        if proc.process is not None:
+            await proc.process.wait()
+        return True
+
+    # --- waiting and looking -------------------------------------------------------------------
+
+    async def wait_until(
+        self,
+        predicate: Callable[[], bool],
+        timeout_s: float,
+        what: str,
+        *,
+        poll: Callable[[], Any] | None = None,
+        interval_s: float = 0.05,
+    ) -> float:
+        """Poll `predicate` until true; returns the seconds it took. TimeoutError names `what`."""
+        start = time.monotonic()
+        deadline = start + timeout_s
+        while True:
+            if poll is not None:
+                await poll()
+            if predicate():
+                return time.monotonic() - start
+            if self._runner is not None and self._runner.done():
+                await self._guarded(asyncio.sleep(0))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what}: not reached within {timeout_s:.0f}s")
+            await asyncio.sleep(interval_s)
+
+    def node(self, name: str) -> Obj | None:
+        return self.informers["nodes"].get(name)
+
+    def node_ready(self, name: str) -> str | None:
+        cond = condition(self.node(name), "Ready")
+        return cond.get("status") if cond else None
+
+    def vmi(self, name: str, namespace: str | None = None) -> Obj | None:
+        return self.informers["vmis"].get(f"{namespace or self.config.vm_namespace}/{name}")
+
+    def vmi_phase(self, name: str) -> str | None:
+        vmi = self.vmi(name)
+        return vmi.get("status", {}).get("phase") if vmi else None
+
+    def vmi_node(self, name: str) -> str | None:
+        vmi = self.vmi(name)
+        return vmi.get("status", {}).get("nodeName") if vmi else None
+
+    def launcher_pods(self, node: str | None = None) -> list[Obj]:
+        pods = self.informers["pods"]
+        objs = pods.by("node", node) if node else pods.values()
+        return [
+            p for p in objs if p["metadata"].get("labels", {}).get("kubevirt.io") == "virt-launcher"
+        ]
+
+    def vm_names(self) -> list[str]:
+        return [f"vm-{i}" for i in range(1, self.config.vms + 1)]
+
+    def vms_on(self, node: str) -> list[str]:
+        """VMs whose VMI the API places on `node` (not the ledger's truth)."""
+        return sorted(
+            v["metadata"]["name"]
+            for v in self.informers["vmis"].by("node", node)
+            if v.get("status", {}).get("phase") == "Running"
+        )
+
+    def all_running(self) -> bool:
+        """Every VM that should run has a Running VMI and exactly one running copy."""
+        for key, rec in self.ledger.vms.items():
+            if rec.deleted or rec.run_strategy not in RESTARTING_STRATEGIES:
+                continue
+            _, name = key.split("/", 1)
+            if len(rec.running) != 1 or self.vmi_phase(name) != "Running":
+                return False
+        return len(self.ledger.vms) >= self.config.vms
+
+    async def wait_ready(self, timeout_s: float = 120.0) -> float:
+        """Wait until every node is Ready and every VM runs (VMI Running, one copy)."""
+        names = list(self.fleet.members)
+        took = await self.wait_until(
+            lambda: all(self.node_ready(n) == "True" for n in names), timeout_s, "nodes Ready"
+        )
+        took += await self.wait_until(
+            self.all_running, max(1.0, timeout_s - took), "every VM running"
+        )
+        if "ready_s" not in self.timings and self.started_at is not None:
+            self.timings["ready_s"] = time.monotonic() - self.started_at
+        return took
+
+    # --- control channel handler ---------------------------------------------------------------
+
+    async def fault(
+        self, action: str, node: str | None, duration_s: float | None
+    ) -> dict[str, Any]:
+        return await self.faults.apply(action, node, duration_s)
+
+    def ledger_snapshot(self, history: bool = True) -> dict[str, Any]:
+        return self.ledger.snapshot(history=history)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kubeconfig": str(self.kubeconfig),
+            "server": self.control_plane.server_url if self.control_plane else None,
+            "time_scale": self.config.time_scale,
+            "harvester": self.config.harvester,
+            "broker": self.broker.url if self.broker else None,
+            "agents": {
+                n: {"running": s.running, "starts": s.starts} for n, s in self.agents.items()
+            },
+            "agent_note": self.agent_note,
+            "nodes": {
+                n: {**m.state(), "ready": self.node_ready(n), "broker_url": self.node_broker_url(n)}
+                for n, m in self.fleet.members.items()
+            },
+            "totals": self.ledger.totals(),
+            "faults": self.faults.history[-50:],
+            "timings": self.timings,
+        }

@@ -1,0 +1,216 @@
+"""Fault injection on the test cluster: per node, and on the cluster's shared services.
+
+Owns the meaning of every fault action and its inverse, and the order of the steps inside one
+(cut the links before killing an agent, so the broker sees no FIN):
+
+per node
+  poweroff        links black-holed, then every process on the machine stops silently: kubelet,
+                  virt-handler, VM domains (ledger), the agent (SIGKILL behind the black hole)
+  poweron         fresh boot: new boot_id, links restored, kubelet and agent start after the boot
+                  delay; pods whose objects still exist are restarted or marked Failed (kubelet.py)
+  reboot          poweroff + poweron
+  partition/heal  the machine's network: links black-holed, its kubelet and virt-handler cannot
+                  reach the API; its VMs keep running
+  nic-flap        a partition healed after --duration (default 5 s, scaled)
+  kubelet-stop/kubelet-start   kubelet only; VMs, virt-handler and agent keep running
+  agent-kill      SIGKILL of the agent alone: the kernel closes its socket, the proxy forwards
+                  the FIN, the broker publishes the Will at once
+  agent-start     start the agent again
+  fence           (the node-local fence channel) as poweroff, recorded as a fence; with
+                  `fence_action="reboot"` the machine boots again
+cluster
+  api-outage/api-restore                kube-apiserver frozen (SIGSTOP) / thawed
+  broker-outage/broker-restore          the broker stopped / started on the same port
+  controller-manager-stop/-start, compact (etcd compaction: watches get 410 Gone)
+
+`--duration S` (wall seconds) schedules the inverse action. Must not: decide when to inject
+(the chaos harness does), or simulate anything itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from chaos.sim.ledger import StopReason
+
+if TYPE_CHECKING:
+    from chaos.sim.cluster import SimCluster
+
+log = logging.getLogger(__name__)
+
+NODE_ACTIONS = (
+    "poweroff",
+    "poweron",
+    "reboot",
+    "partition",
+    "heal",
+    "nic-flap",
+    "kubelet-stop",
+    "kubelet-start",
+    "agent-kill",
+    "agent-start",
+    "fence",
+)
+CLUSTER_ACTIONS = (
+    "api-outage",
+    "api-restore",
+    "broker-outage",
+    "broker-restore",
+    "controller-manager-stop",
+    "controller-manager-start",
+    "compact",
+)
+ACTIONS = NODE_ACTIONS + CLUSTER_ACTIONS
+INVERSE = {
+    "poweroff": "poweron",
+    "partition": "heal",
+    "nic-flap": "heal",
+    "kubelet-stop": "kubelet-start",
+    "agent-kill": "agent-start",
+    "fence": "poweron",
+    "api-outage": "api-restore",
+    "broker-outage": "broker-restore",
+    "controller-manager-stop": "controller-manager-start",
+}
+NIC_FLAP_S = 5.0  # unscaled
+
+
+class Faults:
+    """Applies faults to a running SimCluster; keeps a history for reports."""
+
+    def __init__(self, cluster: SimCluster) -> None:
+        self.cluster = cluster
+        self.history: list[dict[str, Any]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _later(self, delay_s: float, what: str, fn: Callable[[], Awaitable[Any]]) -> None:
+        async def run() -> None:
+            await asyncio.sleep(delay_s)
+            try:
+                await fn()
+            except Exception:
+                log.exception("scheduled %s failed", what)
+
+        task = asyncio.create_task(run(), name=what)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def apply(
+        self, action: str, node: str | None = None, duration_s: float | None = None
+    ) -> dict[str, Any]:
+        """Inject `action` (on `node` for node actions). Raises ValueError on bad input."""
+        if action not in ACTIONS:
+            raise ValueError(f"unknown fault action {action!r}; one of: {', '.join(ACTIONS)}")
+        if action in NODE_ACTIONS:
+            if not node:
+                raise ValueError(f"fault {action} needs a NODE")
+            if node not in self.cluster.fleet.members:
+                raise ValueError(
+                    f"unknown node {node!r} (nodes: {', '.join(self.cluster.fleet.members)})"
+                )
+        elif node:
+            raise ValueError(f"fault {action} is cluster-wide: it takes no NODE (got {node!r})")
+        if duration_s is not None and duration_s < 0:
+            raise ValueError(f"--duration must be >= 0, got {duration_s}")
+        if action == "nic-flap" and duration_s is None:
+            duration_s = self.cluster.clock.scaled(NIC_FLAP_S)
+        entry: dict[str, Any] = {
+            "action": action,
+            "node": node,
+            "duration_s": duration_s,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "t": round(time.monotonic() - self.cluster.ledger.t0, 3),
+        }
+        result = await self._do(action, node)
+        entry["result"] = result
+        self.history.append(entry)
+        log.info(
+            "fault %s%s%s: %s",
+            action,
+            f" {node}" if node else "",
+            f" for {duration_s}s" if duration_s else "",
+            result,
+        )
+        inverse = INVERSE.get(action)
+        if duration_s is not None and inverse is not None:
+            self._later(
+                duration_s, f"{inverse} {node or ''}".strip(), lambda: self.apply(inverse, node)
+            )
+            entry["heals_with"] = inverse
+        return entry
+
+    async def _do(self, action: str, node: str | None) -> dict[str, Any]:
+        c = self.cluster
+        if node is not None:
+            sim = c.fleet[node]
+            match action:
+                case "poweroff" | "fence":
+                    reason = StopReason.FENCED if action == "fence" else StopReason.POWEROFF
+                    # Links first: the agent's socket closes when it dies, and that FIN must
+                    # not reach the broker (a machine without power sends nothing).
+                    c.links_down(node)
+                    stopped = sim.power_off(reason)
+                    await c.kill_agent(node)
+                    if action == "fence" and c.config.fence_action == "reboot":
+                        await self._do("poweron", node)
+                    return {"stopped_vms": stopped}
+                case "poweron":
+                    if sim.powered:
+                        return {"already": "on"}
+                    sim.power_on()
+                    c.sync_links(node)
+                    c.start_agent_after_boot(node)
+                    return {"boot_id": sim.boot_id}
+                case "reboot":
+                    first = await self._do("poweroff", node)
+                    second = await self._do("poweron", node)
+                    return {**first, **second}
+                case "partition" | "nic-flap":
+                    sim.partition()
+                    c.sync_links(node)
+                    return {}
+                case "heal":
+                    sim.heal()
+                    c.sync_links(node)
+                    return {}
+                case "kubelet-stop":
+                    sim.kubelet_stop()
+                    return {}
+                case "kubelet-start":
+                    sim.kubelet_start()
+                    return {}
+                case "agent-kill":
+                    return {"killed": await c.kill_agent(node)}
+                case "agent-start":
+                    return {"started": await c.start_agent(node)}
+        cp = c.control_plane
+        match action:
+            case "api-outage":
+                await cp.api_outage_start()
+            case "api-restore":
+                await cp.api_outage_stop()
+            case "broker-outage":
+                if c.broker is None:
+                    raise ValueError("this cluster has no broker (start the sim with one)")
+                await c.broker.stop()
+            case "broker-restore":
+                if c.broker is None:
+                    raise ValueError("this cluster has no broker (start the sim with one)")
+                await c.broker.start()
+            case "controller-manager-stop":
+                await cp.controller_manager_stop()
+            case "controller-manager-start":
+                await cp.controller_manager_start()
+            case "compact":
+                return {"revision": await cp.compact()}
+        return {}

@@ -1,0 +1,644 @@
+"""The agent and the controller's heartbeat subscriber against a real mosquitto.
+
+Real objects over a real broker (tests/integration/conftest.py starts one per test); an agent
+that must die abruptly runs as its own process. Timings are compressed (heartbeat 0.2 s,
+keepalive 2 s, self-fence after 1.5 s); every wait polls a condition against a deadline, and
+the few "must not happen" checks watch for a stated window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from watchdog.decide.heartbeats import (
+    Heartbeat,
+    HeartbeatBook,
+    RejectReason,
+    encode_heartbeat,
+    heartbeat_topic,
+    parse_heartbeat,
+    status_topic,
+)
+from watchdog.decide.observations import FenceDeclaration
+from watchdog.heartbeat.agent import Agent
+from watchdog.observe.mqtt import CoalescingQueue, HeartbeatSubscriber, QueueStats
+from watchdog.runtime.settings import Settings
+
+from .conftest import Mosquitto
+
+pytestmark = pytest.mark.broker
+
+REPO = Path(__file__).resolve().parents[2]
+PREFIX = "node-watchdog/v1"
+NODES = {"node-a", "node-b", "node-c"}
+HEARTBEAT_S = 0.2
+KEEPALIVE_S = 2
+FENCE_AFTER_S = 1.5
+FENCE_BOUND_S = 1.0
+API_CHECK_S = 0.2
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+async def wait_for(
+    predicate: Callable[[], object], within_s: float, what: str, *, every: float = 0.02
+) -> float:
+    """Poll `predicate` until true; returns the seconds it took, fails after `within_s`."""
+    start = time.monotonic()
+    while True:
+        if predicate():
+            return time.monotonic() - start
+        if time.monotonic() - start > within_s:
+            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
+        await asyncio.sleep(every)
+
+
+async def stays(predicate: Callable[[], object], window: float, what: str) -> None:
+    """Assert `predicate` holds throughout `window` seconds (a bounded 'must not happen')."""
+    end = time.monotonic() + window
+    while time.monotonic() < end:
+        assert predicate(), f"{what} stopped holding"
+        await asyncio.sleep(0.02)
+    assert predicate(), f"{what} stopped holding"
+
+
+def settings(broker: Mosquitto | str, tmp_path: Path, node: str = "node-a", **kw: Any) -> Settings:
+    boot_id = tmp_path / f"boot_id-{node}"
+    if not boot_id.exists():
+        boot_id.write_text(f"{uuid.uuid4()}\n")
+    mqtt = {"url": broker if isinstance(broker, str) else broker.url, "keepalive_s": KEEPALIVE_S}
+    mqtt.update(kw.pop("mqtt", {}))
+    values: dict[str, Any] = {
+        "node_name": node,
+        "boot_id_file": boot_id,
+        "heartbeat_interval_s": HEARTBEAT_S,
+        "self_fence_after_s": FENCE_AFTER_S,
+        "fence_action_bound_s": FENCE_BOUND_S,
+        "api_check_interval_s": API_CHECK_S,
+        "mqtt": mqtt,
+    }
+    values.update(kw)
+    return Settings(**values)
+
+
+@dataclass
+class Seen:
+    """What the controller side observed, stamped on the monotonic clock."""
+
+    book: HeartbeatBook = field(default_factory=HeartbeatBook)
+    heartbeats: dict[str, list[tuple[float, int]]] = field(
+        default_factory=lambda: collections.defaultdict(list)
+    )
+    offline_at: dict[str, float] = field(default_factory=dict)
+    connection: list[tuple[float, bool]] = field(default_factory=list)
+    rejected: collections.Counter[RejectReason] = field(default_factory=collections.Counter)
+
+    def __post_init__(self) -> None:
+        self.book.set_known(set(NODES))
+        self._received: dict[str, int] = collections.defaultdict(int)
+
+    def on_change(self, node: str) -> None:
+        rec = self.book.nodes[node]
+        now = time.monotonic()
+        if rec.received != self._received[node]:
+            self._received[node] = rec.received
+            self.heartbeats[node].append((now, rec.seq))
+        if rec.offline and node not in self.offline_at:
+            self.offline_at[node] = now
+        if not rec.offline:
+            self.offline_at.pop(node, None)
+
+    def on_connection(self, up: bool) -> None:
+        self.connection.append((time.monotonic(), up))
+
+    def on_reject(self, reason: RejectReason) -> None:
+        self.rejected[reason] += 1
+
+    def seqs(self, node: str) -> list[int]:
+        return [seq for _, seq in self.heartbeats[node]]
+
+    def count(self, node: str) -> int:
+        return len(self.heartbeats[node])
+
+    def ups(self) -> list[bool]:
+        return [up for _, up in self.connection]
+
+
+def subscriber(
+    broker: Mosquitto | str, tmp_path: Path, seen: Seen, **kw: Any
+) -> HeartbeatSubscriber:
+    return HeartbeatSubscriber(
+        settings(broker, tmp_path, node="controller", **kw),
+        seen.book,
+        on_change=seen.on_change,
+        on_connection=seen.on_connection,
+        on_reject=seen.on_reject,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(*coros: Coroutine[Any, Any, None]) -> AsyncIterator[list[asyncio.Task[None]]]:
+    """Run coroutines as tasks of a TaskGroup for the block; cancel them after it. A task that
+    fails fails the test (never a leaked or silently dead task)."""
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(c) for c in coros]
+        try:
+            yield tasks
+        finally:
+            for t in tasks:
+                t.cancel()
+
+
+class Probe:
+    """The API probe the runtime would inject: this node's persisted phase, or None (API down)."""
+
+    def __init__(self, phase: str | None) -> None:
+        self.phase = phase
+        self.calls = 0
+
+    async def __call__(self) -> str | None:
+        self.calls += 1
+        return self.phase
+
+
+async def retained(broker: Mosquitto, topic: str) -> bytes:
+    """The retained message of `topic`, read by a fresh client."""
+    async with aiomqtt.Client("127.0.0.1", broker.port, identifier=f"probe-{uuid.uuid4()}") as c:
+        await c.subscribe(topic, qos=1)
+        async with asyncio.timeout(3):
+            async for message in c.messages:
+                assert message.retain, f"live, not retained, message on {topic}"
+                assert isinstance(message.payload, bytes)
+                return message.payload
+    raise AssertionError("unreachable")
+
+
+LAUNCHER = """
+import asyncio, logging, signal, sys
+from watchdog.heartbeat.agent import Agent
+from watchdog.runtime.settings import load_settings
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                    format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+async def main():
+    agent = Agent(load_settings())
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    try:
+        await agent.run()
+    except asyncio.CancelledError:
+        logging.info("agent stopped")
+
+asyncio.run(main())
+"""
+
+
+@contextlib.asynccontextmanager
+async def agent_process(
+    broker: Mosquitto, tmp_path: Path, node: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    boot_id = tmp_path / f"boot_id-{node}"
+    boot_id.write_text(f"{uuid.uuid4()}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHDOG_")}
+    env.update(
+        PYTHONPATH=str(REPO),
+        WATCHDOG_NODE_NAME=node,
+        WATCHDOG_BOOT_ID_FILE=str(boot_id),
+        WATCHDOG_HEARTBEAT_INTERVAL_S=str(HEARTBEAT_S),
+        WATCHDOG_MQTT__URL=broker.url,
+        WATCHDOG_MQTT__KEEPALIVE_S=str(KEEPALIVE_S),
+    )
+    log = (tmp_path / f"agent-{node}.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LAUNCHER, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        log.close()
+
+
+# --- heartbeats ------------------------------------------------------------------------------
+
+
+async def test_subscriber_sees_agent_heartbeats_on_a_fixed_cadence_with_its_fence(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    seen = Seen()
+    agent = Agent(settings(mosquitto, tmp_path, fence_command="true"))
+    async with running(subscriber(mosquitto, tmp_path, seen).run(), agent.run()):
+        await wait_for(lambda: seen.count("node-a") >= 16, 10, "16 heartbeats")
+    beats = seen.heartbeats["node-a"]
+    seqs = seen.seqs("node-a")
+    assert seqs == sorted(set(seqs)), "seq strictly increasing"
+    assert seqs[0] <= 2, "seq counts from 0 in a fresh process"
+    # Fixed cadence: arrival of seq n stays within a tolerance of t0 + n * interval (no drift).
+    t0, s0 = beats[0]
+    late = [t - (t0 + (s - s0) * HEARTBEAT_S) for t, s in beats]
+    assert max(abs(x) for x in late) < 0.1, f"cadence drifted: {late}"
+    rate = (len(beats) - 1) / (beats[-1][0] - t0)
+    assert 4.0 < rate < 6.0, f"{rate:.2f} Hz, want 5"
+    rec = seen.book.nodes["node-a"]
+    assert rec.fence == FenceDeclaration(armed=True, after_s=FENCE_AFTER_S, bound_s=FENCE_BOUND_S)
+    assert not rec.offline
+    stats = agent.statistics()
+    assert stats["last_broker_contact_age_s"] is not None
+    assert stats["last_broker_contact_age_s"] < 3 * HEARTBEAT_S, "echo proves broker contact"
+    assert stats["fenced"] is False
+
+
+async def test_agent_without_fence_command_declares_an_unarmed_fence_and_never_runs_one(
+    mosquitto: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen = Seen()
+    agent = Agent(settings(mosquitto, tmp_path, fence_command=None))
+    async with running(subscriber(mosquitto, tmp_path, seen).run(), agent.run()):
+        await wait_for(lambda: seen.count("node-a") >= 2, 5, "heartbeats")
+        rec = seen.book.nodes["node-a"]
+        assert rec.fence == FenceDeclaration(
+            armed=False, after_s=FENCE_AFTER_S, bound_s=FENCE_BOUND_S
+        )
+        # Cut off from everything: it only says it would fence, and keeps trying to reconnect.
+        mosquitto.stop()
+        await wait_for(lambda: "WOULD FENCE" in caplog.text, FENCE_AFTER_S + 2, "would-fence log")
+        assert agent.statistics()["fenced"] is False
+        before = rec.seq
+        mosquitto.start()
+        await wait_for(lambda: rec.seq > before, 8, "heartbeats after the broker returns")
+    assert caplog.text.count("WOULD FENCE") == 1, "logged once per episode"
+
+
+async def test_cancelled_agent_leaves_retained_offline(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    agent = Agent(settings(mosquitto, tmp_path))
+    async with running(agent.run()):
+        await wait_for(lambda: agent.statistics()["connected"], 5, "agent connected")
+        assert await retained(mosquitto, status_topic(PREFIX, "node-a")) == b"online"
+    assert await retained(mosquitto, status_topic(PREFIX, "node-a")) == b"offline"
+
+
+async def test_sigkilled_agent_process_is_announced_offline_by_its_will(
+    mosquitto: Mosquitto, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    seen = Seen()
+    async with (
+        running(subscriber(mosquitto, tmp_path, seen).run()),
+        agent_process(mosquitto, tmp_path, "node-b") as proc,
+    ):
+        await wait_for(lambda: seen.count("node-b") >= 3, 15, "heartbeats of the agent process")
+        killed_at = time.monotonic()
+        proc.send_signal(signal.SIGKILL)
+        await wait_for(lambda: "node-b" in seen.offline_at, 1.5 * KEEPALIVE_S, "Will offline")
+        latency = seen.offline_at["node-b"] - killed_at
+        record_property("will_latency_after_sigkill_s", round(latency, 3))
+        print(f"Will latency after SIGKILL: {latency * 1000:.0f} ms")
+        # The kernel closes the dead process's socket: the broker publishes the Will at once.
+        assert latency < 1.0
+    assert await retained(mosquitto, status_topic(PREFIX, "node-b")) == b"offline"
+
+
+async def test_sigterm_stops_agent_process_cleanly_with_retained_offline(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    seen = Seen()
+    async with (
+        running(subscriber(mosquitto, tmp_path, seen).run()),
+        agent_process(mosquitto, tmp_path, "node-c") as proc,
+    ):
+        await wait_for(lambda: seen.count("node-c") >= 3, 15, "heartbeats of the agent process")
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(3):
+            assert await proc.wait() == 0
+        await wait_for(lambda: "node-c" in seen.offline_at, 2, "offline status")
+        last = seen.count("node-c")
+        await stays(lambda: seen.count("node-c") == last, 3 * HEARTBEAT_S, "no heartbeat after")
+    assert await retained(mosquitto, status_topic(PREFIX, "node-c")) == b"offline"
+    log = (tmp_path / "agent-node-c.log").read_text()
+    assert "published offline (stopping)" in log, log
+
+
+# --- broker outage ---------------------------------------------------------------------------
+
+
+async def test_broker_restart_is_reported_down_then_up_and_heartbeats_resume(
+    mosquitto: Mosquitto, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    seen = Seen()
+    agent = Agent(settings(mosquitto, tmp_path, fence_command=None))
+    sub = subscriber(mosquitto, tmp_path, seen)
+    async with running(sub.run(), agent.run()):
+        await wait_for(lambda: seen.count("node-a") >= 3, 5, "heartbeats")
+        assert seen.ups() == [True]
+        mosquitto.stop()
+        await wait_for(lambda: seen.ups() == [True, False], 3, "connection reported down")
+        await wait_for(lambda: not agent.statistics()["connected"], 3, "agent disconnected")
+        assert not sub.statistics()["connected"]
+        before = seen.book.nodes["node-a"].seq
+        restarted_at = time.monotonic()
+        mosquitto.start()
+        await wait_for(lambda: seen.ups() == [True, False, True], 8, "connection reported up")
+        await wait_for(lambda: seen.book.nodes["node-a"].seq > before, 8, "heartbeats resume")
+        resumed = time.monotonic() - restarted_at
+        record_property("heartbeats_resumed_after_broker_restart_s", round(resumed, 3))
+        print(f"heartbeats resumed {resumed * 1000:.0f} ms after the broker restarted")
+        assert agent.statistics()["connects"] == 2
+        assert sub.statistics()["connects"] == 2
+        # The broker lost its retained messages (no persistence): the agent said online again.
+        assert await retained(mosquitto, status_topic(PREFIX, "node-a")) == b"online"
+
+
+# --- self-fencing ----------------------------------------------------------------------------
+
+
+def fence_command(marker: Path) -> str:
+    return f"echo fenced >> {marker}"
+
+
+async def test_agent_fences_itself_when_cut_off_from_broker_and_api(
+    mosquitto: Mosquitto, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    marker = tmp_path / "fenced"
+    seen = Seen()
+    probe = Probe(None)  # API unreachable throughout
+    agent = Agent(
+        settings(mosquitto, tmp_path, fence_command=fence_command(marker)), api_probe=probe
+    )
+    async with running(subscriber(mosquitto, tmp_path, seen).run(), agent.run()):
+        await wait_for(lambda: seen.count("node-a") >= 3, 5, "heartbeats")
+        cut_at = time.monotonic()
+        mosquitto.stop()
+        await wait_for(marker.exists, FENCE_AFTER_S + 2, "fence marker")
+        after = time.monotonic() - cut_at
+        record_property("self_fence_after_cut_s", round(after, 3))
+        print(f"self-fenced {after:.2f}s after the broker stopped (limit {FENCE_AFTER_S}s)")
+        # Not early: its last proven contact was at most one heartbeat before the cut.
+        assert after >= FENCE_AFTER_S - HEARTBEAT_S - 0.05
+        assert after <= FENCE_AFTER_S + 0.5
+        stats = agent.statistics()
+        assert stats["fenced"] and stats["fence_result"] == "exit 0"
+        assert probe.calls > 0
+        # A fenced node never claims to be alive again, even with the broker back.
+        mosquitto.start()
+        await wait_for(lambda: seen.ups()[-1:] == [True], 8, "subscriber reconnected")
+        last = seen.count("node-a")
+        await stays(lambda: seen.count("node-a") == last, 5 * HEARTBEAT_S, "no heartbeats")
+        assert not agent.statistics()["connected"]
+    assert marker.read_text() == "fenced\n", "the fence ran exactly once"
+
+
+async def test_agent_does_not_fence_while_the_api_says_healthy_even_with_the_broker_down(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    marker = tmp_path / "fenced"
+    probe = Probe("Healthy")
+    agent = Agent(
+        settings(mosquitto, tmp_path, fence_command=fence_command(marker)), api_probe=probe
+    )
+    async with running(agent.run()):
+        await wait_for(
+            lambda: agent.statistics()["last_broker_contact_age_s"] is not None, 5, "contact"
+        )
+        mosquitto.stop()
+        await stays(lambda: not marker.exists(), 2 * FENCE_AFTER_S, "not fenced")
+        stats = agent.statistics()
+        assert not stats["fenced"] and not stats["connected"]
+        assert stats["last_api_contact_age_s"] < 3 * API_CHECK_S
+        # The API goes too: now it is cut off, and fences after the limit.
+        lost_api_at = time.monotonic()
+        probe.phase = None
+        await wait_for(marker.exists, FENCE_AFTER_S + 1.5, "fence marker")
+        after = time.monotonic() - lost_api_at
+        assert FENCE_AFTER_S - API_CHECK_S - 0.05 <= after <= FENCE_AFTER_S + 0.5
+
+
+async def test_agent_fences_at_once_when_the_api_says_it_is_being_fenced(
+    mosquitto: Mosquitto, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    marker = tmp_path / "fenced"
+    seen = Seen()
+    probe = Probe("Healthy")
+    agent = Agent(
+        settings(mosquitto, tmp_path, fence_command=fence_command(marker)), api_probe=probe
+    )
+    async with running(subscriber(mosquitto, tmp_path, seen).run(), agent.run()):
+        await wait_for(lambda: seen.count("node-a") >= 3, 5, "heartbeats")
+        declared_at = time.monotonic()
+        probe.phase = "Fencing"  # the controller persisted FENCING on this node
+        await wait_for(marker.exists, API_CHECK_S + 1, "fence marker")
+        took = time.monotonic() - declared_at
+        record_property("fence_after_api_says_fencing_s", round(took, 3))
+        assert agent.statistics()["fence_reason"] == "the API says this node is Fencing"
+        # It stops heartbeating and says offline although the broker is fine.
+        await wait_for(lambda: "node-a" in seen.offline_at, 3, "offline after the fence")
+        last = seen.count("node-a")
+        await stays(lambda: seen.count("node-a") == last, 5 * HEARTBEAT_S, "no heartbeats")
+    assert await retained(mosquitto, status_topic(PREFIX, "node-a")) == b"offline"
+
+
+# --- hostile input ---------------------------------------------------------------------------
+
+
+async def test_subscriber_rejects_and_counts_hostile_messages_and_keeps_accepting_the_agent(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    seen = Seen()
+    sub = subscriber(mosquitto, tmp_path, seen)
+    agent = Agent(settings(mosquitto, tmp_path))
+    topic_a = heartbeat_topic(PREFIX, "node-a")
+    async with (
+        running(sub.run(), agent.run()),
+        aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="attacker") as attacker,
+    ):
+        # Capture one real heartbeat of node-a to replay it.
+        await attacker.subscribe(topic_a)
+        async with asyncio.timeout(5):
+            captured = await anext(aiter(attacker.messages))
+        await attacker.unsubscribe(topic_a)
+        assert isinstance(captured.payload, bytes)
+        real = parse_heartbeat(topic_a, captured.payload, PREFIX)
+        await wait_for(lambda: seen.book.nodes["node-a"].seq > real.seq, 5, "newer heartbeat")
+
+        def forged(node: str) -> bytes:
+            return encode_heartbeat(
+                Heartbeat(node, "forged-boot", 10**6, 0.0, "x", FenceDeclaration(True, 1, 1))
+            )
+
+        hostile: list[tuple[str, bytes, RejectReason]] = [
+            (topic_a, forged("node-b"), RejectReason.TOPIC_MISMATCH),  # node-b posing on a's topic
+            (heartbeat_topic(PREFIX, "node-b"), captured.payload, RejectReason.TOPIC_MISMATCH),
+            (f"{PREFIX}/heartbeat/", captured.payload, RejectReason.TOPIC_MISMATCH),
+            (topic_a, b"{" + b" " * 4000 + b"}", RejectReason.OVERSIZED),
+            (topic_a, b"\xff\xfe{not json", RejectReason.MALFORMED),
+            (topic_a, b"[1, 2, 3]", RejectReason.MALFORMED),
+            (topic_a, b'{"node": "node-a", "seq": "1"}', RejectReason.SCHEMA),
+            (heartbeat_topic(PREFIX, "node-x"), forged("node-x"), RejectReason.UNKNOWN_NODE),
+            (topic_a, captured.payload, RejectReason.REPLAYED),
+            (status_topic(PREFIX, "node-a"), b"maybe", RejectReason.MALFORMED),
+            (status_topic(PREFIX, "node-x"), b"offline", RejectReason.UNKNOWN_NODE),
+        ]
+        for topic, payload, _ in hostile:
+            await attacker.publish(topic, payload, qos=1)
+        want = collections.Counter(reason for _, _, reason in hostile)
+        await wait_for(lambda: seen.rejected == want, 5, f"rejections {dict(want)}")
+        stats = sub.statistics()
+        assert stats["rejected"] == {r.value: n for r, n in want.items()}
+        assert stats["connected"]
+        # The real agent is still believed, and nothing hostile changed what we believe of it.
+        seq = seen.book.nodes["node-a"].seq
+        await wait_for(lambda: seen.book.nodes["node-a"].seq >= seq + 3, 3, "agent accepted")
+        rec = seen.book.nodes["node-a"]
+        assert rec.boot_id == real.boot_id and not rec.offline
+        assert "node-x" not in seen.book.nodes and "node-b" not in seen.book.nodes
+
+
+# --- backpressure ----------------------------------------------------------------------------
+
+
+def message(topic: str, payload: bytes) -> aiomqtt.Message:
+    return aiomqtt.Message(topic, payload, qos=0, retain=False, mid=0, properties=None)
+
+
+async def test_full_inbound_queue_keeps_the_latest_message_per_node_and_counts_the_rest() -> None:
+    stats = QueueStats()
+
+    class Queue(CoalescingQueue):
+        pass
+
+    Queue.stats = stats
+    q = Queue(maxsize=3)
+    for node, n in [("a", 1), ("b", 1), ("c", 1), ("a", 2), ("b", 2), ("a", 3), ("d", 1)]:
+        q.put_nowait(message(f"{PREFIX}/heartbeat/{node}", f"{node}{n}".encode()))
+    assert q.qsize() == 3
+    got = [q.get_nowait().payload for _ in range(3)]
+    assert got == [b"a3", b"b2", b"c1"], "FIFO order of first arrival, newest payload per node"
+    assert (stats.coalesced, stats.dropped, stats.high_water) == (3, 1, 3)
+    # Below the bound it is a plain FIFO again: nothing coalesces.
+    for n in range(3):
+        q.put_nowait(message(f"{PREFIX}/heartbeat/a", f"a{n}".encode()))
+    assert [q.get_nowait().payload for _ in range(3)] == [b"a0", b"a1", b"a2"]
+
+
+# --- TLS and authentication ------------------------------------------------------------------
+
+
+def _tls_material(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 (cryptography is a dependency)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("test-ca"))
+        .issuer_name(name("test-ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("broker"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = tmp_path / "ca.pem", tmp_path / "broker.pem", tmp_path / "broker.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+async def test_agent_and_subscriber_use_tls_and_password_from_settings(
+    make_mosquitto: Callable[..., Mosquitto], tmp_path: Path
+) -> None:
+    ca, cert, key = _tls_material(tmp_path)
+    passwd = tmp_path / "passwd"
+    passwd.touch()
+    for user in ("node-a", "controller"):
+        proc = await asyncio.create_subprocess_exec(
+            "mosquitto_passwd", "-b", str(passwd), user, f"secret-{user}"
+        )
+        assert await proc.wait() == 0
+    broker = make_mosquitto(
+        scheme="mqtts",
+        allow_anonymous=False,
+        listener_options=f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n",
+        extra_config=f"password_file {passwd}\n",
+    )
+    for user in ("node-a", "controller"):
+        (tmp_path / f"pw-{user}").write_text(f"secret-{user}\n")
+
+    def creds(user: str, password_file: Path | None = None) -> dict[str, Any]:
+        return {
+            "mqtt": {
+                "ca_file": ca,
+                "username": user,
+                "password_file": password_file or tmp_path / f"pw-{user}",
+            }
+        }
+
+    seen = Seen()
+    agent = Agent(settings(broker, tmp_path, **creds("node-a")))
+    sub = subscriber(broker, tmp_path, seen, **creds("controller"))
+    (tmp_path / "pw-wrong").write_text("wrong\n")
+    intruder_seen = Seen()
+    intruder = subscriber(
+        broker, tmp_path, intruder_seen, **creds("controller", tmp_path / "pw-wrong")
+    )
+    async with running(sub.run(), agent.run(), intruder.run()):
+        await wait_for(lambda: seen.count("node-a") >= 3, 8, "heartbeats over TLS")
+        assert agent.statistics()["last_broker_contact_age_s"] is not None
+        await wait_for(lambda: intruder.statistics()["reconnect_attempt"] >= 2, 5, "refusals")
+        assert intruder_seen.ups() == [] and intruder_seen.count("node-a") == 0
+    # Plain MQTT to a TLS listener does not get through either.
+    plain = Seen()
+    plain_url = f"mqtt://127.0.0.1:{broker.port}"
+    async with running(subscriber(plain_url, tmp_path, plain, **creds("controller")).run()):
+        await stays(lambda: plain.ups() == [], 1.0, "no plain-text connection")

@@ -1,0 +1,394 @@
+"""The shipped broker configuration, proven on a real Mosquitto (DESIGN §9, issue 6).
+
+Mosquitto is started from deploy/base/broker/mosquitto.conf and deploy/base/broker/acl as they
+ship; only file paths and the listener port are rewritten. Certificates are generated here with
+`cryptography` (through deploy/tools/mqtt_credentials.py), passwords set with
+`mosquitto_passwd -b`. Clients are aiomqtt, like the service's.
+
+"Not delivered" is proven with a barrier, never with a sleep: MQTT delivers one connection's
+messages in order, and a QoS 1 publish returns only after the broker has routed it, so once a
+later message from the same sender (or, after the PUBACK, from anyone) has reached the
+subscriber, an earlier message that was allowed would have arrived before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BROKER_DIR = ROOT / "deploy" / "base" / "broker"
+TOOLS = ROOT / "deploy" / "tools"
+PREFIX = "node-watchdog/v1"
+DEADLINE_S = 10.0
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
+
+sys.path.insert(0, str(TOOLS))
+import mqtt_credentials  # noqa: E402  (deploy/tools is not a package)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(name: str, *fallbacks: str) -> str:
+    """The tool's path; a missing tool skips locally and fails in CI (CI=true)."""
+    found = shutil.which(name) or next((p for p in fallbacks if os.access(p, os.X_OK)), None)
+    if found is None:
+        msg = f"{name} is not installed (Debian package mosquitto; .ci/run installs it)"
+        if _in_ci():
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+    return found
+
+
+PASSWORDS = {
+    "node-1": "pw-node-1",
+    "node-2": "pw-node-2",
+    mqtt_credentials.CONTROLLER_USER: "pw-controller",
+}
+
+
+@dataclass
+class Broker:
+    port: int
+    ca_file: Path
+    log: Path
+
+    def tls(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    def client(
+        self, user: str | None, password: str | None = None, *, tls: bool = True, **kw
+    ) -> aiomqtt.Client:
+        if user is not None and password is None:
+            password = PASSWORDS[user]
+        return aiomqtt.Client(
+            "127.0.0.1",
+            self.port,
+            username=user,
+            password=password,
+            tls_context=self.tls() if tls else None,
+            timeout=DEADLINE_S,
+            keepalive=5,
+            **kw,
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shipped_config(paths: dict[str, Path], port: int) -> str:
+    """mosquitto.conf as shipped, with only its file paths and listener port rewritten."""
+    text = (BROKER_DIR / "mosquitto.conf").read_text()
+    rewrites = {
+        "/mosquitto/auth/passwd": paths["passwd"],
+        "/mosquitto/config/acl": paths["acl"],
+        "/mosquitto/tls/ca.crt": paths["ca.crt"],
+        "/mosquitto/tls/tls.crt": paths["tls.crt"],
+        "/mosquitto/tls/tls.key": paths["tls.key"],
+        "listener 8883": f"listener {port} 127.0.0.1",
+    }
+    for old, new in rewrites.items():
+        assert text.count(old) == 1, f"shipped mosquitto.conf no longer has exactly one {old!r}"
+        text = text.replace(old, str(new))
+    return text
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mosquitto exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    pytest.fail(f"mosquitto did not listen on {port} within {DEADLINE_S} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    # Readable by the `mosquitto` user: mosquitto started as root drops to it before it reads
+    # its files, and pytest's tmp_path is private to root.
+    d = Path(tempfile.mkdtemp(prefix="nw-broker-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def start_broker(workdir: Path, passwd: Path) -> tuple[subprocess.Popen[bytes], Broker]:
+    exe = require_tool("mosquitto", "/usr/sbin/mosquitto")
+    tls_dir = workdir / "tls"
+    if not (tls_dir / "tls.crt").exists():
+        tls_dir.mkdir(exist_ok=True)
+        mqtt_credentials.write_tls(tls_dir, ["localhost", "127.0.0.1"])
+    acl = workdir / "acl"
+    shutil.copyfile(BROKER_DIR / "acl", acl)
+    paths = {"passwd": passwd, "acl": acl} | {
+        n: tls_dir / n for n in ("ca.crt", "tls.crt", "tls.key")
+    }
+    for p in [*paths.values(), tls_dir]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    port = _free_port()
+    conf = workdir / f"mosquitto-{port}.conf"
+    conf.write_text(shipped_config(paths, port))
+    log = workdir / f"mosquitto-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([exe, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+    _wait_listening(port, proc, log)
+    return proc, Broker(port=port, ca_file=tls_dir / "ca.crt", log=log)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def broker(workdir: Path) -> Iterator[Broker]:
+    mosquitto_passwd = require_tool("mosquitto_passwd")
+    passwd = workdir / "passwd"
+    for i, (user, password) in enumerate(PASSWORDS.items()):
+        args = [mosquitto_passwd, *(["-c"] if i == 0 else []), "-b", str(passwd), user, password]
+        subprocess.run(args, check=True, capture_output=True, timeout=30)
+    proc, b = start_broker(workdir, passwd)
+    yield b
+    stop(proc)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+class Inbox:
+    """Messages a subscriber received, in order, with `wait_for` on a deadline."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, bytes]] = []
+        self._changed = asyncio.Event()
+
+    def add(self, topic: str, payload: bytes) -> None:
+        self.received.append((topic, payload))
+        self._changed.set()
+
+    async def wait_for(self, topic: str, payload: bytes) -> list[tuple[str, bytes]]:
+        """Everything received up to and including (topic, payload)."""
+        async with asyncio.timeout(DEADLINE_S):
+            while True:
+                for i, item in enumerate(self.received):
+                    if item == (topic, payload):
+                        return self.received[: i + 1]
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@asynccontextmanager
+async def subscribed(
+    broker: Broker, user: str, topic: str, password: str | None = None
+) -> AsyncIterator[Inbox]:
+    inbox = Inbox()
+    name = f"sub-{user}-{time.monotonic_ns()}"
+    async with broker.client(user, password, identifier=name) as client:
+        await client.subscribe(topic, qos=1)
+
+        async def pump() -> None:
+            async for message in client.messages:
+                # Retained messages replayed on subscribe are earlier tests' history; live
+                # messages arrive with retain unset (MQTT 3.1.1 §3.3.1.3).
+                if not message.retain:
+                    inbox.add(message.topic.value, bytes(message.payload))
+
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(pump(), name=f"inbox-{user}")
+            try:
+                yield inbox
+            finally:
+                task.cancel()
+
+
+async def refused(client: aiomqtt.Client) -> BaseException:
+    """The error with which the broker refuses this client's connection."""
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            async with client:
+                pass
+    except aiomqtt.MqttError as e:
+        return e
+    raise AssertionError("the broker accepted a connection it must refuse")
+
+
+# --- the tests -----------------------------------------------------------------------------
+
+
+def mqtt_connect_packet(client_id: str, user: str, password: str) -> bytes:
+    """An MQTT 3.1.1 CONNECT with username and password, as a plain-TCP client sends it."""
+
+    def field(text: str) -> bytes:
+        raw = text.encode()
+        return len(raw).to_bytes(2, "big") + raw
+
+    body = field("MQTT") + bytes([4, 0xC2]) + (30).to_bytes(2, "big")  # level 4; user+pw+clean
+    body += field(client_id) + field(user) + field(password)
+    assert len(body) < 128  # one-byte remaining length
+    return bytes([0x10, len(body)]) + body
+
+
+async def test_plain_tcp_is_refused_the_only_listener_is_tls(broker: Broker) -> None:
+    listeners = [
+        line
+        for line in (BROKER_DIR / "mosquitto.conf").read_text().splitlines()
+        if line.startswith("listener ")
+    ]
+    assert listeners == ["listener 8883"], listeners
+
+    # Valid credentials over plain TCP: the broker must close the connection, never CONNACK.
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+    try:
+        writer.write(mqtt_connect_packet("plain", "node-1", PASSWORDS["node-1"]))
+        await writer.drain()
+        async with asyncio.timeout(DEADLINE_S):
+            try:
+                answer = await reader.read(64)
+            except ConnectionResetError:
+                answer = b""
+    finally:
+        writer.close()
+    assert answer == b"" or answer[0] != 0x20, f"plain-TCP client got a CONNACK: {answer!r}"
+
+
+async def test_anonymous_clients_are_refused(broker: Broker) -> None:
+    err = await refused(broker.client(None))
+    assert isinstance(err, aiomqtt.MqttCodeError), err
+
+
+async def test_a_wrong_password_is_refused(broker: Broker) -> None:
+    err = await refused(broker.client("node-1", "not-the-password"))
+    assert isinstance(err, aiomqtt.MqttCodeError), err
+
+
+async def test_agent_publishes_its_own_topics_and_the_controller_reads_them_all(
+    broker: Broker,
+) -> None:
+    own = [
+        (f"{PREFIX}/heartbeat/node-1", b'{"node":"node-1","seq":1}'),
+        (f"{PREFIX}/status/node-1", b"online"),
+        (f"{PREFIX}/peers/node-1", b'{"node-2":true}'),
+    ]
+    async with subscribed(broker, mqtt_credentials.CONTROLLER_USER, f"{PREFIX}/#") as inbox:
+        async with broker.client("node-1", identifier="agent-node-1") as agent:
+            for topic, payload in own:
+                await agent.publish(topic, payload, qos=1, retain=topic.split("/")[2] == "status")
+        got = await inbox.wait_for(*own[-1])
+    assert got == own
+
+
+async def test_agent_cannot_publish_to_another_nodes_topics(broker: Broker) -> None:
+    forbidden = [
+        (f"{PREFIX}/heartbeat/node-2", b'{"node":"node-2","seq":99}'),
+        (f"{PREFIX}/status/node-2", b"offline"),
+        (f"{PREFIX}/peers/node-2", b'{"node-3":false}'),
+        (f"{PREFIX}/heartbeat/node-1/extra", b"{}"),
+    ]
+    marker = (f"{PREFIX}/heartbeat/node-1", b"marker")
+    async with subscribed(broker, mqtt_credentials.CONTROLLER_USER, f"{PREFIX}/#") as inbox:
+        async with broker.client("node-1", identifier="agent-node-1") as agent:
+            for topic, payload in forbidden:
+                await agent.publish(topic, payload, qos=1)
+            await agent.publish(*marker, qos=1)
+        got = await inbox.wait_for(*marker)
+        # node-2 itself may publish there: the topics are deliverable, just not by node-1.
+        async with broker.client("node-2", identifier="agent-node-2") as other:
+            await other.publish(f"{PREFIX}/heartbeat/node-2", b"from node-2", qos=1)
+        await inbox.wait_for(f"{PREFIX}/heartbeat/node-2", b"from node-2")
+    assert got == [marker], f"delivered despite the ACL: {got[:-1]}"
+
+
+async def test_the_controller_user_reads_but_cannot_publish(broker: Broker) -> None:
+    async with subscribed(broker, "node-2", f"{PREFIX}/#") as inbox:
+        async with broker.client(mqtt_credentials.CONTROLLER_USER) as controller:
+            # QoS 1: returns after the broker's PUBACK, i.e. after it routed (or dropped) it.
+            await controller.publish(f"{PREFIX}/heartbeat/node-1", b"forged", qos=1)
+        async with broker.client("node-1", identifier="agent-node-1") as agent:
+            await agent.publish(f"{PREFIX}/heartbeat/node-1", b"after", qos=1)
+        got = await inbox.wait_for(f"{PREFIX}/heartbeat/node-1", b"after")
+    assert (f"{PREFIX}/heartbeat/node-1", b"forged") not in got
+
+
+async def test_an_agents_last_will_announces_it_offline(broker: Broker) -> None:
+    """A SIGKILLed agent's Will (status/<own node> offline) reaches the controller."""
+    script = (
+        "import asyncio, ssl, sys, aiomqtt\n"
+        "async def main():\n"
+        "    ctx = ssl.create_default_context(cafile=sys.argv[2])\n"
+        "    will = aiomqtt.Will(sys.argv[3], b'offline', qos=1, retain=True)\n"
+        "    async with aiomqtt.Client('127.0.0.1', int(sys.argv[1]), username='node-1',\n"
+        "            password='pw-node-1', tls_context=ctx, will=will, keepalive=5) as c:\n"
+        "        await c.publish(sys.argv[3], b'online', qos=1, retain=True)\n"
+        "        print('up', flush=True)\n"
+        "        await asyncio.sleep(3600)\n"
+        "asyncio.run(main())\n"
+    )
+    status = f"{PREFIX}/status/node-1"
+    async with subscribed(broker, mqtt_credentials.CONTROLLER_USER, f"{PREFIX}/status/#") as inbox:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            script,
+            str(broker.port),
+            str(broker.ca_file),
+            status,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert proc.stdout is not None
+            async with asyncio.timeout(DEADLINE_S):
+                assert (await proc.stdout.readline()).strip() == b"up"
+            await inbox.wait_for(status, b"online")
+        finally:
+            proc.kill()
+            await proc.wait()
+        await inbox.wait_for(status, b"offline")
+
+
+async def test_a_password_file_made_by_the_credentials_tool_is_accepted(workdir: Path) -> None:
+    """deploy/tools/mqtt_credentials.py writes mosquitto's own hash format, no mosquitto tools."""
+    creds = workdir / "tool-creds"
+    mqtt_credentials.write_credentials(creds, ["node-3"])
+    proc, b = start_broker(workdir, creds / "passwd")
+    try:
+        password = (creds / "agents" / "node-3").read_text().strip()
+        controller_pw = (creds / "controller").read_text().strip()
+        controller = mqtt_credentials.CONTROLLER_USER
+        async with subscribed(b, controller, f"{PREFIX}/#", controller_pw) as inbox:
+            async with b.client("node-3", password, identifier="agent-node-3") as agent:
+                await agent.publish(f"{PREFIX}/heartbeat/node-3", b"hb", qos=1)
+            await inbox.wait_for(f"{PREFIX}/heartbeat/node-3", b"hb")
+        err = await refused(b.client("node-3", "guessed"))
+        assert isinstance(err, aiomqtt.MqttCodeError), err
+    finally:
+        stop(proc)

@@ -1,0 +1,687 @@
+"""Every transition of DESIGN §4 as machine.py implements it, one decision step per row.
+
+Timings are the DecideConfig defaults: suspect after 3 s without a heartbeat, unreachable after
+5 s, lease stale after 15 s, 3 heartbeats to recover; the policy period is 15 s and the node's
+agent declared an armed fence of 10 s + 5 s, so its safe delay is 10 + 5 + 1 + 2 = 18 s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from watchdog.decide.actions import (
+    DeleteVolumeAttachments,
+    EmitEvent,
+    ForceDeletePods,
+    MarkPodsNotReady,
+    PersistState,
+    RemoveOutOfServiceTaint,
+    RunFenceHook,
+    StartEvacuation,
+    StopEvacuation,
+    TaintOutOfService,
+)
+from watchdog.decide.config import DecideConfig, FenceMode, Policy
+from watchdog.decide.machine import RESET_RETRY_S
+from watchdog.decide.observations import NodeObservation, SourceHealth
+from watchdog.decide.reasons import Reason
+from watchdog.decide.state import NodeState, Phase
+
+from .decide_helpers import (
+    API_DOWN,
+    BROKER_DOWN,
+    NODE,
+    UNARMED,
+    UP,
+    T,
+    actions_of,
+    context,
+    events,
+    is_destructive,
+    node,
+    pods,
+    seen,
+    starts_reset,
+    step,
+)
+
+H, S, D = Phase.HEALTHY, Phase.SUSPECT, Phase.DEGRADED
+U, F, RS, R, RC = Phase.UNREACHABLE, Phase.FENCING, Phase.RESETTING, Phase.RESET, Phase.RECOVERING
+TO_FENCING = (U, F, Reason.PERIOD_RUNNING)
+
+
+# --- detection: HEALTHY / SUSPECT / DEGRADED / UNREACHABLE ---------------------------------------
+
+DETECTION = [
+    pytest.param(
+        node(H), seen(0.5), UP, [],
+        id="healthy node with fresh heartbeat, lease and Ready stays healthy",
+    ),
+    pytest.param(
+        node(H), seen(3.5), UP, [(H, S, Reason.HEARTBEAT_STALE)],
+        id="three missed heartbeats make a healthy node suspect",
+    ),
+    pytest.param(
+        node(H), seen(2.9), UP, [],
+        id="a heartbeat just under the suspect threshold keeps the node healthy",
+    ),
+    pytest.param(
+        node(H), seen(0.5, offline=True), UP, [(H, S, Reason.AGENT_OFFLINE)],
+        id="agent Last Will makes a healthy node suspect at once, before heartbeats go stale",
+    ),
+    pytest.param(
+        node(H), seen(6.0, lease_age=20.0), UP,
+        [(H, S, Reason.HEARTBEAT_STALE), (S, U, Reason.CORROBORATED_LEASE), TO_FENCING],
+        id="stale heartbeat corroborated by a stale lease goes to fencing in one step",
+    ),
+    pytest.param(
+        node(S), seen(6.0, lease_age=20.0), UP,
+        [(S, U, Reason.CORROBORATED_LEASE), TO_FENCING],
+        id="suspect node with stale lease is unreachable, reason lease",
+    ),
+    pytest.param(
+        node(S), seen(6.0, ready="Unknown"), UP,
+        [(S, U, Reason.CORROBORATED_READY), TO_FENCING],
+        id="suspect node with Ready Unknown is unreachable, reason Ready",
+    ),
+    pytest.param(
+        node(S), seen(6.0, ready="False"), UP,
+        [(S, U, Reason.CORROBORATED_READY), TO_FENCING],
+        id="suspect node with Ready False is unreachable, reason Ready",
+    ),
+    pytest.param(
+        node(S), seen(6.0, peers_unreachable=True), UP,
+        [(S, U, Reason.CORROBORATED_PEERS), TO_FENCING],
+        id="suspect node its peers cannot reach is unreachable, reason peers",
+    ),
+    pytest.param(
+        node(S), seen(6.0, lease_age=20.0, ready="Unknown", peers_unreachable=True), UP,
+        [(S, U, Reason.CORROBORATED_LEASE), TO_FENCING],
+        id="with every corroborator stale the lease is named first",
+    ),
+    pytest.param(
+        node(S), seen(6.0, peers_unreachable=False), UP, [],
+        id="uncorroborated suspect stays suspect: lease fresh, Ready True, peers reach it",
+    ),
+    pytest.param(
+        node(S), seen(600.0), UP, [],
+        id="a heartbeat silent for ten minutes alone is still not evidence",
+    ),
+    pytest.param(
+        node(S), seen(4.0, lease_age=20.0), UP, [],
+        id="corroborated but heartbeat younger than unreachable_after stays suspect",
+    ),
+    pytest.param(
+        node(S), seen(0.5, received=102), UP, [],
+        id="two fresh heartbeats are not enough to recover (hysteresis)",
+    ),
+    pytest.param(
+        node(S), seen(0.5, received=103), UP, [(S, H, Reason.HEARTBEAT_FRESH)],
+        id="three fresh heartbeats in a row bring a suspect node back to healthy",
+    ),
+    pytest.param(
+        node(S), seen(4.0, received=110), UP, [],
+        id="heartbeats counted but the last one stale again does not recover",
+    ),
+    pytest.param(
+        node(S), seen(0.5, received=103, lease_age=20.0), UP,
+        [(S, D, Reason.KUBELET_PATH_LOST)],
+        id="suspect node heartbeating again with a stale lease is degraded, not healthy",
+    ),
+    pytest.param(
+        node(H), seen(0.5, lease_age=20.0), UP, [(H, D, Reason.KUBELET_PATH_LOST)],
+        id="stale lease while heartbeats are alive: degraded",
+    ),
+    pytest.param(
+        node(H), seen(0.5, ready="False"), UP, [(H, D, Reason.KUBELET_PATH_LOST)],
+        id="Ready False while heartbeats are alive: degraded",
+    ),
+    pytest.param(
+        node(D), seen(0.5), UP, [(D, H, Reason.KUBELET_PATH_BACK)],
+        id="degraded node whose lease and Ready recover is healthy again",
+    ),
+    pytest.param(
+        node(D), seen(0.5, lease_age=20.0), UP, [],
+        id="degraded node whose lease is still stale stays degraded",
+    ),
+    pytest.param(
+        node(D), seen(0.5), API_DOWN, [],
+        id="degraded node stays degraded while the API is blind",
+    ),
+    pytest.param(
+        node(D), seen(3.5, lease_age=20.0), UP, [(D, S, Reason.HEARTBEAT_STALE)],
+        id="degraded node whose heartbeat goes stale becomes suspect",
+    ),
+    pytest.param(
+        node(D), seen(6.0, lease_age=20.0), UP,
+        [(D, S, Reason.HEARTBEAT_STALE), (S, U, Reason.CORROBORATED_LEASE), TO_FENCING],
+        id="degraded node silent past unreachable_after goes on to fencing",
+    ),
+    pytest.param(
+        node(H), seen(600.0, lease_age=600.0, ready="Unknown"), BROKER_DOWN, [],
+        id="broker down: a silent node stays healthy, the heartbeat is unknown not stale",
+    ),
+    pytest.param(
+        node(S), seen(600.0, lease_age=600.0, ready="Unknown"), BROKER_DOWN, [],
+        id="broker down: a suspect node is neither recovered nor escalated",
+    ),
+    pytest.param(
+        node(S), seen(600.0, lease_age=600.0, ready="Unknown"), API_DOWN, [],
+        id="API down and no peers: nothing corroborates, the node stays suspect",
+    ),
+    pytest.param(
+        node(S), seen(600.0, peers_unreachable=True), API_DOWN,
+        [(S, U, Reason.CORROBORATED_PEERS), TO_FENCING],
+        id="API down but peers cannot reach it: corroborated by peers",
+    ),
+    pytest.param(
+        node(S), seen(600.0, lease_age=None, ready=None), UP, [],
+        id="lease never seen and Ready unknown corroborate nothing",
+    ),
+]
+
+
+@pytest.mark.parametrize(("state", "obs", "health", "expected"), DETECTION)
+def test_detection_transitions(
+    state: NodeState,
+    obs: NodeObservation,
+    health: SourceHealth,
+    expected: list[tuple[Phase, Phase, Reason]],
+) -> None:
+    d = step(state, obs, ctx=context(health))
+    assert list(d.transitions) == expected
+    assert d.state.phase is (expected[-1][1] if expected else state.phase)
+    # the phase change reaches the cluster, so a new leader resumes from it
+    persisted = actions_of(d, PersistState)
+    if expected:
+        assert persisted == [PersistState(NODE, d.state.to_annotation())]
+        assert d.state.reason is expected[-1][2]
+    else:
+        assert persisted == []
+    # detection alone never resets anything
+    assert not is_destructive(d)
+
+
+EVENT_OF = {
+    S: "NodeSuspect",
+    U: "NodeUnreachable",
+    D: "EvacuationStarted",
+}
+
+
+@pytest.mark.parametrize(
+    ("state", "obs", "health", "expected"),
+    [p for p in DETECTION if p.values[3]],
+    ids=[p.id for p in DETECTION if p.values[3]],
+)
+def test_each_detection_transition_emits_its_event_with_the_reason(
+    state: NodeState,
+    obs: NodeObservation,
+    health: SourceHealth,
+    expected: list[tuple[Phase, Phase, Reason]],
+) -> None:
+    d = step(state, obs, ctx=context(health))
+    for _, to, reason in expected:
+        if to in EVENT_OF:
+            assert (EVENT_OF[to], reason) in events(d)
+
+
+def test_suspect_event_is_a_warning_with_the_heartbeat_age() -> None:
+    d = step(node(H), seen(3.5))
+    (ev,) = actions_of(d, EmitEvent)
+    assert isinstance(ev, EmitEvent)
+    assert ev.type == "Warning"
+    assert "3.5s" in ev.message
+
+
+def test_entering_suspect_records_what_the_agent_last_declared() -> None:
+    obs = seen(3.5, boot_id="boot-7", fence=UNARMED, received=42)
+    d = step(node(H, fence=None, boot_id=None), obs)
+    assert d.state.boot_id == "boot-7"
+    assert d.state.fence == UNARMED  # its last heartbeat said: not armed
+    assert d.state.last_contact_at == pytest.approx(T - 3.5)
+    # three more heartbeats from here are needed to recover
+    assert not step(d.state, seen(0.5, received=44)).transitions
+    assert step(d.state, seen(0.5, received=45)).state.phase is H
+
+
+@pytest.mark.parametrize(
+    ("state", "obs", "start", "stop"),
+    [
+        pytest.param(node(H), seen(0.5, lease_age=20.0), 1, 0, id="entering degraded starts evacuation"),
+        pytest.param(node(D), seen(0.5), 0, 1, id="kubelet path back stops evacuation"),
+        pytest.param(node(D), seen(3.5), 0, 1, id="heartbeat lost while degraded stops evacuation"),
+        pytest.param(
+            node(D), seen(0.5, lease_age=20.0), 0, 0,
+            id="still degraded: evacuation neither restarted nor stopped",
+        ),
+    ],
+)
+def test_evacuation_is_started_and_stopped_exactly_on_degraded_edges(
+    state: NodeState, obs: NodeObservation, start: int, stop: int
+) -> None:
+    d = step(state, obs)
+    assert len(actions_of(d, StartEvacuation)) == start
+    assert len(actions_of(d, StopEvacuation)) == stop
+    assert not is_destructive(d)
+
+
+# --- fencing and the reset, per fence mode ------------------------------------------------------
+
+PERIOD = Policy(period_s=15.0)
+SELF = DecideConfig(fence_mode=FenceMode.SELF)
+EXTERNAL = DecideConfig(fence_mode=FenceMode.EXTERNAL)
+MANUAL = DecideConfig(fence_mode=FenceMode.MANUAL)
+NONE = DecideConfig(fence_mode=FenceMode.NONE)
+DEAD = {"hb_age": 40.0, "lease_age": 40.0, "ready": "Unknown"}
+
+
+def dead(**kw: object) -> NodeObservation:
+    return seen(**{**DEAD, "launcher_pods": pods("vm1", "vm2"), **kw})  # type: ignore[arg-type]
+
+
+FENCING_ROWS = [
+    # mode self: an armed declaration, and the fence clock started once the agent could see it
+    pytest.param(
+        SELF, node(F, fence_clock_from=T - 18.0), dead(persisted="Fencing"), Reason.FENCE_SELF_ELAPSED,
+        id="self: period and safe delay elapsed on an armed fence → reset",
+    ),
+    pytest.param(
+        SELF, node(F, fence_clock_from=T - 17.9), dead(persisted="Fencing"), None,
+        id="self: period elapsed but safe delay 0.1 s short → wait",
+    ),
+    pytest.param(
+        SELF, node(F, unreachable_at=T - 14.9, fence_clock_from=T - 20.0), dead(persisted="Fencing"),
+        None, id="self: safe delay elapsed but the policy period not yet → wait",
+    ),
+    pytest.param(
+        SELF, node(F, fence_clock_from=None), dead(persisted="Suspect"), None,
+        id="self: annotation not yet visible, fence clock not started → wait",
+    ),
+    pytest.param(
+        SELF, node(F, fence_clock_from=None), dead(persisted="Fencing"), None,
+        id="self: annotation just became visible → clock starts now, no reset yet",
+    ),
+    pytest.param(
+        SELF, node(F, fence_clock_from=T - 60.0, fence=UNARMED), dead(persisted="Fencing"), None,
+        id="self: agent declared its fence unarmed → never reset on time alone",
+    ),
+    pytest.param(
+        SELF, node(F, fence_clock_from=T - 60.0, fence=None), dead(persisted="Fencing"), None,
+        id="self: agent never declared a fence → never reset on time alone",
+    ),
+    pytest.param(
+        SELF, node(F, fence_clock_from=T - 60.0, fence=UNARMED),
+        dead(persisted="Fencing", out_of_service_tainted=True), Reason.FENCE_MANUAL_TAINT,
+        id="self: unarmed but an administrator tainted the node out-of-service → reset",
+    ),
+    # mode external: the fence hook must have confirmed
+    pytest.param(
+        EXTERNAL, node(F), dead(external_fence_confirmed=True), Reason.FENCE_EXTERNAL_CONFIRMED,
+        id="external: hook confirmed and period elapsed → reset",
+    ),
+    pytest.param(
+        EXTERNAL, node(F), dead(), None,
+        id="external: hook not confirmed → wait however long it takes",
+    ),
+    pytest.param(
+        EXTERNAL, node(F, unreachable_at=T - 10.0), dead(external_fence_confirmed=True), None,
+        id="external: hook confirmed but period not elapsed → wait",
+    ),
+    # mode manual: an administrator's out-of-service taint
+    pytest.param(
+        MANUAL, node(F), dead(out_of_service_tainted=True), Reason.FENCE_MANUAL_TAINT,
+        id="manual: administrator's out-of-service taint and period elapsed → reset",
+    ),
+    pytest.param(
+        MANUAL, node(F), dead(), None,
+        id="manual: no taint → wait for the administrator",
+    ),
+    pytest.param(
+        MANUAL, node(F, tainted=True), dead(out_of_service_tainted=True), None,
+        id="manual: the out-of-service taint is our own from an earlier reset → not proof",
+    ),
+    pytest.param(
+        MANUAL, node(F, unreachable_at=T - 10.0), dead(out_of_service_tainted=True), None,
+        id="manual: taint present but period not elapsed → wait",
+    ),
+    # mode none: Harvester behaviour, period only
+    pytest.param(
+        NONE, node(F), dead(), Reason.FENCE_NOT_REQUIRED,
+        id="none: period elapsed → reset without proof",
+    ),
+    pytest.param(
+        NONE, node(F, unreachable_at=T - 14.0), dead(), None,
+        id="none: period not elapsed → wait",
+    ),
+]
+
+
+@pytest.mark.parametrize(("cfg", "state", "obs", "proof"), FENCING_ROWS)
+def test_fencing_to_resetting_needs_elapsed_period_and_fencing_proof(
+    cfg: DecideConfig, state: NodeState, obs: NodeObservation, proof: Reason | None
+) -> None:
+    d = step(state, obs, cfg=cfg, ctx=context(policy=PERIOD))
+    if proof is None:
+        assert d.state.phase is F
+        assert not is_destructive(d)
+        return
+    assert list(d.transitions) == [(F, RS, Reason.RESET_STARTED)]
+    assert ("NodeFenced", proof) in events(d)
+    assert ("ForceReset", Reason.RESET_STARTED) in events(d)
+    assert actions_of(d, TaintOutOfService) == [TaintOutOfService(NODE)]
+    assert actions_of(d, ForceDeletePods) == [
+        ForceDeletePods(NODE, (("vms", "virt-launcher-vm1"), ("vms", "virt-launcher-vm2")))
+    ]
+    # taint first: with the taint, Kubernetes detaches the volumes of the deleted pods
+    kinds = [type(a) for a in d.actions]
+    assert kinds.index(TaintOutOfService) < kinds.index(ForceDeletePods)
+    assert d.state.tainted
+    assert d.wake_at == T + RESET_RETRY_S  # look again while the pods are going
+
+
+@pytest.mark.parametrize(
+    ("cfg", "state", "obs", "wake"),
+    [
+        pytest.param(
+            SELF, node(F, fence_clock_from=T - 10.0), dead(persisted="Fencing"), T + 8.0,
+            id="self: wakes exactly when the safe delay ends",
+        ),
+        pytest.param(
+            SELF, node(F, fence_clock_from=None), dead(persisted="Fencing"), T + 18.0,
+            id="self: clock starting now wakes a safe delay from now",
+        ),
+        pytest.param(
+            SELF, node(F, unreachable_at=T - 1.0, fence_clock_from=T - 17.0),
+            dead(persisted="Fencing"), T + 14.0,
+            id="self: a longer policy period wins over the safe delay",
+        ),
+        pytest.param(
+            NONE, node(F, unreachable_at=T - 5.0), dead(), T + 10.0,
+            id="none: wakes when the period ends",
+        ),
+        pytest.param(
+            MANUAL, node(F, unreachable_at=T - 5.0), dead(out_of_service_tainted=True), T + 10.0,
+            id="manual: tainted early, wakes when the period ends",
+        ),
+    ],
+)
+def test_a_waiting_fencing_node_asks_to_be_woken_when_the_reset_becomes_due(
+    cfg: DecideConfig, state: NodeState, obs: NodeObservation, wake: float
+) -> None:
+    d = step(state, obs, cfg=cfg)
+    assert d.state.phase is F
+    assert d.wake_at == pytest.approx(wake)
+    later = step(d.state, obs, cfg=cfg, now=wake)
+    assert starts_reset(later)
+
+
+def test_fence_clock_starts_once_and_is_not_moved_by_later_steps() -> None:
+    d1 = step(node(F, fence_clock_from=None), dead(persisted="Fencing"))
+    assert d1.state.fence_clock_from == T
+    d2 = step(d1.state, dead(persisted="Fencing"), now=T + 5.0)
+    assert d2.state.fence_clock_from == T
+    assert d2.wake_at == pytest.approx(T + 18.0)
+
+
+def test_fence_clock_starts_when_the_unreachable_annotation_is_visible() -> None:
+    d = step(node(F, fence_clock_from=None), dead(persisted="Unreachable"))
+    assert d.state.fence_clock_from == T
+
+
+@pytest.mark.parametrize(
+    ("cfg", "runs_hook"),
+    [
+        pytest.param(EXTERNAL, True, id="external mode runs the fence hook on entering fencing"),
+        pytest.param(
+            DecideConfig(fence_mode=FenceMode.EXTERNAL, dry_run=True), False,
+            id="external mode in dry-run does not run the fence hook",
+        ),
+        pytest.param(SELF, False, id="self mode runs no hook"),
+        pytest.param(MANUAL, False, id="manual mode runs no hook"),
+        pytest.param(NONE, False, id="none mode runs no hook"),
+    ],
+)
+def test_fence_hook_runs_once_on_entering_fencing_in_external_mode(
+    cfg: DecideConfig, runs_hook: bool
+) -> None:
+    d = step(node(S), dead(), cfg=cfg)
+    assert d.state.phase is F
+    assert actions_of(d, RunFenceHook) == ([RunFenceHook(NODE)] if runs_hook else [])
+    # not again on the next step
+    assert actions_of(step(d.state, dead(), cfg=cfg, now=T + 1), RunFenceHook) == []
+
+
+def test_unarmed_fence_in_self_mode_is_held_with_one_event() -> None:
+    state = node(F, fence_clock_from=T - 60.0, fence=UNARMED)
+    d1 = step(state, dead(persisted="Fencing"))
+    assert events(d1) == [("ResetHeld", Reason.HOLD_UNFENCED)]
+    assert d1.state.held is Reason.HOLD_UNFENCED
+    d2 = step(d1.state, dead(persisted="Fencing"), now=T + 30.0)
+    assert events(d2) == []
+    assert not is_destructive(d2)
+
+
+def test_volume_attachments_are_deleted_only_when_configured() -> None:
+    cfg = DecideConfig(fence_mode=FenceMode.NONE, delete_volume_attachments=True)
+    assert actions_of(step(node(F), dead(), cfg=cfg), DeleteVolumeAttachments) == [
+        DeleteVolumeAttachments(NODE)
+    ]
+    assert actions_of(step(node(F), dead(), cfg=NONE), DeleteVolumeAttachments) == []
+
+
+def test_reset_of_a_node_without_launcher_pods_taints_and_deletes_nothing() -> None:
+    d = step(node(F), dead(launcher_pods=()), cfg=NONE)
+    assert d.state.phase is RS
+    assert actions_of(d, TaintOutOfService) == [TaintOutOfService(NODE)]
+    assert actions_of(d, ForceDeletePods) == []
+    assert step(d.state, dead(launcher_pods=()), cfg=NONE).state.phase is R
+
+
+# --- holds --------------------------------------------------------------------------------------
+
+HOLDS = [
+    pytest.param(Reason.HOLD_STORM, UP, id="storm: too many nodes down at once"),
+    pytest.param(Reason.HOLD_BROKER_DOWN, BROKER_DOWN, id="the controller lost the broker"),
+    pytest.param(Reason.HOLD_API_DOWN, API_DOWN, id="the controller lost the API server"),
+    pytest.param(Reason.HOLD_POLICY_DISABLED, UP, id="policy enable false: detect only"),
+    pytest.param(Reason.HOLD_DRY_RUN, UP, id="dry-run"),
+    pytest.param(Reason.HOLD_UPGRADE, UP, id="a Harvester upgrade is running"),
+]
+
+
+@pytest.mark.parametrize("mode", list(FenceMode), ids=lambda m: f"mode {m}")
+@pytest.mark.parametrize(("hold", "health"), HOLDS)
+def test_a_hold_keeps_the_node_fencing_with_one_reset_held_event(
+    hold: Reason, health: SourceHealth, mode: FenceMode
+) -> None:
+    cfg = DecideConfig(fence_mode=mode)
+    # fully proven in every mode: period and safe delay long past, hook confirmed, admin taint
+    state = node(F, fence_clock_from=T - 60.0, unreachable_at=T - 60.0)
+    obs = dead(persisted="Fencing", external_fence_confirmed=True, out_of_service_tainted=True)
+    ctx = context(health, holds=(hold,))
+    d1 = step(state, obs, cfg=cfg, ctx=ctx)
+    assert d1.state.phase is F
+    assert not is_destructive(d1)
+    assert events(d1) == [("ResetHeld", hold)]
+    assert d1.state.held is hold
+    # the hold persists: no reset, and no event repeated on every evaluation
+    d2 = step(d1.state, obs, cfg=cfg, ctx=ctx, now=T + 10.0)
+    d3 = step(d2.state, obs, cfg=cfg, ctx=ctx, now=T + 20.0)
+    for d in (d2, d3):
+        assert d.state.phase is F
+        assert not is_destructive(d)
+        assert events(d) == []
+    # the hold lifts: the reset goes ahead
+    d4 = step(d3.state, obs, cfg=cfg, ctx=context(UP), now=T + 30.0)
+    assert starts_reset(d4)
+
+
+def test_the_first_hold_is_reported_and_a_new_hold_reason_is_reported_again() -> None:
+    state = node(F, fence_clock_from=T - 60.0)
+    obs = dead(persisted="Fencing")
+    d1 = step(state, obs, ctx=context(holds=(Reason.HOLD_BROKER_DOWN, Reason.HOLD_STORM)))
+    assert events(d1) == [("ResetHeld", Reason.HOLD_BROKER_DOWN)]
+    d2 = step(d1.state, obs, ctx=context(holds=(Reason.HOLD_STORM,)), now=T + 1)
+    assert events(d2) == [("ResetHeld", Reason.HOLD_STORM)]
+    assert not is_destructive(d2)
+
+
+def test_a_hold_while_entering_fencing_is_reported_in_the_same_step() -> None:
+    d = step(node(S), dead(), ctx=context(holds=(Reason.HOLD_STORM,)))
+    assert list(d.transitions) == [(S, U, Reason.CORROBORATED_LEASE), TO_FENCING]
+    assert ("ResetHeld", Reason.HOLD_STORM) in events(d)
+
+
+# --- falsely ready launcher pods ----------------------------------------------------------------
+
+MIXED_PODS = (
+    *pods("a", "b"),
+    *pods("c", ready=False),
+    *pods("d", terminating=True),
+)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "marked"),
+    [
+        pytest.param(DecideConfig(), True, id="falsely ready pods are reported and marked not ready"),
+        pytest.param(
+            DecideConfig(dry_run=True), False, id="dry-run reports falsely ready pods but marks none"
+        ),
+        pytest.param(
+            DecideConfig(mark_pods_not_ready=False), False,
+            id="mark_pods_not_ready off reports falsely ready pods but marks none",
+        ),
+    ],
+)
+def test_falsely_ready_pods_on_an_unreachable_node(cfg: DecideConfig, marked: bool) -> None:
+    d = step(node(S), dead(launcher_pods=MIXED_PODS), cfg=cfg)
+    assert d.state.phase is F
+    (ev,) = [a for a in actions_of(d, EmitEvent) if a.event == "FalselyReadyPods"]  # type: ignore[union-attr]
+    assert isinstance(ev, EmitEvent)
+    # Ready pods only; the Terminating one is already reported not ready by KubeVirt
+    assert "vms/virt-launcher-a" in ev.message and "vms/virt-launcher-b" in ev.message
+    assert "virt-launcher-c" not in ev.message and "virt-launcher-d" not in ev.message
+    expected = [MarkPodsNotReady(NODE, (("vms", "virt-launcher-a"), ("vms", "virt-launcher-b")))]
+    assert actions_of(d, MarkPodsNotReady) == (expected if marked else [])
+
+
+def test_no_falsely_ready_report_when_no_pod_claims_ready() -> None:
+    d = step(node(S), dead(launcher_pods=pods("c", ready=False) + pods("d", terminating=True)))
+    assert d.state.phase is F
+    assert all(name != "FalselyReadyPods" for name, _ in events(d))
+    assert actions_of(d, MarkPodsNotReady) == []
+
+
+# --- resetting, reset, recovering ---------------------------------------------------------------
+
+
+def test_resetting_reissues_force_deletes_while_pods_remain() -> None:
+    d = step(node(RS), dead())
+    assert d.state.phase is RS
+    assert actions_of(d, ForceDeletePods) == [
+        ForceDeletePods(NODE, (("vms", "virt-launcher-vm1"), ("vms", "virt-launcher-vm2")))
+    ]
+    assert d.wake_at == T + RESET_RETRY_S
+    assert actions_of(d, TaintOutOfService) == []  # the taint is placed once
+
+
+def test_resetting_waits_without_deleting_while_the_api_is_down() -> None:
+    d = step(node(RS), dead(), ctx=context(API_DOWN))
+    assert d.state.phase is RS
+    assert d.actions == ()
+
+
+def test_resetting_becomes_reset_once_launcher_pods_are_gone() -> None:
+    d = step(node(RS), dead(launcher_pods=(), received=150))
+    assert list(d.transitions) == [(RS, R, Reason.LAUNCHER_PODS_GONE)]
+    assert d.state.heartbeats_at_mark == 150  # recovery counts heartbeats from here
+
+
+RECOVERY = [
+    pytest.param(
+        node(R), seen(0.5, received=103, boot_id="boot-2"), [],
+        [(R, RC, Reason.NODE_REBOOTED), (RC, H, Reason.RECOVERED)], True,
+        id="reset node back with a new boot id: rebooted, recovered, taint removed",
+    ),
+    pytest.param(
+        node(R), seen(0.5, received=103), [],
+        [(R, RC, Reason.NODE_BACK), (RC, H, Reason.RECOVERED)], True,
+        id="reset node back with the same boot id: back, recovered, taint removed",
+    ),
+    pytest.param(
+        node(R), seen(0.5, received=103, boot_id="boot-2"), pods("vm1"),
+        [(R, RC, Reason.NODE_REBOOTED)], False,
+        id="reset node back while a launcher pod is still bound: recovering, taint kept",
+    ),
+    pytest.param(
+        node(R), seen(0.5, received=102, boot_id="boot-2"), [], [], False,
+        id="reset node with two fresh heartbeats is not yet back",
+    ),
+    pytest.param(
+        node(R), dead(launcher_pods=()), [], [], False,
+        id="reset node still silent stays reset",
+    ),
+    pytest.param(
+        node(RC, tainted=True), seen(0.5), [], [(RC, H, Reason.RECOVERED)], True,
+        id="recovering node whose pods are all gone: taint removed, healthy",
+    ),
+    pytest.param(
+        node(RC, tainted=True), seen(0.5), pods("vm1"), [], False,
+        id="recovering node with a pod still bound keeps the out-of-service taint",
+    ),
+    pytest.param(
+        node(RC, tainted=True), seen(3.5), pods("vm1"), [(RC, S, Reason.HEARTBEAT_STALE)], False,
+        id="recovering node that goes silent again is suspect",
+    ),
+    pytest.param(
+        node(F), seen(0.5, received=103), pods("vm1"),
+        [(F, RC, Reason.NODE_BACK), (RC, H, Reason.RECOVERED)], False,
+        id="node back during fencing recovers without any reset",
+    ),
+    pytest.param(
+        node(F), seen(0.5, received=103, boot_id="boot-2"), pods("vm1"),
+        [(F, RC, Reason.NODE_REBOOTED), (RC, H, Reason.RECOVERED)], False,
+        id="node rebooted during fencing recovers as rebooted without any reset",
+    ),
+    pytest.param(
+        node(F), seen(0.5, received=101), pods("vm1"), [], False,
+        id="one heartbeat during fencing neither recovers nor resets",
+    ),
+    pytest.param(
+        node(U), seen(0.5, received=103), pods("vm1"),
+        [(U, RC, Reason.NODE_BACK), (RC, H, Reason.RECOVERED)], False,
+        id="a resumed unreachable node that heartbeats again recovers",
+    ),
+]
+
+
+@pytest.mark.parametrize(("state", "obs", "bound", "expected", "untaints"), RECOVERY)
+def test_recovery_transitions(
+    state: NodeState,
+    obs: NodeObservation,
+    bound: tuple[object, ...],
+    expected: list[tuple[Phase, Phase, Reason]],
+    untaints: bool,
+) -> None:
+    obs = replace(obs, launcher_pods=tuple(bound))  # type: ignore[arg-type]
+    d = step(state, obs)
+    assert list(d.transitions) == expected
+    assert actions_of(d, RemoveOutOfServiceTaint) == (
+        [RemoveOutOfServiceTaint(NODE)] if untaints else []
+    )
+    assert not is_destructive(d)
+    if expected and expected[-1][1] is H:
+        assert not d.state.tainted
+        assert d.state.unreachable_at is None and d.state.fence_clock_from is None
+    if expected and expected[0][1] is RC:
+        assert ("NodeRecovered", expected[0][2]) in events(d)
+
+
+def test_a_node_back_during_fencing_wakes_for_its_next_heartbeat_deadline() -> None:
+    d = step(node(F), seen(0.5, received=101))
+    assert d.state.phase is F
+    assert d.wake_at == pytest.approx(T - 0.5 + 3.0)

@@ -1,0 +1,292 @@
+"""Preflight checks against the Kubernetes API: reachable, every verb the controller uses
+allowed, KubeVirt and Harvester CRDs present or absent (and what that means).
+
+Owns `CONTROLLER_ACCESS`, the one table of what the controller does to the API (resource, verbs,
+namespace, why). `check_access` asks a SelfSubjectAccessReview per verb of it and
+`cluster_role_rules` turns it into RBAC PolicyRules for deploy/, so the shipped role and the
+check can never disagree.
+
+Returns `Check(name, ok, detail)` values; printing them, and the exit code, is the runtime's.
+Must not: write anything but SelfSubjectAccessReviews (which persist nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kubernetes_asyncio import client as k8s_client
+
+from watchdog.actuate.errors import ActuationError, NotFound
+from watchdog.actuate.kube import KubeWriter
+
+NODE_LEASE_NAMESPACE = "kube-node-lease"
+# Placeholder in the table for the watchdog's own namespace (Settings.namespace).
+OWN_NAMESPACE = "{namespace}"
+
+
+class PreflightSettings(Protocol):
+    @property
+    def namespace(self) -> str: ...
+
+    @property
+    def delete_volume_attachments(self) -> bool: ...
+
+    @property
+    def api_request_timeout_s(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRule:
+    """Verbs on one resource. `namespace` None = all namespaces (or cluster-scoped);
+    `feature` names the setting that must be on for the rule to be needed."""
+
+    group: str
+    resource: str
+    verbs: tuple[str, ...]
+    purpose: str
+    subresource: str = ""
+    namespace: str | None = None
+    feature: str | None = None
+
+    @property
+    def resource_name(self) -> str:
+        """`pods/status`, `leases.coordination.k8s.io`: how kubectl and RBAC errors say it."""
+        res = f"{self.resource}/{self.subresource}" if self.subresource else self.resource
+        return f"{res}.{self.group}" if self.group else res
+
+
+# Everything the controller does to the API: its informers (observe) and its writes (actuate).
+CONTROLLER_ACCESS: tuple[AccessRule, ...] = (
+    AccessRule("", "nodes", ("get", "list", "watch"), "watch nodes; re-read before a write"),
+    AccessRule("", "nodes", ("patch",), "out-of-service taint; phase annotation"),
+    AccessRule("", "pods", ("list", "watch", "get"), "virt-launcher pods on each node"),
+    AccessRule("", "pods", ("delete",), "force-delete launcher pods of a reset node"),
+    AccessRule("", "pods", ("patch",), "mark falsely-ready pods Ready=False", "status"),
+    AccessRule("", "events", ("create", "patch"), "Events on Nodes and VMIs (counted)"),
+    AccessRule(
+        "coordination.k8s.io",
+        "leases",
+        ("list", "watch"),
+        "kubelet leases (a node signal)",
+        namespace=NODE_LEASE_NAMESPACE,
+    ),
+    AccessRule(
+        "coordination.k8s.io",
+        "leases",
+        ("get", "create", "update"),
+        "leader election",
+        namespace=OWN_NAMESPACE,
+    ),
+    AccessRule("kubevirt.io", "virtualmachineinstances", ("list", "watch"), "VMIs per node"),
+    AccessRule("kubevirt.io", "virtualmachines", ("list", "watch"), "VM run strategies"),
+    AccessRule(
+        "kubevirt.io",
+        "virtualmachineinstancemigrations",
+        ("list", "watch", "create", "delete"),
+        "evacuation of degraded nodes",
+    ),
+    AccessRule("kubevirt.io", "kubevirts", ("list", "watch"), "KubeVirt migration limits"),
+    AccessRule("harvesterhci.io", "settings", ("list", "watch"), "vm-force-reset-policy"),
+    AccessRule(
+        "storage.k8s.io",
+        "volumeattachments",
+        ("list", "watch", "delete"),
+        "delete stale VolumeAttachments of reset VMs",
+        feature="delete_volume_attachments",
+    ),
+    AccessRule(
+        "",
+        "persistentvolumeclaims",
+        ("get",),
+        "map reset pods' PVCs to their volumes",
+        feature="delete_volume_attachments",
+    ),
+)
+
+# API groups/versions the controller reads, with what their absence means.
+CRD_CHECKS: tuple[tuple[str, str, str, bool], ...] = (
+    # (group/version, plural, meaning when absent, required)
+    (
+        "kubevirt.io/v1",
+        "virtualmachineinstances",
+        "no KubeVirt: there are no VMs to protect",
+        True,
+    ),
+    ("kubevirt.io/v1", "virtualmachines", "no KubeVirt VMs: restarts cannot be followed", True),
+    (
+        "kubevirt.io/v1",
+        "virtualmachineinstancemigrations",
+        "no KubeVirt migrations: degraded nodes cannot be evacuated",
+        True,
+    ),
+    ("kubevirt.io/v1", "kubevirts", "no KubeVirt CR: configured migration limits apply", True),
+    ("harvesterhci.io/v1beta1", "settings", "no Harvester: policy from config", False),
+)
+
+
+def required_access(
+    settings: PreflightSettings, table: Iterable[AccessRule] = CONTROLLER_ACCESS
+) -> list[AccessRule]:
+    """The table for these settings: features off dropped, own namespace filled in."""
+    enabled = {"delete_volume_attachments": settings.delete_volume_attachments}
+    rules = []
+    for rule in table:
+        if rule.feature is not None and not enabled.get(rule.feature, False):
+            continue
+        if rule.namespace == OWN_NAMESPACE:
+            rule = AccessRule(
+                rule.group,
+                rule.resource,
+                rule.verbs,
+                rule.purpose,
+                rule.subresource,
+                settings.namespace,
+                rule.feature,
+            )
+        rules.append(rule)
+    return rules
+
+
+def cluster_role_rules(rules: Iterable[AccessRule]) -> list[dict[str, Any]]:
+    """RBAC PolicyRules for a ClusterRole granting `rules` (namespaces are a binding's business:
+    bind namespaced rules with a RoleBinding to narrow them)."""
+    merged: dict[tuple[str, str], list[str]] = {}
+    for rule in rules:
+        res = f"{rule.resource}/{rule.subresource}" if rule.subresource else rule.resource
+        verbs = merged.setdefault((rule.group, res), [])
+        verbs.extend(v for v in rule.verbs if v not in verbs)
+    return [
+        {"apiGroups": [group], "resources": [res], "verbs": verbs}
+        for (group, res), verbs in merged.items()
+    ]
+
+
+async def check_api(api_client: k8s_client.ApiClient, *, timeout_s: float = 10.0) -> Check:
+    """`/version` answers."""
+    writer = KubeWriter(api_client, request_timeout_s=timeout_s, attempts=1)
+    try:
+        version = await writer.once("GET", "/version", what="GET /version")
+    except ActuationError as e:
+        return Check("api reachable", False, f"{api_client.configuration.host}: {e}")
+    return Check(
+        "api reachable",
+        True,
+        f"{api_client.configuration.host}: Kubernetes {version.get('gitVersion', '?')}",
+    )
+
+
+async def check_access(
+    api_client: k8s_client.ApiClient,
+    settings: PreflightSettings,
+    *,
+    table: Iterable[AccessRule] = CONTROLLER_ACCESS,
+    concurrency: int = 8,
+) -> list[Check]:
+    """One SelfSubjectAccessReview per verb of the table; one Check per verb, named
+    `rbac: <verb> <resource>[ in <namespace>]`."""
+    writer = KubeWriter(api_client, request_timeout_s=settings.api_request_timeout_s)
+    limit = asyncio.Semaphore(concurrency)
+    asks = [(rule, verb) for rule in required_access(settings, table) for verb in rule.verbs]
+
+    async def review(rule: AccessRule, verb: str) -> Check:
+        where = f" in {rule.namespace}" if rule.namespace else ""
+        name = f"rbac: {verb} {rule.resource_name}{where}"
+        attributes: dict[str, str] = {
+            "group": rule.group,
+            "resource": rule.resource,
+            "verb": verb,
+        }
+        if rule.subresource:
+            attributes["subresource"] = rule.subresource
+        if rule.namespace:
+            attributes["namespace"] = rule.namespace
+        body = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": attributes},
+        }
+        async with limit:
+            try:
+                answer = await writer.call(
+                    "POST",
+                    "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                    body=body,
+                    what=f"SelfSubjectAccessReview {verb} {rule.resource_name}",
+                )
+            except ActuationError as e:
+                return Check(name, False, f"cannot ask: {e}")
+        status = answer.get("status") or {}
+        if status.get("allowed"):
+            return Check(name, True, f"allowed ({rule.purpose})")
+        why = status.get("reason") or status.get("evaluationError") or "no rule allows it"
+        return Check(name, False, f"DENIED: needed for {rule.purpose}; {why}")
+
+    return list(await asyncio.gather(*(review(rule, verb) for rule, verb in asks)))
+
+
+async def check_crds(api_client: k8s_client.ApiClient, *, timeout_s: float = 10.0) -> list[Check]:
+    """Whether the API serves KubeVirt's and Harvester's resources (discovery: no RBAC needed).
+    A missing Harvester is fine; missing KubeVirt is a failure."""
+    writer = KubeWriter(api_client, request_timeout_s=timeout_s)
+    # group/version → the plural names it serves; None: not served at all; str: why unknown
+    served: dict[str, set[str] | str | None] = {}
+    checks = []
+    for group_version, plural, absent_means, required in CRD_CHECKS:
+        if group_version not in served:
+            try:
+                doc = await writer.call(
+                    "GET", f"/apis/{group_version}", what=f"discover {group_version}"
+                )
+                served[group_version] = {str(r.get("name")) for r in doc.get("resources") or ()}
+            except NotFound:
+                served[group_version] = None
+            except ActuationError as e:
+                served[group_version] = str(e)
+        resources = served[group_version]
+        name = f"crd: {plural}.{group_version.split('/')[0]}"
+        if isinstance(resources, str):
+            checks.append(Check(name, False, f"cannot ask: {resources}"))
+        elif resources is not None and plural in resources:
+            checks.append(Check(name, True, f"served ({group_version})"))
+        else:
+            checks.append(Check(name, not required, f"absent: {absent_means}"))
+    return checks
+
+
+async def run_preflight(
+    api_client: k8s_client.ApiClient, settings: PreflightSettings
+) -> list[Check]:
+    """API reachability first; when it answers, RBAC and CRDs."""
+    api = await check_api(api_client, timeout_s=settings.api_request_timeout_s)
+    if not api.ok:
+        return [api]
+    access, crds = await asyncio.gather(
+        check_access(api_client, settings),
+        check_crds(api_client, timeout_s=settings.api_request_timeout_s),
+    )
+    return [api, *access, *crds]
+
+
+__all__ = [
+    "CONTROLLER_ACCESS",
+    "CRD_CHECKS",
+    "AccessRule",
+    "Check",
+    "PreflightSettings",
+    "check_access",
+    "check_api",
+    "check_crds",
+    "cluster_role_rules",
+    "required_access",
+    "run_preflight",
+]

@@ -1,0 +1,445 @@
+"""The node agent: heartbeats with a Last Will over MQTT, and self-fencing (DESIGN §4, §5).
+
+Owns one broker connection per process (client id `node-watchdog-agent-<node>`) and these
+promises to the controller:
+
+- retained `online` on `<prefix>/status/<node>` while connected; the broker publishes the Last
+  Will `offline` (retained, QoS 1) when the connection dies; a clean stop publishes `offline`.
+- a heartbeat every `heartbeat_interval_s` on a fixed cadence (QoS 0), `seq` counting from 0
+  in this process, its fencing parameters in every one (`fence: {armed, after_s, bound_s}`).
+- it fences itself once it has proven contact with neither the broker nor the API server for
+  `self_fence_after_s`, and at once when the API says the controller is fencing it; a fenced
+  agent never heartbeats again.
+
+Broker contact is the echo of its own heartbeat (it subscribes to its own topic): a connection
+that the kernel still believes open proves nothing. API contact comes from `api_probe`, injected
+by the runtime because this layer may not import the Kubernetes client.
+
+It must not decide anything about other nodes, and must not import observe or runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiomqtt
+
+import watchdog
+from watchdog.decide.heartbeats import (
+    Heartbeat,
+    HeartbeatRejected,
+    encode_heartbeat,
+    heartbeat_topic,
+    parse_heartbeat,
+    status_topic,
+)
+from watchdog.decide.mqtt_url import BrokerSettings, reconnect_delay_s
+from watchdog.decide.observations import FenceDeclaration
+from watchdog.heartbeat.fence import FenceAction, FenceOutcome, declared_down, fence_deadline
+from watchdog.heartbeat.mqtt_conn import broker_connection
+
+log = logging.getLogger(__name__)
+
+ONLINE = b"online"
+OFFLINE = b"offline"
+# Heartbeats awaiting their echo; older ones are forgotten (their echo no longer matters once a
+# later one came back, and a broker that echoes nothing must not grow this).
+MAX_UNECHOED = 256
+# How long a clean stop may spend telling the broker `offline` and disconnecting.
+GOODBYE_TIMEOUT_S = 2.0
+
+ApiProbe = Callable[[], Awaitable[str | None]]
+
+
+class AgentSettings(Protocol):
+    """What the agent reads of the runtime's `Settings` (satisfied structurally)."""
+
+    @property
+    def node_name(self) -> str | None: ...
+    @property
+    def boot_id_file(self) -> Path: ...
+    @property
+    def heartbeat_interval_s(self) -> float: ...
+    @property
+    def self_fence_after_s(self) -> float: ...
+    @property
+    def fence_action_bound_s(self) -> float: ...
+    @property
+    def fence_command(self) -> str | None: ...
+    @property
+    def api_check_interval_s(self) -> float: ...
+    @property
+    def mqtt(self) -> BrokerSettings: ...
+    def mqtt_password(self) -> str | None: ...
+
+
+class Agent:
+    """One node's agent. `run()` until cancelled; `statistics()` at any time."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        api_probe: ApiProbe | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not settings.node_name:
+            raise ValueError("the agent needs node_name (WATCHDOG_NODE_NAME)")
+        self._settings = settings
+        self.node: str = settings.node_name
+        self.client_id = f"node-watchdog-agent-{self.node}"
+        prefix = settings.mqtt.topic_prefix
+        self._prefix = prefix
+        self._heartbeat_topic = heartbeat_topic(prefix, self.node)
+        self._status_topic = status_topic(prefix, self.node)
+        self._api_probe = api_probe
+        self._clock = clock
+        self._fence = FenceAction(settings.fence_command, settings.fence_action_bound_s)
+        self.declaration = FenceDeclaration(
+            armed=self._fence.armed,
+            after_s=settings.self_fence_after_s,
+            bound_s=settings.fence_action_bound_s,
+        )
+        self._boot_id: str | None = None
+        self._next_seq = 0
+        self._unechoed: dict[int, float] = {}  # seq -> monotonic time it was handed to the broker
+        self._connected = False
+        self._connects = 0
+        self._started_at: float | None = None
+        self._last_broker_contact: float | None = None
+        self._last_api_contact: float | None = None
+        self._api_phase: str | None = None
+        self._api_reachable: bool | None = None
+        self._declared_down_phase: str | None = None
+        self._fence_outcome: FenceOutcome | None = None
+        self._would_fence_at: float | None = None  # unarmed: deadline already reported
+        # Set whenever contact (or a fence verdict) changes, so the fence timer re-arms.
+        self._contact_changed = asyncio.Event()
+        self._fencing = asyncio.Event()  # decided: no heartbeat may follow
+        self._fenced = asyncio.Event()  # the fence action has run (whatever its result)
+
+    # --- public ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Heartbeat, probe and guard the fence until cancelled (a fenced agent stays silent)."""
+        self._boot_id = read_boot_id(self._settings.boot_id_file)
+        self._started_at = self._clock()
+        log.info(
+            "agent %s starting: boot_id %s, broker %s, heartbeat every %.2fs, fence %s "
+            "(after %.1fs without contact, bound %.1fs)",
+            self.node,
+            self._boot_id,
+            self._settings.mqtt.url,
+            self._settings.heartbeat_interval_s,
+            "armed" if self._fence.armed else "UNARMED",
+            self.declaration.after_s,
+            self.declaration.bound_s,
+        )
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._broker_loop(), name=f"agent-broker:{self.node}")
+            tg.create_task(self._fence_guard(), name=f"agent-fence:{self.node}")
+            if self._api_probe is not None:
+                tg.create_task(self._api_loop(self._api_probe), name=f"agent-api:{self.node}")
+        # Fenced: every loop has ended. Stay alive and silent, so that a supervisor does not
+        # restart us into heartbeating for a node the controller is resetting.
+        await asyncio.Event().wait()
+
+    def statistics(self) -> dict[str, Any]:
+        now = self._clock()
+        deadline = self._deadline()
+        return {
+            "node": self.node,
+            "boot_id": self._boot_id,
+            "connected": self._connected,
+            "connects": self._connects,
+            "seq": self._next_seq - 1,  # last heartbeat handed to the broker; -1 before the first
+            "last_broker_contact_age_s": _age(now, self._last_broker_contact),
+            "last_api_contact_age_s": _age(now, self._last_api_contact),
+            "api_reachable": self._api_reachable,
+            "api_phase": self._api_phase,
+            "fence_armed": self._fence.armed,
+            "fence_due_in_s": None
+            if deadline is None or self._fencing.is_set()
+            else deadline - now,
+            "fencing": self._fencing.is_set(),
+            "fenced": self.fenced,
+            "fence_reason": self._fence_outcome.reason if self._fence_outcome else None,
+            "fence_result": self._fence_outcome.summary() if self._fence_outcome else None,
+        }
+
+    @property
+    def fenced(self) -> bool:
+        return self._fenced.is_set()
+
+    async def wait_fenced(self) -> FenceOutcome:
+        await self._fenced.wait()
+        assert self._fence_outcome is not None
+        return self._fence_outcome
+
+    # --- broker -----------------------------------------------------------------------------
+
+    async def _broker_loop(self) -> None:
+        attempt = 0
+        while not self._fencing.is_set():
+            try:
+                conn = broker_connection(self._settings.mqtt, self._settings.mqtt_password)
+                client = aiomqtt.Client(
+                    conn.address.host,
+                    conn.address.port,
+                    username=conn.username,
+                    password=conn.password,
+                    identifier=self.client_id,
+                    keepalive=self._settings.mqtt.keepalive_s,
+                    will=aiomqtt.Will(self._status_topic, OFFLINE, qos=1, retain=True),
+                    tls_context=conn.tls_context,
+                    timeout=float(self._settings.mqtt.keepalive_s),
+                )
+                async with client:
+                    attempt = 0
+                    try:
+                        await self._session(client)
+                    except asyncio.CancelledError:
+                        await self._goodbye(client, "stopping")
+                        raise
+                    await self._goodbye(client, "fenced")
+                return
+            except aiomqtt.MqttError as e:
+                error = str(e) or type(e).__name__
+            except (OSError, ValueError) as e:  # password/cert files, URL: retried, maybe fixed
+                error = f"{type(e).__name__}: {e}"
+            finally:
+                self._connected = False
+            attempt += 1
+            delay = reconnect_delay_s(attempt, random.random())
+            log.warning(
+                "agent %s: broker %s unreachable (%s); reconnect attempt %d in %.2fs",
+                self.node,
+                self._settings.mqtt.url,
+                error,
+                attempt,
+                delay,
+            )
+            await self._sleep_unless_fencing(delay)
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        """One connection: returns only once fenced; raises MqttError when the broker is lost."""
+        await client.subscribe(self._heartbeat_topic, qos=0)
+        await client.publish(self._status_topic, ONLINE, qos=1, retain=True)
+        self._connected = True
+        self._connects += 1
+        log.info("agent %s: connected to %s", self.node, self._settings.mqtt.url)
+        lost: aiomqtt.MqttError | None = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                echoes = tg.create_task(self._read_echoes(client), name=f"agent-echo:{self.node}")
+                await self._publish_heartbeats(client)
+                echoes.cancel()
+        except* aiomqtt.MqttError as group:
+            lost = group.exceptions[0]  # type: ignore[assignment]
+        if lost is not None:
+            raise lost
+
+    async def _publish_heartbeats(self, client: aiomqtt.Client) -> None:
+        """Fixed cadence from the session start: a slow publish does not shift later beats."""
+        interval = self._settings.heartbeat_interval_s
+        next_at = self._clock()
+        while not self._fencing.is_set():
+            await self._publish_heartbeat(client, within_s=interval)
+            next_at += interval
+            now = self._clock()
+            if now >= next_at:  # the loop stalled past a slot: skip it, keep the phase
+                skipped = int((now - next_at) // interval) + 1
+                next_at += skipped * interval
+                log.debug("agent %s: %d heartbeat slot(s) skipped", self.node, skipped)
+            await self._sleep_unless_fencing(next_at - now)
+
+    async def _publish_heartbeat(self, client: aiomqtt.Client, *, within_s: float) -> None:
+        assert self._boot_id is not None
+        seq = self._next_seq
+        self._next_seq += 1  # consumed even if the publish fails: seq only moves forward
+        payload = encode_heartbeat(
+            Heartbeat(
+                node=self.node,
+                boot_id=self._boot_id,
+                seq=seq,
+                sent_at=time.time(),  # informational: the controller never compares clocks
+                version=watchdog.__version__,
+                fence=self.declaration,
+            )
+        )
+        self._unechoed[seq] = self._clock()
+        while len(self._unechoed) > MAX_UNECHOED:
+            del self._unechoed[next(iter(self._unechoed))]
+        await client.publish(self._heartbeat_topic, payload, qos=0, timeout=within_s)
+
+    async def _read_echoes(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            topic = message.topic.value
+            if topic != self._heartbeat_topic or not isinstance(message.payload, bytes):
+                continue
+            try:
+                hb = parse_heartbeat(topic, message.payload, self._prefix)
+            except HeartbeatRejected as e:
+                log.warning("agent %s: unreadable message on own topic: %s", self.node, e)
+                continue
+            if hb.boot_id != self._boot_id:
+                log.warning(
+                    "agent %s: heartbeat of boot %s on own topic: another agent for this node?",
+                    self.node,
+                    hb.boot_id,
+                )
+                continue
+            sent_at = self._unechoed.get(hb.seq)
+            if sent_at is None:
+                continue
+            for seq in [s for s in self._unechoed if s <= hb.seq]:
+                del self._unechoed[seq]
+            # Stamped with the send time: the broker (and the controller) saw it no earlier.
+            if self._last_broker_contact is None or sent_at > self._last_broker_contact:
+                self._last_broker_contact = sent_at
+                self._contact_changed.set()
+
+    async def _goodbye(self, client: aiomqtt.Client, why: str) -> None:
+        """Clean end of a connection: retained `offline`, then the disconnect (no Will)."""
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            await client.publish(
+                self._status_topic, OFFLINE, qos=1, retain=True, timeout=GOODBYE_TIMEOUT_S
+            )
+            log.info("agent %s: published offline (%s)", self.node, why)
+        client.timeout = GOODBYE_TIMEOUT_S  # bounds the DISCONNECT wait in __aexit__
+
+    # --- API ---------------------------------------------------------------------------------
+
+    async def _api_loop(self, probe: ApiProbe) -> None:
+        interval = self._settings.api_check_interval_s
+        next_at = self._clock()
+        while not self._fencing.is_set():
+            started = self._clock()
+            error: str | None = None
+            phase: str | None = None
+            try:
+                async with asyncio.timeout(interval):
+                    phase = await probe()
+            except TimeoutError:
+                error = f"no answer within {interval:.1f}s"
+            except Exception as e:  # the probe's failure is an observation: API unreachable
+                error = f"{type(e).__name__}: {e}"
+            self._record_api(started, phase, error)
+            next_at += interval
+            now = self._clock()
+            if now >= next_at:
+                next_at = now + interval
+            await self._sleep_unless_fencing(next_at - now)
+
+    def _record_api(self, started: float, phase: str | None, error: str | None) -> None:
+        reachable = phase is not None
+        if reachable != self._api_reachable:
+            if reachable:
+                log.info("agent %s: API reachable (phase %s)", self.node, phase)
+            else:
+                log.warning("agent %s: API unreachable: %s", self.node, error or "no phase")
+        self._api_reachable = reachable
+        if phase is None:
+            return
+        self._api_phase = phase
+        if declared_down(phase):
+            if self._declared_down_phase is None:
+                self._declared_down_phase = phase
+                self._contact_changed.set()
+            return
+        # The controller does not consider us down: that is contact, as of the request's start.
+        if self._last_api_contact is None or started > self._last_api_contact:
+            self._last_api_contact = started
+            self._contact_changed.set()
+
+    # --- fence --------------------------------------------------------------------------------
+
+    def _deadline(self) -> float | None:
+        if self._started_at is None:
+            return None
+        return fence_deadline(
+            self._started_at,
+            self._last_broker_contact,
+            self._last_api_contact,
+            self.declaration.after_s,
+        )
+
+    async def _fence_guard(self) -> None:
+        while True:
+            self._contact_changed.clear()
+            now = self._clock()
+            deadline = self._deadline()
+            assert deadline is not None
+            reason: str | None = None
+            if self._declared_down_phase is not None:
+                reason = f"the API says this node is {self._declared_down_phase}"
+            elif now >= deadline:
+                silent_s = now - deadline + self.declaration.after_s
+                reason = f"no contact with broker or API for {silent_s:.1f}s"
+            if reason is not None:
+                if await self._fence_now(reason, deadline):
+                    return
+                wait: float | None = None  # unarmed: nothing to do until contact changes
+            else:
+                wait = deadline - now
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._contact_changed.wait()
+
+    async def _fence_now(self, reason: str, deadline: float) -> bool:
+        """Run the fence; True once fenced. Unarmed: log once per episode, False."""
+        if not self._fence.armed:
+            if self._would_fence_at != deadline:
+                self._would_fence_at = deadline
+                log.error(
+                    "agent %s: WOULD FENCE NOW (%s) but the fence is unarmed (no fence_command)",
+                    self.node,
+                    reason,
+                )
+            return False
+        log.critical(
+            "agent %s: SELF-FENCING: %s; running %r", self.node, reason, self._fence.command
+        )
+        # Stop claiming to be alive before the action runs: no heartbeat may follow a fence.
+        self._fencing.set()
+        outcome = await self._fence.run(reason)
+        self._fence_outcome = outcome
+        self._fenced.set()
+        if outcome.succeeded:
+            log.critical("agent %s: fence action done in %.2fs", self.node, outcome.duration_s)
+        else:
+            log.critical(
+                "agent %s: FENCE ACTION FAILED (%s) after %.2fs; output: %s. This node may "
+                "still run VMs that the controller will start elsewhere.",
+                self.node,
+                outcome.summary(),
+                outcome.duration_s,
+                outcome.output.strip() or "-",
+            )
+        return True
+
+    async def _sleep_unless_fencing(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._fencing.wait()
+
+
+def read_boot_id(path: Path) -> str:
+    """This boot's id (a new one proves a reboot); a missing file is a configuration error."""
+    boot_id = path.read_text().strip()
+    if not boot_id:
+        raise ValueError(f"boot id file {path} is empty")
+    return boot_id
+
+
+def _age(now: float, then: float | None) -> float | None:
+    return None if then is None else max(0.0, now - then)

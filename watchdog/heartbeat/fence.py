@@ -1,0 +1,155 @@
+"""Self-fencing of this node (DESIGN §5, fence mode `self`): when to fence and how.
+
+The controller resets a node's VMs elsewhere only after `safe_delay` (decide/safety.py), a sum
+of what this agent declares in every heartbeat: it fences after `self_fence_after_s` without
+contact, and its fence action stops the VMs within `fence_action_bound_s`. This module keeps
+the agent's side of that bargain. It owns the fence deadline and the fence action; it must not
+talk to the broker or the API (the agent feeds it contact times) and must not retry a fence.
+
+**Contact** is proven, never assumed: a broker round trip (the agent's own heartbeat echoed
+back) or an API read in which the controller does not consider this node down. Each contact is
+stamped with the time its request was *sent*, which is never later than the moment the broker
+or API server (and therefore the controller) last saw us, so the agent fences no later than
+the controller's arithmetic expects.
+
+**The fence action** is `fence_command`, run once through the shell, in its own process group,
+bounded by `fence_action_bound_s`. On a real node the default is an immediate reboot::
+
+    echo b > /proc/sysrq-trigger
+
+(needs `kernel.sysrq` to allow it, and the device access the optional self-fence overlay of
+deploy/ grants). A stronger alternative on hosts with a hardware watchdog is to stop feeding
+`/dev/watchdog` (e.g. `systemctl stop watchdog` with a short watchdog timeout declared as the
+bound): it also fences a frozen or crashed agent, which a command cannot. In the test cluster
+the command stops that node's simulated VMs. Without `fence_command` the fence is *unarmed*:
+the agent says so in every heartbeat (`armed: false`), only logs when it would fence, and the
+controller treats the node as unfenced (no self-fence-based reset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from watchdog.decide.state import DOWN_PHASES
+
+log = logging.getLogger(__name__)
+
+# A declared bound of 0 means "instant" (sysrq reboot never returns); the shell still needs a
+# moment to start, so the wait for the command is never shorter than this.
+MIN_COMMAND_WAIT_S = 1.0
+OUTPUT_LIMIT = 2000
+
+
+def declared_down(phase: str | None) -> bool:
+    """True when the phase the controller persisted for this node says it is being fenced."""
+    return phase is not None and phase in DOWN_PHASES
+
+
+def fence_deadline(
+    started_at: float,
+    last_broker_contact: float | None,
+    last_api_contact: float | None,
+    after_s: float,
+) -> float:
+    """Monotonic time at which the agent must fence unless contact is proven before it.
+
+    Counted from the latest proof of contact; with none yet, from the agent's start: a freshly
+    (re)started agent that reaches nothing has no proof that the controller still counts it
+    alive, and a crash-looping agent on a partitioned node must not escape its own fence.
+    """
+    last = max(
+        started_at,
+        last_broker_contact if last_broker_contact is not None else started_at,
+        last_api_contact if last_api_contact is not None else started_at,
+    )
+    return last + after_s
+
+
+@dataclass(frozen=True, slots=True)
+class FenceOutcome:
+    """What running the fence action did (for logs and `statistics()`)."""
+
+    reason: str
+    armed: bool
+    returncode: int | None = None
+    timed_out: bool = False
+    error: str | None = None
+    duration_s: float = 0.0
+    output: str = ""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.armed and self.returncode == 0 and not self.timed_out and self.error is None
+
+    def summary(self) -> str:
+        if not self.armed:
+            return "unarmed"
+        if self.error is not None:
+            return f"error: {self.error}"
+        if self.timed_out:
+            return "timed out"
+        return f"exit {self.returncode}"
+
+
+class FenceAction:
+    """The configured fence command; `armed` is False without one."""
+
+    def __init__(self, command: str | None, bound_s: float) -> None:
+        self.command = command.strip() if command and command.strip() else None
+        self.bound_s = bound_s
+
+    @property
+    def armed(self) -> bool:
+        return self.command is not None
+
+    async def run(self, reason: str) -> FenceOutcome:
+        """Run the command once and wait for it at most the declared bound (then kill it)."""
+        if self.command is None:
+            return FenceOutcome(reason=reason, armed=False)
+        started = time.monotonic()
+        try:
+            proc = await asyncio.create_subprocess_shell(
+                self.command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # its own process group: a timeout kills all of it
+            )
+        except OSError as e:
+            return FenceOutcome(reason, True, error=str(e), duration_s=time.monotonic() - started)
+        wait_s = max(self.bound_s, MIN_COMMAND_WAIT_S)
+        try:
+            async with asyncio.timeout(wait_s):
+                out, _ = await proc.communicate()
+        except TimeoutError:
+            _kill_group(proc)
+            with contextlib.suppress(ProcessLookupError):
+                await proc.wait()
+            return FenceOutcome(
+                reason,
+                True,
+                returncode=proc.returncode,
+                timed_out=True,
+                duration_s=time.monotonic() - started,
+            )
+        except asyncio.CancelledError:
+            _kill_group(proc)
+            raise
+        return FenceOutcome(
+            reason,
+            True,
+            returncode=proc.returncode,
+            duration_s=time.monotonic() - started,
+            output=out.decode(errors="replace")[-OUTPUT_LIMIT:] if out else "",
+        )
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)

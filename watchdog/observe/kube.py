@@ -1,0 +1,290 @@
+"""The observers' connection to the Kubernetes API: client construction and raw JSON reads.
+
+Owns: building one kubernetes_asyncio `ApiClient` from an explicit kubeconfig, `KUBECONFIG`,
+the in-cluster ServiceAccount or `~/.kube/config` (in that order); `KubeApi`, which sends
+requests through that client's transport and hands back plain JSON (`_preload_content=False`:
+100,000 pods are never turned into generated model objects), with a client-side timeout on
+every request and a server-side `timeoutSeconds` plus a read timeout on every watch.
+
+Must not: cache, decide or write. Library exceptions never leave this module: they become
+`watchdog.observe.errors` (`raise ... from e`). `asyncio.CancelledError` always propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol
+
+import aiohttp
+from kubernetes_asyncio import client as k8s_client
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from watchdog.observe.errors import ApiStatusError, ApiUnreachable, ResourceGone
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+# Bounds what one error body may cost us (a proxy can answer with a whole HTML page).
+_MAX_ERROR_BODY = 4096
+# Seconds beyond the server-side watch timeout before a silent watch counts as hung: a frozen
+# apiserver keeps the TCP connection open and answers nothing.
+_WATCH_READ_SLACK_S = 5.0
+
+Obj = dict[str, Any]
+
+
+class KubeSettings(Protocol):
+    """What this module reads from the runtime's Settings (structural: observe must not import
+    the runtime layer)."""
+
+    @property
+    def api_request_timeout_s(self) -> float: ...
+
+    @property
+    def watch_timeout_s(self) -> int: ...
+
+
+class ConfigError(Exception):
+    """No usable Kubernetes client configuration was found."""
+
+
+async def load_api_client(
+    kubeconfig: str | os.PathLike[str] | None = None,
+    *,
+    context: str | None = None,
+    pool_size: int = 100,
+) -> k8s_client.ApiClient:
+    """One ApiClient (one connection pool) for the whole process.
+
+    Source, first match wins: `kubeconfig` argument; `$KUBECONFIG` (colon-separated list, as
+    kubectl merges it); in-cluster ServiceAccount when `$KUBERNETES_SERVICE_HOST` is set;
+    `~/.kube/config`. Every watch holds one pooled connection, so `pool_size` must exceed the
+    number of informers by the concurrency wanted for writes.
+    """
+    cfg = k8s_client.Configuration()
+    env_path = os.environ.get("KUBECONFIG")
+    default_path = _default_kubeconfig()
+    try:
+        if kubeconfig is not None:
+            await k8s_config.load_kube_config(
+                config_file=str(kubeconfig), context=context, client_configuration=cfg
+            )
+            source = f"kubeconfig {kubeconfig}"
+        elif env_path:
+            await k8s_config.load_kube_config(
+                config_file=env_path, context=context, client_configuration=cfg
+            )
+            source = f"KUBECONFIG={env_path}"
+        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+            k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+            source = "in-cluster ServiceAccount"
+        elif default_path is not None:
+            await k8s_config.load_kube_config(
+                config_file=default_path, context=context, client_configuration=cfg
+            )
+            source = f"kubeconfig {default_path}"
+        else:
+            raise ConfigError(
+                "no Kubernetes configuration: set KUBECONFIG, run in a pod with a "
+                "ServiceAccount, or create ~/.kube/config"
+            )
+    except (k8s_config.ConfigException, OSError, ValueError) as e:
+        raise ConfigError(f"cannot load Kubernetes configuration: {e}") from e
+    cfg.connection_pool_maxsize = pool_size
+    log.debug("Kubernetes API %s from %s", cfg.host, source)
+    return k8s_client.ApiClient(configuration=cfg)
+
+
+def _default_kubeconfig() -> str | None:
+    path = os.path.expanduser("~/.kube/config")
+    return path if os.path.exists(path) else None
+
+
+class KubeApi:
+    """Raw JSON requests and watches over a kubernetes_asyncio ApiClient.
+
+    Every request carries a client-side timeout (`request_timeout_s`, default
+    `Settings.api_request_timeout_s`); every watch a server-side `timeoutSeconds` and a
+    client-side read timeout a little longer than it.
+    """
+
+    def __init__(
+        self,
+        api_client: k8s_client.ApiClient,
+        *,
+        request_timeout_s: float = 10.0,
+        watch_timeout_s: int = 60,
+    ) -> None:
+        self.api_client = api_client
+        self.request_timeout_s = request_timeout_s
+        self.watch_timeout_s = watch_timeout_s
+
+    @classmethod
+    def from_settings(cls, api_client: k8s_client.ApiClient, settings: KubeSettings) -> KubeApi:
+        return cls(
+            api_client,
+            request_timeout_s=settings.api_request_timeout_s,
+            watch_timeout_s=settings.watch_timeout_s,
+        )
+
+    async def close(self) -> None:
+        await self.api_client.close()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = JSON,
+        timeout_s: float | None = None,
+    ) -> Obj:
+        """One request; the decoded JSON body on 2xx, else an `ObserveError`."""
+        timeout = self.request_timeout_s if timeout_s is None else timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                resp = await self._open(method, path, query, body, content_type, timeout)
+                async with resp:
+                    data = await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise ApiUnreachable(f"{method} {path}: {_describe(e)}") from e
+        if resp.status >= 300:
+            raise _status_error(resp.status, resp.headers, data, f"{method} {path}")
+        try:
+            return json.loads(data) if data else {}
+        except ValueError as e:
+            raise ApiStatusError(resp.status, f"{method} {path}: body is not JSON") from e
+
+    async def version(self) -> Obj:
+        """`/version`: readable by every client, the cheapest proof the API answers."""
+        return await self.request("GET", "/version")
+
+    @contextlib.asynccontextmanager
+    async def watch(
+        self,
+        path: str,
+        *,
+        resource_version: str,
+        query: Mapping[str, Any] | None = None,
+        timeout_s: int | None = None,
+    ) -> AsyncIterator[AsyncIterator[Obj]]:
+        """Open a watch from `resource_version`; entering the block means the server accepted
+        it (status 200), iterating yields the watch events as decoded JSON.
+
+        The server ends the watch after `timeout_s` (default `watch_timeout_s`); a watch that
+        stays silent longer than that plus a few seconds raises `ApiUnreachable`.
+        """
+        server_timeout = self.watch_timeout_s if timeout_s is None else timeout_s
+        params = {
+            **(query or {}),
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": server_timeout,
+        }
+        stream_timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=self.request_timeout_s,
+            sock_read=server_timeout + _WATCH_READ_SLACK_S,
+        )
+        try:
+            # The response headers must come within the ordinary request timeout.
+            async with asyncio.timeout(self.request_timeout_s):
+                resp = await self._open("GET", path, params, None, JSON, stream_timeout)
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise ApiUnreachable(f"watch {path}: {_describe(e)}") from e
+        try:
+            if resp.status >= 300:
+                try:
+                    data = await resp.content.read(_MAX_ERROR_BODY)
+                except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                    raise ApiUnreachable(f"watch {path}: {_describe(e)}") from e
+                raise _status_error(resp.status, resp.headers, data, f"watch {path}")
+            yield _events(resp, path)
+        finally:
+            # A watch not read to its end cannot go back to the pool.
+            resp.close()
+
+    async def _open(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, Any] | None,
+        body: Any,
+        content_type: str,
+        client_timeout: float | aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        try:
+            resp = await self.api_client.call_api(
+                path,
+                method,
+                query_params=list((query or {}).items()),
+                header_params={"Content-Type": content_type, "Accept": JSON},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=client_timeout,
+            )
+        except ApiException as e:  # raised by the client before any byte is sent
+            raise ApiStatusError(e.status or 0, f"{method} {path}: {e.reason}") from e
+        assert isinstance(resp, aiohttp.ClientResponse)
+        return resp
+
+
+async def _events(resp: aiohttp.ClientResponse, path: str) -> AsyncIterator[Obj]:
+    """Newline-delimited JSON from a watch response, without aiohttp's line-length limit (one
+    pod with large annotations can exceed it)."""
+    buffer = b""
+    try:
+        async for chunk in resp.content.iter_any():
+            buffer += chunk
+            while True:
+                line, sep, rest = buffer.partition(b"\n")
+                if not sep:
+                    break
+                buffer = rest
+                if line.strip():
+                    yield json.loads(line)
+    except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        raise ApiUnreachable(f"watch {path}: {_describe(e)}") from e
+        if buffer.strip():
+            yield json.loads(buffer)
+    except ValueError as e:
+        raise ApiUnreachable(f"watch {path}: undecodable event: {e}") from e
+
+
+def _status_error(
+    status: int, headers: Mapping[str, str], data: bytes, what: str
+) -> ApiStatusError:
+    message = data[:_MAX_ERROR_BODY].decode(errors="replace")
+    with contextlib.suppress(ValueError, AttributeError):
+        message = json.loads(data).get("message") or message
+    retry_after = _retry_after(headers.get("Retry-After"))
+    cls = ResourceGone if status == 410 else ApiStatusError
+    return cls(status, f"{what}: {message}", retry_after_s=retry_after)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+__all__ = ["ConfigError", "KubeApi", "KubeSettings", "load_api_client"]

@@ -1,0 +1,334 @@
+"""The controller's MQTT subscriber: agents' heartbeats and status into the HeartbeatBook.
+
+Owns one broker connection (client id `node-watchdog-controller-<host>-<pid>`, unique per
+process so two replicas never take over each other's session), subscribed to
+`<prefix>/heartbeat/+` (QoS 0) and `<prefix>/status/+` (QoS 1, retained `online` / Will
+`offline`). Every message is validated (decide/heartbeats.py, DESIGN §9); a rejection is
+counted and reported through `on_reject`, never raised. The state of the connection itself is
+reported through `on_connection`: the controller turns "down" into UNKNOWN heartbeats and holds
+resets (a lost broker is not evidence that nodes died).
+
+Backpressure: the inbound queue is bounded by `mqtt.max_queued_messages`. When it is full, a
+message replaces the one still queued for its topic (latest per node wins: an older heartbeat
+says nothing a newer one does not) and, for a topic with nothing queued, is dropped. Both are
+counted and logged. It must not decide anything: it records what it saw, when it saw it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiomqtt
+
+from watchdog.decide.heartbeats import (
+    HeartbeatBook,
+    HeartbeatRejected,
+    RejectReason,
+    parse_heartbeat,
+)
+from watchdog.decide.mqtt_url import BrokerSettings, reconnect_delay_s
+from watchdog.observe.mqtt_conn import broker_connection
+
+log = logging.getLogger(__name__)
+
+ONLINE = b"online"
+OFFLINE = b"offline"
+# At most one log line per rejection reason (and one for queue overflow) per this many seconds.
+LOG_EVERY_S = 10.0
+
+
+class SubscriberSettings(Protocol):
+    """What the subscriber reads of the runtime's `Settings` (satisfied structurally)."""
+
+    @property
+    def mqtt(self) -> BrokerSettings: ...
+    def mqtt_password(self) -> str | None: ...
+
+
+@dataclass(slots=True)
+class QueueStats:
+    coalesced: int = 0  # queued messages replaced by a newer one of the same topic
+    dropped: int = 0  # messages discarded: queue full and nothing of their topic queued
+    high_water: int = 0
+
+
+@dataclass(slots=True)
+class _Slot:
+    topic: str
+    message: aiomqtt.Message
+
+
+class CoalescingQueue(asyncio.Queue[aiomqtt.Message]):
+    """FIFO while below its bound; when full, latest message per topic wins.
+
+    Given to aiomqtt as its `queue_type`; aiomqtt puts with `put_nowait`, which therefore never
+    raises here. Subclass with `stats` set (see `coalescing_queue`).
+    """
+
+    stats: QueueStats
+
+    def _init(self, maxsize: int) -> None:
+        self._queue: collections.deque[_Slot] = collections.deque()
+        self._latest: dict[str, _Slot] = {}
+
+    def _put(self, item: aiomqtt.Message) -> None:
+        slot = _Slot(item.topic.value, item)
+        self._queue.append(slot)
+        self._latest[slot.topic] = slot
+        if len(self._queue) > self.stats.high_water:
+            self.stats.high_water = len(self._queue)
+
+    def _get(self) -> aiomqtt.Message:
+        slot = self._queue.popleft()
+        if self._latest.get(slot.topic) is slot:
+            del self._latest[slot.topic]
+        return slot.message
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        if not self.full():
+            super().put_nowait(item)
+            return
+        slot = self._latest.get(item.topic.value)
+        if slot is not None:
+            slot.message = item  # keeps its place in line, carries the newest payload
+            self.stats.coalesced += 1
+        else:
+            self.stats.dropped += 1
+
+
+def coalescing_queue(stats: QueueStats) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """A CoalescingQueue class reporting into `stats` (aiomqtt instantiates it per client)."""
+
+    class _Queue(CoalescingQueue):
+        pass
+
+    _Queue.stats = stats
+    return _Queue
+
+
+@dataclass(slots=True)
+class _RateLimitedLog:
+    """One line per key per window, saying how many were not logged in between."""
+
+    every_s: float
+    last: dict[str, float] = field(default_factory=dict)
+    suppressed: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def __call__(self, key: str, now: float, level: int, msg: str, *args: object) -> None:
+        if now - self.last.get(key, -self.every_s) < self.every_s:
+            self.suppressed[key] += 1
+            return
+        self.last[key] = now
+        more = self.suppressed.pop(key, 0)
+        if more:
+            msg += " (and %d more since the last report)"
+            args = (*args, more)
+        log.log(level, msg, *args)
+
+
+class HeartbeatSubscriber:
+    """Feeds a HeartbeatBook from the broker; `run()` until cancelled, `statistics()` any time."""
+
+    def __init__(
+        self,
+        settings: SubscriberSettings,
+        book: HeartbeatBook,
+        *,
+        on_change: Callable[[str], None],
+        on_connection: Callable[[bool], None],
+        on_reject: Callable[[RejectReason], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._book = book
+        self._on_change = on_change
+        self._on_connection = on_connection
+        self._on_reject = on_reject
+        self._clock = clock
+        prefix = settings.mqtt.topic_prefix
+        self._prefix = prefix
+        self._heartbeat_head = f"{prefix}/heartbeat/"
+        self._status_head = f"{prefix}/status/"
+        self.client_id = f"node-watchdog-controller-{socket.gethostname()}-{os.getpid()}"
+        self._queue_stats = QueueStats()
+        self._queue_type = coalescing_queue(self._queue_stats)
+        self._overflow_reported = (0, 0)
+        self._client: aiomqtt.Client | None = None
+        self._connected = False
+        self._connected_since: float | None = None
+        self._connects = 0
+        self._attempt = 0
+        self._messages = 0
+        self._accepted = 0
+        self._statuses = 0
+        self._rejected: collections.Counter[RejectReason] = collections.Counter()
+        self._log_limited = _RateLimitedLog(LOG_EVERY_S)
+
+    # --- public ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            while True:
+                error = await self._connection()
+                self._set_connected(False)  # before any reconnect attempt: heartbeats UNKNOWN
+                self._attempt += 1
+                delay = reconnect_delay_s(self._attempt, random.random())
+                log.warning(
+                    "heartbeat subscriber: broker %s unreachable (%s); reconnect attempt %d "
+                    "in %.2fs",
+                    self._settings.mqtt.url,
+                    error,
+                    self._attempt,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        finally:
+            self._set_connected(False)
+
+    def statistics(self) -> dict[str, Any]:
+        now = self._clock()
+        return {
+            "client_id": self.client_id,
+            "connected": self._connected,
+            "connected_for_s": None
+            if self._connected_since is None
+            else now - self._connected_since,
+            "connects": self._connects,
+            "reconnect_attempt": self._attempt,
+            "messages": self._messages,
+            "accepted": self._accepted,
+            "statuses": self._statuses,
+            "rejected": {reason.value: n for reason, n in self._rejected.items()},
+            "rejected_total": sum(self._rejected.values()),
+            "queue_depth": len(self._client.messages) if self._client is not None else 0,
+            "queue_bound": self._settings.mqtt.max_queued_messages,
+            "queue_high_water": self._queue_stats.high_water,
+            "coalesced": self._queue_stats.coalesced,
+            "dropped": self._queue_stats.dropped,
+        }
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    # --- connection ------------------------------------------------------------------------------
+
+    async def _connection(self) -> str:
+        """One connection, until it fails; returns why."""
+        try:
+            conn = broker_connection(self._settings.mqtt, self._settings.mqtt_password)
+            client = aiomqtt.Client(
+                conn.address.host,
+                conn.address.port,
+                username=conn.username,
+                password=conn.password,
+                identifier=self.client_id,
+                keepalive=self._settings.mqtt.keepalive_s,
+                tls_context=conn.tls_context,
+                timeout=float(self._settings.mqtt.keepalive_s),
+                queue_type=self._queue_type,
+                max_queued_incoming_messages=self._settings.mqtt.max_queued_messages,
+            )
+            async with client:
+                await client.subscribe(self._heartbeat_head + "+", qos=0)
+                await client.subscribe(self._status_head + "+", qos=1)
+                self._client = client
+                self._attempt = 0
+                self._set_connected(True)
+                async for message in client.messages:
+                    self._handle(message)
+                    self._report_overflow()
+        except aiomqtt.MqttError as e:
+            return str(e) or type(e).__name__
+        except (OSError, ValueError) as e:  # password/cert files, URL: retried, maybe fixed
+            return f"{type(e).__name__}: {e}"
+        finally:
+            self._client = None
+        return "message stream ended"  # pragma: no cover - aiomqtt raises instead
+
+    def _set_connected(self, up: bool) -> None:
+        if up == self._connected:
+            return
+        self._connected = up
+        if up:
+            self._connects += 1
+            self._connected_since = self._clock()
+            url = self._settings.mqtt.url
+            log.info("heartbeat subscriber: connected to %s as %s", url, self.client_id)
+        else:
+            self._connected_since = None
+            log.warning("heartbeat subscriber: broker connection lost: heartbeats are UNKNOWN")
+        self._on_connection(up)
+
+    # --- messages --------------------------------------------------------------------------------
+
+    def _handle(self, message: aiomqtt.Message) -> None:
+        self._messages += 1
+        topic = message.topic.value
+        payload = message.payload
+        if not isinstance(payload, bytes):  # paho delivers bytes; anything else is not ours
+            payload = b"" if payload is None else str(payload).encode()
+        now = self._clock()
+        if topic.startswith(self._heartbeat_head):
+            try:
+                hb = parse_heartbeat(topic, payload, self._prefix)
+                self._book.accept(hb, now)
+            except HeartbeatRejected as e:
+                self._reject(e.reason, e.detail, topic, now)
+                return
+            self._accepted += 1
+            self._on_change(hb.node)
+        elif topic.startswith(self._status_head):
+            self._handle_status(topic[len(self._status_head) :], payload, topic, now)
+        else:  # our subscriptions cannot deliver this; a broker bug is still not trusted
+            self._reject(RejectReason.TOPIC_MISMATCH, "unexpected topic", topic, now)
+
+    def _handle_status(self, node: str, payload: bytes, topic: str, now: float) -> None:
+        if payload == b"":
+            return  # a retained status being cleared: a statement about nothing
+        if payload not in (ONLINE, OFFLINE):
+            self._reject(RejectReason.MALFORMED, f"status {payload[:32]!r}", topic, now)
+            return
+        if self._book.status(node, payload == ONLINE) is None:
+            self._reject(RejectReason.UNKNOWN_NODE, f"status of {node[:64]!r}", topic, now)
+            return
+        self._statuses += 1
+        self._on_change(node)
+
+    def _reject(self, reason: RejectReason, detail: str, topic: str, now: float) -> None:
+        self._rejected[reason] += 1
+        self._on_reject(reason)
+        self._log_limited(
+            reason.value,
+            now,
+            logging.WARNING,
+            "heartbeat subscriber: rejected message on %r: %s: %s",
+            topic[:160],
+            reason.value,
+            detail[:160],
+        )
+
+    def _report_overflow(self) -> None:
+        seen = (self._queue_stats.coalesced, self._queue_stats.dropped)
+        if seen == self._overflow_reported:
+            return
+        self._overflow_reported = seen
+        self._log_limited(
+            "queue-overflow",
+            self._clock(),
+            logging.WARNING,
+            "heartbeat subscriber: inbound queue full (bound %d): %d messages coalesced "
+            "(latest per node kept), %d dropped so far",
+            self._settings.mqtt.max_queued_messages,
+            seen[0],
+            seen[1],
+        )

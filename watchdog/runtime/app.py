@@ -1,0 +1,252 @@
+"""Task wiring for the roles `run`, `agent`, `controller` and `preflight`.
+
+One root TaskGroup per process, every task named; SIGTERM/SIGINT cancel it, and shutdown
+releases the leader Lease and publishes the agent's clean `offline` on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from watchdog.actuate.kube import Actuator
+from watchdog.actuate.lease_lock import LeaseLock
+from watchdog.actuate.preflight import run_preflight
+from watchdog.decide import actions as act
+from watchdog.decide.config import FenceMode
+from watchdog.decide.heartbeats import HeartbeatBook, RejectReason
+from watchdog.heartbeat.agent import Agent
+from watchdog.metrics import Metrics
+from watchdog.observe.cluster_cache import NODE_LEASE_NAMESPACE, ClusterCache
+from watchdog.observe.informer import EventKind, RestartCause
+from watchdog.observe.kube import ConfigError, KubeApi, load_api_client
+from watchdog.observe.mqtt import HeartbeatSubscriber
+from watchdog.observe.node_probe import node_phase_probe
+from watchdog.runtime.controller import Controller
+from watchdog.runtime.http import Health, make_app, serve
+from watchdog.runtime.leader import LeaderElector
+from watchdog.runtime.scheduler import NodeScheduler
+from watchdog.runtime.settings import Settings
+from watchdog.runtime.view import CacheView
+
+log = logging.getLogger("watchdog")
+
+
+def configure_logging(settings: Settings) -> None:
+    fmt = (
+        '{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
+        if settings.log_format == "json"
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.basicConfig(level=settings.log_level, format=fmt, stream=sys.stderr, force=True)
+
+
+def main(role: str, settings: Settings, args: argparse.Namespace) -> int:
+    configure_logging(settings)
+    if role == "preflight":
+        try:
+            return asyncio.run(preflight(settings))
+        except ConfigError as e:
+            print(f"FAIL kubeconfig: {e}", file=sys.stderr)
+            return 1
+    if role in ("run", "agent") and not settings.node_name:
+        print("invalid configuration: node_name is required (WATCHDOG_NODE_NAME)", file=sys.stderr)
+        return 2
+    if settings.fence_mode is FenceMode.NONE:
+        log.warning(
+            "fence_mode=none: VMs of a partitioned node may run twice (Harvester-compatible)"
+        )
+    try:
+        return asyncio.run(_serve(role, settings))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+async def preflight(settings: Settings) -> int:
+    api_client = await load_api_client()
+    try:
+        checks = await run_preflight(api_client, settings)
+    finally:
+        await api_client.close()
+    for c in checks:
+        print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
+async def _serve(role: str, settings: Settings) -> int:
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    stopping = asyncio.Event()
+
+    def stop(signame: str) -> None:
+        if not stopping.is_set():
+            log.info("%s: shutting down", signame)
+            stopping.set()
+            main_task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig.name)
+
+    metrics = Metrics()
+    health = Health()
+    api_client = await load_api_client()
+    api = KubeApi.from_settings(api_client, settings)
+    runner = None
+    elector: LeaderElector | None = None
+    try:
+        async with asyncio.TaskGroup() as tg:
+            if role in ("run", "controller"):
+                elector = _controller(tg, settings, api, metrics, health)
+            if role in ("run", "agent"):
+                assert settings.node_name
+                agent = Agent(settings, api_probe=node_phase_probe(api, settings.node_name))
+                tg.create_task(agent.run(), name="agent")
+                health.readiness("agent", lambda: bool(agent.statistics().get("connected")))
+            if settings.metrics_port:
+                runner = await serve(
+                    make_app(metrics.registry, health), settings.metrics_host, settings.metrics_port
+                )
+    except asyncio.CancelledError:
+        if not stopping.is_set():
+            raise
+    finally:
+        if elector is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(elector.release(), 3)
+        if runner is not None:
+            await runner.cleanup()
+        await api.close()
+    return 0
+
+
+def _controller(
+    tg: asyncio.TaskGroup, settings: Settings, api: KubeApi, metrics: Metrics, health: Health
+) -> LeaderElector:
+    clock = time.monotonic
+    book = HeartbeatBook()
+    actuator = Actuator(api.api_client, settings)
+    taint = actuator.taint
+    controller: Controller
+
+    async def execute(action: act.Action) -> str:
+        claims: list[tuple[str, str]] = []
+        if isinstance(action, act.DeleteVolumeAttachments):
+            claims = [(p.namespace, c) for p in cache.pods_on(action.node) for c in p.claims]
+        outcome = await actuator.execute(action, claims=claims)
+        return outcome.result.value
+
+    def on_event(resource: str, kind: EventKind, key: str, old: Any, new: Any) -> None:
+        if resource == "nodes":
+            if kind is EventKind.DELETED:
+                book.known.discard(key)
+                controller.forget_node(key)
+                scheduler.forget(key)
+                return
+            book.known.add(key)
+            scheduler.mark(key)
+        elif resource == "leases":
+            scheduler.mark(key.removeprefix(f"{NODE_LEASE_NAMESPACE}/"))
+        elif resource == "pods":
+            for rec in (old, new):
+                if rec is not None and rec.node:
+                    scheduler.mark(rec.node)
+        elif resource == "virtualmachineinstances" and new is not None:
+            vmi_changes.put_nowait((new.namespace, new.name))
+        elif resource == "settings":
+            scheduler.mark_all(list(book.known))
+
+    def on_health(up: bool) -> None:
+        controller.api_connection(up)
+        scheduler.mark_all(list(book.known))
+
+    def on_restart(resource: str, cause: RestartCause) -> None:
+        metrics.watch_restarts.labels(resource=resource, cause=cause.value).inc()
+
+    cache = ClusterCache(
+        api, settings, clock=clock, on_event=on_event, on_restart=on_restart, on_health=on_health
+    )
+    controller = Controller(
+        settings.decide_config(),
+        settings.default_policy(),
+        (taint.key, taint.effect),
+        CacheView(cache),
+        book,
+        execute,
+        metrics,
+        clock,
+    )
+    scheduler = NodeScheduler(controller.evaluate, clock)
+    vmi_changes: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+
+    def on_change(node: str) -> None:
+        metrics.heartbeats.inc()
+        if node in book.known:
+            scheduler.mark(node)
+
+    def on_connection(up: bool) -> None:
+        controller.broker_connection(up)
+        scheduler.mark_all(list(book.known))
+
+    def on_reject(reason: RejectReason) -> None:
+        metrics.heartbeats_rejected.labels(reason=reason.value).inc()
+
+    subscriber = HeartbeatSubscriber(
+        settings, book, on_change=on_change, on_connection=on_connection, on_reject=on_reject
+    )
+
+    async def on_leader(leading: bool) -> None:
+        if leading:
+            await cache.wait_synced()
+            controller.become_leader()
+            scheduler.mark_all(list(book.known))
+        else:
+            controller.step_down()
+
+    identity = f"{settings.node_name or socket.gethostname()}_{os.getpid()}"
+    elector = LeaderElector(
+        LeaseLock(
+            api.api_client,
+            settings.namespace,
+            settings.leader.lease_name,
+            request_timeout_s=settings.api_request_timeout_s,
+        ),
+        identity,
+        lease_duration_s=settings.leader.lease_duration_s,
+        renew_deadline_s=settings.leader.renew_deadline_s,
+        retry_period_s=settings.leader.retry_period_s,
+        on_change=on_leader,
+        clock=clock,
+    )
+
+    async def follow_vmis() -> None:
+        while True:
+            ns, name = await vmi_changes.get()
+            await controller.vmi_changed(ns, name)
+            metrics.queue_depth.labels(queue="vmi_changes").set(vmi_changes.qsize())
+
+    async def heartbeat_loop() -> None:
+        # /healthz: the scheduler and caches must keep moving.
+        while True:
+            health.beat("controller", allowance_s=30.0)
+            metrics.queue_depth.labels(queue="dirty_nodes").set(scheduler.statistics()["dirty"])
+            await asyncio.sleep(5)
+
+    health.readiness("api-caches", lambda: cache.synced)
+    health.readiness("broker", lambda: subscriber.connected)
+    tg.create_task(cache.run(), name="caches")
+    tg.create_task(subscriber.run(), name="heartbeat subscriber")
+    tg.create_task(scheduler.run(), name="node scheduler")
+    tg.create_task(follow_vmis(), name="vm follower")
+    tg.create_task(heartbeat_loop(), name="health")
+    tg.create_task(elector.run(), name="leader election")
+    return elector

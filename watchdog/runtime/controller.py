@@ -1,0 +1,310 @@
+"""The controller: turns observations into decisions and decisions into actions, per node.
+
+It owns the node states, the live policy, source health and the follow-up of reset VMs. It
+reads the clock once per evaluation and hands it to `decide`; it never decides anything
+itself. Actions run only while this replica is the leader (or in dry-run, never).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from watchdog.decide import actions as act
+from watchdog.decide.config import DecideConfig, Policy
+from watchdog.decide.follow import FollowBook, Followed, Rescheduled
+from watchdog.decide.heartbeats import HeartbeatBook
+from watchdog.decide.holds import cluster_holds
+from watchdog.decide.machine import Context, Decision, decide
+from watchdog.decide.observations import LauncherPod, NodeObservation, SourceHealth
+from watchdog.decide.policy import PolicyError, parse_policy
+from watchdog.decide.reasons import Reason
+from watchdog.decide.reset_plan import Outcome, outcome_for
+from watchdog.decide.safety import effective_period_s
+from watchdog.decide.state import DOWN_PHASES, STATE_ANNOTATION, NodeState, Phase
+from watchdog.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class ClusterView(Protocol):
+    """What the controller reads from the API caches (implemented over observe's cache)."""
+
+    def node_names(self) -> Iterable[str]: ...
+    def node_ready(self, node: str) -> str | None: ...
+    def node_annotation(self, node: str, key: str) -> str | None: ...
+    def node_has_taint(self, node: str, key: str, effect: str) -> bool: ...
+    def lease_renewed_at(self, node: str) -> tuple[bool, float | None]: ...
+    def launcher_pods(self, node: str) -> tuple[LauncherPod, ...]: ...
+    def vm_run_strategy(self, namespace: str, vm: str) -> tuple[str | None, bool | None]: ...
+    def vmi_location(self, namespace: str, name: str) -> tuple[str | None, str | None]: ...
+    def harvester_policy(self) -> tuple[bool, str | None, str | None]: ...
+    def upgrade_running(self) -> bool: ...
+
+
+class Executor(Protocol):
+    """Executes one action; returns the result label (success, already_done, failed, ...)."""
+
+    async def __call__(self, action: act.Action) -> str: ...
+
+
+@dataclass
+class Health:
+    broker_up_since: float | None = None
+    api_up_since: float | None = None
+
+    def snapshot(self) -> SourceHealth:
+        return SourceHealth(self.broker_up_since, self.api_up_since)
+
+
+class Controller:
+    def __init__(
+        self,
+        cfg: DecideConfig,
+        default_policy: Policy,
+        taint: tuple[str, str],
+        view: ClusterView,
+        book: HeartbeatBook,
+        execute: Executor,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.default_policy = default_policy
+        self.policy = default_policy
+        self.taint_key, self.taint_effect = taint
+        self.view = view
+        self.book = book
+        self.execute = execute
+        self.metrics = metrics
+        self.clock = clock
+        self.health = Health()
+        self.states: dict[str, NodeState] = {}
+        self.phase_counts: Counter[Phase] = Counter()
+        self.follow = FollowBook()
+        self.acting = False
+        self.fence_confirmed: set[str] = set()
+        self._policy_text: tuple[str | None, str | None] | None = None
+        self._policy_invalid_reported: str | None = None
+        self._false_ready: dict[str, int] = {}
+        self._aged: set[str] = set()
+
+    # --- leadership -----------------------------------------------------------------------------
+
+    def become_leader(self) -> None:
+        """Resume every node from its persisted annotation; timers restart from now."""
+        now = self.clock()
+        self.states.clear()
+        self.phase_counts.clear()
+        for node in self.view.node_names():
+            state = NodeState.from_annotation(
+                node, self.view.node_annotation(node, STATE_ANNOTATION), now
+            )
+            # A resumed node's heartbeat count baseline is what we have seen so far.
+            rec = self.book.nodes.get(node)
+            if rec is not None:
+                state = replace(state, heartbeats_at_mark=rec.received)
+            self._set_state(node, state)
+        self.acting = True
+        self.metrics.leader.set(1)
+
+    def step_down(self) -> None:
+        self.acting = False
+        self.metrics.leader.set(0)
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def broker_connection(self, up: bool) -> None:
+        self.health.broker_up_since = self.clock() if up else None
+        self.metrics.source_up.labels(source="broker").set(1 if up else 0)
+
+    def api_connection(self, up: bool) -> None:
+        self.health.api_up_since = self.clock() if up else None
+        self.metrics.source_up.labels(source="api").set(1 if up else 0)
+
+    def refresh_policy(self) -> Policy:
+        """Read the Harvester setting (if the cluster has one); invalid → keep last good."""
+        present, value, default = self.view.harvester_policy()
+        if not present:
+            self.policy = self.default_policy
+            self.metrics.policy_invalid.set(0)
+        elif (value, default) != self._policy_text:
+            self._policy_text = (value, default)
+            try:
+                self.policy = parse_policy(value, default)
+                self.metrics.policy_invalid.set(0)
+                self._policy_invalid_reported = None
+                log.info("policy from Harvester setting: %s", self.policy)
+            except PolicyError as e:
+                self.metrics.policy_invalid.set(1)
+                if self._policy_invalid_reported != str(e):
+                    self._policy_invalid_reported = str(e)
+                    log.error("vm-force-reset-policy invalid (%s); keeping %s", e, self.policy)
+        self.metrics.policy_period.set(effective_period_s(self.policy, None, self.cfg))
+        return self.policy
+
+    def policy_problem(self) -> str | None:
+        return self._policy_invalid_reported
+
+    # --- evaluation -----------------------------------------------------------------------------
+
+    def observe_node(self, node: str) -> NodeObservation:
+        rec = self.book.nodes.get(node)
+        lease_seen, lease_at = self.view.lease_renewed_at(node)
+        tainted = self.view.node_has_taint(node, self.taint_key, self.taint_effect)
+        persisted = self.view.node_annotation(node, STATE_ANNOTATION)
+        persisted_phase = None
+        if persisted:
+            persisted_phase = NodeState.from_annotation(node, persisted, 0.0).phase.value
+        return NodeObservation(
+            name=node,
+            last_heartbeat_at=rec.last_at if rec else None,
+            heartbeats_received=rec.received if rec else 0,
+            boot_id=rec.boot_id if rec else None,
+            fence=rec.fence if rec else None,
+            agent_offline=rec.offline if rec else False,
+            lease_seen=lease_seen,
+            lease_renewed_at=lease_at,
+            ready=self.view.node_ready(node),
+            out_of_service_tainted=tainted,
+            launcher_pods=self.view.launcher_pods(node),
+            external_fence_confirmed=node in self.fence_confirmed,
+            persisted_phase=persisted_phase,
+        )
+
+    def holds(self) -> tuple[Reason, ...]:
+        # O(phases), not O(nodes): only the down count matters for storm control.
+        down = sum(n for p, n in self.phase_counts.items() if p in DOWN_PHASES)
+        return cluster_holds(
+            [Phase.UNREACHABLE] * down,
+            len(self.states),
+            self.health.snapshot(),
+            self.policy,
+            self.cfg,
+            self.view.upgrade_running(),
+        )
+
+    def _set_state(self, node: str, state: NodeState) -> None:
+        old = self.states.get(node)
+        if old is not None:
+            self.phase_counts[old.phase] -= 1
+            self.metrics.nodes.labels(phase=old.phase.value).dec()
+        self.states[node] = state
+        self.phase_counts[state.phase] += 1
+        self.metrics.nodes.labels(phase=state.phase.value).inc()
+
+    def forget_node(self, node: str) -> None:
+        old = self.states.pop(node, None)
+        if old is not None:
+            self.phase_counts[old.phase] -= 1
+            self.metrics.nodes.labels(phase=old.phase.value).dec()
+        if node in self._aged:
+            self._aged.discard(node)
+            self.metrics.heartbeat_age.remove(node)
+
+    async def evaluate(self, node: str) -> float | None:
+        """One decision for one node; returns when to look again."""
+        if node not in set(self.view.node_names()) and node not in self.states:
+            return None
+        now = self.clock()
+        state = self.states.get(node) or NodeState(node, entered_at=now)
+        if node not in self.states:
+            self._set_state(node, state)
+        obs = self.observe_node(node)
+        ctx = Context(self.health.snapshot(), self.refresh_policy(), self.holds())
+        decision = decide(state, obs, ctx, now, self.cfg)
+        self._record(node, state, obs, decision, now)
+        self._set_state(node, decision.state)
+        if self.acting:
+            for action in decision.actions:
+                await self._run(action, decision, obs, now)
+        return decision.wake_at
+
+    def _record(
+        self, node: str, before: NodeState, obs: NodeObservation, d: Decision, now: float
+    ) -> None:
+        sig = d.signals
+        if sig is not None and sig.heartbeat_age_s is not None:
+            self.metrics.heartbeat_age.labels(node=node).set(sig.heartbeat_age_s)
+            self._aged.add(node)
+        for frm, to, reason in d.transitions:
+            self.metrics.transitions.labels(frm.value, to.value, reason.value).inc()
+            log.info("node %s: %s -> %s (%s)", node, frm.value, to.value, reason.value)
+            if to is Phase.UNREACHABLE and d.state.last_contact_at is not None:
+                self.metrics.detection.observe(now - d.state.last_contact_at)
+            if frm is Phase.RESETTING and to is Phase.RESET and d.state.unreachable_at:
+                self.metrics.reset.observe(now - d.state.unreachable_at)
+        down = d.state.phase in DOWN_PHASES
+        ready = sum(1 for p in obs.launcher_pods if p.ready and not p.terminating) if down else 0
+        if ready or node in self._false_ready:
+            self._false_ready[node] = ready
+            if not ready:
+                del self._false_ready[node]
+            self.metrics.false_ready.set(sum(self._false_ready.values()))
+        if d.state.held is not None and d.state.held is not before.held:
+            log.warning("node %s: reset held (%s)", node, d.state.held.value)
+
+    async def _run(
+        self, action: act.Action, d: Decision | None, obs: NodeObservation | None, now: float
+    ) -> None:
+        name = type(action).__name__
+        try:
+            result = await self.execute(action)
+        except Exception as e:
+            # The executor retried transient errors already; the next evaluation retries again.
+            log.error("%s on %s failed: %s", name, action.node, e)
+            result = "failed"
+        self.metrics.actions.labels(action=name, result=result).inc()
+        done = result in ("success", "already_done")
+        if isinstance(action, act.ForceDeletePods) and done and d is not None and obs is not None:
+            self._follow_pods(action, d.state, obs, now)
+        if isinstance(action, act.RunFenceHook) and result == "success":
+            self.fence_confirmed.add(action.node)
+
+    def _follow_pods(
+        self, action: act.ForceDeletePods, state: NodeState, obs: NodeObservation, now: float
+    ) -> None:
+        by_name = {(p.namespace, p.name): p for p in obs.launcher_pods}
+        for ns, pod in action.pods:
+            lp = by_name.get((ns, pod))
+            if lp is None:
+                continue
+            strategy, running = self.view.vm_run_strategy(ns, lp.vmi)
+            outcome = outcome_for(strategy, running)
+            if outcome is not Outcome.EXPECT_RESTART:
+                log.info("VM %s/%s not restarted by policy (%s)", ns, lp.vmi, strategy)
+                continue
+            self.follow.start(
+                Followed(
+                    ns,
+                    lp.vmi,
+                    action.node,
+                    outcome,
+                    state.last_contact_at,
+                    state.unreachable_at,
+                    now,
+                )
+            )
+
+    async def vmi_changed(self, namespace: str, name: str) -> Rescheduled | None:
+        """Called on every VMI event; records the failover of a followed VM once it runs."""
+        node, phase = self.view.vmi_location(namespace, name)
+        done = self.follow.vmi_changed(namespace, name, node, phase, self.clock())
+        if done is not None:
+            self.metrics.reschedule.observe(done.reschedule_s)
+            if done.failover_s is not None:
+                self.metrics.failover.observe(done.failover_s)
+            failover = "n/a" if done.failover_s is None else f"{done.failover_s:.1f}s"
+            message = (
+                f"VM {namespace}/{name} running on {done.new_node} (was {done.old_node}): "
+                f"reschedule {done.reschedule_s:.1f}s, failover {failover}"
+            )
+            log.info("%s", message)
+            if self.acting:
+                event = act.EmitEvent(done.old_node, "VMRescheduled", Reason.RECOVERED, message)
+                await self._run(event, None, None, 0.0)
+        return done

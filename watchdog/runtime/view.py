@@ -1,0 +1,53 @@
+"""The controller's read-only view of the cluster, over observe's ClusterCache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from watchdog.decide.observations import LauncherPod
+from watchdog.observe.cluster_cache import ClusterCache
+
+
+class CacheView:
+    def __init__(self, cache: ClusterCache) -> None:
+        self.cache = cache
+
+    def node_names(self) -> Iterable[str]:
+        return self.cache.nodes.items.keys()
+
+    def node_ready(self, node: str) -> str | None:
+        rec = self.cache.node(node)
+        return None if rec is None else rec.ready
+
+    def node_annotation(self, node: str, key: str) -> str | None:
+        rec = self.cache.node(node)
+        return None if rec is None else rec.state_annotation
+
+    def node_has_taint(self, node: str, key: str, effect: str) -> bool:
+        rec = self.cache.node(node)
+        return rec is not None and rec.has_taint(key, effect)
+
+    def lease_renewed_at(self, node: str) -> tuple[bool, float | None]:
+        lease = self.cache.lease(node)
+        return (False, None) if lease is None else (True, lease.renewed_at)
+
+    def launcher_pods(self, node: str) -> tuple[LauncherPod, ...]:
+        return self.cache.launcher_pods(node)
+
+    def vm_run_strategy(self, namespace: str, vm: str) -> tuple[str | None, bool | None]:
+        rec = self.cache.vm(namespace, vm)
+        return (None, None) if rec is None else (rec.run_strategy, None)
+
+    def vmi_location(self, namespace: str, name: str) -> tuple[str | None, str | None]:
+        rec = self.cache.vmi(namespace, name)
+        return (None, None) if rec is None else (rec.node, rec.phase)
+
+    def harvester_policy(self) -> tuple[bool, str | None, str | None]:
+        setting = self.cache.harvester_policy()
+        if setting is None:
+            return False, None, None
+        return True, setting.value, setting.default
+
+    def upgrade_running(self) -> bool:
+        # Harvester upgrades (upgrades.harvesterhci.io) are not watched yet: no upgrade hold.
+        return False
