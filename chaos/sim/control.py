@@ -37,6 +37,10 @@ class ControlError(RuntimeError):
     """The control channel could not be used; the message says why and what to do."""
 
 
+class ControlBadRequest(ControlError):
+    """The sim refused the request as invalid (unknown node, wrong action for a node...)."""
+
+
 class ControlHandler(Protocol):
     async def fault(
         self, action: str, node: str | None, duration_s: float | None
@@ -165,6 +169,8 @@ class ControlClient:
                 session.request(method, f"{self.url}{path}", json=body, headers=headers) as resp,
             ):
                 data = await resp.json(content_type=None)
+                if resp.status == 400:
+                    raise ControlBadRequest(str(data.get("error", data)))
                 if resp.status >= 300:
                     raise ControlError(str(data.get("error", data)))
                 return dict(data)

@@ -183,9 +183,19 @@ def scale_timings(timings: Timings, time_scale: float) -> ScaledTimings:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free right now; the caller retries if another process takes it first."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free ports (all bound at once, so the kernel cannot repeat one)."""
+    with contextlib.ExitStack() as stack:
+        socks = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            for _ in range(count)
+        ]
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def write_kubeconfig(
@@ -327,7 +337,7 @@ class ControlPlane:
         try:
             await self._start_etcd()
             await self._start_apiserver()
-            await asyncio.gather(self.controller_manager_start(), self.scheduler_start())
+            await self._start_controllers()
             await self.ready(self._startup_timeout_s)
         except BaseException:
             self._keep_work_dir = True  # the error names log files in it
@@ -337,6 +347,16 @@ class ControlPlane:
             f"control plane ready at {self.server_url} in "
             f"{time.monotonic() - started:.1f}s (work dir {self.work_dir})"
         )
+
+    async def _start_controllers(self) -> None:
+        """The controller-manager and the scheduler, concurrently: neither needs the other."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.controller_manager_start(), name="start controller-manager")
+                tg.create_task(self.scheduler_start(), name="start scheduler")
+        except BaseExceptionGroup as group:
+            # Callers expect ControlPlaneError (with the log tail), not a group of one.
+            raise group.exceptions[0] from None
 
     async def stop(self) -> None:
         """Stop every component (dependents first); idempotent. Removes a temp work dir."""
@@ -513,7 +533,7 @@ class ControlPlane:
 
     async def _start_etcd(self) -> None:
         async def attempt() -> None:
-            self._ports["etcd"], self._ports["etcd-peer"] = free_port(), free_port()
+            self._ports["etcd"], self._ports["etcd-peer"] = free_ports(2)
             await self._launch("etcd", self._etcd_argv(), self._etcd_healthy)
 
         await _retry_on_port_collision("etcd", attempt)
@@ -810,6 +830,7 @@ __all__ = [
     "ScaledTimings",
     "Timings",
     "free_port",
+    "free_ports",
     "scale_timings",
     "write_kubeconfig",
 ]

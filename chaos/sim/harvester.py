@@ -197,12 +197,20 @@ class Longhorn:
                 "resources": {"requests": {"storage": size}},
             },
         }
-        for res, body in ((PVS, pv), (PVCS, pvc)):
-            try:
-                await self.kube.create(res, body)
-            except ApiError as e:
-                if e.status != 409:
-                    raise
+        # The claim first, then its PV pointing back at the claim's uid: the binder then only
+        # finishes a binding both sides agree on (a claimRef without uid races into ClaimLost).
+        try:
+            created = await self.kube.create(PVCS, pvc)
+        except ApiError as e:
+            if e.status != 409:
+                raise
+            created = await self.kube.get(PVCS, claim, namespace)
+        pv["spec"]["claimRef"]["uid"] = created["metadata"]["uid"]
+        try:
+            await self.kube.create(PVS, pv)
+        except ApiError as e:
+            if e.status != 409:
+                raise
 
     async def ensure_storage_class(self) -> None:
         body = {

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# Resolved once in the parent: loading a library between fork and exec can deadlock.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
 _LIVE: dict[int, ManagedProcess] = {}
 
 
@@ -36,8 +38,7 @@ def _die_with_parent(parent_pid: int) -> None:
     Runs in the forked child before exec. If the parent already died between fork and prctl,
     the signal would never come, hence the getppid check.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:
         os._exit(1)
 

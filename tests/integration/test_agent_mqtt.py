@@ -138,6 +138,10 @@ class Seen:
     def count(self, node: str) -> int:
         return len(self.heartbeats[node])
 
+    def seq(self, node: str) -> int:
+        rec = self.book.nodes.get(node)
+        return -1 if rec is None else rec.seq
+
     def ups(self) -> list[bool]:
         return [up for _, up in self.connection]
 
@@ -396,8 +400,9 @@ async def test_agent_fences_itself_when_cut_off_from_broker_and_api(
         # Not early: its last proven contact was at most one heartbeat before the cut.
         assert after >= FENCE_AFTER_S - HEARTBEAT_S - 0.05
         assert after <= FENCE_AFTER_S + 0.5
-        stats = agent.statistics()
-        assert stats["fenced"] and stats["fence_result"] == "exit 0"
+        async with asyncio.timeout(FENCE_BOUND_S + 1):
+            outcome = await agent.wait_fenced()
+        assert outcome.succeeded and agent.statistics()["fence_result"] == "exit 0"
         assert probe.calls > 0
         # A fenced node never claims to be alive again, even with the broker back.
         mosquitto.start()
@@ -449,7 +454,10 @@ async def test_agent_fences_at_once_when_the_api_says_it_is_being_fenced(
         await wait_for(marker.exists, API_CHECK_S + 1, "fence marker")
         took = time.monotonic() - declared_at
         record_property("fence_after_api_says_fencing_s", round(took, 3))
-        assert agent.statistics()["fence_reason"] == "the API says this node is Fencing"
+        print(f"fenced {took * 1000:.0f} ms after the API said Fencing")
+        async with asyncio.timeout(FENCE_BOUND_S + 1):
+            outcome = await agent.wait_fenced()
+        assert outcome.reason == "the API says this node is Fencing"
         # It stops heartbeating and says offline although the broker is fine.
         await wait_for(lambda: "node-a" in seen.offline_at, 3, "offline after the fence")
         last = seen.count("node-a")
@@ -478,7 +486,7 @@ async def test_subscriber_rejects_and_counts_hostile_messages_and_keeps_acceptin
         await attacker.unsubscribe(topic_a)
         assert isinstance(captured.payload, bytes)
         real = parse_heartbeat(topic_a, captured.payload, PREFIX)
-        await wait_for(lambda: seen.book.nodes["node-a"].seq > real.seq, 5, "newer heartbeat")
+        await wait_for(lambda: seen.seq("node-a") > real.seq, 5, "a newer heartbeat accepted")
 
         def forged(node: str) -> bytes:
             return encode_heartbeat(

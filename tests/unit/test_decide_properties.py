@@ -11,7 +11,7 @@ two: would a VM be reset, and when, and was that safe given what really happened
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hypothesis import HealthCheck, event, given, settings
@@ -384,6 +384,41 @@ def test_no_reset_before_the_period_and_the_safe_delay(sc: Scenario) -> None:
         )
 
 
+@PROPERTY
+@given(
+    configs().map(lambda c: replace(c, fence_mode=FenceMode.SELF, dry_run=False)),
+    armed,
+    st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 1.0, 3.0, 5.0, 10.0, 20.0, 40.0]),  # silence before the blip
+            st.integers(1, 3),  # heartbeats that get out
+            st.one_of(st.none(), armed),  # a new declaration in them (agent reconfigured)
+        ),
+        max_size=4,
+    ),
+)
+def test_heartbeats_of_a_dying_node_never_shorten_the_wait_after_the_last_one(
+    cfg: DecideConfig,
+    declared: FenceDeclaration,
+    blips: list[tuple[float, int, FenceDeclaration | None]],
+) -> None:
+    sim = Sim(cfg=cfg, policy=Policy(period_s=1.0), fence=declared, other_nodes=99)
+    sim.advance(5.0)
+    sim.node_dies()  # then blips while it is suspect, unreachable or fencing
+    for silence, n, new_declaration in blips:
+        sim.advance(silence)
+        if new_declaration is not None:
+            sim.fence = new_declaration
+        apply(sim, ("blip", n))
+    sim.advance(300.0)
+    for _, e in resets(sim):
+        assert e.agent_last_contact is not None and e.declared_at_agent_contact is not None
+        assert e.now >= e.agent_last_contact + self_safe_delay(e.declared_at_agent_contact, cfg), (
+            f"reset at {e.now}, agent last reached the broker at {e.agent_last_contact} "
+            f"and declared {e.declared_at_agent_contact}"
+        )
+
+
 # --- (f) determinism ----------------------------------------------------------------------------
 
 
@@ -413,6 +448,24 @@ def test_a_node_that_stops_heartbeating_is_noticed_without_outside_news(sc: Scen
         sim.broker_up()
     sim.advance(sc.cfg.suspect_after_s + sc.cfg.heartbeat_interval_s)
     assert sim.phase not in (Phase.HEALTHY, Phase.DEGRADED, Phase.RECOVERING), sim.phase
+
+
+@PROPERTY
+@given(scenarios)
+def test_a_node_back_for_good_ends_healthy_without_the_out_of_service_taint(sc: Scenario) -> None:
+    sim = replay(sc)
+    # whatever happened, the node is now back and everything works again
+    sim.node_boots(f"boot-{sim.now}")
+    sim.peers_unreachable = None
+    sim.deletes_fail = False
+    for up, since in ((sim.broker_up, sim.broker_up_since), (sim.api_up, sim.api_up_since)):
+        if since is None:
+            up()
+    sim.advance(60.0)
+    sim.launcher_pods = []  # Kubernetes cleans up what is left on the node
+    sim.advance(60.0)
+    assert sim.phase is Phase.HEALTHY
+    assert not sim.our_taint, "a recovered node kept the out-of-service taint: nothing schedules there"
 
 
 # --- (g) persisted state ------------------------------------------------------------------------

