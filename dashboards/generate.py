@@ -17,7 +17,10 @@ Gauges that every replica exports (all replicas compute, only the leader acts) a
 leader's view with `and on (instance) (watchdog_leader == 1)`; counters and histograms move only
 on the leader, so they are summed over all replicas.
 
-Usage: python dashboards/generate.py [--out DIR] [--runbook-base URL]
+Usage: python dashboards/generate.py [--out DIR] [--runbook-base URL] [--check]
+
+`panel_queries()` and `ALERTS` are also the hook for checking every panel query and alert
+expression against a real Prometheus scraping a failover scenario.
 """
 
 from __future__ import annotations
@@ -791,6 +794,40 @@ def dashboard_models() -> dict[str, dict[str, Any]]:
         model = json.loads(json.dumps(built, cls=JSONEncoder))
         models[model["uid"]] = number_panels(model)
     return models
+
+
+# What Grafana substitutes before a query reaches Prometheus (for promtool and for running every
+# panel query against a real Prometheus in a scenario test).
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "30s",
+    "$__range": "3h",
+    "$node": ".+",
+}
+
+
+def as_prometheus_query(expr: str, variables: dict[str, str] | None = None) -> str:
+    """A panel's expression with Grafana's variables replaced as Grafana would send it."""
+    for var, value in (variables or GRAFANA_VARIABLES).items():
+        expr = expr.replace(var, value)
+    if "$" in expr:
+        raise ValueError(f"unknown Grafana variable in {expr!r}")
+    return expr
+
+
+def panel_queries(
+    models: dict[str, dict[str, Any]] | None = None, variables: dict[str, str] | None = None
+) -> list[tuple[str, str]]:
+    """(where, PromQL) of every panel target: "<uid> #<id> '<title>' <refId>" and the query
+    as Prometheus receives it. `models` defaults to the dashboards this module generates."""
+    out = []
+    for uid, model in sorted((models or dashboard_models()).items()):
+        for panel in model["panels"]:
+            for p in [panel, *panel.get("panels", [])]:
+                for t in p.get("targets", []):
+                    where = f"{uid} #{p['id']} {p['title']!r} {t['refId']}"
+                    out.append((where, as_prometheus_query(t["expr"], variables)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------

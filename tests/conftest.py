@@ -29,3 +29,32 @@ def control_plane_binaries(pytestconfig: pytest.Config) -> ControlPlaneBinaries:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"control-plane binaries unavailable in CI: {e}", pytrace=False)
         pytest.skip(f"control-plane binaries unavailable: {e}")
+
+
+# --- chaos/sim/cluster.py: the whole test cluster (appended by the simulator's owner) ----------
+
+
+@pytest.fixture
+async def sim_cluster(control_plane_binaries: ControlPlaneBinaries, tmp_path: os.PathLike[str]):
+    """A factory: `cluster = await sim_cluster(nodes=3, vms=6, time_scale=0.2, ...)`.
+
+    Each call starts a SimCluster (real control plane, simulated nodes, KubeVirt, Harvester) and
+    returns once every node is Ready and every VM runs; all are stopped at teardown. Work
+    directories (logs of every component) stay under the test's tmp_path.
+    """
+    from chaos.sim.cluster import SimCluster, SimConfig
+
+    clusters: list[SimCluster] = []
+
+    async def make(**kwargs: object) -> SimCluster:
+        kwargs.setdefault("time_scale", 0.2)
+        kwargs.setdefault("work_dir", os.path.join(tmp_path, f"sim-{len(clusters)}"))
+        cluster = SimCluster(SimConfig(**kwargs), binaries=control_plane_binaries)  # type: ignore[arg-type]
+        clusters.append(cluster)
+        await cluster.start()
+        await cluster.wait_ready(120)
+        return cluster
+
+    yield make
+    for cluster in reversed(clusters):
+        await cluster.stop()

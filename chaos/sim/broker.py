@@ -70,8 +70,48 @@ async def wait_port(host: str, port: int, timeout_s: float = 10.0) -> None:
             return
 
 
+_AMQTT_PATCHED = False
+
+
+def _patch_amqtt_keepalive() -> None:
+    """Make amqtt 0.12 enforce keep-alive as MQTT requires (3.1.1 section 3.1.2.10).
+
+    amqtt times out its read after `keep_alive` seconds of silence and then does nothing
+    (`BrokerProtocolHandler.handle_read_timeout` is empty), so a client that goes silent without
+    closing its socket (a powered-off machine) is never disconnected and its Will never sent;
+    only a closed socket triggers it. A broker must disconnect after 1.5 x keep-alive and
+    publish the Will: that is the behaviour the watchdog relies on, so the embedded broker gets
+    it. Measured: without this, a black-holed client keeps its session forever.
+    """
+    global _AMQTT_PATCHED
+    if _AMQTT_PATCHED:
+        return
+    import math
+
+    from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+
+    original_start = BrokerProtocolHandler.start
+
+    async def start(self: BrokerProtocolHandler) -> None:
+        session = self.session
+        if session is not None and session.keep_alive and session.keep_alive > 0:
+            session.keep_alive = math.ceil(1.5 * session.keep_alive)
+        await original_start(self)
+
+    def handle_read_timeout(self: BrokerProtocolHandler) -> None:
+        # An unclean disconnect: the broker's client loop then publishes the Will.
+        asyncio.ensure_future(self.handle_connection_closed())
+
+    BrokerProtocolHandler.start = start  # type: ignore[method-assign]
+    BrokerProtocolHandler.handle_read_timeout = handle_read_timeout  # type: ignore[method-assign]
+    _AMQTT_PATCHED = True
+
+
 class EmbeddedBroker:
-    """amqtt in-process. Restarted as a fresh instance on the same port."""
+    """amqtt in-process (keep-alive enforcement fixed, see _patch_amqtt_keepalive).
+
+    Restarted as a fresh instance on the same port.
+    """
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
         self.host = host
@@ -91,6 +131,7 @@ class EmbeddedBroker:
             return
         from amqtt.broker import Broker  # imported late: amqtt is heavy and only needed here
 
+        _patch_amqtt_keepalive()
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
             "plugins": {

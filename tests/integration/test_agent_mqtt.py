@@ -27,6 +27,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from chaos.sim.proxy import ProxyMode, TcpProxy
 from watchdog.decide.heartbeats import (
     Heartbeat,
     HeartbeatBook,
@@ -411,6 +412,37 @@ async def test_agent_fences_itself_when_cut_off_from_broker_and_api(
         await stays(lambda: seen.count("node-a") == last, 5 * HEARTBEAT_S, "no heartbeats")
         assert not agent.statistics()["connected"]
     assert marker.read_text() == "fenced\n", "the fence ran exactly once"
+
+
+async def test_partitioned_agent_fences_for_lack_of_echoes_before_the_broker_sends_its_will(
+    mosquitto: Mosquitto, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    """A partition sends no FIN: the agent's connection still looks open, yet no heartbeat
+    comes back, so it fences on time; the broker announces it only after its keepalive
+    timeout (nominally 1.5 x keepalive; mosquitto 2.0.11 measured 2.2-2.8 x)."""
+    marker = tmp_path / "fenced"
+    seen = Seen()
+    async with TcpProxy("127.0.0.1", mosquitto.port, name="partition") as link:
+        agent = Agent(
+            settings(
+                f"mqtt://127.0.0.1:{link.port}", tmp_path, fence_command=fence_command(marker)
+            ),
+            api_probe=Probe(None),
+        )
+        async with running(subscriber(mosquitto, tmp_path, seen).run(), agent.run()):
+            await wait_for(lambda: seen.count("node-a") >= 3, 5, "heartbeats")
+            cut_at = time.monotonic()
+            link.set_mode(ProxyMode.BLACKHOLE)
+            await wait_for(marker.exists, FENCE_AFTER_S + 2, "fence marker")
+            fenced_after = time.monotonic() - cut_at
+            assert agent.statistics()["connected"], "the client still believed it was connected"
+            assert FENCE_AFTER_S - HEARTBEAT_S - 0.05 <= fenced_after <= FENCE_AFTER_S + 0.5
+            await wait_for(lambda: "node-a" in seen.offline_at, 3 * KEEPALIVE_S + 2, "Will")
+            will_after = seen.offline_at["node-a"] - cut_at
+    record_property("partition_fence_s", round(fenced_after, 3))
+    record_property("partition_will_s", round(will_after, 3))
+    print(f"partitioned: fenced after {fenced_after:.2f}s, Will after {will_after:.2f}s")
+    assert fenced_after + KEEPALIVE_S / 2 < will_after <= 3 * KEEPALIVE_S + 1
 
 
 async def test_agent_does_not_fence_while_the_api_says_healthy_even_with_the_broker_down(

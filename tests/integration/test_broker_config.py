@@ -198,13 +198,18 @@ class Inbox:
 
     async def wait_for(self, topic: str, payload: bytes) -> list[tuple[str, bytes]]:
         """Everything received up to and including (topic, payload)."""
-        async with asyncio.timeout(DEADLINE_S):
-            while True:
-                for i, item in enumerate(self.received):
-                    if item == (topic, payload):
-                        return self.received[: i + 1]
-                self._changed.clear()
-                await self._changed.wait()
+        try:
+            async with asyncio.timeout(DEADLINE_S):
+                while True:
+                    for i, item in enumerate(self.received):
+                        if item == (topic, payload):
+                            return self.received[: i + 1]
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise AssertionError(
+                f"{topic} {payload!r} not delivered within {DEADLINE_S} s; got {self.received}"
+            ) from None
 
 
 @asynccontextmanager

@@ -21,7 +21,7 @@ import pytest_asyncio
 import yaml
 
 from chaos.sim.binaries import ControlPlaneBinaries
-from chaos.sim.controlplane import ControlPlane
+from chaos.sim.controlplane import ControlPlane, OutageMode
 from chaos.sim.informer import CRDS, LEASES, NODES, PODS, ApiError, Kube, Resource
 from watchdog.decide.observations import LauncherPod
 from watchdog.observe.cluster_cache import (
@@ -314,10 +314,17 @@ async def test_a_real_410_gone_relists_quietly_and_the_cache_stays_correct(
         await admin.delete(PODS, f"gone-pod-{i}", "default", grace_period_s=0)
 
 
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param("freeze", id="hung apiserver (SIGSTOP)"),
+        pytest.param("stop", id="apiserver down (connection refused, restart)"),
+    ],
+)
 async def test_api_outage_flips_health_down_then_up_and_the_cache_catches_up(
-    cluster: ControlPlane, admin: Kube, api: KubeApi
+    cluster: ControlPlane, admin: Kube, api: KubeApi, mode: OutageMode
 ) -> None:
-    await create_node(admin, "outage-1")
+    await create_node(admin, f"outage-{mode}-1")
     health: list[bool] = []
     informer_health: list[tuple[str, bool]] = []
     cache = ClusterCache(
@@ -331,24 +338,28 @@ async def test_api_outage_flips_health_down_then_up_and_the_cache_catches_up(
         assert up_since is not None
 
         started = time.monotonic()
-        async with cluster.api_outage("freeze"):
+        async with cluster.api_outage(mode):
             probe_s = await eventually(lambda: not cache.api_up, what="API down (probe)")
-            # The frozen server keeps the watch open: the informer notices when its read
-            # timeout (watch timeout + slack) expires.
+            # A frozen server keeps the watch open: the informer notices when its read
+            # timeout (watch timeout + slack) expires. A stopped one closes it at once.
             await eventually(lambda: not cache.nodes.up, timeout_s=25, what="node informer down")
             assert cache.api_up_since is None
         down_for = time.monotonic() - started
         # Changes right after the outage (none can be made during it).
-        await create_node(admin, "outage-2")
-        await admin.create(PODS, launcher_pod("outage-pod", "outage-2", "vm-outage"))
+        await create_node(admin, f"outage-{mode}-2")
+        await admin.create(PODS, launcher_pod(f"outage-{mode}", f"outage-{mode}-2", "vm-outage"))
         await eventually(lambda: cache.api_up, timeout_s=20, what="API up again")
-        await eventually(lambda: cache.node("outage-2") is not None, what="node after outage")
-        await eventually(lambda: len(cache.launcher_pods("outage-2")) == 1, what="pod after outage")
-    assert probe_s < 3.0, f"the probe took {probe_s:.1f}s to notice a frozen API"
+        await eventually(
+            lambda: cache.node(f"outage-{mode}-2") is not None, what="node after outage"
+        )
+        await eventually(
+            lambda: len(cache.launcher_pods(f"outage-{mode}-2")) == 1, what="pod after outage"
+        )
+    assert probe_s < 3.0, f"the probe took {probe_s:.1f}s to notice the outage"
     assert health == [True, False, True]
     assert informer_health[-2:] == [("nodes", False), ("nodes", True)]
     assert cache.api_up_since is not None and cache.api_up_since > up_since + down_for / 2
-    await admin.delete(PODS, "outage-pod", "default", grace_period_s=0)
+    await admin.delete(PODS, f"outage-{mode}", "default", grace_period_s=0)
 
 
 async def test_lease_renewal_is_stamped_on_the_local_monotonic_clock(

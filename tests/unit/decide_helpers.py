@@ -206,7 +206,7 @@ class Sim:
     heartbeats_received: int = 0
     lease_renewed_at: float | None = None
     annotation: str | None = None
-    pending_annotation: str | None = None  # written while the API was unreachable: retried
+    pending_writes: list[Action] = field(default_factory=list)  # issued while the API was down
     our_taint: bool = False
     seen_boot_id: str | None = None  # boot id and fence declaration of the last heartbeat seen
     seen_fence: FenceDeclaration | None = None
@@ -298,6 +298,8 @@ class Sim:
             self.kubelet_stopped_at = None
             if self.api_up_since is not None:
                 self.lease_renewed_at = self.now
+                if self.ready == "Unknown":
+                    self.ready = "True"  # the kubelet posts its status again
         elif self.kubelet_stopped_at is None:
             self.kubelet_stopped_at = self.now
         self._api_view()
@@ -313,8 +315,9 @@ class Sim:
             and self.now - self.kubelet_stopped_at >= self.node_monitor_grace_s
         ):
             self.ready = "Unknown"
-        if self.pending_annotation is not None:
-            self.annotation, self.pending_annotation = self.pending_annotation, None
+        pending, self.pending_writes = self.pending_writes, []
+        for a in pending:
+            self._write(a)
 
     def advance(self, seconds: float) -> None:
         """Let `seconds` of virtual time pass: heartbeats, renewals and wake-ups in order."""
@@ -395,31 +398,31 @@ class Sim:
         )
 
     def apply(self, actions: Iterable[Action]) -> None:
-        api = self.api_up_since is not None
         for a in actions:
-            if isinstance(a, PersistState):
-                if api:
-                    self.annotation = a.annotation
-                else:
-                    self.pending_annotation = a.annotation
-            elif isinstance(a, TaintOutOfService) and api:
-                self.our_taint = True
-            elif isinstance(a, RemoveOutOfServiceTaint) and api:
-                self.our_taint = False
-                self.admin_taint = False
-            elif isinstance(a, ForceDeletePods) and api and not self.deletes_fail:
-                gone = set(a.pods)
-                self.launcher_pods = [
-                    p for p in self.launcher_pods if (p.namespace, p.name) not in gone
-                ]
-            elif isinstance(a, MarkPodsNotReady) and api:
-                marked = set(a.pods)
-                self.launcher_pods = [
-                    replace(p, ready=False) if (p.namespace, p.name) in marked else p
-                    for p in self.launcher_pods
-                ]
-            elif isinstance(a, RunFenceHook) and self.hook_confirms:
-                self.external_fence_confirmed = True
+            if isinstance(a, RunFenceHook):
+                self.external_fence_confirmed = self.external_fence_confirmed or self.hook_confirms
+            elif self.api_up_since is None:
+                self.pending_writes.append(a)  # actuate retries once the API is back
+            else:
+                self._write(a)
+
+    def _write(self, a: Action) -> None:
+        if isinstance(a, PersistState):
+            self.annotation = a.annotation
+        elif isinstance(a, TaintOutOfService):
+            self.our_taint = True
+        elif isinstance(a, RemoveOutOfServiceTaint):
+            self.our_taint = False
+            self.admin_taint = False
+        elif isinstance(a, ForceDeletePods) and not self.deletes_fail:
+            gone = set(a.pods)
+            self.launcher_pods = [p for p in self.launcher_pods if (p.namespace, p.name) not in gone]
+        elif isinstance(a, MarkPodsNotReady):
+            marked = set(a.pods)
+            self.launcher_pods = [
+                replace(p, ready=False) if (p.namespace, p.name) in marked else p
+                for p in self.launcher_pods
+            ]
 
     # --- scenario verbs ---
 
@@ -434,6 +437,7 @@ class Sim:
         self.agent_sending = True
         self.agent_offline = False
         self.kubelet_renewing = True
+        self.kubelet_stopped_at = None
         self.ready = "True"
 
     def broker_down(self) -> None:

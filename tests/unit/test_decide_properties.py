@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from watchdog.decide.actions import ForceDeletePods, TaintOutOfService
@@ -146,7 +146,7 @@ def apply(sim: Sim, op: tuple[Any, ...]) -> None:
             sim.agent_sending, sim.agent_offline = True, False
         case ("blip", n):
             sim.agent_sending, sim.agent_offline = True, False
-            sim.advance((n - 0.5) * sim.cfg.heartbeat_interval_s)
+            sim.advance(n * sim.cfg.heartbeat_interval_s)  # exactly n ticks
             sim.agent_sending = False
         case ("pod_appears",):
             sim.launcher_pods.append(pods(f"vm-{sim.now}")[0])
@@ -188,6 +188,42 @@ def apply(sim: Sim, op: tuple[Any, ...]) -> None:
             raise AssertionError(op)
 
 
+# Regression histories: each once broke a property below (found by hypothesis, fixed in
+# machine.py); pinned as explicit examples so that the fast deterministic run always has them.
+FAST = DecideConfig(
+    heartbeat_interval_s=1.0,
+    suspect_after_s=2.0,
+    unreachable_after_s=3.0,
+    lease_stale_after_s=5.0,
+    recovery_heartbeats=1,
+)
+ZERO_FENCE = FenceDeclaration(armed=True, after_s=0.0, bound_s=0.0)
+# the node comes back while its pods' force-deletes keep failing
+BACK_DURING_RESETTING = Scenario(
+    FAST, Policy(period_s=1.0), ZERO_FENCE, 0,
+    [(("die",), 0.0), (("deletes_fail", True), 8.0), (("agent_back",), 0.0)], ends_dead=False,
+)
+# degraded (it came back without its kubelet), then the controller loses the API
+DEGRADED_API_DOWN = Scenario(
+    FAST, Policy(period_s=1.0), None, 0,
+    [(("die",), 0.0), (("agent_back",), 5.0), (("api_down",), 0.0)], ends_dead=False,
+)
+# reset, back with a launcher pod still bound: recovering, waiting for that pod
+RECOVERING_WITH_A_POD = Scenario(
+    FAST, Policy(period_s=1.0), ZERO_FENCE, 0,
+    [(("die",), 10.0), (("pod_appears",), 0.0), (("boot", True), 5.0)], ends_dead=False,
+)
+# ... and a short flap while recovering
+RECOVERING_FLAP = Scenario(
+    FAST, Policy(period_s=1.0), ZERO_FENCE, 0,
+    [
+        (("die",), 10.0), (("pod_appears",), 0.0), (("boot", True), 5.0),
+        (("agent_cut",), 3.0), (("agent_back",), 5.0),
+    ],
+    ends_dead=False,
+)
+
+
 def replay(sc: Scenario) -> Sim:
     sim = Sim(cfg=sc.cfg, policy=sc.policy, fence=sc.fence, other_down=sc.others_down)
     sim.advance(3 * sc.cfg.heartbeat_interval_s)
@@ -226,6 +262,7 @@ def admin_proof(e: Evaluation) -> bool:
 
 @PROPERTY
 @given(scenarios)
+@example(BACK_DURING_RESETTING)
 def test_no_taint_or_force_delete_while_the_heartbeat_is_alive(sc: Scenario) -> None:
     sim = replay(sc)
     for e in sim.log:
@@ -397,6 +434,19 @@ def test_no_reset_before_the_period_and_the_safe_delay(sc: Scenario) -> None:
         max_size=4,
     ),
 )
+@example(  # one heartbeat gets out while fencing: the agent's own fence timer restarts
+    replace(FAST, recovery_heartbeats=3), FenceDeclaration(True, 10.0, 5.0), [(12.0, 1, None)]
+)
+@example(  # ... and in it the agent declares a slower fence than before
+    replace(FAST, recovery_heartbeats=3),
+    FenceDeclaration(True, 10.0, 0.0),
+    [(8.0, 1, FenceDeclaration(True, 10.0, 20.0))],
+)
+@example(  # a new, slower declaration arrives while the node is only suspect
+    replace(FAST, recovery_heartbeats=3),
+    FenceDeclaration(True, 10.0, 0.0),
+    [(2.5, 1, FenceDeclaration(True, 10.0, 20.0))],
+)
 def test_heartbeats_of_a_dying_node_never_shorten_the_wait_after_the_last_one(
     cfg: DecideConfig,
     declared: FenceDeclaration,
@@ -437,6 +487,8 @@ def test_same_history_same_decisions(sc: Scenario) -> None:
 
 @PROPERTY
 @given(scenarios)
+@example(DEGRADED_API_DOWN)
+@example(RECOVERING_WITH_A_POD)
 def test_a_node_that_stops_heartbeating_is_noticed_without_outside_news(sc: Scenario) -> None:
     sim = Sim(cfg=sc.cfg, policy=sc.policy, fence=sc.fence, other_down=sc.others_down)
     for op, wait in sc.history:
@@ -452,6 +504,7 @@ def test_a_node_that_stops_heartbeating_is_noticed_without_outside_news(sc: Scen
 
 @PROPERTY
 @given(scenarios)
+@example(RECOVERING_FLAP)
 def test_a_node_back_for_good_ends_healthy_without_the_out_of_service_taint(sc: Scenario) -> None:
     sim = replay(sc)
     # whatever happened, the node is now back and everything works again

@@ -25,7 +25,7 @@ from watchdog.decide.actions import (
 )
 from watchdog.decide.config import DecideConfig, FenceMode, Policy
 from watchdog.decide.falsely_ready import falsely_ready
-from watchdog.decide.observations import NodeObservation, SourceHealth
+from watchdog.decide.observations import FenceDeclaration, NodeObservation, SourceHealth
 from watchdog.decide.reasons import Reason
 from watchdog.decide.safety import reset_not_before
 from watchdog.decide.signals import Signal, Signals, signals_of
@@ -196,6 +196,12 @@ class _Step:
 
     def suspect(self) -> None:
         if self.sig.heartbeat is Signal.ALIVE:
+            if self.state.tainted:
+                # It went silent while RECOVERING: our out-of-service taint is still on the
+                # node, and only RECOVERING removes it (once no pods remain bound).
+                if not self.node_back():
+                    self.heartbeat_wakeups()
+                return
             if self.fresh_enough():
                 if self.kubelet_path_stale():
                     self.to_degraded()
@@ -215,8 +221,18 @@ class _Step:
             return
         self.to_unreachable(why, age)
 
+    def declared_fence(self) -> FenceDeclaration | None:
+        """What the agent declared in the last heartbeat this controller saw (DESIGN §5)."""
+        return self.obs.fence if self.obs.fence is not None else self.state.fence
+
     def to_unreachable(self, why: Reason, age: float) -> None:
-        self.move(Phase.UNREACHABLE, why, unreachable_at=self.now, fence_clock_from=None)
+        self.move(
+            Phase.UNREACHABLE,
+            why,
+            unreachable_at=self.now,
+            fence_clock_from=None,
+            fence=self.declared_fence(),
+        )
         self.event(
             "NodeUnreachable", why, f"no heartbeat for {age:.1f}s; {why.value}", warning=True
         )
@@ -242,6 +258,7 @@ class _Step:
             self.suspect()
         elif self.sig.heartbeat is Signal.ALIVE and not self.kubelet_path_stale():
             if self.sig.lease is Signal.UNKNOWN and self.sig.ready is Signal.UNKNOWN:
+                self.heartbeat_wakeups()  # still notice the heartbeat going silent
                 return  # API blind: keep evacuating state until we can see again
             self.move(Phase.HEALTHY, Reason.KUBELET_PATH_BACK)
             self.actions.append(StopEvacuation(self.obs.name))
@@ -262,6 +279,12 @@ class _Step:
     def fencing(self) -> None:
         if self.sig.heartbeat is Signal.ALIVE:
             if not self.node_back():
+                # The agent reached the broker again, so its own self-fence timer restarted:
+                # ours restarts too once it is silent again (safe delay from last contact),
+                # with the fencing parameters it declared last.
+                self.state = replace(
+                    self.state, fence_clock_from=None, fence=self.declared_fence()
+                )
                 self.heartbeat_wakeups()
             return
         if self.state.phase is Phase.UNREACHABLE:
@@ -343,7 +366,9 @@ class _Step:
 
     def resetting(self) -> None:
         if self.obs.launcher_pods:
-            if self.ctx.health.api_up_since is not None:
+            # Never force-delete on a node whose agent heartbeats again (DESIGN §6); the
+            # out-of-service taint already placed evicts what is left.
+            if self.ctx.health.api_up_since is not None and self.sig.heartbeat is not Signal.ALIVE:
                 self.issue_deletes()
             return
         self.move(
@@ -357,11 +382,13 @@ class _Step:
     def recovering(self) -> None:
         if self.sig.heartbeat is Signal.STALE:
             self.to_suspect()
+            self.suspect()
             return
         if self.state.tainted:
             # Kubernetes must first clean up every pod still bound to the node, or the node's
             # kubelet would restart VMs that already run elsewhere.
             if self.obs.launcher_pods:
+                self.heartbeat_wakeups()  # the node may go silent again while we wait
                 return
             self.actions.append(RemoveOutOfServiceTaint(self.obs.name))
         self.move(

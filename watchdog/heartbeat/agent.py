@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -120,7 +121,7 @@ class Agent:
         self._declared_down_phase: str | None = None
         self._fence_reason: str | None = None
         self._fence_outcome: FenceOutcome | None = None
-        self._would_fence_at: float | None = None  # unarmed: deadline already reported
+        self._would_fence_logged: str | None = None  # unarmed: the episode already reported
         # Set whenever contact (or a fence verdict) changes, so the fence timer re-arms.
         self._contact_changed = asyncio.Event()
         self._fencing = asyncio.Event()  # decided: no heartbeat may follow
@@ -201,6 +202,7 @@ class Agent:
                     will=aiomqtt.Will(self._status_topic, OFFLINE, qos=1, retain=True),
                     tls_context=conn.tls_context,
                     timeout=float(self._settings.mqtt.keepalive_s),
+                    socket_options=_socket_options(self._settings.mqtt.keepalive_s),
                 )
                 async with client:
                     attempt = 0
@@ -217,6 +219,9 @@ class Agent:
                 error = f"{type(e).__name__}: {e}"
             finally:
                 self._connected = False
+            if self._fencing.is_set():
+                log.info("agent %s: fenced; the broker connection ended (%s)", self.node, error)
+                return
             attempt += 1
             delay = reconnect_delay_s(attempt, random.random())
             log.warning(
@@ -351,10 +356,13 @@ class Agent:
             return
         self._api_phase = phase
         if declared_down(phase):
-            if self._declared_down_phase is None:
+            if self._declared_down_phase != phase:
                 self._declared_down_phase = phase
                 self._contact_changed.set()
             return
+        # Armed, a declaration fences at once (the guard runs before the next probe); unarmed,
+        # the controller may change its mind and we stop reporting that we would fence.
+        self._declared_down_phase = None
         # The controller does not consider us down: that is contact, as of the request's start.
         if self._last_api_contact is None or started > self._last_api_contact:
             self._last_api_contact = started
@@ -381,11 +389,13 @@ class Agent:
             reason: str | None = None
             if self._declared_down_phase is not None:
                 reason = f"the API says this node is {self._declared_down_phase}"
+                episode = f"declared {self._declared_down_phase}"
             elif now >= deadline:
                 silent_s = now - deadline + self.declaration.after_s
                 reason = f"no contact with broker or API for {silent_s:.1f}s"
+                episode = f"cut off until {deadline}"
             if reason is not None:
-                if await self._fence_now(reason, deadline):
+                if await self._fence_now(reason, episode):
                     return
                 wait: float | None = None  # unarmed: nothing to do until contact changes
             else:
@@ -394,11 +404,11 @@ class Agent:
                 async with asyncio.timeout(wait):
                     await self._contact_changed.wait()
 
-    async def _fence_now(self, reason: str, deadline: float) -> bool:
+    async def _fence_now(self, reason: str, episode: str) -> bool:
         """Run the fence; True once fenced. Unarmed: log once per episode, False."""
         if not self._fence.armed:
-            if self._would_fence_at != deadline:
-                self._would_fence_at = deadline
+            if self._would_fence_logged != episode:
+                self._would_fence_logged = episode
                 log.error(
                     "agent %s: WOULD FENCE NOW (%s) but the fence is unarmed (no fence_command)",
                     self.node,
@@ -441,6 +451,17 @@ def read_boot_id(path: Path) -> str:
     if not boot_id:
         raise ValueError(f"boot id file {path} is empty")
     return boot_id
+
+
+def _socket_options(keepalive_s: int) -> tuple[tuple[int, int, int], ...]:
+    """Linux: abort the connection when sent data stays unacknowledged for a keepalive.
+
+    Without it, heartbeats queued in the kernel during a partition would be delivered when it
+    heals, long after they were sent, and look fresh to the controller (it stamps arrival).
+    """
+    if not hasattr(socket, "TCP_USER_TIMEOUT"):
+        return ()
+    return ((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, keepalive_s * 1000),)
 
 
 def _age(now: float, then: float | None) -> float | None:

@@ -101,6 +101,18 @@ async def load_api_client(
     return k8s_client.ApiClient(configuration=cfg)
 
 
+async def connect(
+    settings: KubeSettings,
+    kubeconfig: str | os.PathLike[str] | None = None,
+    *,
+    pool_size: int = 100,
+) -> KubeApi:
+    """`load_api_client` + `KubeApi` with the timeouts of `settings`. The runtime hands
+    `.api_client` to the actuator too: one connection pool per process."""
+    client = await load_api_client(kubeconfig, pool_size=pool_size)
+    return KubeApi.from_settings(client, settings)
+
+
 def _default_kubeconfig() -> str | None:
     path = os.path.expanduser("~/.kube/config")
     return path if os.path.exists(path) else None
@@ -287,4 +299,4 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-__all__ = ["ConfigError", "KubeApi", "KubeSettings", "load_api_client"]
+__all__ = ["ConfigError", "KubeApi", "KubeSettings", "connect", "load_api_client"]
