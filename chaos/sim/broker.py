@@ -98,9 +98,13 @@ def _patch_amqtt_keepalive() -> None:
             session.keep_alive = math.ceil(1.5 * session.keep_alive)
         await original_start(self)
 
+    pending: set[asyncio.Future[None]] = set()
+
     def handle_read_timeout(self: BrokerProtocolHandler) -> None:
         # An unclean disconnect: the broker's client loop then publishes the Will.
-        asyncio.ensure_future(self.handle_connection_closed())
+        fut = asyncio.ensure_future(self.handle_connection_closed())
+        pending.add(fut)
+        fut.add_done_callback(pending.discard)
 
     BrokerProtocolHandler.start = start  # type: ignore[method-assign]
     BrokerProtocolHandler.handle_read_timeout = handle_read_timeout  # type: ignore[method-assign]

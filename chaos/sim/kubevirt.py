@@ -746,7 +746,10 @@ class KubeVirtSim:
     # --- migration controller ------------------------------------------------------------------
 
     def _active(self) -> list[_Migration]:
-        return [m for m in self._migrations.values() if m.phase in ACTIVE_MIGRATION_PHASES]
+        # A migration holds its slot until its end is written, so that nobody reading the API
+        # ever sees more migrations running than the limits allow.
+        return [m for m in self._migrations.values() if m.phase in ACTIVE_MIGRATION_PHASES
+                or m.written_phase in ACTIVE_MIGRATION_PHASES]
 
     async def reconcile_migration(self, key: str) -> None:
         obj = self.vmims.get(key)
@@ -817,18 +820,22 @@ class KubeVirtSim:
             if len(active) >= limits.per_cluster or outbound >= limits.outbound_per_node:
                 self.migration_queue.add_after(mig.key, max(0.2, step_s))
                 return
+            # Take the slot before any await: two workers must not both fit under a limit.
             mig.source_node = source
             mig.source_pod = self._source_pod_name(vmi)
-            mig.target_pod = await self._create_launcher_pod(vmi, migration=mig)
-            await self._patch_vmi_migration_state(vmi, mig)
+            mig.target_pod = launcher_pod_name(vmi["metadata"]["name"], mig.uid)
             self._enter(mig, "Scheduling")
+            await self._create_launcher_pod(vmi, migration=mig)
+            await self._patch_vmi_migration_state(vmi, mig)
             return
         target = self.pods.get(f"{vmi['metadata']['namespace']}/{mig.target_pod}")
-        if target is None and mig.phase != "Scheduling":
-            await self._fail(mig, "target pod disappeared")
-            return
         if mig.phase == "Scheduling":
-            if target is None or not target["spec"].get("nodeName"):
+            if target is None:
+                if now - mig.entered > self.clock.scaled(1.0):
+                    await self._create_launcher_pod(vmi, migration=mig)  # idempotent by name
+                self.migration_queue.add_after(mig.key, self.clock.scaled(1.0))
+                return
+            if not target["spec"].get("nodeName"):
                 if now - mig.entered > self.clock.scaled(t.target_pending_timeout_s):
                     await self._fail(mig, "target pod could not be scheduled in time")
                 else:
@@ -837,6 +844,9 @@ class KubeVirtSim:
             mig.target_node = target["spec"]["nodeName"]
             await self._patch_vmi_migration_state(vmi, mig)
             self._enter(mig, "Scheduled")
+            return
+        if target is None:
+            await self._fail(mig, "target pod disappeared")
             return
         assert target is not None
         if mig.phase == "Scheduled":

@@ -445,6 +445,29 @@ async def test_partitioned_agent_fences_for_lack_of_echoes_before_the_broker_sen
     assert fenced_after + KEEPALIVE_S / 2 < will_after <= 3 * KEEPALIVE_S + 1
 
 
+async def test_stopping_agent_and_subscriber_on_a_partition_still_ends_promptly(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """SIGTERM on a cut-off node: the goodbye cannot reach the broker, and must not hang."""
+    seen = Seen()
+    async with TcpProxy("127.0.0.1", mosquitto.port, name="partition") as link:
+        url = f"mqtt://127.0.0.1:{link.port}"
+        agent = Agent(settings(url, tmp_path, fence_command=None))
+        sub = subscriber(url, tmp_path, seen)
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(agent.run()), tg.create_task(sub.run())]
+            await wait_for(lambda: seen.count("node-a") >= 2, 5, "heartbeats")
+            link.set_mode(ProxyMode.BLACKHOLE)
+            stop_at = time.monotonic()
+            for task in tasks:
+                task.cancel()
+            async with asyncio.timeout(4):
+                await asyncio.wait(tasks)
+        took = time.monotonic() - stop_at
+    assert all(t.cancelled() for t in tasks), "cancellation propagated, not swallowed"
+    assert took < 2 * 1.0 + 0.5, f"stopping took {took:.2f}s"
+
+
 async def test_agent_does_not_fence_while_the_api_says_healthy_even_with_the_broker_down(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:

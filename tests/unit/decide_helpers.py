@@ -4,7 +4,8 @@
 meant to call it: the node is evaluated when something the controller observes about it changes,
 or when the last decision's `wake_at` is reached, and nowhere else. So a decision that forgets
 to ask for a wake-up shows up as a node that never moves on. Actions are applied to the simulated
-cluster (taints, pod deletes, the state annotation) only while the simulated API is reachable.
+cluster (taints, pod deletes, the state annotation) while its API is reachable; writes issued
+while it is not are retried when it returns, as `actuate` does.
 
 Nothing here decides anything: the tests compare what `decide` did with what the Sim recorded
 independently (when heartbeats really stopped, when the annotation became visible, ...).
@@ -222,6 +223,7 @@ class Sim:
     last_declaration_seen: FenceDeclaration | None = None
     failovers: list[int] = field(default_factory=list)  # log index of each new leader's start
     _annotation_phase: tuple[str | None, str | None] = (None, None)
+    _context: tuple[tuple[object, ...], Context] | None = None
     _last_inputs: tuple[NodeObservation, Context] | None = None
 
     def __post_init__(self) -> None:
@@ -264,6 +266,18 @@ class Sim:
         return [self.state.phase, *down, *up]
 
     def context(self) -> Context:
+        assert self.state is not None
+        key = (
+            self.state.phase,
+            self.other_down,
+            self.other_nodes,
+            self.broker_up_since,
+            self.api_up_since,
+            self.policy,
+            self.upgrade_running,
+        )
+        if self._context is not None and self._context[0] == key:
+            return self._context[1]
         health = SourceHealth(self.broker_up_since, self.api_up_since)
         holds = cluster_holds(
             self.phases(),
@@ -273,7 +287,9 @@ class Sim:
             self.cfg,
             upgrade_running=self.upgrade_running,
         )
-        return Context(health=health, policy=self.policy, holds=holds)
+        ctx = Context(health=health, policy=self.policy, holds=holds)
+        self._context = (key, ctx)
+        return ctx
 
     @property
     def phase(self) -> Phase:
@@ -416,7 +432,9 @@ class Sim:
             self.admin_taint = False
         elif isinstance(a, ForceDeletePods) and not self.deletes_fail:
             gone = set(a.pods)
-            self.launcher_pods = [p for p in self.launcher_pods if (p.namespace, p.name) not in gone]
+            self.launcher_pods = [
+                p for p in self.launcher_pods if (p.namespace, p.name) not in gone
+            ]
         elif isinstance(a, MarkPodsNotReady):
             marked = set(a.pods)
             self.launcher_pods = [
@@ -499,7 +517,12 @@ class Sim:
 
         def entered() -> float | None:
             return next(
-                (e.now for e in self.log[start:] for _, to, _ in e.decision.transitions if to is phase),
+                (
+                    e.now
+                    for e in self.log[start:]
+                    for _, to, _ in e.decision.transitions
+                    if to is phase
+                ),
                 None,
             )
 

@@ -95,12 +95,27 @@ def test_a_resumed_node_with_a_nan_declaration_in_its_annotation_is_not_reset_on
 @pytest.mark.parametrize(
     ("period", "declared", "mode", "effective"),
     [
-        pytest.param(15.0, DECLARED, FenceMode.SELF, BASE, id="self: period below the safe delay is raised to it"),
-        pytest.param(BASE, DECLARED, FenceMode.SELF, BASE, id="self: period equal to the safe delay stays"),
-        pytest.param(300.0, DECLARED, FenceMode.SELF, 300.0, id="self: period above the safe delay stays"),
-        pytest.param(15.0, None, FenceMode.SELF, 15.0, id="self: never declared, period as configured"),
         pytest.param(
-            15.0, replace(DECLARED, armed=False), FenceMode.SELF, 15.0,
+            15.0,
+            DECLARED,
+            FenceMode.SELF,
+            BASE,
+            id="self: period below the safe delay is raised to it",
+        ),
+        pytest.param(
+            BASE, DECLARED, FenceMode.SELF, BASE, id="self: period equal to the safe delay stays"
+        ),
+        pytest.param(
+            300.0, DECLARED, FenceMode.SELF, 300.0, id="self: period above the safe delay stays"
+        ),
+        pytest.param(
+            15.0, None, FenceMode.SELF, 15.0, id="self: never declared, period as configured"
+        ),
+        pytest.param(
+            15.0,
+            replace(DECLARED, armed=False),
+            FenceMode.SELF,
+            15.0,
             id="self: unarmed, period as configured (reset needs other proof)",
         ),
         pytest.param(15.0, DECLARED, FenceMode.EXTERNAL, 15.0, id="external: the period"),
@@ -121,23 +136,46 @@ def test_effective_period(
 @pytest.mark.parametrize(
     ("unreachable_at", "clock", "period", "mode", "earliest"),
     [
-        pytest.param(100.0, 100.0, 15.0, FenceMode.SELF, 100.0 + BASE, id="self: safe delay longer than the period"),
-        pytest.param(100.0, 100.0, 60.0, FenceMode.SELF, 160.0, id="self: period longer than the safe delay"),
         pytest.param(
-            100.0, 150.0, 15.0, FenceMode.SELF, 150.0 + BASE,
+            100.0,
+            100.0,
+            15.0,
+            FenceMode.SELF,
+            100.0 + BASE,
+            id="self: safe delay longer than the period",
+        ),
+        pytest.param(
+            100.0, 100.0, 60.0, FenceMode.SELF, 160.0, id="self: period longer than the safe delay"
+        ),
+        pytest.param(
+            100.0,
+            150.0,
+            15.0,
+            FenceMode.SELF,
+            150.0 + BASE,
             id="self: the safe delay counts from the fence clock, not from unreachable",
         ),
-        pytest.param(100.0, None, 15.0, FenceMode.SELF, None, id="self: no fence clock yet, no time at all"),
-        pytest.param(100.0, None, 15.0, FenceMode.EXTERNAL, 115.0, id="external: unreachable + period"),
+        pytest.param(
+            100.0, None, 15.0, FenceMode.SELF, None, id="self: no fence clock yet, no time at all"
+        ),
+        pytest.param(
+            100.0, None, 15.0, FenceMode.EXTERNAL, 115.0, id="external: unreachable + period"
+        ),
         pytest.param(100.0, None, 15.0, FenceMode.MANUAL, 115.0, id="manual: unreachable + period"),
         pytest.param(100.0, None, 15.0, FenceMode.NONE, 115.0, id="none: unreachable + period"),
     ],
 )
 def test_reset_not_before(
-    unreachable_at: float, clock: float | None, period: float, mode: FenceMode, earliest: float | None
+    unreachable_at: float,
+    clock: float | None,
+    period: float,
+    mode: FenceMode,
+    earliest: float | None,
 ) -> None:
     cfg = replace(CFG, fence_mode=mode)
-    assert reset_not_before(unreachable_at, clock, Policy(period_s=period), DECLARED, cfg) == earliest
+    assert (
+        reset_not_before(unreachable_at, clock, Policy(period_s=period), DECLARED, cfg) == earliest
+    )
 
 
 def test_decide_applies_the_raised_period() -> None:

@@ -56,128 +56,206 @@ TO_FENCING = (U, F, Reason.PERIOD_RUNNING)
 
 DETECTION = [
     pytest.param(
-        node(H), seen(0.5), UP, [],
+        node(H),
+        seen(0.5),
+        UP,
+        [],
         id="healthy node with fresh heartbeat, lease and Ready stays healthy",
     ),
     pytest.param(
-        node(H), seen(3.5), UP, [(H, S, Reason.HEARTBEAT_STALE)],
+        node(H),
+        seen(3.5),
+        UP,
+        [(H, S, Reason.HEARTBEAT_STALE)],
         id="three missed heartbeats make a healthy node suspect",
     ),
     pytest.param(
-        node(H), seen(2.9), UP, [],
+        node(H),
+        seen(2.9),
+        UP,
+        [],
         id="a heartbeat just under the suspect threshold keeps the node healthy",
     ),
     pytest.param(
-        node(H), seen(0.5, offline=True), UP, [(H, S, Reason.AGENT_OFFLINE)],
+        node(H),
+        seen(0.5, offline=True),
+        UP,
+        [(H, S, Reason.AGENT_OFFLINE)],
         id="agent Last Will makes a healthy node suspect at once, before heartbeats go stale",
     ),
     pytest.param(
-        node(H), seen(6.0, lease_age=20.0), UP,
+        node(H),
+        seen(6.0, lease_age=20.0),
+        UP,
         [(H, S, Reason.HEARTBEAT_STALE), (S, U, Reason.CORROBORATED_LEASE), TO_FENCING],
         id="stale heartbeat corroborated by a stale lease goes to fencing in one step",
     ),
     pytest.param(
-        node(S), seen(6.0, lease_age=20.0), UP,
+        node(S),
+        seen(6.0, lease_age=20.0),
+        UP,
         [(S, U, Reason.CORROBORATED_LEASE), TO_FENCING],
         id="suspect node with stale lease is unreachable, reason lease",
     ),
     pytest.param(
-        node(S), seen(6.0, ready="Unknown"), UP,
+        node(S),
+        seen(6.0, ready="Unknown"),
+        UP,
         [(S, U, Reason.CORROBORATED_READY), TO_FENCING],
         id="suspect node with Ready Unknown is unreachable, reason Ready",
     ),
     pytest.param(
-        node(S), seen(6.0, ready="False"), UP,
+        node(S),
+        seen(6.0, ready="False"),
+        UP,
         [(S, U, Reason.CORROBORATED_READY), TO_FENCING],
         id="suspect node with Ready False is unreachable, reason Ready",
     ),
     pytest.param(
-        node(S), seen(6.0, peers_unreachable=True), UP,
+        node(S),
+        seen(6.0, peers_unreachable=True),
+        UP,
         [(S, U, Reason.CORROBORATED_PEERS), TO_FENCING],
         id="suspect node its peers cannot reach is unreachable, reason peers",
     ),
     pytest.param(
-        node(S), seen(6.0, lease_age=20.0, ready="Unknown", peers_unreachable=True), UP,
+        node(S),
+        seen(6.0, lease_age=20.0, ready="Unknown", peers_unreachable=True),
+        UP,
         [(S, U, Reason.CORROBORATED_LEASE), TO_FENCING],
         id="with every corroborator stale the lease is named first",
     ),
     pytest.param(
-        node(S), seen(6.0, peers_unreachable=False), UP, [],
+        node(S),
+        seen(6.0, peers_unreachable=False),
+        UP,
+        [],
         id="uncorroborated suspect stays suspect: lease fresh, Ready True, peers reach it",
     ),
     pytest.param(
-        node(S), seen(600.0), UP, [],
+        node(S),
+        seen(600.0),
+        UP,
+        [],
         id="a heartbeat silent for ten minutes alone is still not evidence",
     ),
     pytest.param(
-        node(S), seen(4.0, lease_age=20.0), UP, [],
+        node(S),
+        seen(4.0, lease_age=20.0),
+        UP,
+        [],
         id="corroborated but heartbeat younger than unreachable_after stays suspect",
     ),
     pytest.param(
-        node(S), seen(0.5, received=102), UP, [],
+        node(S),
+        seen(0.5, received=102),
+        UP,
+        [],
         id="two fresh heartbeats are not enough to recover (hysteresis)",
     ),
     pytest.param(
-        node(S), seen(0.5, received=103), UP, [(S, H, Reason.HEARTBEAT_FRESH)],
+        node(S),
+        seen(0.5, received=103),
+        UP,
+        [(S, H, Reason.HEARTBEAT_FRESH)],
         id="three fresh heartbeats in a row bring a suspect node back to healthy",
     ),
     pytest.param(
-        node(S), seen(4.0, received=110), UP, [],
+        node(S),
+        seen(4.0, received=110),
+        UP,
+        [],
         id="heartbeats counted but the last one stale again does not recover",
     ),
     pytest.param(
-        node(S), seen(0.5, received=103, lease_age=20.0), UP,
+        node(S),
+        seen(0.5, received=103, lease_age=20.0),
+        UP,
         [(S, D, Reason.KUBELET_PATH_LOST)],
         id="suspect node heartbeating again with a stale lease is degraded, not healthy",
     ),
     pytest.param(
-        node(H), seen(0.5, lease_age=20.0), UP, [(H, D, Reason.KUBELET_PATH_LOST)],
+        node(H),
+        seen(0.5, lease_age=20.0),
+        UP,
+        [(H, D, Reason.KUBELET_PATH_LOST)],
         id="stale lease while heartbeats are alive: degraded",
     ),
     pytest.param(
-        node(H), seen(0.5, ready="False"), UP, [(H, D, Reason.KUBELET_PATH_LOST)],
+        node(H),
+        seen(0.5, ready="False"),
+        UP,
+        [(H, D, Reason.KUBELET_PATH_LOST)],
         id="Ready False while heartbeats are alive: degraded",
     ),
     pytest.param(
-        node(D), seen(0.5), UP, [(D, H, Reason.KUBELET_PATH_BACK)],
+        node(D),
+        seen(0.5),
+        UP,
+        [(D, H, Reason.KUBELET_PATH_BACK)],
         id="degraded node whose lease and Ready recover is healthy again",
     ),
     pytest.param(
-        node(D), seen(0.5, lease_age=20.0), UP, [],
+        node(D),
+        seen(0.5, lease_age=20.0),
+        UP,
+        [],
         id="degraded node whose lease is still stale stays degraded",
     ),
     pytest.param(
-        node(D), seen(0.5), API_DOWN, [],
+        node(D),
+        seen(0.5),
+        API_DOWN,
+        [],
         id="degraded node stays degraded while the API is blind",
     ),
     pytest.param(
-        node(D), seen(3.5, lease_age=20.0), UP, [(D, S, Reason.HEARTBEAT_STALE)],
+        node(D),
+        seen(3.5, lease_age=20.0),
+        UP,
+        [(D, S, Reason.HEARTBEAT_STALE)],
         id="degraded node whose heartbeat goes stale becomes suspect",
     ),
     pytest.param(
-        node(D), seen(6.0, lease_age=20.0), UP,
+        node(D),
+        seen(6.0, lease_age=20.0),
+        UP,
         [(D, S, Reason.HEARTBEAT_STALE), (S, U, Reason.CORROBORATED_LEASE), TO_FENCING],
         id="degraded node silent past unreachable_after goes on to fencing",
     ),
     pytest.param(
-        node(H), seen(600.0, lease_age=600.0, ready="Unknown"), BROKER_DOWN, [],
+        node(H),
+        seen(600.0, lease_age=600.0, ready="Unknown"),
+        BROKER_DOWN,
+        [],
         id="broker down: a silent node stays healthy, the heartbeat is unknown not stale",
     ),
     pytest.param(
-        node(S), seen(600.0, lease_age=600.0, ready="Unknown"), BROKER_DOWN, [],
+        node(S),
+        seen(600.0, lease_age=600.0, ready="Unknown"),
+        BROKER_DOWN,
+        [],
         id="broker down: a suspect node is neither recovered nor escalated",
     ),
     pytest.param(
-        node(S), seen(600.0, lease_age=600.0, ready="Unknown"), API_DOWN, [],
+        node(S),
+        seen(600.0, lease_age=600.0, ready="Unknown"),
+        API_DOWN,
+        [],
         id="API down and no peers: nothing corroborates, the node stays suspect",
     ),
     pytest.param(
-        node(S), seen(600.0, peers_unreachable=True), API_DOWN,
+        node(S),
+        seen(600.0, peers_unreachable=True),
+        API_DOWN,
         [(S, U, Reason.CORROBORATED_PEERS), TO_FENCING],
         id="API down but peers cannot reach it: corroborated by peers",
     ),
     pytest.param(
-        node(S), seen(600.0, lease_age=None, ready=None), UP, [],
+        node(S),
+        seen(600.0, lease_age=None, ready=None),
+        UP,
+        [],
         id="lease never seen and Ready unknown corroborate nothing",
     ),
 ]
@@ -250,11 +328,16 @@ def test_entering_suspect_records_what_the_agent_last_declared() -> None:
 @pytest.mark.parametrize(
     ("state", "obs", "start", "stop"),
     [
-        pytest.param(node(H), seen(0.5, lease_age=20.0), 1, 0, id="entering degraded starts evacuation"),
+        pytest.param(
+            node(H), seen(0.5, lease_age=20.0), 1, 0, id="entering degraded starts evacuation"
+        ),
         pytest.param(node(D), seen(0.5), 0, 1, id="kubelet path back stops evacuation"),
         pytest.param(node(D), seen(3.5), 0, 1, id="heartbeat lost while degraded stops evacuation"),
         pytest.param(
-            node(D), seen(0.5, lease_age=20.0), 0, 0,
+            node(D),
+            seen(0.5, lease_age=20.0),
+            0,
+            0,
             id="still degraded: evacuation neither restarted nor stopped",
         ),
     ],
@@ -285,75 +368,125 @@ def dead(**kw: object) -> NodeObservation:
 FENCING_ROWS = [
     # mode self: an armed declaration, and the fence clock started once the agent could see it
     pytest.param(
-        SELF, node(F, fence_clock_from=T - 18.0), dead(persisted="Fencing"), Reason.FENCE_SELF_ELAPSED,
+        SELF,
+        node(F, fence_clock_from=T - 18.0),
+        dead(persisted="Fencing"),
+        Reason.FENCE_SELF_ELAPSED,
         id="self: period and safe delay elapsed on an armed fence → reset",
     ),
     pytest.param(
-        SELF, node(F, fence_clock_from=T - 17.9), dead(persisted="Fencing"), None,
+        SELF,
+        node(F, fence_clock_from=T - 17.9),
+        dead(persisted="Fencing"),
+        None,
         id="self: period elapsed but safe delay 0.1 s short → wait",
     ),
     pytest.param(
-        SELF, node(F, unreachable_at=T - 14.9, fence_clock_from=T - 20.0), dead(persisted="Fencing"),
-        None, id="self: safe delay elapsed but the policy period not yet → wait",
+        SELF,
+        node(F, unreachable_at=T - 14.9, fence_clock_from=T - 20.0),
+        dead(persisted="Fencing"),
+        None,
+        id="self: safe delay elapsed but the policy period not yet → wait",
     ),
     pytest.param(
-        SELF, node(F, fence_clock_from=None), dead(persisted="Suspect"), None,
+        SELF,
+        node(F, fence_clock_from=None),
+        dead(persisted="Suspect"),
+        None,
         id="self: annotation not yet visible, fence clock not started → wait",
     ),
     pytest.param(
-        SELF, node(F, fence_clock_from=None), dead(persisted="Fencing"), None,
+        SELF,
+        node(F, fence_clock_from=None),
+        dead(persisted="Fencing"),
+        None,
         id="self: annotation just became visible → clock starts now, no reset yet",
     ),
     pytest.param(
-        SELF, node(F, fence_clock_from=T - 60.0, fence=UNARMED), dead(persisted="Fencing"), None,
+        SELF,
+        node(F, fence_clock_from=T - 60.0, fence=UNARMED),
+        dead(persisted="Fencing"),
+        None,
         id="self: agent declared its fence unarmed → never reset on time alone",
     ),
     pytest.param(
-        SELF, node(F, fence_clock_from=T - 60.0, fence=None), dead(persisted="Fencing"), None,
+        SELF,
+        node(F, fence_clock_from=T - 60.0, fence=None),
+        dead(persisted="Fencing"),
+        None,
         id="self: agent never declared a fence → never reset on time alone",
     ),
     pytest.param(
-        SELF, node(F, fence_clock_from=T - 60.0, fence=UNARMED),
-        dead(persisted="Fencing", out_of_service_tainted=True), Reason.FENCE_MANUAL_TAINT,
+        SELF,
+        node(F, fence_clock_from=T - 60.0, fence=UNARMED),
+        dead(persisted="Fencing", out_of_service_tainted=True),
+        Reason.FENCE_MANUAL_TAINT,
         id="self: unarmed but an administrator tainted the node out-of-service → reset",
     ),
     # mode external: the fence hook must have confirmed
     pytest.param(
-        EXTERNAL, node(F), dead(external_fence_confirmed=True), Reason.FENCE_EXTERNAL_CONFIRMED,
+        EXTERNAL,
+        node(F),
+        dead(external_fence_confirmed=True),
+        Reason.FENCE_EXTERNAL_CONFIRMED,
         id="external: hook confirmed and period elapsed → reset",
     ),
     pytest.param(
-        EXTERNAL, node(F), dead(), None,
+        EXTERNAL,
+        node(F),
+        dead(),
+        None,
         id="external: hook not confirmed → wait however long it takes",
     ),
     pytest.param(
-        EXTERNAL, node(F, unreachable_at=T - 10.0), dead(external_fence_confirmed=True), None,
+        EXTERNAL,
+        node(F, unreachable_at=T - 10.0),
+        dead(external_fence_confirmed=True),
+        None,
         id="external: hook confirmed but period not elapsed → wait",
     ),
     # mode manual: an administrator's out-of-service taint
     pytest.param(
-        MANUAL, node(F), dead(out_of_service_tainted=True), Reason.FENCE_MANUAL_TAINT,
+        MANUAL,
+        node(F),
+        dead(out_of_service_tainted=True),
+        Reason.FENCE_MANUAL_TAINT,
         id="manual: administrator's out-of-service taint and period elapsed → reset",
     ),
     pytest.param(
-        MANUAL, node(F), dead(), None,
+        MANUAL,
+        node(F),
+        dead(),
+        None,
         id="manual: no taint → wait for the administrator",
     ),
     pytest.param(
-        MANUAL, node(F, tainted=True), dead(out_of_service_tainted=True), None,
+        MANUAL,
+        node(F, tainted=True),
+        dead(out_of_service_tainted=True),
+        None,
         id="manual: the out-of-service taint is our own from an earlier reset → not proof",
     ),
     pytest.param(
-        MANUAL, node(F, unreachable_at=T - 10.0), dead(out_of_service_tainted=True), None,
+        MANUAL,
+        node(F, unreachable_at=T - 10.0),
+        dead(out_of_service_tainted=True),
+        None,
         id="manual: taint present but period not elapsed → wait",
     ),
     # mode none: Harvester behaviour, period only
     pytest.param(
-        NONE, node(F), dead(), Reason.FENCE_NOT_REQUIRED,
+        NONE,
+        node(F),
+        dead(),
+        Reason.FENCE_NOT_REQUIRED,
         id="none: period elapsed → reset without proof",
     ),
     pytest.param(
-        NONE, node(F, unreachable_at=T - 14.0), dead(), None,
+        NONE,
+        node(F, unreachable_at=T - 14.0),
+        dead(),
+        None,
         id="none: period not elapsed → wait",
     ),
 ]
@@ -386,24 +519,38 @@ def test_fencing_to_resetting_needs_elapsed_period_and_fencing_proof(
     ("cfg", "state", "obs", "wake"),
     [
         pytest.param(
-            SELF, node(F, fence_clock_from=T - 10.0), dead(persisted="Fencing"), T + 8.0,
+            SELF,
+            node(F, fence_clock_from=T - 10.0),
+            dead(persisted="Fencing"),
+            T + 8.0,
             id="self: wakes exactly when the safe delay ends",
         ),
         pytest.param(
-            SELF, node(F, fence_clock_from=None), dead(persisted="Fencing"), T + 18.0,
+            SELF,
+            node(F, fence_clock_from=None),
+            dead(persisted="Fencing"),
+            T + 18.0,
             id="self: clock starting now wakes a safe delay from now",
         ),
         pytest.param(
-            SELF, node(F, unreachable_at=T - 1.0, fence_clock_from=T - 17.0),
-            dead(persisted="Fencing"), T + 14.0,
+            SELF,
+            node(F, unreachable_at=T - 1.0, fence_clock_from=T - 17.0),
+            dead(persisted="Fencing"),
+            T + 14.0,
             id="self: a longer policy period wins over the safe delay",
         ),
         pytest.param(
-            NONE, node(F, unreachable_at=T - 5.0), dead(), T + 10.0,
+            NONE,
+            node(F, unreachable_at=T - 5.0),
+            dead(),
+            T + 10.0,
             id="none: wakes when the period ends",
         ),
         pytest.param(
-            MANUAL, node(F, unreachable_at=T - 5.0), dead(out_of_service_tainted=True), T + 10.0,
+            MANUAL,
+            node(F, unreachable_at=T - 5.0),
+            dead(out_of_service_tainted=True),
+            T + 10.0,
             id="manual: tainted early, wakes when the period ends",
         ),
     ],
@@ -436,7 +583,8 @@ def test_fence_clock_starts_when_the_unreachable_annotation_is_visible() -> None
     [
         pytest.param(EXTERNAL, True, id="external mode runs the fence hook on entering fencing"),
         pytest.param(
-            DecideConfig(fence_mode=FenceMode.EXTERNAL, dry_run=True), False,
+            DecideConfig(fence_mode=FenceMode.EXTERNAL, dry_run=True),
+            False,
             id="external mode in dry-run does not run the fence hook",
         ),
         pytest.param(SELF, False, id="self mode runs no hook"),
@@ -547,12 +695,17 @@ MIXED_PODS = (
 @pytest.mark.parametrize(
     ("cfg", "marked"),
     [
-        pytest.param(DecideConfig(), True, id="falsely ready pods are reported and marked not ready"),
         pytest.param(
-            DecideConfig(dry_run=True), False, id="dry-run reports falsely ready pods but marks none"
+            DecideConfig(), True, id="falsely ready pods are reported and marked not ready"
         ),
         pytest.param(
-            DecideConfig(mark_pods_not_ready=False), False,
+            DecideConfig(dry_run=True),
+            False,
+            id="dry-run reports falsely ready pods but marks none",
+        ),
+        pytest.param(
+            DecideConfig(mark_pods_not_ready=False),
+            False,
             id="mark_pods_not_ready off reports falsely ready pods but marks none",
         ),
     ],
@@ -603,57 +756,99 @@ def test_resetting_becomes_reset_once_launcher_pods_are_gone() -> None:
 
 RECOVERY = [
     pytest.param(
-        node(R), seen(0.5, received=103, boot_id="boot-2"), [],
-        [(R, RC, Reason.NODE_REBOOTED), (RC, H, Reason.RECOVERED)], True,
+        node(R),
+        seen(0.5, received=103, boot_id="boot-2"),
+        [],
+        [(R, RC, Reason.NODE_REBOOTED), (RC, H, Reason.RECOVERED)],
+        True,
         id="reset node back with a new boot id: rebooted, recovered, taint removed",
     ),
     pytest.param(
-        node(R), seen(0.5, received=103), [],
-        [(R, RC, Reason.NODE_BACK), (RC, H, Reason.RECOVERED)], True,
+        node(R),
+        seen(0.5, received=103),
+        [],
+        [(R, RC, Reason.NODE_BACK), (RC, H, Reason.RECOVERED)],
+        True,
         id="reset node back with the same boot id: back, recovered, taint removed",
     ),
     pytest.param(
-        node(R), seen(0.5, received=103, boot_id="boot-2"), pods("vm1"),
-        [(R, RC, Reason.NODE_REBOOTED)], False,
+        node(R),
+        seen(0.5, received=103, boot_id="boot-2"),
+        pods("vm1"),
+        [(R, RC, Reason.NODE_REBOOTED)],
+        False,
         id="reset node back while a launcher pod is still bound: recovering, taint kept",
     ),
     pytest.param(
-        node(R), seen(0.5, received=102, boot_id="boot-2"), [], [], False,
+        node(R),
+        seen(0.5, received=102, boot_id="boot-2"),
+        [],
+        [],
+        False,
         id="reset node with two fresh heartbeats is not yet back",
     ),
     pytest.param(
-        node(R), dead(launcher_pods=()), [], [], False,
+        node(R),
+        dead(launcher_pods=()),
+        [],
+        [],
+        False,
         id="reset node still silent stays reset",
     ),
     pytest.param(
-        node(RC, tainted=True), seen(0.5), [], [(RC, H, Reason.RECOVERED)], True,
+        node(RC, tainted=True),
+        seen(0.5),
+        [],
+        [(RC, H, Reason.RECOVERED)],
+        True,
         id="recovering node whose pods are all gone: taint removed, healthy",
     ),
     pytest.param(
-        node(RC, tainted=True), seen(0.5), pods("vm1"), [], False,
+        node(RC, tainted=True),
+        seen(0.5),
+        pods("vm1"),
+        [],
+        False,
         id="recovering node with a pod still bound keeps the out-of-service taint",
     ),
     pytest.param(
-        node(RC, tainted=True), seen(3.5), pods("vm1"), [(RC, S, Reason.HEARTBEAT_STALE)], False,
+        node(RC, tainted=True),
+        seen(3.5),
+        pods("vm1"),
+        [(RC, S, Reason.HEARTBEAT_STALE)],
+        False,
         id="recovering node that goes silent again is suspect",
     ),
     pytest.param(
-        node(F), seen(0.5, received=103), pods("vm1"),
-        [(F, RC, Reason.NODE_BACK), (RC, H, Reason.RECOVERED)], False,
+        node(F),
+        seen(0.5, received=103),
+        pods("vm1"),
+        [(F, RC, Reason.NODE_BACK), (RC, H, Reason.RECOVERED)],
+        False,
         id="node back during fencing recovers without any reset",
     ),
     pytest.param(
-        node(F), seen(0.5, received=103, boot_id="boot-2"), pods("vm1"),
-        [(F, RC, Reason.NODE_REBOOTED), (RC, H, Reason.RECOVERED)], False,
+        node(F),
+        seen(0.5, received=103, boot_id="boot-2"),
+        pods("vm1"),
+        [(F, RC, Reason.NODE_REBOOTED), (RC, H, Reason.RECOVERED)],
+        False,
         id="node rebooted during fencing recovers as rebooted without any reset",
     ),
     pytest.param(
-        node(F), seen(0.5, received=101), pods("vm1"), [], False,
+        node(F),
+        seen(0.5, received=101),
+        pods("vm1"),
+        [],
+        False,
         id="one heartbeat during fencing neither recovers nor resets",
     ),
     pytest.param(
-        node(U), seen(0.5, received=103), pods("vm1"),
-        [(U, RC, Reason.NODE_BACK), (RC, H, Reason.RECOVERED)], False,
+        node(U),
+        seen(0.5, received=103),
+        pods("vm1"),
+        [(U, RC, Reason.NODE_BACK), (RC, H, Reason.RECOVERED)],
+        False,
         id="a resumed unreachable node that heartbeats again recovers",
     ),
 ]
@@ -685,3 +880,72 @@ def test_a_node_back_during_fencing_wakes_for_its_next_heartbeat_deadline() -> N
     d = step(node(F), seen(0.5, received=101))
     assert d.state.phase is F
     assert d.wake_at == pytest.approx(T - 0.5 + 3.0)
+
+
+# --- regressions (each was a bug in machine.py, found by the properties) ------------------------
+
+
+def test_no_force_delete_once_the_agent_heartbeats_again_during_resetting() -> None:
+    d = step(node(RS), seen(0.5, launcher_pods=pods("vm1")))
+    assert d.state.phase is RS
+    assert not is_destructive(d)
+
+
+def test_a_tainted_suspect_node_back_goes_through_recovering_to_lose_the_taint() -> None:
+    # it went silent while RECOVERING after a reset: our out-of-service taint is still on it
+    state = node(S, tainted=True)
+    d = step(state, seen(0.5, received=103))
+    assert list(d.transitions) == [(S, RC, Reason.NODE_BACK), (RC, H, Reason.RECOVERED)]
+    assert actions_of(d, RemoveOutOfServiceTaint) == [RemoveOutOfServiceTaint(NODE)]
+    d2 = step(state, seen(0.5, received=103, launcher_pods=pods("vm1")))
+    assert list(d2.transitions) == [(S, RC, Reason.NODE_BACK)]
+    assert actions_of(d2, RemoveOutOfServiceTaint) == []
+    d3 = step(state, seen(0.5, received=101))
+    assert d3.transitions == () and d3.wake_at is not None
+
+
+@pytest.mark.parametrize(
+    ("state", "obs", "health"),
+    [
+        pytest.param(node(D), seen(0.5), API_DOWN, id="degraded while the API is blind"),
+        pytest.param(
+            node(RC, tainted=True),
+            seen(0.5, launcher_pods=pods("vm1")),
+            UP,
+            id="recovering, waiting for the last pod to go",
+        ),
+    ],
+)
+def test_a_waiting_node_still_asks_to_be_woken_when_its_heartbeat_would_go_stale(
+    state: NodeState, obs: NodeObservation, health: SourceHealth
+) -> None:
+    d = step(state, obs, ctx=context(health))
+    assert d.transitions == ()
+    assert d.wake_at == pytest.approx(T - 0.5 + 3.0)
+
+
+def test_a_recovering_node_silent_past_unreachable_after_escalates_in_the_same_step() -> None:
+    d = step(node(RC, tainted=True), dead())
+    assert [to for _, to, _ in d.transitions] == [S, U, F]
+
+
+def test_a_heartbeat_during_fencing_restarts_the_fence_clock_with_the_newest_declaration() -> None:
+    slower = replace(node(F).fence, bound_s=60.0)  # type: ignore[type-var]
+    state = node(F, fence_clock_from=T - 10.0)
+    d = step(state, seen(0.2, received=101, fence=slower, persisted="Fencing"))
+    assert d.state.phase is F
+    assert d.state.fence_clock_from is None and d.state.fence == slower
+    # silent again: the clock restarts now, and the slower fence counts
+    later = dead(persisted="Fencing", fence=slower)
+    d2 = step(d.state, later, now=T + 3.0)
+    assert d2.state.fence_clock_from == T + 3.0
+    assert d2.wake_at == pytest.approx(T + 3.0 + 10.0 + 60.0 + 1.0 + 2.0)
+
+
+def test_unreachable_takes_the_declaration_of_the_last_heartbeat_seen() -> None:
+    slower = replace(node(S).fence, after_s=120.0)  # type: ignore[type-var]
+    d = step(node(S), dead(fence=slower))
+    assert d.state.fence == slower
+    # a new leader that has not heard the agent yet keeps what the annotation said
+    d2 = step(node(S), dead(fence=None))
+    assert d2.state.fence == node(S).fence

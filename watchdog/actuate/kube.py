@@ -155,10 +155,13 @@ class TaintSpec:
 
 
 class _Wait(tenacity.wait.wait_base):
-    """Jittered exponential backoff, or the server's Retry-After when it sent one (bounded)."""
+    """Exponential backoff with "equal jitter" (a random half of each step, so the total wait
+    over N attempts is bounded below as well as above), or the server's Retry-After when it
+    sent one (bounded)."""
 
     def __init__(self, initial_s: float, max_s: float, max_retry_after_s: float) -> None:
-        self._jitter = tenacity.wait_random_exponential(multiplier=initial_s, max=max_s)
+        self._initial_s = initial_s
+        self._max_s = max_s
         self._max_retry_after_s = max_retry_after_s
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
@@ -166,7 +169,8 @@ class _Wait(tenacity.wait.wait_base):
         error = outcome.exception() if outcome is not None else None
         if isinstance(error, ActuationError) and error.retry_after_s is not None:
             return min(error.retry_after_s, self._max_retry_after_s)
-        return float(self._jitter(retry_state))
+        ceiling = min(self._max_s, self._initial_s * 2 ** (retry_state.attempt_number - 1))
+        return random.uniform(ceiling / 2, ceiling)
 
 
 class KubeWriter:

@@ -75,8 +75,15 @@ def _require(doc: dict[str, Any], key: str, kinds: type | tuple[type, ...]) -> A
     return value
 
 
+def _float(doc: dict[str, Any], key: str) -> float:
+    try:
+        return float(_require(doc, key, (int, float)))
+    except OverflowError as e:  # a JSON integer beyond float range
+        raise HeartbeatRejected(RejectReason.SCHEMA, f"{key} out of range") from e
+
+
 def _seconds(doc: dict[str, Any], key: str) -> float:
-    value = float(_require(doc, key, (int, float)))
+    value = _float(doc, key)
     if not math.isfinite(value) or value < 0 or value > 86_400:
         raise HeartbeatRejected(RejectReason.SCHEMA, f"{key} out of range: {value}")
     return value
@@ -104,7 +111,7 @@ def parse_heartbeat(topic: str, payload: bytes, prefix: str) -> Heartbeat:
     seq = _require(doc, "seq", int)
     if seq < 0:
         raise HeartbeatRejected(RejectReason.SCHEMA, "seq negative")
-    sent_at = float(_require(doc, "sent_at", (int, float)))
+    sent_at = _float(doc, "sent_at")
     if not math.isfinite(sent_at):
         raise HeartbeatRejected(RejectReason.SCHEMA, "sent_at not finite")
     version = _require(doc, "version", str)[:32]

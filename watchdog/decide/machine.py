@@ -282,9 +282,7 @@ class _Step:
                 # The agent reached the broker again, so its own self-fence timer restarted:
                 # ours restarts too once it is silent again (safe delay from last contact),
                 # with the fencing parameters it declared last.
-                self.state = replace(
-                    self.state, fence_clock_from=None, fence=self.declared_fence()
-                )
+                self.state = replace(self.state, fence_clock_from=None, fence=self.declared_fence())
                 self.heartbeat_wakeups()
             return
         if self.state.phase is Phase.UNREACHABLE:

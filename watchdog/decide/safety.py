@@ -7,6 +7,8 @@ using the fencing parameters that agent itself declared, never a value assumed h
 
 from __future__ import annotations
 
+import math
+
 from watchdog.decide.config import DecideConfig, FenceMode, Policy
 from watchdog.decide.observations import FenceDeclaration
 
@@ -21,6 +23,10 @@ def safe_delay_s(declared: FenceDeclaration | None, cfg: DecideConfig) -> float 
     still reaches the API reads that and fences at once, so its API contact stops counting).
     """
     if declared is None or not declared.armed:
+        return None
+    if not all(math.isfinite(t) and t >= 0 for t in (declared.after_s, declared.bound_s)):
+        # max(period_end, NaN) is period_end: a NaN or negative term would silently shorten
+        # the wait. A declaration that makes no sense proves nothing: the node is unfenced.
         return None
     return (
         declared.after_s  # the agent fences once cut off from broker and API this long

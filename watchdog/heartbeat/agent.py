@@ -11,9 +11,10 @@ promises to the controller:
   `self_fence_after_s`, and at once when the API says the controller is fencing it; a fenced
   agent never heartbeats again.
 
-Broker contact is the echo of its own heartbeat (it subscribes to its own topic): a connection
-that the kernel still believes open proves nothing. API contact comes from `api_probe`, injected
-by the runtime because this layer may not import the Kubernetes client.
+Broker contact is the echo of its own heartbeat (it subscribes to its own topic, so the broker
+ACL must let an agent read as well as write `<prefix>/heartbeat/<node>`): a connection that the
+kernel still believes open proves nothing. API contact comes from `api_probe`, injected by the
+runtime because this layer may not import the Kubernetes client.
 
 It must not decide anything about other nodes, and must not import observe or runtime.
 """
@@ -44,7 +45,7 @@ from watchdog.decide.heartbeats import (
 from watchdog.decide.mqtt_url import BrokerSettings, reconnect_delay_s
 from watchdog.decide.observations import FenceDeclaration
 from watchdog.heartbeat.fence import FenceAction, FenceOutcome, declared_down, fence_deadline
-from watchdog.heartbeat.mqtt_conn import broker_connection
+from watchdog.transport.mqtt import broker_connection
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ OFFLINE = b"offline"
 # later one came back, and a broker that echoes nothing must not grow this).
 MAX_UNECHOED = 256
 # How long a clean stop may spend telling the broker `offline` and disconnecting.
-GOODBYE_TIMEOUT_S = 2.0
+GOODBYE_TIMEOUT_S = 1.0
 
 ApiProbe = Callable[[], Awaitable[str | None]]
 
@@ -214,8 +215,10 @@ class Agent:
                     await self._goodbye(client, "fenced")
                 return
             except aiomqtt.MqttError as e:
+                _reraise_cancellation(e)
                 error = str(e) or type(e).__name__
             except (OSError, ValueError) as e:  # password/cert files, URL: retried, maybe fixed
+                _reraise_cancellation(e)
                 error = f"{type(e).__name__}: {e}"
             finally:
                 self._connected = False
@@ -236,6 +239,8 @@ class Agent:
 
     async def _session(self, client: aiomqtt.Client) -> None:
         """One connection: returns only once fenced; raises MqttError when the broker is lost."""
+        if self._fencing.is_set():
+            return  # fenced while this connection was being made: not even `online`
         await client.subscribe(self._heartbeat_topic, qos=0)
         await client.publish(self._status_topic, ONLINE, qos=1, retain=True)
         self._connected = True
@@ -451,6 +456,14 @@ def read_boot_id(path: Path) -> str:
     if not boot_id:
         raise ValueError(f"boot id file {path} is empty")
     return boot_id
+
+
+def _reraise_cancellation(error: BaseException) -> None:
+    """Keep a cancellation that a failing disconnect replaced (aiomqtt's `__aexit__` raises
+    MqttError when the DISCONNECT times out, e.g. on a partition while we are stopping)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from error
 
 
 def _socket_options(keepalive_s: int) -> tuple[tuple[int, int, int], ...]:

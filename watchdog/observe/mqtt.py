@@ -36,12 +36,14 @@ from watchdog.decide.heartbeats import (
     parse_heartbeat,
 )
 from watchdog.decide.mqtt_url import BrokerSettings, reconnect_delay_s
-from watchdog.observe.mqtt_conn import broker_connection
+from watchdog.transport.mqtt import broker_connection
 
 log = logging.getLogger(__name__)
 
 ONLINE = b"online"
 OFFLINE = b"offline"
+# How long a stopping subscriber waits for the broker to take its DISCONNECT.
+GOODBYE_TIMEOUT_S = 1.0
 # At most one log line per rejection reason (and one for queue overflow) per this many seconds.
 LOG_EVERY_S = 10.0
 
@@ -244,12 +246,18 @@ class HeartbeatSubscriber:
                 self._client = client
                 self._attempt = 0
                 self._set_connected(True)
-                async for message in client.messages:
-                    self._handle(message)
-                    self._report_overflow()
+                try:
+                    async for message in client.messages:
+                        self._handle(message)
+                        self._report_overflow()
+                except asyncio.CancelledError:
+                    client.timeout = GOODBYE_TIMEOUT_S  # bounds the DISCONNECT wait on the way out
+                    raise
         except aiomqtt.MqttError as e:
+            _reraise_cancellation(e)
             return str(e) or type(e).__name__
         except (OSError, ValueError) as e:  # password/cert files, URL: retried, maybe fixed
+            _reraise_cancellation(e)
             return f"{type(e).__name__}: {e}"
         finally:
             self._client = None
@@ -332,3 +340,11 @@ class HeartbeatSubscriber:
             seen[0],
             seen[1],
         )
+
+
+def _reraise_cancellation(error: BaseException) -> None:
+    """Keep a cancellation that a failing disconnect replaced (aiomqtt's `__aexit__` raises
+    MqttError when the DISCONNECT times out, e.g. on a partition while we are stopping)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from error

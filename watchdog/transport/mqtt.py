@@ -1,8 +1,8 @@
-"""The agent's broker connection options: address, TLS context and credentials from settings.
+"""Broker connection options for the agent and the controller: address, TLS, credentials.
 
 Built anew for every connection attempt, so a rotated password file or certificate applies on
-the next reconnect. Owns no connection itself (the agent does). The pure URL parsing lives in
-decide/mqtt_url.py and is shared with the controller's subscriber.
+the next reconnect. Owns no connection itself (the agent and the subscriber do). The pure URL
+parsing lives in decide/mqtt_url.py.
 """
 
 from __future__ import annotations

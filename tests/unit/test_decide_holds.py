@@ -1,0 +1,138 @@
+"""Cluster-wide holds (DESIGN §4): storms and the controller's own blindness."""
+
+from __future__ import annotations
+
+import pytest
+
+from watchdog.decide.config import DecideConfig, Policy
+from watchdog.decide.holds import cluster_holds, is_storm
+from watchdog.decide.observations import SourceHealth
+from watchdog.decide.reasons import Reason
+from watchdog.decide.state import Phase
+
+from .decide_helpers import UP
+
+CFG = DecideConfig(storm_max_unreachable=10, storm_max_fraction=0.5)
+
+
+def cluster(down: int, total: int, down_phase: Phase = Phase.FENCING) -> list[Phase]:
+    return [down_phase] * down + [Phase.HEALTHY] * (total - down)
+
+
+@pytest.mark.parametrize(
+    ("down", "total", "storm"),
+    [
+        pytest.param(0, 10, False, id="nobody down"),
+        pytest.param(1, 10, False, id="one of ten down"),
+        pytest.param(4, 10, False, id="four of ten down: below half"),
+        pytest.param(5, 10, True, id="five of ten down: exactly half is a storm"),
+        pytest.param(1, 2, True, id="one of two down: half of a two-node cluster"),
+        pytest.param(1, 3, False, id="one of three down"),
+        pytest.param(2, 3, True, id="two of three down"),
+        pytest.param(10, 100, False, id="ten of a hundred down: not more than the count"),
+        pytest.param(11, 100, True, id="eleven of a hundred down: more than the count"),
+        pytest.param(1, 0, False, id="no nodes known"),
+    ],
+)
+def test_storm_by_fraction_or_absolute_count(down: int, total: int, storm: bool) -> None:
+    assert is_storm(cluster(down, max(total, down)), total, CFG) is storm
+
+
+@pytest.mark.parametrize(
+    "phase",
+    [Phase.UNREACHABLE, Phase.FENCING, Phase.RESETTING, Phase.RESET],
+    ids=lambda p: f"{p} counts as down",
+)
+def test_every_down_phase_counts(phase: Phase) -> None:
+    assert is_storm(cluster(5, 10, phase), 10, CFG)
+
+
+@pytest.mark.parametrize(
+    "phase",
+    [Phase.SUSPECT, Phase.DEGRADED, Phase.RECOVERING, Phase.HEALTHY],
+    ids=lambda p: f"{p} does not count as down",
+)
+def test_phases_that_are_not_down_do_not_count(phase: Phase) -> None:
+    assert not is_storm(cluster(9, 10, phase), 10, CFG)
+
+
+def test_a_lower_count_threshold_triggers_on_a_small_absolute_number() -> None:
+    cfg = DecideConfig(storm_max_unreachable=2, storm_max_fraction=1.0)
+    assert not is_storm(cluster(2, 100), 100, cfg)
+    assert is_storm(cluster(3, 100), 100, cfg)
+
+
+HEALTHY_CLUSTER = cluster(0, 10)
+
+
+@pytest.mark.parametrize(
+    ("health", "phases", "policy", "cfg", "upgrade", "holds"),
+    [
+        pytest.param(UP, HEALTHY_CLUSTER, Policy(), CFG, False, (), id="all well: no hold"),
+        pytest.param(
+            SourceHealth(None, 0.0),
+            HEALTHY_CLUSTER,
+            Policy(),
+            CFG,
+            False,
+            (Reason.HOLD_BROKER_DOWN,),
+            id="broker connection down",
+        ),
+        pytest.param(
+            SourceHealth(0.0, None),
+            HEALTHY_CLUSTER,
+            Policy(),
+            CFG,
+            False,
+            (Reason.HOLD_API_DOWN,),
+            id="API connection down",
+        ),
+        pytest.param(UP, cluster(6, 10), Policy(), CFG, False, (Reason.HOLD_STORM,), id="storm"),
+        pytest.param(
+            UP,
+            HEALTHY_CLUSTER,
+            Policy(enable=False),
+            CFG,
+            False,
+            (Reason.HOLD_POLICY_DISABLED,),
+            id="policy disabled",
+        ),
+        pytest.param(
+            UP, HEALTHY_CLUSTER, Policy(), CFG, True, (Reason.HOLD_UPGRADE,), id="upgrade"
+        ),
+        pytest.param(
+            UP,
+            HEALTHY_CLUSTER,
+            Policy(),
+            DecideConfig(dry_run=True),
+            False,
+            (Reason.HOLD_DRY_RUN,),
+            id="dry-run",
+        ),
+        pytest.param(
+            SourceHealth(None, None),
+            cluster(6, 10),
+            Policy(enable=False),
+            DecideConfig(dry_run=True),
+            True,
+            (
+                Reason.HOLD_BROKER_DOWN,
+                Reason.HOLD_API_DOWN,
+                Reason.HOLD_STORM,
+                Reason.HOLD_POLICY_DISABLED,
+                Reason.HOLD_UPGRADE,
+                Reason.HOLD_DRY_RUN,
+            ),
+            id="everything at once: most fundamental first",
+        ),
+    ],
+)
+def test_cluster_holds(
+    health: SourceHealth,
+    phases: list[Phase],
+    policy: Policy,
+    cfg: DecideConfig,
+    upgrade: bool,
+    holds: tuple[Reason, ...],
+) -> None:
+    assert cluster_holds(phases, len(phases), health, policy, cfg, upgrade_running=upgrade) == holds
