@@ -188,6 +188,10 @@ class MosquittoBroker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.running
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.running else None
+
     def _write_config(self) -> Path:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         conf = self.work_dir / "mosquitto.conf"

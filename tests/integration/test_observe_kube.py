@@ -48,7 +48,8 @@ KUBEVIRTS = Resource("/apis/kubevirt.io/v1", "kubevirts")
 HARVESTER_SETTINGS = Resource("/apis/harvesterhci.io/v1beta1", "settings", namespaced=False)
 VOLUME_ATTACHMENTS = Resource("/apis/storage.k8s.io/v1", "volumeattachments", namespaced=False)
 
-pytestmark = [pytest.mark.cluster, pytest.mark.asyncio(loop_scope="module")]
+# Every test but the memory measurement needs the control plane (marked one by one).
+pytestmark = [pytest.mark.asyncio(loop_scope="module")]
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -215,6 +216,7 @@ async def api(cluster: ControlPlane) -> AsyncIterator[KubeApi]:
 # -- tests ------------------------------------------------------------------------------------
 
 
+@pytest.mark.cluster
 async def test_cache_lists_then_follows_nodes_and_launcher_pods(admin: Kube, api: KubeApi) -> None:
     await create_node(admin, "follow-1")
     await admin.create(PODS, launcher_pod("virt-launcher-a", "follow-1", "vm-a"))
@@ -265,6 +267,7 @@ async def test_cache_lists_then_follows_nodes_and_launcher_pods(admin: Kube, api
     await admin.delete(PODS, "plain", "default", grace_period_s=0)
 
 
+@pytest.mark.cluster
 async def test_a_real_410_gone_relists_quietly_and_the_cache_stays_correct(
     cluster: ControlPlane, admin: Kube, api: KubeApi, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -314,6 +317,7 @@ async def test_a_real_410_gone_relists_quietly_and_the_cache_stays_correct(
         await admin.delete(PODS, f"gone-pod-{i}", "default", grace_period_s=0)
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize(
     "mode",
     [
@@ -362,6 +366,7 @@ async def test_api_outage_flips_health_down_then_up_and_the_cache_catches_up(
     await admin.delete(PODS, f"outage-{mode}", "default", grace_period_s=0)
 
 
+@pytest.mark.cluster
 async def test_lease_renewal_is_stamped_on_the_local_monotonic_clock(
     admin: Kube, api: KubeApi
 ) -> None:
@@ -414,6 +419,7 @@ async def test_lease_renewal_is_stamped_on_the_local_monotonic_clock(
         assert renewed.renew_time == "2001-01-01T00:00:10.000000Z"
 
 
+@pytest.mark.cluster
 async def test_kubevirt_objects_are_projected_and_indexed_by_node(
     admin: Kube, api: KubeApi
 ) -> None:
@@ -539,6 +545,7 @@ async def test_kubevirt_objects_are_projected_and_indexed_by_node(
         await eventually(lambda: not cache.vmis_on("kv-1"), what="VMI deletion indexed")
 
 
+@pytest.mark.cluster
 async def test_an_absent_harvester_crd_is_reported_and_picked_up_once_installed(
     admin: Kube, api: KubeApi
 ) -> None:

@@ -87,6 +87,10 @@ def test_a_node_without_annotation_starts_healthy(value: str | None) -> None:
             '{"phase":"Fencing","fence":{"armed":true,"after_s":[1],"bound_s":1}}',
             id="fence time a list",
         ),
+        pytest.param(
+            '{"phase":"Fencing","fence":{"armed":true,"after_s":' + "9" * 400 + ',"bound_s":1}}',
+            id="fence time an integer no float can hold",
+        ),
     ],
 )
 def test_garbage_annotations_resume_as_healthy_and_say_so(value: str) -> None:

@@ -91,7 +91,7 @@ class NodeState:
             )
             boot_id = doc.get("bootID")
             tainted = bool(doc.get("tainted", False))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError):
             return cls(name=name, entered_at=now, reason=Reason.RESUMED, resumed=True)
         return cls(
             name=name,

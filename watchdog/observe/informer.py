@@ -250,18 +250,25 @@ class Informer(Generic[T]):
         """List, then watch until cancelled. Never returns; never raises but CancelledError."""
         path = self.resource.path(self.namespace)
         restart: RestartCause | None = None
+        events_at_list = -1  # watch events counted when the last list completed
         while True:
             delay: float | None = None
             try:
                 if self.resource_version is None:
                     await self._list(path)
+                    events_at_list = self._counters.events
                     if restart is not None:
                         self._counters.restarts[restart] += 1
                         if self._on_restart is not None:
                             self._call(self._on_restart, self.name, restart)
                     restart = None
+                started, events = time.monotonic(), self._counters.events
                 await self._watch(path)
-                self._backoff.reset()
+                if time.monotonic() - started < 1.0 and events == self._counters.events:
+                    # A watch the server ends at once, again and again, must not spin.
+                    delay = self._backoff.next()
+                else:
+                    self._backoff.reset()
             except asyncio.CancelledError:
                 raise
             except ResourceGone:
@@ -271,6 +278,9 @@ class Informer(Generic[T]):
                     self.name,
                     self.resource_version,
                 )
+                if self._counters.events == events_at_list:
+                    # Gone again right after a fresh list: back off rather than spin.
+                    delay = self._backoff.next()
                 self.resource_version = None
                 restart = RestartCause.GONE
             except ResourceAbsent:

@@ -1,0 +1,119 @@
+"""A node's links as its agent sees them: power-off sends no FIN, an agent crash does.
+
+The real `node-watchdog agent` is not needed here: a stand-in with the same MQTT contract (a
+retained `online` status and a Last Will `offline`, DESIGN §4) runs as each node's agent
+process, behind the node's proxy, started by the simulator exactly as it starts the real one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from chaos.sim.broker import MosquittoBroker
+
+pytestmark = [pytest.mark.cluster, pytest.mark.broker, pytest.mark.timeout(180)]
+
+KEEPALIVE_S = 2
+
+STAND_IN = r'''
+import asyncio, json, os, sys
+import aiomqtt
+
+async def main():
+    node = os.environ["WATCHDOG_NODE_NAME"]
+    host, port = os.environ["WATCHDOG_MQTT__URL"].split("://")[1].split(":")
+    with open(sys.argv[1] + "/" + node + ".env.json", "w") as f:
+        json.dump({k: v for k, v in os.environ.items()
+                   if k.startswith("WATCHDOG_") or k == "KUBECONFIG"}, f)
+    topic = f"node-watchdog/v1/status/{node}"
+    will = aiomqtt.Will(topic, b"offline", qos=1, retain=True)
+    async with aiomqtt.Client(host, int(port), identifier=f"agent-{node}",
+                              keepalive=int(sys.argv[2]), will=will) as client:
+        await client.publish(topic, b"online", qos=1, retain=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+'''
+
+
+def read(path: str | Path) -> str:
+    return Path(path).read_text()
+
+
+@pytest.mark.parametrize("broker", ["mosquitto", "amqtt"])
+async def test_poweroff_sends_no_fin_to_the_broker_but_an_agent_crash_does(
+        sim_cluster, tmp_path: Path, broker: str):
+    if broker == "mosquitto" and not MosquittoBroker.available():
+        pytest.skip("mosquitto is not installed")
+    script = tmp_path / "stand_in_agent.py"
+    script.write_text(STAND_IN)
+    cluster = await sim_cluster(
+        nodes=3, vms=3, time_scale=0.2, broker=broker, agents=True,
+        agent_command=(sys.executable, str(script), str(tmp_path), str(KEEPALIVE_S)))
+    seen: dict[tuple[str, bytes], float] = {}
+    assert cluster.broker is not None
+    async with aiomqtt.Client(cluster.broker.host, cluster.broker.port,
+                              identifier="observer") as observer:
+        await observer.subscribe("node-watchdog/v1/status/#", qos=1)
+
+        async def collect() -> None:
+            async for message in observer.messages:
+                node = message.topic.value.rsplit("/", 1)[1]
+                seen.setdefault((node, bytes(message.payload)), time.monotonic())
+
+        collector = asyncio.create_task(collect())
+        try:
+            await cluster.wait_until(lambda: all((f"node-{i}", b"online") in seen
+                                                 for i in (1, 2, 3)), 20, "agents online")
+
+            t_off = time.monotonic()
+            await cluster.faults.apply("poweroff", "node-1")
+            await cluster.wait_until(lambda: ("node-1", b"offline") in seen, 15, "Will node-1")
+            will_after_poweroff = seen[("node-1", b"offline")] - t_off
+
+            t_kill = time.monotonic()
+            await cluster.faults.apply("agent-kill", "node-2")
+            await cluster.wait_until(lambda: ("node-2", b"offline") in seen, 5, "Will node-2")
+            will_after_kill = seen[("node-2", b"offline")] - t_kill
+        finally:
+            collector.cancel()
+
+    # No FIN: the broker learns only when 1.5 x keepalive passes without a packet.
+    assert KEEPALIVE_S < will_after_poweroff < 3 * KEEPALIVE_S + 1, will_after_poweroff
+    # SIGKILL: the kernel closes the socket, the proxy forwards the FIN, the Will is immediate.
+    assert will_after_kill < 1.0, will_after_kill
+
+    env = json.loads(read(tmp_path / "node-3.env.json"))
+    assert env["WATCHDOG_NODE_NAME"] == "node-3"
+    assert env["WATCHDOG_MQTT__URL"] == cluster.node_broker_url("node-3")
+    assert env["WATCHDOG_METRICS_PORT"] == "0"
+    assert read(env["WATCHDOG_BOOT_ID_FILE"]).strip() == cluster.fleet["node-3"].boot_id
+    api_link = cluster.links["node-3"].api
+    assert api_link is not None and f":{api_link.port}" in read(env["KUBECONFIG"])
+
+
+async def test_the_fence_command_powers_the_node_off_through_the_local_channel(
+        sim_cluster, tmp_path: Path):
+    script = tmp_path / "stand_in_agent.py"
+    script.write_text(STAND_IN)
+    cluster = await sim_cluster(
+        nodes=2, vms=2, time_scale=0.2, broker="amqtt", agents=True,
+        agent_command=(sys.executable, str(script), str(tmp_path), str(KEEPALIVE_S)))
+    await cluster.wait_until(lambda: (tmp_path / "node-1.env.json").exists(), 20, "agent env")
+    env = json.loads(read(tmp_path / "node-1.env.json"))
+    vms = [f"default/{vm}" for vm in cluster.vms_on("node-1")]
+    # The node is cut off first: the fence channel must not depend on its network.
+    await cluster.faults.apply("partition", "node-1")
+    proc = await asyncio.create_subprocess_shell(env["WATCHDOG_FENCE_COMMAND"])
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+    await cluster.wait_until(lambda: not cluster.fleet["node-1"].powered, 5, "node-1 off")
+    assert not cluster.agents["node-1"].running
+    for vm in vms:
+        assert cluster.ledger.snapshot()["vms"][vm]["history"][-1]["stop_reason"] == "fenced"
