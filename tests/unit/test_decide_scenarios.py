@@ -157,11 +157,6 @@ def test_after_the_broker_returns_heartbeat_ages_count_from_reconnection() -> No
     assert sim.reset_times() == [back + 5.0 + 18.0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported: for suspect_after_s after a broker reconnection a node not yet heard from "
-    "counts as ALIVE, so a dead node with a stale lease is briefly DEGRADED (evacuation started)",
-)
 def test_a_dead_node_is_not_evacuated_after_the_broker_reconnects() -> None:
     sim = sim_after_warmup()
     sim.broker_down()

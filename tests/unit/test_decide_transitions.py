@@ -620,12 +620,12 @@ def test_volume_attachments_are_deleted_only_when_configured() -> None:
     assert actions_of(step(node(F), dead(), cfg=NONE), DeleteVolumeAttachments) == []
 
 
-def test_reset_of_a_node_without_launcher_pods_taints_and_deletes_nothing() -> None:
+def test_reset_of_a_node_without_launcher_pods_taints_deletes_nothing_and_completes() -> None:
     d = step(node(F), dead(launcher_pods=()), cfg=NONE)
-    assert d.state.phase is RS
+    assert [(a, b) for a, b, _ in d.transitions] == [(F, RS), (RS, R)]
+    assert d.state.phase is R
     assert actions_of(d, TaintOutOfService) == [TaintOutOfService(NODE)]
     assert actions_of(d, ForceDeletePods) == []
-    assert step(d.state, dead(launcher_pods=()), cfg=NONE).state.phase is R
 
 
 # --- holds --------------------------------------------------------------------------------------

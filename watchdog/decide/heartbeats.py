@@ -144,7 +144,10 @@ class HeartbeatBook:
     random and we cannot order them: only the current one is trusted.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, will_fresh_s: float = 3.0) -> None:
+        # A Last Will that arrives while the agent's heartbeats are younger than this means the
+        # agent process died on a live node (its socket closed at once), not a silent node.
+        self.will_fresh_s = will_fresh_s
         self.nodes: dict[str, NodeHeartbeats] = {}
         self.known: set[str] = set()
         self._retired: dict[str, set[str]] = {}
@@ -177,11 +180,20 @@ class HeartbeatBook:
         rec.offline = False
         return rec
 
-    def status(self, node: str, online: bool) -> NodeHeartbeats | None:
-        """Retained status / Last Will. Only an "offline" changes trust; "online" is a hint."""
+    def status(self, node: str, online: bool, now: float | None = None) -> NodeHeartbeats | None:
+        """Retained status / Last Will. Only an "offline" changes trust; "online" is a hint.
+
+        An "offline" while heartbeats were still fresh means the agent died on a running node:
+        nothing is left there to fence it, so its declared fence no longer holds (a partition
+        now would leave its VMs running). Its next heartbeat declares the fence again.
+        """
         if node not in self.known:
             return None
         rec = self.record(node)
         if not online:
             rec.offline = True
+            last, fence = rec.last_at, rec.fence
+            if last is not None and now is not None and fence is not None:
+                if now - last < self.will_fresh_s:
+                    rec.fence = FenceDeclaration(False, fence.after_s, fence.bound_s)
         return rec

@@ -179,10 +179,20 @@ class _Step:
         if self.sig.heartbeat is Signal.STALE:
             self.to_suspect()
             self.suspect()
-        elif self.sig.heartbeat is Signal.ALIVE and self.kubelet_path_stale():
+        elif self.sig.heartbeat is Signal.ALIVE and self.kubelet_path_stale() and self.heard():
             self.to_degraded()
         else:
             self.heartbeat_wakeups()
+
+    def heard(self) -> bool:
+        """A heartbeat arrived since the broker connection came up: ALIVE is then a fact.
+
+        Right after a reconnection every node is ALIVE for `suspect_after_s` by benefit of the
+        doubt; that is enough to hold off a reset but not to start an evacuation.
+        """
+        up = self.ctx.health.broker_up_since
+        last = self.obs.last_heartbeat_at
+        return up is not None and last is not None and last >= up
 
     def to_degraded(self) -> None:
         self.move(Phase.DEGRADED, Reason.KUBELET_PATH_LOST, heartbeats_at_mark=0)
@@ -355,6 +365,8 @@ class _Step:
             self.actions.append(DeleteVolumeAttachments(self.obs.name))
         n = len(self.obs.launcher_pods)
         self.event("ForceReset", Reason.RESET_STARTED, f"force-deleting {n} launcher pods")
+        if not n:
+            self.resetting()  # nothing to delete: the reset is complete
 
     def issue_deletes(self) -> None:
         pods = tuple((p.namespace, p.name) for p in self.obs.launcher_pods)

@@ -306,7 +306,7 @@ class HeartbeatSubscriber:
         if payload not in (ONLINE, OFFLINE):
             self._reject(RejectReason.MALFORMED, f"status {payload[:32]!r}", topic, now)
             return
-        if self._book.status(node, payload == ONLINE) is None:
+        if self._book.status(node, payload == ONLINE, self._clock()) is None:
             self._reject(RejectReason.UNKNOWN_NODE, f"status of {node[:64]!r}", topic, now)
             return
         self._statuses += 1

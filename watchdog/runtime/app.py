@@ -133,7 +133,7 @@ def _controller(
     tg: asyncio.TaskGroup, settings: Settings, api: KubeApi, metrics: Metrics, health: Health
 ) -> LeaderElector:
     clock = time.monotonic
-    book = HeartbeatBook()
+    book = HeartbeatBook(will_fresh_s=settings.suspect_after_s)
     actuator = Actuator(api.api_client, settings)
     taint = actuator.taint
     controller: Controller
