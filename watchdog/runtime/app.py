@@ -138,10 +138,17 @@ def _controller(
     taint = actuator.taint
     controller: Controller
 
+    # The volumes of reset pods, captured before the force-delete removes them from the cache.
+    claims_of_reset: dict[str, list[tuple[str, str]]] = {}
+
     async def execute(action: act.Action) -> str:
         claims: list[tuple[str, str]] = []
+        if isinstance(action, act.ForceDeletePods):
+            claims_of_reset[action.node] = [
+                (p.namespace, c) for p in cache.pods_on(action.node) for c in p.claims
+            ]
         if isinstance(action, act.DeleteVolumeAttachments):
-            claims = [(p.namespace, c) for p in cache.pods_on(action.node) for c in p.claims]
+            claims = claims_of_reset.pop(action.node, [])
         outcome = await actuator.execute(action, claims=claims)
         return outcome.result.value
 
