@@ -12,7 +12,7 @@ import time
 import pytest
 
 from chaos.sim.controlplane import Timings
-from chaos.sim.informer import has_taint
+from chaos.sim.informer import has_taint, parse_time
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -45,7 +45,13 @@ async def test_harvester_16_with_period_10_resets_vms_in_about_a_minute(sim_clus
 
     # harvester#4049: ~38 s to NotReady, VM down ~9 s later, Running ~15 s after that.
     assert 28 <= not_ready <= 50, not_ready
-    assert 8 <= deleted - not_ready <= 10 + 1 / scale + 2, (not_ready, deleted)
+    # `period` counts from Ready's lastTransitionTime, which has one-second precision.
+    assert 10 - 1 / scale - 1 <= deleted - not_ready <= 10 + 1 / scale + 2, (not_ready, deleted)
+    ready = next(c for c in cluster.node("node-1")["status"]["conditions"]
+                 if c["type"] == "Ready")
+    force_wall = next(a["wall"] for a in cluster.harvester.actions
+                      if a["action"] == "force-delete-pod")
+    assert abs(force_wall - (parse_time(ready["lastTransitionTime"]) + 10 * scale)) < 0.5
     assert 45 <= running <= 80, running
     assert running - deleted <= 20
     for vm in victims:

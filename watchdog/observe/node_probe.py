@@ -13,24 +13,39 @@ from urllib.parse import quote
 from watchdog.decide.state import STATE_ANNOTATION
 from watchdog.observe.kube import KubeApi
 
+HEALTHY = "Healthy"
 
-def node_phase_probe(api: KubeApi, node: str) -> Callable[[], Awaitable[str | None]]:
+
+def node_phase_probe(
+    api: KubeApi, node: str, boot_id: Callable[[], str]
+) -> Callable[[], Awaitable[str | None]]:
     """A probe returning this node's persisted phase ("Healthy" when none is recorded).
 
-    Raises (an `ObserveError`) when the API cannot be reached: that is not contact.
+    A phase recorded about an earlier boot of this machine is not about us: the VMs it was
+    about died with that boot, so it reads as "Healthy" (otherwise a rebooted node would fence
+    itself again at every boot and never come back). Raises an `ObserveError` when the API
+    cannot be reached: that is not contact.
     """
     path = f"/api/v1/nodes/{quote(node, safe='')}"
 
     async def probe() -> str | None:
         obj = await api.request("GET", path)
         annotations = (obj.get("metadata") or {}).get("annotations") or {}
-        raw = annotations.get(STATE_ANNOTATION)
-        if not raw:
-            return "Healthy"
-        try:
-            phase = json.loads(raw).get("phase")
-        except (ValueError, AttributeError):
-            return "Healthy"
-        return phase if isinstance(phase, str) else "Healthy"
+        return phase_for_boot(annotations.get(STATE_ANNOTATION), boot_id())
 
     return probe
+
+
+def phase_for_boot(annotation: str | None, boot_id: str) -> str:
+    if not annotation:
+        return HEALTHY
+    try:
+        doc = json.loads(annotation)
+        phase, recorded_boot = doc.get("phase"), doc.get("bootID")
+    except (ValueError, AttributeError):
+        return HEALTHY
+    if not isinstance(phase, str):
+        return HEALTHY
+    if isinstance(recorded_boot, str) and recorded_boot != boot_id:
+        return HEALTHY
+    return phase

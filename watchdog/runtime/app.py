@@ -23,9 +23,17 @@ from watchdog.actuate.preflight import run_preflight
 from watchdog.decide import actions as act
 from watchdog.decide.config import FenceMode
 from watchdog.decide.heartbeats import HeartbeatBook, RejectReason
-from watchdog.heartbeat.agent import Agent
+from watchdog.heartbeat.agent import Agent, read_boot_id
 from watchdog.metrics import Metrics
-from watchdog.observe.cluster_cache import NODE_LEASE_NAMESPACE, ClusterCache
+from watchdog.observe.cluster_cache import (
+    HARVESTER_SETTINGS,
+    LEASES,
+    NODE_LEASE_NAMESPACE,
+    NODES,
+    PODS,
+    VMIS,
+    ClusterCache,
+)
 from watchdog.observe.informer import EventKind, RestartCause
 from watchdog.observe.kube import ConfigError, KubeApi, load_api_client
 from watchdog.observe.mqtt import HeartbeatSubscriber
@@ -109,7 +117,11 @@ async def _serve(role: str, settings: Settings) -> int:
                 elector = _controller(tg, settings, api, metrics, health)
             if role in ("run", "agent"):
                 assert settings.node_name
-                agent = Agent(settings, api_probe=node_phase_probe(api, settings.node_name))
+                boot_id_file = settings.boot_id_file
+                probe = node_phase_probe(
+                    api, settings.node_name, lambda: read_boot_id(boot_id_file)
+                )
+                agent = Agent(settings, api_probe=probe)
                 tg.create_task(agent.run(), name="agent")
                 health.readiness("agent", lambda: bool(agent.statistics().get("connected")))
             if settings.metrics_port:
@@ -153,7 +165,7 @@ def _controller(
         return outcome.result.value
 
     def on_event(resource: str, kind: EventKind, key: str, old: Any, new: Any) -> None:
-        if resource == "nodes":
+        if resource == NODES.name:
             if kind is EventKind.DELETED:
                 book.known.discard(key)
                 controller.forget_node(key)
@@ -161,15 +173,15 @@ def _controller(
                 return
             book.known.add(key)
             scheduler.mark(key)
-        elif resource == "leases":
+        elif resource == LEASES.name:
             scheduler.mark(key.removeprefix(f"{NODE_LEASE_NAMESPACE}/"))
-        elif resource == "pods":
+        elif resource == PODS.name:
             for rec in (old, new):
                 if rec is not None and rec.node:
                     scheduler.mark(rec.node)
-        elif resource == "virtualmachineinstances" and new is not None:
+        elif resource == VMIS.name and new is not None:
             vmi_changes.put_nowait((new.namespace, new.name))
-        elif resource == "settings":
+        elif resource == HARVESTER_SETTINGS.name:
             scheduler.mark_all(list(book.known))
 
     def on_health(up: bool) -> None:

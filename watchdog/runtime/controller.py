@@ -207,7 +207,13 @@ class Controller:
             self.metrics.heartbeat_age.remove(node)
 
     async def evaluate(self, node: str) -> float | None:
-        """One decision for one node; returns when to look again."""
+        """One decision for one node; returns when to look again.
+
+        A standby decides nothing: its state would diverge from the leader's, which acts. It
+        keeps its caches and heartbeat book warm and resumes from annotations on takeover.
+        """
+        if not self.acting:
+            return None
         if node not in set(self.view.node_names()) and node not in self.states:
             return None
         now = self.clock()

@@ -52,6 +52,16 @@ class LeaderElector:
         self._observed_at = 0.0
         self._last_renew = 0.0
         self.leader_changed = asyncio.Event()
+        self._last_problem: str | None = None
+
+    def _report(self, what: str, e: Exception) -> None:
+        # Once per distinct problem at WARNING, repeats at DEBUG: retries every second.
+        text = f"leader lease {what} failed: {e}"
+        if text != self._last_problem:
+            self._last_problem = text
+            log.warning("%s (retrying every %.1fs)", text, self.retry_period_s)
+        else:
+            log.debug("%s", text)
 
     async def _set_leader(self, value: bool) -> None:
         if value == self.is_leader:
@@ -69,7 +79,7 @@ class LeaderElector:
         try:
             current = await self.lock.get()
         except Exception as e:  # API trouble: we cannot prove we are leader
-            log.info("leader lease read failed: %s", e)
+            self._report("read", e)
             return False
         duration = max(1, round(self.lease_duration_s))
         if current is None:
@@ -97,7 +107,7 @@ class LeaderElector:
         try:
             return await op
         except Exception as e:
-            log.info("leader lease write failed: %s", e)
+            self._report("write", e)
             return False
 
     async def run(self) -> None:
@@ -106,6 +116,7 @@ class LeaderElector:
             ok = await self.try_acquire_or_renew()
             now = self._clock()
             if ok:
+                self._last_problem = None
                 self._last_renew = now
                 await self._set_leader(True)
             elif self.is_leader and now - self._last_renew >= self.renew_deadline_s:
