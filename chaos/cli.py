@@ -57,7 +57,8 @@ def time_scale(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 < value <= 10:
         raise argparse.ArgumentTypeError(
-            f"{text!r} must be in (0, 10] (0.1 runs every timing ten times faster)")
+            f"{text!r} must be in (0, 10] (0.1 runs every timing ten times faster)"
+        )
     return value
 
 
@@ -84,7 +85,8 @@ def broker_spec(text: str) -> str:
     if text.startswith(("mqtt://", "mqtts://")) and len(text.split("://", 1)[1]) > 0:
         return text
     raise argparse.ArgumentTypeError(
-        f"{text!r}: expected mqtt://host:port, mqtts://host:port, amqtt, mosquitto or none")
+        f"{text!r}: expected mqtt://host:port, mqtts://host:port, amqtt, mosquitto or none"
+    )
 
 
 def choice_list(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
@@ -93,8 +95,10 @@ def choice_list(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             raise argparse.ArgumentTypeError(
-                f"{text!r}: each of a comma-separated list must be one of {', '.join(allowed)}")
+                f"{text!r}: each of a comma-separated list must be one of {', '.join(allowed)}"
+            )
         return values
+
     return parse
 
 
@@ -110,15 +114,21 @@ def json_object(text: str) -> dict[str, Any]:
 
 def _kubeconfig_arg(parser: argparse.ArgumentParser, *, required: bool) -> None:
     default = os.environ.get("KUBECONFIG") if not required else None
-    parser.add_argument("--kubeconfig", type=Path, required=required and default is None,
-                        default=default, metavar="PATH",
-                        help="kubeconfig written by `watchdog-chaos sim` (default: $KUBECONFIG)")
+    parser.add_argument(
+        "--kubeconfig",
+        type=Path,
+        required=required and default is None,
+        default=default,
+        metavar="PATH",
+        help="kubeconfig written by `watchdog-chaos sim` (default: $KUBECONFIG)",
+    )
 
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # The embedded broker's libraries narrate every state change at INFO.
     for noisy in ("amqtt", "transitions", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
@@ -132,46 +142,100 @@ def register_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     from chaos.sim.harvester import HARVESTER_MODES
 
     p = sub.add_parser(
-        "sim", help="run the local test cluster until Ctrl-C",
+        "sim",
+        help="run the local test cluster until Ctrl-C",
         description="Run the test cluster: a real control plane (etcd, kube-apiserver, "
         "kube-controller-manager, kube-scheduler) with simulated nodes, KubeVirt and "
         "Harvester. Prints `kubeconfig: PATH` once every VM runs; stops everything on "
-        "SIGINT/SIGTERM.")
+        "SIGINT/SIGTERM.",
+    )
     p.add_argument("--nodes", type=positive_int, default=3, help="nodes node-1..N (default 3)")
-    p.add_argument("--vms", type=non_negative_int, default=6,
-                   help="VMs default/vm-1..M (default 6)")
-    p.add_argument("--kubeconfig", type=Path, metavar="PATH",
-                   help="write the admin kubeconfig here (default: in the work directory)")
-    p.add_argument("--time-scale", type=time_scale, default=1.0, metavar="F",
-                   help="multiply every timing by F (0.1 = ten times faster; default 1)")
-    p.add_argument("--harvester", choices=HARVESTER_MODES, default="none",
-                   help="Harvester node-down controller to run (default none)")
-    p.add_argument("--harvester-policy", type=json_object, metavar="JSON",
-                   help='vm-force-reset-policy value, e.g. \'{"enable":true,"period":10}\'')
-    p.add_argument("--control-plane-bin", type=existing_dir, metavar="DIR",
-                   help="directory with kube-apiserver, kube-controller-manager, "
-                   "kube-scheduler (and etcd)")
-    p.add_argument("--broker", type=broker_spec, default="amqtt", metavar="URL",
-                   help="MQTT broker: mqtt://host:port, or `amqtt` (embedded, default), "
-                   "`mosquitto` (started here) or `none`")
-    p.add_argument("--agents", action="store_true",
-                   help="run a real `node-watchdog agent` per node")
-    p.add_argument("--run-strategy", type=choice_list(RUN_STRATEGIES),
-                   default=("RerunOnFailure",), metavar="LIST",
-                   help="runStrategies cycled over the VMs (default RerunOnFailure)")
-    p.add_argument("--access-mode", type=choice_list(ACCESS_MODES),
-                   default=("ReadWriteMany",), metavar="LIST",
-                   help="volume access modes cycled over the VMs (default ReadWriteMany)")
-    p.add_argument("--fence-action", choices=("poweroff", "reboot"), default="poweroff",
-                   help="what an agent's fence command does to its node (default poweroff)")
-    p.add_argument("--work-dir", type=Path, metavar="DIR",
-                   help="keep logs and state here (default: a temporary directory, removed)")
-    p.add_argument("--ready-timeout", type=seconds, default=300.0, metavar="S",
-                   help="give up if the cluster is not ready after S seconds (default 300)")
-    p.add_argument("--build-only", action="store_true",
-                   help="only find or build the control-plane binaries and print where")
-    p.add_argument("-v", "--verbose", action="count", default=1,
-                   help="more log output (-vv: debug)")
+    p.add_argument(
+        "--vms", type=non_negative_int, default=6, help="VMs default/vm-1..M (default 6)"
+    )
+    p.add_argument(
+        "--kubeconfig",
+        type=Path,
+        metavar="PATH",
+        help="write the admin kubeconfig here (default: in the work directory)",
+    )
+    p.add_argument(
+        "--time-scale",
+        type=time_scale,
+        default=1.0,
+        metavar="F",
+        help="multiply every timing by F (0.1 = ten times faster; default 1)",
+    )
+    p.add_argument(
+        "--harvester",
+        choices=HARVESTER_MODES,
+        default="none",
+        help="Harvester node-down controller to run (default none)",
+    )
+    p.add_argument(
+        "--harvester-policy",
+        type=json_object,
+        metavar="JSON",
+        help='vm-force-reset-policy value, e.g. \'{"enable":true,"period":10}\'',
+    )
+    p.add_argument(
+        "--control-plane-bin",
+        type=existing_dir,
+        metavar="DIR",
+        help="directory with kube-apiserver, kube-controller-manager, kube-scheduler (and etcd)",
+    )
+    p.add_argument(
+        "--broker",
+        type=broker_spec,
+        default="amqtt",
+        metavar="URL",
+        help="MQTT broker: mqtt://host:port, or `amqtt` (embedded, default), "
+        "`mosquitto` (started here) or `none`",
+    )
+    p.add_argument(
+        "--agents", action="store_true", help="run a real `node-watchdog agent` per node"
+    )
+    p.add_argument(
+        "--run-strategy",
+        type=choice_list(RUN_STRATEGIES),
+        default=("RerunOnFailure",),
+        metavar="LIST",
+        help="runStrategies cycled over the VMs (default RerunOnFailure)",
+    )
+    p.add_argument(
+        "--access-mode",
+        type=choice_list(ACCESS_MODES),
+        default=("ReadWriteMany",),
+        metavar="LIST",
+        help="volume access modes cycled over the VMs (default ReadWriteMany)",
+    )
+    p.add_argument(
+        "--fence-action",
+        choices=("poweroff", "reboot"),
+        default="poweroff",
+        help="what an agent's fence command does to its node (default poweroff)",
+    )
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep logs and state here (default: a temporary directory, removed)",
+    )
+    p.add_argument(
+        "--ready-timeout",
+        type=seconds,
+        default=300.0,
+        metavar="S",
+        help="give up if the cluster is not ready after S seconds (default 300)",
+    )
+    p.add_argument(
+        "--build-only",
+        action="store_true",
+        help="only find or build the control-plane binaries and print where",
+    )
+    p.add_argument(
+        "-v", "--verbose", action="count", default=1, help="more log output (-vv: debug)"
+    )
     p.add_argument("-q", "--quiet", action="store_const", const=0, dest="verbose")
     p.set_defaults(func=cmd_sim)
 
@@ -183,13 +247,21 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from chaos.sim.cluster import SimConfig
 
     config = SimConfig(
-        nodes=args.nodes, vms=args.vms, time_scale=args.time_scale, harvester=args.harvester,
-        harvester_policy=args.harvester_policy, run_strategies=args.run_strategy,
+        nodes=args.nodes,
+        vms=args.vms,
+        time_scale=args.time_scale,
+        harvester=args.harvester,
+        harvester_policy=args.harvester_policy,
+        run_strategies=args.run_strategy,
         access_modes=args.access_mode,
-        broker=None if args.broker == "none" else args.broker, agents=args.agents,
-        fence_action=args.fence_action, work_dir=args.work_dir,
-        kubeconfig=args.kubeconfig, control_plane_bin=args.control_plane_bin,
-        control_channel=True, keep_work_dir=args.work_dir is not None,
+        broker=None if args.broker == "none" else args.broker,
+        agents=args.agents,
+        fence_action=args.fence_action,
+        work_dir=args.work_dir,
+        kubeconfig=args.kubeconfig,
+        control_plane_bin=args.control_plane_bin,
+        control_channel=True,
+        keep_work_dir=args.work_dir is not None,
     )
     try:
         config.validate()
@@ -219,8 +291,9 @@ async def _run_sim(config: Any, ready_timeout_s: float) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    cluster = SimCluster(config, progress=lambda line: logging.getLogger("chaos.sim").info(
-        "%s", line))
+    cluster = SimCluster(
+        config, progress=lambda line: logging.getLogger("chaos.sim").info("%s", line)
+    )
 
     async def bring_up() -> None:
         await cluster.start()
@@ -243,9 +316,12 @@ async def _run_sim(config: Any, ready_timeout_s: float) -> int:
         if cluster.agent_note:
             print(f"note: {cluster.agent_note}", file=sys.stderr)
         t = cluster.timings
-        print(f"cluster ready: {config.nodes} nodes, {config.vms} VMs in "
-              f"{t.get('start_s', 0) + t.get('ready_s', 0):.1f}s "
-              f"(control plane {t.get('control_plane_s', 0):.1f}s)", file=sys.stderr)
+        print(
+            f"cluster ready: {config.nodes} nodes, {config.vms} VMs in "
+            f"{t.get('start_s', 0) + t.get('ready_s', 0):.1f}s "
+            f"(control plane {t.get('control_plane_s', 0):.1f}s)",
+            file=sys.stderr,
+        )
         if cluster.broker is not None:
             print(f"broker: {cluster.broker.url}", flush=True)
         print(f"kubeconfig: {cluster.kubeconfig}", flush=True)
@@ -265,15 +341,23 @@ def register_fault(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     from chaos.sim.faults import ACTIONS, CLUSTER_ACTIONS
 
     p = sub.add_parser(
-        "fault", help="inject a fault into a running `watchdog-chaos sim`",
+        "fault",
+        help="inject a fault into a running `watchdog-chaos sim`",
         description="Inject a fault. Node actions take NODE; cluster actions ("
-        + ", ".join(CLUSTER_ACTIONS) + ") do not.")
+        + ", ".join(CLUSTER_ACTIONS)
+        + ") do not.",
+    )
     _kubeconfig_arg(p, required=True)
-    p.add_argument("action", choices=ACTIONS, metavar="ACTION",
-                   help="one of: " + ", ".join(ACTIONS))
+    p.add_argument(
+        "action", choices=ACTIONS, metavar="ACTION", help="one of: " + ", ".join(ACTIONS)
+    )
     p.add_argument("node", nargs="?", metavar="NODE", help="e.g. node-1")
-    p.add_argument("--duration", type=seconds, metavar="S",
-                   help="undo the fault after S seconds (heal, poweron, restore, ...)")
+    p.add_argument(
+        "--duration",
+        type=seconds,
+        metavar="S",
+        help="undo the fault after S seconds (heal, poweron, restore, ...)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_fault)
 
@@ -282,19 +366,27 @@ def cmd_fault(args: argparse.Namespace) -> int:
     from chaos.sim.faults import NODE_ACTIONS
 
     if args.action in NODE_ACTIONS and not args.node:
-        print(f"watchdog-chaos fault: error: argument NODE: {args.action} needs a node "
-              "(e.g. node-1)", file=sys.stderr)
+        print(
+            f"watchdog-chaos fault: error: argument NODE: {args.action} needs a node (e.g. node-1)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     if args.action not in NODE_ACTIONS and args.node:
-        print(f"watchdog-chaos fault: error: argument NODE: {args.action} is cluster-wide, "
-              f"got {args.node!r}", file=sys.stderr)
+        print(
+            f"watchdog-chaos fault: error: argument NODE: {args.action} is cluster-wide, "
+            f"got {args.node!r}",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     return _client_call(args, "fault", lambda c: c.fault(args.action, args.node, args.duration))
 
 
 def register_ledger(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("ledger", help="ground truth: where every VM runs, split-brain, lost",
-                       description="Print the ledger of a running `watchdog-chaos sim`.")
+    p = sub.add_parser(
+        "ledger",
+        help="ground truth: where every VM runs, split-brain, lost",
+        description="Print the ledger of a running `watchdog-chaos sim`.",
+    )
     _kubeconfig_arg(p, required=True)
     p.add_argument("--json", action="store_true", help="everything, per-VM history included")
     p.set_defaults(func=cmd_ledger)
@@ -319,8 +411,10 @@ def _client_call(args: argparse.Namespace, name: str, call: Callable[[Any], Any]
     from chaos.sim.control import ControlBadRequest, ControlClient, ControlError
 
     if args.kubeconfig is None:
-        print(f"watchdog-chaos {name}: error: argument --kubeconfig: required "
-              "(or set $KUBECONFIG)", file=sys.stderr)
+        print(
+            f"watchdog-chaos {name}: error: argument --kubeconfig: required (or set $KUBECONFIG)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     try:
         client = ControlClient.for_kubeconfig(args.kubeconfig)
@@ -349,16 +443,22 @@ def format_fault(entry: dict[str, Any]) -> str:
 
 
 def format_ledger(snapshot: dict[str, Any]) -> str:
-    lines = [f"{'VM':<24} {'STRATEGY':<15} {'RUNNING ON':<24} {'COPIES':>6} "
-             f"{'STARTS':>6} {'DOWN s':>8} {'SPLIT s':>8}"]
+    lines = [
+        f"{'VM':<24} {'STRATEGY':<15} {'RUNNING ON':<24} {'COPIES':>6} "
+        f"{'STARTS':>6} {'DOWN s':>8} {'SPLIT s':>8}"
+    ]
     for key, vm in snapshot.get("vms", {}).items():
-        lines.append(f"{key:<24} {vm['run_strategy']:<15} "
-                     f"{','.join(vm['running_on']) or '-':<24} {vm['copies']:>6} "
-                     f"{vm['starts']:>6} {vm['downtime_s']:>8.1f} {vm['split_brain_s']:>8.1f}")
+        lines.append(
+            f"{key:<24} {vm['run_strategy']:<15} "
+            f"{','.join(vm['running_on']) or '-':<24} {vm['copies']:>6} "
+            f"{vm['starts']:>6} {vm['downtime_s']:>8.1f} {vm['split_brain_s']:>8.1f}"
+        )
     t = snapshot.get("totals", {})
-    lines.append(f"running {t.get('running')}/{t.get('vms')}  lost {t.get('lost')}  "
-                 f"split_brain {t.get('split_brain_s')} VM-s  false_resets "
-                 f"{t.get('false_resets')}")
+    lines.append(
+        f"running {t.get('running')}/{t.get('vms')}  lost {t.get('lost')}  "
+        f"split_brain {t.get('split_brain_s')} VM-s  false_resets "
+        f"{t.get('false_resets')}"
+    )
     return "\n".join(lines)
 
 
@@ -369,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="watchdog-chaos",
         description="Chaos harness of node-watchdog: a local test cluster whose nodes can be "
-        "killed, and the faults and ground truth to measure failovers.")
+        "killed, and the faults and ground truth to measure failovers.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in SUBCOMMANDS:
         register(sub)

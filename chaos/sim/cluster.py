@@ -748,10 +748,15 @@ class SimCluster:
                 for n, m in self.fleet.members.items()
             },
             "totals": self.ledger.totals(),
-            "pids": {**(self.control_plane.pids() if self.control_plane else {}),
-                     **{f"agent {n}": s.proc.pid for n, s in self.agents.items()
-                        if s.proc is not None and s.running and s.proc.pid},
-                     **({"mosquitto": pid} if (pid := getattr(self.broker, "pid", None)) else {})},
+            "pids": {
+                **(self.control_plane.pids() if self.control_plane else {}),
+                **{
+                    f"agent {n}": s.proc.pid
+                    for n, s in self.agents.items()
+                    if s.proc is not None and s.running and s.proc.pid
+                },
+                **({"mosquitto": pid} if (pid := getattr(self.broker, "pid", None)) else {}),
+            },
             "faults": self.faults.history[-50:],
             "timings": self.timings,
         }

@@ -214,11 +214,16 @@ class Longhorn:
 
     async def ensure_storage_class(self) -> None:
         body = {
-            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
-            "metadata": {"name": "longhorn", "annotations": {
-                "storageclass.kubernetes.io/is-default-class": "true"}},
-            "provisioner": LONGHORN_DRIVER, "allowVolumeExpansion": True,
-            "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate",
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {
+                "name": "longhorn",
+                "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+            },
+            "provisioner": LONGHORN_DRIVER,
+            "allowVolumeExpansion": True,
+            "reclaimPolicy": "Delete",
+            "volumeBindingMode": "Immediate",
             "parameters": {"numberOfReplicas": "3", "migratable": "true"},
         }
         try:
@@ -386,7 +391,14 @@ class NodeDownController:
         return parse_policy(self.settings.get(POLICY_SETTING))
 
     def _record(self, node: str, action: str, **extra: object) -> None:
-        entry = {"node": node, "action": action, "at": now_rfc3339(), "mono": Clock.mono(), **extra}
+        entry = {
+            "node": node,
+            "action": action,
+            "at": now_rfc3339(),
+            "wall": time.time(),
+            "mono": Clock.mono(),
+            **extra,
+        }
         self.actions.append(entry)
         log.info("harvester %s: %s %s %s", self.mode, node, action, extra or "")
 

@@ -63,8 +63,9 @@ class Resource:
     plural: str
     namespaced: bool = True
 
-    def path(self, namespace: str | None = None, name: str | None = None,
-             sub: str | None = None) -> str:
+    def path(
+        self, namespace: str | None = None, name: str | None = None, sub: str | None = None
+    ) -> str:
         parts = [self.api]
         if self.namespaced and namespace:
             parts += ["namespaces", quote(namespace, safe="")]
@@ -90,8 +91,9 @@ VMS = Resource("/apis/kubevirt.io/v1", "virtualmachines")
 VMIS = Resource("/apis/kubevirt.io/v1", "virtualmachineinstances")
 VMIMS = Resource("/apis/kubevirt.io/v1", "virtualmachineinstancemigrations")
 KUBEVIRTS = Resource("/apis/kubevirt.io/v1", "kubevirts")
-MIGRATION_POLICIES = Resource("/apis/migrations.kubevirt.io/v1alpha1", "migrationpolicies",
-                              namespaced=False)
+MIGRATION_POLICIES = Resource(
+    "/apis/migrations.kubevirt.io/v1alpha1", "migrationpolicies", namespaced=False
+)
 SETTINGS = Resource("/apis/harvesterhci.io/v1beta1", "settings", namespaced=False)
 
 
@@ -155,29 +157,50 @@ class Kube:
     async def close(self) -> None:
         await self.api_client.close()
 
-    async def _open(self, method: str, path: str, *, query: dict[str, Any] | None = None,
-                    body: Any = None, content_type: str = "application/json",
-                    request_timeout: aiohttp.ClientTimeout | float | None = None,
-                    ) -> aiohttp.ClientResponse:
+    async def _open(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        request_timeout: aiohttp.ClientTimeout | float | None = None,
+    ) -> aiohttp.ClientResponse:
         try:
             return await self.api_client.call_api(
-                path, method,
+                path,
+                method,
                 query_params=list((query or {}).items()),
                 header_params={"Content-Type": content_type, "Accept": "application/json"},
                 body=body,
                 auth_settings=["BearerToken"],
                 _preload_content=False,
-                _request_timeout=(request_timeout if request_timeout is not None
-                                  else self.request_timeout_s),
+                _request_timeout=(
+                    request_timeout if request_timeout is not None else self.request_timeout_s
+                ),
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise ApiError(0, f"{method} {path}: {type(e).__name__}: {e}") from e
 
-    async def request(self, method: str, path: str, *, query: dict[str, Any] | None = None,
-                      body: Any = None, content_type: str = "application/json",
-                      request_timeout: float | None = None) -> Obj:
-        resp = await self._open(method, path, query=query, body=body,
-                                content_type=content_type, request_timeout=request_timeout)
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        request_timeout: float | None = None,
+    ) -> Obj:
+        resp = await self._open(
+            method,
+            path,
+            query=query,
+            body=body,
+            content_type=content_type,
+            request_timeout=request_timeout,
+        )
         try:
             async with resp:
                 data = await resp.read()
@@ -188,8 +211,11 @@ class Kube:
                 status_body = json.loads(data)
             except ValueError:
                 status_body = data.decode(errors="replace")
-            reason = (status_body.get("message") if isinstance(status_body, dict)
-                      else str(status_body)) or resp.reason or ""
+            reason = (
+                (status_body.get("message") if isinstance(status_body, dict) else str(status_body))
+                or resp.reason
+                or ""
+            )
             raise ApiError(resp.status, f"{method} {path}: {reason}", status_body)
         return json.loads(data) if data else {}
 
@@ -198,8 +224,9 @@ class Kube:
     async def get(self, res: Resource, name: str, namespace: str | None = None) -> Obj:
         return await self.request("GET", res.path(namespace, name))
 
-    async def get_or_none(self, res: Resource, name: str, namespace: str | None = None
-                          ) -> Obj | None:
+    async def get_or_none(
+        self, res: Resource, name: str, namespace: str | None = None
+    ) -> Obj | None:
         try:
             return await self.get(res, name, namespace)
         except ApiError as e:
@@ -210,25 +237,44 @@ class Kube:
     async def list(self, res: Resource, namespace: str | None = None, **query: Any) -> Obj:
         return await self.request("GET", res.path(namespace), query=query)
 
-    async def create(self, res: Resource, body: Obj, namespace: str | None = None,
-                     sub: str | None = None) -> Obj:
+    async def create(
+        self, res: Resource, body: Obj, namespace: str | None = None, sub: str | None = None
+    ) -> Obj:
         ns = namespace or body.get("metadata", {}).get("namespace")
         path = res.path(ns, body["metadata"]["name"], sub) if sub else res.path(ns)
         return await self.request("POST", path, body=body)
 
     async def replace(self, res: Resource, body: Obj, *, sub: str | None = None) -> Obj:
         meta = body["metadata"]
-        return await self.request("PUT", res.path(meta.get("namespace"), meta["name"], sub),
-                                  body=body)
+        return await self.request(
+            "PUT", res.path(meta.get("namespace"), meta["name"], sub), body=body
+        )
 
-    async def patch(self, res: Resource, name: str, body: Any, namespace: str | None = None, *,
-                    sub: str | None = None, content_type: str = MERGE_PATCH) -> Obj:
-        return await self.request("PATCH", res.path(namespace, name, sub), body=body,
-                                  content_type=content_type)
+    async def patch(
+        self,
+        res: Resource,
+        name: str,
+        body: Any,
+        namespace: str | None = None,
+        *,
+        sub: str | None = None,
+        content_type: str = MERGE_PATCH,
+    ) -> Obj:
+        return await self.request(
+            "PATCH", res.path(namespace, name, sub), body=body, content_type=content_type
+        )
 
-    async def delete(self, res: Resource, name: str, namespace: str | None = None, *,
-                     grace_period_s: int | None = None, uid: str | None = None,
-                     propagation: str | None = None, missing_ok: bool = True) -> bool:
+    async def delete(
+        self,
+        res: Resource,
+        name: str,
+        namespace: str | None = None,
+        *,
+        grace_period_s: int | None = None,
+        uid: str | None = None,
+        propagation: str | None = None,
+        missing_ok: bool = True,
+    ) -> bool:
         """Delete; True if the request was accepted, False if the object was already gone."""
         opts: Obj = {"kind": "DeleteOptions", "apiVersion": "v1"}
         if grace_period_s is not None:
@@ -246,17 +292,26 @@ class Kube:
                 return False
             raise
 
-    async def watch(self, res: Resource, *, namespace: str | None, resource_version: str,
-                    timeout_s: int, selectors: dict[str, str]) -> AsyncIterator[Obj]:
+    async def watch(
+        self,
+        res: Resource,
+        *,
+        namespace: str | None,
+        resource_version: str,
+        timeout_s: int,
+        selectors: dict[str, str],
+    ) -> AsyncIterator[Obj]:
         query: dict[str, Any] = {
-            "watch": "true", "resourceVersion": resource_version,
-            "timeoutSeconds": timeout_s, "allowWatchBookmarks": "true", **selectors,
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "timeoutSeconds": timeout_s,
+            "allowWatchBookmarks": "true",
+            **selectors,
         }
         # The server ends the watch after timeoutSeconds; the client read timeout catches a
         # server (or proxy) that went silent without closing.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_s + 15)
-        resp = await self._open("GET", res.path(namespace), query=query,
-                                request_timeout=timeout)
+        resp = await self._open("GET", res.path(namespace), query=query, request_timeout=timeout)
         async with resp:
             if resp.status >= 300:
                 body = await resp.read()
@@ -278,9 +333,17 @@ def _strip(obj: Obj) -> Obj:
 class Informer:
     """A cache of one collection kept current by list + watch; handlers see every change."""
 
-    def __init__(self, kube: Kube, res: Resource, *, namespace: str | None = None,
-                 label_selector: str | None = None, field_selector: str | None = None,
-                 watch_timeout_s: int = 120, name: str | None = None) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        res: Resource,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        watch_timeout_s: int = 120,
+        name: str | None = None,
+    ) -> None:
         self.kube = kube
         self.res = res
         self.namespace = namespace
@@ -361,7 +424,8 @@ class Informer:
         for key, obj in fresh.items():
             old = self.items.get(key)
             if old is None or old["metadata"].get("resourceVersion") != obj["metadata"].get(
-                    "resourceVersion"):
+                "resourceVersion"
+            ):
                 self._apply(key, obj)
         self.relists += 1
         self.synced.set()
@@ -378,8 +442,12 @@ class Informer:
                 # Jitter the watch length so a thousand informers do not renew in lockstep.
                 timeout = int(self.watch_timeout_s * random.uniform(0.8, 1.0))
                 async for event in self.kube.watch(
-                        self.res, namespace=self.namespace, resource_version=rv,
-                        timeout_s=timeout, selectors=self.selectors):
+                    self.res,
+                    namespace=self.namespace,
+                    resource_version=rv,
+                    timeout_s=timeout,
+                    selectors=self.selectors,
+                ):
                     etype = event.get("type")
                     obj = event.get("object") or {}
                     if etype == "ERROR":
@@ -490,11 +558,22 @@ class WorkQueue:
             except Exception as e:
                 n = self._failures.get(key, 0) + 1
                 self._failures[key] = n
-                delay = min(0.05 * 2 ** n, 5.0)
-                level = logging.DEBUG if isinstance(e, ApiError) and (
-                    e.unavailable or e.status == 409) else logging.WARNING
-                log.log(level, "%s: reconcile %s failed (attempt %d, retry in %.2fs): %s",
-                        self.name, key, n, delay, e, exc_info=level == logging.WARNING)
+                delay = min(0.05 * 2**n, 5.0)
+                level = (
+                    logging.DEBUG
+                    if isinstance(e, ApiError) and (e.unavailable or e.status == 409)
+                    else logging.WARNING
+                )
+                log.log(
+                    level,
+                    "%s: reconcile %s failed (attempt %d, retry in %.2fs): %s",
+                    self.name,
+                    key,
+                    n,
+                    delay,
+                    e,
+                    exc_info=level == logging.WARNING,
+                )
                 self.add_after(key, delay)
             finally:
                 self.done(key)

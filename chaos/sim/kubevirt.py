@@ -748,8 +748,11 @@ class KubeVirtSim:
     def _active(self) -> list[_Migration]:
         # A migration holds its slot until its end is written, so that nobody reading the API
         # ever sees more migrations running than the limits allow.
-        return [m for m in self._migrations.values() if m.phase in ACTIVE_MIGRATION_PHASES
-                or m.written_phase in ACTIVE_MIGRATION_PHASES]
+        return [
+            m
+            for m in self._migrations.values()
+            if m.phase in ACTIVE_MIGRATION_PHASES or m.written_phase in ACTIVE_MIGRATION_PHASES
+        ]
 
     async def reconcile_migration(self, key: str) -> None:
         obj = self.vmims.get(key)

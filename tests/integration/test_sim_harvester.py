@@ -28,17 +28,24 @@ async def test_harvester_16_with_period_10_resets_vms_in_about_a_minute(sim_clus
     scale = 0.25
     # Field report harvester#4049 ran Kubernetes with the 40 s grace period of its time.
     cluster = await sim_cluster(
-        nodes=3, vms=6, time_scale=scale, harvester="1.6",
+        nodes=3,
+        vms=6,
+        time_scale=scale,
+        harvester="1.6",
         harvester_policy={"enable": True, "period": 10},
-        control_plane_timings=Timings(node_monitor_grace_period_s=40.0))
+        control_plane_timings=Timings(node_monitor_grace_period_s=40.0),
+    )
     victims = cluster.vms_on("node-1")
     t0 = time.monotonic()
     await cluster.faults.apply("poweroff", "node-1")
 
     await cluster.wait_until(lambda: cluster.node_ready("node-1") == "Unknown", 40, "NotReady")
     not_ready = (time.monotonic() - t0) / scale
-    await cluster.wait_until(lambda: any(a["action"] == "force-delete-pod"
-                                         for a in cluster.harvester.actions), 30, "force delete")
+    await cluster.wait_until(
+        lambda: any(a["action"] == "force-delete-pod" for a in cluster.harvester.actions),
+        30,
+        "force delete",
+    )
     deleted = (first(cluster, "force-delete-pod") - t0) / scale
     await cluster.wait_until(cluster.all_running, 60, "VMs running elsewhere")
     running = (time.monotonic() - t0) / scale
@@ -47,10 +54,10 @@ async def test_harvester_16_with_period_10_resets_vms_in_about_a_minute(sim_clus
     assert 28 <= not_ready <= 50, not_ready
     # `period` counts from Ready's lastTransitionTime, which has one-second precision.
     assert 10 - 1 / scale - 1 <= deleted - not_ready <= 10 + 1 / scale + 2, (not_ready, deleted)
-    ready = next(c for c in cluster.node("node-1")["status"]["conditions"]
-                 if c["type"] == "Ready")
-    force_wall = next(a["wall"] for a in cluster.harvester.actions
-                      if a["action"] == "force-delete-pod")
+    ready = next(c for c in cluster.node("node-1")["status"]["conditions"] if c["type"] == "Ready")
+    force_wall = next(
+        a["wall"] for a in cluster.harvester.actions if a["action"] == "force-delete-pod"
+    )
     assert abs(force_wall - (parse_time(ready["lastTransitionTime"]) + 10 * scale)) < 0.5
     assert 45 <= running <= 80, running
     assert running - deleted <= 20
@@ -70,12 +77,15 @@ async def test_harvester_17_defaults_reset_vms_in_about_four_minutes(sim_cluster
 
     await cluster.wait_until(lambda: cluster.node_ready("node-1") == "Unknown", 30, "NotReady")
     not_ready = time.monotonic() - t0
-    await cluster.wait_until(lambda: has_taint(cluster.node("node-1"), "kubevirt.io/drain"), 30,
-                             "drain taint")
+    await cluster.wait_until(
+        lambda: has_taint(cluster.node("node-1"), "kubevirt.io/drain"), 30, "drain taint"
+    )
     drained = first(cluster, "drain-taint") - t0
     await cluster.wait_until(
-        lambda: has_taint(cluster.node("node-1"), "node.kubernetes.io/out-of-service"), 60,
-        "out-of-service taint")
+        lambda: has_taint(cluster.node("node-1"), "node.kubernetes.io/out-of-service"),
+        60,
+        "out-of-service taint",
+    )
     oos = first(cluster, "out-of-service-taint") - t0
     await cluster.wait_until(cluster.all_running, PODGC_PERIOD_S + 30, "VMs running elsewhere")
     running = time.monotonic() - t0
@@ -86,22 +96,24 @@ async def test_harvester_17_defaults_reset_vms_in_about_four_minutes(sim_cluster
     # grace (50 s) + period (15 s) + vmMigrationTimeout (180 s) ≈ 4 min, then the pod GC.
     assert (40 + 15 + 180) * scale - 2 * slack <= oos <= (55 + 15 + 180) * scale + 2 * slack
     assert running - oos <= PODGC_PERIOD_S + 10
-    cond = next(c for c in cluster.node("node-1")["status"]["conditions"]
-                if c["type"] == "Drained")
+    cond = next(c for c in cluster.node("node-1")["status"]["conditions"] if c["type"] == "Drained")
     assert cond["status"] == "True"
     # The drain taint made KubeVirt try to evacuate; a dead source cannot migrate.
-    results = {(m.get("status") or {}).get("phase")
-               for m in cluster.informers["vmims"].values()}
+    results = {(m.get("status") or {}).get("phase") for m in cluster.informers["vmims"].values()}
     assert results <= {"Failed", None, "Pending"}, results
     totals = cluster.ledger.totals()
     assert totals["split_brain_s"] == 0 and totals["lost"] == 0
 
     await cluster.faults.apply("poweron", "node-1")
     await cluster.wait_until(
-        lambda: cluster.node_ready("node-1") == "True"
-        and not has_taint(cluster.node("node-1"), "kubevirt.io/drain")
-        and not has_taint(cluster.node("node-1"), "node.kubernetes.io/out-of-service"),
-        30, "taints removed once node-1 is Ready")
+        lambda: (
+            cluster.node_ready("node-1") == "True"
+            and not has_taint(cluster.node("node-1"), "kubevirt.io/drain")
+            and not has_taint(cluster.node("node-1"), "node.kubernetes.io/out-of-service")
+        ),
+        30,
+        "taints removed once node-1 is Ready",
+    )
 
 
 async def test_harvester_17_evacuates_a_node_whose_kubelet_died_by_live_migration(sim_cluster):
@@ -109,8 +121,11 @@ async def test_harvester_17_evacuates_a_node_whose_kubelet_died_by_live_migratio
     cluster = await sim_cluster(nodes=3, vms=6, time_scale=scale, harvester="1.7")
     victims = cluster.vms_on("node-1")
     await cluster.faults.apply("kubelet-stop", "node-1")
-    await cluster.wait_until(lambda: all(cluster.vmi_node(vm) != "node-1" for vm in victims),
-                             60, "VMIs migrated away from node-1")
+    await cluster.wait_until(
+        lambda: all(cluster.vmi_node(vm) != "node-1" for vm in victims),
+        60,
+        "VMIs migrated away from node-1",
+    )
     for vm in victims:
         rec = cluster.ledger.snapshot()["vms"][f"default/{vm}"]
         assert [h["stop_reason"] for h in rec["history"]] == ["migrated-away", None]

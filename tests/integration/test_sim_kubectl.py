@@ -21,8 +21,12 @@ async def kubectl(cluster: SimCluster, *args: str) -> str:
     # Asynchronous on purpose: the simulated kubelets share this event loop, a blocking
     # subprocess call would stop their lease renewals.
     proc = await asyncio.create_subprocess_exec(
-        "kubectl", f"--kubeconfig={cluster.kubeconfig}", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        "kubectl",
+        f"--kubeconfig={cluster.kubeconfig}",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, f"kubectl {' '.join(args)}: {err.decode()}"
     return out.decode()
@@ -48,8 +52,16 @@ async def test_kubectl_sees_nodes_launcher_pods_vmis_and_the_harvester_setting(s
     table = await kubectl(cluster, "get", "nodes")
     assert table.count(" Ready ") == 3
 
-    pods = await kubectl_json(cluster, "get", "pods", "-A", "-l", "kubevirt.io=virt-launcher",
-                              "--field-selector", "spec.nodeName=node-1")
+    pods = await kubectl_json(
+        cluster,
+        "get",
+        "pods",
+        "-A",
+        "-l",
+        "kubevirt.io=virt-launcher",
+        "--field-selector",
+        "spec.nodeName=node-1",
+    )
     names = sorted(p["metadata"]["name"] for p in pods["items"])
     assert names == sorted(p["metadata"]["name"] for p in cluster.launcher_pods("node-1"))
     assert names, "the scheduler spread the VMs: node-1 has launcher pods"
@@ -59,7 +71,8 @@ async def test_kubectl_sees_nodes_launcher_pods_vmis_and_the_harvester_setting(s
         assert conds["Ready"] == "True"
         assert conds["kubevirt.io/virtual-machine-unpaused"] == "True"
         assert pod["spec"]["readinessGates"] == [
-            {"conditionType": "kubevirt.io/virtual-machine-unpaused"}]
+            {"conditionType": "kubevirt.io/virtual-machine-unpaused"}
+        ]
         assert pod["metadata"]["ownerReferences"][0]["kind"] == "VirtualMachineInstance"
 
     vmi_table = await kubectl(cluster, "get", "vmi", "-A")
@@ -75,19 +88,32 @@ async def test_kubectl_sees_nodes_launcher_pods_vmis_and_the_harvester_setting(s
     vms = await kubectl(cluster, "get", "vm", "-A")
     assert vms.count("Running") == 6
 
-    setting = await kubectl_json(cluster, "get", "settings.harvesterhci.io",
-                                 "vm-force-reset-policy")
-    assert json.loads(setting["default"]) == {"enable": True, "period": 15,
-                                              "vmMigrationTimeout": 180}
+    setting = await kubectl_json(
+        cluster, "get", "settings.harvesterhci.io", "vm-force-reset-policy"
+    )
+    assert json.loads(setting["default"]) == {
+        "enable": True,
+        "period": 15,
+        "vmMigrationTimeout": 180,
+    }
     assert setting["value"] == ""
 
 
 async def test_kubectl_get_pods_watch_receives_the_simulated_kubelets_changes(sim_cluster):
     cluster = await sim_cluster(nodes=2, vms=2)
     watch = await asyncio.create_subprocess_exec(
-        "kubectl", f"--kubeconfig={cluster.kubeconfig}", "get", "pods", "-A", "-w",
-        "--output-watch-events", "-l", "kubevirt.io=virt-launcher",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        "kubectl",
+        f"--kubeconfig={cluster.kubeconfig}",
+        "get",
+        "pods",
+        "-A",
+        "-w",
+        "--output-watch-events",
+        "-l",
+        "kubevirt.io=virt-launcher",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         assert watch.stdout is not None
         # The initial listing: both launcher pods Running.
@@ -98,18 +124,24 @@ async def test_kubectl_get_pods_watch_receives_the_simulated_kubelets_changes(si
         vm = victim["metadata"]["labels"]["vm.kubevirt.io/name"]
         # A normal delete on a live node: the kubelet stops the pod and confirms the deletion,
         # the VMI fails, the VM controller restarts it, a kubelet runs the new pod.
-        await kubectl(cluster, "delete", "pod", "-n", "default", victim["metadata"]["name"],
-                      "--wait=false")
+        await kubectl(
+            cluster, "delete", "pod", "-n", "default", victim["metadata"]["name"], "--wait=false"
+        )
         deadline = time.monotonic() + 60
         events: list[str] = []
-        while not any(line.startswith("MODIFIED") and "Running" in line
-                      and victim["metadata"]["name"] not in line and f"-{vm}-" in line
-                      for line in events):
+        while not any(
+            line.startswith("MODIFIED")
+            and "Running" in line
+            and victim["metadata"]["name"] not in line
+            and f"-{vm}-" in line
+            for line in events
+        ):
             assert time.monotonic() < deadline, f"no Running event for {vm}'s new pod: {events}"
             line = await asyncio.wait_for(watch.stdout.readline(), 60)
             events.append(line.decode())
-        assert any(line.startswith("DELETED") and victim["metadata"]["name"] in line
-                   for line in events), events
+        assert any(
+            line.startswith("DELETED") and victim["metadata"]["name"] in line for line in events
+        ), events
     finally:
         watch.terminate()
         await watch.wait()

@@ -54,8 +54,12 @@ def test_a_migration_handover_is_atomic_and_never_split_brain():
 def test_lost_counts_only_vms_that_should_run_and_downtime_accumulates():
     clock = FakeClock()
     ledger = Ledger(clock)
-    for name, strategy in (("a", "RerunOnFailure"), ("b", "Always"), ("c", "Manual"),
-                           ("d", "Halted")):
+    for name, strategy in (
+        ("a", "RerunOnFailure"),
+        ("b", "Always"),
+        ("c", "Manual"),
+        ("d", "Halted"),
+    ):
         ledger.register_vm(f"default/{name}", strategy)
         ledger.start(f"default/{name}", "node-1", f"uid-{name}", "boot-1")
     ledger.stop("default/a", "uid-a", StopReason.POWEROFF)
@@ -73,8 +77,7 @@ def test_lost_counts_only_vms_that_should_run_and_downtime_accumulates():
 
 @pytest.mark.cluster
 @pytest.mark.timeout(240)
-async def test_ledger_catches_split_brain_from_out_of_service_on_a_partitioned_node(
-        sim_cluster):
+async def test_ledger_catches_split_brain_from_out_of_service_on_a_partitioned_node(sim_cluster):
     cluster = await sim_cluster(nodes=3, vms=6, time_scale=0.2)
     victims = [f"default/{vm}" for vm in cluster.vms_on("node-1")]
     await cluster.faults.apply("partition", "node-1")
@@ -83,12 +86,27 @@ async def test_ledger_catches_split_brain_from_out_of_service_on_a_partitioned_n
 
     # What Harvester 1.7 (or an operator) does without fencing: declare the node out of service.
     node = cluster.node("node-1")
-    await cluster.kube.patch(NODES, "node-1", {"spec": {"taints": [
-        *node["spec"].get("taints", []),
-        {"key": "node.kubernetes.io/out-of-service", "value": "nodeshutdown",
-         "effect": "NoExecute"}]}})
-    await cluster.wait_until(lambda: cluster.ledger.split_brain_vms() == sorted(victims), 60,
-                             "second copies of node-1's VMs")
+    await cluster.kube.patch(
+        NODES,
+        "node-1",
+        {
+            "spec": {
+                "taints": [
+                    *node["spec"].get("taints", []),
+                    {
+                        "key": "node.kubernetes.io/out-of-service",
+                        "value": "nodeshutdown",
+                        "effect": "NoExecute",
+                    },
+                ]
+            }
+        },
+    )
+    await cluster.wait_until(
+        lambda: cluster.ledger.split_brain_vms() == sorted(victims),
+        60,
+        "second copies of node-1's VMs",
+    )
     totals = cluster.ledger.totals()
     assert totals["max_copies"] == 2 and totals["lost"] == 0
     for vm in victims:
@@ -97,8 +115,9 @@ async def test_ledger_catches_split_brain_from_out_of_service_on_a_partitioned_n
 
     # The partition heals: node-1's kubelet finds the pods gone and kills the stale copies.
     await cluster.faults.apply("heal", "node-1")
-    await cluster.wait_until(lambda: not cluster.ledger.split_brain_vms(), 30,
-                             "stale copies reaped")
+    await cluster.wait_until(
+        lambda: not cluster.ledger.split_brain_vms(), 30, "stale copies reaped"
+    )
     snap = cluster.ledger.snapshot()
     assert snap["totals"]["split_brain_s"] > 0
     assert snap["totals"]["false_resets"] == 0

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.broker, pytest.mark.timeout(180)]
 
 KEEPALIVE_S = 2
 
-STAND_IN = r'''
+STAND_IN = r"""
 import asyncio, json, os, sys
 import aiomqtt
 
@@ -40,7 +40,7 @@ async def main():
         await asyncio.Event().wait()
 
 asyncio.run(main())
-'''
+"""
 
 
 def read(path: str | Path) -> str:
@@ -49,18 +49,25 @@ def read(path: str | Path) -> str:
 
 @pytest.mark.parametrize("broker", ["mosquitto", "amqtt"])
 async def test_poweroff_sends_no_fin_to_the_broker_but_an_agent_crash_does(
-        sim_cluster, tmp_path: Path, broker: str):
+    sim_cluster, tmp_path: Path, broker: str
+):
     if broker == "mosquitto" and not MosquittoBroker.available():
         pytest.skip("mosquitto is not installed")
     script = tmp_path / "stand_in_agent.py"
     script.write_text(STAND_IN)
     cluster = await sim_cluster(
-        nodes=3, vms=3, time_scale=0.2, broker=broker, agents=True,
-        agent_command=(sys.executable, str(script), str(tmp_path), str(KEEPALIVE_S)))
+        nodes=3,
+        vms=3,
+        time_scale=0.2,
+        broker=broker,
+        agents=True,
+        agent_command=(sys.executable, str(script), str(tmp_path), str(KEEPALIVE_S)),
+    )
     seen: dict[tuple[str, bytes], float] = {}
     assert cluster.broker is not None
-    async with aiomqtt.Client(cluster.broker.host, cluster.broker.port,
-                              identifier="observer") as observer:
+    async with aiomqtt.Client(
+        cluster.broker.host, cluster.broker.port, identifier="observer"
+    ) as observer:
         await observer.subscribe("node-watchdog/v1/status/#", qos=1)
 
         async def collect() -> None:
@@ -70,8 +77,11 @@ async def test_poweroff_sends_no_fin_to_the_broker_but_an_agent_crash_does(
 
         collector = asyncio.create_task(collect())
         try:
-            await cluster.wait_until(lambda: all((f"node-{i}", b"online") in seen
-                                                 for i in (1, 2, 3)), 20, "agents online")
+            await cluster.wait_until(
+                lambda: all((f"node-{i}", b"online") in seen for i in (1, 2, 3)),
+                20,
+                "agents online",
+            )
 
             t_off = time.monotonic()
             await cluster.faults.apply("poweroff", "node-1")
@@ -100,12 +110,18 @@ async def test_poweroff_sends_no_fin_to_the_broker_but_an_agent_crash_does(
 
 
 async def test_the_fence_command_powers_the_node_off_through_the_local_channel(
-        sim_cluster, tmp_path: Path):
+    sim_cluster, tmp_path: Path
+):
     script = tmp_path / "stand_in_agent.py"
     script.write_text(STAND_IN)
     cluster = await sim_cluster(
-        nodes=2, vms=2, time_scale=0.2, broker="amqtt", agents=True,
-        agent_command=(sys.executable, str(script), str(tmp_path), str(KEEPALIVE_S)))
+        nodes=2,
+        vms=2,
+        time_scale=0.2,
+        broker="amqtt",
+        agents=True,
+        agent_command=(sys.executable, str(script), str(tmp_path), str(KEEPALIVE_S)),
+    )
     await cluster.wait_until(lambda: (tmp_path / "node-1.env.json").exists(), 20, "agent env")
     env = json.loads(read(tmp_path / "node-1.env.json"))
     vms = [f"default/{vm}" for vm in cluster.vms_on("node-1")]

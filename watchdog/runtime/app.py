@@ -28,6 +28,7 @@ from watchdog.metrics import Metrics
 from watchdog.observe.cluster_cache import (
     HARVESTER_SETTINGS,
     LEASES,
+    MIGRATIONS,
     NODE_LEASE_NAMESPACE,
     NODES,
     PODS,
@@ -39,6 +40,7 @@ from watchdog.observe.kube import ConfigError, KubeApi, load_api_client
 from watchdog.observe.mqtt import HeartbeatSubscriber
 from watchdog.observe.node_probe import node_phase_probe
 from watchdog.runtime.controller import Controller
+from watchdog.runtime.evacuation import Evacuations
 from watchdog.runtime.http import Health, make_app, serve
 from watchdog.runtime.leader import LeaderElector
 from watchdog.runtime.scheduler import NodeScheduler
@@ -161,6 +163,10 @@ def _controller(
             ]
         if isinstance(action, act.DeleteVolumeAttachments):
             claims = claims_of_reset.pop(action.node, [])
+        if isinstance(action, act.StartEvacuation):
+            return await evacuations.start(action)
+        if isinstance(action, act.StopEvacuation):
+            return await evacuations.stop(action)
         outcome = await actuator.execute(action, claims=claims)
         return outcome.result.value
 
@@ -181,6 +187,13 @@ def _controller(
                     scheduler.mark(rec.node)
         elif resource == VMIS.name and new is not None:
             vmi_changes.put_nowait((new.namespace, new.name))
+            for rec in (old, new):
+                if rec is not None and rec.node in evacuations.active:
+                    evacuation_ticks.put_nowait(rec.node)
+        elif resource == MIGRATIONS.name:
+            node = evacuations.migration_changed(key, old, new)
+            if node in evacuations.active:
+                evacuation_ticks.put_nowait(node)
         elif resource == HARVESTER_SETTINGS.name:
             scheduler.mark_all(list(book.known))
 
@@ -205,6 +218,10 @@ def _controller(
         clock,
     )
     scheduler = NodeScheduler(controller.evaluate, clock)
+    evacuations = Evacuations(
+        cache, actuator, metrics, clock, lambda: controller.policy.vm_migration_timeout_s
+    )
+    evacuation_ticks: asyncio.Queue[str] = asyncio.Queue()
     vmi_changes: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
 
     def on_change(node: str) -> None:
@@ -253,6 +270,20 @@ def _controller(
             await controller.vmi_changed(ns, name)
             metrics.queue_depth.labels(queue="vmi_changes").set(vmi_changes.qsize())
 
+    async def evacuate() -> None:
+        # Ticks coalesce: one per node however many events arrived meanwhile.
+        while True:
+            try:
+                node = await asyncio.wait_for(evacuation_ticks.get(), timeout=2.0)
+                nodes = {node}
+                while not evacuation_ticks.empty():
+                    nodes.add(evacuation_ticks.get_nowait())
+            except TimeoutError:
+                nodes = set(evacuations.active)  # timeouts need a look now and then
+            if controller.acting:
+                for n in nodes:
+                    await evacuations.tick(n)
+
     async def heartbeat_loop() -> None:
         # /healthz: the scheduler and caches must keep moving.
         while True:
@@ -266,6 +297,7 @@ def _controller(
     tg.create_task(subscriber.run(), name="heartbeat subscriber")
     tg.create_task(scheduler.run(), name="node scheduler")
     tg.create_task(follow_vmis(), name="vm follower")
+    tg.create_task(evacuate(), name="evacuations")
     tg.create_task(heartbeat_loop(), name="health")
     tg.create_task(elector.run(), name="leader election")
     return elector
