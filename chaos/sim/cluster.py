@@ -293,10 +293,14 @@ class SimCluster:
         if self._fence is not None:
             await self._fence.stop()
             self._fence = None
-        for slot in self.agents.values():
-            if slot.proc is not None and slot.proc.running:
-                with contextlib.suppress(Exception):
-                    await slot.proc.stop(5.0)
+        await asyncio.gather(
+            *(
+                slot.proc.stop(5.0)
+                for slot in self.agents.values()
+                if slot.proc is not None and slot.proc.running
+            ),
+            return_exceptions=True,
+        )
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(BaseException):
@@ -474,8 +478,7 @@ class SimCluster:
             async with sem:
                 await coro
 
-        # Volumes first, as Harvester creates them: the scheduler rejects a pod whose claim
-        # names a PV it has not seen yet, and only retries on a later cluster event.
+        # Volumes first, as Harvester creates them: a launcher pod's claim must name a PV.
         await asyncio.gather(
             *(
                 limited(
@@ -484,15 +487,8 @@ class SimCluster:
                 for name, _, mode in plan
             )
         )
-        pvcs = self.informers["pvcs"]
-        claims = [f"{cfg.vm_namespace}/{name}-rootdisk" for name, _, _ in plan]
-        await self.wait_until(
-            lambda: all(
-                (pvcs.get(c) or {}).get("status", {}).get("phase") == "Bound" for c in claims
-            ),
-            60,
-            "VM volumes bound",
-        )
+        # The PVs and claims exist now; their binding is already complete for the scheduler
+        # (see Longhorn.provision), so VMs need not wait for the PV controller.
 
         async def create(name: str, strategy: str) -> None:
             body = vm_manifest(
@@ -625,7 +621,7 @@ class SimCluster:
                 await self.start_agent(node)
 
         if node in self.agents:
-            self.faults._later(delay, f"agent start {node}", later)
+            self.faults.schedule(delay, f"agent start {node}", later)
 
     async def kill_agent(self, node: str) -> bool:
         """SIGKILL the agent's process group; what its sockets do depends on its links."""

@@ -93,7 +93,7 @@ class Faults:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _later(self, delay_s: float, what: str, fn: Callable[[], Awaitable[Any]]) -> None:
+    def schedule(self, delay_s: float, what: str, fn: Callable[[], Awaitable[Any]]) -> None:
         async def run() -> None:
             await asyncio.sleep(delay_s)
             try:
@@ -143,7 +143,7 @@ class Faults:
         )
         inverse = INVERSE.get(action)
         if duration_s is not None and inverse is not None:
-            self._later(
+            self.schedule(
                 duration_s, f"{inverse} {node or ''}".strip(), lambda: self.apply(inverse, node)
             )
             entry["heals_with"] = inverse

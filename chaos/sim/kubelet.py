@@ -315,6 +315,11 @@ class SimNode:
                     log.debug("%s: %s", self.name, e)
                     await asyncio.sleep(min(1.0, clock.scaled(2.0)))
                     continue
+                except Exception:
+                    # A simulator bug must not take the whole fleet down: log, back off, go on.
+                    log.exception("%s: node loop failed", self.name)
+                    await asyncio.sleep(1.0)
+                    continue
             wake = self._next_wake()
             timeout = max(0.0, wake - Clock.mono()) if wake is not None else None
             with contextlib.suppress(TimeoutError):
@@ -517,13 +522,17 @@ class SimNode:
         ]
         keys = self._dirty | set(due) | set(stopping)
         self._dirty = set()
+        failed: list[ApiError] = []
         for key in keys:
             try:
                 await self._sync_pod(key, now)
-            except ApiError:
+            except ApiError as e:
+                # Retry this pod later; the others of this pass still get their turn.
                 self._dirty.add(key)
-                raise
-        self._resync -= keys
+                failed.append(e)
+        self._resync -= keys - self._dirty
+        if failed:
+            raise failed[0]
 
     async def _sync_pod(self, key: str, now: float) -> None:
         pod = self.fleet.pods.get(key)

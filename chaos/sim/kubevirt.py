@@ -994,6 +994,8 @@ class KubeVirtSim:
                 await self.check_nodes()
             except ApiError as e:
                 log.debug("node check: %s", e)
+            except Exception:
+                log.exception("virt-controller node check failed")
 
     async def check_nodes(self) -> None:
         stale_s = self.clock.scaled(self.timings.handler_stale_s)

@@ -291,3 +291,32 @@ async def test_migrations_respect_kubevirt_parallel_limits(sim_cluster):
     )
     assert peak == {"cluster": 2, "node": 1}
     assert cluster.ledger.totals()["split_brain_s"] == 0
+
+
+async def test_reboot_fails_the_launcher_pods_that_survived_in_the_api_and_vms_restart(
+    sim_cluster,
+):
+    cluster = await sim_cluster(nodes=2, vms=2, time_scale=0.2)
+    vm = vm_on(cluster, "node-1")
+    old_pod = launcher_pod_of(cluster, vm, "node-1")
+    old_boot = cluster.fleet["node-1"].boot_id
+    await cluster.faults.apply("reboot", "node-1")
+    new_boot = cluster.fleet["node-1"].boot_id
+    assert new_boot != old_boot
+    # Back before the grace period: the pod object still exists, but its containers died with
+    # the machine and virt-launcher pods never restart (restartPolicy Never): Failed.
+    await cluster.wait_until(
+        lambda: (
+            (cluster.informers["pods"].get(f"default/{old_pod['metadata']['name']}") or {})
+            .get("status", {})
+            .get("phase")
+            == "Failed"
+        ),
+        30,
+        "old launcher pod Failed",
+    )
+    assert (cluster.node("node-1") or {})["status"]["nodeInfo"]["bootID"] == new_boot
+    await cluster.wait_until(cluster.all_running, 60, "VMs running again")
+    rec = cluster.ledger.snapshot()["vms"][f"default/{vm}"]
+    assert rec["history"][0]["stop_reason"] == "poweroff"
+    assert rec["starts"] == 2 and rec["split_brain_s"] == 0

@@ -234,7 +234,10 @@ class Controller:
         self, node: str, before: NodeState, obs: NodeObservation, d: Decision, now: float
     ) -> None:
         sig = d.signals
-        if sig is not None and sig.heartbeat_age_s is not None:
+        # Only for a node we have heard: before its first heartbeat the signal's age counts
+        # from the broker connection (benefit of the doubt), which is no heartbeat's age.
+        heard = obs.last_heartbeat_at is not None
+        if sig is not None and sig.heartbeat_age_s is not None and heard:
             self.metrics.heartbeat_age.labels(node=node).set(sig.heartbeat_age_s)
             self._aged.add(node)
         for frm, to, reason in d.transitions:
