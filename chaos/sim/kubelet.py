@@ -50,7 +50,6 @@ from chaos.sim.informer import (
     condition,
     now_micro,
     now_rfc3339,
-    split_key,
 )
 from chaos.sim.ledger import Ledger, StartReason, StopReason
 
@@ -862,10 +861,6 @@ class Fleet:
         return None
 
 
-def pod_key(namespace: str, name: str) -> str:
-    return f"{namespace}/{name}"
-
-
 __all__ = [
     "Fleet",
     "LocalPod",
@@ -874,7 +869,5 @@ __all__ = [
     "SimNode",
     "is_launcher",
     "is_migration_target",
-    "pod_key",
-    "split_key",
     "vm_of",
 ]

@@ -662,6 +662,20 @@ class KubeVirtSim:
             message,
         )
         new["conditions"] = [ready, lm]
+        scheduled = condition(pod, "PodScheduled") if pod is not None else None
+        if scheduled and scheduled.get("status") == "False":
+            # virt-controller copies the pod's scheduling failure: the VM shows
+            # ErrorUnschedulable.
+            new["conditions"].append(
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": scheduled.get("reason"),
+                    "message": scheduled.get("message"),
+                    "lastProbeTime": None,
+                    "lastTransitionTime": scheduled.get("lastTransitionTime") or now,
+                }
+            )
         if pod is not None and phase in ("Scheduled", "Running"):
             new["activePods"] = {
                 **(status.get("activePods") or {}),
@@ -1029,7 +1043,9 @@ def _status_unchanged(status: Obj, new: Obj) -> bool:
                 c["type"]: (c.get("status"), c.get("reason"))
                 for c in status.get("conditions") or ()
             }
-            if any(old.get(c["type"]) != (c.get("status"), c.get("reason")) for c in v):
+            if len(old) != len(v) or any(
+                old.get(c["type"]) != (c.get("status"), c.get("reason")) for c in v
+            ):
                 return False
         elif status.get(k) != v:
             return False
@@ -1042,7 +1058,8 @@ def _gate_true(pod: Obj) -> bool:
 
 
 def _unschedulable(vmi: Obj) -> bool:
-    return False
+    cond = condition(vmi, "PodScheduled")
+    return bool(cond and cond.get("status") == "False" and cond.get("reason") == "Unschedulable")
 
 
 def _owner_vmi(pod: Obj) -> str | None:

@@ -58,3 +58,20 @@ async def test_cluster_faults_interrupt_and_the_cluster_recovers(sim_cluster):
         "broker-outage",
         "broker-restore",
     ]
+
+
+async def test_informers_relist_after_a_compaction_hides_their_resource_version(sim_cluster):
+    cluster = await sim_cluster(nodes=2, vms=2, time_scale=0.2)
+    pods = cluster.informers["pods"]
+    relists = pods.relists
+    # Every watch breaks (the apiserver restarts) and must resume from a compacted revision.
+    await cluster.control_plane.api_outage_start(mode="stop")
+    await cluster.control_plane.compact()
+    await cluster.control_plane.api_outage_stop()
+    await cluster.wait_until(lambda: pods.relists > relists, 60, "pod informer relisted")
+    await cluster.faults.apply("reboot", "node-2")
+    await cluster.wait_until(
+        lambda: cluster.node_ready("node-2") == "True" and cluster.all_running(),
+        60,
+        "cluster working after the relist",
+    )

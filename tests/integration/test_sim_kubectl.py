@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from chaos.sim.cluster import SimCluster
+from chaos.sim.informer import VMS
+from chaos.sim.kubevirt import vm_manifest
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -87,6 +89,21 @@ async def test_kubectl_sees_nodes_launcher_pods_vmis_and_the_harvester_setting(s
         assert vmi["metadata"]["labels"]["kubevirt.io/nodeName"] == vmi["status"]["nodeName"]
     vms = await kubectl(cluster, "get", "vm", "-A")
     assert vms.count("Running") == 6
+
+    # A VM no node can hold: the scheduler's verdict reaches the VM's printable status.
+    await cluster.longhorn.provision("default", "big-rootdisk")
+    await cluster.kube.create(VMS, vm_manifest("big", memory="1Ti", claim="big-rootdisk"))
+    await cluster.wait_until(
+        lambda: (
+            (cluster.informers["vms"].get("default/big") or {})
+            .get("status", {})
+            .get("printableStatus")
+            == "ErrorUnschedulable"
+        ),
+        30,
+        "ErrorUnschedulable",
+    )
+    assert "ErrorUnschedulable" in await kubectl(cluster, "get", "vm", "big")
 
     setting = await kubectl_json(
         cluster, "get", "settings.harvesterhci.io", "vm-force-reset-policy"

@@ -333,6 +333,15 @@ class Agent:
         next_at = self._clock()
         while not self._fencing.is_set():
             started = self._clock()
+            relaxed = max(interval, self._settings.self_fence_after_s / 2)
+            if self._broker_fresh(started) and started < next_at - interval + relaxed:
+                # The broker just proved contact, so the API is asked only every
+                # self_fence_after_s / 2 (not every interval: one GET per node per interval is
+                # thousands per second on a large cluster). That still reads a FENCING
+                # declaration well within the safe delay (a clustered broker can split so that
+                # our echo arrives but the controller hears nothing).
+                await self._sleep_unless_fencing(interval)
+                continue
             error: str | None = None
             phase: str | None = None
             try:
@@ -348,6 +357,10 @@ class Agent:
             if now >= next_at:
                 next_at = now + interval
             await self._sleep_unless_fencing(next_at - now)
+
+    def _broker_fresh(self, now: float) -> bool:
+        last = self._last_broker_contact
+        return last is not None and now - last < 2 * self._settings.heartbeat_interval_s
 
     def _record_api(self, started: float, phase: str | None, error: str | None) -> None:
         reachable = phase is not None

@@ -29,7 +29,9 @@ def node_phase_probe(
     path = f"/api/v1/nodes/{quote(node, safe='')}"
 
     async def probe() -> str | None:
-        obj = await api.request("GET", path)
+        # resourceVersion=0: served from the API server's watch cache, not a quorum read of
+        # etcd; thousands of agents may ask during a broker outage.
+        obj = await api.request("GET", path, query={"resourceVersion": "0"})
         annotations = (obj.get("metadata") or {}).get("annotations") or {}
         return phase_for_boot(annotations.get(STATE_ANNOTATION), boot_id())
 
