@@ -462,7 +462,26 @@ def format_ledger(snapshot: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SUBCOMMANDS: list[Register] = [register_sim, register_fault, register_ledger, register_status]
+def register_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from chaos.harness.cli import register_run as register
+
+    register(sub)
+
+
+def register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from chaos.harness.cli import register_demo as register
+
+    register(sub)
+
+
+SUBCOMMANDS: list[Register] = [
+    register_sim,
+    register_fault,
+    register_ledger,
+    register_status,
+    register_run,
+    register_demo,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

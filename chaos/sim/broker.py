@@ -106,8 +106,8 @@ def _patch_amqtt_keepalive() -> None:
         pending.add(fut)
         fut.add_done_callback(pending.discard)
 
-    BrokerProtocolHandler.start = start  # type: ignore[method-assign]
-    BrokerProtocolHandler.handle_read_timeout = handle_read_timeout  # type: ignore[method-assign]
+    BrokerProtocolHandler.start = start
+    BrokerProtocolHandler.handle_read_timeout = handle_read_timeout
     _AMQTT_PATCHED = True
 
 

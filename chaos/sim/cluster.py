@@ -5,7 +5,8 @@ Owns: `SimConfig` (what a scenario varies: node and VM counts, runStrategies, ac
 Harvester version, time scale, broker, agents), `SimCluster` (start in order, run the simulators
 as one task group on one shared API client, wait until ready, tear everything down), and the
 machine-side plumbing of each node: its links to the broker and the API server (TCP proxies a
-fault can black-hole), its agent process, its boot-id file and its fence command.
+fault can black-hole), its agent process (or, on `run_nodes`, its `node-watchdog run` process:
+agent + controller replica, as the DaemonSet runs it), its boot-id file and its fence command.
 
 Must not: decide what faults to inject or when (the chaos harness does), or compute results
 (ledger.py does).
@@ -39,7 +40,7 @@ import yaml
 from chaos.sim.binaries import ControlPlaneBinaries
 from chaos.sim.broker import MqttBroker, make_broker
 from chaos.sim.control import ControlServer, FenceServer, fence_command
-from chaos.sim.controlplane import ControlPlane, Timings
+from chaos.sim.controlplane import ControlPlane, Timings, free_port
 from chaos.sim.faults import Faults
 from chaos.sim.harvester import HARVESTER_MODES, Longhorn, NodeDownController, ensure_setting
 from chaos.sim.informer import (
@@ -78,6 +79,8 @@ log = logging.getLogger(__name__)
 RUN_STRATEGIES = ("Always", "RerunOnFailure", "Manual", "Halted", "Once")
 ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce")
 DEFAULT_AGENT_COMMAND = ("node-watchdog", "agent")
+DEFAULT_RUN_COMMAND = ("node-watchdog", "run")
+WATCHDOG_NAMESPACE = "node-watchdog"  # where the controllers' leader Lease lives
 
 
 @dataclass
@@ -99,10 +102,20 @@ class SimConfig:
     kubevirt_timings: KubeVirtTimings = field(default_factory=KubeVirtTimings)
     migration_limits: MigrationLimits = field(default_factory=MigrationLimits)
     control_plane_timings: Timings | None = None
+    # kube-apiserver's watch cache: off by default so that `compact` gives watches real 410s;
+    # on for scale runs (without it every watch is served by etcd: the apiserver's CPU is the
+    # limit at 1,000 nodes).
+    watch_cache: bool = False
     broker: str | None = None  # None, "amqtt", "mosquitto" or mqtt://host:port
     agents: bool = False
     agent_command: tuple[str, ...] | None = None  # default: node-watchdog agent
     agent_env: dict[str, str] = field(default_factory=dict)
+    # Nodes whose agent process is `node-watchdog run` instead (agent + a controller replica,
+    # what the DaemonSet runs), each with its own metrics port: powering such a node off kills
+    # its controller replica too. `run_env` is added to their environment.
+    run_nodes: tuple[str, ...] = ()
+    run_command: tuple[str, ...] | None = None  # default: node-watchdog run
+    run_env: dict[str, str] = field(default_factory=dict)
     node_links: bool | None = None  # per-node proxies; default: when a broker or agents run
     fence_action: str = "poweroff"  # what the fence channel does: "poweroff" or "reboot"
     work_dir: Path | None = None
@@ -136,6 +149,12 @@ class SimConfig:
             raise bad("run_strategies/access_modes", (), "need at least one value")
         if self.fence_action not in ("poweroff", "reboot"):
             raise bad("fence_action", self.fence_action, "poweroff or reboot")
+        names = {f"node-{i}" for i in range(1, self.nodes + 1)}
+        for n in self.run_nodes:
+            if n not in names:
+                raise bad("run_nodes", n, f"no such node (node-1..node-{self.nodes})")
+        if self.run_nodes and not self.agents:
+            raise bad("run_nodes", self.run_nodes, "needs agents=True")
         if self.control_plane_bin is not None and not Path(self.control_plane_bin).is_dir():
             raise bad("control_plane_bin", str(self.control_plane_bin), "not a directory")
 
@@ -176,6 +195,8 @@ class AgentSlot:
     log_path: Path
     proc: ManagedProcess | None = None
     starts: int = 0
+    metrics_port: int | None = None  # `node-watchdog run` replicas serve /metrics here
+    killed_pids: set[int] = field(default_factory=set)  # SIGKILLed by a fault, not crashed
 
     @property
     def running(self) -> bool:
@@ -184,7 +205,7 @@ class AgentSlot:
 
 def crd_documents() -> list[Obj]:
     """The CRDs shipped in chaos/sim/crds (KubeVirt, MigrationPolicy, Harvester Setting)."""
-    docs = []
+    docs: list[Obj] = []
     for entry in sorted(
         resources.files("chaos.sim").joinpath("crds").iterdir(), key=lambda e: e.name
     ):
@@ -257,6 +278,7 @@ class SimCluster:
                 binaries=binaries,
                 audit_log=cfg.audit_log,
                 timings=cfg.control_plane_timings,
+                watch_cache=cfg.watch_cache,
                 progress=self._progress,
             )
             await self.control_plane.start()
@@ -453,7 +475,10 @@ class SimCluster:
         raise RuntimeError(f"the simulators stopped: {exc!r}") from exc
 
     async def _create_cluster_objects(self) -> None:
-        for ns in ("kubevirt", self.config.vm_namespace):
+        namespaces = ["kubevirt", self.config.vm_namespace]
+        if self.config.run_nodes:
+            namespaces.append(WATCHDOG_NAMESPACE)
+        for ns in namespaces:
             with contextlib.suppress(ApiError):
                 await self.kube.create(
                     NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
@@ -590,8 +615,21 @@ class SimCluster:
             broker_url = self.node_broker_url(name)
             if broker_url:
                 env["WATCHDOG_MQTT__URL"] = broker_url
+            node_argv = [exe, *argv[1:]]
+            metrics_port = None
+            if name in cfg.run_nodes:
+                run_argv = list(cfg.run_command or DEFAULT_RUN_COMMAND)
+                node_argv = [shutil.which(run_argv[0]) or run_argv[0], *run_argv[1:]]
+                metrics_port = free_port()
+                env.update(cfg.run_env)
+                env["WATCHDOG_METRICS_HOST"] = "127.0.0.1"
+                env["WATCHDOG_METRICS_PORT"] = str(metrics_port)
             self.agents[name] = AgentSlot(
-                name, [exe, *argv[1:]], env, self.work_dir / "logs" / f"agent-{name}.log"
+                name,
+                node_argv,
+                env,
+                self.work_dir / "logs" / f"agent-{name}.log",
+                metrics_port=metrics_port,
             )
         await asyncio.gather(*(self.start_agent(n) for n in self.agents))
 
@@ -629,10 +667,22 @@ class SimCluster:
         if slot is None or slot.proc is None or not slot.proc.running:
             return False
         proc = slot.proc
+        if proc.pid is not None:
+            slot.killed_pids.add(proc.pid)
         proc.kill_now()
         if proc.process is not None:
             await proc.process.wait()
         return True
+
+    def simulators_error(self) -> str | None:
+        """Why the simulators' task group ended, if it did (None while it runs)."""
+        runner = self._runner
+        if runner is None or not runner.done():
+            return None
+        if runner.cancelled():
+            return "the simulators were cancelled"
+        exc = runner.exception()
+        return f"the simulators stopped: {exc!r}" if exc else "the simulators stopped"
 
     # --- waiting and looking -------------------------------------------------------------------
 

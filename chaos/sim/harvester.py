@@ -207,7 +207,7 @@ class Longhorn:
             if e.status != 409:
                 raise
             created = await self.kube.get(PVCS, claim, namespace)
-        pv["spec"]["claimRef"]["uid"] = created["metadata"]["uid"]
+        pv["spec"]["claimRef"]["uid"] = created["metadata"]["uid"]  # type: ignore[index]
         try:
             await self.kube.create(PVS, pv)
         except ApiError as e:

@@ -130,7 +130,7 @@ def condition(obj: Obj | None, ctype: str) -> Obj | None:
         return None
     for cond in obj.get("status", {}).get("conditions") or ():
         if cond.get("type") == ctype:
-            return cond
+            return dict(cond)
     return None
 
 
@@ -168,7 +168,7 @@ class Kube:
         request_timeout: aiohttp.ClientTimeout | float | None = None,
     ) -> aiohttp.ClientResponse:
         try:
-            return await self.api_client.call_api(
+            resp: aiohttp.ClientResponse = await self.api_client.call_api(
                 path,
                 method,
                 query_params=list((query or {}).items()),
@@ -182,6 +182,7 @@ class Kube:
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise ApiError(0, f"{method} {path}: {type(e).__name__}: {e}") from e
+        return resp
 
     async def request(
         self,

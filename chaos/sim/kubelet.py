@@ -112,7 +112,7 @@ class VolumeHooks(Protocol):
 
 
 def is_launcher(pod: Obj) -> bool:
-    return pod["metadata"].get("labels", {}).get(LAUNCHER_LABEL) == LAUNCHER_VALUE
+    return bool(pod["metadata"].get("labels", {}).get(LAUNCHER_LABEL) == LAUNCHER_VALUE)
 
 
 def vm_of(pod: Obj) -> str | None:

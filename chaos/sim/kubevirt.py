@@ -295,7 +295,8 @@ class KubeVirtSim:
 
     def _default_eviction_strategy(self) -> str | None:
         kv = self.kubevirts.get("kubevirt/kubevirt") or {}
-        return kv.get("spec", {}).get("configuration", {}).get("evictionStrategy")
+        strategy = kv.get("spec", {}).get("configuration", {}).get("evictionStrategy")
+        return str(strategy) if strategy else None
 
     # --- VM controller -------------------------------------------------------------------------
 

@@ -272,6 +272,7 @@ class Timeline:
     taints: list[tuple[float, str, bool]] = field(default_factory=list)  # (t, node, oos)
     not_ready: list[tuple[float, str, str]] = field(default_factory=list)  # (t, pod, node)
     pods_gone: list[tuple[float, str, str]] = field(default_factory=list)  # (t, pod, node)
+    ready: list[tuple[float, str, str | None]] = field(default_factory=list)  # (t, node, Ready)
     # migration key → (created at, source VMI node at creation, evacuation node label)
     migrations: dict[str, dict[str, Any]] = field(default_factory=dict)
     # samples (t, active migrations in the cluster, active per evacuated node)
@@ -290,6 +291,8 @@ class Timeline:
             self.phases.append((now, key, node_phase(new)))
         if old is None or out_of_service(new) != out_of_service(old):
             self.taints.append((now, key, out_of_service(new)))
+        if old is None or _ready(new) != _ready(old):
+            self.ready.append((now, key, _ready(new)))
 
     def _on_pod(self, key: str, new: Obj | None, old: Obj | None) -> None:
         now = time.monotonic()
@@ -563,6 +566,8 @@ class WatchdogEnv:
         c = self.cluster
         if c.control_plane._outage is not None:
             await c.faults.apply("api-restore")
+        if "kube-controller-manager" not in c.control_plane.pids():
+            await c.faults.apply("controller-manager-start")
         if c.broker is not None and not c.broker.running:
             await c.faults.apply("broker-restore")
         for name, sim in c.fleet.members.items():

@@ -92,6 +92,7 @@ class Controller:
         self._policy_invalid_reported: str | None = None
         self._false_ready: dict[str, int] = {}
         self._aged: set[str] = set()
+        self._holds_reported: tuple[Reason, ...] = ()
 
     # --- leadership -----------------------------------------------------------------------------
 
@@ -214,7 +215,9 @@ class Controller:
         """
         if not self.acting:
             return None
-        if node not in set(self.view.node_names()) and node not in self.states:
+        # Membership on the view's key view is O(1); building a set here made every
+        # evaluation O(nodes) (docs/PERFORMANCE.md, decide benchmark).
+        if node not in self.states and node not in self.view.node_names():
             return None
         now = self.clock()
         state = self.states.get(node) or NodeState(node, entered_at=now)
@@ -222,13 +225,24 @@ class Controller:
             self._set_state(node, state)
         obs = self.observe_node(node)
         ctx = Context(self.health.snapshot(), self.refresh_policy(), self.holds())
+        self._report_holds(ctx.holds)
         decision = decide(state, obs, ctx, now, self.cfg)
         self._record(node, state, obs, decision, now)
         self._set_state(node, decision.state)
-        if self.acting:
-            for action in decision.actions:
-                await self._run(action, decision, obs, now)
+        for action in decision.actions:
+            # Checked before every action: one that hung (a frozen API server) can outlast our
+            # leadership, and a deposed leader must not carry on with the rest of its plan.
+            if not self.acting:
+                break
+            await self._run(action, decision, obs, now)
         return decision.wake_at
+
+    def _report_holds(self, holds: tuple[Reason, ...]) -> None:
+        """`watchdog_resets_held{reason}`: 1 while that cluster-wide hold is in force."""
+        if holds != self._holds_reported:
+            for reason in set(self._holds_reported) | set(holds):
+                self.metrics.resets_held.labels(reason=reason.value).set(int(reason in holds))
+            self._holds_reported = holds
 
     def _record(
         self, node: str, before: NodeState, obs: NodeObservation, d: Decision, now: float

@@ -1,0 +1,315 @@
+"""`watchdog-chaos bench BENCHMARK [options]` (and `python -m chaos.bench ...`).
+
+Owns: the options of each benchmark, the `--smoke` sizes (seconds, for CI), printing each
+result table with the machine and load it was measured under, and writing
+`<out>/<benchmark>.json` (default `reports/bench/`).
+
+Exit codes: 0 done (the numbers may still miss a target: that is a result, not an error);
+1 the benchmark could not run (a component failed to start, a load generator died);
+2 bad input.
+
+Must not: measure anything itself (the benchmark modules do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from chaos.bench.common import DEFAULT_OUT, load_line, write_report
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+BENCHMARKS = ("ingest", "cache", "decide", "failover", "testcluster")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x.replace("_", "")) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
+    return values
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+        return value
+
+    return parse
+
+
+def _dir(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
+    return path
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"directory for <benchmark>.json (default {DEFAULT_OUT})",
+    )
+    p.add_argument("--smoke", action="store_true", help="tiny sizes that run in seconds (CI)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register `bench` (with one sub-command per benchmark) on an argparse subparsers object."""
+    bench = subparsers.add_parser(
+        "bench",
+        help="scale and throughput benchmarks (DESIGN §10)",
+        description="Scale and throughput benchmarks of node-watchdog. Each prints a table and "
+        "writes <out>/<benchmark>.json; --smoke runs tiny sizes in seconds.",
+    )
+    sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+
+    p = sub.add_parser(
+        "ingest",
+        help="N agents at 1 Hz → Mosquitto → one controller process: CPU, RSS, detection",
+    )
+    _common(p)
+    p.add_argument("--nodes", type=_int_list, default=(1000, 5000), help="agent counts")
+    p.add_argument("--window", type=_positive(float), default=60.0, help="steady window, s")
+    p.add_argument("--kill", type=int, default=5, help="nodes killed under load")
+    p.add_argument("--kill-gap", type=_positive(float), default=4.0, help="s between kills")
+    p.add_argument("--connections", type=int, default=0, help="MQTT connections (0: N/500)")
+    p.add_argument(
+        "--lease-renew", type=_positive(float), default=10.0, help="Lease renewal interval, s"
+    )
+    p.add_argument("--profile", type=float, default=0.0, help="py-spy the controller for S s")
+    p.add_argument(
+        "--controller-source",
+        type=_dir,
+        default=None,
+        help="run the controller from the `watchdog` package in DIR (compare a baseline)",
+    )
+    p.set_defaults(func=handle, bench_run=_run_ingest)
+
+    p = sub.add_parser(
+        "cache", help="VMIs + launcher pods in the test cluster: sync time, RSS, events, 410"
+    )
+    _common(p)
+    p.add_argument("--vmis", type=_int_list, default=(10_000, 20_000, 50_000), help="sizes")
+    p.add_argument("--nodes", type=_positive(int), default=1000, help="Node objects")
+    p.add_argument("--events", type=_positive(int), default=5000, help="pod updates measured")
+    p.add_argument(
+        "--controller-source", type=_dir, default=None, help="controller package directory"
+    )
+    p.set_defaults(func=handle, bench_run=_run_cache)
+
+    p = sub.add_parser("decide", help="decide() evaluations/s; tick cost 1 vs all changed")
+    _common(p)
+    p.add_argument("--nodes", type=_positive(int), default=5000, help="nodes for decide()")
+    p.add_argument(
+        "--sizes", type=_int_list, default=(500, 5000), help="cluster sizes for the tick"
+    )
+    p.add_argument("--pods-per-node", type=int, default=20, help="launcher pods per node")
+    p.set_defaults(func=handle, bench_run=_run_decide)
+
+    p = sub.add_parser(
+        "failover", help="power-off trials: watchdog vs Harvester 1.7 / 1.6 baselines"
+    )
+    _common(p)
+    p.add_argument("--trials", type=_positive(int), default=5, help="power-offs per system")
+    p.add_argument(
+        "--systems",
+        default="watchdog,harvester-1.7,harvester-1.6",
+        help="comma-separated: watchdog, harvester-1.7, harvester-1.6",
+    )
+    p.add_argument("--time-scale", type=_positive(float), default=0.25, help="time compression")
+    p.add_argument("--nodes", type=_positive(int), default=4, help="nodes per cluster")
+    p.add_argument("--vms", type=_positive(int), default=8, help="VMs per cluster")
+    p.set_defaults(func=handle, bench_run=_run_failover)
+
+    p = sub.add_parser(
+        "testcluster", help="the test cluster at scale: create time, Lease load, RSS (issue 3)"
+    )
+    _common(p)
+    p.add_argument("--nodes", type=_positive(int), default=1000, help="simulated nodes")
+    p.add_argument("--vms", type=_positive(int), default=30_000, help="VMs (one launcher pod each)")
+    p.add_argument("--window", type=_positive(float), default=60.0, help="steady window, s")
+    p.add_argument("--time-scale", type=_positive(float), default=1.0, help="time compression")
+    p.set_defaults(func=handle, bench_run=_run_testcluster)
+
+
+# --- handlers ---------------------------------------------------------------------------------
+
+
+def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    from chaos.bench import ingest
+
+    if args.smoke:
+        return ingest.run(
+            sizes=(30,),
+            window_s=4.0,
+            kill=1,
+            kill_gap_s=1.0,
+            lease_renew_s=1.0,
+            controller_env={"WATCHDOG_LEASE_STALE_AFTER_S": "3"},
+            profile_s=0.0,
+            controller_source=args.controller_source,
+            progress=_progress,
+        )
+    return ingest.run(
+        sizes=args.nodes,
+        window_s=args.window,
+        kill=args.kill,
+        kill_gap_s=args.kill_gap,
+        connections=args.connections,
+        lease_renew_s=args.lease_renew,
+        profile_s=args.profile,
+        controller_source=args.controller_source,
+        progress=_progress,
+    )
+
+
+def _run_cache(args: argparse.Namespace) -> dict[str, Any]:
+    from chaos.bench import cache
+
+    if args.smoke:
+        return cache.run(
+            sizes=(300,),
+            nodes=20,
+            events=200,
+            controller_source=args.controller_source,
+            progress=_progress,
+        )
+    return cache.run(
+        sizes=args.vmis,
+        nodes=args.nodes,
+        events=args.events,
+        controller_source=args.controller_source,
+        progress=_progress,
+    )
+
+
+def _run_decide(args: argparse.Namespace) -> dict[str, Any]:
+    from chaos.bench import decide
+
+    if args.smoke:
+        return decide.run(nodes=200, sizes=(50, 200), pods_per_node=5, rounds=2, single_ticks=20)
+    return decide.run(nodes=args.nodes, sizes=args.sizes, pods_per_node=args.pods_per_node)
+
+
+def _run_failover(args: argparse.Namespace) -> dict[str, Any]:
+    from chaos.bench import failover
+
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    unknown = [s for s in systems if s not in failover.SYSTEMS]
+    if unknown:
+        raise _Usage(f"--systems: unknown {unknown}; choose from {', '.join(failover.SYSTEMS)}")
+    if args.smoke:
+        return failover.run(
+            systems=("watchdog",), trials=1, time_scale=0.25, nodes=3, vms=3, progress=_progress
+        )
+    return failover.run(
+        systems=systems,
+        trials=args.trials,
+        time_scale=args.time_scale,
+        nodes=args.nodes,
+        vms=args.vms,
+        progress=_progress,
+    )
+
+
+def _run_testcluster(args: argparse.Namespace) -> dict[str, Any]:
+    from chaos.bench import testcluster
+
+    if args.smoke:
+        return testcluster.run(nodes=5, vms=10, window_s=3.0, time_scale=1.0, progress=_progress)
+    return testcluster.run(
+        nodes=args.nodes,
+        vms=args.vms,
+        window_s=args.window,
+        time_scale=args.time_scale,
+        progress=_progress,
+    )
+
+
+RENDER = {
+    "ingest": "chaos.bench.ingest",
+    "cache": "chaos.bench.cache",
+    "decide": "chaos.bench.decide",
+    "failover": "chaos.bench.failover",
+    "testcluster": "chaos.bench.testcluster",
+}
+
+
+class _Usage(Exception):
+    pass
+
+
+def _progress(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Run the chosen benchmark, print its table, write its JSON."""
+    import importlib
+
+    logging.basicConfig(
+        level=logging.DEBUG
+        if args.verbose > 1
+        else logging.INFO
+        if args.verbose
+        else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        report = args.bench_run(args)
+    except _Usage as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as e:
+        traceback.print_exc()
+        print(f"bench {args.benchmark} failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    report["smoke"] = bool(args.smoke)
+    report["command"] = "watchdog-chaos " + " ".join(sys.argv[1:])
+    path = write_report(args.out, args.benchmark, report)
+    module = importlib.import_module(RENDER[args.benchmark])
+    print(f"\n== bench {args.benchmark}{' (smoke)' if args.smoke else ''}")
+    print(load_line(report["machine"]))
+    print(module.render(report))
+    print(f"\nJSON: {path}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m chaos.bench", description="node-watchdog benchmarks"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m chaos.bench [bench] BENCHMARK ...`: the leading `bench` is optional."""
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if not args_in or args_in[0] != "bench":
+        args_in = ["bench", *args_in]
+    args = build_parser().parse_args(args_in)
+    return handle(args)

@@ -1,0 +1,393 @@
+"""Benchmark 1, heartbeat ingest: N agents at 1 Hz through a real Mosquitto into one real
+`node-watchdog controller` process, on the test cluster's real control plane.
+
+Per N: a fresh control plane (etcd + kube-apiserver; the controller-manager and scheduler are
+stopped once it is ready, so their CPU goes to what is measured: nothing here needs them, and
+without kubelets the node lifecycle controller would only mark nodes NotReady later), N Nodes
+created Ready with their Leases, a `LeaseRenewer` renewing every Lease at the kubelet's cadence,
+a real Mosquitto, N simulated agents (`mqttload`: raw MQTT, a few connections multiplexing the
+node topics), and the controller with default timings. Then:
+
+1. steady window: controller CPU seconds and RSS from /proc, heartbeats it accepted (its own
+   `watchdog_heartbeats_total`), Lease events it received, and the load generators' lag;
+2. optional py-spy profile of the controller (a separate window, so the numbers above are
+   clean);
+3. kills: `kill` nodes stop heartbeating and renewing their Lease (a power-off), a few seconds
+   apart; detection delay = last heartbeat sent → the controller's `Unreachable` annotation
+   seen through a watch (also → `Suspect`), and the controller's own
+   `watchdog_detection_seconds`; every other node must stay Healthy (false SUSPECT /
+   UNREACHABLE are counted, the target is zero).
+
+At defaults a node becomes UNREACHABLE only when its heartbeat is older than
+`unreachable_after_s` (5 s) AND a second source agrees: here the Lease, stale
+`lease_stale_after_s` (15 s) after its last renewal was seen, with renewals every 10 s. The
+detection delay is therefore bounded below by the Lease arithmetic, not by ingest; the
+`Suspect` delay (heartbeat only, 3 s) shows what ingest alone adds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from chaos.bench.common import ProcSampler, machine, self_cpu_s, summary, table
+from chaos.bench.kubeload import (
+    KubeClient,
+    LeaseRenewer,
+    PhaseWatch,
+    background,
+    create_many,
+    lease_body,
+    node_body,
+    wait_until,
+)
+from chaos.bench.mqttload import AgentFleet
+from chaos.bench.service import CONTROLLER_NAMESPACE, ControllerProcess, control_plane, mosquitto
+
+log = logging.getLogger(__name__)
+
+DOWN = ("Unreachable", "Fencing", "Resetting", "Reset")
+
+
+async def run_one(
+    n: int,
+    *,
+    window_s: float,
+    kill: int,
+    kill_gap_s: float,
+    connections: int,
+    lease_renew_s: float,
+    controller_env: dict[str, str],
+    profile_s: float,
+    work_dir: Path,
+    controller_source: Path | None = None,
+    progress: Any = print,
+) -> dict[str, Any]:
+    nodes = [f"node-{i}" for i in range(1, n + 1)]
+    result: dict[str, Any] = {
+        "nodes": n,
+        "lease_renew_s": lease_renew_s,
+        "controller_env": controller_env,
+        "load_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+    async with control_plane(work_dir / f"n{n}", time_scale=1.0) as cp:
+        await cp.controller_manager_stop()
+        await cp.scheduler_stop()
+        client = KubeClient.for_control_plane(cp, pool=96)
+        try:
+            await client.create(
+                "/api/v1/namespaces",
+                {
+                    "apiVersion": "v1",
+                    "kind": "Namespace",
+                    "metadata": {"name": CONTROLLER_NAMESPACE},
+                },
+            )
+            progress(f"  creating {n:,} Nodes and Leases")
+            created_nodes = await create_many(
+                client, (("/api/v1/nodes", node_body(x)) for x in nodes)
+            )
+            lease_path = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases"
+            created_leases = await create_many(client, ((lease_path, lease_body(x)) for x in nodes))
+            result["create"] = {"nodes": created_nodes, "leases": created_leases}
+            async with mosquitto(work_dir / f"n{n}") as broker:
+                result.update(
+                    await _measure(
+                        cp,
+                        client,
+                        broker,
+                        nodes,
+                        window_s=window_s,
+                        kill=kill,
+                        kill_gap_s=kill_gap_s,
+                        connections=connections,
+                        lease_renew_s=lease_renew_s,
+                        controller_env=controller_env,
+                        profile_s=profile_s,
+                        work_dir=work_dir / f"n{n}",
+                        controller_source=controller_source,
+                        progress=progress,
+                    )
+                )
+        finally:
+            await client.close()
+    result["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return result
+
+
+async def _measure(
+    cp: Any,
+    client: KubeClient,
+    broker: Any,
+    nodes: list[str],
+    *,
+    window_s: float,
+    kill: int,
+    kill_gap_s: float,
+    connections: int,
+    lease_renew_s: float,
+    controller_env: dict[str, str],
+    profile_s: float,
+    work_dir: Path,
+    controller_source: Path | None,
+    progress: Any,
+) -> dict[str, Any]:
+    fleet = AgentFleet(broker.url, nodes, connections=connections)
+    renewer = LeaseRenewer(client, nodes, interval_s=lease_renew_s, concurrency=32)
+    watch = PhaseWatch(client)
+    env = {
+        "KUBECONFIG": str(cp.admin_kubeconfig),
+        "WATCHDOG_MQTT__URL": broker.url,
+        **controller_env,
+    }
+    ctl = ControllerProcess(work_dir, env, source=controller_source)
+    out: dict[str, Any] = {}
+    async with background(
+        {"agents": fleet.run(), "lease renewer": renewer.run(), "phase watch": watch.run()}
+    ) as tasks:
+        await asyncio.wait_for(watch.synced.wait(), 60)
+        await asyncio.sleep(2.0)  # every agent has published at least once
+        await ctl.start()
+        try:
+            out["controller_ready_s"] = round(await ctl.wait("ready", "ready", 300), 2)
+            out["controller_leader_s"] = round(await ctl.wait("leading", "leader", 120), 2)
+            progress(f"  controller ready in {out['controller_ready_s']}s, leading")
+            pids = {"controller": ctl.pid or 0, "mosquitto": broker.pid or 0, **cp.pids()}
+            sampler = ProcSampler(pids, interval_s=1.0)
+            async with background({"sampler": sampler.run()}):
+                await asyncio.sleep(min(10.0, window_s))  # warm-up: first evaluations, GC
+                _check(tasks)
+                # 1. steady window
+                m0 = await ctl.metrics()
+                t0, pub0, ren0, self0 = (
+                    time.monotonic(),
+                    fleet.published,
+                    renewer.stats.renewed,
+                    self_cpu_s(),
+                )
+                sampler.sample()
+                await asyncio.sleep(window_s)
+                sampler.sample()
+                t1 = time.monotonic()
+                m1 = await ctl.metrics()
+                _check(tasks)
+                accepted = m1.get("watchdog_heartbeats_total") - m0.get("watchdog_heartbeats_total")
+                cw = sampler.window("controller", t0, t1) or {}
+                out["steady"] = {
+                    "seconds": round(t1 - t0, 1),
+                    "heartbeats_published": fleet.published - pub0,
+                    "heartbeats_accepted": int(accepted),
+                    "heartbeats_per_s": round(accepted / (t1 - t0), 1),
+                    "lease_renewals": renewer.stats.renewed - ren0,
+                    "lease_renewals_per_s": round((renewer.stats.renewed - ren0) / (t1 - t0), 1),
+                    "controller": cw,
+                    "cpu_s_per_1000_heartbeats": (
+                        round(cw["cpu_s"] / accepted * 1000, 4) if cw and accepted else None
+                    ),
+                    "others": {
+                        name: sampler.window(name, t0, t1) for name in pids if name != "controller"
+                    },
+                    "bench_process_cpu_cores": round((self_cpu_s() - self0) / (t1 - t0), 3),
+                    "rejected": m1.by("watchdog_heartbeats_rejected_total", "reason"),
+                    "dirty_queue": m1.get("watchdog_queue_depth", queue="dirty_nodes"),
+                }
+                out["agents_lag"] = fleet.lag_summary()
+                out["lease_renewer"] = {
+                    "errors": renewer.stats.errors,
+                    "late": renewer.stats.late,
+                    "latency_s": summary(renewer.stats.latencies[-20000:]),
+                }
+                s = out["steady"]
+                progress(
+                    f"  steady {s['seconds']}s: {s['heartbeats_per_s']:,} hb/s accepted, "
+                    f"controller {cw.get('cpu_cores')} cores, RSS {cw.get('rss_mib_max')} MiB"
+                )
+                # 2. profile (its own window)
+                if profile_s > 0:
+                    progress(f"  py-spy on the controller for {profile_s:.0f}s")
+                    out["profile"] = await ctl.profile(profile_s, work_dir / "controller-profile")
+                # 3. kills
+                out["kills"] = await _kills(
+                    fleet, renewer, watch, nodes, kill, kill_gap_s, progress
+                )
+                _check(tasks)
+                m2 = await ctl.metrics()
+                out["false_suspect"] = sorted(
+                    x for x in watch.nodes_in(("Suspect",)) if x not in out["kills"]["killed"]
+                )
+                out["false_unreachable"] = sorted(
+                    x for x in watch.nodes_in(DOWN) if x not in out["kills"]["killed"]
+                )
+                out["transitions_to"] = m2.by("watchdog_transitions_total", "to")
+                count = m2.get("watchdog_detection_seconds_count")
+                out["controller_detection"] = {
+                    "count": int(count),
+                    "mean_s": round(m2.get("watchdog_detection_seconds_sum") / count, 3)
+                    if count
+                    else None,
+                }
+                out["queue_overflow_log_lines"] = ctl.log_count("inbound queue full")
+                end = ctl.stat()
+                out["controller_rss_mib_end"] = round(end.rss_bytes / 2**20, 1) if end else None
+        finally:
+            await ctl.stop()
+    return out
+
+
+def _check(tasks: dict[str, asyncio.Task[Any]]) -> None:
+    for name, task in tasks.items():
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise RuntimeError(f"{name} failed") from task.exception()
+
+
+async def _kills(
+    fleet: AgentFleet,
+    renewer: LeaseRenewer,
+    watch: PhaseWatch,
+    nodes: list[str],
+    kill: int,
+    gap_s: float,
+    progress: Any,
+) -> dict[str, Any]:
+    rng = random.Random(8)
+    victims = rng.sample(nodes, min(kill, len(nodes)))
+    last_contact: dict[str, float] = {}
+    killed_at: dict[str, float] = {}
+    for i, node in enumerate(victims):
+        if i:
+            await asyncio.sleep(gap_s * rng.uniform(0.7, 1.3))
+        killed_at[node] = time.monotonic()
+        renewer.stop(node)
+        last = fleet.kill(node)
+        last_contact[node] = last if last is not None else killed_at[node]
+    progress(f"  killed {len(victims)} nodes; waiting for UNREACHABLE")
+    timeout = 120.0
+    with contextlib.suppress(TimeoutError):
+        await wait_until(
+            lambda: all(any(watch.first(v, p) for p in DOWN) for v in victims),
+            timeout,
+            "every killed node UNREACHABLE",
+        )
+    await asyncio.sleep(3.0)  # anyone else going down right after would be a false positive
+    detect: list[float] = []
+    suspect: list[float] = []
+    missed: list[str] = []
+    per_node: dict[str, dict[str, float | None]] = {}
+    for v in victims:
+        down_at = min((t for p in DOWN if (t := watch.first(v, p)) is not None), default=None)
+        sus_at = watch.first(v, "Suspect")
+        per_node[v] = {
+            "suspect_s": None if sus_at is None else round(sus_at - last_contact[v], 3),
+            "unreachable_s": None if down_at is None else round(down_at - last_contact[v], 3),
+        }
+        if down_at is None:
+            missed.append(v)
+        else:
+            detect.append(down_at - last_contact[v])
+        if sus_at is not None:
+            suspect.append(sus_at - last_contact[v])
+    return {
+        "killed": victims,
+        "detection_s": summary(detect),
+        "suspect_s": summary(suspect),
+        "not_detected": missed,
+        "per_node": per_node,
+    }
+
+
+def run(
+    *,
+    sizes: tuple[int, ...] = (1000, 5000),
+    window_s: float = 60.0,
+    kill: int = 5,
+    kill_gap_s: float = 4.0,
+    connections: int = 0,
+    lease_renew_s: float = 10.0,
+    controller_env: dict[str, str] | None = None,
+    profile_s: float = 0.0,
+    work_dir: Path | None = None,
+    controller_source: Path | None = None,
+    progress: Any = print,
+) -> dict[str, Any]:
+    env = dict(controller_env or {})
+    m = machine()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        base = work_dir or Path(tmp)
+        for n in sizes:
+            progress(f"ingest: {n:,} agents")
+            conns = connections or max(1, min(16, n // 500))
+            runs.append(
+                asyncio.run(
+                    run_one(
+                        n,
+                        window_s=window_s,
+                        kill=kill,
+                        kill_gap_s=kill_gap_s,
+                        connections=conns,
+                        lease_renew_s=lease_renew_s,
+                        controller_env=env,
+                        profile_s=profile_s,
+                        work_dir=base,
+                        controller_source=controller_source,
+                        progress=progress,
+                    )
+                )
+            )
+    return {
+        "benchmark": "ingest",
+        "machine": m,
+        "load_generator": "raw MQTT 3.1.1, QoS 0, few connections multiplexing node topics",
+        "controller_source": str(controller_source) if controller_source else "installed",
+        "runs": runs,
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    rows = []
+    for r in report["runs"]:
+        s = r.get("steady", {})
+        c = s.get("controller", {})
+        k = r.get("kills", {})
+        d = k.get("detection_s", {})
+        sus = k.get("suspect_s", {})
+        rows.append(
+            [
+                r["nodes"],
+                s.get("heartbeats_per_s"),
+                s.get("lease_renewals_per_s"),
+                c.get("cpu_cores"),
+                s.get("cpu_s_per_1000_heartbeats"),
+                c.get("rss_mib_max"),
+                f"{sus.get('p50')}/{sus.get('p95')}",
+                f"{d.get('p50')}/{d.get('p95')}/{d.get('max')}",
+                f"{len(k.get('killed', []))}-{len(k.get('not_detected', []))}",
+                len(r.get("false_suspect", [])),
+                len(r.get("false_unreachable", [])),
+                f"{r.get('load_at_start')}",
+            ]
+        )
+    return table(
+        [
+            "nodes",
+            "hb/s",
+            "lease/s",
+            "ctl cores",
+            "CPU s/1k hb",
+            "RSS MiB",
+            "suspect p50/p95 s",
+            "unreach. p50/p95/max s",
+            "killed-missed",
+            "false SUSPECT",
+            "false UNREACH.",
+            "load 1/5/15",
+        ],
+        rows,
+    )
