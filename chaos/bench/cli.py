@@ -125,7 +125,7 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=handle, bench_run=_run_decide)
 
     p = sub.add_parser(
-        "failover", help="power-off trials: watchdog vs Harvester 1.7 / 1.6 baselines"
+        "failover", help="power-off trials (chaos harness): watchdog vs Harvester 1.7 / 1.6"
     )
     _common(p)
     p.add_argument("--trials", type=_positive(int), default=5, help="power-offs per system")
@@ -135,8 +135,6 @@ def add_parser(subparsers: Any) -> None:
         help="comma-separated: watchdog, harvester-1.7, harvester-1.6",
     )
     p.add_argument("--time-scale", type=_positive(float), default=0.25, help="time compression")
-    p.add_argument("--nodes", type=_positive(int), default=4, help="nodes per cluster")
-    p.add_argument("--vms", type=_positive(int), default=8, help="VMs per cluster")
     p.set_defaults(func=handle, bench_run=_run_failover)
 
     p = sub.add_parser(
@@ -177,6 +175,7 @@ def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
         lease_renew_s=args.lease_renew,
         profile_s=args.profile,
         controller_source=args.controller_source,
+        profile_dir=args.out,
         progress=_progress,
     )
 
@@ -217,16 +216,9 @@ def _run_failover(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise _Usage(f"--systems: unknown {unknown}; choose from {', '.join(failover.SYSTEMS)}")
     if args.smoke:
-        return failover.run(
-            systems=("watchdog",), trials=1, time_scale=0.25, nodes=3, vms=3, progress=_progress
-        )
+        return failover.run(systems=("watchdog",), trials=1, time_scale=0.25, progress=_progress)
     return failover.run(
-        systems=systems,
-        trials=args.trials,
-        time_scale=args.time_scale,
-        nodes=args.nodes,
-        vms=args.vms,
-        progress=_progress,
+        systems=systems, trials=args.trials, time_scale=args.time_scale, progress=_progress
     )
 
 

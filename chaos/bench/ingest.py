@@ -68,6 +68,7 @@ async def run_one(
     profile_s: float,
     work_dir: Path,
     controller_source: Path | None = None,
+    profile_dir: Path | None = None,
     progress: Any = print,
 ) -> dict[str, Any]:
     nodes = [f"node-{i}" for i in range(1, n + 1)]
@@ -113,6 +114,7 @@ async def run_one(
                         profile_s=profile_s,
                         work_dir=work_dir / f"n{n}",
                         controller_source=controller_source,
+                        profile_dir=profile_dir,
                         progress=progress,
                     )
                 )
@@ -137,6 +139,7 @@ async def _measure(
     profile_s: float,
     work_dir: Path,
     controller_source: Path | None,
+    profile_dir: Path | None,
     progress: Any,
 ) -> dict[str, Any]:
     fleet = AgentFleet(broker.url, nodes, connections=connections)
@@ -195,7 +198,10 @@ async def _measure(
                         name: sampler.window(name, t0, t1) for name in pids if name != "controller"
                     },
                     "bench_process_cpu_cores": round((self_cpu_s() - self0) / (t1 - t0), 3),
-                    "rejected": m1.by("watchdog_heartbeats_rejected_total", "reason"),
+                    "rejected": {
+                        k: v - m0.by("watchdog_heartbeats_rejected_total", "reason").get(k, 0.0)
+                        for k, v in m1.by("watchdog_heartbeats_rejected_total", "reason").items()
+                    },
                     "dirty_queue": m1.get("watchdog_queue_depth", queue="dirty_nodes"),
                 }
                 out["agents_lag"] = fleet.lag_summary()
@@ -212,7 +218,9 @@ async def _measure(
                 # 2. profile (its own window)
                 if profile_s > 0:
                     progress(f"  py-spy on the controller for {profile_s:.0f}s")
-                    out["profile"] = await ctl.profile(profile_s, work_dir / "controller-profile")
+                    out["profile"] = await ctl.profile(
+                        profile_s, (profile_dir or work_dir) / f"ingest-{len(nodes)}-profile"
+                    )
                 # 3. kills
                 out["kills"] = await _kills(
                     fleet, renewer, watch, nodes, kill, kill_gap_s, progress
@@ -314,6 +322,7 @@ def run(
     profile_s: float = 0.0,
     work_dir: Path | None = None,
     controller_source: Path | None = None,
+    profile_dir: Path | None = None,
     progress: Any = print,
 ) -> dict[str, Any]:
     env = dict(controller_env or {})
@@ -337,6 +346,7 @@ def run(
                         profile_s=profile_s,
                         work_dir=base,
                         controller_source=controller_source,
+                        profile_dir=profile_dir,
                         progress=progress,
                     )
                 )

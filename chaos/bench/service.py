@@ -172,6 +172,7 @@ class ControllerProcess:
         if exe is None or self.pid is None:
             return {}
         raw = out.with_suffix(".txt")
+        raw.parent.mkdir(parents=True, exist_ok=True)
         proc = await asyncio.create_subprocess_exec(
             exe,
             "record",
@@ -208,7 +209,7 @@ def fold_profile(raw: Path, top: int = 15) -> dict[str, Any]:
         n = int(count_s)
         samples += n
         frames = [_short(f) for f in stack.split(";") if f]
-        if frames and frames[-1].startswith(_IDLE):
+        if frames and frames[-1].endswith(_IDLE):
             continue  # the event loop waiting in epoll: not work
         if frames:
             own[frames[-1]] = own.get(frames[-1], 0) + n
@@ -223,7 +224,7 @@ def fold_profile(raw: Path, top: int = 15) -> dict[str, Any]:
     return {"samples": samples, "self_pct": ranked(own), "total_pct": ranked(total)}
 
 
-_IDLE = ("select (selectors.py)", "poll (selectors.py)")
+_IDLE = (".select (selectors.py)", ".poll (selectors.py)")
 
 
 def _short(frame: str) -> str:

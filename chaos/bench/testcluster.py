@@ -95,7 +95,12 @@ async def _run(
         out["requests_per_s"] = dict(sorted(rates.items(), key=lambda kv: -kv[1]))
         out["requests_per_s_total"] = round(sum(rates.values()), 1)
         out["lease_renewals_per_s"] = round(
-            sum(v for k, v in rates.items() if k.startswith("leases ") and "UPDATE" in k), 2
+            sum(
+                v
+                for k, v in rates.items()
+                if k.split(" ")[0] == "leases" and k.split(" ")[1] in ("PUT", "UPDATE", "PATCH")
+            ),
+            2,
         )
         out["lease_renewals_expected_per_s"] = round(nodes / (10.0 * time_scale), 2)
         out["processes"] = {name: sampler.window(name, w0, w1) for name in pids}

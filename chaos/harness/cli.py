@@ -19,6 +19,11 @@ from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+PARALLEL = {
+    "none": "one after another",
+    "baselines": "the watchdog alone, then the baselines side by side",
+    "all": "side by side",
+}
 
 
 def _out(line: str) -> None:
@@ -91,9 +96,10 @@ def register_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--repetitions", type=positive_int, metavar="N", help="override")
     p.add_argument(
         "--parallel",
-        action="store_true",
-        help="run the systems side by side instead of one after another (faster; they share "
-        "the CPU)",
+        choices=("none", "baselines", "all"),
+        default="none",
+        help="none: one system after another (default); baselines: the watchdog alone, then "
+        "the baselines side by side; all: every system side by side (they share the CPU)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no live timeline lines")
     _common(p)
@@ -189,7 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.list:
         for name, path in scn.shipped().items():
             try:
-                desc = scn.load(path).description.strip().splitlines()[0]
+                desc = scn.load(path).description.strip().split(". ")[0].rstrip(".") + "."
             except scn.ScenarioError as e:
                 desc = f"(invalid: {e})"
             print(f"{name:<18} {desc}")
@@ -236,7 +242,7 @@ def _run_local(args: argparse.Namespace, sc: Any, source: str, directory: Path) 
     _out(
         f"scenario {sc.name}: {', '.join(sc.systems)} at time scale {sc.time_scale:g} "
         f"(every timing x{sc.time_scale:g}), {sc.repetitions} repetition(s), "
-        f"{'side by side' if args.parallel else 'one after another'}"
+        f"{PARALLEL[args.parallel]}"
     )
     try:
         result = asyncio.run(run_scenario(sc, source, opts))
@@ -277,7 +283,8 @@ def register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--sequential",
         action="store_true",
-        help="run the three systems one after another (slower, no CPU sharing)",
+        help="run the three systems one after another (default: the watchdog alone, then "
+        "Harvester and Kubernetes side by side)",
     )
     p.add_argument(
         "--timeout",
@@ -295,7 +302,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _setup(args)
     sc = demo_scenario(args.time_scale, args.timeout)
-    args.parallel = not args.sequential
+    args.parallel = "none" if args.sequential else "baselines"
     directory = args.report or Path(tempfile.mkdtemp(prefix="watchdog-chaos-demo-"))
     _out(
         "watchdog-chaos demo: 6 nodes, 24 VMs, node-6 loses power — watchdog vs Harvester 1.7 "

@@ -80,6 +80,7 @@ class RunResult:
     skipped_faults: list[str] = field(default_factory=list)
     watchdog: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    startup: dict[str, float] = field(default_factory=dict)  # wall seconds of each start phase
     failures: list[str] = field(default_factory=list)  # filled by verdict()
 
     def to_json(self) -> dict[str, Any]:
@@ -223,6 +224,14 @@ def verdict(run: RunResult, expect: Expect) -> list[str]:
         fails.append("no fence; expected the cut-off node to fence itself")
     if expect.disruptions == "none" and c.get("disrupted_vms", 0):
         fails.append(f"{c['disrupted_vms']} VMs disrupted; expected none")
+    if expect.held and run.system == "watchdog":
+        seen = set(run.watchdog.get("resets_held_seen") or ())
+        missing_holds = [h for h in expect.held if h not in seen]
+        if missing_holds:
+            fails.append(
+                f"the watchdog never reported holding resets for {', '.join(missing_holds)} "
+                f"(seen: {', '.join(sorted(seen)) or 'none'})"
+            )
     if expect.recovered:
         missing = [v.vm for v in restarting if v.running_s is None]
         if missing:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from chaos.sim.informer import Informer, Obj, condition
-from chaos.sim.kubelet import is_launcher, vm_of
+from chaos.sim.kubelet import is_launcher, is_migration_target, vm_of
 
 STATE_ANNOTATION = "node-watchdog.kubevirt.io/state"
 OUT_OF_SERVICE = "node.kubernetes.io/out-of-service"
@@ -66,6 +66,7 @@ class PodRecord:
     node: str
     vm: str | None
     first_seen: float
+    migration_target: bool = False  # a live migration's target pod, not the VM's own
     phase: str = ""
     terminating_at: float | None = None
     not_ready_at: float | None = None
@@ -140,6 +141,7 @@ class Recorder:
                 node=obj.get("spec", {}).get("nodeName") or "",
                 vm=vm_of(obj),
                 first_seen=now,
+                migration_target=is_migration_target(obj),
             )
             self.pods[uid] = rec
         if not rec.node:
@@ -160,7 +162,7 @@ class Recorder:
         else:
             rec.deleted_at = now
             rec.phase_at_delete = rec.phase
-            if rec.phase == "Running":
+            if rec.phase == "Running" and not rec.migration_target:
                 vm = (rec.vm or "?").split("/", 1)[-1]
                 self._say(f"{vm}: launcher pod on {rec.node or '?'} deleted (reset)")
 
@@ -182,11 +184,15 @@ class Recorder:
         return None
 
     def resets(self, after: float) -> list[PodRecord]:
-        """Launcher pods of running VMs that vanished from the API after `after`."""
+        """Launcher pods of running VMs that vanished from the API after `after` (the target
+        pods of live migrations that did not complete are not VMs' own pods: not counted)."""
         return [
             p
             for p in self.pods.values()
-            if p.deleted_at is not None and p.deleted_at >= after and p.phase_at_delete == "Running"
+            if p.deleted_at is not None
+            and p.deleted_at >= after
+            and p.phase_at_delete == "Running"
+            and not p.migration_target
         ]
 
 

@@ -110,7 +110,11 @@ def table_rows(result: ScenarioResult) -> list[dict[str, Any]]:
                 "ratio": {
                     k: _ratio(stats[k], ref_stats[k] if ref_stats else None) for k in measure.PHASES
                 },
-                "crashed": any(r.crashed or r.error for r in runs),
+                "crashed": "CRASHED"
+                if any(r.crashed for r in runs)
+                else "FAILED"
+                if any(r.error for r in runs)
+                else "",
             }
         )
     return rows
@@ -132,7 +136,7 @@ def side_by_side(result: ScenarioResult, *, markdown: bool = False) -> str:
         st = r["stats"]
         body.append(
             [
-                r["system"] + (" (CRASHED)" if r["crashed"] else ""),
+                r["system"] + (f" ({r['crashed']})" if r["crashed"] else ""),
                 str(r["vms"]),
                 _cell(st["detection"], scale),
                 _cell(st["reset"], scale),
@@ -207,6 +211,7 @@ def invariant_lines(result: ScenarioResult) -> list[str]:
             f"- {tag}: split-brain {inv['split_brain_s']:g} VM-s · lost VMs {inv['lost']} · "
             f"false resets {inv['false_resets']} — {mark}"
             + (f" · CRASHED: {run.crashed.splitlines()[0]}" if run.crashed else "")
+            + (f" · RUN FAILED: {run.error}" if run.error else "")
         )
     return lines
 

@@ -8,7 +8,8 @@ a leader that hears every agent), injecting the faults on schedule (`leader` res
 acting leader's node at that moment), live progress lines, the end of a run (everything
 recovered and settled, or the timeout), crash detection (a component that exits on its own:
 control-plane process, agent or controller replica, broker, the simulators), and a teardown that
-leaves nothing running. Across runs: sequential, or systems side by side (`parallel`).
+leaves nothing running. Across runs: one after another, every system side by side, or the
+watchdog alone and then the baselines side by side (`RunOptions.parallel`).
 
 Must not: define the numbers (measure.py) or format reports (report.py).
 """
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from chaos.harness import measure, probe
 from chaos.harness.measure import Incident, RunResult
@@ -53,7 +54,10 @@ class CrashDetected(RuntimeError):
 class RunOptions:
     binaries: ControlPlaneBinaries
     progress: Progress = print
-    parallel: bool = False
+    # "none": one run after another; "all": every system side by side; "baselines": the
+    # watchdog alone first (its timings are the tightest: it must not share the CPU), then the
+    # baselines side by side (they are cheap: no agents, no controllers).
+    parallel: Literal["none", "baselines", "all"] = "none"
     work_root: Path | None = None  # keep every run's logs here (else temporary, removed)
     ready_timeout_s: float = 180.0
     live: bool = True  # print timeline lines as things happen
@@ -292,6 +296,8 @@ class Run:
                 self._say(f"ready in {time.monotonic() - t0:.1f}s; watchdog leader on {leader}")
             else:
                 self._say(f"ready in {time.monotonic() - t0:.1f}s")
+            r.startup = {k: round(v, 2) for k, v in cluster.timings.items()}
+            r.startup["watchdog_ready_s"] = round(time.monotonic() - t0, 2)
             pids = dict(cluster.status()["pids"])
             self.recorder.attach(cluster.informers["nodes"], cluster.informers["pods"])
             await self._observe(cluster)
@@ -508,11 +514,16 @@ async def run_scenario(scenario: Scenario, source: str, opts: RunOptions) -> Sce
     try:
         for rep in range(1, scenario.repetitions + 1):
             runs = [Run(scenario, system, rep, scaled, opts) for system in scenario.systems]
-            if opts.parallel:
-                result.runs.extend(await asyncio.gather(*(run.execute() for run in runs)))
+            if opts.parallel == "all":
+                groups = [runs]
+            elif opts.parallel == "baselines":
+                groups = [[r] for r in runs if r.system == "watchdog"]
+                groups.append([r for r in runs if r.system != "watchdog"])
             else:
-                for run in runs:
-                    result.runs.append(await run.execute())
+                groups = [[r] for r in runs]
+            for group in groups:
+                if group:
+                    result.runs.extend(await asyncio.gather(*(run.execute() for run in group)))
     finally:
         result.wall_s = round(time.monotonic() - t0, 2)
     for run_result in result.runs:

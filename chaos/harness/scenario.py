@@ -131,6 +131,11 @@ class Expect(_Strict):
     recovered: bool = Field(
         True, description="Every affected VM must run again before the run ends."
     )
+    held: list[str] = Field(
+        default_factory=list,
+        description="watchdog only: hold reasons (`watchdog_resets_held{reason}`, e.g. Storm, "
+        "BrokerDown) its controllers must have reported during the run.",
+    )
 
 
 class Budget(_Strict):

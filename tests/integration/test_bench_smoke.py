@@ -93,7 +93,7 @@ def test_cache_benchmark_syncs_measures_events_and_relists_after_410(
 
 @pytest.mark.cluster
 @pytest.mark.broker
-def test_failover_benchmark_times_a_power_off_from_the_ledger(
+def test_failover_benchmark_times_a_power_off_through_the_chaos_harness(
     tmp_path: Path, control_plane_binaries: object
 ) -> None:
     mosquitto_exe_or_skip()
@@ -102,9 +102,9 @@ def test_failover_benchmark_times_a_power_off_from_the_ledger(
     assert system["system"] == "watchdog"
     (trial,) = system["trials"]
     assert trial["vms"] >= 1
+    assert trial["not_running"] == []
     assert all(v > 0 for v in trial["failover_s"].values())
     assert system["failover_s"]["n"] == trial["vms"]
-    assert system["lost"] == 0
 
 
 @pytest.mark.cluster

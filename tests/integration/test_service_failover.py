@@ -72,6 +72,7 @@ async def fail_over(env: WatchdogEnv, node: str, fault: str = "poweroff") -> dic
     after = await leader.scrape()
     return {
         "node": node,
+        "fault": fault,
         "vms": vms,
         "pods": pods,
         "old_uids": old_uids,
@@ -110,7 +111,7 @@ def latencies(run: dict) -> dict[str, list[float]]:
 
 def report(scenario: str, run: dict) -> None:
     series = latencies(run)
-    record_latencies(scenario, **series)
+    record_latencies(scenario, run["fault"], **series)
     print(f"\n[{scenario}] timings {TIMINGS}")
     for key, values in series.items():
         print(f"  {key}: {[round(v, 2) for v in values]} {summary(values)}")
@@ -136,7 +137,10 @@ async def test_a_powered_off_node_is_reset_after_the_safe_delay_and_its_vms_run_
         )
         == 1
     )
-    assert tl.phases_of(node, after=t0)[:4] == ["Suspect", "Fencing", "Resetting", "Reset"]
+    # (SUSPECT may share a step with UNREACHABLE on a slow machine; UNREACHABLE → FENCING
+    # always does, so the annotation shows Fencing.)
+    phases = [p for p in tl.phases_of(node, after=t0) if p != "Suspect"]
+    assert phases[:3] == ["Fencing", "Resetting", "Reset"], phases
 
     # Falsely-ready launcher pods: reported, and marked Ready=False in the API before the reset
     # force-deleted them (both seen through a watch on the real API server).
@@ -145,6 +149,7 @@ async def test_a_powered_off_node_is_reset_after_the_safe_delay_and_its_vms_run_
     assert set(not_ready) == run["pods"], (not_ready, run["pods"])
     assert set(gone) >= run["pods"]
     assert all(not_ready[p] < gone[p] for p in run["pods"])
+    assert all("(node-watchdog)" in tl.not_ready_message[p] for p in run["pods"])
     falsely_ready = await env.events("FalselyReadyPods", node, since=run["wall"])
     assert falsely_ready
     assert all(p.split("/")[1] in falsely_ready[0]["message"] for p in run["pods"])

@@ -8,6 +8,12 @@ ignored. Each scenario checks the ground truth (the ledger: no VM copy stopped o
 what the controller wrote (no taint, no force-delete), not only its metrics.
 
 One cluster (4 nodes, 8 VMs, one controller) serves every scenario of this module.
+
+Known gap, not asserted here: after an API outage longer than kube-controller-manager's
+node-monitor-grace-period, KCM marks every node NotReady until the kubelets report again; the
+watchdog reads Ready!=True under live heartbeats as DEGRADED and starts live-migrating VMs off
+healthy nodes for a moment (no reset: their heartbeats are alive). The API-outage test stops
+KCM to test the watchdog's own behaviour.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import aiomqtt
 import pytest
 import pytest_asyncio
 
-from chaos.sim.controlplane import Timings
 from chaos.sim.harvester import POLICY_SETTING, setting_manifest
 from chaos.sim.informer import SETTINGS
 from chaos.sim.ledger import StartReason, StopReason
@@ -165,8 +170,9 @@ async def test_an_api_outage_holds_every_action_and_a_node_that_died_meanwhile_i
     assert vms
     others = {vm: uid for vm, uid in running_copies(env).items() if vm.split("/")[1] not in vms}
 
-    # kube-controller-manager is stopped for the duration: its own reaction to a long outage
-    # (every node NotReady once it sees again) is the subject of the last test of this module.
+    # kube-controller-manager is stopped for the duration: after an outage longer than its
+    # node-monitor-grace-period it marks every node NotReady until their kubelets report again,
+    # which is its reaction, not the watchdog's (see the module doc).
     await env.fault("controller-manager-stop")
     t0 = await env.fault("api-outage")  # kube-apiserver frozen (SIGSTOP): requests hang
     await env.wait_for(lambda: _held(leader, "api", "APIDown"), 20, "holds: API down")
@@ -363,43 +369,6 @@ async def test_forged_oversized_malformed_replayed_wrong_topic_heartbeats_are_co
     assert after.get("watchdog_transitions_total") == before.get("watchdog_transitions_total")
     assert changes_since(env, t0) == []
     print(f"\n[bad heartbeats] {after.labelled('watchdog_heartbeats_rejected_total', 'reason')}")
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="product gap: after an API outage longer than node-monitor-grace-period, "
-    "kube-controller-manager marks every node NotReady until their kubelets report again; "
-    "the watchdog reads Ready!=True under live heartbeats as DEGRADED and starts live-migrating "
-    "VMs off healthy nodes (Ready from the node lifecycle controller needs the same grace "
-    "after an API reconnection as the Lease gets)",
-)
-async def test_an_api_outage_longer_than_the_node_monitor_grace_period_evacuates_nothing(env):
-    """Runs last in this module: the test cluster's migration controller keeps the slot of a
-    migration deleted mid-flight (chaos/sim/kubevirt.py), which an aborted evacuation leaves."""
-    await env.restore()
-    c = env.cluster
-    leader = await env.wait_leader()
-    before = await leader.scrape()
-    timings = c.config.control_plane_timings or Timings()
-    grace_s = timings.node_monitor_grace_period_s * c.config.time_scale
-    t0 = await env.fault("api-outage")
-    await hold_for(env, grace_s + 3.0, lambda m: None)
-    t_restore = await env.fault("api-restore")
-
-    def marked_not_ready() -> bool:
-        return any(v != "True" for t, _, v in env.timeline.ready if t >= t_restore)
-
-    try:
-        await env.wait_for(marked_not_ready, 20, "kube-controller-manager marks nodes NotReady")
-    except TimeoutError:
-        pytest.skip("kube-controller-manager did not mark the nodes NotReady this time")
-    await env.restore()
-    after = await leader.scrape()
-    print(f"\n[long api outage] transitions {_transitions(before, after)}")
-    assert after.get("watchdog_transitions_total", to="Degraded") == before.get(
-        "watchdog_transitions_total", to="Degraded"
-    )
-    assert changes_since(env, t0) == []
 
 
 # --- helpers ------------------------------------------------------------------------------------

@@ -271,6 +271,7 @@ class Timeline:
     phases: list[tuple[float, str, str]] = field(default_factory=list)  # (t, node, phase)
     taints: list[tuple[float, str, bool]] = field(default_factory=list)  # (t, node, oos)
     not_ready: list[tuple[float, str, str]] = field(default_factory=list)  # (t, pod, node)
+    not_ready_message: dict[str, str] = field(default_factory=dict)  # pod → Ready's message
     pods_gone: list[tuple[float, str, str]] = field(default_factory=list)  # (t, pod, node)
     ready: list[tuple[float, str, str | None]] = field(default_factory=list)  # (t, node, Ready)
     # migration key → (created at, source VMI node at creation, evacuation node label)
@@ -304,6 +305,7 @@ class Timeline:
             self.pods_gone.append((now, key, node))
         elif old is not None and _ready(old) == "True" and _ready(new) == "False":
             self.not_ready.append((now, key, node))
+            self.not_ready_message[key] = (condition(new, "Ready") or {}).get("message") or ""
 
     def _on_vmim(self, cluster: SimCluster, key: str, new: Obj | None, old: Obj | None) -> None:
         now = time.monotonic()
@@ -655,19 +657,24 @@ def summary(values: list[float]) -> dict[str, float]:
 LATENCY_FILE = Path("/tmp/service_latencies.json")
 
 
-def record_latencies(scenario: str, **series: list[float]) -> None:
-    """Append this scenario's samples to LATENCY_FILE (created by `reset_latencies`)."""
+def record_latencies(scenario: str, fault: str, **series: list[float]) -> None:
+    """Append this scenario's samples to LATENCY_FILE, and summarise them per fault kind."""
     try:
         data = json.loads(LATENCY_FILE.read_text())
     except (OSError, ValueError):
         data = {"timings": TIMINGS, "samples": []}
-    data["samples"].append({"scenario": scenario, **{k: list(v) for k, v in series.items()}})
-    pooled: dict[str, list[float]] = {}
+    data["samples"].append(
+        {"scenario": scenario, "fault": fault, **{k: list(v) for k, v in series.items()}}
+    )
+    pooled: dict[str, dict[str, list[float]]] = {}
     for sample in data["samples"]:
         for key, values in sample.items():
-            if key != "scenario" and isinstance(values, list):
-                pooled.setdefault(key, []).extend(values)
-    data["summary"] = {key: summary(values) for key, values in pooled.items()}
+            if isinstance(values, list):
+                pooled.setdefault(sample["fault"], {}).setdefault(key, []).extend(values)
+    data["summary"] = {
+        fault: {key: summary(values) for key, values in by_key.items()}
+        for fault, by_key in pooled.items()
+    }
     LATENCY_FILE.write_text(json.dumps(data, indent=2) + "\n")
 
 

@@ -102,7 +102,10 @@ class EventRecorder:
         self, ref: ObjectRef, event_type: str, reason: str, message: str, *, action: str = ""
     ) -> str:
         message = message[:_MAX_MESSAGE]
-        key = (ref.kind, ref.namespace, ref.name, ref.uid, event_type, reason)
+        # The message is part of the key, as in client-go's EventCorrelator: the same reason
+        # about different things (VMNotMigratable for vm-3, then vm-6) must not overwrite one
+        # Event with the last message; only true repeats are counted.
+        key = (ref.kind, ref.namespace, ref.name, ref.uid, event_type, reason, message)
         now = self._clock()
         stamp = _now()
         seen = self._seen.get(key)

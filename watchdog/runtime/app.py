@@ -226,7 +226,11 @@ def _controller(
 
     def on_change(node: str) -> None:
         metrics.heartbeats.inc()
-        if node in book.known:
+        if node not in book.known:
+            return
+        rec = book.nodes.get(node)
+        # A heartbeat of a quiet HEALTHY node waits for its wake-up; a Will ("offline") never.
+        if rec is None or rec.offline or controller.heartbeat_needs_evaluation(node):
             scheduler.mark(node)
 
     def on_connection(up: bool) -> None:

@@ -25,6 +25,7 @@ from watchdog.decide.policy import PolicyError, parse_policy
 from watchdog.decide.reasons import Reason
 from watchdog.decide.reset_plan import Outcome, outcome_for
 from watchdog.decide.safety import effective_period_s
+from watchdog.decide.signals import Signal
 from watchdog.decide.state import DOWN_PHASES, STATE_ANNOTATION, NodeState, Phase
 from watchdog.metrics import Metrics
 
@@ -92,6 +93,9 @@ class Controller:
         self._policy_invalid_reported: str | None = None
         self._false_ready: dict[str, int] = {}
         self._aged: set[str] = set()
+        # HEALTHY nodes whose last decision only waits for their heartbeat to age (see
+        # `heartbeat_needs_evaluation`).
+        self._quiet: set[str] = set()
         self._holds_reported: tuple[Reason, ...] = ()
 
     # --- leadership -----------------------------------------------------------------------------
@@ -101,6 +105,7 @@ class Controller:
         now = self.clock()
         self.states.clear()
         self.phase_counts.clear()
+        self._quiet.clear()
         for node in self.view.node_names():
             state = NodeState.from_annotation(
                 node, self.view.node_annotation(node, STATE_ANNOTATION), now
@@ -191,14 +196,17 @@ class Controller:
 
     def _set_state(self, node: str, state: NodeState) -> None:
         old = self.states.get(node)
+        self.states[node] = state
+        if old is not None and old.phase is state.phase:
+            return  # counts unchanged: no metric label lookups on the common path
         if old is not None:
             self.phase_counts[old.phase] -= 1
             self.metrics.nodes.labels(phase=old.phase.value).dec()
-        self.states[node] = state
         self.phase_counts[state.phase] += 1
         self.metrics.nodes.labels(phase=state.phase.value).inc()
 
     def forget_node(self, node: str) -> None:
+        self._quiet.discard(node)
         old = self.states.pop(node, None)
         if old is not None:
             self.phase_counts[old.phase] -= 1
@@ -229,6 +237,19 @@ class Controller:
         decision = decide(state, obs, ctx, now, self.cfg)
         self._record(node, state, obs, decision, now)
         self._set_state(node, decision.state)
+        sig = decision.signals
+        if (
+            decision.state.phase is Phase.HEALTHY
+            and not decision.transitions
+            and decision.wake_at is not None
+            and sig is not None
+            and sig.heartbeat is Signal.ALIVE
+            and sig.lease is not Signal.STALE
+            and sig.ready is not Signal.STALE
+        ):
+            self._quiet.add(node)
+        else:
+            self._quiet.discard(node)
         for action in decision.actions:
             # Checked before every action: one that hung (a frozen API server) can outlast our
             # leadership, and a deposed leader must not carry on with the rest of its plan.
@@ -236,6 +257,19 @@ class Controller:
                 break
             await self._run(action, decision, obs, now)
         return decision.wake_at
+
+    def heartbeat_needs_evaluation(self, node: str) -> bool:
+        """Whether a fresh heartbeat of `node` can change its decision before its `wake_at`.
+
+        Not for a HEALTHY node whose heartbeat was ALIVE and whose kubelet path was not stale
+        at its last decision: from HEALTHY, a heartbeat can only keep it HEALTHY, and its
+        wake-up (last heartbeat + suspect_after_s) re-evaluates it with the newest heartbeat
+        anyway. Skipping those evaluations makes a healthy node cost one evaluation per
+        `suspect_after_s` instead of one per heartbeat (docs/PERFORMANCE.md, ingest). Every
+        other phase, and any node whose Lease or Ready is stale (DEGRADED needs a heartbeat
+        heard), is evaluated on every heartbeat as before.
+        """
+        return node not in self._quiet
 
     def _report_holds(self, holds: tuple[Reason, ...]) -> None:
         """`watchdog_resets_held{reason}`: 1 while that cluster-wide hold is in force."""

@@ -9,6 +9,7 @@ not finish within the policy's `vmMigrationTimeout`, and gives up on a VMI after
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ class Evacuations:
         self.clock = clock
         self.timeout_s = timeout_s
         self.active: dict[str, NodeEvacuation] = {}
+        # Ticks come from the decision worker (start) and from the evacuation loop (events):
+        # two at once would both plan from the same cache and start the same VMI twice.
+        self._lock = asyncio.Lock()
         self._migration_started: dict[str, float] = {}  # "ns/name" → first seen unfinished
 
     async def start(self, action: StartEvacuation) -> str:
@@ -61,8 +65,9 @@ class Evacuations:
         return "success"
 
     async def stop(self, action: StopEvacuation) -> str:
-        ev = self.active.pop(action.node, None)
-        outcome = await self.actuator.execute(action)
+        async with self._lock:
+            ev = self.active.pop(action.node, None)
+            outcome = await self.actuator.execute(action)
         if ev is not None and not ev.finished:
             log.info("evacuation of %s stopped (node healthy again or down for real)", action.node)
         return outcome.result.value
@@ -98,6 +103,10 @@ class Evacuations:
 
     async def tick(self, node: str) -> None:
         """Start what the limits allow now; report stuck and unmovable VMIs; finish when done."""
+        async with self._lock:
+            await self._tick(node)
+
+    async def _tick(self, node: str) -> None:
         ev = self.active.get(node)
         if ev is None:
             return
