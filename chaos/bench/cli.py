@@ -101,6 +101,12 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         help="run the controller from the `watchdog` package in DIR (compare a baseline)",
     )
+    p.add_argument(
+        "--controller-nice",
+        type=int,
+        default=None,
+        help="run the controller under `nice -n N` (negative: priority on a shared machine)",
+    )
     p.set_defaults(func=handle, bench_run=_run_ingest)
 
     p = sub.add_parser(
@@ -176,6 +182,7 @@ def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
         profile_s=args.profile,
         controller_source=args.controller_source,
         profile_dir=args.out,
+        controller_nice=args.controller_nice,
         progress=_progress,
     )
 

@@ -83,6 +83,9 @@ class ProcStat:
     at: float  # time.monotonic()
     cpu_s: float
     rss_bytes: int
+    # Seconds spent runnable but waiting for a CPU (/proc/<pid>/schedstat, all threads of the
+    # main task): how much a busy machine held this process back.
+    wait_s: float = 0.0
 
     @classmethod
     def read(cls, pid: int) -> ProcStat | None:
@@ -95,7 +98,10 @@ class ProcStat:
         fields = stat.rsplit(")", 1)[1].split()
         utime, stime = int(fields[11]), int(fields[12])
         rss_pages = int(statm.split()[1])
-        return cls(pid, time.monotonic(), (utime + stime) / _CLK_TCK, rss_pages * _PAGE)
+        wait_s = 0.0
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            wait_s = int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+        return cls(pid, time.monotonic(), (utime + stime) / _CLK_TCK, rss_pages * _PAGE, wait_s)
 
 
 def self_cpu_s() -> float:
@@ -137,6 +143,8 @@ class ProcSampler:
             "seconds": round(span, 2),
             "cpu_s": round(cpu, 3),
             "cpu_cores": round(cpu / span, 3) if span > 0 else 0.0,
+            # Time it wanted a CPU and waited for one (run queue), per second: contention.
+            "runqueue_wait_per_s": round((last.wait_s - first.wait_s) / span, 3) if span else 0.0,
             "rss_mib_max": round(max(s.rss_bytes for s in rows) / 2**20, 1),
             "rss_mib_last": round(last.rss_bytes / 2**20, 1),
         }

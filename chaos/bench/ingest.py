@@ -69,6 +69,7 @@ async def run_one(
     work_dir: Path,
     controller_source: Path | None = None,
     profile_dir: Path | None = None,
+    controller_nice: int | None = None,
     progress: Any = print,
 ) -> dict[str, Any]:
     nodes = [f"node-{i}" for i in range(1, n + 1)]
@@ -115,6 +116,7 @@ async def run_one(
                         work_dir=work_dir / f"n{n}",
                         controller_source=controller_source,
                         profile_dir=profile_dir,
+                        controller_nice=controller_nice,
                         progress=progress,
                     )
                 )
@@ -140,17 +142,18 @@ async def _measure(
     work_dir: Path,
     controller_source: Path | None,
     profile_dir: Path | None,
+    controller_nice: int | None,
     progress: Any,
 ) -> dict[str, Any]:
     fleet = AgentFleet(broker.url, nodes, connections=connections)
-    renewer = LeaseRenewer(client, nodes, interval_s=lease_renew_s, concurrency=32)
+    renewer = LeaseRenewer(client, nodes, interval_s=lease_renew_s, concurrency=80)
     watch = PhaseWatch(client)
     env = {
         "KUBECONFIG": str(cp.admin_kubeconfig),
         "WATCHDOG_MQTT__URL": broker.url,
         **controller_env,
     }
-    ctl = ControllerProcess(work_dir, env, source=controller_source)
+    ctl = ControllerProcess(work_dir, env, source=controller_source, nice=controller_nice)
     out: dict[str, Any] = {}
     async with background(
         {"agents": fleet.run(), "lease renewer": renewer.run(), "phase watch": watch.run()}
@@ -279,7 +282,7 @@ async def _kills(
     timeout = 120.0
     with contextlib.suppress(TimeoutError):
         await wait_until(
-            lambda: all(any(watch.first(v, p) for p in DOWN) for v in victims),
+            lambda: all(any(watch.first(v, p, killed_at[v]) for p in DOWN) for v in victims),
             timeout,
             "every killed node UNREACHABLE",
         )
@@ -289,8 +292,11 @@ async def _kills(
     missed: list[str] = []
     per_node: dict[str, dict[str, float | None]] = {}
     for v in victims:
-        down_at = min((t for p in DOWN if (t := watch.first(v, p)) is not None), default=None)
-        sus_at = watch.first(v, "Suspect")
+        after = killed_at[v]
+        down_at = min(
+            (t for p in DOWN if (t := watch.first(v, p, after)) is not None), default=None
+        )
+        sus_at = watch.first(v, "Suspect", after)
         per_node[v] = {
             "suspect_s": None if sus_at is None else round(sus_at - last_contact[v], 3),
             "unreachable_s": None if down_at is None else round(down_at - last_contact[v], 3),
@@ -323,6 +329,7 @@ def run(
     work_dir: Path | None = None,
     controller_source: Path | None = None,
     profile_dir: Path | None = None,
+    controller_nice: int | None = None,
     progress: Any = print,
 ) -> dict[str, Any]:
     env = dict(controller_env or {})
@@ -347,6 +354,7 @@ def run(
                         work_dir=base,
                         controller_source=controller_source,
                         profile_dir=profile_dir,
+                        controller_nice=controller_nice,
                         progress=progress,
                     )
                 )
@@ -356,6 +364,7 @@ def run(
         "machine": m,
         "load_generator": "raw MQTT 3.1.1, QoS 0, few connections multiplexing node topics",
         "controller_source": str(controller_source) if controller_source else "installed",
+        "controller_nice": controller_nice,
         "runs": runs,
     }
 
@@ -374,6 +383,7 @@ def render(report: dict[str, Any]) -> str:
                 s.get("heartbeats_per_s"),
                 s.get("lease_renewals_per_s"),
                 c.get("cpu_cores"),
+                c.get("runqueue_wait_per_s"),
                 s.get("cpu_s_per_1000_heartbeats"),
                 c.get("rss_mib_max"),
                 f"{sus.get('p50')}/{sus.get('p95')}",
@@ -390,6 +400,7 @@ def render(report: dict[str, Any]) -> str:
             "hb/s",
             "lease/s",
             "ctl cores",
+            "ctl run-queue wait s/s",
             "CPU s/1k hb",
             "RSS MiB",
             "suspect p50/p95 s",

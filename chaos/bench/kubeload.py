@@ -365,11 +365,15 @@ class PhaseWatch:
     def __init__(self, client: KubeClient) -> None:
         self.client = client
         self.seen: dict[str, dict[str, float]] = {}  # node → phase → first monotonic time
+        self.history: dict[str, list[tuple[str, float]]] = {}  # node → [(phase, when)]
         self.current: dict[str, str] = {}
         self.synced = asyncio.Event()
 
-    def first(self, node: str, phase: str) -> float | None:
-        return self.seen.get(node, {}).get(phase)
+    def first(self, node: str, phase: str, after: float | None = None) -> float | None:
+        """When `node` first entered `phase` (at or after `after`, if given)."""
+        if after is None:
+            return self.seen.get(node, {}).get(phase)
+        return next((t for p, t in self.history.get(node, ()) if p == phase and t >= after), None)
 
     def nodes_in(self, phases: Iterable[str]) -> set[str]:
         wanted = set(phases)
@@ -386,8 +390,10 @@ class PhaseWatch:
             return
         name = meta.get("name", "")
         if phase and self.current.get(name) != phase:
+            now = time.monotonic()
             self.current[name] = phase
-            self.seen.setdefault(name, {}).setdefault(phase, time.monotonic())
+            self.seen.setdefault(name, {}).setdefault(phase, now)
+            self.history.setdefault(name, []).append((phase, now))
 
     async def run(self) -> None:
         rv = ""

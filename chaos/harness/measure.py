@@ -9,6 +9,8 @@ node (the node's death), in wall seconds of the compressed run:
   on). Seen through an API watch.
 - reset: the VM's launcher pod on that node vanished from the API (force-deleted).
 - running: ground truth (ledger): a new copy of the VM started (or migrated in) after the fault.
+  A VM whose copy kept running through the fault was not interrupted: it is left out of the
+  latencies and needs no recovery.
 
 Invariants come from the ledger only: split-brain VM-seconds, VMs lost at the end, false resets.
 Also counted: resets (launcher pods of Running VMs deleted after the first fault), fences (the
@@ -54,10 +56,14 @@ class VmTimeline:
     running_s: float | None = None
     running_node: str | None = None
     downtime_s: float | None = None
+    # Its copy on the node stopped (or moved) after the fault. A VM whose copy simply kept
+    # running through the fault (a NIC flap, an outage) was not interrupted: it has no
+    # failover to measure and nothing to recover.
+    interrupted: bool = True
 
     @property
     def must_restart(self) -> bool:
-        return self.run_strategy in RESTARTING_STRATEGIES
+        return self.run_strategy in RESTARTING_STRATEGIES and self.interrupted
 
 
 @dataclass
@@ -133,6 +139,7 @@ def timelines(
                     tl.running_s = _rel(first.started_mono, inc.t)
                     tl.running_node = first.node
                 old = next((c for c in vm_rec.copies if c.pod_uid == uid), None)
+                tl.interrupted = old is None or old.stopped_mono is not None or bool(again)
                 if old is not None and old.stopped_mono is not None and tl.running_s is not None:
                     tl.downtime_s = round(
                         max(0.0, first.started_mono - max(old.stopped_mono, inc.t)), 3

@@ -65,6 +65,8 @@ def verdict(result: ScenarioResult) -> Verdict:
 def _cell(s: Stat, scale: float) -> str:
     if s.n == 0:
         return "—"
+    if s.missing == s.n:
+        return f"none within {s.cap_s / scale:.0f}"
 
     def one(v: float | None) -> str:
         if v is None:
@@ -77,6 +79,8 @@ def _cell(s: Stat, scale: float) -> str:
 def _wall_cell(s: Stat) -> str:
     if s.n == 0:
         return "—"
+    if s.missing == s.n:
+        return f"none within {s.cap_s:.1f}"
 
     def one(v: float | None) -> str:
         return f">{s.cap_s:.1f}" if v is None else f"{v:.2f}"

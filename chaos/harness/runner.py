@@ -112,10 +112,14 @@ class CrashMonitor:
 
     def __init__(self, cluster: SimCluster) -> None:
         self.cluster = cluster
+        # Faults being applied right now: their effect is visible before their history entry.
+        self.applying: set[str] = set()
 
     def _stopped_by_faults(self) -> tuple[set[str], bool]:
         down: set[str] = set()
-        broker_down = False
+        if "controller-manager-stop" in self.applying:
+            down.add("kube-controller-manager")
+        broker_down = "broker-outage" in self.applying
         for h in self.cluster.faults.history:
             match h.get("action"):
                 case "controller-manager-stop":
@@ -251,6 +255,7 @@ class Run:
         self.view: WatchdogView | None = None
         self._announced: set[str] = set()
         self._faults_done = asyncio.Event()
+        self.monitor = CrashMonitor(None)  # type: ignore[arg-type]  # replaced in _observe
 
     # --- output --------------------------------------------------------------------------------
 
@@ -329,7 +334,7 @@ class Run:
     async def _observe(self, cluster: SimCluster) -> None:
         r = self.result
         sc = self.scenario
-        monitor = CrashMonitor(cluster)
+        monitor = self.monitor = CrashMonitor(cluster)
         self.run_start = time.monotonic()
         injector = asyncio.create_task(self._inject_all(cluster), name=f"faults {self.label()}")
         if self.opts.on_running is not None:
@@ -381,8 +386,13 @@ class Run:
         if not cluster.all_running():
             return False
         for inc in self.incidents:
-            for vm, _, strategy in inc.vms:
-                if strategy in RESTARTING_STRATEGIES and not self._restarted(cluster, vm, inc.t):
+            for vm, uid, strategy in inc.vms:
+                if strategy not in RESTARTING_STRATEGIES or self._restarted(cluster, vm, inc.t):
+                    continue
+                if self.scenario.expect.moved:
+                    return False
+                rec = cluster.ledger.vms.get(vm)
+                if rec is None or uid not in rec.running:  # its copy there stopped
                     return False
         return True
 
@@ -456,12 +466,15 @@ class Run:
         )
         if target == LEADER:
             shown += " (the acting leader's node)"
+        self.monitor.applying.add(fault.action)
         try:
             await cluster.faults.apply(fault.action, node, duration)
         except ValueError as e:
             self.result.skipped_faults.append(f"{shown}: {e}")
             self._line(f"fault {shown} skipped: {e}")
             return
+        finally:
+            self.monitor.applying.discard(fault.action)
         there = ""
         if fault.action in DISRUPTIVE_ACTIONS and node is not None:
             there = f" ({len(self.incidents[-1].vms)} VMs there)"
@@ -477,6 +490,9 @@ class Run:
         r.vms = measure.timelines(
             self.system, self.incidents, cluster.ledger, self.recorder, self.run_start
         )
+        if self.scenario.expect.moved:
+            for tl in r.vms:
+                tl.interrupted = True  # it had to leave the node, whether or not it did
         r.invariants = measure.invariants(cluster.ledger)
         r.counts = measure.counts(cluster.ledger, self.recorder, cluster.faults.history, since)
         r.faults = [

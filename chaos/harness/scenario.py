@@ -131,6 +131,12 @@ class Expect(_Strict):
     recovered: bool = Field(
         True, description="Every affected VM must run again before the run ends."
     )
+    moved: bool = Field(
+        False,
+        description="Every VM on a faulted node must end up running again after the fault "
+        "(restarted or live-migrated elsewhere), even one whose copy there kept running: a "
+        "partitioned or degraded node's VMs must leave it. The run waits for it.",
+    )
     held: list[str] = Field(
         default_factory=list,
         description="watchdog only: hold reasons (`watchdog_resets_held{reason}`, e.g. Storm, "
