@@ -28,6 +28,8 @@ from chaos.sim.faults import CLUSTER_ACTIONS, NODE_ACTIONS
 
 SYSTEMS: tuple[str, ...] = ("watchdog", "harvester-1.7", "harvester-1.6", "kubernetes-only")
 System = Literal["watchdog", "harvester-1.7", "harvester-1.6", "kubernetes-only"]
+RunStrategy = Literal["Always", "RerunOnFailure", "Manual", "Halted", "Once"]
+AccessMode = Literal["ReadWriteMany", "ReadWriteOnce"]
 # `fence` is the node-local channel an agent uses, not something a scenario injects.
 SCENARIO_NODE_ACTIONS: tuple[str, ...] = tuple(a for a in NODE_ACTIONS if a != "fence")
 SCENARIO_ACTIONS: tuple[str, ...] = SCENARIO_NODE_ACTIONS + CLUSTER_ACTIONS
@@ -58,12 +60,8 @@ class ClusterShape(_Strict):
 
     nodes: int = Field(4, ge=1, le=100, description="Number of nodes.")
     vms: int = Field(8, ge=0, le=2000, description="Number of VMs.")
-    run_strategies: list[Literal["Always", "RerunOnFailure", "Manual", "Halted", "Once"]] = Field(
-        default_factory=lambda: ["RerunOnFailure"], min_length=1
-    )
-    access_modes: list[Literal["ReadWriteMany", "ReadWriteOnce"]] = Field(
-        default_factory=lambda: ["ReadWriteMany"], min_length=1
-    )
+    run_strategies: list[RunStrategy] = Field(["RerunOnFailure"], min_length=1)
+    access_modes: list[AccessMode] = Field(["ReadWriteMany"], min_length=1)
     broker: Literal["amqtt", "mosquitto"] = Field(
         "amqtt", description="The MQTT broker: embedded amqtt or Debian's mosquitto."
     )
@@ -115,7 +113,7 @@ class Fault(_Strict):
 class Expect(_Strict):
     """What must hold; checked for the systems in `systems` (the others are reported only)."""
 
-    systems: list[System] = Field(default_factory=lambda: ["watchdog"])
+    systems: list[System] = Field(["watchdog"])
     split_brain_s: float = Field(0.0, ge=0, description="Max VM-seconds with two copies.")
     lost: int = Field(0, ge=0, description="Max VMs running nowhere at the end.")
     false_resets: int = Field(0, ge=0, description="Max VMs killed on a healthy node.")
@@ -160,9 +158,9 @@ class Scenario(_Strict):
         0.25, gt=0, le=1, description="Every timing x this factor (0.25 = four times faster)."
     )
     repetitions: int = Field(1, ge=1, le=50)
-    systems: list[System] = Field(default_factory=lambda: ["watchdog"], min_length=1)
+    systems: list[System] = Field(["watchdog"], min_length=1)
     cluster: ClusterShape = Field(default_factory=ClusterShape)  # type: ignore[arg-type]
-    watchdog: WatchdogSetup = Field(default_factory=WatchdogSetup)  # type: ignore[arg-type]
+    watchdog: WatchdogSetup = Field(default_factory=WatchdogSetup)
     harvester_policy: dict[str, Any] | None = Field(
         None,
         description="vm-force-reset-policy value for the Harvester systems (their "
