@@ -68,6 +68,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         help=f"directory for <benchmark>.json (default {DEFAULT_OUT})",
     )
     p.add_argument("--smoke", action="store_true", help="tiny sizes that run in seconds (CI)")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="keep every component's logs here (default: a temporary directory, removed)",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
 
 
@@ -183,6 +189,7 @@ def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
         controller_source=args.controller_source,
         profile_dir=args.out,
         controller_nice=args.controller_nice,
+        work_dir=args.work_dir,
         progress=_progress,
     )
 
@@ -203,6 +210,7 @@ def _run_cache(args: argparse.Namespace) -> dict[str, Any]:
         nodes=args.nodes,
         events=args.events,
         controller_source=args.controller_source,
+        work_dir=args.work_dir,
         progress=_progress,
     )
 
