@@ -310,7 +310,8 @@ class Run:
             r.crashed = str(e)
             self._say(f"CRASH: {e}")
         except Exception as e:  # the run could not be carried out: say why, tear down
-            crash = CrashMonitor(cluster).check() if cluster.control_plane else None
+            # Once the cluster is up, an error is most likely a component gone: name it.
+            crash = CrashMonitor(cluster).check() if cluster.started_at is not None else None
             if crash:
                 r.crashed = crash
                 self._say(f"CRASH: {crash}")
@@ -319,7 +320,8 @@ class Run:
                 self._say(f"ERROR: {r.error}")
         finally:
             await self._collect(cluster)
-            pids.update(cluster.status()["pids"] if cluster.control_plane else {})
+            with contextlib.suppress(Exception):  # a cluster that never started has none
+                pids.update(cluster.status()["pids"])
             await cluster.stop()
             left = [f"{n} (pid {p})" for n, p in pids.items() if pid_alive(p)]
             for p in pids.values():
@@ -352,8 +354,10 @@ class Run:
                 crash = monitor.check()
                 if crash:
                     raise CrashDetected(crash)
-                if injector.done() and injector.exception() is not None:
-                    raise injector.exception()  # type: ignore[misc]
+                if injector.done() and not injector.cancelled():
+                    failed = injector.exception()
+                    if failed is not None:
+                        raise failed
                 now = time.monotonic()
                 if self.view is not None and now >= next_poll:
                     next_poll = now + 1.0

@@ -21,7 +21,6 @@ import json
 import os
 import secrets
 import shlex
-import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -247,32 +246,8 @@ class FenceServer:
 
 def fence_command(socket_path: Path, node: str) -> str:
     """The shell command an agent runs to fence `node` (WATCHDOG_FENCE_COMMAND)."""
-    return shlex.join([sys.executable, "-m", "chaos.sim.control", "fence", str(socket_path), node])
-
-
-def send_fence(socket_path: str, node: str, timeout_s: float = 5.0) -> str:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout_s)
-        s.connect(socket_path)
-        s.sendall(f"fence {node}\n".encode())
-        return s.recv(128).decode().strip()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 3 or args[0] != "fence":
-        print("usage: python -m chaos.sim.control fence SOCKET NODE", file=sys.stderr)
-        return 2
-    try:
-        answer = send_fence(args[1], args[2])
-    except OSError as e:
-        print(f"fence {args[2]}: cannot reach the simulator at {args[1]}: {e}", file=sys.stderr)
-        return 1
-    if answer != "ok":
-        print(f"fence {args[2]}: {answer}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    # The client module imports only the standard library: a fence must act within its
+    # declared bound even on a loaded machine (importing aiohttp alone can take a second).
+    return shlex.join(
+        [sys.executable, "-m", "chaos.sim.fence_client", "fence", str(socket_path), node]
+    )

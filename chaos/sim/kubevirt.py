@@ -923,6 +923,9 @@ class KubeVirtSim:
 
     async def _fail(self, mig: _Migration, reason: str, *, write: bool = True) -> None:
         self._enter(mig, "Failed", reason)
+        if not write:
+            # Deleted mid-flight: nothing left to write, and it must not hold a parallel slot.
+            mig.written_phase = mig.phase
         if mig.evacuation:
             self._evacuation_failed(mig.vmi)
             node = mig.source_node

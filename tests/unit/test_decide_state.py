@@ -42,8 +42,10 @@ def test_a_minimal_state_persists_only_phase_and_reason() -> None:
     assert NodeState("node-a").to_annotation() == '{"phase":"Healthy","reason":"HeartbeatFresh"}'
 
 
-@pytest.mark.parametrize("phase", list(Phase), ids=lambda p: f"resume {p}")
-def test_every_phase_resumes_as_itself(phase: Phase) -> None:
+@pytest.mark.parametrize(
+    "phase", [p for p in Phase if p is not Phase.DEGRADED], ids=lambda p: f"resume {p}"
+)
+def test_every_phase_with_an_obligation_resumes_as_itself(phase: Phase) -> None:
     state = NodeState("node-a", phase, Reason.PERIOD_RUNNING, boot_id="b1", fence=FENCE)
     back = NodeState.from_annotation("node-a", state.to_annotation(), 42.0)
     assert (back.phase, back.reason, back.boot_id, back.fence) == (
@@ -138,3 +140,8 @@ def test_moving_clears_a_hold_and_stamps_the_time() -> None:
         9.0,
         None,
     )
+
+
+def test_degraded_resumes_as_healthy_so_the_new_leader_evacuates_again() -> None:
+    state = NodeState("node-a", Phase.DEGRADED, Reason.KUBELET_PATH_LOST)
+    assert NodeState.from_annotation("node-a", state.to_annotation(), 1.0).phase is Phase.HEALTHY

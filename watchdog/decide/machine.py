@@ -138,7 +138,15 @@ class _Step:
         return self.sig.heartbeat is Signal.ALIVE and got >= self.cfg.recovery_heartbeats
 
     def kubelet_path_stale(self) -> bool:
-        return self.sig.lease is Signal.STALE or self.sig.ready is Signal.STALE
+        """The kubelet lost its path to the API: its Lease is stale, or it says NotReady itself.
+
+        Ready=Unknown does not count here: the node lifecycle controller writes it, and after
+        a long API outage it writes it for every node at once although every kubelet is fine
+        (reading that as DEGRADED would live-migrate VMs off healthy nodes). Our own Lease
+        view, aged from the API's return, is the direct signal. Unknown still corroborates
+        UNREACHABLE, where the heartbeat must be stale as well.
+        """
+        return self.sig.lease is Signal.STALE or self.obs.ready == "False"
 
     def corroboration(self) -> Reason | None:
         if self.sig.lease is Signal.STALE:
@@ -399,6 +407,11 @@ class _Step:
             # kubelet would restart VMs that already run elsewhere.
             if self.obs.launcher_pods:
                 self.heartbeat_wakeups()  # the node may go silent again while we wait
+                return
+            if self.kubelet_path_stale():
+                # The agent is back before the kubelet (it boots faster): keep the taint until
+                # the kubelet renews its Lease, or the node would look DEGRADED for a moment.
+                self.heartbeat_wakeups()
                 return
             self.actions.append(RemoveOutOfServiceTaint(self.obs.name))
         self.move(

@@ -93,6 +93,10 @@ class NodeState:
             tainted = bool(doc.get("tainted", False))
         except (ValueError, KeyError, TypeError, OverflowError):
             return cls(name=name, entered_at=now, reason=Reason.RESUMED, resumed=True)
+        if phase is Phase.DEGRADED:
+            # DEGRADED carries no obligation: resume as HEALTHY so the machine enters it
+            # again and this leader starts its own evacuation.
+            phase = Phase.HEALTHY
         return cls(
             name=name,
             phase=phase,

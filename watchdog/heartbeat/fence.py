@@ -109,7 +109,7 @@ class FenceAction:
         return self.command is not None
 
     async def run(self, reason: str) -> FenceOutcome:
-        """Run the command once and wait for it at most the declared bound (then kill it)."""
+        """Run the command once; past the declared bound it is reported, never killed."""
         if self.command is None:
             return FenceOutcome(reason=reason, armed=False)
         started = time.monotonic()
@@ -128,15 +128,22 @@ class FenceAction:
             async with asyncio.timeout(wait_s):
                 out, _ = await proc.communicate()
         except TimeoutError:
-            _kill_group(proc)
-            with contextlib.suppress(ProcessLookupError):
-                await proc.wait()
+            # Overrunning the declared bound breaks the controller's arithmetic, but killing
+            # the fence would be worse: a half-run fence may leave the VMs running. Let it
+            # finish, and say loudly that the declared bound is too short.
+            log.critical(
+                "fence command still running after its declared bound of %.1fs: letting it "
+                "finish; raise fence_action_bound_s",
+                self.bound_s,
+            )
+            out, _ = await proc.communicate()
             return FenceOutcome(
                 reason,
                 True,
                 returncode=proc.returncode,
                 timed_out=True,
                 duration_s=time.monotonic() - started,
+                output=out.decode(errors="replace")[-OUTPUT_LIMIT:] if out else "",
             )
         except asyncio.CancelledError:
             _kill_group(proc)

@@ -251,6 +251,8 @@ def _controller(
             scheduler.mark_all(list(book.known))
         else:
             controller.step_down()
+            # The next leader resumes DEGRADED nodes as HEALTHY and evacuates them itself.
+            evacuations.active.clear()
 
     identity = f"{settings.node_name or socket.gethostname()}_{os.getpid()}"
     elector = LeaderElector(
