@@ -17,10 +17,12 @@ import sys
 import time
 from typing import Any
 
+from watchdog.actuate.events import ObjectRef
 from watchdog.actuate.kube import Actuator
 from watchdog.actuate.lease_lock import LeaseLock
 from watchdog.actuate.preflight import run_preflight
 from watchdog.decide import actions as act
+from watchdog.decide.actions import EventType
 from watchdog.decide.config import FenceMode
 from watchdog.decide.heartbeats import HeartbeatBook, RejectReason
 from watchdog.heartbeat.agent import Agent, read_boot_id
@@ -290,9 +292,25 @@ def _controller(
                 for n in nodes:
                     await evacuations.tick(n)
 
+    reported_policy_problem: list[str | None] = [None]
+
+    async def report_policy_problem() -> None:
+        """An Event on the Setting, once per distinct problem (the metric says it continuously)."""
+        problem = controller.policy_problem()
+        if problem and problem != reported_policy_problem[0] and controller.acting:
+            ref = ObjectRef(
+                kind="Setting",
+                name=settings.harvester_setting,
+                api_version="harvesterhci.io/v1beta1",
+            )
+            message = f"invalid value, keeping {controller.policy}: {problem}"
+            await actuator.record_event(ref, EventType.WARNING, "PolicyInvalid", message)
+        reported_policy_problem[0] = problem
+
     async def heartbeat_loop() -> None:
         # /healthz: the scheduler and caches must keep moving.
         while True:
+            await report_policy_problem()
             health.beat("controller", allowance_s=30.0)
             metrics.queue_depth.labels(queue="dirty_nodes").set(scheduler.statistics()["dirty"])
             await asyncio.sleep(5)
