@@ -100,6 +100,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--lease-renew", type=_positive(float), default=10.0, help="Lease renewal interval, s"
     )
+    p.add_argument(
+        "--lease-stale-after",
+        type=_positive(float),
+        default=None,
+        help="the controller's lease_stale_after_s (default: its own, 15 s)",
+    )
     p.add_argument("--profile", type=float, default=0.0, help="py-spy the controller for S s")
     p.add_argument(
         "--controller-source",
@@ -185,6 +191,11 @@ def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
         kill_gap_s=args.kill_gap,
         connections=args.connections,
         lease_renew_s=args.lease_renew,
+        controller_env=(
+            {"WATCHDOG_LEASE_STALE_AFTER_S": f"{args.lease_stale_after:g}"}
+            if args.lease_stale_after
+            else None
+        ),
         profile_s=args.profile,
         controller_source=args.controller_source,
         profile_dir=args.out,

@@ -232,6 +232,9 @@ def _run_local(args: argparse.Namespace, sc: Any, source: str, directory: Path) 
     except BinariesUnavailable as e:
         print(f"watchdog-chaos {args.command}: error: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted while building the control plane: nothing was run", file=sys.stderr)
+        return 130
     opts = RunOptions(
         binaries=binaries,
         progress=_out,

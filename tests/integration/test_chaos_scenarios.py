@@ -108,7 +108,7 @@ async def test_side_by_side_each_system_gets_its_own_cluster_and_the_watchdog_is
             "faults": [{"at_s": 0, "action": "poweroff", "node": "node-3"}],
             "observe_s": 0,
             "settle_s": 5,
-            "timeout_s": 400,
+            "timeout_s": 250,
             "expect": {"systems": ["watchdog"], "resets": "required"},
             "budgets": {"watchdog": {"running_p95_s": 60}},
         },
