@@ -252,7 +252,7 @@ def _run_testcluster(args: argparse.Namespace) -> dict[str, Any]:
     from chaos.bench import testcluster
 
     if args.smoke:
-        return testcluster.run(nodes=5, vms=10, window_s=3.0, time_scale=1.0, progress=_progress)
+        return testcluster.run(nodes=5, vms=10, window_s=10.0, time_scale=1.0, progress=_progress)
     return testcluster.run(
         nodes=args.nodes,
         vms=args.vms,

@@ -249,9 +249,12 @@ def run(
     rounds: int = 5,
     single_ticks: int = 200,
 ) -> dict[str, Any]:
+    from chaos.bench.common import machine
+
+    m = machine()
     pure = bench_decide(nodes, pods_per_node, rounds)
     ticks = [asyncio.run(_tick_costs(n, pods_per_node, single_ticks)) for n in sizes]
-    return {"benchmark": "decide", "decide": pure, "ticks": ticks}
+    return {"benchmark": "decide", "machine": m, "decide": pure, "ticks": ticks}
 
 
 def render(report: dict[str, Any]) -> str:

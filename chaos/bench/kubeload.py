@@ -20,7 +20,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -456,19 +456,15 @@ async def wait_until(
 
 
 @contextlib.asynccontextmanager
-async def background(tasks: dict[str, Awaitable[Any]]) -> Any:
-    """Run named coroutines for the duration of the block; cancel and await them after."""
-    running = {name: asyncio.ensure_future(coro) for name, coro in tasks.items()}
-    for name, task in running.items():
-        task.set_name(name)
-    try:
-        yield running
-    finally:
-        failed = [t for t in running.values() if t.done() and not t.cancelled() and t.exception()]
-        for task in running.values():
-            task.cancel()
-        for task in running.values():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-    if failed:  # a load generator that died makes every number after it meaningless
-        raise RuntimeError(f"{failed[0].get_name()} failed") from failed[0].exception()
+async def background(tasks: dict[str, Coroutine[Any, Any, Any]]) -> Any:
+    """Run named coroutines (in a TaskGroup) for the duration of the block, then cancel them.
+
+    A load generator that fails cancels the block and its error propagates: every number
+    after it would be meaningless."""
+    async with asyncio.TaskGroup() as tg:
+        running = {name: tg.create_task(coro, name=name) for name, coro in tasks.items()}
+        try:
+            yield running
+        finally:
+            for task in running.values():
+                task.cancel()

@@ -156,13 +156,11 @@ class Publisher:
         for n in self.nodes:
             status += publish_packet(status_topic(self.prefix, n).encode(), b"online", retain=True)
         writer.write(bytes(status))
-        drain = asyncio.create_task(_discard(reader), name=f"publisher {self.index} reader")
         try:
-            await self._publish(writer)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(_discard(reader), name=f"publisher {self.index} reader")
+                await self._publish(writer)
         finally:
-            drain.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await drain
             with contextlib.suppress(Exception):
                 writer.write(DISCONNECT)
                 writer.close()
