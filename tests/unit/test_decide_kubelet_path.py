@@ -50,3 +50,27 @@ def test_recovering_node_keeps_its_taint_until_the_kubelet_renews_its_lease() ->
     back = decide(waiting.state, alive(), CTX, NOW + 1, CFG)
     assert back.state.phase is Phase.HEALTHY
     assert [a for a in back.actions if isinstance(a, RemoveOutOfServiceTaint)]
+
+
+def test_a_fencing_node_whose_kubelet_renews_again_is_not_reset() -> None:
+    # After a storm hold lifts, a node whose kubelet is back before its agent (the usual boot
+    # order) must not be reset: its kubelet is restarting VMs there.
+    state = NodeState(
+        "node-a",
+        Phase.FENCING,
+        unreachable_at=NOW - 60.0,
+        fence_clock_from=NOW - 59.0,
+        last_contact_at=NOW - 65.0,
+        fence=FenceDeclaration(True, 8.0, 5.0),
+    )
+    obs = alive(
+        last_heartbeat_at=NOW - 65.0,
+        lease_renewed_at=NOW - 1.0,
+        ready="Unknown",
+        persisted_phase="Fencing",
+    )
+    d = decide(state, obs, CTX, NOW, CFG)
+    assert d.state.phase is Phase.SUSPECT
+    assert not [
+        a for a in d.actions if type(a).__name__ in ("ForceDeletePods", "TaintOutOfService")
+    ]

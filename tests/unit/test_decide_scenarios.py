@@ -113,7 +113,7 @@ def test_ready_unknown_corroborates_when_the_lease_is_not_watched() -> None:
 def test_peers_corroborate_a_silent_node() -> None:
     sim = sim_after_warmup()
     died = sim.now
-    sim.agent_sending = False
+    sim.node_dies()  # its Lease is not stale yet: only the peers can tell so early
     sim.peers_unreachable = True
     sim.run_until(F, limit_s=60)
     assert sim.first(U) == died + 5.0

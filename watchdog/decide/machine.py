@@ -149,6 +149,14 @@ class _Step:
         return self.sig.lease is Signal.STALE or self.obs.ready == "False"
 
     def corroboration(self) -> Reason | None:
+        """A second, independent source says the node is gone, and none says it is alive.
+
+        A Lease renewed after the agent went silent vetoes: that machine reaches the API
+        server, so it runs (Ready lags, peers see only the network between nodes). A Lease
+        merely not stale yet is no evidence either way: it was renewed before the silence.
+        """
+        if self.kubelet_alive_since_silence():
+            return None
         if self.sig.lease is Signal.STALE:
             return Reason.CORROBORATED_LEASE
         if self.sig.ready is Signal.STALE:
@@ -156,6 +164,16 @@ class _Step:
         if self.sig.peers is Signal.STALE:
             return Reason.CORROBORATED_PEERS
         return None
+
+    def kubelet_alive_since_silence(self) -> bool:
+        renewed, last = self.obs.lease_renewed_at, self.obs.last_heartbeat_at
+        # Never heard the agent (e.g. a new leader): a Lease first seen now proves nothing.
+        return (
+            self.sig.lease is Signal.ALIVE
+            and renewed is not None
+            and last is not None
+            and renewed > last
+        )
 
     def heartbeat_wakeups(self) -> None:
         """Wake when a silent source would cross its next threshold."""
@@ -311,6 +329,23 @@ class _Step:
             )
             if self.cfg.fence_mode is FenceMode.EXTERNAL and not self.cfg.dry_run:
                 self.actions.append(RunFenceHook(self.obs.name))
+        if self.kubelet_alive_since_silence():
+            # The kubelet is back (it starts before the agent after a power-on): the machine
+            # runs, and a reset now would kill the VMs it is restarting. Start over.
+            self.move(
+                Phase.SUSPECT,
+                Reason.KUBELET_PATH_BACK,
+                unreachable_at=None,
+                fence_clock_from=None,
+                heartbeats_at_mark=self.obs.heartbeats_received,
+            )
+            self.event(
+                "NodeSuspect",
+                Reason.KUBELET_PATH_BACK,
+                "kubelet renews its Lease again: no reset, waiting for the agent",
+            )
+            self.heartbeat_wakeups()
+            return
         self.start_fence_clock()
         fenced = self.fence_proof()
         earliest = self.earliest_reset()
