@@ -474,6 +474,12 @@ def register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     register(sub)
 
 
+def register_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from chaos.bench.cli import add_parser
+
+    add_parser(sub)
+
+
 SUBCOMMANDS: list[Register] = [
     register_sim,
     register_fault,
@@ -481,6 +487,7 @@ SUBCOMMANDS: list[Register] = [
     register_status,
     register_run,
     register_demo,
+    register_bench,
 ]
 
 
