@@ -305,7 +305,10 @@ def handle(args: argparse.Namespace) -> int:
         print(f"bench {args.benchmark} failed: {e}", file=sys.stderr)
         return EXIT_FAILED
     report["smoke"] = bool(args.smoke)
-    report["command"] = "watchdog-chaos " + " ".join(sys.argv[1:])
+    words = sys.argv[1:]
+    if "bench" not in words[:1]:
+        words = ["bench", *words]
+    report["command"] = "watchdog-chaos " + " ".join(words)
     path = write_report(args.out, args.benchmark, report)
     module = importlib.import_module(RENDER[args.benchmark])
     print(f"\n== bench {args.benchmark}{' (smoke)' if args.smoke else ''}")
