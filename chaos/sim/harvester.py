@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 HarvesterMode = Literal["none", "1.6", "1.7"]
 HARVESTER_MODES: tuple[str, ...] = ("none", "1.6", "1.7")
 POLICY_SETTING = "vm-force-reset-policy"
+UPGRADE_NAMESPACE = "harvester-system"
+LATEST_UPGRADE_LABEL = "harvesterhci.io/latestUpgrade"
 DEFAULT_POLICY: dict[str, dict[str, object]] = {
     "1.6": {"enable": True, "period": 300},
     "1.7": {"enable": True, "period": 15, "vmMigrationTimeout": 180},
@@ -109,6 +111,37 @@ def setting_manifest(mode: str, value: dict[str, object] | None = None) -> Obj:
         "metadata": {"name": POLICY_SETTING},
         "default": json.dumps(default, separators=(",", ":")),
         "value": json.dumps(value, separators=(",", ":")) if value else "",
+    }
+
+
+def upgrade_manifest(name: str, version: str = "v1.7.1") -> Obj:
+    """A Harvester Upgrade as the UI creates it: the latest one, not completed yet."""
+    return {
+        "apiVersion": "harvesterhci.io/v1beta1",
+        "kind": "Upgrade",
+        "metadata": {
+            "name": name,
+            "namespace": UPGRADE_NAMESPACE,
+            "labels": {LATEST_UPGRADE_LABEL: "true"},
+        },
+        "spec": {"version": version},
+        "status": {},
+    }
+
+
+def upgrade_completed(succeeded: bool = True) -> Obj:
+    """The status patch with which Harvester's upgrade controller ends an upgrade."""
+    return {
+        "status": {
+            "conditions": [
+                {
+                    "type": "Completed",
+                    "status": "True" if succeeded else "False",
+                    "reason": "" if succeeded else "UpgradeFailed",
+                    "lastUpdateTime": now_rfc3339(),
+                }
+            ]
+        }
     }
 
 

@@ -95,6 +95,7 @@ MIGRATION_POLICIES = Resource(
     "/apis/migrations.kubevirt.io/v1alpha1", "migrationpolicies", namespaced=False
 )
 SETTINGS = Resource("/apis/harvesterhci.io/v1beta1", "settings", namespaced=False)
+UPGRADES = Resource("/apis/harvesterhci.io/v1beta1", "upgrades")
 
 
 def key_of(obj: Obj) -> str:

@@ -27,8 +27,14 @@ import aiomqtt
 import pytest
 import pytest_asyncio
 
-from chaos.sim.harvester import POLICY_SETTING, setting_manifest
-from chaos.sim.informer import SETTINGS
+from chaos.sim.harvester import (
+    POLICY_SETTING,
+    UPGRADE_NAMESPACE,
+    setting_manifest,
+    upgrade_completed,
+    upgrade_manifest,
+)
+from chaos.sim.informer import NAMESPACES, SETTINGS, UPGRADES
 from chaos.sim.ledger import StartReason, StopReason
 from tests.integration.watchdog_env import (
     RESET_WAIT_S,
@@ -281,6 +287,52 @@ async def test_policy_disabled_is_detect_only_and_an_invalid_policy_keeps_the_la
     assert c.ledger.split_brain_seconds() == 0 and c.ledger.lost() == []
 
 
+async def test_a_harvester_upgrade_in_progress_holds_resets_until_it_completes(env):
+    """An upgrade drains and reboots nodes one by one: a node going down meanwhile is detected
+    and reported, never reset, until the Upgrade says Completed; then it is reset at once."""
+    await env.restore()
+    c = env.cluster
+    leader = await env.wait_leader()
+    node = "node-3"
+    vms = c.vms_on(node)
+    assert vms
+    if await c.kube.get_or_none(NAMESPACES, UPGRADE_NAMESPACE) is None:
+        await c.kube.create(
+            NAMESPACES,
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": UPGRADE_NAMESPACE}},
+        )
+    name = "hvst-upgrade-hold"
+    await c.kube.create(UPGRADES, upgrade_manifest(name))
+    try:
+        await env.wait_for(
+            lambda: _held(leader, "UpgradeRunning", 1), 20, "UpgradeRunning hold in force"
+        )
+        wall = time.time()
+        t0 = await env.fault("poweroff", node)
+        held = await _wait_events(env, "ResetHeld", node, wall, "UpgradeRunning")
+        t_fencing = env.timeline.first(env.timeline.phases, node, "Fencing", after=t0)
+        assert t_fencing is not None
+        # Well past the reset wait: the node is down and reported, but nothing was reset.
+        await hold_for(env, t_fencing + RESET_WAIT_S + 2.0 - time.monotonic(), lambda m: None)
+        assert not env.tainted(node) and env.phase(node) == "Fencing"
+        assert not [p for t, p, n in env.timeline.pods_gone if n == node and t >= t0]
+        assert not any(restarted_elsewhere(c, vm, node, t0) for vm in vms)
+
+        # Harvester marks the upgrade Completed: the hold lifts and the node is reset.
+        t_done = time.monotonic()
+        await c.kube.patch(UPGRADES, name, upgrade_completed(), UPGRADE_NAMESPACE, sub="status")
+        await env.wait_for(
+            lambda: all(restarted_elsewhere(c, vm, node, t_done) for vm in vms) and c.all_running(),
+            60,
+            "reset once the upgrade completed",
+        )
+        assert await _held(leader, "UpgradeRunning", 0)
+        print(f"\n[upgrade] held: {held[0]['message']}")
+    finally:
+        await c.kube.delete(UPGRADES, name, UPGRADE_NAMESPACE)
+    assert c.ledger.split_brain_seconds() == 0 and c.ledger.lost() == []
+
+
 async def test_a_node_whose_kubelet_died_under_a_live_agent_is_degraded_and_never_reset(env):
     await env.restore()
     c = env.cluster
@@ -386,6 +438,11 @@ async def _held(leader, source: str, hold: str) -> bool:
 async def _gauge(leader, name: str, value: float) -> bool:
     m = await leader.try_scrape()
     return m is not None and m.get(name) == value
+
+
+async def _held(leader, reason: str, value: float) -> bool:
+    m = await leader.try_scrape()
+    return m is not None and m.get("watchdog_resets_held", reason=reason) == value
 
 
 async def _more_heartbeats(leader, than: Scrape) -> bool:

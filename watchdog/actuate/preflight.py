@@ -97,6 +97,7 @@ CONTROLLER_ACCESS: tuple[AccessRule, ...] = (
     ),
     AccessRule("kubevirt.io", "kubevirts", ("list", "watch"), "KubeVirt migration limits"),
     AccessRule("harvesterhci.io", "settings", ("list", "watch"), "vm-force-reset-policy"),
+    AccessRule("harvesterhci.io", "upgrades", ("list", "watch"), "hold resets during an upgrade"),
     AccessRule(
         "storage.k8s.io",
         "volumeattachments",
@@ -131,6 +132,7 @@ CRD_CHECKS: tuple[tuple[str, str, str, bool], ...] = (
     ),
     ("kubevirt.io/v1", "kubevirts", "no KubeVirt CR: configured migration limits apply", True),
     ("harvesterhci.io/v1beta1", "settings", "no Harvester: policy from config", False),
+    ("harvesterhci.io/v1beta1", "upgrades", "no Harvester upgrades: no upgrade hold", False),
 )
 
 

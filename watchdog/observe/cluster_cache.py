@@ -2,7 +2,7 @@
 
 Owns one `Informer` per resource the controller reads (Nodes, `kube-node-lease` Leases,
 virt-launcher Pods, VMIs, VMs, VirtualMachineInstanceMigrations, the KubeVirt CR, Harvester's
-`vm-force-reset-policy` Setting and, when VolumeAttachment deletion is enabled,
+`vm-force-reset-policy` Setting and Upgrades and, when VolumeAttachment deletion is enabled,
 VolumeAttachments), the projection of each raw object into a small record, and indexes kept
 current in O(1) per watch event (pods, VMIs, migrations and attachments by node).
 
@@ -68,6 +68,7 @@ VMS = Resource("/apis/kubevirt.io/v1", "virtualmachines")
 MIGRATIONS = Resource("/apis/kubevirt.io/v1", "virtualmachineinstancemigrations")
 KUBEVIRTS = Resource("/apis/kubevirt.io/v1", "kubevirts")
 HARVESTER_SETTINGS = Resource("/apis/harvesterhci.io/v1beta1", "settings", namespaced=False)
+HARVESTER_UPGRADES = Resource("/apis/harvesterhci.io/v1beta1", "upgrades")
 VOLUME_ATTACHMENTS = Resource("/apis/storage.k8s.io/v1", "volumeattachments", namespaced=False)
 
 _intern = sys.intern
@@ -498,6 +499,36 @@ def project_setting(obj: Obj, old: PolicySetting | None) -> PolicySetting:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class UpgradeRecord:
+    namespace: str
+    name: str
+    running: bool
+
+
+def project_upgrade(obj: Obj, old: UpgradeRecord | None) -> UpgradeRecord:
+    """A Harvester Upgrade runs until its `Completed` condition says True (succeeded) or False
+    (failed). An Upgrade without that condition, or with it Unknown, still runs: an upgrade
+    drains and reboots nodes one by one, and a reset in the middle of that would fight it
+    (Harvester's own node-down controller skips its work for the same reason)."""
+    del old
+    meta = _meta(obj)
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    completed = next(
+        (
+            c.get("status")
+            for c in conditions
+            if isinstance(c, dict) and c.get("type") == "Completed"
+        ),
+        None,
+    )
+    return UpgradeRecord(
+        namespace=str(meta.get("namespace", "")),
+        name=str(meta.get("name", "")),
+        running=completed not in ("True", "False") and not meta.get("deletionTimestamp"),
+    )
+
+
 def project_kubevirt(obj: Obj, old: KubeVirtRecord | None) -> KubeVirtRecord:
     del old
     meta = _meta(obj)
@@ -678,6 +709,9 @@ class ClusterCache:
             field_selector=f"metadata.name={settings.harvester_setting}",
             **common,
         )
+        self.harvester_upgrades: Informer[UpgradeRecord] = Informer(
+            api, HARVESTER_UPGRADES, project_upgrade, **common
+        )
         self.volume_attachments: Informer[VolumeAttachmentRecord] | None = (
             Informer(api, VOLUME_ATTACHMENTS, project_volume_attachment, **common)
             if settings.delete_volume_attachments
@@ -696,6 +730,8 @@ class ClusterCache:
         for informer in (self.nodes, self.leases, self.vms, self.kubevirts):
             self._wire(informer, None)
         self._wire(self.harvester_settings, None)
+        self._running_upgrades: set[str] = set()
+        self._wire(self.harvester_upgrades, None, self._track_upgrade)
 
     @property
     def informers(self) -> tuple[Informer[Any], ...]:
@@ -708,6 +744,7 @@ class ClusterCache:
             self.migrations,
             self.kubevirts,
             self.harvester_settings,
+            self.harvester_upgrades,
         )
         return base if self.volume_attachments is None else (*base, self.volume_attachments)
 
@@ -736,6 +773,15 @@ class ClusterCache:
             self._active_migrations.add(key)
         else:
             self._active_migrations.discard(key)
+
+    def _track_upgrade(
+        self, key: str, old: UpgradeRecord | None, new: UpgradeRecord | None
+    ) -> None:
+        # Kept as a set so the hold check on every evaluation is O(1).
+        if new is not None and new.running:
+            self._running_upgrades.add(key)
+        else:
+            self._running_upgrades.discard(key)
 
     # -- running -----------------------------------------------------------------------------
 
@@ -856,6 +902,10 @@ class ClusterCache:
         """The `vm-force-reset-policy` Setting, or None (no Harvester, or no such Setting)."""
         return self.harvester_settings.get(self._settings.harvester_setting)
 
+    def upgrade_running(self) -> str | None:
+        """The name of a Harvester Upgrade still running, or None (none, or no Harvester)."""
+        return min(self._running_upgrades) if self._running_upgrades else None
+
     def kubevirt(self) -> KubeVirtRecord | None:
         return next(iter(self.kubevirts.items.values()), None)
 
@@ -902,6 +952,7 @@ __all__ = [
     "PodRecord",
     "PolicySetting",
     "Taint",
+    "UpgradeRecord",
     "VMIRecord",
     "VMRecord",
     "VolumeAttachmentRecord",

@@ -29,6 +29,7 @@ from watchdog.heartbeat.agent import Agent, read_boot_id
 from watchdog.metrics import Metrics
 from watchdog.observe.cluster_cache import (
     HARVESTER_SETTINGS,
+    HARVESTER_UPGRADES,
     LEASES,
     MIGRATIONS,
     NODE_LEASE_NAMESPACE,
@@ -196,7 +197,8 @@ def _controller(
             node = evacuations.migration_changed(key, old, new)
             if node in evacuations.active:
                 evacuation_ticks.put_nowait(node)
-        elif resource == HARVESTER_SETTINGS.name:
+        elif resource in (HARVESTER_SETTINGS.name, HARVESTER_UPGRADES.name):
+            # A policy change or an upgrade starting/ending changes what every node may do.
             scheduler.mark_all(list(book.known))
 
     def on_health(up: bool) -> None:

@@ -49,5 +49,4 @@ class CacheView:
         return True, setting.value, setting.default
 
     def upgrade_running(self) -> bool:
-        # Harvester upgrades (upgrades.harvesterhci.io) are not watched yet: no upgrade hold.
-        return False
+        return self.cache.upgrade_running() is not None
