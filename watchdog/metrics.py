@@ -103,6 +103,12 @@ class Metrics:
         self.queue_depth = Gauge(
             "watchdog_queue_depth", "Items waiting per internal queue.", ["queue"], registry=r
         )
+        self.ingest_lag = Gauge(
+            "watchdog_ingest_lag_seconds",
+            "How far the controller's heartbeat ingest runs behind the broker (echo probe); "
+            "over mqtt.max_ingest_lag_s heartbeats are UNKNOWN and resets held (IngestLag).",
+            registry=r,
+        )
         self.source_up = Gauge(
             "watchdog_source_up",
             "1 while the controller's connection to a source is up.",
@@ -118,6 +124,7 @@ class Metrics:
             Reason.HOLD_POLICY_DISABLED,
             Reason.HOLD_DRY_RUN,
             Reason.HOLD_UPGRADE,
+            Reason.HOLD_INGEST_LAG,
         ):
             self.resets_held.labels(reason=reason.value).set(0)
         self.policy_invalid.set(0)

@@ -584,6 +584,53 @@ def message(topic: str, payload: bytes) -> aiomqtt.Message:
     return aiomqtt.Message(topic, payload, qos=0, retain=False, mid=0, properties=None)
 
 
+async def test_a_backlogged_subscriber_reports_its_own_ingest_lag_and_when_it_caught_up(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """A controller that consumes slower than heartbeats arrive must say that its heartbeat
+    ages are its own backlog (the controller then treats them as UNKNOWN), and say when the
+    backlog is gone: measured by an echo through the real broker on the same connection."""
+    seen = Seen()
+    lags: list[tuple[bool, float]] = []
+    per_message_s = 0.02
+
+    def slow_consumer(node: str) -> None:
+        seen.on_change(node)
+        time.sleep(per_message_s)  # an evaluation that blocks the loop, as under CPU starvation
+
+    sub = HeartbeatSubscriber(
+        settings(mosquitto, tmp_path, node="controller"),
+        seen.book,
+        on_change=slow_consumer,
+        on_connection=seen.on_connection,
+        on_reject=seen.on_reject,
+        on_lag=lambda lagging, lag_s: lags.append((lagging, lag_s)),
+        echo_interval_s=0.1,
+        max_lag_s=0.5,
+    )
+    burst = 150  # 150 x 20 ms = 3 s of backlog
+    async with (
+        running(sub.run()),
+        aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="burst") as publisher,
+    ):
+        await wait_for(lambda: sub.statistics()["echo_rtt_s"] is not None, 5, "a first echo")
+        await stays(lambda: not sub.ingest_lagging(), 0.5, "no lag while idle")
+        fence = FenceDeclaration(True, FENCE_AFTER_S, FENCE_BOUND_S)
+        for seq in range(1, burst + 1):
+            hb = Heartbeat("node-a", "boot-1", seq, time.time(), "test", fence)
+            await publisher.publish(heartbeat_topic(PREFIX, "node-a"), encode_heartbeat(hb))
+        await wait_for(sub.ingest_lagging, 5, "the subscriber to report its backlog")
+        assert sub.statistics()["ingest_lag_s"] > 0.5
+        await wait_for(lambda: seen.seq("node-a") == burst, 20, "the whole burst consumed")
+        await wait_for(lambda: not sub.ingest_lagging(), 5, "the lag to clear")
+    flags = [lagging for lagging, _ in lags]
+    first = flags.index(True)
+    assert not any(flags[:first]) and flags[-1] is False, "idle, then lagging, then caught up"
+    assert max(lag for _, lag in lags) > 1.0, "a 3 s backlog measured as more than 1 s"
+    assert sub.statistics()["lag_episodes"] >= 1
+    assert seen.count("node-a") == burst, "nothing lost while lagging"
+
+
 async def test_full_inbound_queue_keeps_the_latest_message_per_node_and_counts_the_rest() -> None:
     stats = QueueStats()
 

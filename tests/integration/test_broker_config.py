@@ -344,6 +344,20 @@ async def test_the_controller_user_reads_but_cannot_publish(broker: Broker) -> N
     assert (f"{PREFIX}/heartbeat/node-1", b"forged") not in got
 
 
+async def test_a_client_writes_only_its_own_echo_topic(broker: Broker) -> None:
+    """The controller measures its ingest lag by an echo on `echo/<its client id>`; even the
+    read-only controller user may write that one topic, and nobody another client's."""
+    me = "node-watchdog-controller-host-a-1"
+    forged = (f"{PREFIX}/echo/node-watchdog-controller-host-b-2", b"1")
+    own = (f"{PREFIX}/echo/{me}", b"2")
+    async with subscribed(broker, "node-2", f"{PREFIX}/echo/#") as inbox:
+        async with broker.client(mqtt_credentials.CONTROLLER_USER, identifier=me) as controller:
+            await controller.publish(*forged, qos=1)
+            await controller.publish(*own, qos=1)
+        got = await inbox.wait_for(*own)
+    assert got == [own], f"delivered despite the ACL: {got[:-1]}"
+
+
 async def test_an_agents_last_will_announces_it_offline(broker: Broker) -> None:
     """A SIGKILLed agent's Will (status/<own node> offline) reaches the controller."""
     script = (

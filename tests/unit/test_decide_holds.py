@@ -79,6 +79,15 @@ HEALTHY_CLUSTER = cluster(0, 10)
             id="broker connection down",
         ),
         pytest.param(
+            SourceHealth(None, 0.0, broker_lagging=True),
+            HEALTHY_CLUSTER,
+            Policy(),
+            CFG,
+            False,
+            (Reason.HOLD_INGEST_LAG,),
+            id="broker connected but our ingest lags behind it",
+        ),
+        pytest.param(
             SourceHealth(0.0, None),
             HEALTHY_CLUSTER,
             Policy(),

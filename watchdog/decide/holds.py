@@ -29,7 +29,7 @@ def cluster_holds(
     """Every hold in force, most fundamental first (the first one is reported)."""
     holds: list[Reason] = []
     if health.broker_up_since is None:
-        holds.append(Reason.HOLD_BROKER_DOWN)
+        holds.append(Reason.HOLD_INGEST_LAG if health.broker_lagging else Reason.HOLD_BROKER_DOWN)
     if health.api_up_since is None:
         holds.append(Reason.HOLD_API_DOWN)
     if is_storm(phases, total_nodes, cfg):

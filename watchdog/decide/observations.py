@@ -27,6 +27,9 @@ class SourceHealth:
 
     broker_up_since: float | None
     api_up_since: float | None
+    # The broker connection is up but our own ingest runs behind it (decide/ingest_lag.py):
+    # broker_up_since is None then too (heartbeats UNKNOWN); this only names the cause.
+    broker_lagging: bool = False
 
 
 @dataclass(frozen=True, slots=True)

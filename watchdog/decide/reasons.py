@@ -36,6 +36,7 @@ class Reason(StrEnum):
     HOLD_POLICY_DISABLED = "PolicyDisabled"
     HOLD_DRY_RUN = "DryRun"
     HOLD_UPGRADE = "UpgradeRunning"
+    HOLD_INGEST_LAG = "IngestLag"
     HOLD_UNFENCED = "NoArmedFence"
     # bookkeeping
     RESUMED = "ResumedFromAnnotation"

@@ -8,6 +8,12 @@ counted and reported through `on_reject`, never raised. The state of the connect
 reported through `on_connection`: the controller turns "down" into UNKNOWN heartbeats and holds
 resets (a lost broker is not evidence that nodes died).
 
+Ingest lag: every `echo_interval_s` the subscriber publishes a probe to
+`<prefix>/echo/<client id>` and reads it back on the same connection (decide/ingest_lag.py).
+While the oldest unanswered probe is older than `max_lag_s`, heartbeats wait in our own backlog
+and their ages say nothing about the nodes: `on_lag(True)` tells the controller to treat them
+as UNKNOWN until the echo is prompt again (`on_lag(False)`).
+
 Backpressure: the inbound queue is bounded by `mqtt.max_queued_messages`. When it is full, a
 message replaces the one still queued for its topic (latest per node wins: an older heartbeat
 says nothing a newer one does not) and, for a topic with nothing queued, is dropped. Both are
@@ -35,6 +41,7 @@ from watchdog.decide.heartbeats import (
     RejectReason,
     parse_heartbeat,
 )
+from watchdog.decide.ingest_lag import EchoBook
 from watchdog.decide.mqtt_url import BrokerSettings, reconnect_delay_s
 from watchdog.transport.mqtt import broker_connection
 
@@ -44,6 +51,8 @@ ONLINE = b"online"
 OFFLINE = b"offline"
 # How long a stopping subscriber waits for the broker to take its DISCONNECT.
 GOODBYE_TIMEOUT_S = 1.0
+# Probes unanswered this long, none ever answered: the broker does not echo them (ACL).
+ECHO_UNSUPPORTED_AFTER_S = 10.0
 # At most one log line per rejection reason (and one for queue overflow) per this many seconds.
 LOG_EVERY_S = 10.0
 
@@ -148,6 +157,9 @@ class HeartbeatSubscriber:
         on_change: Callable[[str], None],
         on_connection: Callable[[bool], None],
         on_reject: Callable[[RejectReason], None],
+        on_lag: Callable[[bool, float], None] | None = None,
+        echo_interval_s: float = 0.5,
+        max_lag_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
@@ -161,6 +173,14 @@ class HeartbeatSubscriber:
         self._heartbeat_head = f"{prefix}/heartbeat/"
         self._status_head = f"{prefix}/status/"
         self.client_id = f"node-watchdog-controller-{socket.gethostname()}-{os.getpid()}"
+        # The ACL lets every client write echo/<its client id> (deploy/base/broker/acl).
+        self._echo_topic = f"{prefix}/echo/{self.client_id}"
+        self._on_lag = on_lag
+        self._echo_interval_s = echo_interval_s
+        self._max_lag_s = max_lag_s
+        self._echoes = EchoBook(max_lag_s)
+        self._lagging = False
+        self._lag_episodes = 0
         self._queue_stats = QueueStats()
         self._queue_type = coalescing_queue(self._queue_stats)
         self._overflow_reported = (0, 0)
@@ -216,6 +236,10 @@ class HeartbeatSubscriber:
             "queue_high_water": self._queue_stats.high_water,
             "coalesced": self._queue_stats.coalesced,
             "dropped": self._queue_stats.dropped,
+            "ingest_lag_s": self._echoes.lag_s(now),
+            "lagging": self._lagging,
+            "lag_episodes": self._lag_episodes,
+            "echo_rtt_s": self._echoes.last_rtt_s,
         }
 
     @property
@@ -243,9 +267,12 @@ class HeartbeatSubscriber:
             async with client:
                 await client.subscribe(self._heartbeat_head + "+", qos=0)
                 await client.subscribe(self._status_head + "+", qos=1)
+                await client.subscribe(self._echo_topic, qos=0)
                 self._client = client
                 self._attempt = 0
+                self._echoes = EchoBook(self._max_lag_s)
                 self._set_connected(True)
+                echo = asyncio.create_task(self._echo_loop(client), name="ingest echo")
                 try:
                     async for message in client.messages:
                         self._handle(message)
@@ -253,6 +280,9 @@ class HeartbeatSubscriber:
                 except asyncio.CancelledError:
                     client.timeout = GOODBYE_TIMEOUT_S  # bounds the DISCONNECT wait on the way out
                     raise
+                finally:
+                    echo.cancel()
+                    self._set_lagging(False, 0.0)  # a new connection measures afresh
         except aiomqtt.MqttError as e:
             _reraise_cancellation(e)
             return str(e) or type(e).__name__
@@ -297,8 +327,70 @@ class HeartbeatSubscriber:
             self._on_change(hb.node)
         elif topic.startswith(self._status_head):
             self._handle_status(topic[len(self._status_head) :], payload, topic, now)
+        elif topic == self._echo_topic:
+            try:
+                self._echoes.answer(int(payload[:20]), now)
+            except ValueError:
+                return
+            self._check_lag(now)
         else:  # our subscriptions cannot deliver this; a broker bug is still not trusted
             self._reject(RejectReason.TOPIC_MISMATCH, "unexpected topic", topic, now)
+
+    # --- ingest lag ------------------------------------------------------------------------------
+
+    async def _echo_loop(self, client: aiomqtt.Client) -> None:
+        warned = False
+        while True:
+            now = self._clock()
+            seq = self._echoes.sent(now)
+            try:
+                await client.publish(self._echo_topic, str(seq).encode(), qos=0)
+            except aiomqtt.MqttError:
+                return  # the connection is going down; the reader reports it
+            self._check_lag(now)
+            if not warned and self._echoes.unsupported(now, ECHO_UNSUPPORTED_AFTER_S):
+                warned = True
+                log.warning(
+                    "heartbeat subscriber: no echo came back on %s in %.0fs: ingest lag is not "
+                    "measured (does the broker ACL let this client write it?)",
+                    self._echo_topic,
+                    ECHO_UNSUPPORTED_AFTER_S,
+                )
+            await asyncio.sleep(self._echo_interval_s)
+
+    def _check_lag(self, now: float) -> None:
+        lag = self._echoes.lag_s(now)
+        # Hysteresis: lagging above the bound, caught up only below half of it.
+        lagging = lag > self._max_lag_s or (self._lagging and lag > self._max_lag_s / 2)
+        self._set_lagging(lagging, lag)
+
+    def ingest_lagging(self) -> bool:
+        """Now, from the clock: the controller asks before every decision, because after a
+        stall of the event loop its timers can run before this subscriber sees any echo."""
+        if not self._connected:
+            return False  # a lost connection is reported as such (on_connection)
+        return self._lagging or self._echoes.lagging(self._clock())
+
+    def _set_lagging(self, lagging: bool, lag_s: float) -> None:
+        if self._on_lag is not None:
+            self._on_lag(lagging, lag_s)
+        if lagging == self._lagging:
+            return
+        self._lagging = lagging
+        if lagging:
+            self._lag_episodes += 1
+            log.warning(
+                "heartbeat subscriber: ingest %.1fs behind the broker (over %.1fs): heartbeats "
+                "are UNKNOWN until it catches up",
+                lag_s,
+                self._max_lag_s,
+            )
+        else:
+            log.info("heartbeat subscriber: ingest caught up with the broker")
+
+    @property
+    def lagging(self) -> bool:
+        return self._lagging
 
     def _handle_status(self, node: str, payload: bytes, topic: str, now: float) -> None:
         if payload == b"":

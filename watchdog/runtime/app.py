@@ -241,12 +241,29 @@ def _controller(
         controller.broker_connection(up)
         scheduler.mark_all(list(book.known))
 
+    lag_state = [False]
+
+    def on_lag(lagging: bool, lag_s: float) -> None:
+        metrics.ingest_lag.set(lag_s)
+        if lagging != lag_state[0]:
+            lag_state[0] = lagging
+            # Blind nodes schedule no wake-ups: look at every node again when it clears.
+            scheduler.mark_all(list(book.known))
+
     def on_reject(reason: RejectReason) -> None:
         metrics.heartbeats_rejected.labels(reason=reason.value).inc()
 
     subscriber = HeartbeatSubscriber(
-        settings, book, on_change=on_change, on_connection=on_connection, on_reject=on_reject
+        settings,
+        book,
+        on_change=on_change,
+        on_connection=on_connection,
+        on_reject=on_reject,
+        on_lag=on_lag,
+        echo_interval_s=min(settings.heartbeat_interval_s, settings.mqtt.max_ingest_lag_s / 2),
+        max_lag_s=settings.mqtt.max_ingest_lag_s,
     )
+    controller.ingest_lagging = subscriber.ingest_lagging
 
     async def on_leader(leading: bool) -> None:
         if leading:

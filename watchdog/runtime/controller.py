@@ -58,7 +58,12 @@ class Health:
     broker_up_since: float | None = None
     api_up_since: float | None = None
 
-    def snapshot(self) -> SourceHealth:
+    def snapshot(self, ingest_lagging: bool = False) -> SourceHealth:
+        if ingest_lagging and self.broker_up_since is not None:
+            # Connected, but heartbeats wait in our own backlog: their ages say nothing about
+            # the nodes. Blind until the backlog clears; the connection's own up-since is kept,
+            # because nothing was lost meanwhile (no benefit of the doubt needed afterwards).
+            return SourceHealth(None, self.api_up_since, broker_lagging=True)
         return SourceHealth(self.broker_up_since, self.api_up_since)
 
 
@@ -97,6 +102,9 @@ class Controller:
         # `heartbeat_needs_evaluation`).
         self._quiet: set[str] = set()
         self._holds_reported: tuple[Reason, ...] = ()
+        # Set by the runtime to the heartbeat subscriber's lag check (observe/mqtt.py); read at
+        # every evaluation, so a decision never uses ages measured across our own backlog.
+        self.ingest_lagging: Callable[[], bool] = lambda: False
 
     # --- leadership -----------------------------------------------------------------------------
 
@@ -182,13 +190,13 @@ class Controller:
             persisted_phase=persisted_phase,
         )
 
-    def holds(self) -> tuple[Reason, ...]:
+    def holds(self, health: SourceHealth | None = None) -> tuple[Reason, ...]:
         # O(phases), not O(nodes): only the down count matters for storm control.
         down = sum(n for p, n in self.phase_counts.items() if p in DOWN_PHASES)
         return cluster_holds(
             [Phase.UNREACHABLE] * down,
             len(self.states),
-            self.health.snapshot(),
+            health or self.health.snapshot(self.ingest_lagging()),
             self.policy,
             self.cfg,
             self.view.upgrade_running(),
@@ -232,7 +240,8 @@ class Controller:
         if node not in self.states:
             self._set_state(node, state)
         obs = self.observe_node(node)
-        ctx = Context(self.health.snapshot(), self.refresh_policy(), self.holds())
+        health = self.health.snapshot(self.ingest_lagging())
+        ctx = Context(health, self.refresh_policy(), self.holds(health))
         self._report_holds(ctx.holds)
         decision = decide(state, obs, ctx, now, self.cfg)
         self._record(node, state, obs, decision, now)

@@ -65,6 +65,15 @@ class MQTTSettings(BaseModel):
         "the latest heartbeat per node wins when it overflows.",
     )
 
+    max_ingest_lag_s: float = Field(
+        1.0,
+        gt=0,
+        description="Controller: seconds its own heartbeat ingest may run behind the broker "
+        "(measured by an echo probe on its connection) before heartbeats count as UNKNOWN and "
+        "resets are held (IngestLag), instead of reading its own backlog as silent nodes. "
+        "Keep it below suspect_after_s minus heartbeat_interval_s.",
+    )
+
     @model_validator(mode="after")
     def _tls_pairs(self) -> MQTTSettings:
         if (self.cert_file is None) != (self.key_file is None):
@@ -278,6 +287,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"unreachable_after_s ({self.unreachable_after_s}) must be greater than "
                 f"suspect_after_s ({self.suspect_after_s})"
+            )
+        if self.mqtt.max_ingest_lag_s >= self.suspect_after_s:
+            raise ValueError(
+                f"mqtt.max_ingest_lag_s ({self.mqtt.max_ingest_lag_s}) must be less than "
+                f"suspect_after_s ({self.suspect_after_s}): a backlog that long already makes "
+                "live nodes look suspect"
             )
         if self.fence_mode is FenceMode.EXTERNAL and not (
             self.fence_hook_command or self.fence_hook_url

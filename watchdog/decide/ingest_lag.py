@@ -1,0 +1,73 @@
+"""How far the controller's own heartbeat ingest runs behind the broker (pure bookkeeping).
+
+The controller publishes a small echo probe on its own connection every so often and reads it
+back through the same socket, the same MQTT client and the same inbound queue as every
+heartbeat. An echo that takes long to come back is the time a heartbeat published now would
+wait before the controller sees it. While that lag is large, heartbeat ages measure the
+controller's backlog, not the nodes: a saturated controller (CPU starved, a relist decoding a
+page of objects, a burst) would otherwise read its own lag as thousands of silent nodes. The
+caller then treats heartbeats as UNKNOWN (blind), exactly like a lost broker connection, and
+holds resets until the echo is prompt again.
+
+The lag is the age of the oldest echo still unanswered (a lower bound on the current delay,
+accurate to one probe interval). Echoes travel in order, so an answer also settles every older
+probe (lost or dropped by a full queue). A broker that never answers (an ACL that does not let
+the controller write its echo topic) measures nothing: lag stays 0 and `unsupported` says so,
+rather than blinding the controller for good.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+# Probes kept waiting for their answer; a broker that answers nothing must not grow this.
+MAX_UNANSWERED = 64
+
+
+@dataclass
+class EchoBook:
+    """Echo probes of one broker connection; times on the controller's monotonic clock."""
+
+    max_lag_s: float
+    unanswered: OrderedDict[int, float] = field(default_factory=OrderedDict)
+    answered: int = 0
+    last_rtt_s: float | None = None
+    _seq: int = 0
+
+    def sent(self, now: float) -> int:
+        """Record a probe handed to the broker now; returns its sequence number."""
+        self._seq += 1
+        self.unanswered[self._seq] = now
+        while len(self.unanswered) > MAX_UNANSWERED:
+            self.unanswered.popitem(last=False)
+        return self._seq
+
+    def answer(self, seq: int, now: float) -> float | None:
+        """An echo came back; returns its round trip, or None for one we do not know."""
+        sent_at = self.unanswered.get(seq)
+        if sent_at is None:
+            return None
+        # In-order delivery: every older probe was lost on the way (or coalesced away).
+        while self.unanswered:
+            first, _ = self.unanswered.popitem(last=False)
+            if first == seq:
+                break
+        self.answered += 1
+        self.last_rtt_s = now - sent_at
+        return self.last_rtt_s
+
+    def lag_s(self, now: float) -> float:
+        """The age of the oldest unanswered probe; 0 before the first echo ever came back."""
+        if not self.answered or not self.unanswered:
+            return 0.0
+        return max(0.0, now - next(iter(self.unanswered.values())))
+
+    def lagging(self, now: float) -> bool:
+        return self.lag_s(now) > self.max_lag_s
+
+    def unsupported(self, now: float, after_s: float) -> bool:
+        """Probes for `after_s` and not one answer: the broker does not echo them."""
+        if self.answered or not self.unanswered:
+            return False
+        return now - next(iter(self.unanswered.values())) > after_s
