@@ -305,7 +305,7 @@ async def test_a_harvester_upgrade_in_progress_holds_resets_until_it_completes(e
     await c.kube.create(UPGRADES, upgrade_manifest(name))
     try:
         await env.wait_for(
-            lambda: _held(leader, "UpgradeRunning", 1), 20, "UpgradeRunning hold in force"
+            lambda: _hold_is(leader, "UpgradeRunning", 1), 20, "UpgradeRunning hold in force"
         )
         wall = time.time()
         t0 = await env.fault("poweroff", node)
@@ -326,7 +326,7 @@ async def test_a_harvester_upgrade_in_progress_holds_resets_until_it_completes(e
             60,
             "reset once the upgrade completed",
         )
-        assert await _held(leader, "UpgradeRunning", 0)
+        assert await _hold_is(leader, "UpgradeRunning", 0)
         print(f"\n[upgrade] held: {held[0]['message']}")
     finally:
         await c.kube.delete(UPGRADES, name, UPGRADE_NAMESPACE)
@@ -440,7 +440,7 @@ async def _gauge(leader, name: str, value: float) -> bool:
     return m is not None and m.get(name) == value
 
 
-async def _held(leader, reason: str, value: float) -> bool:
+async def _hold_is(leader, reason: str, value: float) -> bool:
     m = await leader.try_scrape()
     return m is not None and m.get("watchdog_resets_held", reason=reason) == value
 
