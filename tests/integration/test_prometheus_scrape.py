@@ -90,6 +90,11 @@ MUST_STAY_SILENT = {
     # is younger than the alert's 60 s, and while failovers stay within the 30 s budget.
     # "WatchdogAgentMissing", "WatchdogFailoverSlowerThanBudget",
 }
+# A silent alert proves something only if what it compares has data: each expression without its
+# threshold must return data over the run, except these (title → why).
+NOTHING_TO_COMPARE = {
+    "WatchdogHeartbeatsRejected": "the rejection counter has no series before a first rejection",
+}
 # WatchdogFalselyReadyPods: the leader marks the pods NotReady right at UNREACHABLE, so the gauge
 # may be non-zero for less than a scrape interval; the alert may go pending but is not asserted.
 
@@ -116,6 +121,13 @@ def shortened_rules(path: Path) -> Path:
             rule["for"] = f"{math.ceil(seconds / FOR_DIVISOR)}s"
     path.write_text(yaml.safe_dump(rules, sort_keys=False, width=1000))
     return path
+
+
+def without_threshold(expr: str) -> str:
+    """What an alert compares: its expression without the trailing `> N` / `< N` (and without
+    the `or absent(...)` arm of WatchdogNoLeader)."""
+    expr = expr.split(" or absent(")[0]
+    return re.sub(r"\s*[<>]=?\s*[0-9.]+\s*$", "", expr)
 
 
 def duration_s(text: str) -> float:
@@ -217,8 +229,6 @@ async def _scenario_and_checks(env: WatchdogEnv, prom: Prometheus) -> None:
         n = await scalar(prom, "sum(watchdog_failover_seconds_count)")
         return n is not None and n >= len(vms)
 
-    await env.wait_for(failovers_scraped, 30, "every failover observation in prometheus")
-
     async def unreachable_firing() -> bool:
         return any(
             a["labels"]["alertname"] == "WatchdogNodeUnreachable" and a["state"] == "firing"
@@ -227,7 +237,19 @@ async def _scenario_and_checks(env: WatchdogEnv, prom: Prometheus) -> None:
 
     await env.wait_for(unreachable_firing, 30, "WatchdogNodeUnreachable firing")
     firing = [a for a in await prom.alerts() if a["state"] == "firing"]
+    await env.wait_for(failovers_scraped, 30, "every failover observation in prometheus")
+
+    # Range queries evaluate on a grid (start, start + step, ...): end it at t_end, and let two
+    # more scrapes land first, so that the last changes sit inside the grid's rate windows.
+    last_change = time.time()
+
+    async def scraped_since_last_change() -> bool:
+        oldest = await scalar(prom, "min(timestamp(watchdog_leader))")
+        return oldest is not None and oldest >= last_change + 2 * SCRAPE_INTERVAL_S
+
+    await env.wait_for(scraped_since_last_change, 30, "two scrapes after the failover")
     t_end = time.time()
+    t_start = t_end - math.floor(t_end - t_start)
     window = (t_start, t_end)
     print(
         f"\nrun window {t_end - t_start:.1f}s; VMs {vms} running elsewhere after "
@@ -440,9 +462,17 @@ async def check_alerts(
     for name in sorted(MUST_STAY_SILENT):
         if active.get(name) or states.get(name):
             problems.append(
-                f"alert {name}: must stay silent, expression {active.get(name)[:5]} "
+                f"alert {name}: must stay silent, expression {(active.get(name) or [])[:5]} "
                 f"states {states.get(name)}"
             )
+
+    # Silent because of the values, not because the expression queries nothing.
+    for name, expr in sorted(shipped.items()):
+        if name in NOTHING_TO_COMPARE:
+            continue
+        compared = without_threshold(expr)
+        if not await prom.query_range(compared, *window, step=SCRAPE_INTERVAL_S):
+            problems.append(f"alert {name}: {compared!r} has no data: the alert can never fire")
 
     # WatchdogAgentMissing pages on a heartbeat older than 60 s: the dead node's is younger
     # than that for the whole run only if the run is short enough; either way the alert must
