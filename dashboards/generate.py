@@ -404,9 +404,10 @@ def failover_overview() -> Any:
     )
     d = d.with_panel(
         stat_panel(
-            "Effective reset period",
-            "max(policy period, safe fencing delay) the controller applies to nodes whose "
-            "agent declared an armed fence.",
+            "Policy reset period",
+            "The force-reset period of the policy in force. A node whose agent declared an "
+            "armed fence waits at least its safe delay instead when that is longer (declared "
+            "self-fence after + action bound + heartbeat interval + margin).",
             q(f"max(watchdog_policy_period_seconds {LEADER})", instant=True),
             unit="s",
             steps=((None, "blue"),),
@@ -491,8 +492,9 @@ def failover_overview() -> Any:
     )
     d = d.with_panel(
         series_panel(
-            "Effective reset period",
-            "Seconds from UNREACHABLE to reset: max(policy period, safe delay).",
+            "Policy reset period",
+            "Seconds from UNREACHABLE to reset by policy; a self-fenced node waits "
+            "max(this, its safe delay).",
             q(f"max(watchdog_policy_period_seconds {LEADER})", "period"),
             unit="s",
         )
@@ -548,7 +550,11 @@ def heartbeats() -> Any:
         stat_panel(
             "Rejected heartbeats/s",
             "Heartbeats refused: wrong topic, malformed, oversized, replayed or unknown node.",
-            q("sum(rate(watchdog_heartbeats_rejected_total[$__rate_interval]))", instant=True),
+            # The counter has no series before the first rejection: show 0, not "No data".
+            q(
+                "sum(rate(watchdog_heartbeats_rejected_total[$__rate_interval])) or vector(0)",
+                instant=True,
+            ),
             unit="reqps",
             steps=((None, "green"), (0.001, "red")),
         ).span(6)
