@@ -6,8 +6,11 @@ reasons, actions and results are enums; `node` appears only on per-node gauges.
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from watchdog.decide.actions import Action
 from watchdog.decide.reasons import Reason
 from watchdog.decide.state import Phase
 
@@ -117,6 +120,13 @@ class Metrics:
         )
         for phase in Phase:
             self.nodes.labels(phase=phase.value).set(0)
+        # Counters born at 0: `increase()` cannot see the step from "no series" to 1, so without
+        # this the first reset or failed action after a start would not show on a dashboard.
+        for kind in get_args(Action):
+            for result in ("success", "failed"):
+                self.actions.labels(action=kind.__name__, result=result)
+        for result in ("started", "succeeded", "failed", "not_migratable", "given_up", "timeout"):
+            self.migrations.labels(result=result)
         for reason in (
             Reason.HOLD_STORM,
             Reason.HOLD_BROKER_DOWN,
