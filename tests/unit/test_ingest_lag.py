@@ -54,20 +54,36 @@ def test_an_answer_settles_every_older_probe_lost_on_the_way() -> None:
     assert book.lag_s(50.0) == 0.0, "the lost probe does not age forever"
 
 
-def test_a_broker_that_never_echoes_measures_nothing_and_blinds_nobody() -> None:
+def test_connecting_into_a_backlog_is_lagging_before_the_first_echo_comes_back() -> None:
     book = EchoBook(max_lag_s=1.0)
-    for t in range(100):
-        book.sent(float(t))
-    assert book.lag_s(100.0) == 0.0 and not book.lagging(100.0)
-    assert book.unsupported(100.0, after_s=10.0)
+    for t in (0.0, 0.5, 1.0, 1.5):
+        book.sent(t)
+    assert book.lagging(1.6) and book.lag_s(1.6) == 1.6
+    book.answer(1, 2.0)
+    assert book.lag_s(2.0) == 1.5
+
+
+def test_a_broker_that_never_echoes_blinds_only_for_a_bounded_time() -> None:
+    book = EchoBook(max_lag_s=1.0, unsupported_after_s=30.0)
+    t = 0.0
+    while t <= 29.5:
+        book.sent(t)
+        t += 0.5
+    assert book.lagging(29.9), "no answer yet, probes 30 s old: could be a backlog"
+    assert not book.unsupported(29.9)
+    book.sent(30.5)
+    assert book.unsupported(30.5) and book.lag_s(30.5) == 0.0 and not book.lagging(30.5)
+    for i in range(200):
+        book.sent(31.0 + i)
     assert len(book.unanswered) == MAX_UNANSWERED
+    assert not book.lagging(300.0), "never blinded for good"
 
 
 @given(st.lists(st.floats(0.0, 5.0), min_size=1, max_size=40), st.floats(0.1, 3.0))
 def test_lag_is_never_negative_and_never_exceeds_the_oldest_probe(
     gaps: list[float], max_lag: float
 ) -> None:
-    book = EchoBook(max_lag_s=max_lag)
+    book = EchoBook(max_lag_s=max_lag, unsupported_after_s=1e9)
     t = 0.0
     book.answer(book.sent(t), t)
     first_unanswered = None

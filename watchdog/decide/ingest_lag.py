@@ -11,9 +11,11 @@ holds resets until the echo is prompt again.
 
 The lag is the age of the oldest echo still unanswered (a lower bound on the current delay,
 accurate to one probe interval). Echoes travel in order, so an answer also settles every older
-probe (lost or dropped by a full queue). A broker that never answers (an ACL that does not let
-the controller write its echo topic) measures nothing: lag stays 0 and `unsupported` says so,
-rather than blinding the controller for good.
+probe (lost or dropped by a full queue). Before the first answer on a connection the lag counts
+too (a controller that connects into a backlog is blind from its first second), but only for
+`unsupported_after_s`: a broker that never answers (an ACL that does not let the controller
+write its echo topic) then measures nothing, lag 0, and `unsupported` says so, rather than
+blinding the controller for good.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 # Probes kept waiting for their answer; a broker that answers nothing must not grow this.
-MAX_UNANSWERED = 64
+MAX_UNANSWERED = 128
+# No answer at all for this long: the broker does not echo (see the module docstring).
+UNSUPPORTED_AFTER_S = 30.0
 
 
 @dataclass
@@ -30,13 +34,17 @@ class EchoBook:
     """Echo probes of one broker connection; times on the controller's monotonic clock."""
 
     max_lag_s: float
+    unsupported_after_s: float = UNSUPPORTED_AFTER_S
     unanswered: OrderedDict[int, float] = field(default_factory=OrderedDict)
     answered: int = 0
     last_rtt_s: float | None = None
     _seq: int = 0
+    _first_sent_at: float = 0.0
 
     def sent(self, now: float) -> int:
         """Record a probe handed to the broker now; returns its sequence number."""
+        if not self._seq:
+            self._first_sent_at = now
         self._seq += 1
         self.unanswered[self._seq] = now
         while len(self.unanswered) > MAX_UNANSWERED:
@@ -58,16 +66,16 @@ class EchoBook:
         return self.last_rtt_s
 
     def lag_s(self, now: float) -> float:
-        """The age of the oldest unanswered probe; 0 before the first echo ever came back."""
-        if not self.answered or not self.unanswered:
+        """The age of the oldest unanswered probe (0 once the broker proved it echoes nothing)."""
+        if not self.unanswered or self.unsupported(now):
             return 0.0
         return max(0.0, now - next(iter(self.unanswered.values())))
 
     def lagging(self, now: float) -> bool:
         return self.lag_s(now) > self.max_lag_s
 
-    def unsupported(self, now: float, after_s: float) -> bool:
-        """Probes for `after_s` and not one answer: the broker does not echo them."""
+    def unsupported(self, now: float) -> bool:
+        """Probes for `unsupported_after_s` and not one answer: the broker does not echo them."""
         if self.answered or not self.unanswered:
             return False
-        return now - next(iter(self.unanswered.values())) > after_s
+        return now - self._first_sent_at > self.unsupported_after_s

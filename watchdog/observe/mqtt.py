@@ -51,8 +51,6 @@ ONLINE = b"online"
 OFFLINE = b"offline"
 # How long a stopping subscriber waits for the broker to take its DISCONNECT.
 GOODBYE_TIMEOUT_S = 1.0
-# Probes unanswered this long, none ever answered: the broker does not echo them (ACL).
-ECHO_UNSUPPORTED_AFTER_S = 10.0
 # At most one log line per rejection reason (and one for queue overflow) per this many seconds.
 LOG_EVERY_S = 10.0
 
@@ -348,13 +346,13 @@ class HeartbeatSubscriber:
             except aiomqtt.MqttError:
                 return  # the connection is going down; the reader reports it
             self._check_lag(now)
-            if not warned and self._echoes.unsupported(now, ECHO_UNSUPPORTED_AFTER_S):
+            if not warned and self._echoes.unsupported(now):
                 warned = True
                 log.warning(
                     "heartbeat subscriber: no echo came back on %s in %.0fs: ingest lag is not "
                     "measured (does the broker ACL let this client write it?)",
                     self._echo_topic,
-                    ECHO_UNSUPPORTED_AFTER_S,
+                    self._echoes.unsupported_after_s,
                 )
             await asyncio.sleep(self._echo_interval_s)
 
