@@ -811,6 +811,14 @@ class SimCluster:
                 n: {"running": s.running, "starts": s.starts} for n, s in self.agents.items()
             },
             "agent_note": self.agent_note,
+            "service_account": (
+                None
+                if self.identity is None
+                else {
+                    "user": self.identity.username,
+                    "kubeconfig": str(self.identity.kubeconfig),
+                }
+            ),
             "nodes": {
                 n: {**m.state(), "ready": self.node_ready(n), "broker_url": self.node_broker_url(n)}
                 for n, m in self.fleet.members.items()
