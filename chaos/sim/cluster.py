@@ -73,7 +73,7 @@ from chaos.sim.kubevirt import (
 from chaos.sim.ledger import RESTARTING_STRATEGIES, Ledger
 from chaos.sim.procs import ManagedProcess, managed
 from chaos.sim.proxy import ProxyMode, TcpProxy
-from chaos.sim.rbac import RbacError, ServiceIdentity, kustomization_dir
+from chaos.sim.rbac import RbacError, ServiceIdentity, kustomization_dirs
 from chaos.sim.rbac import install as install_rbac
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,9 @@ class SimConfig:
     kubeconfig: Path | None = None  # where to write the admin kubeconfig (default: work dir)
     control_plane_bin: Path | None = None
     audit_log: bool = False
-    # A deploy/ overlay ("kubevirt", "harvester", ...): its RBAC objects are applied and the
-    # agents run as its ServiceAccount (`SimCluster.identity`); None: agents run as admin.
+    # A deploy/ overlay ("kubevirt", "harvester", "kubevirt+delete-volume-attachments": with
+    # components): its RBAC objects are applied and the agents run as its ServiceAccount
+    # (`SimCluster.identity`); None: agents run as admin.
     rbac_overlay: str | None = None
     control_channel: bool = False  # serve the `fault`/`ledger` control API (the CLI does)
     keep_work_dir: bool = False
@@ -164,7 +165,7 @@ class SimConfig:
             raise bad("control_plane_bin", str(self.control_plane_bin), "not a directory")
         if self.rbac_overlay is not None:
             try:
-                kustomization_dir(self.rbac_overlay)
+                kustomization_dirs(self.rbac_overlay)
             except RbacError as e:
                 raise bad("rbac_overlay", self.rbac_overlay, str(e)) from e
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +57,16 @@ class ServiceIdentity:
         return f"system:serviceaccount:{self.namespace}:{self.name}"
 
 
-def kustomization_dir(overlay: str, deploy_dir: Path = DEPLOY_DIR) -> Path:
-    """`base` or an overlay name (`kubevirt`, `harvester`, `self-fence`) → its directory."""
-    path = deploy_dir / "base" if overlay == "base" else deploy_dir / "overlays" / overlay
-    if not (path / "kustomization.yaml").is_file():
-        raise RbacError(f"rbac overlay {overlay!r}: no kustomization at {path}")
-    return path
+def kustomization_dirs(overlay: str, deploy_dir: Path = DEPLOY_DIR) -> tuple[Path, list[Path]]:
+    """`base` or an overlay name (`kubevirt`, `harvester`, `self-fence`), optionally composed
+    with components (`kubevirt+delete-volume-attachments`) → (its directory, the components')."""
+    name, *components = overlay.split("+")
+    path = deploy_dir / "base" if name == "base" else deploy_dir / "overlays" / name
+    paths = [deploy_dir / "components" / c for c in components]
+    for p in (path, *paths):
+        if not (p / "kustomization.yaml").is_file():
+            raise RbacError(f"rbac overlay {overlay!r}: no kustomization at {p}")
+    return path, paths
 
 
 def _kubectl() -> str:
@@ -71,14 +77,28 @@ def _kubectl() -> str:
 
 
 def render(overlay: str, deploy_dir: Path = DEPLOY_DIR) -> list[Obj]:
-    """Every object of the kustomization, as `kubectl kustomize` renders it."""
-    result = subprocess.run(
-        [_kubectl(), "kustomize", str(kustomization_dir(overlay, deploy_dir))],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    """Every object of the kustomization, as `kubectl kustomize` renders it; with components,
+    through a kustomization of the operator's composing the overlay with them."""
+    path, components = kustomization_dirs(overlay, deploy_dir)
+    with tempfile.TemporaryDirectory(prefix="nw-kustomize-") as tmp:
+        if components:
+            # kustomize takes only paths relative to the kustomization.
+            (Path(tmp) / "kustomization.yaml").write_text(
+                yaml.safe_dump(
+                    {
+                        "resources": [os.path.relpath(path, tmp)],
+                        "components": [os.path.relpath(c, tmp) for c in components],
+                    }
+                )
+            )
+            path = Path(tmp)
+        result = subprocess.run(
+            [_kubectl(), "kustomize", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
     if result.returncode != 0:
         raise RbacError(f"kubectl kustomize {overlay} failed:\n{result.stderr}")
     return [d for d in yaml.safe_load_all(result.stdout) if d]

@@ -40,7 +40,7 @@ import pytest_asyncio
 
 from chaos.sim.informer import NAMESPACES, NODES, ApiError
 from chaos.sim.rbac import ServiceIdentity
-from tests.integration.test_service_failover import fail_over
+from tests.integration.test_service_failover import delta, fail_over
 from tests.integration.watchdog_env import WatchdogEnv, default_config, free_port
 from tests.unit.test_deploy import rendered_access
 
@@ -51,8 +51,13 @@ pytestmark = [
     pytest.mark.timeout(300),
 ]
 
-# The overlays whose RBAC is proven here (harvester: the same roles, in harvester-system).
-OVERLAYS = ("kubevirt", "harvester")
+# The overlays whose RBAC is proven here, with the controller settings they ship (harvester: the
+# same roles in harvester-system; the opt-in component adds VolumeAttachment and PVC grants).
+OVERLAYS: dict[str, dict[str, str]] = {
+    "kubevirt": {},
+    "harvester": {},
+    "kubevirt+delete-volume-attachments": {"WATCHDOG_DELETE_VOLUME_ATTACHMENTS": "true"},
+}
 # (scope, apiGroup, resource, verb) granted but legitimately not used by this scenario → why.
 # Keep it empty unless a grant cannot be exercised here; an entry that the run uses anyway
 # fails the test (a stale excuse hides nothing).
@@ -151,15 +156,18 @@ def table(title: str, header: str, rows: list[str]) -> str:
 # --- the scenario --------------------------------------------------------------------------
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=OVERLAYS)
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=sorted(OVERLAYS))
 async def env(
     request: pytest.FixtureRequest,
     control_plane_binaries,
     tmp_path_factory: pytest.TempPathFactory,
 ):
-    work = Path(tmp_path_factory.mktemp(f"rbac-proof-{request.param}"))
-    config = default_config(audit_log=True, rbac_overlay=request.param)
-    async with WatchdogEnv(config, control_plane_binaries, work, controllers=1) as e:
+    overlay = request.param
+    work = Path(tmp_path_factory.mktemp(f"rbac-proof-{overlay}"))
+    config = default_config(audit_log=True, rbac_overlay=overlay)
+    async with WatchdogEnv(
+        config, control_plane_binaries, work, controllers=1, controller_env=OVERLAYS[overlay]
+    ) as e:
         yield e
 
 
@@ -198,6 +206,20 @@ async def test_power_off_reset_failover_and_recovery_run_as_the_service_account(
     for reason in ("NodeUnreachable", "FalselyReadyPods", "NodeFenced", "ForceReset"):
         assert await env.events(reason, node, since=run["wall"]), f"no {reason} Event"
     assert env.tainted(node)
+    if env.controller_env.get("WATCHDOG_DELETE_VOLUME_ATTACHMENTS") == "true":
+        # The opt-in component: the reset VMs' stale VolumeAttachments on node-1 are gone.
+        await env.wait_for(
+            lambda: (
+                not [
+                    va
+                    for va in c.informers["volumeattachments"].values()
+                    if va["spec"].get("nodeName") == node
+                ]
+            ),
+            30,
+            f"no VolumeAttachment left on {node}",
+        )
+        assert delta(run, "watchdog_actions_total", action="DeleteVolumeAttachments") > 0
 
     await env.fault("poweron", node)
     await env.wait_for(
