@@ -196,6 +196,17 @@ def register_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--agents", action="store_true", help="run a real `node-watchdog agent` per node"
     )
     p.add_argument(
+        "--rbac-overlay",
+        metavar="NAME",
+        help="apply only the RBAC of deploy/overlays/NAME (kubevirt, harvester) and run the "
+        "agents as its ServiceAccount; prints `service-account kubeconfig: PATH` for controllers",
+    )
+    p.add_argument(
+        "--audit-log",
+        action="store_true",
+        help="kube-apiserver audit log (JSON lines, level Metadata); prints `audit log: PATH`",
+    )
+    p.add_argument(
         "--run-strategy",
         type=choice_list(RUN_STRATEGIES),
         default=("RerunOnFailure",),
@@ -256,6 +267,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
         access_modes=args.access_mode,
         broker=None if args.broker == "none" else args.broker,
         agents=args.agents,
+        rbac_overlay=args.rbac_overlay,
+        audit_log=args.audit_log,
         fence_action=args.fence_action,
         work_dir=args.work_dir,
         kubeconfig=args.kubeconfig,
@@ -324,6 +337,10 @@ async def _run_sim(config: Any, ready_timeout_s: float) -> int:
         )
         if cluster.broker is not None:
             print(f"broker: {cluster.broker.url}", flush=True)
+        if cluster.identity is not None:
+            print(f"service-account kubeconfig: {cluster.identity.kubeconfig}", flush=True)
+        if cluster.control_plane.audit_log_path is not None:
+            print(f"audit log: {cluster.control_plane.audit_log_path}", flush=True)
         print(f"kubeconfig: {cluster.kubeconfig}", flush=True)
         await stopper
         return EXIT_OK

@@ -73,6 +73,8 @@ from chaos.sim.kubevirt import (
 from chaos.sim.ledger import RESTARTING_STRATEGIES, Ledger
 from chaos.sim.procs import ManagedProcess, managed
 from chaos.sim.proxy import ProxyMode, TcpProxy
+from chaos.sim.rbac import RbacError, ServiceIdentity, kustomization_dirs
+from chaos.sim.rbac import install as install_rbac
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,10 @@ class SimConfig:
     kubeconfig: Path | None = None  # where to write the admin kubeconfig (default: work dir)
     control_plane_bin: Path | None = None
     audit_log: bool = False
+    # A deploy/ overlay ("kubevirt", "harvester", "kubevirt+delete-volume-attachments": with
+    # components): its RBAC objects are applied and the agents run as its ServiceAccount
+    # (`SimCluster.identity`); None: agents run as admin.
+    rbac_overlay: str | None = None
     control_channel: bool = False  # serve the `fault`/`ledger` control API (the CLI does)
     keep_work_dir: bool = False
 
@@ -157,6 +163,11 @@ class SimConfig:
             raise bad("run_nodes", self.run_nodes, "needs agents=True")
         if self.control_plane_bin is not None and not Path(self.control_plane_bin).is_dir():
             raise bad("control_plane_bin", str(self.control_plane_bin), "not a directory")
+        if self.rbac_overlay is not None:
+            try:
+                kustomization_dirs(self.rbac_overlay)
+            except RbacError as e:
+                raise bad("rbac_overlay", self.rbac_overlay, str(e)) from e
 
     @property
     def wants_links(self) -> bool:
@@ -245,6 +256,7 @@ class SimCluster:
         self.agents: dict[str, AgentSlot] = {}
         self.agent_note: str | None = None
         self.kubeconfig = Path()
+        self.identity: ServiceIdentity | None = None  # with config.rbac_overlay
         self._runner: asyncio.Task[None] | None = None
         self._control: ControlServer | None = None
         self._fence: FenceServer | None = None
@@ -290,6 +302,13 @@ class SimCluster:
             self._runner = asyncio.create_task(self._run_all(), name="sim cluster")
             await self._wait_informers()
             await self._create_cluster_objects()
+            if cfg.rbac_overlay is not None:
+                self.identity = await install_rbac(
+                    self.control_plane,
+                    self.kube,
+                    cfg.rbac_overlay,
+                    self.work_dir / "service-account.kubeconfig",
+                )
             await self.fleet.wait_started()
             await self._start_broker_and_links()
             await self._create_vms()
@@ -570,10 +589,14 @@ class SimCluster:
         return f"mqtt://127.0.0.1:{links.broker.port}"
 
     def node_kubeconfig(self, node: str) -> Path:
-        """An admin kubeconfig reaching the API server through `node`'s link."""
+        """A kubeconfig reaching the API server through `node`'s link: the ServiceAccount's
+        with `rbac_overlay`, else admin's."""
         path = self.work_dir / "nodes" / node / "kubeconfig"
         links = self.links.get(node)
-        data = yaml.safe_load(self.control_plane.admin_kubeconfig.read_text())
+        source = self.control_plane.admin_kubeconfig
+        if self.identity is not None:
+            source = self.identity.kubeconfig
+        data = yaml.safe_load(source.read_text())
         if links is not None and links.api is not None:
             for cluster in data["clusters"]:
                 cluster["cluster"]["server"] = f"https://127.0.0.1:{links.api.port}"
@@ -789,6 +812,14 @@ class SimCluster:
                 n: {"running": s.running, "starts": s.starts} for n, s in self.agents.items()
             },
             "agent_note": self.agent_note,
+            "service_account": (
+                None
+                if self.identity is None
+                else {
+                    "user": self.identity.username,
+                    "kubeconfig": str(self.identity.kubeconfig),
+                }
+            ),
             "nodes": {
                 n: {**m.state(), "ready": self.node_ready(n), "broker_url": self.node_broker_url(n)}
                 for n, m in self.fleet.members.items()

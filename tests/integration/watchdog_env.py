@@ -6,7 +6,9 @@ test_evacuation.py):
 - `WatchdogEnv`: a `SimCluster` (real control plane, real Mosquitto, one real `node-watchdog
   agent` per node behind its node's links) plus N real `node-watchdog controller` processes,
   each in its own process group with its log in a file, started with the same compressed timings
-  as the agents (`TIMINGS`), killed at teardown. Creates the `node-watchdog` namespace.
+  as the agents (`TIMINGS`), killed at teardown. Creates the `node-watchdog` namespace. With
+  `SimConfig.rbac_overlay` the controllers, like the agents, run as that overlay's ServiceAccount
+  (its token, its RBAC, its namespace for the leader Lease); admin otherwise.
 - `Scrape`: one parsed `/metrics` answer (prometheus_client's own parser), queried by sample
   name and a subset of labels.
 - `Timeline`: what the API said, as it said it, recorded from the simulator's informers on our
@@ -381,6 +383,7 @@ class WatchdogEnv:
         self.controller_env = dict(controller_env or {})
         self.controllers: list[Controller] = []
         self.timeline = Timeline()
+        self.namespace = NAMESPACE  # the controllers'; the ServiceAccount's with rbac_overlay
         self._started = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -404,10 +407,12 @@ class WatchdogEnv:
         await c.wait_ready(120)
         assert c.broker is not None, "the service tests need a broker"
         assert c.agents and all(s.running for s in c.agents.values()), c.agent_note
+        if c.identity is not None:
+            self.namespace = c.identity.namespace
         with contextlib.suppress(ApiError):
             await c.kube.create(
                 NAMESPACES,
-                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace}},
             )
         self.timeline.attach(c)
         for _ in range(self.n_controllers):
@@ -429,11 +434,11 @@ class WatchdogEnv:
             **os.environ,
             **TIMINGS,
             **LEADER_TIMINGS,
-            "KUBECONFIG": str(c.kubeconfig),
+            "KUBECONFIG": str(c.kubeconfig if c.identity is None else c.identity.kubeconfig),
             "WATCHDOG_MQTT__URL": c.broker.url,
             "WATCHDOG_METRICS_HOST": "127.0.0.1",
             "WATCHDOG_METRICS_PORT": str(port),
-            "WATCHDOG_NAMESPACE": NAMESPACE,
+            "WATCHDOG_NAMESPACE": self.namespace,
             **self.controller_env,
         }
 
@@ -539,7 +544,7 @@ class WatchdogEnv:
         return sorted(out, key=lambda e: e.get("lastTimestamp") or "")
 
     async def leader_lease(self) -> Obj | None:
-        return await self.cluster.kube.get_or_none(LEASES, LEADER_LEASE, NAMESPACE)
+        return await self.cluster.kube.get_or_none(LEASES, LEADER_LEASE, self.namespace)
 
     # --- faults and baseline -------------------------------------------------------------------
 

@@ -1,0 +1,372 @@
+"""The shipped RBAC is sufficient and minimal, proven on the real control plane (issue 6).
+
+For each of the kubevirt overlay, the harvester overlay (namespace harvester-system) and the
+kubevirt overlay with the opt-in delete-volume-attachments component (and the feature on), the
+kustomization is rendered with the real kubectl; only its RBAC objects (ServiceAccount,
+ClusterRoles, Roles and their bindings) are applied to a fresh test cluster, and every agent and
+the controller run with a token of that ServiceAccount (agents through their node's api link,
+so faults still apply). Then the service does its job:
+
+1. power-off of node-1 → fenced → reset → its VMs run elsewhere → node-1 powered on → recovered;
+2. kubelet-only fault on a node with VMs (others cordoned, so migrations cannot finish) →
+   DEGRADED → evacuation migrations created → kubelet back → migrations deleted; twice, so the
+   repeated Event is counted (patched) instead of created again.
+
+and the kube-apiserver's audit log (level Metadata, every request) is read:
+
+- sufficient: no request by the ServiceAccount was denied (403), and the scenario succeeded;
+- minimal: every (apiGroup, resource[/subresource], verb) granted by the rendered roles, in the
+  scope of its binding, was used by an allowed request; `NOT_EXERCISED` would list, with why,
+  a grant this run cannot use (it is empty: the run uses all of them);
+- really used: the ServiceAccount made the requests (each node's agent read its Node with it,
+  the controller held the leader Lease and wrote the migrations with it), admin made none of
+  the controller's distinctive writes.
+
+On failure the tables of denied requests / unused grants are printed; `-s` prints the grants
+with how often each was used. Rerun (about 50 s per overlay on 2 cores):
+    python3 -m pytest -p no:cacheprovider tests/integration/test_rbac_proof.py -s
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from chaos.sim.informer import NAMESPACES, NODES, ApiError
+from chaos.sim.rbac import ServiceIdentity
+from tests.integration.test_service_failover import delta, fail_over
+from tests.integration.watchdog_env import WatchdogEnv, default_config, free_port
+from tests.unit.test_deploy import rendered_access
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.broker,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.timeout(300),
+]
+
+# The overlays whose RBAC is proven here, with the controller settings they ship (harvester: the
+# same roles in harvester-system; the opt-in component adds VolumeAttachment and PVC grants).
+OVERLAYS: dict[str, dict[str, str]] = {
+    "kubevirt": {},
+    "harvester": {},
+    "kubevirt+delete-volume-attachments": {"WATCHDOG_DELETE_VOLUME_ATTACHMENTS": "true"},
+}
+# (scope, apiGroup, resource, verb) granted but legitimately not used by this scenario → why.
+# Keep it empty unless a grant cannot be exercised here; an entry that the run uses anyway
+# fails the test (a stale excuse hides nothing).
+NOT_EXERCISED: dict[tuple[str, str, str, str], str] = {}
+
+Grant = tuple[str, str, str, str]  # (scope: "cluster" or a namespace, group, resource, verb)
+
+
+# --- the audit log -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """One API request as the audit log recorded it."""
+
+    user: str
+    verb: str
+    group: str
+    resource: str  # "pods/status" for a subresource; "" for a non-resource URL
+    namespace: str
+    name: str
+    code: int
+    decision: str  # authorization.k8s.io/decision: "allow", "forbid" or ""
+    uri: str
+    user_agent: str
+
+    @property
+    def denied(self) -> bool:
+        return self.code == 403 or self.decision == "forbid"
+
+    def row(self) -> str:
+        return _ROW.format(
+            self.code,
+            self.verb,
+            self.group or "core",
+            self.resource or self.uri,
+            self.namespace or "-",
+            self.name,
+        )
+
+
+_ROW = "{:>4}  {:<8} {:<20} {:<36} {:<16} {}"
+_HEADER = _ROW.format("code", "verb", "group", "resource", "namespace", "name")
+
+
+def read_audit(path: Path) -> list[Request]:
+    """Every request (one per auditID, its last stage: a watch shows from ResponseStarted)."""
+    by_id: dict[str, dict[str, Any]] = {}
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            event = json.loads(line)
+            by_id[event["auditID"]] = event
+    out = []
+    for e in by_id.values():
+        ref = e.get("objectRef") or {}
+        resource = ref.get("resource", "")
+        if ref.get("subresource"):
+            resource = f"{resource}/{ref['subresource']}"
+        out.append(
+            Request(
+                user=(e.get("user") or {}).get("username", ""),
+                verb=e.get("verb", ""),
+                group=ref.get("apiGroup", ""),
+                resource=resource,
+                namespace=ref.get("namespace", ""),
+                name=ref.get("name", ""),
+                code=int((e.get("responseStatus") or {}).get("code") or 0),
+                decision=(e.get("annotations") or {}).get("authorization.k8s.io/decision", ""),
+                uri=e.get("requestURI", ""),
+                user_agent=e.get("userAgent", ""),
+            )
+        )
+    return out
+
+
+def grants_used(grants: set[Grant], requests: list[Request]) -> dict[Grant, int]:
+    """How many allowed requests each grant covers: a ClusterRoleBinding's in any namespace
+    (or cluster-scoped), a RoleBinding's in its namespace only."""
+    used: Counter[Grant] = Counter()
+    for r in requests:
+        if r.denied or not r.resource:
+            continue
+        for scope, group, resource, verb in grants:
+            if (group, resource, verb) == (r.group, r.resource, r.verb) and scope in (
+                "cluster",
+                r.namespace,
+            ):
+                used[(scope, group, resource, verb)] += 1
+    return dict(used)
+
+
+def table(title: str, header: str, rows: list[str]) -> str:
+    return "\n".join([title, header, *rows])
+
+
+# --- the scenario --------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=sorted(OVERLAYS))
+async def env(
+    request: pytest.FixtureRequest,
+    control_plane_binaries,
+    tmp_path_factory: pytest.TempPathFactory,
+):
+    overlay = request.param
+    work = Path(tmp_path_factory.mktemp(f"rbac-proof-{overlay}"))
+    config = default_config(audit_log=True, rbac_overlay=overlay)
+    async with WatchdogEnv(
+        config, control_plane_binaries, work, controllers=1, controller_env=OVERLAYS[overlay]
+    ) as e:
+        yield e
+
+
+def identity(env: WatchdogEnv) -> ServiceIdentity:
+    ident = env.cluster.identity
+    assert ident is not None, "the cluster was not started with rbac_overlay"
+    return ident
+
+
+async def audited(env: WatchdogEnv) -> list[Request]:
+    """The audit log, once everything requested so far is in it: an admin request for a
+    namespace that does not exist is made last, and awaited in the log."""
+    path = env.cluster.control_plane.audit_log_path
+    assert path is not None
+    marker = f"audit-marker-{uuid.uuid4().hex[:12]}"
+    try:
+        await env.cluster.kube.get(NAMESPACES, marker)
+    except ApiError as e:
+        assert e.status == 404, e
+    await env.wait_for(lambda: marker in path.read_text(errors="replace"), 30, "audit log flushed")
+    return read_audit(path)
+
+
+async def cordon(env: WatchdogEnv, node: str, on: bool) -> None:
+    await env.cluster.kube.patch(NODES, node, {"spec": {"unschedulable": on or None}})
+
+
+async def test_power_off_reset_failover_and_recovery_run_as_the_service_account(env):
+    await env.restore()
+    c = env.cluster
+    node = "node-1"
+    run = await fail_over(env, node, "poweroff")
+    for vm, copy in run["new"].items():
+        assert c.vmi_node(vm) not in (None, node) and c.vmi_phase(vm) == "Running"
+        assert c.ledger.running_on(f"default/{vm}") == [copy.node]
+    for reason in ("NodeUnreachable", "FalselyReadyPods", "NodeFenced", "ForceReset"):
+        assert await env.events(reason, node, since=run["wall"]), f"no {reason} Event"
+    assert env.tainted(node)
+    if env.controller_env.get("WATCHDOG_DELETE_VOLUME_ATTACHMENTS") == "true":
+        # The opt-in component: the reset VMs' stale VolumeAttachments on node-1 are gone.
+        await env.wait_for(
+            lambda: (
+                not [
+                    va
+                    for va in c.informers["volumeattachments"].values()
+                    if va["spec"].get("nodeName") == node
+                ]
+            ),
+            30,
+            f"no VolumeAttachment left on {node}",
+        )
+        assert delta(run, "watchdog_actions_total", action="DeleteVolumeAttachments") > 0
+
+    await env.fault("poweron", node)
+    await env.wait_for(
+        lambda: env.phase(node) == "Healthy" and not env.tainted(node), 60, f"{node} recovered"
+    )
+    assert await env.events("NodeRecovered", node, since=run["wall"])
+    await env.restore()
+    assert c.ledger.split_brain_seconds() == 0, c.ledger.totals()
+    assert c.ledger.lost() == [] and c.ledger.false_resets() == [], c.ledger.totals()
+
+
+async def test_a_degraded_node_is_evacuated_and_the_evacuation_stopped_as_the_service_account(
+    env,
+):
+    await env.restore()
+    c = env.cluster
+    node = max(("node-2", "node-3", "node-4"), key=lambda n: len(c.vms_on(n)))
+    vms = c.vms_on(node)
+    assert vms, f"{node} runs no VM: nothing to evacuate"
+    copies = {vm: list(c.ledger.vms[f"default/{vm}"].running) for vm in vms}
+    leader = await env.wait_leader()
+    before = await leader.scrape()
+    wall = time.time()
+    others = [n for n in c.fleet.members if n != node]
+    # With every other node cordoned the migration targets cannot be placed: the migrations
+    # stay unfinished, so the kubelet's return must delete them (StopEvacuation).
+    for n in others:
+        await cordon(env, n, True)
+    try:
+        for cycle in (1, 2):
+            t0 = await env.fault("kubelet-stop", node)
+            await env.wait_for(lambda: env.phase(node) == "Degraded", 45, f"{node} Degraded")
+            await env.wait_for(
+                lambda t0=t0: bool(_ours(env, node, t0)), 30, f"evacuation migrations ({cycle})"
+            )
+            await env.fault("kubelet-start", node)
+            await env.wait_for(lambda: env.phase(node) == "Healthy", 45, f"{node} Healthy")
+            await env.wait_for(
+                lambda t0=t0: all("deleted" in m for m in _ours(env, node, t0).values()),
+                30,
+                f"unfinished evacuation migrations deleted ({cycle})",
+            )
+    finally:
+        for n in others:
+            await cordon(env, n, False)
+    after = await leader.scrape()
+
+    # Evacuated and stopped twice; the second EvacuationStarted was counted on the first Event.
+    started = await env.events("EvacuationStarted", node, since=wall)
+    assert started and max(int(e.get("count") or 1) for e in started) >= 2, started
+    assert await env.events("NodeRecovered", node, since=wall)
+    # Nothing reset: the VMs kept running where they were, once.
+    for name in ("TaintOutOfService", "ForceDeletePods"):
+        assert after.get("watchdog_actions_total", action=name) == before.get(
+            "watchdog_actions_total", action=name
+        )
+    for vm in vms:
+        assert list(c.ledger.vms[f"default/{vm}"].running) == copies[vm], vm
+    await env.restore()
+    assert c.ledger.split_brain_seconds() == 0 and c.ledger.false_resets() == []
+
+
+def _ours(env: WatchdogEnv, node: str, since: float) -> dict[str, dict]:
+    return {
+        k: m
+        for k, m in env.timeline.migrations.items()
+        if m["evacuation"] == node and m["created"] >= since
+    }
+
+
+async def test_preflight_as_the_service_account_finds_every_verb_allowed(env):
+    """What an operator runs after installing (docs/OPERATIONS.md), with the same token."""
+    proc = await asyncio.create_subprocess_exec(
+        "node-watchdog",
+        "preflight",
+        env=env.controller_environment(free_port()),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 90)
+    text = out.decode(errors="replace")
+    rbac = [line for line in text.splitlines() if " rbac: " in f" {line}"]
+    assert rbac and all(line.startswith("ok") for line in rbac), text
+    assert proc.returncode == 0, text
+
+
+# --- what the audit log proves -------------------------------------------------------------
+
+
+async def test_no_request_of_the_service_account_was_denied(env):
+    ident = identity(env)
+    mine = [r for r in await audited(env) if r.user == ident.username]
+    denied = [r for r in mine if r.denied]
+    assert not denied, table(
+        f"{len(denied)} of {len(mine)} requests by {ident.username} were denied:",
+        _HEADER,
+        sorted({r.row() for r in denied}),
+    )
+
+
+async def test_every_granted_rule_is_used_by_the_service(env):
+    ident = identity(env)
+    access = rendered_access(ident.objects, ident.namespace)
+    grants = {(scope, *g) for scope, gs in access.items() for g in gs}
+    mine = [r for r in await audited(env) if r.user == ident.username]
+    used = grants_used(grants, mine)
+    unused = sorted(g for g in grants if g not in used and g not in NOT_EXERCISED)
+    stale = sorted(g for g in NOT_EXERCISED if g in used or g not in grants)
+    print(f"\n[rbac] {len(mine)} requests by {ident.username}; grants used:")
+    for g in sorted(grants):
+        print(f"  {g[0]:<16} {g[1] or 'core':<20} {g[2]:<36} {g[3]:<8} {used.get(g, 0)}")
+    assert not unused, table(
+        f"granted by the {ident.overlay} overlay but never used by the service "
+        "(remove the rule, or exercise it / explain it in NOT_EXERCISED):",
+        "scope            group                resource                             verb",
+        [f"{s:<16} {g or 'core':<20} {r:<36} {v}" for s, g, r, v in unused],
+    )
+    assert not stale, f"NOT_EXERCISED entries that are used or no longer granted: {stale}"
+
+
+async def test_the_service_account_did_the_work_and_admin_none_of_it(env):
+    ident = identity(env)
+    requests = await audited(env)
+    mine = [r for r in requests if r.user == ident.username]
+    # Every agent (through its node's api link) read its own Node as the ServiceAccount, again
+    # and again (its API check runs every second).
+    reads = Counter(
+        r.name for r in mine if (r.verb, r.resource) == ("get", "nodes") and not r.denied
+    )
+    assert all(reads[n] >= 5 for n in env.cluster.fleet.members), reads
+    assert len(mine) > 100, f"only {len(mine)} requests by {ident.username}"
+    # The controller's distinctive writes came from the ServiceAccount, never from admin.
+    distinctive = [
+        r
+        for r in requests
+        if r.verb in ("create", "update", "patch", "delete")
+        and (
+            (r.resource == "leases" and r.namespace == env.namespace)
+            or r.resource == "virtualmachineinstancemigrations"
+        )
+    ]
+    by_user = Counter(r.user for r in distinctive)
+    assert set(by_user) == {ident.username}, by_user
+    lease_writes = [r for r in distinctive if r.resource == "leases"]
+    assert {r.verb for r in lease_writes} >= {"create", "update"}, Counter(
+        r.verb for r in lease_writes
+    )

@@ -1,0 +1,53 @@
+"""chaos/sim/rbac.py picks the shipped RBAC, and only it, out of a rendered deploy/ overlay.
+
+Rendered with the real `kubectl kustomize`; what the test cluster then does with the objects
+(apply, token, running the service as the ServiceAccount) is tests/integration/test_rbac_proof.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from chaos.sim.cluster import SimConfig
+from chaos.sim.rbac import RBAC_KINDS, RbacError, rbac_objects, render, service_account
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+
+
+@pytest.mark.parametrize(
+    ("overlay", "namespace", "cluster_roles"),
+    [
+        ("kubevirt", "node-watchdog", {"node-watchdog"}),
+        ("harvester", "harvester-system", {"node-watchdog"}),
+        (
+            "kubevirt+delete-volume-attachments",
+            "node-watchdog",
+            {"node-watchdog", "node-watchdog-volume-attachments"},
+        ),
+    ],
+)
+def test_only_the_rbac_objects_of_an_overlay_are_picked_accounts_and_roles_first(
+    overlay: str, namespace: str, cluster_roles: set[str]
+) -> None:
+    everything = render(overlay)
+    objs = rbac_objects(everything)
+    assert {o["kind"] for o in everything} - set(RBAC_KINDS)  # a DaemonSet, a broker...
+    assert {o["kind"] for o in objs} == set(RBAC_KINDS)
+    kinds = [RBAC_KINDS.index(o["kind"]) for o in objs]
+    assert kinds == sorted(kinds)
+    assert service_account(objs) == (namespace, "node-watchdog")
+    assert {o["metadata"]["name"] for o in objs if o["kind"] == "ClusterRole"} == cluster_roles
+    # The node Lease reader stays in kube-node-lease; the leader Role follows the overlay.
+    assert {o["metadata"].get("namespace") for o in objs if o["kind"] == "Role"} == {
+        "kube-node-lease",
+        namespace,
+    }
+
+
+def test_an_unknown_overlay_or_component_is_refused_naming_the_field() -> None:
+    with pytest.raises(RbacError, match="no kustomization"):
+        render("kubevirt+no-such-component")
+    with pytest.raises(ValueError, match="rbac_overlay='openshift'"):
+        SimConfig(rbac_overlay="openshift").validate()
