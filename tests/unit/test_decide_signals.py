@@ -146,3 +146,24 @@ def test_losing_both_connections_makes_every_signal_unknown() -> None:
     sig = signals_of(o, SourceHealth(None, None), NOW, CFG)
     assert (sig.heartbeat, sig.lease, sig.ready, sig.peers) == (Signal.UNKNOWN,) * 4
     assert sig.heartbeat_age_s is None
+
+
+@pytest.mark.parametrize(
+    ("last", "known_since", "signal", "age"),
+    [
+        pytest.param(None, 998.0, Signal.ALIVE, 2.0, id="node listed 2 s ago, no heartbeat yet"),
+        pytest.param(None, 996.0, Signal.STALE, 4.0, id="listed 4 s ago and silent since: stale"),
+        pytest.param(None, None, Signal.STALE, 1000.0, id="unknown listing time: broker counts"),
+        pytest.param(999.0, 10.0, Signal.ALIVE, 1.0, id="known long ago: its heartbeat counts"),
+        pytest.param(990.0, 998.5, Signal.ALIVE, 1.5, id="listed after its last heartbeat"),
+    ],
+)
+def test_silence_before_a_node_was_known_is_not_counted(
+    last: float | None, known_since: float | None, signal: Signal, age: float
+) -> None:
+    """At a takeover the last pages of a large Node list arrive after the broker connection;
+    heartbeats of nodes not listed yet were rejected as unknown, not missed."""
+    got = heartbeat_signal(
+        obs(last_heartbeat_at=last, known_since=known_since), SourceHealth(0.0, 0.0), NOW, CFG
+    )
+    assert got == (signal, pytest.approx(age))

@@ -28,7 +28,7 @@ from watchdog.decide.falsely_ready import falsely_ready
 from watchdog.decide.observations import FenceDeclaration, NodeObservation, SourceHealth
 from watchdog.decide.reasons import Reason
 from watchdog.decide.safety import reset_not_before
-from watchdog.decide.signals import Signal, Signals, signals_of
+from watchdog.decide.signals import Signal, Signals, heartbeat_watch_since, signals_of
 from watchdog.decide.state import NodeState, Phase
 
 # While pods are being force-deleted, look again this often (deletes are idempotent).
@@ -178,7 +178,8 @@ class _Step:
     def heartbeat_wakeups(self) -> None:
         """Wake when a silent source would cross its next threshold."""
         if self.ctx.health.broker_up_since is not None:
-            ref = max(self.obs.last_heartbeat_at or 0.0, self.ctx.health.broker_up_since)
+            since = heartbeat_watch_since(self.obs, self.ctx.health.broker_up_since)
+            ref = max(self.obs.last_heartbeat_at or 0.0, since)
             self.wake_at(ref + self.cfg.suspect_after_s)
             self.wake_at(ref + self.cfg.unreachable_after_s)
         if self.ctx.health.api_up_since is not None and self.obs.lease_seen:

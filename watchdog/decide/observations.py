@@ -63,3 +63,6 @@ class NodeObservation:
     # The phase this node's annotation shows, as last seen through the API watch: the fence
     # clock starts only once the agent could read that it is being fenced.
     persisted_phase: str | None = None
+    # When this controller first saw the Node object. Heartbeats of a node it did not know yet
+    # were rejected (unknown node), so silence before then is not evidence either.
+    known_since: float | None = None

@@ -43,11 +43,21 @@ def heartbeat_signal(
 ) -> tuple[Signal, float | None]:
     if health.broker_up_since is None:
         return Signal.UNKNOWN, None
-    age = _age(now, obs.last_heartbeat_at, health.broker_up_since)
+    age = _age(now, obs.last_heartbeat_at, heartbeat_watch_since(obs, health.broker_up_since))
     if obs.agent_offline:
         # The broker delivered the agent's Last Will or a clean "offline": no need to wait.
         return Signal.STALE, age
     return (Signal.STALE if age >= cfg.suspect_after_s else Signal.ALIVE), age
+
+
+def heartbeat_watch_since(obs: NodeObservation, broker_up_since: float) -> float:
+    """Since when we could have received this node's heartbeats: the broker connection, or the
+    moment the node became known to us, whichever is later (at a takeover, the last pages of a
+    large Node list arrive after the broker connection; their nodes' earlier heartbeats were
+    rejected as unknown, not missed)."""
+    if obs.known_since is None:
+        return broker_up_since
+    return max(broker_up_since, obs.known_since)
 
 
 def lease_signal(

@@ -181,6 +181,7 @@ def _controller(
                 scheduler.forget(key)
                 return
             book.known.add(key)
+            controller.node_known(key)
             scheduler.mark(key)
         elif resource == LEASES.name:
             scheduler.mark(key.removeprefix(f"{NODE_LEASE_NAMESPACE}/"))

@@ -102,6 +102,8 @@ class Controller:
         # `heartbeat_needs_evaluation`).
         self._quiet: set[str] = set()
         self._holds_reported: tuple[Reason, ...] = ()
+        # node → when the Node object first appeared in our cache (see heartbeat_watch_since).
+        self.known_since: dict[str, float] = {}
         # Set by the runtime to the heartbeat subscriber's lag check (observe/mqtt.py); read at
         # every evaluation, so a decision never uses ages measured across our own backlog.
         self.ingest_lagging: Callable[[], bool] = lambda: False
@@ -188,6 +190,7 @@ class Controller:
             launcher_pods=self.view.launcher_pods(node),
             external_fence_confirmed=node in self.fence_confirmed,
             persisted_phase=persisted_phase,
+            known_since=self.known_since.get(node),
         )
 
     def holds(self, health: SourceHealth | None = None) -> tuple[Reason, ...]:
@@ -213,8 +216,12 @@ class Controller:
         self.phase_counts[state.phase] += 1
         self.metrics.nodes.labels(phase=state.phase.value).inc()
 
+    def node_known(self, node: str) -> None:
+        self.known_since.setdefault(node, self.clock())
+
     def forget_node(self, node: str) -> None:
         self._quiet.discard(node)
+        self.known_since.pop(node, None)
         old = self.states.pop(node, None)
         if old is not None:
             self.phase_counts[old.phase] -= 1
