@@ -2,9 +2,12 @@
 
 Owns one broker connection (client id `node-watchdog-controller-<host>-<pid>`, unique per
 process so two replicas never take over each other's session), subscribed to
-`<prefix>/heartbeat/+` (QoS 0) and `<prefix>/status/+` (QoS 1, retained `online` / Will
-`offline`). Every message is validated (decide/heartbeats.py, DESIGN §9); a rejection is
-counted and reported through `on_reject`, never raised. The state of the connection itself is
+`<prefix>/heartbeat/+` (QoS 0), `<prefix>/status/+` (QoS 1, retained `online` / Will
+`offline`) and `<prefix>/peers/+` (QoS 1, retained peer reports, into the PeerBook). Every
+message is validated (decide/heartbeats.py, decide/peer_reports.py, DESIGN §9); a rejection is
+counted and reported through `on_reject` / `on_peer_reject`, never raised. It also carries the
+leader's retained probe lists out (`publish_retained`: latest per topic wins, re-sent by the
+caller after a reconnection). The state of the connection itself is
 reported through `on_connection`: the controller turns "down" into UNKNOWN heartbeats and holds
 resets (a lost broker is not evidence that nodes died).
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import random
@@ -36,6 +40,7 @@ from watchdog.decide.heartbeats import (
     parse_heartbeat,
 )
 from watchdog.decide.mqtt_url import BrokerSettings, reconnect_delay_s
+from watchdog.decide.peer_reports import PeerBook, parse_report
 from watchdog.transport.mqtt import broker_connection
 
 log = logging.getLogger(__name__)
@@ -148,10 +153,19 @@ class HeartbeatSubscriber:
         on_change: Callable[[str], None],
         on_connection: Callable[[bool], None],
         on_reject: Callable[[RejectReason], None],
+        peers: PeerBook | None = None,
+        on_peers: Callable[[str, set[str]], None] | None = None,
+        on_peer_reject: Callable[[RejectReason], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._book = book
+        self._peers = peers
+        self._on_peers = on_peers
+        self._on_peer_reject = on_peer_reject
+        self._outbox: dict[str, bytes] = {}  # topic → latest payload to publish, retained
+        self._outbox_ready = asyncio.Event()
+        self._peer_reports = 0
         self._on_change = on_change
         self._on_connection = on_connection
         self._on_reject = on_reject
@@ -160,6 +174,7 @@ class HeartbeatSubscriber:
         self._prefix = prefix
         self._heartbeat_head = f"{prefix}/heartbeat/"
         self._status_head = f"{prefix}/status/"
+        self._peers_head = f"{prefix}/peers/"
         self.client_id = f"node-watchdog-controller-{socket.gethostname()}-{os.getpid()}"
         self._queue_stats = QueueStats()
         self._queue_type = coalescing_queue(self._queue_stats)
@@ -211,6 +226,8 @@ class HeartbeatSubscriber:
             "statuses": self._statuses,
             "rejected": {reason.value: n for reason, n in self._rejected.items()},
             "rejected_total": sum(self._rejected.values()),
+            "peer_reports": self._peer_reports,
+            "outbox": len(self._outbox),
             "queue_depth": len(self._client.messages) if self._client is not None else 0,
             "queue_bound": self._settings.mqtt.max_queued_messages,
             "queue_high_water": self._queue_stats.high_water,
@@ -221,6 +238,15 @@ class HeartbeatSubscriber:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Queue a retained QoS 1 publish; a later one for the same topic replaces it. Sent
+        while connected; kept (not re-sent) across a reconnection: the caller decides."""
+        self._outbox[topic] = payload
+        self._outbox_ready.set()
+
+    def clear_outbox(self) -> None:
+        self._outbox.clear()
 
     # --- connection ------------------------------------------------------------------------------
 
@@ -243,9 +269,12 @@ class HeartbeatSubscriber:
             async with client:
                 await client.subscribe(self._heartbeat_head + "+", qos=0)
                 await client.subscribe(self._status_head + "+", qos=1)
+                if self._peers is not None:
+                    await client.subscribe(self._peers_head + "+", qos=1)
                 self._client = client
                 self._attempt = 0
                 self._set_connected(True)
+                sender = asyncio.create_task(self._send_outbox(client), name="probe lists out")
                 try:
                     async for message in client.messages:
                         self._handle(message)
@@ -253,6 +282,10 @@ class HeartbeatSubscriber:
                 except asyncio.CancelledError:
                     client.timeout = GOODBYE_TIMEOUT_S  # bounds the DISCONNECT wait on the way out
                     raise
+                finally:
+                    sender.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                        await sender
         except aiomqtt.MqttError as e:
             _reraise_cancellation(e)
             return str(e) or type(e).__name__
@@ -262,6 +295,20 @@ class HeartbeatSubscriber:
         finally:
             self._client = None
         return "message stream ended"  # pragma: no cover - aiomqtt raises instead
+
+    async def _send_outbox(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while self._outbox:
+                topic = next(iter(self._outbox))
+                payload = self._outbox.pop(topic)
+                try:
+                    await client.publish(topic, payload, qos=1, retain=True)
+                except aiomqtt.MqttError:
+                    # Lost connection: the message loop notices too. Keep it unless replaced.
+                    self._outbox.setdefault(topic, payload)
+                    return
 
     def _set_connected(self, up: bool) -> None:
         if up == self._connected:
@@ -297,6 +344,8 @@ class HeartbeatSubscriber:
             self._on_change(hb.node)
         elif topic.startswith(self._status_head):
             self._handle_status(topic[len(self._status_head) :], payload, topic, now)
+        elif topic.startswith(self._peers_head) and self._peers is not None:
+            self._handle_peers(topic, payload, now)
         else:  # our subscriptions cannot deliver this; a broker bug is still not trusted
             self._reject(RejectReason.TOPIC_MISMATCH, "unexpected topic", topic, now)
 
@@ -311,6 +360,32 @@ class HeartbeatSubscriber:
             return
         self._statuses += 1
         self._on_change(node)
+
+    def _handle_peers(self, topic: str, payload: bytes, now: float) -> None:
+        assert self._peers is not None
+        if payload == b"":
+            return  # a retained report being cleared
+        try:
+            report = parse_report(topic, payload, self._prefix)
+            targets = self._peers.accept(report, now, self._book.known)
+        except HeartbeatRejected as e:
+            if self._on_peer_reject is not None:
+                self._on_peer_reject(e.reason)
+            self._log_limited(
+                f"peers-{e.reason.value}",
+                now,
+                logging.WARNING,
+                "heartbeat subscriber: rejected peer report on %r: %s: %s",
+                topic[:160],
+                e.reason.value,
+                e.detail[:160],
+            )
+            return
+        if targets is None:
+            return  # the retained copy of a report we already have
+        self._peer_reports += 1
+        if self._on_peers is not None:
+            self._on_peers(report.node, targets)
 
     def _reject(self, reason: RejectReason, detail: str, topic: str, now: float) -> None:
         self._rejected[reason] += 1
