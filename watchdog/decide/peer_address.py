@@ -12,8 +12,8 @@ import re
 
 MAX_ADDRESS_CHARS = 262  # a 253-char DNS name, the colon and five digits, with room for brackets
 _LABEL = r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?"
-_DNS = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
-_PORT = re.compile(r"^[1-9][0-9]{0,4}$")
+_DNS = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*")
+_PORT = re.compile(r"[1-9][0-9]{0,4}")
 
 
 def split_peer_address(text: object) -> tuple[str, int]:
@@ -21,7 +21,7 @@ def split_peer_address(text: object) -> tuple[str, int]:
     if not isinstance(text, str) or not 0 < len(text) <= MAX_ADDRESS_CHARS:
         raise ValueError("peer address must be a non-empty string of at most 262 characters")
     host, sep, port_text = text.rpartition(":")
-    if not sep or not _PORT.match(port_text) or not 0 < int(port_text) <= 65535:
+    if not sep or not _PORT.fullmatch(port_text) or not 0 < int(port_text) <= 65535:
         raise ValueError(f"peer address {text[:80]!r}: needs host:port with a port in 1..65535")
     if host.startswith("[") and host.endswith("]"):
         try:
@@ -29,7 +29,7 @@ def split_peer_address(text: object) -> tuple[str, int]:
         except ValueError as e:
             raise ValueError(f"peer address {text[:80]!r}: bad IPv6 address") from e
         return host[1:-1], int(port_text)
-    if not _DNS.match(host):
+    if not _DNS.fullmatch(host):
         raise ValueError(f"peer address {text[:80]!r}: host is not an IPv4 address or DNS name")
     if all(part.isdigit() for part in host.split(".")):
         try:
