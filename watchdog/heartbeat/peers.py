@@ -62,6 +62,7 @@ class PeerEndpoint:
         self._server: asyncio.Server | None = None
         self._active = 0
         self._pong = encode_pong(node, boot_id)
+        self.started = asyncio.Event()  # set once listening
 
     @property
     def listening(self) -> bool:
@@ -84,11 +85,13 @@ class PeerEndpoint:
                 )
                 await asyncio.sleep(LISTEN_RETRY_S)
         log.info("peer endpoint listening on %s:%d", self.host, self.port)
+        self.started.set()
         try:
             await asyncio.Event().wait()
         finally:
             self._server.close()
             self._server = None
+            self.started.clear()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._active >= MAX_CONNECTIONS:
