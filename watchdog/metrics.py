@@ -37,6 +37,21 @@ class Metrics:
         self.heartbeats_rejected = Counter(
             "watchdog_heartbeats_rejected_total", "Rejected heartbeats.", ["reason"], registry=r
         )
+        self.peer_reports = Counter(
+            "watchdog_peer_reports_total", "Accepted peer reports.", registry=r
+        )
+        self.peer_reports_rejected = Counter(
+            "watchdog_peer_reports_rejected_total",
+            "Rejected peer reports.",
+            ["reason"],
+            registry=r,
+        )
+        self.peer_probes = Counter(
+            "watchdog_peer_probes_total",
+            "Peer probes made by this agent, by outcome.",
+            ["result"],
+            registry=r,
+        )
         self.detection = Histogram(
             "watchdog_detection_seconds",
             "Last contact to UNREACHABLE.",

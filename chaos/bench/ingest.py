@@ -19,7 +19,8 @@ node topics), and the controller with default timings. Then:
    UNREACHABLE are counted, the target is zero).
 
 At defaults a node becomes UNREACHABLE only when its heartbeat is older than
-`unreachable_after_s` (5 s) AND a second source agrees: here the Lease, stale
+`unreachable_after_s` (4 s) AND a second source agrees: here (no peer probes run in this
+benchmark's simulated agents) the Lease, stale
 `lease_stale_after_s` (15 s) after its last renewal was seen, with renewals every 10 s. The
 detection delay is therefore bounded below by the Lease arithmetic, not by ingest; the
 `Suspect` delay (heartbeat only, 3 s) shows what ingest alone adds.

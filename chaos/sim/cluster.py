@@ -119,6 +119,9 @@ class SimConfig:
     run_command: tuple[str, ...] | None = None  # default: node-watchdog run
     run_env: dict[str, str] = field(default_factory=dict)
     node_links: bool | None = None  # per-node proxies; default: when a broker or agents run
+    # Agents serve peer probes behind a third per-node link ("peer link"), each on its own free
+    # loopback port, and announce that link's address; False runs them without peer probes.
+    peers: bool = True
     fence_action: str = "poweroff"  # what the fence channel does: "poweroff" or "reboot"
     work_dir: Path | None = None
     kubeconfig: Path | None = None  # where to write the admin kubeconfig (default: work dir)
@@ -180,18 +183,28 @@ class SimConfig:
 
 @dataclass
 class NodeLinks:
-    """A machine's network paths, as proxies a fault can cut (no FIN, no RST when cut)."""
+    """A machine's network paths, as proxies a fault can cut (no FIN, no RST when cut).
+
+    `peer` fronts the agent's peer-probe endpoint (listening on `peer_port`): other agents
+    probe the machine through it, so a powered-off or partitioned machine's probes time out,
+    while a machine whose agent alone died answers with an RST (the proxy's target refuses).
+    """
 
     broker: TcpProxy | None = None
     api: TcpProxy | None = None
+    peer: TcpProxy | None = None
+    peer_port: int | None = None  # where this node's agent listens for probes
+    broker_cut: bool = False  # the `broker-link-cut` fault: only the broker path is down
 
     def set_mode(self, mode: ProxyMode) -> None:
-        for proxy in (self.broker, self.api):
+        for proxy in (self.broker, self.api, self.peer):
             if proxy is not None:
                 proxy.set_mode(mode)
+        if self.broker_cut and self.broker is not None:
+            self.broker.set_mode(ProxyMode.BLACKHOLE)
 
     async def close(self) -> None:
-        for proxy in (self.broker, self.api):
+        for proxy in (self.broker, self.api, self.peer):
             if proxy is not None:
                 await proxy.close()
 
@@ -569,6 +582,10 @@ class SimCluster:
                 await links.broker.start()
             links.api = TcpProxy("127.0.0.1", api_port, name=f"{name} api link")
             await links.api.start()
+            if cfg.agents and cfg.peers:
+                links.peer_port = free_port()
+                links.peer = TcpProxy("127.0.0.1", links.peer_port, name=f"{name} peer link")
+                await links.peer.start()
             self.links[name] = links
 
     def links_down(self, node: str) -> None:
@@ -581,6 +598,26 @@ class SimCluster:
         links = self.links.get(node)
         if links is not None:
             links.set_mode(ProxyMode.PASS if self.fleet[node].connected else ProxyMode.BLACKHOLE)
+
+    def cut_broker_link(self, node: str, cut: bool) -> None:
+        """Only the machine's path to the broker (a firewall rule, a broken route): its API
+        and peer paths follow the machine as before."""
+        links = self.links.get(node)
+        if links is None or links.broker is None:
+            raise ValueError(f"{node} has no broker link (start the sim with a broker)")
+        links.broker_cut = cut
+        self.sync_links(node)
+
+    def peer_env(self, node: str) -> dict[str, str]:
+        """The agent's peer-probe settings: its endpoint behind the peer link, or none."""
+        links = self.links.get(node)
+        if links is None or links.peer is None or links.peer_port is None:
+            return {"WATCHDOG_PEER_PORT": "0"}
+        return {
+            "WATCHDOG_PEER_HOST": "127.0.0.1",
+            "WATCHDOG_PEER_PORT": str(links.peer_port),
+            "WATCHDOG_PEER_ADVERTISE": links.peer.address,
+        }
 
     def node_broker_url(self, node: str) -> str | None:
         links = self.links.get(node)
@@ -634,6 +671,7 @@ class SimCluster:
                 "WATCHDOG_BOOT_ID_FILE": str(self.boot_id_file(name)),
                 "WATCHDOG_METRICS_PORT": "0",
                 "WATCHDOG_FENCE_COMMAND": fence_command(self._fence.path, name),
+                **self.peer_env(name),
             }
             broker_url = self.node_broker_url(name)
             if broker_url:

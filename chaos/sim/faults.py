@@ -16,6 +16,8 @@ per node
   agent-kill      SIGKILL of the agent alone: the kernel closes its socket, the proxy forwards
                   the FIN, the broker publishes the Will at once
   agent-start     start the agent again
+  broker-link-cut/broker-link-heal   only the machine's path to the broker black-holed: its
+                  kubelet, API path and peer link stay up (the agent keeps reaching the API)
   fence           (the node-local fence channel) as poweroff, recorded as a fence; with
                   `fence_action="reboot"` the machine boots again
 cluster
@@ -53,6 +55,8 @@ NODE_ACTIONS = (
     "kubelet-start",
     "agent-kill",
     "agent-start",
+    "broker-link-cut",
+    "broker-link-heal",
     "fence",
 )
 CLUSTER_ACTIONS = (
@@ -71,6 +75,7 @@ INVERSE = {
     "nic-flap": "heal",
     "kubelet-stop": "kubelet-start",
     "agent-kill": "agent-start",
+    "broker-link-cut": "broker-link-heal",
     "fence": "poweron",
     "api-outage": "api-restore",
     "broker-outage": "broker-restore",
@@ -193,6 +198,9 @@ class Faults:
                     return {"killed": await c.kill_agent(node)}
                 case "agent-start":
                     return {"started": await c.start_agent(node)}
+                case "broker-link-cut" | "broker-link-heal":
+                    c.cut_broker_link(node, action == "broker-link-cut")
+                    return {}
         cp = c.control_plane
         match action:
             case "api-outage":

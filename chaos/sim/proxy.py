@@ -167,7 +167,12 @@ class TcpProxy:
         try:
             up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
-            return  # the target is down: the client gets an RST, as a direct connect would
+            # The target refuses (its process is gone, the machine is up): the client gets an
+            # RST at once, as a direct connect would, never a silent hang that looks like a
+            # dead machine to a peer prober.
+            self._stats.reset += 1
+            link.abort()
+            return
         link.upstream = up_writer
         if self._mode is ProxyMode.RESET or link.aborted:
             link.abort()  # reset while we were connecting

@@ -317,6 +317,7 @@ async def test_agent_cannot_publish_to_another_nodes_topics(broker: Broker) -> N
         (f"{PREFIX}/heartbeat/node-2", b'{"node":"node-2","seq":99}'),
         (f"{PREFIX}/status/node-2", b"offline"),
         (f"{PREFIX}/peers/node-2", b'{"node-3":false}'),
+        (f"{PREFIX}/peers/node-1/extra", b"{}"),
         (f"{PREFIX}/heartbeat/node-1/extra", b"{}"),
     ]
     marker = (f"{PREFIX}/heartbeat/node-1", b"marker")
@@ -356,6 +357,48 @@ async def test_a_client_writes_only_its_own_echo_topic(broker: Broker) -> None:
             await controller.publish(*own, qos=1)
         got = await inbox.wait_for(*own)
     assert got == [own], f"delivered despite the ACL: {got[:-1]}"
+
+
+async def test_an_agent_reads_only_its_own_probe_list(broker: Broker) -> None:
+    """Probe lists are written by the leader, a DaemonSet replica logged in as its node; each
+    agent reads only its own list (where it must connect is nobody else's business)."""
+    lists = [
+        (f"{PREFIX}/probe/node-2", b'{"node":"node-2","targets":{}}'),
+        (f"{PREFIX}/probe/node-1", b'{"node":"node-1","targets":{"node-2":"10.0.0.2:9103"}}'),
+    ]
+    async with subscribed(broker, "node-1", f"{PREFIX}/probe/#") as inbox:
+        async with broker.client("node-2", identifier="leader-on-node-2") as leader:
+            for topic, payload in lists:  # in order: node-1's own list is the barrier
+                await leader.publish(topic, payload, qos=1)
+        got = await inbox.wait_for(*lists[-1])
+    assert got == [lists[-1]], f"node-1 read another node's probe list: {got[:-1]}"
+
+
+async def test_a_replica_leader_publishes_probe_lists_and_reads_every_peer_report(
+    broker: Broker,
+) -> None:
+    report = (f"{PREFIX}/peers/node-1", b'{"node":"node-1","results":{"node-2":"reachable"}}')
+    probe = (f"{PREFIX}/probe/node-1", b'{"node":"node-1","targets":{}}')
+    async with subscribed(broker, "node-2", f"{PREFIX}/peers/+") as reports:
+        async with broker.client("node-1", identifier="agent-node-1") as agent:
+            await agent.publish(*report, qos=1)
+        assert await reports.wait_for(*report) == [report]
+    async with subscribed(broker, "node-1", f"{PREFIX}/probe/node-1") as lists:
+        async with broker.client("node-2", identifier="leader-on-node-2") as leader:
+            await leader.publish(*probe, qos=1)
+        assert await lists.wait_for(*probe) == [probe]
+
+
+async def test_the_controller_user_cannot_publish_probe_lists(broker: Broker) -> None:
+    forged = (f"{PREFIX}/probe/node-1", b'{"node":"node-1","targets":{"node-2":"6.6.6.6:1"}}')
+    after = (f"{PREFIX}/probe/node-1", b'{"node":"node-1","targets":{}}')
+    async with subscribed(broker, "node-1", f"{PREFIX}/probe/node-1") as inbox:
+        async with broker.client(mqtt_credentials.CONTROLLER_USER) as tool:
+            await tool.publish(*forged, qos=1)
+        async with broker.client("node-2", identifier="leader-on-node-2") as leader:
+            await leader.publish(*after, qos=1)
+        got = await inbox.wait_for(*after)
+    assert forged not in got
 
 
 async def test_an_agents_last_will_announces_it_offline(broker: Broker) -> None:

@@ -82,6 +82,10 @@ TIMINGS = {
     "WATCHDOG_POLICY__PERIOD_S": str(POLICY_PERIOD_S),
     "WATCHDOG_MQTT__KEEPALIVE_S": "2",
     "WATCHDOG_API_CHECK_INTERVAL_S": "1",
+    # Peer probes at the heartbeat's pace: two timeouts in a row (~1 s) make a target
+    # unreachable, well within UNREACHABLE_AFTER_S.
+    "WATCHDOG_PEER_INTERVAL_S": "0.25",
+    "WATCHDOG_PEER_PROBE_TIMEOUT_S": "0.5",
 }
 # Leader election, compressed too: a SIGKILLed leader is replaced after ~lease_duration.
 LEADER_TIMINGS = {
@@ -581,6 +585,9 @@ class WatchdogEnv:
         if c.broker is not None and not c.broker.running:
             await c.faults.apply("broker-restore")
         for name, sim in c.fleet.members.items():
+            links = c.links.get(name)
+            if links is not None and links.broker_cut:
+                await c.faults.apply("broker-link-heal", name)
             if not sim.network_up:
                 await c.faults.apply("heal", name)
             if not sim.powered:

@@ -116,7 +116,7 @@ def test_peers_corroborate_a_silent_node() -> None:
     sim.node_dies()  # its Lease is not stale yet: only the peers can tell so early
     sim.peers_unreachable = True
     sim.run_until(F, limit_s=60)
-    assert sim.first(U) == died + 5.0
+    assert sim.first(U) == died + sim.cfg.unreachable_after_s
     assert sim.transitions()[1][1:] == (S, U, Reason.CORROBORATED_PEERS)
 
 
@@ -153,8 +153,8 @@ def test_after_the_broker_returns_heartbeat_ages_count_from_reconnection() -> No
     back = sim.now
     sim.run_until(R, limit_s=120)
     assert sim.first(S) == back + 3.0  # not at once, although the last heartbeat is 600 s old
-    assert sim.first(U) == back + 5.0
-    assert sim.reset_times() == [back + 5.0 + 18.0]
+    assert sim.first(U) == back + sim.cfg.unreachable_after_s
+    assert sim.reset_times() == [back + sim.cfg.unreachable_after_s + 18.0]
 
 
 def test_a_dead_node_is_not_evacuated_after_the_broker_reconnects() -> None:
@@ -198,7 +198,7 @@ def test_api_down_at_the_moment_of_fencing_delays_the_fence_clock_until_the_agen
     died = sim.now
     sim.node_dies()
     sim.advance(60.0)
-    assert sim.first(U) == died + 5.0
+    assert sim.first(U) == died + sim.cfg.unreachable_after_s
     assert sim.phase is F and sim.reset_times() == []
     assert [r for _, r in sim.events("ResetHeld")] == [Reason.HOLD_API_DOWN]
     sim.api_up()
@@ -307,7 +307,7 @@ def test_degraded_node_that_then_dies_is_reset_after_evacuation_stops() -> None:
     sim.agent_sending = False
     sim.run_until(RS, limit_s=120)
     assert sim.first(S) == died + 3.0
-    assert sim.first(U) == died + 5.0  # the lease has long been stale
+    assert sim.first(U) == died + sim.cfg.unreachable_after_s  # the lease is long stale
     stops = all_actions(sim, StopEvacuation)
     assert len(stops) == 1 and stops[0][0] == died + 3.0
 

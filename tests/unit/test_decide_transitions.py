@@ -141,7 +141,7 @@ DETECTION = [
     ),
     pytest.param(
         node(S),
-        seen(4.0, lease_age=20.0),
+        seen(3.5, lease_age=20.0),
         UP,
         [],
         id="corroborated but heartbeat younger than unreachable_after stays suspect",

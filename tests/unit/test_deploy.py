@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.37.0"
 NODE = "node-1"
+HOST_IP, POD_IP = "192.0.2.11", "10.42.1.7"
 
 # name → (kustomization directory or components to compose, expected namespace of the watchdog)
 RENDERS: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -228,7 +229,11 @@ def test_the_daemonset_runs_everywhere_and_is_locked_down(render) -> None:
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"metrics": 9102}
+    assert ports == {"metrics": 9102, "peers": 9103}
+    # No host port: Pod Security "restricted" forbids it; peers probe the pod IP.
+    assert all("hostPort" not in p for p in c["ports"])
+    assert env["WATCHDOG_POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["WATCHDOG_NODE_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         assert c[probe]["httpGet"]["port"] == "metrics"
     for kind in ("requests", "limits"):
@@ -317,7 +322,15 @@ def loaded_settings(
     c = container(ds, "node-watchdog")
     spec = ds["spec"]["template"]["spec"]
     namespace = ds["metadata"]["namespace"]
-    env = _resolve_env(c, {"spec.nodeName": NODE, "metadata.namespace": namespace})
+    env = _resolve_env(
+        c,
+        {
+            "spec.nodeName": NODE,
+            "metadata.namespace": namespace,
+            "status.hostIP": HOST_IP,
+            "status.podIP": POD_IP,
+        },
+    )
     config_volume = next(v for v in spec["volumes"] if v["name"] == "config")
     cm = one(objs, "ConfigMap", config_volume["configMap"]["name"])
     mount = next(m for m in c["volumeMounts"] if m["name"] == "config")["mountPath"]
@@ -342,6 +355,12 @@ def test_the_shipped_configuration_loads_and_matches_what_deploy_creates(
     assert settings.node_name == NODE
     assert settings.namespace == ds["metadata"]["namespace"] == RENDERS[name][2]
     assert settings.metrics_port == 9102
+    # Other agents probe this pod at the address it announces, on the port the pod declares.
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert settings.peer_port == ports["peers"] == 9103
+    assert settings.peer_address() == f"{POD_IP}:9103"
+    assert settings.peer_quorum <= settings.peer_count
+    assert settings.unreachable_after_s == 4.0
     # Each agent is its node in the broker's eyes (the ACL's %u).
     assert settings.mqtt.username == NODE
     assert settings.mqtt.password_file == Path(mounts["mqtt-credentials"]) / NODE
@@ -354,6 +373,8 @@ def test_the_shipped_configuration_loads_and_matches_what_deploy_creates(
     assert url.port == broker_svc["spec"]["ports"][0]["port"]
     acl = (DEPLOY / "base" / "broker" / "acl").read_text()
     assert f"pattern write {settings.mqtt.topic_prefix}/heartbeat/%u" in acl
+    assert f"pattern write {settings.mqtt.topic_prefix}/peers/%u" in acl
+    assert f"pattern read {settings.mqtt.topic_prefix}/probe/%u" in acl
     assert settings.delete_volume_attachments == name.endswith("delete-volume-attachments")
     assert (settings.fence_command is not None) == (name in SELF_FENCED)
     if name.startswith("kubevirt"):
@@ -444,7 +465,7 @@ def test_node_lease_reader_stays_in_kube_node_lease_and_the_rest_follows_the_ove
 # --- network policies ----------------------------------------------------------------------
 
 
-def test_network_policies_allow_scrapes_broker_api_and_dns_only(render) -> None:
+def test_network_policies_allow_scrapes_broker_api_dns_and_peer_probes_only(render) -> None:
     name, objs = render
     ds = daemonset(objs)
     broker = one(objs, "Deployment", "node-watchdog-mqtt")
@@ -454,14 +475,23 @@ def test_network_policies_allow_scrapes_broker_api_and_dns_only(render) -> None:
     np = one(objs, "NetworkPolicy", "node-watchdog")
     assert np["spec"]["podSelector"]["matchLabels"].items() <= ds_labels.items()
     assert sorted(np["spec"]["policyTypes"]) == ["Egress", "Ingress"]
-    [ingress] = np["spec"]["ingress"]
+    [ingress, peers_in] = np["spec"]["ingress"]
     monitoring = "cattle-monitoring-system" if name.startswith("harvester") else "monitoring"
     assert ingress["from"] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": monitoring}}}
     ]
     assert ingress["ports"] == [{"port": 9102, "protocol": "TCP"}]
+    # Peer probes: from and to the watchdog pods only, on the peer port only.
+    [peers_from] = peers_in["from"]
+    assert peers_from.keys() == {"podSelector"}
+    assert peers_from["podSelector"]["matchLabels"].items() <= ds_labels.items()
+    assert peers_in["ports"] == [{"port": 9103, "protocol": "TCP"}]
+    peers_out = next(e for e in np["spec"]["egress"] if e["ports"][0]["port"] == 9103)
+    assert peers_out["to"] == peers_in["from"] and peers_out["ports"] == peers_in["ports"]
     egress_ports = {(p["port"], p["protocol"]) for e in np["spec"]["egress"] for p in e["ports"]}
-    assert egress_ports == {(8883, "TCP"), (443, "TCP"), (6443, "TCP"), (53, "UDP"), (53, "TCP")}
+    assert egress_ports == {
+        (8883, "TCP"), (443, "TCP"), (6443, "TCP"), (53, "UDP"), (53, "TCP"), (9103, "TCP")
+    }  # fmt: skip
     to_broker = next(e for e in np["spec"]["egress"] if e["ports"][0]["port"] == 8883)
     assert to_broker["to"][0]["podSelector"]["matchLabels"].items() <= broker_labels.items()
 

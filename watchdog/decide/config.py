@@ -31,7 +31,7 @@ class DecideConfig:
 
     heartbeat_interval_s: float = 1.0
     suspect_after_s: float = 3.0
-    unreachable_after_s: float = 5.0
+    unreachable_after_s: float = 4.0
     lease_stale_after_s: float = 15.0
     recovery_heartbeats: int = 3
     storm_max_unreachable: int = 10

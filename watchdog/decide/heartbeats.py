@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from watchdog.decide.observations import FenceDeclaration
+from watchdog.decide.peer_address import valid_peer_address
 
 MAX_HEARTBEAT_BYTES = 1024
 WIRE_VERSION = 1
@@ -44,6 +45,9 @@ class Heartbeat:
     sent_at: float  # sender's wall clock: informational only, never compared with ours
     version: str
     fence: FenceDeclaration
+    # Where this agent's peer-probe endpoint is reached ("host:port"); optional, additive to
+    # wire version 1: agents without peer probes omit it and stay valid.
+    peer: str | None = None
 
 
 def heartbeat_topic(prefix: str, node: str) -> str:
@@ -55,7 +59,7 @@ def status_topic(prefix: str, node: str) -> str:
 
 
 def encode_heartbeat(hb: Heartbeat) -> bytes:
-    doc = {
+    doc: dict[str, object] = {
         "node": hb.node,
         "boot_id": hb.boot_id,
         "seq": hb.seq,
@@ -63,6 +67,8 @@ def encode_heartbeat(hb: Heartbeat) -> bytes:
         "version": hb.version,
         "fence": hb.fence.to_json(),
     }
+    if hb.peer is not None:
+        doc["peer"] = hb.peer
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -121,7 +127,10 @@ def parse_heartbeat(topic: str, payload: bytes, prefix: str) -> Heartbeat:
         after_s=_seconds(fence_doc, "after_s"),
         bound_s=_seconds(fence_doc, "bound_s"),
     )
-    return Heartbeat(node, boot_id, seq, sent_at, version, fence)
+    peer = doc.get("peer")
+    if peer is not None and not valid_peer_address(peer):
+        raise HeartbeatRejected(RejectReason.SCHEMA, "peer is not a valid host:port")
+    return Heartbeat(node, boot_id, seq, sent_at, version, fence, peer)
 
 
 @dataclass(slots=True)
@@ -134,6 +143,7 @@ class NodeHeartbeats:
     received: int = 0
     fence: FenceDeclaration | None = None
     offline: bool = False  # the broker delivered the Will (or a clean "offline")
+    peer: str | None = None  # the probe address its latest heartbeat announced
 
 
 class HeartbeatBook:
@@ -177,6 +187,7 @@ class HeartbeatBook:
         rec.last_at = now
         rec.received += 1
         rec.fence = hb.fence
+        rec.peer = hb.peer
         rec.offline = False
         return rec
 

@@ -16,6 +16,12 @@ ACL must let an agent read as well as write `<prefix>/heartbeat/<node>`): a conn
 kernel still believes open proves nothing. API contact comes from `api_probe`, injected by the
 runtime because this layer may not import the Kubernetes client.
 
+With peer probes on (`peer_port` set and a probe address known), it also serves its probe
+endpoint, announces that address in every heartbeat (`peer`), reads its probe list on
+`<prefix>/probe/<node>` and publishes its verdicts on `<prefix>/peers/<node>` (heartbeat/peers.py),
+in tasks of their own so that probing never delays a heartbeat. Peer verdicts are reported,
+never acted on here.
+
 It must not decide anything about other nodes, and must not import observe or runtime.
 """
 
@@ -44,7 +50,11 @@ from watchdog.decide.heartbeats import (
 )
 from watchdog.decide.mqtt_url import BrokerSettings, reconnect_delay_s
 from watchdog.decide.observations import FenceDeclaration
+from watchdog.decide.peer_probe import ProbeOutcome
+from watchdog.decide.peer_reports import peers_topic
+from watchdog.decide.peer_ring import parse_probe_list, probe_topic
 from watchdog.heartbeat.fence import FenceAction, FenceOutcome, declared_down, fence_deadline
+from watchdog.heartbeat.peers import PeerEndpoint, PeerProber
 from watchdog.transport.mqtt import broker_connection
 
 log = logging.getLogger(__name__)
@@ -79,6 +89,19 @@ class AgentSettings(Protocol):
     def api_check_interval_s(self) -> float: ...
     @property
     def mqtt(self) -> BrokerSettings: ...
+    @property
+    def peer_port(self) -> int: ...
+    @property
+    def peer_host(self) -> str: ...
+    @property
+    def peer_interval_s(self) -> float: ...
+    @property
+    def peer_probe_timeout_s(self) -> float: ...
+    @property
+    def peer_failures(self) -> int: ...
+    @property
+    def peer_refresh_s(self) -> float: ...
+    def peer_address(self) -> str | None: ...
     def mqtt_password(self) -> str | None: ...
 
 
@@ -90,6 +113,7 @@ class Agent:
         settings: AgentSettings,
         *,
         api_probe: ApiProbe | None = None,
+        on_probe: Callable[[ProbeOutcome], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not settings.node_name:
@@ -102,7 +126,14 @@ class Agent:
         self._heartbeat_topic = heartbeat_topic(prefix, self.node)
         self._status_topic = status_topic(prefix, self.node)
         self._api_probe = api_probe
+        self._on_probe = on_probe
         self._clock = clock
+        self._peer_address = settings.peer_address()
+        self._probe_topic = probe_topic(prefix, self.node)
+        self._peers_topic = peers_topic(prefix, self.node)
+        self._client: aiomqtt.Client | None = None  # the live session's client, for reports
+        self.prober: PeerProber | None = None
+        self.endpoint: PeerEndpoint | None = None
         self._fence = FenceAction(settings.fence_command, settings.fence_action_bound_s)
         self.declaration = FenceDeclaration(
             armed=self._fence.armed,
@@ -145,14 +176,62 @@ class Agent:
             self.declaration.after_s,
             self.declaration.bound_s,
         )
+        peers: list[asyncio.Task[None]] = []
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._broker_loop(), name=f"agent-broker:{self.node}")
             tg.create_task(self._fence_guard(), name=f"agent-fence:{self.node}")
             if self._api_probe is not None:
                 tg.create_task(self._api_loop(self._api_probe), name=f"agent-api:{self.node}")
+            if self._peer_address is not None:
+                peers = self._start_peers(tg)
+            await self._fencing.wait()
+            for task in peers:  # a fencing node reports nothing more about others
+                task.cancel()
         # Fenced: every loop has ended. Stay alive and silent, so that a supervisor does not
         # restart us into heartbeating for a node the controller is resetting.
         await asyncio.Event().wait()
+
+    def _start_peers(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        assert self._boot_id is not None
+        s = self._settings
+        self.endpoint = PeerEndpoint(self.node, self._boot_id, s.peer_host, s.peer_port)
+        self.prober = PeerProber(
+            self.node,
+            self._boot_id,
+            interval_s=s.peer_interval_s,
+            timeout_s=s.peer_probe_timeout_s,
+            failures=s.peer_failures,
+            refresh_s=s.peer_refresh_s,
+            publish=self._publish_report,
+            on_outcome=self._on_probe,
+            clock=self._clock,
+        )
+        log.info(
+            "agent %s: peer probes on, endpoint %s:%d announced as %s",
+            self.node,
+            s.peer_host,
+            s.peer_port,
+            self._peer_address,
+        )
+        return [
+            tg.create_task(self.endpoint.run(), name=f"agent-peer-endpoint:{self.node}"),
+            tg.create_task(self.prober.run(), name=f"agent-peer-prober:{self.node}"),
+        ]
+
+    async def _publish_report(self, payload: bytes) -> bool:
+        """Retained QoS 1 on our peers topic through the live session; False if there is none."""
+        client = self._client
+        if client is None or self._fencing.is_set():
+            return False
+        try:
+            interval = self._settings.heartbeat_interval_s
+            await client.publish(
+                self._peers_topic, payload, qos=1, retain=True, timeout=max(1.0, 2 * interval)
+            )
+        except (aiomqtt.MqttError, TimeoutError) as e:
+            log.warning("agent %s: peer report not published: %s", self.node, e)
+            return False
+        return True
 
     def statistics(self) -> dict[str, Any]:
         now = self._clock()
@@ -175,6 +254,11 @@ class Agent:
             "fenced": self.fenced,
             "fence_reason": self._fence_reason,
             "fence_result": self._fence_outcome.summary() if self._fence_outcome else None,
+            "peer_address": self._peer_address,
+            "peer_targets": sorted(self.prober.targets) if self.prober else [],
+            "peer_results": {t: v.value for t, v in self.prober.results().items()}
+            if self.prober
+            else {},
         }
 
     @property
@@ -242,8 +326,14 @@ class Agent:
         if self._fencing.is_set():
             return  # fenced while this connection was being made: not even `online`
         await client.subscribe(self._heartbeat_topic, qos=0)
+        if self.prober is not None:
+            await client.subscribe(self._probe_topic, qos=1)  # retained: delivered at once
         await client.publish(self._status_topic, ONLINE, qos=1, retain=True)
         self._connected = True
+        self._client = client
+        if self.prober is not None:
+            # The broker may have restarted without our retained report: say it again.
+            self.prober.republish()
         self._connects += 1
         log.info("agent %s: connected to %s", self.node, self._settings.mqtt.url)
         lost: aiomqtt.MqttError | None = None
@@ -254,6 +344,8 @@ class Agent:
                 echoes.cancel()
         except* aiomqtt.MqttError as group:
             lost = group.exceptions[0]  # type: ignore[assignment]
+        finally:
+            self._client = None
         if lost is not None:
             raise lost
 
@@ -283,6 +375,7 @@ class Agent:
                 sent_at=time.time(),  # informational: the controller never compares clocks
                 version=watchdog.__version__,
                 fence=self.declaration,
+                peer=self._peer_address,
             )
         )
         self._unechoed[seq] = self._clock()
@@ -293,6 +386,9 @@ class Agent:
     async def _read_echoes(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             topic = message.topic.value
+            if topic == self._probe_topic and self.prober is not None:
+                self._probe_list(message.payload)
+                continue
             if topic != self._heartbeat_topic or not isinstance(message.payload, bytes):
                 continue
             try:
@@ -316,6 +412,20 @@ class Agent:
             if self._last_broker_contact is None or sent_at > self._last_broker_contact:
                 self._last_broker_contact = sent_at
                 self._contact_changed.set()
+
+    def _probe_list(self, payload: object) -> None:
+        assert self.prober is not None
+        if payload in (None, b""):
+            self.prober.set_targets({})  # the list was withdrawn (our node was removed)
+            return
+        if not isinstance(payload, bytes):
+            return
+        try:
+            probe_list = parse_probe_list(self._probe_topic, payload, self._prefix)
+        except HeartbeatRejected as e:
+            log.warning("agent %s: probe list refused: %s", self.node, e)
+            return
+        self.prober.set_targets(probe_list.targets)
 
     async def _goodbye(self, client: aiomqtt.Client, why: str) -> None:
         """Clean end of a connection: retained `offline`, then the disconnect (no Will)."""

@@ -2,9 +2,12 @@
 
 Owns one broker connection (client id `node-watchdog-controller-<host>-<pid>`, unique per
 process so two replicas never take over each other's session), subscribed to
-`<prefix>/heartbeat/+` (QoS 0) and `<prefix>/status/+` (QoS 1, retained `online` / Will
-`offline`). Every message is validated (decide/heartbeats.py, DESIGN §9); a rejection is
-counted and reported through `on_reject`, never raised. The state of the connection itself is
+`<prefix>/heartbeat/+` (QoS 0), `<prefix>/status/+` (QoS 1, retained `online` / Will
+`offline`) and `<prefix>/peers/+` (QoS 1, retained peer reports, into the PeerBook). Every
+message is validated (decide/heartbeats.py, decide/peer_reports.py, DESIGN §9); a rejection is
+counted and reported through `on_reject` / `on_peer_reject`, never raised. It also carries the
+leader's retained probe lists out (`publish_retained`: latest per topic wins, re-sent by the
+caller after a reconnection). The state of the connection itself is
 reported through `on_connection`: the controller turns "down" into UNKNOWN heartbeats and holds
 resets (a lost broker is not evidence that nodes died).
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import random
@@ -43,6 +47,7 @@ from watchdog.decide.heartbeats import (
 )
 from watchdog.decide.ingest_lag import EchoBook
 from watchdog.decide.mqtt_url import BrokerSettings, reconnect_delay_s
+from watchdog.decide.peer_reports import PeerBook, parse_report
 from watchdog.transport.mqtt import broker_connection
 
 log = logging.getLogger(__name__)
@@ -158,10 +163,19 @@ class HeartbeatSubscriber:
         on_lag: Callable[[bool, float], None] | None = None,
         echo_interval_s: float = 0.5,
         max_lag_s: float = 1.0,
+        peers: PeerBook | None = None,
+        on_peers: Callable[[str, set[str]], None] | None = None,
+        on_peer_reject: Callable[[RejectReason], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._book = book
+        self._peers = peers
+        self._on_peers = on_peers
+        self._on_peer_reject = on_peer_reject
+        self._outbox: dict[str, bytes] = {}  # topic → latest payload to publish, retained
+        self._outbox_ready = asyncio.Event()
+        self._peer_reports = 0
         self._on_change = on_change
         self._on_connection = on_connection
         self._on_reject = on_reject
@@ -170,6 +184,7 @@ class HeartbeatSubscriber:
         self._prefix = prefix
         self._heartbeat_head = f"{prefix}/heartbeat/"
         self._status_head = f"{prefix}/status/"
+        self._peers_head = f"{prefix}/peers/"
         self.client_id = f"node-watchdog-controller-{socket.gethostname()}-{os.getpid()}"
         # The ACL lets every client write echo/<its client id> (deploy/base/broker/acl).
         self._echo_topic = f"{prefix}/echo/{self.client_id}"
@@ -229,6 +244,8 @@ class HeartbeatSubscriber:
             "statuses": self._statuses,
             "rejected": {reason.value: n for reason, n in self._rejected.items()},
             "rejected_total": sum(self._rejected.values()),
+            "peer_reports": self._peer_reports,
+            "outbox": len(self._outbox),
             "queue_depth": len(self._client.messages) if self._client is not None else 0,
             "queue_bound": self._settings.mqtt.max_queued_messages,
             "queue_high_water": self._queue_stats.high_water,
@@ -243,6 +260,15 @@ class HeartbeatSubscriber:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Queue a retained QoS 1 publish; a later one for the same topic replaces it. Sent
+        while connected; kept (not re-sent) across a reconnection: the caller decides."""
+        self._outbox[topic] = payload
+        self._outbox_ready.set()
+
+    def clear_outbox(self) -> None:
+        self._outbox.clear()
 
     # --- connection ------------------------------------------------------------------------------
 
@@ -266,11 +292,14 @@ class HeartbeatSubscriber:
                 await client.subscribe(self._heartbeat_head + "+", qos=0)
                 await client.subscribe(self._status_head + "+", qos=1)
                 await client.subscribe(self._echo_topic, qos=0)
+                if self._peers is not None:
+                    await client.subscribe(self._peers_head + "+", qos=1)
                 self._client = client
                 self._attempt = 0
                 self._echoes = EchoBook(self._max_lag_s)
                 self._set_connected(True)
                 echo = asyncio.create_task(self._echo_loop(client), name="ingest echo")
+                sender = asyncio.create_task(self._send_outbox(client), name="probe lists out")
                 try:
                     async for message in client.messages:
                         self._handle(message)
@@ -281,6 +310,9 @@ class HeartbeatSubscriber:
                 finally:
                     echo.cancel()
                     self._set_lagging(False, 0.0)  # a new connection measures afresh
+                    sender.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                        await sender
         except aiomqtt.MqttError as e:
             _reraise_cancellation(e)
             return str(e) or type(e).__name__
@@ -290,6 +322,20 @@ class HeartbeatSubscriber:
         finally:
             self._client = None
         return "message stream ended"  # pragma: no cover - aiomqtt raises instead
+
+    async def _send_outbox(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while self._outbox:
+                topic = next(iter(self._outbox))
+                payload = self._outbox.pop(topic)
+                try:
+                    await client.publish(topic, payload, qos=1, retain=True)
+                except aiomqtt.MqttError:
+                    # Lost connection: the message loop notices too. Keep it unless replaced.
+                    self._outbox.setdefault(topic, payload)
+                    return
 
     def _set_connected(self, up: bool) -> None:
         if up == self._connected:
@@ -331,6 +377,8 @@ class HeartbeatSubscriber:
             except ValueError:
                 return
             self._check_lag(now)
+        elif topic.startswith(self._peers_head) and self._peers is not None:
+            self._handle_peers(topic, payload, now)
         else:  # our subscriptions cannot deliver this; a broker bug is still not trusted
             self._reject(RejectReason.TOPIC_MISMATCH, "unexpected topic", topic, now)
 
@@ -401,6 +449,32 @@ class HeartbeatSubscriber:
             return
         self._statuses += 1
         self._on_change(node)
+
+    def _handle_peers(self, topic: str, payload: bytes, now: float) -> None:
+        assert self._peers is not None
+        if payload == b"":
+            return  # a retained report being cleared
+        try:
+            report = parse_report(topic, payload, self._prefix)
+            targets = self._peers.accept(report, now, self._book.known)
+        except HeartbeatRejected as e:
+            if self._on_peer_reject is not None:
+                self._on_peer_reject(e.reason)
+            self._log_limited(
+                f"peers-{e.reason.value}",
+                now,
+                logging.WARNING,
+                "heartbeat subscriber: rejected peer report on %r: %s: %s",
+                topic[:160],
+                e.reason.value,
+                e.detail[:160],
+            )
+            return
+        if targets is None:
+            return  # the retained copy of a report we already have
+        self._peer_reports += 1
+        if self._on_peers is not None:
+            self._on_peers(report.node, targets)
 
     def _reject(self, reason: RejectReason, detail: str, topic: str, now: float) -> None:
         self._rejected[reason] += 1

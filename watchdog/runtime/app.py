@@ -25,6 +25,7 @@ from watchdog.decide import actions as act
 from watchdog.decide.actions import EventType
 from watchdog.decide.config import FenceMode
 from watchdog.decide.heartbeats import HeartbeatBook, RejectReason
+from watchdog.decide.peer_reports import PeerBook
 from watchdog.heartbeat.agent import Agent, read_boot_id
 from watchdog.metrics import Metrics
 from watchdog.observe.cluster_cache import (
@@ -46,6 +47,7 @@ from watchdog.runtime.controller import Controller
 from watchdog.runtime.evacuation import Evacuations
 from watchdog.runtime.http import Health, make_app, serve
 from watchdog.runtime.leader import LeaderElector
+from watchdog.runtime.probe_lists import ProbeLists
 from watchdog.runtime.scheduler import NodeScheduler
 from watchdog.runtime.settings import Settings
 from watchdog.runtime.view import CacheView
@@ -126,7 +128,11 @@ async def _serve(role: str, settings: Settings) -> int:
                 probe = node_phase_probe(
                     api, settings.node_name, lambda: read_boot_id(boot_id_file)
                 )
-                agent = Agent(settings, api_probe=probe)
+                agent = Agent(
+                    settings,
+                    api_probe=probe,
+                    on_probe=lambda result: metrics.peer_probes.labels(result=result.value).inc(),
+                )
                 tg.create_task(agent.run(), name="agent")
                 health.readiness("agent", lambda: bool(agent.statistics().get("connected")))
             if settings.metrics_port:
@@ -151,6 +157,7 @@ def _controller(
 ) -> LeaderElector:
     clock = time.monotonic
     book = HeartbeatBook(will_fresh_s=settings.suspect_after_s)
+    peer_book = PeerBook()
     actuator = Actuator(api.api_client, settings)
     taint = actuator.taint
     controller: Controller
@@ -179,6 +186,10 @@ def _controller(
                 book.known.discard(key)
                 controller.forget_node(key)
                 scheduler.forget(key)
+                probe_lists.node_deleted(key)
+                for target in peer_book.forget(key):
+                    if target in book.known:
+                        scheduler.mark(target)
                 return
             book.known.add(key)
             controller.node_known(key)
@@ -221,6 +232,9 @@ def _controller(
         execute,
         metrics,
         clock,
+        peers=peer_book,
+        observers_of=lambda node: probe_lists.observers_of(node),
+        peer_quorum=settings.peer_quorum,
     )
     scheduler = NodeScheduler(controller.evaluate, clock)
     evacuations = Evacuations(
@@ -234,12 +248,16 @@ def _controller(
         if node not in book.known:
             return
         rec = book.nodes.get(node)
+        if rec is not None and not rec.offline:
+            probe_lists.address_seen(node, rec.peer)
         # A heartbeat of a quiet HEALTHY node waits for its wake-up; a Will ("offline") never.
         if rec is None or rec.offline or controller.heartbeat_needs_evaluation(node):
             scheduler.mark(node)
 
     def on_connection(up: bool) -> None:
         controller.broker_connection(up)
+        if up:
+            probe_lists.reconnected()
         scheduler.mark_all(list(book.known))
 
     lag_state = [False]
@@ -254,6 +272,16 @@ def _controller(
     def on_reject(reason: RejectReason) -> None:
         metrics.heartbeats_rejected.labels(reason=reason.value).inc()
 
+    def on_peers(observer: str, targets: set[str]) -> None:
+        # A report can corroborate (or contradict) a silent target now: look at it now.
+        metrics.peer_reports.inc()
+        for target in targets:
+            if target in book.known:
+                scheduler.mark(target)
+
+    def on_peer_reject(reason: RejectReason) -> None:
+        metrics.peer_reports_rejected.labels(reason=reason.value).inc()
+
     subscriber = HeartbeatSubscriber(
         settings,
         book,
@@ -263,6 +291,12 @@ def _controller(
         on_lag=on_lag,
         echo_interval_s=min(settings.heartbeat_interval_s, settings.mqtt.max_ingest_lag_s / 2),
         max_lag_s=settings.mqtt.max_ingest_lag_s,
+        peers=peer_book,
+        on_peers=on_peers,
+        on_peer_reject=on_peer_reject,
+    )
+    probe_lists = ProbeLists(
+        settings.peer_count, settings.mqtt.topic_prefix, subscriber.publish_retained
     )
     controller.ingest_lagging = subscriber.ingest_lagging
 
@@ -270,9 +304,12 @@ def _controller(
         if leading:
             await cache.wait_synced()
             controller.become_leader()
+            probe_lists.lead()
             scheduler.mark_all(list(book.known))
         else:
             controller.step_down()
+            probe_lists.step_down()
+            subscriber.clear_outbox()
             # The next leader resumes DEGRADED nodes as HEALTHY and evacuates them itself.
             evacuations.active.clear()
 

@@ -21,6 +21,7 @@ from watchdog.decide.heartbeats import HeartbeatBook
 from watchdog.decide.holds import cluster_holds
 from watchdog.decide.machine import Context, Decision, decide
 from watchdog.decide.observations import LauncherPod, NodeObservation, SourceHealth
+from watchdog.decide.peer_reports import PeerBook, PeerEvidence, peers_unreachable
 from watchdog.decide.policy import PolicyError, parse_policy
 from watchdog.decide.reasons import Reason
 from watchdog.decide.reset_plan import Outcome, outcome_for
@@ -78,8 +79,15 @@ class Controller:
         execute: Executor,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        peers: PeerBook | None = None,
+        observers_of: Callable[[str], Iterable[str]] | None = None,
+        peer_quorum: int = 2,
     ) -> None:
         self.cfg = cfg
+        self.peers = peers
+        self.observers_of = observers_of
+        self.peer_quorum = peer_quorum
         self.default_policy = default_policy
         self.policy = default_policy
         self.taint_key, self.taint_effect = taint
@@ -168,8 +176,29 @@ class Controller:
 
     # --- evaluation -----------------------------------------------------------------------------
 
-    def observe_node(self, node: str) -> NodeObservation:
+    def peer_verdict(self, node: str, last_heartbeat_at: float | None, now: float) -> bool | None:
+        """`NodeObservation.peers_unreachable`: the assigned observers' reports, weighed."""
+        if self.peers is None or self.observers_of is None:
+            return None
+        about = self.peers.about(node)
+        if not about:
+            return None
+        evidence = []
+        for observer in self.observers_of(node):
+            seen = about.get(observer)
+            if seen is None:
+                continue
+            rec = self.book.nodes.get(observer)
+            heard = rec.last_at if rec is not None and not rec.offline else None
+            evidence.append(PeerEvidence(observer, seen[0], seen[1], heard))
+        return peers_unreachable(
+            last_heartbeat_at, evidence, now, self.cfg.suspect_after_s, self.peer_quorum
+        )
+
+    def observe_node(self, node: str, now: float | None = None) -> NodeObservation:
         rec = self.book.nodes.get(node)
+        last_at = rec.last_at if rec else None
+        peers = self.peer_verdict(node, last_at, self.clock() if now is None else now)
         lease_seen, lease_at = self.view.lease_renewed_at(node)
         tainted = self.view.node_has_taint(node, self.taint_key, self.taint_effect)
         persisted = self.view.node_annotation(node, STATE_ANNOTATION)
@@ -178,7 +207,7 @@ class Controller:
             persisted_phase = NodeState.from_annotation(node, persisted, 0.0).phase.value
         return NodeObservation(
             name=node,
-            last_heartbeat_at=rec.last_at if rec else None,
+            last_heartbeat_at=last_at,
             heartbeats_received=rec.received if rec else 0,
             boot_id=rec.boot_id if rec else None,
             fence=rec.fence if rec else None,
@@ -186,6 +215,7 @@ class Controller:
             lease_seen=lease_seen,
             lease_renewed_at=lease_at,
             ready=self.view.node_ready(node),
+            peers_unreachable=peers,
             out_of_service_tainted=tainted,
             launcher_pods=self.view.launcher_pods(node),
             external_fence_confirmed=node in self.fence_confirmed,
@@ -246,7 +276,7 @@ class Controller:
         state = self.states.get(node) or NodeState(node, entered_at=now)
         if node not in self.states:
             self._set_state(node, state)
-        obs = self.observe_node(node)
+        obs = self.observe_node(node, now)
         health = self.health.snapshot(self.ingest_lagging())
         ctx = Context(health, self.refresh_policy(), self.holds(health))
         self._report_holds(ctx.holds)

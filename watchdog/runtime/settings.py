@@ -20,8 +20,11 @@ from pydantic_settings import (
 )
 
 from watchdog.decide.config import DecideConfig, FenceMode, Policy
+from watchdog.decide.peer_address import valid_peer_address
 
 CONFIG_FILE_ENV = "WATCHDOG_CONFIG_FILE"
+# The node's address, from the downward API (status.hostIP): the default probe address.
+NODE_IP_ENV = "WATCHDOG_NODE_IP"
 
 
 class ConfigFileError(Exception):
@@ -39,7 +42,8 @@ class MQTTSettings(BaseModel):
         pattern=r"^mqtts?://[^/:]+(:\d+)?/?$",
     )
     topic_prefix: str = Field(
-        "node-watchdog/v1", description="Prefix of every topic (heartbeat/, status/, peers/)."
+        "node-watchdog/v1",
+        description="Prefix of every topic (heartbeat/, status/, peers/, probe/).",
     )
     keepalive_s: int = Field(
         5,
@@ -152,9 +156,10 @@ class Settings(BaseSettings):
         description="Seconds without a heartbeat before a node is SUSPECT (3 missed at 1 s).",
     )
     unreachable_after_s: float = Field(
-        5.0,
+        4.0,
         gt=0,
-        description="Seconds without a heartbeat before a corroborated node is UNREACHABLE.",
+        description="Seconds without a heartbeat before a corroborated node is UNREACHABLE "
+        "(4 missed at 1 s: with peer probes corroborating within ~2 s, detection stays <= 5 s).",
     )
     lease_stale_after_s: float = Field(
         15.0,
@@ -179,6 +184,57 @@ class Settings(BaseSettings):
         le=1,
         description="This fraction of nodes (or more) unreachable at once holds every reset: a "
         "partition around the controller looks exactly like that.",
+    )
+
+    # --- peer probes (DESIGN §4 `peers` signal) ------------------------------------------------
+    peer_port: int = Field(
+        9103,
+        ge=0,
+        le=65535,
+        description="Agent: TCP port of its peer-probe endpoint; 0 = no peer probes at all "
+        "(no endpoint, no address announced, no probing).",
+    )
+    peer_host: str = Field(
+        "0.0.0.0", description="Agent: address the peer-probe endpoint listens on."
+    )
+    peer_advertise: str | None = Field(
+        None,
+        description='Agent: "host:port" other agents probe; default $WATCHDOG_NODE_IP:peer_port '
+        "(unset and no WATCHDOG_NODE_IP: this agent is not probed).",
+    )
+    peer_count: int = Field(
+        3,
+        ge=1,
+        le=16,
+        description="Controller: how many other nodes each agent probes (its successors in "
+        "sorted-name order), i.e. how many observers each node has.",
+    )
+    peer_quorum: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Controller: observers (with fresh heartbeats of their own) that must report "
+        "a silent node unreachable, none reaching it, before peers corroborate.",
+    )
+    peer_interval_s: float = Field(
+        1.0, gt=0, le=60, description="Agent: seconds between two probe rounds."
+    )
+    peer_probe_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        le=30,
+        description="Agent: seconds a probe may wait for its answer before it counts as a timeout.",
+    )
+    peer_failures: int = Field(
+        2,
+        ge=1,
+        le=100,
+        description="Agent: consecutive probe timeouts before it reports a target unreachable.",
+    )
+    peer_refresh_s: float = Field(
+        30.0,
+        gt=0,
+        description="Agent: seconds after which an unchanged peer report is published again.",
     )
 
     # --- fencing (DESIGN §5) -------------------------------------------------------------------
@@ -294,6 +350,13 @@ class Settings(BaseSettings):
                 f"suspect_after_s ({self.suspect_after_s}): a backlog that long already makes "
                 "live nodes look suspect"
             )
+        if self.peer_quorum > self.peer_count:
+            raise ValueError(
+                f"peer_quorum ({self.peer_quorum}) cannot exceed peer_count ({self.peer_count}): "
+                "peers could never corroborate"
+            )
+        if self.peer_advertise is not None and not valid_peer_address(self.peer_advertise):
+            raise ValueError(f"peer_advertise {self.peer_advertise!r} is not host:port")
         if self.fence_mode is FenceMode.EXTERNAL and not (
             self.fence_hook_command or self.fence_hook_url
         ):
@@ -336,6 +399,19 @@ class Settings(BaseSettings):
             period_s=self.policy.period_s,
             vm_migration_timeout_s=self.policy.vm_migration_timeout_s,
         )
+
+    def peer_address(self) -> str | None:
+        """The probe address this agent announces, or None (not probed)."""
+        if self.peer_port == 0:
+            return None
+        if self.peer_advertise is not None:
+            return self.peer_advertise
+        node_ip = os.environ.get(NODE_IP_ENV, "").strip()
+        if not node_ip:
+            return None
+        host = f"[{node_ip}]" if ":" in node_ip else node_ip
+        address = f"{host}:{self.peer_port}"
+        return address if valid_peer_address(address) else None
 
     def mqtt_password(self) -> str | None:
         """The broker password, read from its file at use time so rotated Secrets apply."""
