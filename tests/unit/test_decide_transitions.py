@@ -839,9 +839,9 @@ RECOVERY = [
         node(F),
         seen(0.5, received=101),
         pods("vm1"),
-        [],
+        [(F, S, Reason.HEARTBEAT_FRESH)],
         False,
-        id="one heartbeat during fencing neither recovers nor resets",
+        id="one heartbeat during fencing withdraws the declaration at once, never resets",
     ),
     pytest.param(
         node(U),
@@ -878,8 +878,17 @@ def test_recovery_transitions(
 
 def test_a_node_back_during_fencing_wakes_for_its_next_heartbeat_deadline() -> None:
     d = step(node(F), seen(0.5, received=101))
-    assert d.state.phase is F
+    assert d.state.phase is S and d.state.unreachable_at is None
     assert d.wake_at == pytest.approx(T - 0.5 + 3.0)
+
+
+def test_alive_only_by_the_benefit_of_the_doubt_keeps_fencing() -> None:
+    """A new leader (or a reconnected broker) counts every node alive for suspect_after_s:
+    that is no heartbeat, and must not withdraw a declaration."""
+    reconnected = context(SourceHealth(broker_up_since=T - 1.0, api_up_since=0.0))
+    state = node(F, heartbeats_at_mark=100)
+    d = step(state, seen(30.0, received=100), ctx=reconnected)
+    assert d.state.phase is F and not d.transitions
 
 
 # --- regressions (each was a bug in machine.py, found by the properties) ------------------------
@@ -933,13 +942,17 @@ def test_a_heartbeat_during_fencing_restarts_the_fence_clock_with_the_newest_dec
     slower = replace(node(F).fence, bound_s=60.0)  # type: ignore[type-var]
     state = node(F, fence_clock_from=T - 10.0)
     d = step(state, seen(0.2, received=101, fence=slower, persisted="Fencing"))
-    assert d.state.phase is F
+    assert d.state.phase is S
     assert d.state.fence_clock_from is None and d.state.fence == slower
-    # silent again: the clock restarts now, and the slower fence counts
+    # silent again: a new episode, whose fence clock starts when its declaration is visible,
+    # with the slower fence
     later = dead(persisted="Fencing", fence=slower)
-    d2 = step(d.state, later, now=T + 3.0)
-    assert d2.state.fence_clock_from == T + 3.0
-    assert d2.wake_at == pytest.approx(T + 3.0 + 10.0 + 60.0 + 1.0 + 2.0)
+    d2 = step(d.state, later, now=T + 10.0)
+    assert d2.state.phase in (U, F) and d2.state.fence == slower
+    d3 = step(d2.state, later, now=T + 11.0)
+    assert d3.state.fence_clock_from == T + 10.0 or d3.state.fence_clock_from == T + 11.0
+    assert d3.wake_at is not None
+    assert d3.wake_at >= d3.state.fence_clock_from + 10.0 + 60.0 + 1.0 + 2.0
 
 
 def test_unreachable_takes_the_declaration_of_the_last_heartbeat_seen() -> None:

@@ -313,14 +313,44 @@ class _Step:
         self.recovering()
         return True
 
+    def withdraw_fencing(self) -> None:
+        """A heartbeat while UNREACHABLE/FENCING, before a single reset action: withdraw the
+        declaration at once (back to SUSPECT) instead of after `recovery_heartbeats`.
+
+        The agent reached the broker again, so its own self-fence timer restarted; ours restarts
+        too (a new UNREACHABLE, a new fence clock from when that declaration is visible). An
+        agent that reads the declaration through the API waits a bounded grace for exactly this
+        withdrawal before it fences (heartbeat/fence.py, declared_grace_s): without it a NIC
+        flap just longer than `unreachable_after_s` would fence a healthy node.
+        """
+        self.move(
+            Phase.SUSPECT,
+            Reason.HEARTBEAT_FRESH,
+            unreachable_at=None,
+            fence_clock_from=None,
+            fence=self.declared_fence(),
+        )
+        self.event(
+            "NodeSuspect",
+            Reason.HEARTBEAT_FRESH,
+            "heartbeat back while being fenced: declaration withdrawn, no reset",
+        )
+        self.heartbeat_wakeups()
+
     def fencing(self) -> None:
         if self.sig.heartbeat is Signal.ALIVE:
-            if not self.node_back():
-                # The agent reached the broker again, so its own self-fence timer restarted:
-                # ours restarts too once it is silent again (safe delay from last contact),
-                # with the fencing parameters it declared last.
-                self.state = replace(self.state, fence_clock_from=None, fence=self.declared_fence())
-                self.heartbeat_wakeups()
+            if self.node_back():
+                return
+            rebooted = self.obs.boot_id is not None and self.obs.boot_id != self.state.boot_id
+            got = self.obs.heartbeats_received - self.state.heartbeats_at_mark
+            if self.heard() and got >= 1 and not rebooted:
+                self.withdraw_fencing()
+                return
+            # Alive only by the benefit of the doubt after a (re)connection, or a new boot (its
+            # agent ignores a declaration about the old boot): restart the fence clock once
+            # silent again (safe delay from last contact) with the newest declaration.
+            self.state = replace(self.state, fence_clock_from=None, fence=self.declared_fence())
+            self.heartbeat_wakeups()
             return
         if self.state.phase is Phase.UNREACHABLE:
             self.move(

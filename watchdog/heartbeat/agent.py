@@ -53,7 +53,13 @@ from watchdog.decide.observations import FenceDeclaration
 from watchdog.decide.peer_probe import ProbeOutcome
 from watchdog.decide.peer_reports import peers_topic
 from watchdog.decide.peer_ring import parse_probe_list, probe_topic
-from watchdog.heartbeat.fence import FenceAction, FenceOutcome, declared_down, fence_deadline
+from watchdog.heartbeat.fence import (
+    FenceAction,
+    FenceOutcome,
+    declared_down,
+    declared_grace_s,
+    fence_deadline,
+)
 from watchdog.heartbeat.peers import PeerEndpoint, PeerProber
 from watchdog.transport.mqtt import broker_connection
 
@@ -151,6 +157,12 @@ class Agent:
         self._api_phase: str | None = None
         self._api_reachable: bool | None = None
         self._declared_down_phase: str | None = None
+        self._declared_since: float | None = None  # when we first read this declaration
+        self.declared_grace_s = declared_grace_s(
+            settings.self_fence_after_s,
+            settings.heartbeat_interval_s,
+            settings.api_check_interval_s,
+        )
         self._fence_reason: str | None = None
         self._fence_outcome: FenceOutcome | None = None
         self._would_fence_logged: str | None = None  # unarmed: the episode already reported
@@ -444,7 +456,12 @@ class Agent:
         while not self._fencing.is_set():
             started = self._clock()
             relaxed = max(interval, self._settings.self_fence_after_s / 2)
-            if self._broker_fresh(started) and started < next_at - interval + relaxed:
+            declared = self._declared_down_phase is not None
+            if (
+                not declared
+                and self._broker_fresh(started)
+                and started < next_at - interval + relaxed
+            ):
                 # The broker just proved contact, so the API is asked only every
                 # self_fence_after_s / 2 (not every interval: one GET per node per interval is
                 # thousands per second on a large cluster). That still reads a FENCING
@@ -462,10 +479,15 @@ class Agent:
             except Exception as e:  # the probe's failure is an observation: API unreachable
                 error = f"{type(e).__name__}: {e}"
             self._record_api(started, phase, error)
-            next_at += interval
+            # Declared down: look again every heartbeat interval, so that a withdrawal is seen
+            # within the grace (the controller withdraws at the first heartbeat it hears).
+            step = interval
+            if self._declared_down_phase is not None:
+                step = min(interval, self._settings.heartbeat_interval_s)
+            next_at += step
             now = self._clock()
             if now >= next_at:
-                next_at = now + interval
+                next_at = now + step
             await self._sleep_unless_fencing(next_at - now)
 
     def _broker_fresh(self, now: float) -> bool:
@@ -485,12 +507,24 @@ class Agent:
         self._api_phase = phase
         if declared_down(phase):
             if self._declared_down_phase != phase:
+                if self._declared_down_phase is None:
+                    self._declared_since = started
+                    log.warning(
+                        "agent %s: the API says this node is %s; fencing in %.1fs unless the "
+                        "controller withdraws it (it does at our first heartbeat it hears)",
+                        self.node,
+                        phase,
+                        self.declared_grace_s,
+                    )
                 self._declared_down_phase = phase
                 self._contact_changed.set()
             return
-        # Armed, a declaration fences at once (the guard runs before the next probe); unarmed,
-        # the controller may change its mind and we stop reporting that we would fence.
+        # Withdrawn within the grace (or unarmed: the controller may change its mind and we
+        # stop reporting that we would fence).
+        if self._declared_down_phase is not None:
+            log.info("agent %s: the controller withdrew its declaration (%s)", self.node, phase)
         self._declared_down_phase = None
+        self._declared_since = None
         # The controller does not consider us down: that is contact, as of the request's start.
         if self._last_api_contact is None or started > self._last_api_contact:
             self._last_api_contact = started
@@ -515,7 +549,11 @@ class Agent:
             deadline = self._deadline()
             assert deadline is not None
             reason: str | None = None
+            grace_until: float | None = None
             if self._declared_down_phase is not None:
+                assert self._declared_since is not None
+                grace_until = self._declared_since + self.declared_grace_s
+            if grace_until is not None and now >= grace_until:
                 reason = f"the API says this node is {self._declared_down_phase}"
                 episode = f"declared {self._declared_down_phase}"
             elif now >= deadline:
@@ -527,7 +565,7 @@ class Agent:
                     return
                 wait: float | None = None  # unarmed: nothing to do until contact changes
             else:
-                wait = deadline - now
+                wait = deadline - now if grace_until is None else min(deadline, grace_until) - now
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._contact_changed.wait()

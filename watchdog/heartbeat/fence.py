@@ -51,6 +51,29 @@ def declared_down(phase: str | None) -> bool:
     return phase is not None and phase in DOWN_PHASES
 
 
+def declared_grace_s(after_s: float, heartbeat_interval_s: float, api_interval_s: float) -> float:
+    """How long the agent may wait, once it reads that the controller declared it down, for
+    that declaration to be withdrawn before it fences.
+
+    Why wait at all: a NIC flap just longer than `unreachable_after_s` is declared (peers
+    corroborate in seconds); when the link returns, the agent's API read races the controller,
+    which withdraws the declaration at the first heartbeat it hears (decide/machine.py,
+    `withdraw_fencing`). Fencing at once would reboot a healthy node.
+
+    Why this is safe: the controller resets no earlier than
+    `visible + after + bound + heartbeat_interval + margin`, where `visible` is when it saw its
+    declaration on the Node. The agent reads the API at least every `max(api_interval,
+    after / 2)` (relaxed while the broker answers), and a read takes at most `api_interval`, so
+    it reads the declaration by `visible + max(api_interval, after / 2) + api_interval`. Adding
+    this grace and the fence's own bound stays within the controller's wait, without counting
+    on the margin (the controller's, not ours):
+    `max(api_interval, after / 2) + api_interval + grace <= after + heartbeat_interval`.
+    """
+    return max(
+        0.0, after_s + heartbeat_interval_s - max(api_interval_s, after_s / 2) - api_interval_s
+    )
+
+
 def fence_deadline(
     started_at: float,
     last_broker_contact: float | None,

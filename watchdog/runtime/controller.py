@@ -337,6 +337,9 @@ class Controller:
         for frm, to, reason in d.transitions:
             self.metrics.transitions.labels(frm.value, to.value, reason.value).inc()
             log.info("node %s: %s -> %s (%s)", node, frm.value, to.value, reason.value)
+            if to is Phase.UNREACHABLE:
+                # A new episode needs its own external fence confirmation.
+                self.fence_confirmed.discard(node)
             if to is Phase.UNREACHABLE and d.state.last_contact_at is not None:
                 self.metrics.detection.observe(now - d.state.last_contact_at)
             if frm is Phase.RESETTING and to is Phase.RESET and d.state.unreachable_at:

@@ -357,6 +357,18 @@ class Settings(BaseSettings):
             )
         if self.peer_advertise is not None and not valid_peer_address(self.peer_advertise):
             raise ValueError(f"peer_advertise {self.peer_advertise!r} is not host:port")
+        latest_read = max(self.api_check_interval_s, self.self_fence_after_s / 2)
+        if (
+            latest_read + self.api_check_interval_s
+            > self.self_fence_after_s + self.heartbeat_interval_s
+        ):
+            raise ValueError(
+                f"api_check_interval_s ({self.api_check_interval_s}) is too long for "
+                f"self_fence_after_s ({self.self_fence_after_s}): an agent could read that it "
+                "is being fenced only after the controller's safe delay; need "
+                "max(api_check_interval_s, self_fence_after_s / 2) + api_check_interval_s <= "
+                "self_fence_after_s + heartbeat_interval_s"
+            )
         if self.fence_mode is FenceMode.EXTERNAL and not (
             self.fence_hook_command or self.fence_hook_url
         ):
