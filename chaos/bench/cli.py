@@ -108,6 +108,12 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--profile", type=float, default=0.0, help="py-spy the controller for S s")
     p.add_argument(
+        "--no-peers",
+        dest="peers",
+        action="store_false",
+        help="killed nodes' ring predecessors do not report them (Lease-only corroboration)",
+    )
+    p.add_argument(
         "--controller-source",
         type=_dir,
         default=None,
@@ -197,6 +203,7 @@ def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
             else None
         ),
         profile_s=args.profile,
+        peers=args.peers,
         controller_source=args.controller_source,
         profile_dir=args.out,
         controller_nice=args.controller_nice,

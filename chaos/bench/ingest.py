@@ -19,10 +19,14 @@ node topics), and the controller with default timings. Then:
    UNREACHABLE are counted, the target is zero).
 
 At defaults a node becomes UNREACHABLE only when its heartbeat is older than
-`unreachable_after_s` (4 s) AND a second source agrees: here (no peer probes run in this
-benchmark's simulated agents) the Lease, stale
-`lease_stale_after_s` (15 s) after its last renewal was seen, with renewals every 10 s. The
-detection delay is therefore bounded below by the Lease arithmetic, not by ingest; the
+`unreachable_after_s` (4 s) AND a second source agrees: its peers, or the Lease (stale
+`lease_stale_after_s`, 15 s, after its last renewal was seen; renewals every 10 s). With
+`peers` on (the default, as on a real cluster) the simulated agents also play the killed
+node's three ring predecessors: each reports it unreachable, as the real prober does after two
+consecutive 1 s probe timeouts, 2-3 s after the kill (uniformly spread: the probes' phase is
+random). The controller's handling of those reports (validation, quorum, wake-ups) is the real
+one; the probing itself is exercised on real sockets by tests/integration/test_peer_probes.py
+and test_service_peers.py. With `peers` off the Lease arithmetic bounds detection; the
 `Suspect` delay (heartbeat only, 3 s) shows what ingest alone adds.
 """
 
@@ -51,6 +55,7 @@ from chaos.bench.kubeload import (
 )
 from chaos.bench.mqttload import AgentFleet
 from chaos.bench.service import CONTROLLER_NAMESPACE, ControllerProcess, control_plane, mosquitto
+from watchdog.decide.peer_probe import PeerView
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,7 @@ async def run_one(
     connections: int,
     lease_renew_s: float,
     controller_env: dict[str, str],
+    peers: bool = True,
     profile_s: float,
     work_dir: Path,
     controller_source: Path | None = None,
@@ -113,6 +119,7 @@ async def run_one(
                         connections=connections,
                         lease_renew_s=lease_renew_s,
                         controller_env=controller_env,
+                        peers=peers,
                         profile_s=profile_s,
                         work_dir=work_dir / f"n{n}",
                         controller_source=controller_source,
@@ -139,6 +146,7 @@ async def _measure(
     connections: int,
     lease_renew_s: float,
     controller_env: dict[str, str],
+    peers: bool = True,
     profile_s: float,
     work_dir: Path,
     controller_source: Path | None,
@@ -227,8 +235,9 @@ async def _measure(
                     )
                 # 3. kills
                 out["kills"] = await _kills(
-                    fleet, renewer, watch, nodes, kill, kill_gap_s, progress
+                    fleet, renewer, watch, nodes, kill, kill_gap_s, progress, peers
                 )
+                out["peers"] = peers
                 _check(tasks)
                 m2 = await ctl.metrics()
                 out["false_suspect"] = sorted(
@@ -259,6 +268,19 @@ def _check(tasks: dict[str, asyncio.Task[Any]]) -> None:
             raise RuntimeError(f"{name} failed") from task.exception()
 
 
+# The real prober: probes every 1 s, 1 s timeout, unreachable after 2 timeouts in a row.
+PEER_REPORT_AFTER_S = (2.0, 3.0)
+PEER_OBSERVERS = 3
+
+
+async def _peers_report(fleet: AgentFleet, observers: list[str], victim: str, rng: Any) -> None:
+    delays = sorted(rng.uniform(*PEER_REPORT_AFTER_S) for _ in observers)
+    start = time.monotonic()
+    for observer, delay in zip(observers, delays, strict=True):
+        await asyncio.sleep(max(0.0, start + delay - time.monotonic()))
+        fleet.report_peer(observer, victim, PeerView.UNREACHABLE)
+
+
 async def _kills(
     fleet: AgentFleet,
     renewer: LeaseRenewer,
@@ -267,11 +289,14 @@ async def _kills(
     kill: int,
     gap_s: float,
     progress: Any,
+    peers: bool = True,
 ) -> dict[str, Any]:
     rng = random.Random(8)
     victims = rng.sample(nodes, min(kill, len(nodes)))
     last_contact: dict[str, float] = {}
     killed_at: dict[str, float] = {}
+    ring = sorted(nodes)
+    reporters: list[asyncio.Task[None]] = []
     for i, node in enumerate(victims):
         if i:
             await asyncio.sleep(gap_s * rng.uniform(0.7, 1.3))
@@ -279,6 +304,16 @@ async def _kills(
         renewer.stop(node)
         last = fleet.kill(node)
         last_contact[node] = last if last is not None else killed_at[node]
+        if peers:
+            # Its ring predecessors probe it (decide/peer_ring.py: each node probes its
+            # successors), skipping the dead, who report nothing.
+            at = ring.index(node)
+            observers = [
+                ring[(at - k) % len(ring)]
+                for k in range(1, len(ring))
+                if ring[(at - k) % len(ring)] not in killed_at
+            ][:PEER_OBSERVERS]
+            reporters.append(asyncio.create_task(_peers_report(fleet, observers, node, rng)))
     progress(f"  killed {len(victims)} nodes; waiting for UNREACHABLE")
     timeout = 120.0
     with contextlib.suppress(TimeoutError):
@@ -288,6 +323,9 @@ async def _kills(
             "every killed node UNREACHABLE",
         )
     await asyncio.sleep(3.0)  # anyone else going down right after would be a false positive
+    for task in reporters:
+        task.cancel()
+    await asyncio.gather(*reporters, return_exceptions=True)
     detect: list[float] = []
     suspect: list[float] = []
     missed: list[str] = []
@@ -326,6 +364,7 @@ def run(
     connections: int = 0,
     lease_renew_s: float = 10.0,
     controller_env: dict[str, str] | None = None,
+    peers: bool = True,
     profile_s: float = 0.0,
     work_dir: Path | None = None,
     controller_source: Path | None = None,
@@ -351,6 +390,7 @@ def run(
                         connections=conns,
                         lease_renew_s=lease_renew_s,
                         controller_env=env,
+                        peers=peers,
                         profile_s=profile_s,
                         work_dir=base,
                         controller_source=controller_source,

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 from watchdog.decide.heartbeats import Heartbeat, encode_heartbeat, heartbeat_topic, status_topic
 from watchdog.decide.observations import FenceDeclaration
+from watchdog.decide.peer_probe import PeerView
+from watchdog.decide.peer_reports import PeerReport, encode_report, peers_topic
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,11 @@ class Publisher:
         self.killed.add(node)
         return self.nodes[node].last_sent
 
+    def inject(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """One extra message on this connection, now (between heartbeat ticks)."""
+        if self._writer is not None:
+            self._writer.write(publish_packet(topic.encode(), payload, retain=retain))
+
     def last_sent(self, node: str) -> float | None:
         return self.nodes[node].last_sent
 
@@ -235,6 +242,21 @@ class AgentFleet:
             for i in range(connections)
         ]
         self._by_node = {n: p for p in self.publishers for n in p.nodes}
+        self._prefix = prefix
+        # Peer reports the simulated agents published: observer → (boot id, seq, results).
+        self._reports: dict[str, tuple[str, int, dict[str, PeerView]]] = {}
+
+    def report_peer(self, observer: str, target: str, view: PeerView) -> None:
+        """What the real prober publishes (heartbeat/peers.py) when a verdict changes: the
+        observer's whole result set, retained, on its own topic."""
+        boot_id, seq, results = self._reports.get(observer, (str(uuid.uuid4()), 0, {}))
+        results = {**results, target: view}
+        seq += 1
+        self._reports[observer] = (boot_id, seq, results)
+        report = PeerReport(observer, boot_id, seq, time.time(), results)
+        self._by_node[observer].inject(
+            peers_topic(self._prefix, observer), encode_report(report), retain=True
+        )
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
