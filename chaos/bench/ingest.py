@@ -305,14 +305,14 @@ async def _kills(
         last = fleet.kill(node)
         last_contact[node] = last if last is not None else killed_at[node]
         if peers:
-            # Its ring predecessors probe it (decide/peer_ring.py: each node probes its
-            # successors), skipping the dead, who report nothing.
+            # Its ring predecessors probe it (decide/peer_ring.py: each node probes its k
+            # successors in name order); the dead among them report nothing.
             at = ring.index(node)
             observers = [
-                ring[(at - k) % len(ring)]
-                for k in range(1, len(ring))
-                if ring[(at - k) % len(ring)] not in killed_at
-            ][:PEER_OBSERVERS]
+                o
+                for o in (ring[(at - k) % len(ring)] for k in range(1, PEER_OBSERVERS + 1))
+                if o not in killed_at
+            ]
             reporters.append(asyncio.create_task(_peers_report(fleet, observers, node, rng)))
     progress(f"  killed {len(victims)} nodes; waiting for UNREACHABLE")
     timeout = 120.0

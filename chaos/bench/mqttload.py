@@ -24,6 +24,7 @@ import contextlib
 import logging
 import time
 import uuid
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -68,11 +69,24 @@ PINGREQ = b"\xc0\x00"
 DISCONNECT = b"\xe0\x00"
 
 
+def _peer_address(node: str) -> str:
+    return f"127.0.0.1:{20000 + zlib.crc32(node.encode()) % 40000}"
+
+
 class HeartbeatTemplate:
     """`encode_heartbeat` of one node with the seq and sent_at fields left to fill in."""
 
-    def __init__(self, node: str, boot_id: str, fence: FenceDeclaration, version: str) -> None:
-        doc = encode_heartbeat(Heartbeat(node, boot_id, _SEQ_MARK, _SENT_MARK, version, fence))
+    def __init__(
+        self,
+        node: str,
+        boot_id: str,
+        fence: FenceDeclaration,
+        version: str,
+        peer: str | None = None,
+    ) -> None:
+        doc = encode_heartbeat(
+            Heartbeat(node, boot_id, _SEQ_MARK, _SENT_MARK, version, fence, peer=peer)
+        )
         head, rest = doc.split(str(_SEQ_MARK).encode(), 1)
         middle, tail = rest.split(repr(_SENT_MARK).encode(), 1)
         self._head, self._middle, self._tail = head, middle, tail
@@ -126,7 +140,9 @@ class Publisher:
             n: _Node(
                 n,
                 heartbeat_topic(prefix, n).encode(),
-                HeartbeatTemplate(n, str(uuid.uuid4()), fence, "bench"),
+                # A probe address, as a real agent announces it: the leader builds its probe
+                # ring from these (nothing listens there; the simulated peers report instead).
+                HeartbeatTemplate(n, str(uuid.uuid4()), fence, "bench", _peer_address(n)),
             )
             for n in nodes
         }

@@ -95,11 +95,14 @@ def _seconds(doc: dict[str, Any], key: str) -> float:
     return value
 
 
-def parse_heartbeat(topic: str, payload: bytes, prefix: str) -> Heartbeat:
-    """Validate one heartbeat message; raise HeartbeatRejected naming why it is refused."""
-    if len(payload) > MAX_HEARTBEAT_BYTES:
+def json_message(
+    topic: str, payload: bytes, head: str, max_bytes: int
+) -> tuple[str, dict[str, Any]]:
+    """The checks every JSON message on our topics passes first (heartbeats, peer reports,
+    probe lists): its size, a topic of exactly `head<node>`, a JSON object. Returns the node
+    the topic names and the object; raises HeartbeatRejected naming why it is refused."""
+    if len(payload) > max_bytes:
         raise HeartbeatRejected(RejectReason.OVERSIZED, f"{len(payload)} bytes")
-    head = f"{prefix}/heartbeat/"
     if not topic.startswith(head) or "/" in topic[len(head) :] or topic == head:
         raise HeartbeatRejected(RejectReason.TOPIC_MISMATCH, f"unexpected topic {topic[:120]!r}")
     try:
@@ -108,8 +111,14 @@ def parse_heartbeat(topic: str, payload: bytes, prefix: str) -> Heartbeat:
         raise HeartbeatRejected(RejectReason.MALFORMED, str(e)[:120]) from e
     if not isinstance(doc, dict):
         raise HeartbeatRejected(RejectReason.MALFORMED, "not a JSON object")
+    return topic[len(head) :], doc
+
+
+def parse_heartbeat(topic: str, payload: bytes, prefix: str) -> Heartbeat:
+    """Validate one heartbeat message; raise HeartbeatRejected naming why it is refused."""
+    topic_node, doc = json_message(topic, payload, f"{prefix}/heartbeat/", MAX_HEARTBEAT_BYTES)
     node = _require(doc, "node", str)
-    if node != topic[len(head) :]:
+    if node != topic_node:
         raise HeartbeatRejected(RejectReason.TOPIC_MISMATCH, f"node {node[:64]!r} on {topic!r}")
     boot_id = _require(doc, "boot_id", str)
     if not 0 < len(boot_id) <= 64:

@@ -19,7 +19,7 @@ import math
 from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
-from watchdog.decide.heartbeats import HeartbeatRejected, RejectReason
+from watchdog.decide.heartbeats import HeartbeatRejected, RejectReason, json_message
 from watchdog.decide.peer_probe import PeerView
 from watchdog.decide.peer_ring import MAX_TARGETS, valid_node_name
 
@@ -57,21 +57,11 @@ def _reject(reason: RejectReason, detail: str) -> HeartbeatRejected:
 
 def parse_report(topic: str, payload: bytes, prefix: str) -> PeerReport:
     """Validate one peer report; raise HeartbeatRejected naming why it is refused."""
-    if len(payload) > MAX_REPORT_BYTES:
-        raise _reject(RejectReason.OVERSIZED, f"{len(payload)} bytes")
-    head = f"{prefix}/peers/"
-    if not topic.startswith(head) or "/" in topic[len(head) :] or topic == head:
-        raise _reject(RejectReason.TOPIC_MISMATCH, f"unexpected topic {topic[:120]!r}")
-    try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise _reject(RejectReason.MALFORMED, str(e)[:120]) from e
-    if not isinstance(doc, dict):
-        raise _reject(RejectReason.MALFORMED, "not a JSON object")
+    topic_node, doc = json_message(topic, payload, f"{prefix}/peers/", MAX_REPORT_BYTES)
     if set(doc) != _FIELDS:
         raise _reject(RejectReason.SCHEMA, f"fields {sorted(map(str, doc))[:8]}")
     node = doc["node"]
-    if not isinstance(node, str) or node != topic[len(head) :]:
+    if not isinstance(node, str) or node != topic_node:
         raise _reject(RejectReason.TOPIC_MISMATCH, f"node {str(node)[:64]!r} on {topic!r}")
     boot_id = doc["boot_id"]
     if not isinstance(boot_id, str) or not 0 < len(boot_id) <= 64:

@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from watchdog.decide.heartbeats import HeartbeatRejected, RejectReason
+from watchdog.decide.heartbeats import HeartbeatRejected, RejectReason, json_message
 from watchdog.decide.peer_address import valid_peer_address
 
 MAX_TARGETS = 16  # peer_count is bounded by settings; this bounds what an agent accepts
@@ -110,16 +110,11 @@ def encode_probe_list(node: str, targets: Mapping[str, str]) -> bytes:
 
 def parse_probe_list(topic: str, payload: bytes, prefix: str) -> ProbeList:
     """Validate one probe list; raise HeartbeatRejected naming why it is refused."""
-    if len(payload) > MAX_PROBE_LIST_BYTES:
-        raise HeartbeatRejected(RejectReason.OVERSIZED, f"{len(payload)} bytes")
-    head = f"{prefix}/probe/"
-    if not topic.startswith(head) or "/" in topic[len(head) :] or topic == head:
-        raise HeartbeatRejected(RejectReason.TOPIC_MISMATCH, f"unexpected topic {topic[:120]!r}")
-    doc = _json_object(payload)
+    topic_node, doc = json_message(topic, payload, f"{prefix}/probe/", MAX_PROBE_LIST_BYTES)
     if set(doc) != {"node", "targets"}:
         raise HeartbeatRejected(RejectReason.SCHEMA, f"fields {sorted(doc)[:8]}")
     node = doc["node"]
-    if not isinstance(node, str) or node != topic[len(head) :]:
+    if not isinstance(node, str) or node != topic_node:
         detail = f"node {str(node)[:64]!r} on {topic!r}"
         raise HeartbeatRejected(RejectReason.TOPIC_MISMATCH, detail)
     targets = doc["targets"]
@@ -131,16 +126,6 @@ def parse_probe_list(topic: str, payload: bytes, prefix: str) -> ProbeList:
         if not valid_peer_address(address):
             raise HeartbeatRejected(RejectReason.SCHEMA, f"address of {name[:64]!r}")
     return ProbeList(node, dict(targets))
-
-
-def _json_object(payload: bytes) -> dict[str, object]:
-    try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise HeartbeatRejected(RejectReason.MALFORMED, str(e)[:120]) from e
-    if not isinstance(doc, dict):
-        raise HeartbeatRejected(RejectReason.MALFORMED, "not a JSON object")
-    return doc
 
 
 def valid_node_name(name: object) -> bool:
