@@ -22,7 +22,9 @@ Owns, through the real API server:
   `parallelOutboundMigrationsPerNode` from the KubeVirt CR; a target launcher pod placed by the
   scheduler away from the source; the handover moves the domain in the ledger atomically (via the
   fleet: both machines must be up and reachable); a non-migratable VMI or an unreachable source
-  fails the migration.
+  fails the migration. The memory copy takes `KubeVirtTimings.migration_s`, or for one VMI the
+  (unscaled) seconds of its annotation `MIGRATION_SECONDS_ANNOTATION`: a guest that dirties
+  memory faster than the link copies it, whose migration runs on and on.
 - virt-controller's node check: a node whose `kubevirt.io/heartbeat` is older than 5 min
   (scaled) is labelled `kubevirt.io/schedulable=false`, and its VMIs without a running launcher
   pod fail (`NodeUnresponsive`).
@@ -78,6 +80,8 @@ CREATED_BY_LABEL = "kubevirt.io/created-by"
 NODE_NAME_LABEL = "kubevirt.io/nodeName"
 VMI_NAME_LABEL = "kubevirt.io/vmi-name"
 EVACUATION_ANNOTATION = "kubevirt.io/evacuationMigration"
+# Test-cluster knob, not KubeVirt's: unscaled seconds the memory copy of this VMI takes.
+MIGRATION_SECONDS_ANNOTATION = "sim.watchdog-chaos/migration-seconds"
 VMI_FINALIZER = "foregroundDeleteVirtualMachine"
 DRAIN_TAINT = "kubevirt.io/drain"
 LAUNCHER_IMAGE = "quay.io/kubevirt/virt-launcher:v1.6.0"
@@ -882,15 +886,9 @@ class KubeVirtSim:
         if dst is None or not dst.handler_alive:
             await self._fail(mig, f"target node {mig.target_node} is unreachable")
             return
-        if now - mig.entered < (
-            self.clock.scaled(t.migration_s) if mig.phase == "Running" else step_s
-        ):
-            self.migration_queue.add_after(
-                mig.key,
-                mig.entered
-                + (self.clock.scaled(t.migration_s) if mig.phase == "Running" else step_s)
-                - now,
-            )
+        phase_s = self._copy_s(vmi) if mig.phase == "Running" else step_s
+        if now - mig.entered < phase_s:
+            self.migration_queue.add_after(mig.key, mig.entered + phase_s - now)
             return
         if mig.phase == "PreparingTarget":
             self._enter(mig, "TargetReady")
@@ -916,6 +914,15 @@ class KubeVirtSim:
             self.fleet.complete_source(mig.source_node or "", source_key)
             self._evac_failures.pop(mig.vmi, None)
             self._enter(mig, "Succeeded")
+
+    def _copy_s(self, vmi: Obj) -> float:
+        """Scaled seconds the memory copy takes: the VMI's annotation, else the default."""
+        raw = (vmi["metadata"].get("annotations") or {}).get(MIGRATION_SECONDS_ANNOTATION)
+        try:
+            seconds = float(raw) if raw is not None else self.timings.migration_s
+        except ValueError:
+            seconds = self.timings.migration_s
+        return self.clock.scaled(max(0.0, seconds))
 
     def _source_pod_name(self, vmi: Obj) -> str | None:
         pod = self._current_pod(vmi, self.pods_of(vmi))
@@ -1103,6 +1110,7 @@ def vm_manifest(
     eviction_strategy: str = "LiveMigrateIfPossible",
     spread: bool = True,
     labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
 ) -> Obj:
     """A Harvester-like VirtualMachine: root disk on a PVC, spread over nodes by the scheduler."""
     template_labels = {"harvesterhci.io/vmName": name, **(labels or {})}
@@ -1143,7 +1151,10 @@ def vm_manifest(
         "metadata": {"name": name, "namespace": namespace, "labels": dict(labels or {})},
         "spec": {
             "runStrategy": run_strategy,
-            "template": {"metadata": {"labels": template_labels}, "spec": spec},
+            "template": {
+                "metadata": {"labels": template_labels, "annotations": dict(annotations or {})},
+                "spec": spec,
+            },
         },
     }
 
@@ -1171,6 +1182,7 @@ def kubevirt_cr(limits: MigrationLimits | None = None) -> Obj:
 
 
 __all__: list[Any] = [
+    "MIGRATION_SECONDS_ANNOTATION",
     "KubeVirtSim",
     "KubeVirtTimings",
     "MigrationLimits",

@@ -238,6 +238,9 @@ async def test_crd_check_says_what_a_missing_kubevirt_and_harvester_mean(
     assert not vmis.ok and vmis.detail == "absent: no KubeVirt: there are no VMs to protect"
     harvester = checks["crd: settings.harvesterhci.io"]
     assert harvester.ok and harvester.detail == "absent: no Harvester: policy from config"
+    policies = checks["crd: migrationpolicies.migrations.kubevirt.io"]
+    assert policies.ok, "optional: without it every migration uses the KubeVirt CR's settings"
+    assert policies.detail.startswith("absent: no MigrationPolicies")
 
 
 # -- actions ----------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ must never be reset. The watchdog live-migrates the ones that can move, never mo
 KubeVirt's limits allow (`parallelOutboundMigrationsPerNode`, `parallelMigrationsPerCluster`,
 counting migrations it did not create), reports the ones that cannot (VMNotMigratable, with the
 reason from their LiveMigratable condition), and stops cleanly when the kubelet comes back.
+Each migration it creates is reported on its VMI with the KubeVirt MigrationPolicy that applies;
+an evacuation still unfinished after the policy's `vmMigrationTimeout` is reported
+(EvacuationTimeout), and still nothing is reset.
 
 Setup: 3 nodes; 10 VMs are put on node-1 by cordoning the other two while they are created (the
 test cluster spreads VMs by default), 6 on ReadWriteMany volumes (live-migratable) and 4 on
@@ -15,14 +18,27 @@ beyond a limit counts even if KubeVirt would queue it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
 
-from chaos.sim.informer import KUBEVIRTS, NODES, VMIMS, VMS
-from chaos.sim.kubevirt import vm_manifest
+from chaos.sim.harvester import POLICY_SETTING, setting_manifest
+from chaos.sim.informer import (
+    KUBEVIRTS,
+    MIGRATION_POLICIES,
+    NAMESPACES,
+    NODES,
+    SETTINGS,
+    VMIMS,
+    VMIS,
+    VMS,
+    ApiError,
+)
+from chaos.sim.kubevirt import MIGRATION_SECONDS_ANNOTATION, vm_manifest
 from chaos.sim.ledger import StartReason, StopReason
 from tests.integration.watchdog_env import WatchdogEnv, default_config
 
@@ -60,11 +76,17 @@ async def cordon(env: WatchdogEnv, node: str, on: bool) -> None:
 
 
 async def create_vm(
-    env: WatchdogEnv, name: str, mode: str, node_selector: dict[str, str] | None = None
+    env: WatchdogEnv,
+    name: str,
+    mode: str,
+    node_selector: dict[str, str] | None = None,
+    *,
+    labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
 ) -> None:
     c = env.cluster
     await c.longhorn.provision("default", f"{name}-rootdisk", access_mode=mode)
-    body = vm_manifest(name, "default", spread=False)
+    body = vm_manifest(name, "default", spread=False, labels=labels, annotations=annotations)
     if node_selector:
         body["spec"]["template"]["spec"]["nodeSelector"] = node_selector
     await c.kube.create(VMS, body)
@@ -79,14 +101,14 @@ def runs_on(env: WatchdogEnv, name: str, node: str) -> bool:
     )
 
 
-async def place_on(env: WatchdogEnv, node: str, vms: dict[str, str]) -> None:
+async def place_on(env: WatchdogEnv, node: str, vms: dict[str, str], **kw: Any) -> None:
     """Create `vms` (name → access mode) so that all of them run on `node`."""
     others = [n for n in env.cluster.fleet.members if n != node]
     for n in others:
         await cordon(env, n, True)
     try:
         for name, mode in vms.items():
-            await create_vm(env, name, mode)
+            await create_vm(env, name, mode, **kw)
         await env.wait_for(
             lambda: all(runs_on(env, name, node) for name in vms), 60, f"VMs running on {node}"
         )
@@ -186,6 +208,141 @@ async def test_a_degraded_node_live_migrates_what_can_move_within_the_limits_and
 
     await env.fault("kubelet-start", NODE)
     await env.wait_for(lambda: env.phase(NODE) == "Healthy", 30, f"{NODE} Healthy")
+
+
+def migration_policy(name: str, ns: dict[str, str], vmi: dict[str, str], **spec: Any) -> dict:
+    return {
+        "apiVersion": "migrations.kubevirt.io/v1alpha1",
+        "kind": "MigrationPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "selectors": {"namespaceSelector": ns, "virtualMachineInstanceSelector": vmi},
+            **spec,
+        },
+    }
+
+
+async def test_a_migration_past_vm_migration_timeout_is_reported_under_its_policy_resets_nothing(
+    env,
+):
+    """A guest whose memory copy does not finish: the operator learns which MigrationPolicy
+    it migrates under (the most specific of two that match), then, once the evacuation has
+    run longer than the policy's `vmMigrationTimeout`, an EvacuationTimeout and the
+    `timeout` count; the VM keeps running where it is, exactly once, and nothing is reset."""
+    await env.restore()
+    c = env.cluster
+    leader = await env.wait_leader()
+    timeout_s = 6.0
+    # Two policies select the VM by its label; the one also selecting its namespace's label
+    # is more specific and is the one KubeVirt applies.
+    await c.kube.create(
+        MIGRATION_POLICIES,
+        migration_policy("in-memory-db", {}, {"workload": "in-memory-db"}, allowPostCopy=True),
+    )
+    await c.kube.create(
+        MIGRATION_POLICIES,
+        migration_policy(
+            "gold-in-memory-db",
+            {"tier": "gold"},
+            {"workload": "in-memory-db"},
+            bandwidthPerMigration="64Mi",
+            completionTimeoutPerGiB=800,
+        ),
+    )
+    await c.kube.patch(NAMESPACES, "default", {"metadata": {"labels": {"tier": "gold"}}})
+    await c.kube.create(
+        SETTINGS,
+        setting_manifest("1.7", {"enable": True, "period": 5, "vmMigrationTimeout": timeout_s}),
+    )
+    try:
+
+        async def policy_read() -> bool:
+            m = await leader.scrape()
+            return m.get("watchdog_policy_period_seconds") == 5
+
+        await env.wait_for(policy_read, 20, "the controller reads the Harvester policy")
+        # Its copy would take 400 s (100 s at this time scale): far past the timeout.
+        await place_on(
+            env,
+            NODE,
+            {"slow-db": RWX},
+            labels={"workload": "in-memory-db"},
+            annotations={MIGRATION_SECONDS_ANNOTATION: "400"},
+        )
+        (copy,) = c.ledger.vms["default/slow-db"].running
+        before = await leader.scrape()
+        wall = time.time()
+        t0 = await env.fault("kubelet-stop", NODE)
+        await env.wait_for(lambda: env.phase(NODE) == "Degraded", 30, f"{NODE} Degraded")
+
+        reported: list[dict] = []
+
+        async def migrating_reported() -> bool:
+            reported[:] = await env.events("EvacuationMigrating", "slow-db", since=wall)
+            return bool(reported)
+
+        await env.wait_for(migrating_reported, 30, "EvacuationMigrating on the VMI")
+        message = reported[0]["message"]
+        assert reported[0]["involvedObject"]["kind"] == "VirtualMachineInstance"
+        assert "MigrationPolicy gold-in-memory-db" in message, message
+        assert "bandwidthPerMigration=64Mi" in message and "completionTimeoutPerGiB=800" in message
+
+        (timed_out,) = await _events(env, "EvacuationTimeout", wall)
+        t_timeout = time.monotonic()
+        after = await leader.scrape()
+        print(f"\n[migration timeout] {message}; {timed_out['message']}")
+        assert timed_out["type"] == "Warning"
+        assert f"after {timeout_s:.0f}s" in timed_out["message"], timed_out["message"]
+        # Not before the limit: the evacuation started after the node turned Degraded.
+        t_degraded = env.timeline.first(env.timeline.phases, NODE, "Degraded", after=t0)
+        assert t_degraded is not None and t_timeout - t_degraded >= timeout_s
+        (slow,) = [m for m in ours(env, NODE, t0).values() if m["vmi"] == "default/slow-db"]
+        assert slow.get("phase") not in ("Succeeded", "Failed"), slow
+
+        def moved_by(result: str) -> float:
+            return after.get("watchdog_migrations_total", result=result) - before.get(
+                "watchdog_migrations_total", result=result
+            )
+
+        assert moved_by("timeout") == 1
+        assert moved_by("succeeded") == moved_by("failed") == 0
+        # The VM runs where it ran, once; nothing tainted or force-deleted.
+        assert list(c.ledger.vms["default/slow-db"].running) == [copy]
+        assert runs_on(env, "slow-db", NODE)
+        for name in ("TaintOutOfService", "ForceDeletePods"):
+            assert after.get("watchdog_actions_total", action=name) == before.get(
+                "watchdog_actions_total", action=name
+            )
+        assert not [v for t, n, v in env.timeline.taints if n == NODE and t >= t0]
+
+        # The kubelet returns: the evacuation stops, the hanging migration is ended, the VM
+        # still runs on its node, once.
+        await env.fault("kubelet-start", NODE)
+        await env.wait_for(lambda: env.phase(NODE) == "Healthy", 30, f"{NODE} Healthy")
+
+        def slow_ended() -> bool:
+            return all(
+                x.get("phase") in ("Succeeded", "Failed") or "deleted" in x
+                for x in ours(env, NODE, t0).values()
+            )
+
+        await env.wait_for(slow_ended, 30, "the hanging migration ended")
+        assert runs_on(env, "slow-db", NODE)
+        assert list(c.ledger.vms["default/slow-db"].running) == [copy]
+        assert c.ledger.split_brain_seconds() == 0 and c.ledger.false_resets() == []
+    finally:
+        await c.kube.delete(SETTINGS, POLICY_SETTING)
+        for name in ("in-memory-db", "gold-in-memory-db"):
+            await c.kube.delete(MIGRATION_POLICIES, name)
+        await c.kube.patch(NAMESPACES, "default", {"metadata": {"labels": {"tier": None}}})
+        # Later migrations of this VM copy at the usual speed.
+        with contextlib.suppress(ApiError):
+            await c.kube.patch(
+                VMIS,
+                "slow-db",
+                {"metadata": {"annotations": {MIGRATION_SECONDS_ANNOTATION: None}}},
+                "default",
+            )
 
 
 async def test_a_cluster_limit_used_by_other_migrations_holds_and_a_returning_kubelet_stops_it(

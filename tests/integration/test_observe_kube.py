@@ -22,7 +22,7 @@ import yaml
 
 from chaos.sim.binaries import ControlPlaneBinaries
 from chaos.sim.controlplane import ControlPlane, OutageMode
-from chaos.sim.informer import CRDS, LEASES, NODES, PODS, ApiError, Kube, Resource
+from chaos.sim.informer import CRDS, LEASES, NAMESPACES, NODES, PODS, ApiError, Kube, Resource
 from watchdog.decide.observations import LauncherPod
 from watchdog.observe.cluster_cache import (
     NODE_LEASE_NAMESPACE,
@@ -47,6 +47,9 @@ VMIMS = Resource("/apis/kubevirt.io/v1", "virtualmachineinstancemigrations")
 KUBEVIRTS = Resource("/apis/kubevirt.io/v1", "kubevirts")
 HARVESTER_SETTINGS = Resource("/apis/harvesterhci.io/v1beta1", "settings", namespaced=False)
 VOLUME_ATTACHMENTS = Resource("/apis/storage.k8s.io/v1", "volumeattachments", namespaced=False)
+MIGRATION_POLICIES = Resource(
+    "/apis/migrations.kubevirt.io/v1alpha1", "migrationpolicies", namespaced=False
+)
 
 # Every test but the memory measurement needs the control plane (marked one by one).
 pytestmark = [pytest.mark.asyncio(loop_scope="module")]
@@ -586,6 +589,85 @@ async def test_an_absent_harvester_crd_is_reported_and_picked_up_once_installed(
         assert cache.harvester_present is True
         assert len(cache.harvester_settings) == 1, "only the policy Setting is watched"
         assert cache.statistics().informers["settings.harvesterhci.io"].restarts == {"appeared": 1}
+
+
+@pytest.mark.cluster
+async def test_migration_policies_are_absent_until_installed_then_select_by_vmi_and_namespace(
+    admin: Kube, api: KubeApi
+) -> None:
+    """Without the MigrationPolicy CRD no policy applies and nothing is an error; once policies
+    exist, the one KubeVirt would apply is found from the VMI's and its namespace's labels."""
+    await admin.create(
+        NAMESPACES,
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "tenant-pol"}},
+    )
+    await admin.create(
+        VMIS,
+        {
+            "apiVersion": "kubevirt.io/v1",
+            "kind": "VirtualMachineInstance",
+            "metadata": {"name": "vm-pol", "namespace": "tenant-pol", "labels": {"app": "db"}},
+            "spec": {"domain": {"memory": {"guest": "1Gi"}}},
+        },
+        "tenant-pol",
+    )
+    cache = ClusterCache(api, settings(), probe_interval_s=None, absent_retry_s=0.5)
+    async with running(cache.run()):
+        await cache.wait_synced(20)
+        await eventually(
+            lambda: cache.vmi("tenant-pol", "vm-pol") is not None, what="VMI in the cache"
+        )
+        vmi = cache.vmi("tenant-pol", "vm-pol")
+        assert vmi is not None
+        assert cache.migration_policies.absent and cache.api_up
+        assert cache.migration_policy(vmi) is None
+
+        await install_crds(admin, "migrations.kubevirt.io_migrationpolicies")
+
+        def policy(
+            name: str, ns: dict[str, str], vmi_labels: dict[str, str], **spec: Any
+        ) -> dict[str, Any]:
+            return {
+                "apiVersion": "migrations.kubevirt.io/v1alpha1",
+                "kind": "MigrationPolicy",
+                "metadata": {"name": name},
+                "spec": {
+                    "selectors": {
+                        "namespaceSelector": ns,
+                        "virtualMachineInstanceSelector": vmi_labels,
+                    },
+                    **spec,
+                },
+            }
+
+        await admin.create(
+            MIGRATION_POLICIES,
+            policy("by-app", {}, {"app": "db"}, allowPostCopy=True, completionTimeoutPerGiB=800),
+        )
+        await admin.create(MIGRATION_POLICIES, policy("other-app", {}, {"app": "web"}))
+        await eventually(lambda: len(cache.migration_policies) == 2, what="both policies picked up")
+        chosen = cache.migration_policy(vmi)
+        assert chosen is not None and chosen.name == "by-app"
+        assert (chosen.allow_post_copy, chosen.completion_timeout_per_gib) == (True, 800)
+
+        # A namespace label makes a more specific policy match: it wins (2 labels over 1).
+        await admin.create(
+            MIGRATION_POLICIES,
+            policy("gold-db", {"tier": "gold"}, {"app": "db"}, bandwidthPerMigration="64Mi"),
+        )
+        await eventually(lambda: len(cache.migration_policies) == 3, what="third policy")
+        assert cache.migration_policy(vmi).name == "by-app", "namespace not labelled yet"
+        await admin.patch(NAMESPACES, "tenant-pol", {"metadata": {"labels": {"tier": "gold"}}})
+
+        def gold() -> bool:
+            p = cache.migration_policy(vmi)
+            return p is not None and p.name == "gold-db"
+
+        await eventually(gold, what="namespace labels followed")
+        assert cache.migration_policy(vmi).bandwidth_per_migration == "64Mi"
+        assert cache.statistics().informers[
+            "migrationpolicies.migrations.kubevirt.io"
+        ].restarts == {"appeared": 1}
 
 
 # -- memory (no cluster) ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ from watchdog.decide.evacuation import (
     EvacuationVMI,
     Limits,
     MigrationPolicyRef,
+    describe_policy,
     matching_policy,
     plan_evacuation,
 )
@@ -138,7 +139,9 @@ POLICIES = [
             {"env": "prod"}, {"app": "web"}, "prod-ns", id="a non-matching policy is ignored"
         ),
         pytest.param({"env": "dev"}, {"app": "db"}, "any", id="only the catch-all matches"),
-        pytest.param({"env": "prod"}, {"gpu": "true"}, "gpu", id="tie broken by name"),
+        pytest.param(
+            {"env": "prod"}, {"gpu": "true"}, "gpu", id="equal totals: more VMI labels wins"
+        ),
     ],
 )
 def test_matching_policy(
@@ -146,6 +149,44 @@ def test_matching_policy(
 ) -> None:
     assert matching_policy(POLICIES, ns_labels, vmi_labels) == expected
     assert matching_policy(list(reversed(POLICIES)), ns_labels, vmi_labels) == expected
+
+
+def test_equal_totals_prefer_vmi_labels_over_an_earlier_name() -> None:
+    # KubeVirt's score compares totals, then VMI labels; only a full tie goes by name.
+    policies = [
+        MigrationPolicyRef("a-namespace", {"env": "prod"}, {}),
+        MigrationPolicyRef("z-vmi", {}, {"app": "db"}),
+    ]
+    assert matching_policy(policies, {"env": "prod"}, {"app": "db"}) == "z-vmi"
+    twins = [
+        MigrationPolicyRef("b", {}, {"app": "db"}),
+        MigrationPolicyRef("a", {}, {"app": "db"}),
+    ]
+    assert matching_policy(twins, {}, {"app": "db"}) == "a"
+
+
+def test_a_policy_without_selectors_never_applies() -> None:
+    bare = MigrationPolicyRef("bare", {}, {}, has_selectors=False)
+    assert matching_policy([bare], {"env": "prod"}, {"app": "db"}) is None
+
+
+def test_the_report_names_the_policy_and_what_it_overrides() -> None:
+    slow = MigrationPolicyRef(
+        "slow-links",
+        {},
+        {"app": "db"},
+        allow_post_copy=True,
+        completion_timeout_per_gib=800,
+        bandwidth_per_migration="64Mi",
+    )
+    assert describe_policy(slow) == (
+        "MigrationPolicy slow-links (allowPostCopy=true, completionTimeoutPerGiB=800, "
+        "bandwidthPerMigration=64Mi)"
+    )
+    assert describe_policy(MigrationPolicyRef("plain", {}, {})) == (
+        "MigrationPolicy plain (no overrides)"
+    )
+    assert "KubeVirt CR" in describe_policy(None)
 
 
 def test_no_matching_policy() -> None:

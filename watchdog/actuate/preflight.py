@@ -96,6 +96,13 @@ CONTROLLER_ACCESS: tuple[AccessRule, ...] = (
         "evacuation of degraded nodes",
     ),
     AccessRule("kubevirt.io", "kubevirts", ("list", "watch"), "KubeVirt migration limits"),
+    AccessRule(
+        "migrations.kubevirt.io",
+        "migrationpolicies",
+        ("list", "watch"),
+        "report the MigrationPolicy each evacuated VMI migrates under",
+    ),
+    AccessRule("", "namespaces", ("list", "watch"), "namespace labels for MigrationPolicies"),
     AccessRule("harvesterhci.io", "settings", ("list", "watch"), "vm-force-reset-policy"),
     AccessRule("harvesterhci.io", "upgrades", ("list", "watch"), "hold resets during an upgrade"),
     AccessRule(
@@ -131,6 +138,12 @@ CRD_CHECKS: tuple[tuple[str, str, str, bool], ...] = (
         True,
     ),
     ("kubevirt.io/v1", "kubevirts", "no KubeVirt CR: configured migration limits apply", True),
+    (
+        "migrations.kubevirt.io/v1alpha1",
+        "migrationpolicies",
+        "no MigrationPolicies: every migration uses the KubeVirt CR's settings",
+        False,
+    ),
     ("harvesterhci.io/v1beta1", "settings", "no Harvester: policy from config", False),
     ("harvesterhci.io/v1beta1", "upgrades", "no Harvester upgrades: no upgrade hold", False),
 )

@@ -59,9 +59,62 @@ def plan_evacuation(
 
 @dataclass(frozen=True, slots=True)
 class MigrationPolicyRef:
+    """A KubeVirt `MigrationPolicy` (migrations.kubevirt.io/v1alpha1): its selectors and the
+    cluster-wide migration settings it overrides (None: not overridden)."""
+
     name: str
     namespace_selector: Mapping[str, str]
     vmi_selector: Mapping[str, str]
+    allow_post_copy: bool | None = None
+    allow_auto_converge: bool | None = None
+    completion_timeout_per_gib: int | None = None
+    bandwidth_per_migration: str | None = None  # a quantity, as written ("64Mi")
+    has_selectors: bool = True  # `spec.selectors` present: without it KubeVirt matches nothing
+
+    def overrides(self) -> str:
+        """What it changes, in the policy's own field names ("" when nothing)."""
+        fields = (
+            ("allowPostCopy", self.allow_post_copy),
+            ("allowAutoConverge", self.allow_auto_converge),
+            ("completionTimeoutPerGiB", self.completion_timeout_per_gib),
+            ("bandwidthPerMigration", self.bandwidth_per_migration),
+        )
+        return ", ".join(
+            f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in fields
+            if v is not None
+        )
+
+
+def select_policy(
+    policies: Iterable[MigrationPolicyRef],
+    namespace_labels: Mapping[str, str],
+    vmi_labels: Mapping[str, str],
+) -> MigrationPolicyRef | None:
+    """The policy KubeVirt's migration controller applies to a VMI (its `matchPolicy`).
+
+    A policy applies when every label of both its selectors matches (an empty selector matches
+    everything). Among those, the one with the most matching labels wins; at equal totals, the
+    one matching more VMI labels; at a full tie, the lexicographically first name.
+    """
+    best: tuple[int, int, str] | None = None  # (total, vmi labels, name)
+    chosen: MigrationPolicyRef | None = None
+    for p in policies:
+        if not p.has_selectors:
+            continue
+        ns_ok = all(namespace_labels.get(k) == v for k, v in p.namespace_selector.items())
+        vmi_ok = all(vmi_labels.get(k) == v for k, v in p.vmi_selector.items())
+        if not (ns_ok and vmi_ok):
+            continue
+        n_vmi = len(p.vmi_selector)
+        total = len(p.namespace_selector) + n_vmi
+        if (
+            best is None
+            or (total, n_vmi) > best[:2]
+            or ((total, n_vmi) == best[:2] and p.name < best[2])
+        ):
+            best, chosen = (total, n_vmi, p.name), p
+    return chosen
 
 
 def matching_policy(
@@ -69,15 +122,14 @@ def matching_policy(
     namespace_labels: Mapping[str, str],
     vmi_labels: Mapping[str, str],
 ) -> str | None:
-    """KubeVirt's rule: a policy applies when all its selector labels match; the one with the
-    most matching labels wins (ties: lexicographically first name, for determinism)."""
-    best: tuple[int, str] | None = None
-    for p in policies:
-        ns_ok = all(namespace_labels.get(k) == v for k, v in p.namespace_selector.items())
-        vmi_ok = all(vmi_labels.get(k) == v for k, v in p.vmi_selector.items())
-        if not (ns_ok and vmi_ok):
-            continue
-        score = len(p.namespace_selector) + len(p.vmi_selector)
-        if best is None or score > best[0] or (score == best[0] and p.name < best[1]):
-            best = (score, p.name)
-    return None if best is None else best[1]
+    """The name of `select_policy`'s choice, or None when no policy applies."""
+    chosen = select_policy(policies, namespace_labels, vmi_labels)
+    return None if chosen is None else chosen.name
+
+
+def describe_policy(policy: MigrationPolicyRef | None) -> str:
+    """For Events and logs: which policy KubeVirt will apply to a migration, and what it sets."""
+    if policy is None:
+        return "no MigrationPolicy selects it: the KubeVirt CR's migration settings apply"
+    changes = policy.overrides()
+    return f"MigrationPolicy {policy.name}" + (f" ({changes})" if changes else " (no overrides)")

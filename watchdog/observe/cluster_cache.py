@@ -1,7 +1,8 @@
 """The controller's view of the cluster: typed, frozen projections and per-node indexes.
 
 Owns one `Informer` per resource the controller reads (Nodes, `kube-node-lease` Leases,
-virt-launcher Pods, VMIs, VMs, VirtualMachineInstanceMigrations, the KubeVirt CR, Harvester's
+virt-launcher Pods, VMIs, VMs, VirtualMachineInstanceMigrations, the KubeVirt CR, KubeVirt's
+MigrationPolicies and the Namespaces' labels their `namespaceSelector` reads, Harvester's
 `vm-force-reset-policy` Setting and Upgrades and, when VolumeAttachment deletion is enabled,
 VolumeAttachments), the projection of each raw object into a small record, and indexes kept
 current in O(1) per watch event (pods, VMIs, migrations and attachments by node).
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol, TypeVar
 
-from watchdog.decide.evacuation import EvacuationVMI, Limits
+from watchdog.decide.evacuation import EvacuationVMI, Limits, MigrationPolicyRef, select_policy
 from watchdog.decide.observations import LauncherPod
 from watchdog.decide.state import STATE_ANNOTATION
 from watchdog.observe.errors import ApiStatusError, ApiUnreachable
@@ -67,6 +68,10 @@ VMIS = Resource("/apis/kubevirt.io/v1", "virtualmachineinstances")
 VMS = Resource("/apis/kubevirt.io/v1", "virtualmachines")
 MIGRATIONS = Resource("/apis/kubevirt.io/v1", "virtualmachineinstancemigrations")
 KUBEVIRTS = Resource("/apis/kubevirt.io/v1", "kubevirts")
+MIGRATION_POLICIES = Resource(
+    "/apis/migrations.kubevirt.io/v1alpha1", "migrationpolicies", namespaced=False
+)
+NAMESPACES = Resource("/api/v1", "namespaces", namespaced=False)
 HARVESTER_SETTINGS = Resource("/apis/harvesterhci.io/v1beta1", "settings", namespaced=False)
 HARVESTER_UPGRADES = Resource("/apis/harvesterhci.io/v1beta1", "upgrades")
 VOLUME_ATTACHMENTS = Resource("/apis/storage.k8s.io/v1", "volumeattachments", namespaced=False)
@@ -220,6 +225,14 @@ class MigrationRecord:
     def node(self) -> str | None:
         """The node it moves a VM away from (KubeVirt's word, else ours)."""
         return self.source_node or self.evacuation_node
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceRecord:
+    """A Namespace's labels: what a MigrationPolicy's `namespaceSelector` matches."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,6 +576,57 @@ def project_migration(obj: Obj, old: MigrationRecord | None) -> MigrationRecord:
     )
 
 
+def project_namespace(
+    namespaces: frozenset[str],
+) -> Callable[[Obj, NamespaceRecord | None], NamespaceRecord | None]:
+    def project(obj: Obj, old: NamespaceRecord | None) -> NamespaceRecord | None:
+        del old
+        name = str(_meta(obj).get("name", ""))
+        if namespaces and name not in namespaces:
+            return None
+        labels = _labels(obj)
+        return NamespaceRecord(
+            name=_intern(name),
+            labels=tuple((_intern(k), _intern(str(v))) for k, v in sorted(labels.items())),
+        )
+
+    return project
+
+
+def project_migration_policy(obj: Obj, old: MigrationPolicyRef | None) -> MigrationPolicyRef:
+    """Selectors and the four overrides; a malformed field reads as absent (KubeVirt's own
+    validation rejects such policies, so they never reach a migration either)."""
+    del old
+    spec = obj.get("spec") or {}
+    selectors = spec.get("selectors")
+
+    def label_map(value: Any) -> dict[str, str]:
+        if not isinstance(value, dict):
+            return {}
+        return {_intern(str(k)): _intern(str(v)) for k, v in value.items()}
+
+    def flag(name: str) -> bool | None:
+        value = spec.get(name)
+        return value if isinstance(value, bool) else None
+
+    timeout = spec.get("completionTimeoutPerGiB")
+    bandwidth = spec.get("bandwidthPerMigration")
+    return MigrationPolicyRef(
+        name=str(_meta(obj).get("name", "")),
+        namespace_selector=label_map((selectors or {}).get("namespaceSelector")),
+        vmi_selector=label_map((selectors or {}).get("virtualMachineInstanceSelector")),
+        allow_post_copy=flag("allowPostCopy"),
+        allow_auto_converge=flag("allowAutoConverge"),
+        completion_timeout_per_gib=(
+            timeout if isinstance(timeout, int) and not isinstance(timeout, bool) else None
+        ),
+        bandwidth_per_migration=(
+            str(bandwidth) if isinstance(bandwidth, str | int) and bandwidth != "" else None
+        ),
+        has_selectors=isinstance(selectors, dict),
+    )
+
+
 def project_volume_attachment(
     obj: Obj, old: VolumeAttachmentRecord | None
 ) -> VolumeAttachmentRecord:
@@ -702,6 +766,14 @@ class ClusterCache:
         self.kubevirts: Informer[KubeVirtRecord] = Informer(
             api, KUBEVIRTS, project_kubevirt, **common
         )
+        # Cluster-scoped and few; absent (CRD not installed) on KubeVirt before v0.55.
+        self.migration_policies: Informer[MigrationPolicyRef] = Informer(
+            api, MIGRATION_POLICIES, project_migration_policy, **common
+        )
+        # Only for the policies' namespaceSelector: a name and its labels per namespace.
+        self.namespaces: Informer[NamespaceRecord] = Informer(
+            api, NAMESPACES, project_namespace(namespaces), **common
+        )
         self.harvester_settings: Informer[PolicySetting] = Informer(
             api,
             HARVESTER_SETTINGS,
@@ -727,7 +799,14 @@ class ClusterCache:
         self._wire(self.migrations, self._migrations_by_node, self._track_active)
         if self.volume_attachments is not None:
             self._wire(self.volume_attachments, self._attachments_by_node)
-        for informer in (self.nodes, self.leases, self.vms, self.kubevirts):
+        for informer in (
+            self.nodes,
+            self.leases,
+            self.vms,
+            self.kubevirts,
+            self.migration_policies,
+            self.namespaces,
+        ):
             self._wire(informer, None)
         self._wire(self.harvester_settings, None)
         self._running_upgrades: set[str] = set()
@@ -743,6 +822,8 @@ class ClusterCache:
             self.vms,
             self.migrations,
             self.kubevirts,
+            self.migration_policies,
+            self.namespaces,
             self.harvester_settings,
             self.harvester_upgrades,
         )
@@ -919,6 +1000,19 @@ class ClusterCache:
             outbound_per_node=per_node or self._settings.parallel_outbound_migrations_per_node,
         )
 
+    def migration_policy(self, vmi: VMIRecord) -> MigrationPolicyRef | None:
+        """The MigrationPolicy KubeVirt applies to `vmi`'s migrations (None: none selects it,
+        or the cluster has no MigrationPolicy CRD). O(policies): there are a handful.
+
+        The VMI's labels are those the record keeps (KubeVirt's own `kubevirt.io/*` are
+        dropped), so a policy selecting on those is not seen to apply.
+        """
+        policies = self.migration_policies.items.values()
+        if not policies:
+            return None
+        ns = self.namespaces.get(vmi.namespace)
+        return select_policy(policies, dict(ns.labels) if ns else {}, dict(vmi.labels))
+
     def statistics(self) -> CacheStatistics:
         def presence(informer: Informer[Any], absent_means: str) -> str:
             if not informer.synced.is_set():
@@ -947,6 +1041,7 @@ __all__ = [
     "ClusterCache",
     "KubeVirtRecord",
     "MigrationRecord",
+    "NamespaceRecord",
     "NodeLease",
     "NodeRecord",
     "PodRecord",

@@ -5,6 +5,13 @@ module moves what can move, within KubeVirt's limits (which VMIs, in what order:
 `decide.evacuation.plan_evacuation`), follows each migration, reports what cannot move or does
 not finish within the policy's `vmMigrationTimeout`, and gives up on a VMI after
 `MAX_ATTEMPTS` failed migrations instead of retrying forever.
+
+Every migration it creates is reported on its VMI (Event `EvacuationMigrating`, and the log)
+with the KubeVirt `MigrationPolicy` that applies to it (`decide.evacuation.select_policy`, from
+the VMI's and its namespace's labels) and what that policy overrides, so an operator reading a
+slow or failed migration sees at once which timeout, bandwidth and post-copy settings it ran
+under. KubeVirt's own record of the applied policy (the VMI's
+`status.migrationState.migrationPolicyName`) stays the authority once the migration runs.
 """
 
 from __future__ import annotations
@@ -14,9 +21,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from watchdog.actuate.kube import Actuator
+from watchdog.actuate.kube import Actuator, Result
 from watchdog.decide.actions import EmitEvent, EventType, StartEvacuation, StopEvacuation
-from watchdog.decide.evacuation import plan_evacuation
+from watchdog.decide.evacuation import describe_policy, plan_evacuation
 from watchdog.decide.reasons import Reason
 from watchdog.metrics import Metrics
 from watchdog.observe.cluster_cache import ClusterCache, MigrationRecord
@@ -75,6 +82,16 @@ class Evacuations:
     async def _event(self, node: str, event: str, message: str, warning: bool = False) -> None:
         kind = EventType.WARNING if warning else EventType.NORMAL
         await self.actuator.execute(EmitEvent(node, event, Reason.KUBELET_PATH_LOST, message, kind))
+
+    async def _vmi_event(self, namespace: str, name: str, event: str, message: str) -> None:
+        vmi = self.cache.vmi(namespace, name)
+        await self.actuator.emit_vmi_event(
+            namespace, name, event, message, uid=vmi.uid if vmi is not None else ""
+        )
+
+    def _policy(self, namespace: str, name: str) -> str:
+        vmi = self.cache.vmi(namespace, name)
+        return describe_policy(None if vmi is None else self.cache.migration_policy(vmi))
 
     def migration_changed(
         self, key: str, old: MigrationRecord | None, new: MigrationRecord | None
@@ -144,9 +161,24 @@ class Evacuations:
                 continue
             chosen.append(key)
         if chosen:
+            policies = {key: self._policy(*key) for key in chosen}
             outcome = await self.actuator.execute(StartEvacuation(node), vmis=chosen)
             self.metrics.migrations.labels(result="started").inc(len(chosen))
-            log.info("evacuation of %s: migrating %s (%s)", node, chosen, outcome.result.value)
+            log.info(
+                "evacuation of %s: migrating %s (%s)",
+                node,
+                "; ".join(f"{ns}/{name}: {policies[ns, name]}" for ns, name in chosen),
+                outcome.result.value,
+            )
+            created = {name for name, result in outcome.items if result is Result.SUCCESS}
+            for ns, name in chosen:
+                if f"{ns}/{name}" in created:
+                    await self._vmi_event(
+                        ns,
+                        name,
+                        "EvacuationMigrating",
+                        f"live-migrating off degraded node {node}; {policies[ns, name]}",
+                    )
         await self._check_end(
             ev,
             vmis_left=[v for v in movable if v.live_migratable],
