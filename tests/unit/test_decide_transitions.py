@@ -962,3 +962,23 @@ def test_unreachable_takes_the_declaration_of_the_last_heartbeat_seen() -> None:
     # a new leader that has not heard the agent yet keeps what the annotation said
     d2 = step(node(S), dead(fence=None))
     assert d2.state.fence == node(S).fence
+
+
+@pytest.mark.parametrize(
+    ("hb_age", "lease_age", "unreachable"),
+    [
+        # DecideConfig default heartbeat 1 s: the Lease renewed 0.5 s after the last heartbeat,
+        # then the machine lost power (the renewal may even be seen after that heartbeat).
+        pytest.param(6.0, 5.5, True, id="renewed right after the last heartbeat: no veto"),
+        pytest.param(6.0, 4.1, True, id="renewed 1.9 s after it: still no veto"),
+        # renewed 3 s after the agent's last heartbeat: the kubelet ran after a missed beat
+        pytest.param(6.0, 3.0, False, id="renewed after the next beat was due: veto"),
+    ],
+)
+def test_only_a_lease_renewed_after_a_missed_heartbeat_vetoes_peer_corroboration(
+    hb_age: float, lease_age: float, unreachable: bool
+) -> None:
+    d = step(node(S), seen(hb_age, lease_age=lease_age, peers_unreachable=True))
+    assert (d.state.phase in (U, F)) is unreachable
+    if unreachable:
+        assert (S, U, Reason.CORROBORATED_PEERS) in d.transitions

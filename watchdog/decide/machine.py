@@ -166,13 +166,22 @@ class _Step:
         return None
 
     def kubelet_alive_since_silence(self) -> bool:
+        """The kubelet renewed its Lease after the agent's next heartbeat was due.
+
+        A renewal seen within two heartbeat intervals of the last heartbeat proves nothing: a
+        machine that renewed its Lease and lost power a moment later shows exactly that (its
+        agent's next beat was due one interval later, and the Lease watch may deliver the
+        renewal a little after the heartbeat it preceded). Treating it as life vetoed the peers'
+        corroboration of one power-off in ten until the Lease went stale, 15 s later. A machine
+        that really runs renews again within its renewal interval, well inside the safe delay.
+        """
         renewed, last = self.obs.lease_renewed_at, self.obs.last_heartbeat_at
         # Never heard the agent (e.g. a new leader): a Lease first seen now proves nothing.
         return (
             self.sig.lease is Signal.ALIVE
             and renewed is not None
             and last is not None
-            and renewed > last
+            and renewed > last + 2 * self.cfg.heartbeat_interval_s
         )
 
     def heartbeat_wakeups(self) -> None:
