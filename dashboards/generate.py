@@ -601,6 +601,31 @@ def heartbeats() -> Any:
             span=8,
         )
     )
+    d = d.with_row(dashboard.Row("Peer probes"))
+    d = d.with_panel(
+        series_panel(
+            "Peer reports",
+            "Agents' reports on the peers they probe, accepted by the leader per interval: "
+            "they change when a peer becomes unreachable or reachable again (and every 30 s).",
+            q(
+                f"sum(increase(watchdog_peer_reports_total[$__rate_interval]) {LEADER})",
+                "accepted",
+            ),
+            bars=True,
+        )
+    )
+    d = d.with_panel(
+        series_panel(
+            "Rejected peer reports by reason",
+            "Reports refused like heartbeats (wrong topic, malformed, replayed, unknown node).",
+            q(
+                "sum by (reason) "
+                "(increase(watchdog_peer_reports_rejected_total[$__rate_interval])) or vector(0)",
+                "{{reason}}",
+            ),
+            bars=True,
+        )
+    )
     return d
 
 
@@ -767,7 +792,17 @@ def controller_health() -> Any:
             "Queue depths",
             "Items waiting per internal queue on each replica.",
             q("max by (instance, queue) (watchdog_queue_depth)", "{{queue}} {{instance}}"),
-            span=24,
+        )
+    )
+    d = d.with_panel(
+        series_panel(
+            "Heartbeat ingest lag",
+            "How far each replica reads heartbeats behind the broker (an echo through its own "
+            "connection). Above mqtt.max_ingest_lag_s (1 s) the leader treats heartbeats as "
+            "UNKNOWN and holds resets (IngestLag): it is starved of CPU or overloaded.",
+            q("max by (pod, instance) (watchdog_ingest_lag_seconds)", "{{pod}} {{instance}}"),
+            unit="s",
+            steps=((None, "green"), (1, "red")),
         )
     )
     return d

@@ -371,6 +371,12 @@ async def check_panels(
         "Failover p95 (range)": ("a latency", lambda r: 0 < values_of(r)[0] < math.inf),
         "p95 per phase (time range)": ("a latency", lambda r: 0 < values_of(r)[0] < math.inf),
         "Queue depths": ("every queue of both replicas", lambda r: len(r) >= 2),
+        # The dead node's peers reported it: the leader accepted reports during the run.
+        "Peer reports": ("reports accepted", lambda r: max(values_of(r)) > 0),
+        "Heartbeat ingest lag": (
+            "both replicas measured, neither blind",
+            lambda r: len(r) >= 2 and max(values_of(r)) < 1.0,
+        ),
     }
     for name in ("Detection", "Reset", "Reschedule", "Failover"):
         expect[f"{name} distribution"] = ("an observation", lambda r: max(values_of(r)) > 0)
