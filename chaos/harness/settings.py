@@ -28,6 +28,18 @@ from watchdog.runtime.settings import Settings
 # requests time out under load, on a machine whose processing latency no factor compresses.
 NOT_SCALED = frozenset({"api_request_timeout_s", "watch_timeout_s", "fence_hook_timeout_s"})
 
+# Wall-clock floors (seconds) for durations whose compression would only measure the test
+# cluster itself: every peer probe crosses a Python proxy in the harness process (its peer
+# link), so probing six nodes every 0.1 s is ~180 proxied connections a second in the loop
+# that also runs the simulators and the embedded broker; and an ingest-lag bound of 0.1 s
+# reads that loop's hiccups as a blind controller. Kept below suspect_after_s at the smallest
+# shipped scale (0.1: 0.3 s), so detection still works the way it does at full scale.
+WALL_FLOORS_S = {
+    "peer_interval_s": 0.2,
+    "peer_probe_timeout_s": 0.2,
+    "mqtt.max_ingest_lag_s": 0.2,
+}
+
 
 @dataclass(frozen=True)
 class SettingField:
@@ -117,6 +129,14 @@ def scale_settings(overrides: Mapping[str, Any], time_scale: float) -> ScaledSet
                 scaled[path] = int(s)
                 env[f.env] = str(int(s))
             else:
+                floor = WALL_FLOORS_S.get(path)
+                if floor is not None and s < floor:
+                    notes.append(
+                        f"{path}: {value:g} s x {time_scale:g} = {s:.3g} s, kept at {floor:g} s "
+                        f"wall ({floor / time_scale:g} s real-world): the test cluster's own "
+                        "processing, not the failure model, would set it below that"
+                    )
+                    s = floor
                 scaled[path] = round(s, 6)
                 env[f.env] = f"{s:.6g}"
         elif path in overrides:
