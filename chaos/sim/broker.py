@@ -73,6 +73,16 @@ async def wait_port(host: str, port: int, timeout_s: float = 10.0) -> None:
 _AMQTT_PATCHED = False
 
 
+class _SnapshotDict(dict):  # type: ignore[type-arg]
+    """A dict whose iteration walks a copy, so that it may change while being walked."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(super().keys()))
+
+    def items(self):  # type: ignore[no-untyped-def]
+        return list(super().items())
+
+
 def _patch_amqtt_keepalive() -> None:
     """Make amqtt 0.12 enforce keep-alive as MQTT requires (3.1.1 section 3.1.2.10).
 
@@ -143,6 +153,11 @@ class EmbeddedBroker:
             },
         }
         broker = Broker(config)
+        # amqtt 0.12 iterates its subscription table across awaits (a connecting session
+        # publishes the retained messages of every filter; a broadcast walks every filter)
+        # while other sessions subscribe: "dictionary changed size during iteration" then kills
+        # the connecting client's session. Iterating a snapshot is what the broker means.
+        broker._subscriptions = _SnapshotDict()
         await broker.start()
         self._broker = broker
         log.info("embedded amqtt broker on %s", self.url)

@@ -145,3 +145,13 @@ def test_cluster_holds(
     holds: tuple[Reason, ...],
 ) -> None:
     assert cluster_holds(phases, len(phases), health, policy, cfg, upgrade_running=upgrade) == holds
+
+
+def test_the_storm_hold_outlives_the_storm_while_it_settles() -> None:
+    """The first machine of a storm back takes the count below the threshold; the others,
+    still booting, must not be reset in that gap."""
+    after = cluster(2, 6)  # 3 of 6 went down, one is back: no storm by count any more
+    assert not is_storm(after, 6, CFG)
+    assert cluster_holds(after, 6, UP, Policy(), CFG) == ()
+    settling = cluster_holds(after, 6, UP, Policy(), CFG, storm_settling=True)
+    assert settling == (Reason.HOLD_STORM,)

@@ -25,14 +25,21 @@ def cluster_holds(
     policy: Policy,
     cfg: DecideConfig,
     upgrade_running: bool = False,
+    storm_settling: bool = False,
 ) -> tuple[Reason, ...]:
-    """Every hold in force, most fundamental first (the first one is reported)."""
+    """Every hold in force, most fundamental first (the first one is reported).
+
+    `storm_settling`: a storm ended less than `storm_settle_s` ago (the caller keeps that
+    clock). The machines of a storm come back together, but not in the same second: the first
+    kubelet back takes the count below the threshold while the others are still booting, and
+    without this the storm's other nodes would be reset in that gap.
+    """
     holds: list[Reason] = []
     if health.broker_up_since is None:
         holds.append(Reason.HOLD_INGEST_LAG if health.broker_lagging else Reason.HOLD_BROKER_DOWN)
     if health.api_up_since is None:
         holds.append(Reason.HOLD_API_DOWN)
-    if is_storm(phases, total_nodes, cfg):
+    if storm_settling or is_storm(phases, total_nodes, cfg):
         holds.append(Reason.HOLD_STORM)
     if not policy.enable:
         holds.append(Reason.HOLD_POLICY_DISABLED)

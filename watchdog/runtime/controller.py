@@ -18,7 +18,7 @@ from watchdog.decide import actions as act
 from watchdog.decide.config import DecideConfig, Policy
 from watchdog.decide.follow import FollowBook, Followed, Rescheduled
 from watchdog.decide.heartbeats import HeartbeatBook
-from watchdog.decide.holds import cluster_holds
+from watchdog.decide.holds import cluster_holds, is_storm
 from watchdog.decide.machine import Context, Decision, decide
 from watchdog.decide.observations import LauncherPod, NodeObservation, SourceHealth
 from watchdog.decide.peer_reports import PeerBook, PeerEvidence, peers_unreachable
@@ -110,6 +110,7 @@ class Controller:
         # `heartbeat_needs_evaluation`).
         self._quiet: set[str] = set()
         self._holds_reported: tuple[Reason, ...] = ()
+        self.storm_until: float | None = None  # the storm hold lasts until then (holds())
         # node → when the Node object first appeared in our cache (see heartbeat_watch_since).
         self.known_since: dict[str, float] = {}
         # Set by the runtime to the heartbeat subscriber's lag check (observe/mqtt.py); read at
@@ -226,13 +227,21 @@ class Controller:
     def holds(self, health: SourceHealth | None = None) -> tuple[Reason, ...]:
         # O(phases), not O(nodes): only the down count matters for storm control.
         down = sum(n for p, n in self.phase_counts.items() if p in DOWN_PHASES)
+        phases = [Phase.UNREACHABLE] * down
+        now = self.clock()
+        if is_storm(phases, len(self.states), self.cfg):
+            # The storm hold outlives the storm by a Lease renewal period (see cluster_holds):
+            # a returning kubelet renews within it, which vetoes its node's reset.
+            self.storm_until = now + self.cfg.lease_stale_after_s
+        settling = self.storm_until is not None and now < self.storm_until
         return cluster_holds(
-            [Phase.UNREACHABLE] * down,
+            phases,
             len(self.states),
             health or self.health.snapshot(self.ingest_lagging()),
             self.policy,
             self.cfg,
             self.view.upgrade_running(),
+            storm_settling=settling,
         )
 
     def _set_state(self, node: str, state: NodeState) -> None:
@@ -281,6 +290,15 @@ class Controller:
         ctx = Context(health, self.refresh_policy(), self.holds(health))
         self._report_holds(ctx.holds)
         decision = decide(state, obs, ctx, now, self.cfg)
+        if (
+            Reason.HOLD_STORM in ctx.holds
+            and self.storm_until is not None
+            and decision.state.held is Reason.HOLD_STORM
+        ):
+            # Held nodes schedule no wake-up of their own: look again when the storm settles.
+            wake = self.storm_until + 0.01
+            if decision.wake_at is None or wake < decision.wake_at:
+                decision = replace(decision, wake_at=wake)
         self._record(node, state, obs, decision, now)
         self._set_state(node, decision.state)
         sig = decision.signals
