@@ -58,30 +58,29 @@ def encode_pong(node: str, boot_id: str) -> bytes:
     return f"PONG {node} {boot_id}\n".encode()
 
 
-def parse_ping(line: bytes) -> str | None:
-    """The node a PING asks for, or None for anything that is not exactly one PING line."""
+def _words(line: bytes) -> list[str] | None:
+    """The space-separated words of one bounded ASCII line ending in a newline, else None."""
     try:
         text = line.decode("ascii")
     except UnicodeDecodeError:
         return None
     if len(line) > MAX_LINE_BYTES or not text.endswith("\n"):
         return None
-    parts = text[:-1].split(" ")
-    if len(parts) != 2 or parts[0] != "PING" or not _token(parts[1], 253):
+    return text[:-1].split(" ")
+
+
+def parse_ping(line: bytes) -> str | None:
+    """The node a PING asks for, or None for anything that is not exactly one PING line."""
+    parts = _words(line)
+    if parts is None or len(parts) != 2 or parts[0] != "PING" or not _token(parts[1], 253):
         return None
     return parts[1]
 
 
 def parse_pong(line: bytes) -> tuple[str, str] | None:
     """(node, boot_id) of exactly one PONG line, else None."""
-    try:
-        text = line.decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    if len(line) > MAX_LINE_BYTES or not text.endswith("\n"):
-        return None
-    parts = text[:-1].split(" ")
-    if len(parts) != 3 or parts[0] != "PONG":
+    parts = _words(line)
+    if parts is None or len(parts) != 3 or parts[0] != "PONG":
         return None
     if not _token(parts[1], 253) or not _token(parts[2], 64):
         return None
