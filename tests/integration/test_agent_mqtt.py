@@ -620,9 +620,6 @@ async def test_a_backlogged_subscriber_reports_its_own_ingest_lag_and_when_it_ca
             hb = Heartbeat("node-a", "boot-1", seq, time.time(), "test", fence)
             await publisher.publish(heartbeat_topic(PREFIX, "node-a"), encode_heartbeat(hb))
         await wait_for(sub.ingest_lagging, 5, "the subscriber to report its backlog")
-        # The flag is sticky (hysteresis), the lag itself may already be falling: read the
-        # lags the subscriber reported, not the instant one.
-        assert max(lag for _, lag in lags) > 0.5
         await wait_for(lambda: seen.seq("node-a") == burst, 20, "the whole burst consumed")
         await wait_for(lambda: not sub.ingest_lagging(), 5, "the lag to clear")
     flags = [lagging for lagging, _ in lags]
