@@ -243,8 +243,7 @@ async def test_policy_disabled_is_detect_only_and_an_invalid_policy_keeps_the_la
         t0 = await env.fault("poweroff", node)
 
         held = await _wait_events(env, "ResetHeld", node, wall, "PolicyDisabled")
-        t_fencing = env.timeline.first(env.timeline.phases, node, "Fencing", after=t0)
-        assert t_fencing is not None
+        t_fencing = await _fencing_seen(env, node, t0)
         assert await env.events("NodeUnreachable", node, since=wall)
         assert await env.events("FalselyReadyPods", node, since=wall)
         m = await leader.scrape()
@@ -310,8 +309,7 @@ async def test_a_harvester_upgrade_in_progress_holds_resets_until_it_completes(e
         wall = time.time()
         t0 = await env.fault("poweroff", node)
         held = await _wait_events(env, "ResetHeld", node, wall, "UpgradeRunning")
-        t_fencing = env.timeline.first(env.timeline.phases, node, "Fencing", after=t0)
-        assert t_fencing is not None
+        t_fencing = await _fencing_seen(env, node, t0)
         # Well past the reset wait: the node is down and reported, but nothing was reset.
         await hold_for(env, t_fencing + RESET_WAIT_S + 2.0 - time.monotonic(), lambda m: None)
         assert not env.tainted(node) and env.phase(node) == "Fencing"
@@ -450,6 +448,20 @@ async def _more_heartbeats(leader, than: Scrape) -> bool:
     return m is not None and m.get("watchdog_heartbeats_total") > than.get(
         "watchdog_heartbeats_total"
     ) + 3 * len(than.labelled("watchdog_heartbeat_age_seconds", "node"))
+
+
+async def _fencing_seen(env: WatchdogEnv, node: str, t0: float) -> float:
+    """When the test's informer saw `node` enter Fencing. The hold's Event and the phase
+    annotation are two writes of one decision: the Event can be listed before the node update
+    reaches the informer."""
+
+    def seen() -> float | None:
+        return env.timeline.first(env.timeline.phases, node, "Fencing", after=t0)
+
+    await env.wait_for(lambda: seen() is not None, 10, f"{node} seen in Fencing")
+    t = seen()
+    assert t is not None
+    return t
 
 
 async def _wait_events(
