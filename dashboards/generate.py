@@ -367,9 +367,11 @@ def failover_overview() -> Any:
     d = d.with_row(dashboard.Row("Now"))
     d = d.with_panel(
         stat_panel(
-            "Unreachable (waiting)",
-            "Nodes declared unreachable whose reset period or safe delay is still running.",
-            q(f'sum(watchdog_nodes{{phase="Unreachable"}} {LEADER})', instant=True),
+            "Awaiting reset",
+            # A node declared Unreachable is Fencing from the same evaluation on: both count.
+            "Nodes declared unreachable whose reset waits for its period, safe delay, a fence "
+            "proof or a hold (Reset due in, below, says when).",
+            q(f'sum(watchdog_nodes{{phase=~"Unreachable|Fencing"}} {LEADER})', instant=True),
         )
     )
     d = d.with_panel(
@@ -470,6 +472,19 @@ def failover_overview() -> Any:
             "Resets held by reason",
             "1 while a hold blocks every reset.",
             q(f"max by (reason) (watchdog_resets_held {LEADER})", "{{reason}}"),
+        )
+    )
+    d = d.with_panel(
+        series_panel(
+            "Reset due in, per node",
+            "Seconds until the VMs of each node being fenced are reset: the longer of the "
+            "policy period and the node's safe delay. Absent while a hold or a missing fence "
+            "proof means no time can be promised (see Resets held).",
+            q(
+                f"max by (node) (watchdog_reset_not_before_timestamp_seconds {LEADER}) - time()",
+                "{{node}}",
+            ),
+            unit="s",
         )
     )
     d = d.with_panel(

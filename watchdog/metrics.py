@@ -33,6 +33,13 @@ class Metrics:
             ["node"],
             registry=r,
         )
+        self.reset_not_before = Gauge(
+            "watchdog_reset_not_before_timestamp_seconds",
+            "Unix time at which the VMs of a node being fenced will be reset; absent "
+            "while a hold or a missing fence proof means no time can be promised.",
+            ["node"],
+            registry=r,
+        )
         self.heartbeats = Counter("watchdog_heartbeats_total", "Accepted heartbeats.", registry=r)
         self.heartbeats_rejected = Counter(
             "watchdog_heartbeats_rejected_total", "Rejected heartbeats.", ["reason"], registry=r

@@ -359,6 +359,16 @@ async def check_panels(
                 and max(by_label(r, "result").get("failed", [0.0])) == 0
             ),
         ),
+        # Counted down to the reset and gone with it: the announced time was kept (a series
+        # still there after it, or a jump, would show a reset later than promised).
+        "Reset due in, per node": (
+            f"{NODE} counting down to 0, gone at its reset",
+            lambda r: (
+                set(by_label(r, "node")) == {NODE}
+                and max(by_label(r, "node")[NODE]) > 0
+                and min(by_label(r, "node")[NODE]) > -3 * SCRAPE_INTERVAL_S
+            ),
+        ),
         "Rejected heartbeats/s": ("none", lambda r: values_of(r) == [0.0]),
         "Failed actions (range)": ("none", lambda r: values_of(r) == [0.0]),
         "Accepted heartbeats/s": ("heartbeats flowing", lambda r: max(values_of(r)) > 0),

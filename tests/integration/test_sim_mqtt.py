@@ -21,7 +21,10 @@ from chaos.sim.broker import MosquittoBroker
 
 pytestmark = [pytest.mark.cluster, pytest.mark.broker, pytest.mark.timeout(180)]
 
-KEEPALIVE_S = 2
+# Long enough that a power-off's Will (no FIN: the broker waits 1.5 x keepalive from the last
+# packet it received, itself up to one keepalive before the power-off) cannot be mistaken for
+# a crash's (immediate).
+KEEPALIVE_S = 4
 
 STAND_IN = r"""
 import asyncio, json, os, sys
@@ -88,7 +91,7 @@ async def test_poweroff_sends_no_fin_to_the_broker_but_an_agent_crash_does(
 
             t_off = time.monotonic()
             await cluster.faults.apply("poweroff", "node-1")
-            await cluster.wait_until(lambda: ("node-1", b"offline") in seen, 15, "Will node-1")
+            await cluster.wait_until(lambda: ("node-1", b"offline") in seen, 20, "Will node-1")
             will_after_poweroff = seen[("node-1", b"offline")] - t_off
 
             t_kill = time.monotonic()
@@ -98,8 +101,10 @@ async def test_poweroff_sends_no_fin_to_the_broker_but_an_agent_crash_does(
         finally:
             collector.cancel()
 
-    # No FIN: the broker learns only when 1.5 x keepalive passes without a packet.
-    assert KEEPALIVE_S < will_after_poweroff < 3 * KEEPALIVE_S + 1, will_after_poweroff
+    # No FIN: the broker learns only when 1.5 x keepalive passes without a packet, counted from
+    # the client's last PINGREQ, which went out up to one keepalive before the power-off
+    # (mosquitto checks keep-alives on its own cadence: measured up to 2.5 x keepalive).
+    assert 0.5 * KEEPALIVE_S < will_after_poweroff < 3 * KEEPALIVE_S + 1, will_after_poweroff
     # SIGKILL: the kernel closes the socket, the proxy forwards the FIN, the Will is immediate.
     assert will_after_kill < 1.0, will_after_kill
 
@@ -136,3 +141,56 @@ async def test_the_fence_command_powers_the_node_off_through_the_local_channel(
     assert not cluster.agents["node-1"].running
     for vm in vms:
         assert cluster.ledger.snapshot()["vms"][vm]["history"][-1]["stop_reason"] == "fenced"
+
+
+async def test_the_embedded_broker_stops_and_restarts_while_its_clients_reconnect() -> None:
+    """A broker-outage fault stops the embedded broker while every agent reconnects at once:
+    the stop must complete (its port closed, every client cut off) and the restart accept
+    them again, every time. amqtt 0.12 hung in 2 stops of 10 here (chaos/sim/broker.py)."""
+    from chaos.sim.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker()
+    await broker.start()
+    connected: list[int] = [0] * 6
+    stop = asyncio.Event()
+
+    async def client(i: int) -> None:
+        while not stop.is_set():
+            try:
+                # A 1 s operation timeout: a publish on a connection the client has not yet
+                # seen drop waits that long (aiomqtt's default is 10 s), not the broker.
+                async with aiomqtt.Client(
+                    broker.host, broker.port, identifier=f"c{i}", timeout=1
+                ) as c:
+                    connected[i] += 1
+                    await c.subscribe("hb/#", qos=1)
+                    while True:  # QoS 0: a lost connection fails the next publish at once
+                        await c.publish(f"hb/{i}", b"x" * 100, qos=0)
+                        await asyncio.sleep(0.05)
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.05)
+
+    async def all_connected(since: list[int]) -> None:
+        deadline = time.monotonic() + 20
+        while not all(n > s for n, s in zip(connected, since, strict=True)):
+            assert time.monotonic() < deadline, f"connections per client {connected}, {since}"
+            await asyncio.sleep(0.05)
+
+    clients = [asyncio.create_task(client(i)) for i in range(len(connected))]
+    try:
+        await all_connected([0] * len(connected))
+        for outage in range(10):
+            before = list(connected)
+            async with asyncio.timeout(10):
+                await broker.stop()
+            with pytest.raises(OSError):  # the port is closed: nobody is served meanwhile
+                await asyncio.open_connection(broker.host, broker.port)
+            await broker.start()
+            await all_connected(before)  # every client is back on the new instance
+            assert broker.running, outage
+    finally:
+        stop.set()
+        for t in clients:
+            t.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
+        await broker.stop()

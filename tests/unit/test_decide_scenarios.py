@@ -98,6 +98,49 @@ def test_reset_waits_the_longer_of_policy_period_and_safe_delay(
     assert sim.reset_times() == [died + 15.0 + reset_after_lease_stale]
 
 
+def announced_resets(sim: Sim) -> list[tuple[float, float]]:
+    """(when, reset announced for) of every decision that announced a reset time."""
+    return [
+        (e.now, e.decision.reset_not_before)
+        for e in sim.log
+        if e.decision.reset_not_before is not None
+    ]
+
+
+@pytest.mark.parametrize("period", [15.0, 60.0], ids=["safe delay longer", "period longer"])
+def test_the_reset_time_announced_while_fencing_is_the_time_of_the_reset(period: float) -> None:
+    """What the operator is told (watchdog_reset_not_before_timestamp_seconds) is kept: one
+    time, announced as soon as the fence clock runs, and the reset happens at it."""
+    sim = sim_after_warmup(policy=Policy(period_s=period))
+    sim.node_dies()
+    sim.run_until(RS, limit_s=200)
+    (reset,) = sim.reset_times()
+    announced = announced_resets(sim)
+    assert announced and {at for _, at in announced} == {reset}
+    assert announced[0][0] == sim.first(F)  # the annotation is visible at once here
+    assert sim.log[-1].decision.reset_not_before is None  # RESETTING: nothing left to wait for
+
+
+@pytest.mark.parametrize(
+    ("changes", "prevents"),
+    [
+        pytest.param({"policy": Policy(enable=False)}, "policy disabled", id="policy disabled"),
+        pytest.param({"other_nodes": 9, "other_down": 4}, "storm", id="storm"),
+        pytest.param(
+            {"cfg": DecideConfig(fence_mode=FenceMode.MANUAL)}, "no proof", id="manual fencing"
+        ),
+    ],
+)
+def test_no_reset_time_is_announced_while_nothing_will_reset_the_node(
+    changes: dict[str, object], prevents: str
+) -> None:
+    sim = sim_after_warmup(**changes)
+    sim.node_dies()
+    sim.advance(300.0)
+    assert sim.phase is F and sim.reset_times() == [], prevents
+    assert announced_resets(sim) == [], prevents
+
+
 def test_ready_unknown_corroborates_when_the_lease_is_not_watched() -> None:
     sim = sim_after_warmup()
     sim.lease_renewed_at = None  # e.g. no Lease object for this node

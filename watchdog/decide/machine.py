@@ -52,6 +52,10 @@ class Decision:
     signals: Signals | None = None
     # Every phase change of this step, in order: (from, to, reason).
     transitions: tuple[tuple[Phase, Phase, Reason], ...] = field(default=())
+    # A node being fenced whose reset waits only for time (fencing proven or proven by time
+    # alone, no hold in force): when its VMs will be reset. None while a hold or a missing
+    # proof means no time can be promised.
+    reset_not_before: float | None = None
 
 
 def decide(
@@ -106,6 +110,7 @@ class _Step:
         self.actions: list[Action] = []
         self.wake: float | None = None
         self.transitions: list[tuple[Phase, Phase, Reason]] = []
+        self.reset_at: float | None = None
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -118,6 +123,7 @@ class _Step:
             wake_at=self.wake,
             signals=self.sig,
             transitions=tuple(self.transitions),
+            reset_not_before=self.reset_at if self.state.phase is Phase.FENCING else None,
         )
 
     def wake_at(self, t: float | None) -> None:
@@ -396,6 +402,7 @@ class _Step:
             if self.cfg.fence_mode is FenceMode.SELF and self.state.fence_clock_from is not None:
                 self.hold(Reason.HOLD_UNFENCED)
             return
+        self.reset_at = earliest
         if earliest is None or self.now < earliest:
             self.wake_at(earliest)
             return

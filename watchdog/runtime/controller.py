@@ -80,6 +80,7 @@ class Controller:
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
         *,
+        wall: Callable[[], float] = time.time,
         peers: PeerBook | None = None,
         observers_of: Callable[[str], Iterable[str]] | None = None,
         peer_quorum: int = 2,
@@ -96,6 +97,7 @@ class Controller:
         self.execute = execute
         self.metrics = metrics
         self.clock = clock
+        self.wall = wall
         self.health = Health()
         self.states: dict[str, NodeState] = {}
         self.phase_counts: Counter[Phase] = Counter()
@@ -106,6 +108,7 @@ class Controller:
         self._policy_invalid_reported: str | None = None
         self._false_ready: dict[str, int] = {}
         self._aged: set[str] = set()
+        self._reset_due: dict[str, float] = {}  # node → reset_not_before (our clock) exported
         # HEALTHY nodes whose last decision only waits for their heartbeat to age (see
         # `heartbeat_needs_evaluation`).
         self._quiet: set[str] = set()
@@ -268,6 +271,8 @@ class Controller:
         if node in self._aged:
             self._aged.discard(node)
             self.metrics.heartbeat_age.remove(node)
+        if self._reset_due.pop(node, None) is not None:
+            self.metrics.reset_not_before.remove(node)
 
     async def evaluate(self, node: str) -> float | None:
         """One decision for one node; returns when to look again.
@@ -371,6 +376,23 @@ class Controller:
             self.metrics.false_ready.set(sum(self._false_ready.values()))
         if d.state.held is not None and d.state.held is not before.held:
             log.warning("node %s: reset held (%s)", node, d.state.held.value)
+        self._record_reset_due(node, d.reset_not_before, now)
+
+    def _record_reset_due(self, node: str, at: float | None, now: float) -> None:
+        """`watchdog_reset_not_before_timestamp_seconds{node}`, as Unix time: an operator (and
+        a dashboard) can tell when the VMs of a node being fenced come back, without knowing
+        our clock. Logged when it first appears or moves."""
+        known = self._reset_due.get(node)
+        if at is None:
+            if known is not None:
+                del self._reset_due[node]
+                self.metrics.reset_not_before.remove(node)
+            return
+        if known is not None and abs(known - at) < 0.5:
+            return  # unchanged (the wall clock is read anew each time; keep the series steady)
+        self._reset_due[node] = at
+        self.metrics.reset_not_before.labels(node=node).set(self.wall() + (at - now))
+        log.info("node %s: VMs may be reset in %.1fs", node, max(0.0, at - now))
 
     async def _run(
         self, action: act.Action, d: Decision | None, obs: NodeObservation | None, now: float
