@@ -388,8 +388,8 @@ class Controller:
                 del self._reset_due[node]
                 self.metrics.reset_not_before.remove(node)
             return
-        if known is not None and abs(known - at) < 0.5:
-            return  # unchanged (the wall clock is read anew each time; keep the series steady)
+        if known == at:
+            return  # unchanged: the wall clock is not read again, so the series stays steady
         self._reset_due[node] = at
         self.metrics.reset_not_before.labels(node=node).set(self.wall() + (at - now))
         log.info("node %s: VMs may be reset in %.1fs", node, max(0.0, at - now))
