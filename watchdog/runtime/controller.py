@@ -380,7 +380,7 @@ class Controller:
 
     def _record_reset_due(self, node: str, at: float | None, now: float) -> None:
         """`watchdog_reset_not_before_timestamp_seconds{node}`, as Unix time: an operator (and
-        a dashboard) can tell when the VMs of a node being fenced come back, without knowing
+        a dashboard) can tell when the VMs of a node being fenced will be reset, without knowing
         our clock. Logged when it first appears or moves."""
         known = self._reset_due.get(node)
         if at is None:
