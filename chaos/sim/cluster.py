@@ -648,6 +648,15 @@ class SimCluster:
         path.write_text(self.fleet[node].boot_id + "\n")
         return path
 
+    def boot_state_dir(self, node: str) -> Path:
+        """The node's `/run/node-watchdog`: the agent's boot record lives here (a tmpfs on a
+        real host, emptied by `new_boot_state`)."""
+        return self.work_dir / "nodes" / node / "run"
+
+    def new_boot_state(self, node: str) -> None:
+        """A boot empties the machine's tmpfs, and with it the agent's boot record."""
+        shutil.rmtree(self.boot_state_dir(node), ignore_errors=True)
+
     async def _start_agents(self) -> None:
         cfg = self.config
         if not cfg.agents:
@@ -669,6 +678,7 @@ class SimCluster:
                 "WATCHDOG_NODE_NAME": name,
                 "KUBECONFIG": str(self.node_kubeconfig(name)),
                 "WATCHDOG_BOOT_ID_FILE": str(self.boot_id_file(name)),
+                "WATCHDOG_BOOT_STATE_DIR": str(self.boot_state_dir(name)),
                 "WATCHDOG_METRICS_PORT": "0",
                 "WATCHDOG_FENCE_COMMAND": fence_command(self._fence.path, name),
                 **self.peer_env(name),
@@ -713,6 +723,7 @@ class SimCluster:
     def start_agent_after_boot(self, node: str) -> None:
         sim = self.fleet[node]
         boot_id = sim.boot_id
+        self.new_boot_state(node)
         delay = self.clock.scaled(self.config.node_timings.boot_s)
 
         async def later() -> None:

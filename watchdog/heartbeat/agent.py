@@ -5,11 +5,17 @@ promises to the controller:
 
 - retained `online` on `<prefix>/status/<node>` while connected; the broker publishes the Last
   Will `offline` (retained, QoS 1) when the connection dies; a clean stop publishes `offline`.
-- a heartbeat every `heartbeat_interval_s` on a fixed cadence (QoS 0), `seq` counting from 0
-  in this process, its fencing parameters in every one (`fence: {armed, after_s, bound_s}`).
-- it fences itself once it has proven contact with neither the broker nor the API server for
-  `self_fence_after_s`, and at once when the API says the controller is fencing it; a fenced
-  agent never heartbeats again.
+- a heartbeat every `heartbeat_interval_s` on a fixed cadence (QoS 0), its fencing parameters in
+  every one (`fence: {armed, after_s, bound_s}`). `seq` is milliseconds on this boot's
+  monotonic clock (strictly increasing within the process): an agent restarted on the same boot
+  continues above its predecessor without storing anything, so the controller hears it at its
+  first heartbeat, while a captured earlier heartbeat still reads as a replay.
+- once armed in this boot (heartbeat/fence.py: first proven contact, recorded in the boot
+  record), it fences itself when it has proven contact with neither the broker nor the API
+  server for `self_fence_after_s`, counted from the latest contact of any agent process of this
+  boot, and when the API says the controller is fencing it and the declaration is not withdrawn
+  within a bounded grace; a fenced agent never heartbeats again. Before that first contact it
+  declares `armed: false` and never fences.
 
 Broker contact is the echo of its own heartbeat (it subscribes to its own topic, so the broker
 ACL must let an agent read as well as write `<prefix>/heartbeat/<node>`): a connection that the
@@ -53,12 +59,13 @@ from watchdog.decide.observations import FenceDeclaration
 from watchdog.decide.peer_probe import ProbeOutcome
 from watchdog.decide.peer_reports import peers_topic
 from watchdog.decide.peer_ring import parse_probe_list, probe_topic
+from watchdog.heartbeat.boot_record import BootRecord, BootRecordError, BootRecordStore
 from watchdog.heartbeat.fence import (
+    BootContact,
     FenceAction,
     FenceOutcome,
     declared_down,
     declared_grace_s,
-    fence_deadline,
 )
 from watchdog.heartbeat.peers import PeerEndpoint, PeerProber
 from watchdog.transport.mqtt import broker_connection
@@ -83,6 +90,8 @@ class AgentSettings(Protocol):
     def node_name(self) -> str | None: ...
     @property
     def boot_id_file(self) -> Path: ...
+    @property
+    def boot_state_dir(self) -> Path: ...
     @property
     def heartbeat_interval_s(self) -> float: ...
     @property
@@ -141,11 +150,15 @@ class Agent:
         self.prober: PeerProber | None = None
         self.endpoint: PeerEndpoint | None = None
         self._fence = FenceAction(settings.fence_command, settings.fence_action_bound_s)
-        self.declaration = FenceDeclaration(
-            armed=self._fence.armed,
-            after_s=settings.self_fence_after_s,
-            bound_s=settings.fence_action_bound_s,
-        )
+        self._boot_store = BootRecordStore(settings.boot_state_dir)
+        # This boot's contact, from the boot record and this process (no first contact: the
+        # agent never fences).
+        self._boot_contact = BootContact()
+        # The first contact is in the boot record (or the fence is unarmed and has nothing to
+        # record): only then is `armed` declared, and the fence deadline kept.
+        self._durable = not self._fence.armed
+        self._record_error: str | None = None  # why the boot record cannot be written
+        self._record_unusable: str | None = None  # why the one found at start was unusable
         self._boot_id: str | None = None
         self._next_seq = 0
         self._unechoed: dict[int, float] = {}  # seq -> monotonic time it was handed to the broker
@@ -173,10 +186,24 @@ class Agent:
 
     # --- public ---------------------------------------------------------------------------------
 
+    @property
+    def declaration(self) -> FenceDeclaration:
+        """What every heartbeat promises: armed only once contact in this boot is recorded."""
+        return FenceDeclaration(
+            armed=self.armed,
+            after_s=self._settings.self_fence_after_s,
+            bound_s=self._settings.fence_action_bound_s,
+        )
+
+    @property
+    def armed(self) -> bool:
+        return self._fence.armed and self._boot_contact.first is not None and self._durable
+
     async def run(self) -> None:
         """Heartbeat, probe and guard the fence until cancelled (a fenced agent stays silent)."""
         self._boot_id = read_boot_id(self._settings.boot_id_file)
         self._started_at = self._clock()
+        self.resume_boot(self._boot_id, self._started_at)
         log.info(
             "agent %s starting: boot_id %s, broker %s, heartbeat every %.2fs, fence %s "
             "(after %.1fs without contact, bound %.1fs)",
@@ -184,7 +211,9 @@ class Agent:
             self._boot_id,
             self._settings.mqtt.url,
             self._settings.heartbeat_interval_s,
-            "armed" if self._fence.armed else "UNARMED",
+            ("armed" if self.armed else "armed at first contact")
+            if self._fence.armed
+            else "UNARMED",
             self.declaration.after_s,
             self.declaration.bound_s,
         )
@@ -247,7 +276,7 @@ class Agent:
 
     def statistics(self) -> dict[str, Any]:
         now = self._clock()
-        deadline = self._deadline()
+        deadline = self.deadline()
         return {
             "node": self.node,
             "boot_id": self._boot_id,
@@ -258,7 +287,10 @@ class Agent:
             "last_api_contact_age_s": _age(now, self._last_api_contact),
             "api_reachable": self._api_reachable,
             "api_phase": self._api_phase,
-            "fence_armed": self._fence.armed,
+            "fence_armed": self.armed,
+            "fence_configured": self._fence.armed,
+            "first_contact_age_s": _age(now, self._boot_contact.first),
+            "boot_record_error": self._record_error or self._record_unusable,
             "fence_due_in_s": None
             if deadline is None or self._fencing.is_set()
             else deadline - now,
@@ -377,8 +409,10 @@ class Agent:
 
     async def _publish_heartbeat(self, client: aiomqtt.Client, *, within_s: float) -> None:
         assert self._boot_id is not None
-        seq = self._next_seq
-        self._next_seq += 1  # consumed even if the publish fails: seq only moves forward
+        # Milliseconds on this boot's monotonic clock, and never backwards within the process:
+        # a restarted agent continues above its predecessor (see the module doc).
+        seq = max(self._next_seq, int(self._clock() * 1000))
+        self._next_seq = seq + 1  # consumed even if the publish fails: seq only moves forward
         payload = encode_heartbeat(
             Heartbeat(
                 node=self.node,
@@ -423,7 +457,7 @@ class Agent:
             # Stamped with the send time: the broker (and the controller) saw it no earlier.
             if self._last_broker_contact is None or sent_at > self._last_broker_contact:
                 self._last_broker_contact = sent_at
-                self._contact_changed.set()
+                self.contact_proven(sent_at)
 
     def _probe_list(self, payload: object) -> None:
         assert self.prober is not None
@@ -528,26 +562,101 @@ class Agent:
         # The controller does not consider us down: that is contact, as of the request's start.
         if self._last_api_contact is None or started > self._last_api_contact:
             self._last_api_contact = started
-            self._contact_changed.set()
+            self.contact_proven(started)
+
+    # --- boot record ----------------------------------------------------------------------------
+
+    def resume_boot(self, boot_id: str, now: float) -> None:
+        """Continue this boot's contact from an earlier agent process, if there was one."""
+        self._boot_id = boot_id
+        if not self._fence.armed:
+            return  # nothing promised, nothing to keep
+        try:
+            record = self._boot_store.load(boot_id, now)
+        except BootRecordError as e:
+            # We cannot tell whether an earlier process of this boot declared an armed fence.
+            # Reading it as "never armed" could let a partitioned node escape a fence the
+            # controller counts on; so: armed, deadline counted from now.
+            log.critical(
+                "agent %s: boot record unusable (%s): assuming an earlier agent of this boot "
+                "was armed; fence deadline counted from now",
+                self.node,
+                e,
+            )
+            record = BootRecord(boot_id, now, now)
+            self._record_unusable = str(e)
+        if record is None:
+            log.info("agent %s: no contact recorded in this boot yet: not armed", self.node)
+            return
+        self._boot_contact = BootContact(record.first_contact, record.last_contact)
+        self._durable = True
+        log.warning(
+            "agent %s: resuming this boot's fence: armed since %.1fs ago, last contact %.1fs "
+            "ago (fence deadline unchanged by this restart)",
+            self.node,
+            now - record.first_contact,
+            now - record.last_contact,
+        )
+        self._save_boot_record()  # rewrites an unusable record as a good one
+
+    def contact_proven(self, at: float) -> None:
+        """Proven contact stamped `at`: arm at the first one, keep the latest in the record."""
+        if self._boot_contact.first is None:
+            log.info("agent %s: first contact in this boot", self.node)
+        self._boot_contact = self._boot_contact.seen(at)
+        if self._fence.armed:
+            self._save_boot_record()
+        self._contact_changed.set()
+
+    def _save_boot_record(self) -> None:
+        assert self._boot_id is not None
+        first, last = self._boot_contact.first, self._boot_contact.last
+        assert first is not None and last is not None
+        try:
+            self._boot_store.save(BootRecord(self._boot_id, first, last))
+        except OSError as e:
+            if self._record_error != str(e):
+                self._record_error = str(e)
+                log.error(
+                    "agent %s: cannot write the boot record %s (%s)%s",
+                    self.node,
+                    self._boot_store.path,
+                    e,
+                    "" if self._durable else ": the fence stays unarmed until it can",
+                )
+            return
+        if not self._durable:
+            log.info("agent %s: fence armed (contact recorded for this boot)", self.node)
+        self._durable = True
+        self._record_error = None
 
     # --- fence --------------------------------------------------------------------------------
 
-    def _deadline(self) -> float | None:
-        if self._started_at is None:
+    def deadline(self) -> float | None:
+        """When to fence; None while not armed in this boot (the fence never runs then)."""
+        if not self._durable:
             return None
-        return fence_deadline(
-            self._started_at,
-            self._last_broker_contact,
-            self._last_api_contact,
-            self.declaration.after_s,
-        )
+        return self._boot_contact.deadline(self._settings.self_fence_after_s)
 
     async def _fence_guard(self) -> None:
         while True:
             self._contact_changed.clear()
             now = self._clock()
-            deadline = self._deadline()
-            assert deadline is not None
+            deadline = self.deadline()
+            if deadline is None:
+                # Not armed in this boot: no proven contact yet (or not yet recorded). The
+                # controller cannot have received an armed declaration of this boot, so a fence
+                # now would protect nothing; wait for contact.
+                if self._declared_down_phase is not None and self._would_fence_logged != "cold":
+                    self._would_fence_logged = "cold"
+                    log.warning(
+                        "agent %s: the API says this node is %s, but this boot has proven no "
+                        "contact yet (not armed): not fencing",
+                        self.node,
+                        self._declared_down_phase,
+                    )
+                await self._contact_changed.wait()
+                continue
             reason: str | None = None
             grace_until: float | None = None
             if self._declared_down_phase is not None:

@@ -7,10 +7,15 @@ the agent's side of that bargain. It owns the fence deadline and the fence actio
 talk to the broker or the API (the agent feeds it contact times) and must not retry a fence.
 
 **Contact** is proven, never assumed: a broker round trip (the agent's own heartbeat echoed
-back) or an API read in which the controller does not consider this node down. Each contact is
-stamped with the time its request was *sent*, which is never later than the moment the broker
-or API server (and therefore the controller) last saw us, so the agent fences no later than
-the controller's arithmetic expects.
+back) or an API read (a quorum read, not the watch cache) in which the controller does not
+consider this node down. Each contact is stamped with the time its request was *sent*, which is
+never later than the moment the broker or API server (and therefore the controller) last saw
+us, so the agent fences no later than the controller's arithmetic expects.
+
+**Armed in this boot.** The agent neither fences nor declares its fence armed before its first
+proven contact in this boot, and declares it armed only once that contact is recorded in the
+boot record (boot_record.py), so that every later agent process of this boot keeps the same
+deadline. It keeps exactly the promise it declared: armed → it fences at the deadline.
 
 **The fence action** is `fence_command`, run once through the shell, in its own process group,
 bounded by `fence_action_bound_s`. On a real node the default is an immediate reboot::
@@ -74,24 +79,39 @@ def declared_grace_s(after_s: float, heartbeat_interval_s: float, api_interval_s
     )
 
 
-def fence_deadline(
-    started_at: float,
-    last_broker_contact: float | None,
-    last_api_contact: float | None,
-    after_s: float,
-) -> float:
-    """Monotonic time at which the agent must fence unless contact is proven before it.
+def fence_deadline(last_contact: float | None, after_s: float) -> float | None:
+    """Monotonic time at which the agent must fence unless contact is proven before it; None
+    while it has proven no contact in this boot: then it never fences.
 
-    Counted from the latest proof of contact; with none yet, from the agent's start: a freshly
-    (re)started agent that reaches nothing has no proof that the controller still counts it
-    alive, and a crash-looping agent on a partitioned node must not escape its own fence.
+    Why not fence without contact: after a power cut a whole cluster boots at once, and its
+    API server and broker need minutes. An agent that fenced `after_s` after its own start
+    would reboot every node, again at every boot. Fencing a node that the controller never
+    heard in this boot protects nothing: the controller resets only on a declaration it
+    received, and the agent declares itself armed only once contact is proven and recorded
+    (boot_record.py).
+
+    Why a restart does not move it: `last_contact` is the latest contact of any agent process
+    of this boot (the boot record survives the process), so a crash-looping agent on a
+    partitioned node fences at the deadline its first process had.
     """
-    last = max(
-        started_at,
-        last_broker_contact if last_broker_contact is not None else started_at,
-        last_api_contact if last_api_contact is not None else started_at,
-    )
-    return last + after_s
+    return None if last_contact is None else last_contact + after_s
+
+
+@dataclass(frozen=True, slots=True)
+class BootContact:
+    """This boot's proven contact as one agent process knows it: resumed from the boot record
+    of an earlier process (if any), then moved by every contact this process proves."""
+
+    first: float | None = None  # the first proven contact in this boot: armed from then on
+    last: float | None = None  # the latest one
+
+    def seen(self, at: float) -> BootContact:
+        first = at if self.first is None else self.first
+        last = at if self.last is None else max(self.last, at)
+        return BootContact(first, last)
+
+    def deadline(self, after_s: float) -> float | None:
+        return fence_deadline(self.last if self.first is not None else None, after_s)
 
 
 @dataclass(frozen=True, slots=True)

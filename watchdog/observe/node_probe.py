@@ -29,9 +29,11 @@ def node_phase_probe(
     path = f"/api/v1/nodes/{quote(node, safe='')}"
 
     async def probe() -> str | None:
-        # resourceVersion=0: served from the API server's watch cache, not a quorum read of
-        # etcd; thousands of agents may ask during a broker outage.
-        obj = await api.request("GET", path, query={"resourceVersion": "0"})
+        # A quorum read (no resourceVersion): what etcd holds now. A watch-cache read
+        # (resourceVersion=0) can lag the API server the controller writes through, so it
+        # would count as contact an answer that misses the controller's declaration. The
+        # agent asks every api_check_interval_s only while the broker does not answer.
+        obj = await api.request("GET", path)
         annotations = (obj.get("metadata") or {}).get("annotations") or {}
         return phase_for_boot(annotations.get(STATE_ANNOTATION), boot_id())
 

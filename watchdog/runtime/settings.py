@@ -145,6 +145,12 @@ class Settings(BaseSettings):
         Path("/proc/sys/kernel/random/boot_id"),
         description="File holding this machine's boot id; a new id proves a reboot.",
     )
+    boot_state_dir: Path = Field(
+        Path("/run/node-watchdog"),
+        description="Agent: directory for this boot's contact record (when the fence was "
+        "armed, the latest proven contact), so a restarted agent keeps its fence deadline. "
+        "Must outlive the agent process and not the boot: tmpfs on the host, e.g. /run.",
+    )
 
     # --- heartbeats and detection (DESIGN §4) ----------------------------------------------------
     heartbeat_interval_s: float = Field(
