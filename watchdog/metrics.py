@@ -134,6 +134,13 @@ class Metrics:
             "over mqtt.max_ingest_lag_s heartbeats are UNKNOWN and resets held (IngestLag).",
             registry=r,
         )
+        self.fences_declared = Gauge(
+            "watchdog_fences_declared",
+            "Nodes by the fence their agent declared in its latest heartbeat heard by this "
+            "replica (armed: self-fencing counts as proof of a reset; unarmed: holds it).",
+            ["armed"],
+            registry=r,
+        )
         self.source_up = Gauge(
             "watchdog_source_up",
             "1 while the controller's connection to a source is up.",

@@ -79,6 +79,9 @@ class RunResult:
     timed_out: bool = False
     crashed: str | None = None  # a component died on its own: what and how
     error: str | None = None  # the run could not be carried out
+    # Nodes whose agent fenced while the cluster started, before any fault: the product's
+    # failure (a healthy node rebooted), never the harness's.
+    startup_fences: list[str] = field(default_factory=list)
     vms: list[VmTimeline] = field(default_factory=list)
     invariants: dict[str, Any] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
@@ -200,6 +203,11 @@ def verdict(run: RunResult, expect: Expect) -> list[str]:
         fails.append(f"run failed: {run.error}")
     if run.crashed:
         fails.append(f"crashed: {run.crashed}")
+    if run.startup_fences:
+        fails.append(
+            f"healthy nodes fenced during cluster start-up, before any fault: "
+            f"{', '.join(run.startup_fences)}"
+        )
     if run.system not in expect.systems:
         return fails
     inv = run.invariants

@@ -207,23 +207,53 @@ class WatchdogView:
         return None
 
     async def wait_ready(self, timeout_s: float) -> str:
-        """A leader exists and has fresh heartbeats of every node (it knows each agent's fence)."""
+        """Ready to inject a fault: a leader hears every node fresh, and every controller
+        replica holds an armed fence declaration of every node's agent (whichever replica
+        leads when the fault comes must be able to reset on it; a standby that never heard a
+        node holds its reset, NoArmedFence). A fence meanwhile is the product's failure, not
+        the harness's: StartupFence."""
         hb = float(self.scaled.scaled.get("heartbeat_interval_s", 1.0))
         fresh = max(1.0, 4 * hb)
         nodes = set(self.cluster.fleet.members)
         deadline = time.monotonic() + timeout_s
+        waiting = "no replica answering"
         while time.monotonic() < deadline:
-            for node, m in (await self.poll()).items():
-                if m.get("watchdog_leader") != 1:
+            fenced = sorted(
+                {str(f.get("node")) for f in self.cluster.faults.history if f["action"] == "fence"}
+            )
+            if fenced:
+                raise StartupFence(fenced)
+            urls = self.urls()
+            scrapes = await self.poll()
+            leader = None
+            unready: list[str] = []
+            for node in sorted(urls):
+                m = scrapes.get(node)
+                if m is None:
+                    unready.append(f"{node} not answering")
                     continue
-                ages = m.labelled("watchdog_heartbeat_age_seconds", "node")
-                if nodes <= set(ages) and all(ages[n] < fresh for n in nodes):
-                    return node
+                armed = m.labelled("watchdog_fences_declared", "armed").get("true", 0.0)
+                if armed < len(nodes):
+                    unready.append(f"{node} holds {armed:.0f}/{len(nodes)} armed declarations")
+                if m.get("watchdog_leader") == 1:
+                    ages = m.labelled("watchdog_heartbeat_age_seconds", "node")
+                    if nodes <= set(ages) and all(ages[n] < fresh for n in nodes):
+                        leader = node
+                    else:
+                        unready.append(f"leader {node} does not hear every node")
+            if leader is not None and not unready:
+                return leader
+            waiting = "; ".join(unready) or "no leader"
             await asyncio.sleep(0.2)
-        raise TimeoutError(
-            f"no watchdog leader hearing every node within {timeout_s:.0f}s "
-            f"(replicas answering: {sorted(self.last)})"
-        )
+        raise TimeoutError(f"the watchdog not ready within {timeout_s:.0f}s: {waiting}")
+
+
+class StartupFence(Exception):
+    """Healthy nodes fenced while the cluster started, before any fault."""
+
+    def __init__(self, nodes: list[str]) -> None:
+        self.nodes = nodes
+        super().__init__(f"nodes fenced during cluster start-up, before any fault: {nodes}")
 
 
 # --- one run --------------------------------------------------------------------------------------
@@ -309,6 +339,9 @@ class Run:
         except CrashDetected as e:
             r.crashed = str(e)
             self._say(f"CRASH: {e}")
+        except StartupFence as e:
+            r.startup_fences = e.nodes
+            self._say(f"FAILED: {e}")
         except Exception as e:  # the run could not be carried out: say why, tear down
             # Once the cluster is up, an error is most likely a component gone: name it.
             crash = CrashMonitor(cluster).check() if cluster.started_at is not None else None

@@ -171,6 +171,14 @@ class HeartbeatBook:
         self.known: set[str] = set()
         self._retired: dict[str, set[str]] = {}
 
+    def count_declared(self, armed: bool) -> int:
+        """Known nodes whose latest heartbeat declared a fence that is (not) armed."""
+        return sum(
+            1
+            for node, rec in self.nodes.items()
+            if rec.fence is not None and rec.fence.armed is armed and node in self.known
+        )
+
     def set_known(self, names: set[str]) -> None:
         self.known = names
 

@@ -157,6 +157,10 @@ def _controller(
 ) -> LeaderElector:
     clock = time.monotonic
     book = HeartbeatBook(will_fresh_s=settings.suspect_after_s)
+    # Read at scrape time (O(nodes) per scrape, nothing per heartbeat): a standby shows which
+    # declarations it would count on if it took over.
+    metrics.fences_declared.labels(armed="true").set_function(lambda: book.count_declared(True))
+    metrics.fences_declared.labels(armed="false").set_function(lambda: book.count_declared(False))
     peer_book = PeerBook()
     actuator = Actuator(api.api_client, settings)
     taint = actuator.taint
