@@ -134,6 +134,12 @@ class Metrics:
             "over mqtt.max_ingest_lag_s heartbeats are UNKNOWN and resets held (IngestLag).",
             registry=r,
         )
+        self.weak_fence_accepted = Gauge(
+            "watchdog_weak_fence_accepted",
+            "1 when this controller accepts a self-fence without a watchdog device as proof "
+            "(accept_weak_self_fence): weaker, shown so that nobody forgets it is on.",
+            registry=r,
+        )
         self.fences_declared = Gauge(
             "watchdog_fences_declared",
             "Nodes by the fence their agent declared in its latest heartbeat heard by this "

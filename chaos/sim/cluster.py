@@ -27,6 +27,7 @@ import itertools
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -75,6 +76,8 @@ from chaos.sim.procs import ManagedProcess, managed
 from chaos.sim.proxy import ProxyMode, TcpProxy
 from chaos.sim.rbac import RbacError, ServiceIdentity, kustomization_dirs
 from chaos.sim.rbac import install as install_rbac
+from chaos.sim.wdt import EmulatedWatchdog
+from watchdog.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,9 @@ class SimConfig:
     # loopback port, and announce that link's address; False runs them without peer probes.
     peers: bool = True
     fence_action: str = "poweroff"  # what the fence channel does: "poweroff" or "reboot"
+    # Each agent gets an emulated watchdog device (chaos/sim/wdt.py) at a per-node path;
+    # False runs them without one (a weak fence, held by the controller unless accepted).
+    watchdog_devices: bool = True
     work_dir: Path | None = None
     kubeconfig: Path | None = None  # where to write the admin kubeconfig (default: work dir)
     control_plane_bin: Path | None = None
@@ -273,6 +279,9 @@ class SimCluster:
         self._runner: asyncio.Task[None] | None = None
         self._control: ControlServer | None = None
         self._fence: FenceServer | None = None
+        self.devices: dict[str, EmulatedWatchdog] = {}
+        self._device_tasks: list[asyncio.Task[None]] = []
+        self.fence_failing: set[str] = set()  # nodes whose fence command fails (a fault)
         self.started_at: float | None = None
         self.timings: dict[str, float] = {}
 
@@ -347,6 +356,10 @@ class SimCluster:
         if self._fence is not None:
             await self._fence.stop()
             self._fence = None
+        for task in self._device_tasks:
+            task.cancel()
+        await asyncio.gather(*self._device_tasks, return_exceptions=True)
+        self._device_tasks.clear()
         await asyncio.gather(
             *(
                 slot.proc.stop(5.0)
@@ -669,7 +682,9 @@ class SimCluster:
             )
             log.warning("%s", self.agent_note)
             return
-        self._fence = FenceServer(self.work_dir / "fence.sock", self._on_fence)
+        self._fence = FenceServer(
+            self.work_dir / "fence.sock", self._on_fence, lambda node: node in self.fence_failing
+        )
         await self._fence.start()
         for name in self.fleet.members:
             env = {
@@ -682,6 +697,7 @@ class SimCluster:
                 "WATCHDOG_METRICS_PORT": "0",
                 "WATCHDOG_FENCE_COMMAND": fence_command(self._fence.path, name),
                 **self.peer_env(name),
+                **self._device_env(name, cfg.agent_env),
             }
             broker_url = self.node_broker_url(name)
             if broker_url:
@@ -706,9 +722,45 @@ class SimCluster:
 
     async def _on_fence(self, node: str) -> None:
         if node in self.fleet.members:
-            await self.faults.apply("fence", node)
+            await self.faults.apply("fence", node, by="fence-command")
         else:
             log.warning("fence request for unknown node %r ignored", node)
+
+    def _device_env(self, node: str, agent_env: dict[str, str]) -> dict[str, str]:
+        """The node's emulated watchdog device (started here), as the agent's settings."""
+        if not self.config.watchdog_devices:
+            return {}
+        timeout = float(
+            agent_env.get(
+                "WATCHDOG_WATCHDOG_TIMEOUT_S", Settings.model_fields["watchdog_timeout_s"].default
+            )
+        )
+
+        async def fire(n: str) -> None:
+            await self.faults.apply("fence", n, by="watchdog-device")
+
+        device = EmulatedWatchdog(node, self.work_dir / "nodes" / node / "watchdog", timeout, fire)
+        device.open()
+        self.devices[node] = device
+        self._device_tasks.append(asyncio.create_task(device.run(), name=f"watchdog {node}"))
+        return {
+            "WATCHDOG_WATCHDOG_DEVICE": str(device.path),
+            "WATCHDOG_WATCHDOG_TIMEOUT_S": str(timeout),
+        }
+
+    def device_power_off(self, node: str) -> None:
+        device = self.devices.get(node)
+        if device is not None:
+            device.power_off()
+
+    def signal_agent(self, node: str, *, freeze: bool) -> bool:
+        """SIGSTOP (freeze) or SIGCONT the agent's process group: a hung agent, not a dead one."""
+        slot = self.agents.get(node)
+        if slot is None or slot.proc is None or not slot.proc.running or slot.proc.pid is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(slot.proc.pid, signal.SIGSTOP if freeze else signal.SIGCONT)
+        return True
 
     async def start_agent(self, node: str) -> bool:
         slot = self.agents.get(node)

@@ -206,9 +206,15 @@ def _pid_alive(pid: int) -> bool:
 class FenceServer:
     """A unix socket; each connection sends `fence NODE\\n` and gets `ok\\n` once it is done."""
 
-    def __init__(self, path: Path, on_fence: Callable[[str], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        on_fence: Callable[[str], Awaitable[None]],
+        failing: Callable[[str], bool] = lambda node: False,
+    ) -> None:
         self.path = path
         self.on_fence = on_fence
+        self.failing = failing  # the `fence-fails` fault: this node's fence command fails
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -231,6 +237,9 @@ class FenceServer:
             line = (await asyncio.wait_for(reader.readline(), 5.0)).decode().split()
             if len(line) != 2 or line[0] != "fence":
                 writer.write(b"error: expected 'fence NODE'\n")
+                return
+            if self.failing(line[1]):
+                writer.write(b"error: the fence failed (fault fence-fails)\n")
                 return
             # Answer before acting: the fence powers off the machine, agent included, and the
             # caller should see its command succeed the way a sysrq write returns.

@@ -16,9 +16,14 @@ per node
   agent-kill      SIGKILL of the agent alone: the kernel closes its socket, the proxy forwards
                   the FIN, the broker publishes the Will at once
   agent-start     start the agent again
+  agent-freeze/agent-thaw   SIGSTOP / SIGCONT of the agent's processes: no FIN, no Will until
+                  the broker's keepalive runs out, no pet of the watchdog device
+  fence-fails/fence-works   the node's fence command fails (exits non-zero, fences nothing)
+                  until fence-works; the watchdog device is its fallback
   broker-link-cut/broker-link-heal   only the machine's path to the broker black-holed: its
                   kubelet, API path and peer link stay up (the agent keeps reaching the API)
-  fence           (the node-local fence channel) as poweroff, recorded as a fence; with
+  fence           (the node-local fence channel, or the node's watchdog device firing) as
+                  poweroff, recorded as a fence (`by`: fence-command or watchdog-device); with
                   `fence_action="reboot"` the machine boots again
 cluster
   api-outage/api-restore                kube-apiserver frozen (SIGSTOP) / thawed
@@ -55,6 +60,10 @@ NODE_ACTIONS = (
     "kubelet-start",
     "agent-kill",
     "agent-start",
+    "agent-freeze",
+    "agent-thaw",
+    "fence-fails",
+    "fence-works",
     "broker-link-cut",
     "broker-link-heal",
     "fence",
@@ -75,6 +84,8 @@ INVERSE = {
     "nic-flap": "heal",
     "kubelet-stop": "kubelet-start",
     "agent-kill": "agent-start",
+    "agent-freeze": "agent-thaw",
+    "fence-fails": "fence-works",
     "broker-link-cut": "broker-link-heal",
     "fence": "poweron",
     "api-outage": "api-restore",
@@ -111,7 +122,12 @@ class Faults:
         task.add_done_callback(self._tasks.discard)
 
     async def apply(
-        self, action: str, node: str | None = None, duration_s: float | None = None
+        self,
+        action: str,
+        node: str | None = None,
+        duration_s: float | None = None,
+        *,
+        by: str | None = None,
     ) -> dict[str, Any]:
         """Inject `action` (on `node` for node actions). Raises ValueError on bad input."""
         if action not in ACTIONS:
@@ -136,6 +152,8 @@ class Faults:
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "t": round(time.monotonic() - self.cluster.ledger.t0, 3),
         }
+        if by is not None:
+            entry["by"] = by
         result = await self._do(action, node)
         entry["result"] = result
         self.history.append(entry)
@@ -165,6 +183,7 @@ class Faults:
                     # not reach the broker (a machine without power sends nothing).
                     c.links_down(node)
                     stopped = sim.power_off(reason)
+                    c.device_power_off(node)
                     await c.kill_agent(node)
                     if action == "fence" and c.config.fence_action == "reboot":
                         await self._do("poweron", node)
@@ -198,6 +217,14 @@ class Faults:
                     return {"killed": await c.kill_agent(node)}
                 case "agent-start":
                     return {"started": await c.start_agent(node)}
+                case "agent-freeze" | "agent-thaw":
+                    return {"signalled": c.signal_agent(node, freeze=action == "agent-freeze")}
+                case "fence-fails":
+                    c.fence_failing.add(node)
+                    return {"fence": "fails"}
+                case "fence-works":
+                    c.fence_failing.discard(node)
+                    return {"fence": "works"}
                 case "broker-link-cut" | "broker-link-heal":
                     c.cut_broker_link(node, action == "broker-link-cut")
                     return {}

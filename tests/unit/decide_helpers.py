@@ -44,7 +44,7 @@ NODE = "node-a"
 T = 1000.0  # "now" of single-step tests, on the controller's monotonic clock
 
 # An agent that fences itself 10 s after losing broker and API, within 5 s.
-ARMED = FenceDeclaration(armed=True, after_s=10.0, bound_s=5.0)
+ARMED = FenceDeclaration(armed=True, after_s=10.0, bound_s=5.0, device=True, watchdog_s=5.0)
 UNARMED = FenceDeclaration(armed=False, after_s=10.0, bound_s=5.0)
 
 UP = SourceHealth(broker_up_since=0.0, api_up_since=0.0)

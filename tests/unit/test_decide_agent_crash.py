@@ -5,7 +5,7 @@ from __future__ import annotations
 from watchdog.decide.heartbeats import Heartbeat, HeartbeatBook
 from watchdog.decide.observations import FenceDeclaration
 
-ARMED = FenceDeclaration(True, 8.0, 5.0)
+ARMED = FenceDeclaration(True, 8.0, 5.0, device=True, watchdog_s=5.0)
 
 
 def book_with_heartbeat(at: float) -> HeartbeatBook:

@@ -19,7 +19,7 @@ def alive(**kw: object) -> NodeObservation:
         "last_heartbeat_at": NOW - 0.5,
         "heartbeats_received": 50,
         "boot_id": "b2",
-        "fence": FenceDeclaration(True, 8.0, 5.0),
+        "fence": FenceDeclaration(True, 8.0, 5.0, device=True, watchdog_s=5.0),
         "lease_seen": True,
         "lease_renewed_at": NOW - 2.0,
         "ready": "True",
@@ -61,7 +61,7 @@ def test_a_fencing_node_whose_kubelet_renews_again_is_not_reset() -> None:
         unreachable_at=NOW - 60.0,
         fence_clock_from=NOW - 59.0,
         last_contact_at=NOW - 65.0,
-        fence=FenceDeclaration(True, 8.0, 5.0),
+        fence=FenceDeclaration(True, 8.0, 5.0, device=True, watchdog_s=5.0),
     )
     obs = alive(
         last_heartbeat_at=NOW - 65.0,

@@ -201,7 +201,7 @@ FAST = DecideConfig(
     lease_stale_after_s=5.0,
     recovery_heartbeats=1,
 )
-ZERO_FENCE = FenceDeclaration(armed=True, after_s=0.0, bound_s=0.0)
+ZERO_FENCE = FenceDeclaration(armed=True, after_s=0.0, bound_s=0.0, device=True, watchdog_s=0.0)
 # the node comes back while its pods' force-deletes keep failing
 BACK_DURING_RESETTING = Scenario(
     FAST,
@@ -463,17 +463,19 @@ def test_no_reset_before_the_period_and_the_safe_delay(sc: Scenario) -> None:
     ),
 )
 @example(  # one heartbeat gets out while fencing: the agent's own fence timer restarts
-    replace(FAST, recovery_heartbeats=3), FenceDeclaration(True, 10.0, 5.0), [(12.0, 1, None)]
+    replace(FAST, recovery_heartbeats=3),
+    FenceDeclaration(True, 10.0, 5.0, device=True, watchdog_s=5.0),
+    [(12.0, 1, None)],
 )
 @example(  # ... and in it the agent declares a slower fence than before
     replace(FAST, recovery_heartbeats=3),
-    FenceDeclaration(True, 10.0, 0.0),
-    [(8.0, 1, FenceDeclaration(True, 10.0, 20.0))],
+    FenceDeclaration(True, 10.0, 0.0, device=True, watchdog_s=0.0),
+    [(8.0, 1, FenceDeclaration(True, 10.0, 20.0, device=True, watchdog_s=20.0))],
 )
 @example(  # a new, slower declaration arrives while the node is only suspect
     replace(FAST, recovery_heartbeats=3),
-    FenceDeclaration(True, 10.0, 0.0),
-    [(2.5, 1, FenceDeclaration(True, 10.0, 20.0))],
+    FenceDeclaration(True, 10.0, 0.0, device=True, watchdog_s=0.0),
+    [(2.5, 1, FenceDeclaration(True, 10.0, 20.0, device=True, watchdog_s=20.0))],
 )
 def test_heartbeats_of_a_dying_node_never_shorten_the_wait_after_the_last_one(
     cfg: DecideConfig,

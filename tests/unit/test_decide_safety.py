@@ -14,7 +14,7 @@ from watchdog.decide.state import NodeState, Phase
 
 from .decide_helpers import T, context, is_destructive, node, seen, step
 
-DECLARED = FenceDeclaration(armed=True, after_s=10.0, bound_s=5.0)
+DECLARED = FenceDeclaration(armed=True, after_s=10.0, bound_s=5.0, device=True, watchdog_s=5.0)
 CFG = DecideConfig(heartbeat_interval_s=1.0, fence_margin_s=2.0)
 BASE = 10.0 + 5.0 + 1.0 + 2.0
 
@@ -31,6 +31,19 @@ def test_term_self_fence_after_the_agent_declared() -> None:
 def test_term_fence_action_bound_the_agent_declared() -> None:
     # the fence action (watchdog expiry, reboot) stops the VMs within this
     assert safe_delay_s(replace(DECLARED, bound_s=65.0), CFG) == BASE + 60.0
+
+
+def test_term_the_watchdog_device_timeout_when_it_outlasts_the_bound() -> None:
+    # a frozen agent or a failed fence command: the device resets the node this long after
+    # the last pet, which the agent stops at its deadline
+    assert safe_delay_s(replace(DECLARED, watchdog_s=35.0), CFG) == BASE + 30.0
+    assert safe_delay_s(replace(DECLARED, watchdog_s=1.0), CFG) == BASE  # the bound dominates
+
+
+def test_a_weak_fence_has_no_safe_delay_unless_the_operator_accepts_it() -> None:
+    weak = replace(DECLARED, device=False, watchdog_s=0.0)
+    assert safe_delay_s(weak, CFG) is None
+    assert safe_delay_s(weak, replace(CFG, accept_weak_fence=True)) == BASE
 
 
 def test_term_one_heartbeat_interval() -> None:
@@ -69,6 +82,8 @@ def test_no_armed_declaration_means_no_safe_delay_at_all(declared: FenceDeclarat
         pytest.param(replace(DECLARED, after_s=math.inf), id="after_s infinite"),
         pytest.param(replace(DECLARED, after_s=-100.0), id="after_s negative"),
         pytest.param(replace(DECLARED, bound_s=-100.0), id="bound_s negative"),
+        pytest.param(replace(DECLARED, watchdog_s=math.nan), id="watchdog_s NaN"),
+        pytest.param(replace(DECLARED, watchdog_s=-1.0), id="watchdog_s negative"),
     ],
 )
 def test_a_nonsensical_declaration_proves_nothing(declared: FenceDeclaration) -> None:

@@ -12,7 +12,7 @@ from watchdog.decide.state import NodeState, Phase
 
 from .decide_helpers import T, is_destructive, seen, starts_reset, step
 
-FENCE = FenceDeclaration(armed=True, after_s=10.0, bound_s=5.0)
+FENCE = FenceDeclaration(armed=True, after_s=10.0, bound_s=5.0, device=True, watchdog_s=5.0)
 
 
 def test_annotation_is_compact_sorted_json_with_what_a_new_leader_needs() -> None:
@@ -33,7 +33,13 @@ def test_annotation_is_compact_sorted_json_with_what_a_new_leader_needs() -> Non
         "phase": "Fencing",
         "reason": "CorroboratedByLease",
         "bootID": "b1",
-        "fence": {"armed": True, "after_s": 10.0, "bound_s": 5.0},
+        "fence": {
+            "armed": True,
+            "after_s": 10.0,
+            "bound_s": 5.0,
+            "device": True,
+            "watchdog_s": 5.0,
+        },
         "tainted": True,
     }  # and no monotonic timestamps: they are process-local
 

@@ -31,6 +31,7 @@ from watchdog.decide.state import NodeState, Phase
 
 from .decide_helpers import (
     API_DOWN,
+    ARMED,
     BROKER_DOWN,
     NODE,
     UNARMED,
@@ -982,3 +983,21 @@ def test_only_a_lease_renewed_after_a_missed_heartbeat_vetoes_peer_corroboration
     assert (d.state.phase in (U, F)) is unreachable
     if unreachable:
         assert (S, U, Reason.CORROBORATED_PEERS) in d.transitions
+
+
+def test_a_weak_fence_is_held_and_reset_only_where_the_operator_accepts_it() -> None:
+    """No watchdog device behind the agent's fence: a frozen agent or a failing fence command
+    would leave the VMs running, so its safe delay proves nothing (WeakFence), however long."""
+    weak = replace(ARMED, device=False, watchdog_s=0.0)
+    state = node(F, fence_clock_from=T - 600.0, unreachable_at=T - 600.0, fence=weak)
+    d1 = step(state, dead(persisted="Fencing", fence=weak))
+    assert events(d1) == [("ResetHeld", Reason.HOLD_WEAK_FENCE)]
+    assert d1.state.held is Reason.HOLD_WEAK_FENCE and d1.reset_not_before is None
+    d2 = step(d1.state, dead(persisted="Fencing", fence=weak), now=T + 600.0)
+    assert not is_destructive(d2) and events(d2) == []
+    # the twin: the operator opted in; the same node is reset after the same safe delay
+    accepted = DecideConfig(accept_weak_fence=True)
+    d3 = step(state, dead(persisted="Fencing", fence=weak), cfg=accepted)
+    assert starts_reset(d3)
+    # and a device-backed fence needs no opt-in
+    assert starts_reset(step(replace(state, fence=ARMED), dead(persisted="Fencing")))

@@ -40,5 +40,7 @@ def test_the_fence_always_ends_before_the_controller_may_reset(
     assert grace >= 0.0
     fenced_by = latest_read + grace + bound
     cfg = DecideConfig(heartbeat_interval_s=heartbeat, fence_margin_s=0.0)
-    earliest_reset = safe_delay_s(FenceDeclaration(True, after, bound), cfg)
+    earliest_reset = safe_delay_s(
+        FenceDeclaration(True, after, bound, device=True, watchdog_s=bound), cfg
+    )
     assert fenced_by <= earliest_reset + 1e-9

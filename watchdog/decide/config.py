@@ -38,6 +38,8 @@ class DecideConfig:
     storm_max_fraction: float = 0.5
     fence_mode: FenceMode = FenceMode.SELF
     fence_margin_s: float = 2.0
+    # Accept a self-fence that no watchdog device backs (decide/safety.py, fence_accepted).
+    accept_weak_fence: bool = False
     dry_run: bool = False
     mark_pods_not_ready: bool = True
     delete_volume_attachments: bool = False

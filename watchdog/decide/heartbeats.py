@@ -131,10 +131,15 @@ def parse_heartbeat(topic: str, payload: bytes, prefix: str) -> Heartbeat:
         raise HeartbeatRejected(RejectReason.SCHEMA, "sent_at not finite")
     version = _require(doc, "version", str)[:32]
     fence_doc = _require(doc, "fence", dict)
+    device = fence_doc.get("device", False)
+    if not isinstance(device, bool):
+        raise HeartbeatRejected(RejectReason.SCHEMA, "fence.device is not a boolean")
     fence = FenceDeclaration(
         armed=_require(fence_doc, "armed", bool),
         after_s=_seconds(fence_doc, "after_s"),
         bound_s=_seconds(fence_doc, "bound_s"),
+        device=device,
+        watchdog_s=_seconds(fence_doc, "watchdog_s") if device else 0.0,
     )
     peer = doc.get("peer")
     if peer is not None and not valid_peer_address(peer):

@@ -27,7 +27,7 @@ from watchdog.decide.config import DecideConfig, FenceMode, Policy
 from watchdog.decide.falsely_ready import falsely_ready
 from watchdog.decide.observations import FenceDeclaration, NodeObservation, SourceHealth
 from watchdog.decide.reasons import Reason
-from watchdog.decide.safety import reset_not_before
+from watchdog.decide.safety import fence_accepted, reset_not_before
 from watchdog.decide.signals import Signal, Signals, heartbeat_watch_since, signals_of
 from watchdog.decide.state import NodeState, Phase
 
@@ -400,7 +400,9 @@ class _Step:
             return
         if fenced is None:
             if self.cfg.fence_mode is FenceMode.SELF and self.state.fence_clock_from is not None:
-                self.hold(Reason.HOLD_UNFENCED)
+                fence = self.state.fence
+                weak = fence is not None and fence.armed and not fence.device
+                self.hold(Reason.HOLD_WEAK_FENCE if weak else Reason.HOLD_UNFENCED)
             return
         self.reset_at = earliest
         if earliest is None or self.now < earliest:
@@ -424,8 +426,7 @@ class _Step:
             return Reason.FENCE_EXTERNAL_CONFIRMED if self.obs.external_fence_confirmed else None
         if mode is FenceMode.MANUAL:
             return None
-        fence = self.state.fence
-        if fence is None or not fence.armed or self.state.fence_clock_from is None:
+        if not fence_accepted(self.state.fence, self.cfg) or self.state.fence_clock_from is None:
             return None
         return Reason.FENCE_SELF_ELAPSED
 

@@ -16,9 +16,40 @@ class FenceDeclaration:
     armed: bool
     after_s: float
     bound_s: float
+    # A watchdog device backs the fence: it resets the node `watchdog_s` after the agent's
+    # last pet even when the agent froze, died or its fence command failed. Without one the
+    # fence is *weak*: it holds only while the agent itself works.
+    device: bool = False
+    watchdog_s: float = 0.0
 
     def to_json(self) -> dict[str, object]:
-        return {"armed": self.armed, "after_s": self.after_s, "bound_s": self.bound_s}
+        doc: dict[str, object] = {"armed": self.armed, "after_s": self.after_s}
+        doc["bound_s"] = self.bound_s
+        if self.device:
+            doc["device"] = True
+            doc["watchdog_s"] = self.watchdog_s
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict[str, object]) -> FenceDeclaration:
+        """Inverse of to_json (trusted input: our own annotation); KeyError/TypeError/ValueError
+        on anything else. An older agent's declaration has no device fields: weak."""
+        armed, device = doc["armed"], doc.get("device", False)
+        if not isinstance(armed, bool) or not isinstance(device, bool):
+            raise TypeError("armed and device must be booleans")
+        return cls(
+            armed=armed,
+            after_s=_number(doc["after_s"]),
+            bound_s=_number(doc["bound_s"]),
+            device=device,
+            watchdog_s=_number(doc.get("watchdog_s", 0.0)),
+        )
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True, slots=True)

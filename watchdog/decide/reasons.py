@@ -38,5 +38,6 @@ class Reason(StrEnum):
     HOLD_UPGRADE = "UpgradeRunning"
     HOLD_INGEST_LAG = "IngestLag"
     HOLD_UNFENCED = "NoArmedFence"
+    HOLD_WEAK_FENCE = "WeakFence"  # armed, but no watchdog device and weak fences not accepted
     # bookkeeping
     RESUMED = "ResumedFromAnnotation"

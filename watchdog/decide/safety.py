@@ -13,24 +13,40 @@ from watchdog.decide.config import DecideConfig, FenceMode, Policy
 from watchdog.decide.observations import FenceDeclaration
 
 
+def fence_accepted(declared: FenceDeclaration | None, cfg: DecideConfig) -> bool:
+    """The agent's declaration can prove its node fenced, given enough time.
+
+    Armed, and backed by a watchdog device, or weak (no device) where the operator opted in
+    (`accept_weak_self_fence`): a weak fence is only as good as the agent process, and an agent
+    that froze, hung or whose fence command failed stops nothing (DESIGN §5).
+    """
+    if declared is None or not declared.armed:
+        return False
+    return declared.device or cfg.accept_weak_fence
+
+
 def safe_delay_s(declared: FenceDeclaration | None, cfg: DecideConfig) -> float | None:
     """Seconds from the fence clock's start until the node's VMs are proven stopped.
 
-    None when the agent never declared an armed fence: no delay makes such a node safe, and
-    the caller must fall back to manual proof (an administrator's out-of-service taint).
+    None when the agent declared no fence that `fence_accepted`: no delay makes such a node
+    safe, and the caller must fall back to manual proof (an administrator's out-of-service
+    taint).
     The fence clock starts when both hold: the controller has had no heartbeat for
     `unreachable_after_s`, and the node's annotation says it is being fenced (an agent that
     still reaches the API reads that and fences at once, so its API contact stops counting).
     """
-    if declared is None or not declared.armed:
+    if declared is None or not fence_accepted(declared, cfg):
         return None
-    if not all(math.isfinite(t) and t >= 0 for t in (declared.after_s, declared.bound_s)):
+    terms = (declared.after_s, declared.bound_s, declared.watchdog_s)
+    if not all(math.isfinite(t) and t >= 0 for t in terms):
         # max(period_end, NaN) is period_end: a NaN or negative term would silently shorten
         # the wait. A declaration that makes no sense proves nothing: the node is unfenced.
         return None
     return (
-        declared.after_s  # the agent fences once cut off from broker and API this long
-        + declared.bound_s  # the fence action (reboot, watchdog expiry) stops VMs within this
+        declared.after_s  # the agent fences (and stops petting its device) once cut off this long
+        # Then the fence action stops the VMs within bound_s; should the agent freeze, die or
+        # its command fail instead, the device resets the node watchdog_s after the last pet.
+        + max(declared.bound_s, declared.watchdog_s if declared.device else 0.0)
         + cfg.heartbeat_interval_s  # the agent may have had one more broker round trip than we saw
         + cfg.fence_margin_s  # clock-rate drift between the two machines, scheduling delay
     )

@@ -80,15 +80,7 @@ class NodeState:
             phase = Phase(doc["phase"])
             reason = Reason(doc.get("reason", Reason.RESUMED.value))
             fence_doc = doc.get("fence")
-            fence = (
-                FenceDeclaration(
-                    armed=bool(fence_doc["armed"]),
-                    after_s=float(fence_doc["after_s"]),
-                    bound_s=float(fence_doc["bound_s"]),
-                )
-                if isinstance(fence_doc, dict)
-                else None
-            )
+            fence = FenceDeclaration.from_json(fence_doc) if isinstance(fence_doc, dict) else None
             boot_id = doc.get("bootID")
             tainted = bool(doc.get("tainted", False))
         except (ValueError, KeyError, TypeError, OverflowError):

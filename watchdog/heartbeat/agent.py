@@ -60,6 +60,7 @@ from watchdog.decide.peer_probe import ProbeOutcome
 from watchdog.decide.peer_reports import peers_topic
 from watchdog.decide.peer_ring import parse_probe_list, probe_topic
 from watchdog.heartbeat.boot_record import BootRecord, BootRecordError, BootRecordStore
+from watchdog.heartbeat.device import DeviceError, Petter, WatchdogDevice
 from watchdog.heartbeat.fence import (
     BootContact,
     FenceAction,
@@ -100,6 +101,10 @@ class AgentSettings(Protocol):
     def fence_action_bound_s(self) -> float: ...
     @property
     def fence_command(self) -> str | None: ...
+    @property
+    def watchdog_device(self) -> Path | None: ...
+    @property
+    def watchdog_timeout_s(self) -> float: ...
     @property
     def api_check_interval_s(self) -> float: ...
     @property
@@ -159,6 +164,13 @@ class Agent:
         self._durable = not self._fence.armed
         self._record_error: str | None = None  # why the boot record cannot be written
         self._record_unusable: str | None = None  # why the one found at start was unusable
+        # The watchdog device, opened (armed) once the fence is armed in this boot.
+        self._device: WatchdogDevice | None = None
+        if self._fence.armed and settings.watchdog_device is not None:
+            self._device = WatchdogDevice(settings.watchdog_device, settings.watchdog_timeout_s)
+        self._petter: Petter | None = None
+        self._device_error: str | None = None
+        self._goodbye_delivered = False  # the clean stop's `offline` reached the broker
         self._boot_id: str | None = None
         self._next_seq = 0
         self._unechoed: dict[int, float] = {}  # seq -> monotonic time it was handed to the broker
@@ -189,10 +201,14 @@ class Agent:
     @property
     def declaration(self) -> FenceDeclaration:
         """What every heartbeat promises: armed only once contact in this boot is recorded."""
+        device = self._device
+        backed = self.armed and device is not None and device.is_open
         return FenceDeclaration(
             armed=self.armed,
             after_s=self._settings.self_fence_after_s,
             bound_s=self._settings.fence_action_bound_s,
+            device=backed,
+            watchdog_s=device.timeout_s if backed and device is not None else 0.0,
         )
 
     @property
@@ -218,19 +234,46 @@ class Agent:
             self.declaration.bound_s,
         )
         peers: list[asyncio.Task[None]] = []
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._broker_loop(), name=f"agent-broker:{self.node}")
-            tg.create_task(self._fence_guard(), name=f"agent-fence:{self.node}")
-            if self._api_probe is not None:
-                tg.create_task(self._api_loop(self._api_probe), name=f"agent-api:{self.node}")
-            if self._peer_address is not None:
-                peers = self._start_peers(tg)
-            await self._fencing.wait()
-            for task in peers:  # a fencing node reports nothing more about others
-                task.cancel()
-        # Fenced: every loop has ended. Stay alive and silent, so that a supervisor does not
-        # restart us into heartbeating for a node the controller is resetting.
-        await asyncio.Event().wait()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._broker_loop(), name=f"agent-broker:{self.node}")
+                tg.create_task(self._fence_guard(), name=f"agent-fence:{self.node}")
+                if self._api_probe is not None:
+                    tg.create_task(self._api_loop(self._api_probe), name=f"agent-api:{self.node}")
+                if self._peer_address is not None:
+                    peers = self._start_peers(tg)
+                await self._fencing.wait()
+                for task in peers:  # a fencing node reports nothing more about others
+                    task.cancel()
+            # Fenced: every loop has ended. Stay alive and silent, so that a supervisor does
+            # not restart us into heartbeating for a node the controller is resetting.
+            await asyncio.Event().wait()
+        finally:
+            self._release_device()
+
+    def _release_device(self) -> None:
+        """Stop petting; disarm only on a deliberate stop that the broker was told about.
+
+        A stop that could not say `offline` (a partition, say) leaves the device armed: the
+        controller may count on this fence, and only a successor agent that proves contact
+        may pet it again. A fencing agent never disarms it: it is the fallback of the fence.
+        """
+        if self._petter is not None:
+            self._petter.halt()
+        device = self._device
+        if device is None or not device.is_open:
+            return
+        magic = self._goodbye_delivered and not self._fencing.is_set()
+        device.close(magic=magic)
+        if magic:
+            log.info("agent %s: watchdog device disarmed (clean stop)", self.node)
+        else:
+            log.warning(
+                "agent %s: watchdog device left armed: it resets the node %.1fs after the last "
+                "pet unless another agent of this boot proves contact",
+                self.node,
+                device.timeout_s,
+            )
 
     def _start_peers(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
         assert self._boot_id is not None
@@ -291,6 +334,10 @@ class Agent:
             "fence_configured": self._fence.armed,
             "first_contact_age_s": _age(now, self._boot_contact.first),
             "boot_record_error": self._record_error or self._record_unusable,
+            "watchdog_device": str(self._device.path) if self._device else None,
+            "watchdog_armed": bool(self._device and self._device.is_open),
+            "watchdog_pets": self._device.pets if self._device else 0,
+            "watchdog_error": self._device_error,
             "fence_due_in_s": None
             if deadline is None or self._fencing.is_set()
             else deadline - now,
@@ -480,6 +527,7 @@ class Agent:
                 self._status_topic, OFFLINE, qos=1, retain=True, timeout=GOODBYE_TIMEOUT_S
             )
             log.info("agent %s: published offline (%s)", self.node, why)
+            self._goodbye_delivered = why == "stopping"
         client.timeout = GOODBYE_TIMEOUT_S  # bounds the DISCONNECT wait in __aexit__
 
     # --- API ---------------------------------------------------------------------------------
@@ -590,6 +638,9 @@ class Agent:
             return
         self._boot_contact = BootContact(record.first_contact, record.last_contact)
         self._durable = True
+        # Armed in this boot: the device too, at once (it is petted only until the deadline
+        # that the record gives, so a restart without contact cannot keep the node alive).
+        self._arm_device()
         log.warning(
             "agent %s: resuming this boot's fence: armed since %.1fs ago, last contact %.1fs "
             "ago (fence deadline unchanged by this restart)",
@@ -606,7 +657,38 @@ class Agent:
         self._boot_contact = self._boot_contact.seen(at)
         if self._fence.armed:
             self._save_boot_record()
+            self._arm_device()
         self._contact_changed.set()
+
+    def _arm_device(self) -> None:
+        """Open (arm) the watchdog device once the fence is armed; retried at every contact."""
+        device = self._device
+        if device is None or device.is_open or not self.armed:
+            return
+        try:
+            timeout = device.open()
+        except DeviceError as e:
+            if self._device_error != str(e):
+                self._device_error = str(e)
+                log.error(
+                    "agent %s: watchdog device unavailable (%s): the fence is declared weak",
+                    self.node,
+                    e,
+                )
+            return
+        self._device_error = None
+        log.info(
+            "agent %s: watchdog device %s armed, timeout %.1fs", self.node, device.path, timeout
+        )
+        if self._petter is None:
+            self._petter = Petter(
+                device,
+                interval_s=min(self._settings.heartbeat_interval_s, timeout / 4),
+                until=self.deadline,
+                stopped=self._fencing.is_set,
+                clock=self._clock,
+            )
+            self._petter.start()
 
     def _save_boot_record(self) -> None:
         assert self._boot_id is not None
@@ -696,19 +778,26 @@ class Agent:
         # Stop claiming to be alive before the action runs: no heartbeat may follow a fence.
         self._fence_reason = reason
         self._fencing.set()
-        outcome = await self._fence.run(reason)
+        outcome = await self._fence.run_within_bound(reason, self._clock)
         self._fence_outcome = outcome
         self._fenced.set()
         if outcome.succeeded:
             log.critical("agent %s: fence action done in %.2fs", self.node, outcome.duration_s)
         else:
+            device = self._device
+            fallback = (
+                f"the watchdog device resets the node within {device.timeout_s:.1f}s"
+                if device is not None and device.is_open
+                else "no watchdog device: this node may still run VMs that the controller "
+                "will start elsewhere"
+            )
             log.critical(
-                "agent %s: FENCE ACTION FAILED (%s) after %.2fs; output: %s. This node may "
-                "still run VMs that the controller will start elsewhere.",
+                "agent %s: FENCE ACTION FAILED (%s) after %d attempt(s); output: %s. %s.",
                 self.node,
                 outcome.summary(),
-                outcome.duration_s,
+                outcome.attempts,
                 outcome.output.strip() or "-",
+                fallback,
             )
         return True
 

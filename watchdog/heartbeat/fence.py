@@ -4,7 +4,7 @@ The controller resets a node's VMs elsewhere only after `safe_delay` (decide/saf
 of what this agent declares in every heartbeat: it fences after `self_fence_after_s` without
 contact, and its fence action stops the VMs within `fence_action_bound_s`. This module keeps
 the agent's side of that bargain. It owns the fence deadline and the fence action; it must not
-talk to the broker or the API (the agent feeds it contact times) and must not retry a fence.
+talk to the broker or the API (the agent feeds it contact times).
 
 **Contact** is proven, never assumed: a broker round trip (the agent's own heartbeat echoed
 back) or an API read (a quorum read, not the watch cache) in which the controller does not
@@ -17,18 +17,20 @@ proven contact in this boot, and declares it armed only once that contact is rec
 boot record (boot_record.py), so that every later agent process of this boot keeps the same
 deadline. It keeps exactly the promise it declared: armed → it fences at the deadline.
 
-**The fence action** is `fence_command`, run once through the shell, in its own process group,
-bounded by `fence_action_bound_s`. On a real node the default is an immediate reboot::
+**The fence action** is `fence_command`, run through the shell, in its own process group,
+retried after a failure while `fence_action_bound_s` lasts. On a real node it is an immediate
+reboot::
 
     echo b > /proc/sysrq-trigger
 
-(needs `kernel.sysrq` to allow it, and the device access the optional self-fence overlay of
-deploy/ grants). A stronger alternative on hosts with a hardware watchdog is to stop feeding
-`/dev/watchdog` (e.g. `systemctl stop watchdog` with a short watchdog timeout declared as the
-bound): it also fences a frozen or crashed agent, which a command cannot. In the test cluster
-the command stops that node's simulated VMs. Without `fence_command` the fence is *unarmed*:
-the agent says so in every heartbeat (`armed: false`), only logs when it would fence, and the
-controller treats the node as unfenced (no self-fence-based reset).
+(needs `kernel.sysrq` to allow it, and the host access the self-fence component of deploy/
+grants). In the test cluster it powers off that simulated node. **The watchdog device**
+(heartbeat/device.py) backs it: petted only until the deadline, it resets the node
+`watchdog_timeout_s` later when the command failed, or the agent froze or died. Without a
+device the fence is *weak*: declared (`device: false`) and not accepted by the controller as
+proof unless the operator opted in. Without `fence_command` the fence is *unarmed*: the agent
+says so in every heartbeat (`armed: false`), only logs when it would fence, and the controller
+treats the node as unfenced (no self-fence-based reset).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from watchdog.decide.state import DOWN_PHASES
 
@@ -48,6 +51,8 @@ log = logging.getLogger(__name__)
 # A declared bound of 0 means "instant" (sysrq reboot never returns); the shell still needs a
 # moment to start, so the wait for the command is never shorter than this.
 MIN_COMMAND_WAIT_S = 1.0
+# Between two attempts of a failing fence command (within its declared bound).
+RETRY_PAUSE_S = 0.2
 OUTPUT_LIMIT = 2000
 
 
@@ -125,6 +130,7 @@ class FenceOutcome:
     error: str | None = None
     duration_s: float = 0.0
     output: str = ""
+    attempts: int = 1
 
     @property
     def succeeded(self) -> bool:
@@ -150,6 +156,27 @@ class FenceAction:
     @property
     def armed(self) -> bool:
         return self.command is not None
+
+    async def run_within_bound(self, reason: str, clock: Callable[[], float]) -> FenceOutcome:
+        """Run the command, again after a failure while its declared bound lasts (at least
+        once); the last outcome, with the number of attempts. A fence that still fails leaves
+        the node to its watchdog device, which the agent no longer pets."""
+        started = clock()
+        attempts = 0
+        while True:
+            attempts += 1
+            outcome = await self.run(reason)
+            outcome = replace(outcome, attempts=attempts)
+            left = self.bound_s - (clock() - started)
+            if outcome.succeeded or not self.armed or outcome.timed_out or left < RETRY_PAUSE_S:
+                return outcome
+            log.critical(
+                "fence command failed (%s), attempt %d; retrying (%.1fs of its bound left)",
+                outcome.summary(),
+                attempts,
+                left,
+            )
+            await asyncio.sleep(RETRY_PAUSE_S)
 
     async def run(self, reason: str) -> FenceOutcome:
         """Run the command once; past the declared bound it is reported, never killed."""

@@ -79,6 +79,16 @@ def main(role: str, settings: Settings, args: argparse.Namespace) -> int:
         log.warning(
             "fence_mode=none: VMs of a partitioned node may run twice (Harvester-compatible)"
         )
+    if role in ("run", "controller") and settings.accept_weak_self_fence:
+        log.warning(
+            "accept_weak_self_fence: a self-fence without a watchdog device counts as proof; "
+            "an agent that freezes or whose fence command fails leaves VMs that run twice"
+        )
+    if role in ("run", "agent") and settings.fence_command and not settings.watchdog_device:
+        log.warning(
+            "no watchdog_device: this node's self-fence is weak and a controller resets its "
+            "VMs on it only with accept_weak_self_fence"
+        )
     try:
         return asyncio.run(_serve(role, settings))
     except ConfigError as e:
@@ -157,6 +167,7 @@ def _controller(
 ) -> LeaderElector:
     clock = time.monotonic
     book = HeartbeatBook(will_fresh_s=settings.suspect_after_s)
+    metrics.weak_fence_accepted.set(1 if settings.accept_weak_self_fence else 0)
     # Read at scrape time (O(nodes) per scrape, nothing per heartbeat): a standby shows which
     # declarations it would count on if it took over.
     metrics.fences_declared.labels(armed="true").set_function(lambda: book.count_declared(True))

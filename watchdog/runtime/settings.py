@@ -265,6 +265,29 @@ class Settings(BaseSettings):
         description="Agent: shell command that fences this node (default on a real node: "
         "`echo b > /proc/sysrq-trigger`). Unset = the agent declares its fence unarmed.",
     )
+    watchdog_device: Path | None = Field(
+        None,
+        description="Agent: the watchdog device that backs the self-fence (`/dev/watchdog`; "
+        "load softdog where there is no hardware one). Opened (armed) at the first proven "
+        "contact in this boot, petted only while contact is proven: it resets the node when the "
+        "agent freezes, dies or its fence command fails. Unset = the fence is declared weak.",
+    )
+    watchdog_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="Agent: the watchdog device's timeout in seconds (a real device takes whole "
+        "seconds, at least 1: rounded up), set on the device where the driver allows (else read "
+        "back) and declared; the controller's safe delay waits "
+        "max(fence_action_bound_s, this).",
+    )
+    accept_weak_self_fence: bool = Field(
+        False,
+        description="Controller: accept a self-fence that no watchdog device backs as proof for "
+        "a reset. Weaker: an agent that froze, hung or whose fence command failed stops "
+        "nothing, and its VMs may run twice. Warned at start and exported "
+        "(watchdog_weak_fence_accepted).",
+    )
     fence_hook_command: str | None = Field(
         None,
         description="Controller, fence_mode=external: command run with the node name as "
@@ -405,6 +428,7 @@ class Settings(BaseSettings):
             storm_max_fraction=self.storm_max_fraction,
             fence_mode=self.fence_mode,
             fence_margin_s=self.fence_margin_s,
+            accept_weak_fence=self.accept_weak_self_fence,
             dry_run=self.dry_run,
             mark_pods_not_ready=self.mark_pods_not_ready,
             delete_volume_attachments=self.delete_volume_attachments,
