@@ -134,6 +134,13 @@ class Metrics:
             "over mqtt.max_ingest_lag_s heartbeats are UNKNOWN and resets held (IngestLag).",
             registry=r,
         )
+        self.nodes_held = Gauge(
+            "watchdog_nodes_held",
+            "Nodes awaiting a reset that is held, by reason (NoArmedFence, WeakFence: no proof "
+            "the node is fenced; or the cluster-wide hold they are under).",
+            ["reason"],
+            registry=r,
+        )
         self.weak_fence_accepted = Gauge(
             "watchdog_weak_fence_accepted",
             "1 when this controller accepts a self-fence without a watchdog device as proof "

@@ -79,6 +79,10 @@ def summary(m: Scrape) -> dict[str, Any]:
     out["resets_held"] = {
         k: v for k, v in m.labelled("watchdog_resets_held", "reason").items() if v
     }
+    # Per-node holds (NoArmedFence, WeakFence) count as holds seen too.
+    for k, v in m.labelled("watchdog_nodes_held", "reason").items():
+        if v:
+            out["resets_held"].setdefault(k, v)
     out["actions"] = {
         f"{labels.get('action')}/{labels.get('result')}": v
         for labels, v in m.samples.get("watchdog_actions_total", ())

@@ -95,6 +95,7 @@ def sim_config(
         agents=watchdog,
         agent_env=dict(scaled.env) if watchdog else {},
         run_nodes=tuple(scenario.watchdog.controllers) if watchdog else (),
+        watchdog_devices=scenario.watchdog.devices,
         work_dir=work_dir,
         keep_work_dir=work_dir is not None,
     )

@@ -81,6 +81,10 @@ class WatchdogSetup(_Strict):
         description="Watchdog settings in real-world units, dotted for nested ones "
         "(`policy.period_s`); durations are compressed by time_scale.",
     )
+    devices: bool = Field(
+        True,
+        description="Each agent gets an emulated watchdog device; false: weak fences only.",
+    )
 
 
 class Fault(_Strict):
@@ -157,6 +161,14 @@ class Scenario(_Strict):
     time_scale: float = Field(
         0.25, gt=0, le=1, description="Every timing x this factor (0.25 = four times faster)."
     )
+    min_time_scale: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="The smallest time scale at which this scenario is valid: where it "
+        "restarts agent processes, whose start (about a second of Python imports) no factor "
+        "compresses, the agent's self_fence_after_s must stay well above that.",
+    )
     repetitions: int = Field(1, ge=1, le=50)
     systems: list[System] = Field(["watchdog"], min_length=1)
     cluster: ClusterShape = Field(default_factory=ClusterShape)  # type: ignore[arg-type]
@@ -217,7 +229,8 @@ class Scenario(_Strict):
     ) -> Scenario:
         data = self.model_dump()
         if time_scale is not None:
-            data["time_scale"] = time_scale
+            # Never below the scale at which the scenario is valid.
+            data["time_scale"] = max(time_scale, self.min_time_scale)
         if systems is not None:
             data["systems"] = systems
         if repetitions is not None:
@@ -246,6 +259,12 @@ def _cross_checks(s: Scenario) -> Iterator[tuple[str, str]]:
             yield f"watchdog.controllers[{i}]", f"no node {ctl!r} in {shape}"
     if len(set(s.watchdog.controllers)) != len(s.watchdog.controllers):
         yield "watchdog.controllers", "a node is listed twice"
+    if s.time_scale < s.min_time_scale:
+        yield (
+            "time_scale",
+            f"{s.time_scale:g} is below this scenario's min_time_scale {s.min_time_scale:g}: "
+            "its runs would measure the test cluster's process starts, not the watchdog",
+        )
     for key in unknown_settings(s.watchdog.settings):
         yield (
             f"watchdog.settings.{key}",

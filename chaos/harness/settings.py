@@ -38,6 +38,9 @@ WALL_FLOORS_S = {
     "peer_interval_s": 0.2,
     "peer_probe_timeout_s": 0.2,
     "mqtt.max_ingest_lag_s": 0.2,
+    # A restarted agent must reopen its watchdog device within the timeout, and starting the
+    # agent's Python process takes about a second of wall time at any time scale.
+    "watchdog_timeout_s": 2.0,
 }
 
 

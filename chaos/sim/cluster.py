@@ -27,7 +27,6 @@ import itertools
 import logging
 import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -756,11 +755,21 @@ class SimCluster:
     def signal_agent(self, node: str, *, freeze: bool) -> bool:
         """SIGSTOP (freeze) or SIGCONT the agent's process group: a hung agent, not a dead one."""
         slot = self.agents.get(node)
-        if slot is None or slot.proc is None or not slot.proc.running or slot.proc.pid is None:
+        if slot is None or slot.proc is None or not slot.proc.running:
             return False
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(slot.proc.pid, signal.SIGSTOP if freeze else signal.SIGCONT)
+        if freeze:
+            slot.proc.freeze()
+        else:
+            slot.proc.thaw()
         return True
+
+    async def restart_agent(self, node: str) -> bool:
+        """One step of a rollout: SIGTERM (a clean stop), wait for the exit, start again."""
+        slot = self.agents.get(node)
+        if slot is None or slot.proc is None or not slot.proc.running:
+            return False
+        await slot.proc.stop(10.0)
+        return await self.start_agent(node)
 
     async def start_agent(self, node: str) -> bool:
         slot = self.agents.get(node)

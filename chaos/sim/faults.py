@@ -16,6 +16,8 @@ per node
   agent-kill      SIGKILL of the agent alone: the kernel closes its socket, the proxy forwards
                   the FIN, the broker publishes the Will at once
   agent-start     start the agent again
+  agent-restart   one step of a rollout: SIGTERM (the agent says offline, disarms its watchdog
+                  device), wait for its exit, start it again on the same boot
   agent-freeze/agent-thaw   SIGSTOP / SIGCONT of the agent's processes: no FIN, no Will until
                   the broker's keepalive runs out, no pet of the watchdog device
   fence-fails/fence-works   the node's fence command fails (exits non-zero, fences nothing)
@@ -60,6 +62,7 @@ NODE_ACTIONS = (
     "kubelet-start",
     "agent-kill",
     "agent-start",
+    "agent-restart",
     "agent-freeze",
     "agent-thaw",
     "fence-fails",
@@ -217,6 +220,8 @@ class Faults:
                     return {"killed": await c.kill_agent(node)}
                 case "agent-start":
                     return {"started": await c.start_agent(node)}
+                case "agent-restart":
+                    return {"restarted": await c.restart_agent(node)}
                 case "agent-freeze" | "agent-thaw":
                     return {"signalled": c.signal_agent(node, freeze=action == "agent-freeze")}
                 case "fence-fails":

@@ -109,6 +109,7 @@ class Controller:
         self._false_ready: dict[str, int] = {}
         self._aged: set[str] = set()
         self._reset_due: dict[str, float] = {}  # node → reset_not_before (our clock) exported
+        self._node_holds: dict[str, Reason] = {}  # node → why its reset is held (exported)
         # HEALTHY nodes whose last decision only waits for their heartbeat to age (see
         # `heartbeat_needs_evaluation`).
         self._quiet: set[str] = set()
@@ -273,6 +274,7 @@ class Controller:
             self.metrics.heartbeat_age.remove(node)
         if self._reset_due.pop(node, None) is not None:
             self.metrics.reset_not_before.remove(node)
+        self._record_node_hold(node, None)
 
     async def evaluate(self, node: str) -> float | None:
         """One decision for one node; returns when to look again.
@@ -376,7 +378,21 @@ class Controller:
             self.metrics.false_ready.set(sum(self._false_ready.values()))
         if d.state.held is not None and d.state.held is not before.held:
             log.warning("node %s: reset held (%s)", node, d.state.held.value)
+        self._record_node_hold(node, d.state.held if d.state.phase in DOWN_PHASES else None)
         self._record_reset_due(node, d.reset_not_before, now)
+
+    def _record_node_hold(self, node: str, held: Reason | None) -> None:
+        """`watchdog_nodes_held{reason}`: nodes whose reset is held for a reason of their own
+        (NoArmedFence, WeakFence, or a cluster-wide hold they are under)."""
+        old = self._node_holds.get(node)
+        if old is held:
+            return
+        if old is not None:
+            self.metrics.nodes_held.labels(reason=old.value).dec()
+            del self._node_holds[node]
+        if held is not None:
+            self.metrics.nodes_held.labels(reason=held.value).inc()
+            self._node_holds[node] = held
 
     def _record_reset_due(self, node: str, at: float | None, now: float) -> None:
         """`watchdog_reset_not_before_timestamp_seconds{node}`, as Unix time: an operator (and
