@@ -240,23 +240,34 @@ def test_the_daemonset_runs_everywhere_and_is_locked_down(render) -> None:
         assert set(c["resources"][kind]) == {"cpu", "memory"}, kind
 
     sc = c["securityContext"]
-    assert sc["allowPrivilegeEscalation"] is False
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert not sc.get("privileged")
 
     host_paths = [v for v in spec["volumes"] if "hostPath" in v]
     if name in SELF_FENCED:
-        # The fence action's one grant: the host's sysrq trigger, as uid 0 without capabilities.
+        # The self-fence's grants: the host's sysrq trigger, its watchdog device (a device node
+        # needs a privileged container) and the tmpfs directory of the agent's boot record.
         assert host_paths == [
-            {"name": "sysrq-trigger", "hostPath": {"path": "/proc/sysrq-trigger", "type": "File"}}
+            {"name": "sysrq-trigger", "hostPath": {"path": "/proc/sysrq-trigger", "type": "File"}},
+            {
+                "name": "watchdog-device",
+                "hostPath": {"path": "/dev/watchdog", "type": "CharDevice"},
+            },
+            {
+                "name": "boot-state",
+                "hostPath": {"path": "/run/node-watchdog", "type": "DirectoryOrCreate"},
+            },
         ]
-        assert sc["runAsUser"] == 0
+        assert sc["runAsUser"] == 0 and sc["privileged"] is True
         assert env["WATCHDOG_FENCE_COMMAND"]["value"] == "echo b > /host/proc/sysrq-trigger"
+        assert env["WATCHDOG_WATCHDOG_DEVICE"]["value"] == "/dev/watchdog"
+        assert env["WATCHDOG_BOOT_STATE_DIR"]["value"] == "/run/node-watchdog"
         mounts = {m["mountPath"] for m in c["volumeMounts"]}
-        assert "/host/proc/sysrq-trigger" in mounts
+        assert {"/host/proc/sysrq-trigger", "/dev/watchdog", "/run/node-watchdog"} <= mounts
     else:
+        assert sc["allowPrivilegeEscalation"] is False
+        assert not sc.get("privileged")
         assert host_paths == []
         assert sc["runAsNonRoot"] is True
         assert spec["securityContext"]["runAsNonRoot"] is True

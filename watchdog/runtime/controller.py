@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from watchdog.decide import actions as act
-from watchdog.decide.config import DecideConfig, Policy
+from watchdog.decide.config import DecideConfig, FenceMode, Policy
 from watchdog.decide.follow import FollowBook, Followed, Rescheduled
 from watchdog.decide.heartbeats import HeartbeatBook
 from watchdog.decide.holds import cluster_holds, is_storm
@@ -25,7 +25,7 @@ from watchdog.decide.peer_reports import PeerBook, PeerEvidence, peers_unreachab
 from watchdog.decide.policy import PolicyError, parse_policy
 from watchdog.decide.reasons import Reason
 from watchdog.decide.reset_plan import Outcome, outcome_for
-from watchdog.decide.safety import effective_period_s
+from watchdog.decide.safety import effective_period_s, safe_delay_s
 from watchdog.decide.signals import Signal
 from watchdog.decide.state import DOWN_PHASES, STATE_ANNOTATION, NodeState, Phase
 from watchdog.metrics import Metrics
@@ -110,6 +110,7 @@ class Controller:
         self._aged: set[str] = set()
         self._reset_due: dict[str, float] = {}  # node → reset_not_before (our clock) exported
         self._node_holds: dict[str, Reason] = {}  # node → why its reset is held (exported)
+        self._period_warned: set[tuple[float, float]] = set()
         # HEALTHY nodes whose last decision only waits for their heartbeat to age (see
         # `heartbeat_needs_evaluation`).
         self._quiet: set[str] = set()
@@ -365,6 +366,8 @@ class Controller:
             if to is Phase.UNREACHABLE:
                 # A new episode needs its own external fence confirmation.
                 self.fence_confirmed.discard(node)
+            if to is Phase.UNREACHABLE:
+                self._warn_period_raised(node, d.state)
             if to is Phase.UNREACHABLE and d.state.last_contact_at is not None:
                 self.metrics.detection.observe(now - d.state.last_contact_at)
             if frm is Phase.RESETTING and to is Phase.RESET and d.state.unreachable_at:
@@ -380,6 +383,25 @@ class Controller:
             log.warning("node %s: reset held (%s)", node, d.state.held.value)
         self._record_node_hold(node, d.state.held if d.state.phase in DOWN_PHASES else None)
         self._record_reset_due(node, d.reset_not_before, now)
+
+    def _warn_period_raised(self, node: str, state: NodeState) -> None:
+        """A policy period below the node's safe delay is raised to it (DESIGN §5): say so, once
+        per (period, safe delay) pair, so an operator who set a short period knows why resets
+        take longer."""
+        if self.cfg.fence_mode is not FenceMode.SELF:
+            return
+        delay = safe_delay_s(state.fence, self.cfg)
+        period = self.policy.period_s
+        if delay is None or period >= delay or (period, delay) in self._period_warned:
+            return
+        self._period_warned.add((period, delay))
+        log.warning(
+            "node %s: the reset period %.1fs is below the safe delay its agent's fence needs "
+            "(%.1fs): waiting the safe delay",
+            node,
+            period,
+            delay,
+        )
 
     def _record_node_hold(self, node: str, held: Reason | None) -> None:
         """`watchdog_nodes_held{reason}`: nodes whose reset is held for a reason of their own
