@@ -134,6 +134,21 @@ ALERTS: tuple[Alert, ...] = (
         ),
     ),
     Alert(
+        name="WatchdogNodeUnfenced",
+        expr=(
+            'max by (reason) (watchdog_nodes_held{reason=~"NoArmedFence|WeakFence"} '
+            f"{LEADER}) > 0"
+        ),
+        for_="2m",
+        severity="critical",
+        summary="A dead node cannot be reset: {{ $labels.reason }}",
+        description=(
+            "A node declared unreachable has waited 2 minutes without proof that it is fenced "
+            "(reason {{ $labels.reason }}: no armed fence, or one without a watchdog device). "
+            "Its VMs stay down until an administrator fences it."
+        ),
+    ),
+    Alert(
         name="WatchdogPolicyInvalid",
         expr="max(watchdog_policy_invalid) > 0",
         for_="1m",

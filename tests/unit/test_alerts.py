@@ -37,6 +37,7 @@ ISSUE_ALERTS = {
     "WatchdogNoLeader",
     "WatchdogHeartbeatsRejected",
     "WatchdogAgentMissing",
+    "WatchdogNodeUnfenced",
 }
 
 
