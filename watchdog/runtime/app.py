@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any
 
+from pythonjsonlogger.json import JsonFormatter
+
 from watchdog.actuate.events import ObjectRef
 from watchdog.actuate.kube import Actuator
 from watchdog.actuate.lease_lock import LeaseLock
@@ -56,12 +58,28 @@ log = logging.getLogger("watchdog")
 
 
 def configure_logging(settings: Settings) -> None:
-    fmt = (
-        '{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
-        if settings.log_format == "json"
-        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.basicConfig(level=settings.log_level, format=fmt, stream=sys.stderr, force=True)
+    """Text, or one JSON object per line (`log_format: json`, the deployed default): quotes,
+    newlines and tracebacks are escaped inside the object, so a collector can parse every
+    line, the error lines included (python-json-logger does the escaping)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(
+            JsonFormatter(
+                "{asctime}{levelname}{name}{message}",
+                style="{",
+                rename_fields={
+                    "asctime": "t",
+                    "levelname": "level",
+                    "name": "logger",
+                    "message": "msg",
+                    "exc_info": "error",
+                },
+                json_ensure_ascii=False,
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
 
 
 def main(role: str, settings: Settings, args: argparse.Namespace) -> int:
