@@ -358,7 +358,11 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level."
     )
-    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log line format; json: one object per line (t, level, logger, msg, and "
+        "error with the traceback), every line parseable.",
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
