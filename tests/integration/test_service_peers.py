@@ -23,6 +23,7 @@ import pytest_asyncio
 
 from tests.integration.watchdog_env import (
     HEARTBEAT_INTERVAL_S,
+    TIMINGS,
     UNREACHABLE_AFTER_S,
     Scrape,
     WatchdogEnv,
@@ -49,8 +50,15 @@ PEER_WINDOW_S = 4.0
 async def env(control_plane_binaries, tmp_path_factory: pytest.TempPathFactory):
     work = Path(tmp_path_factory.mktemp("service-peers"))
     controller_env = {"WATCHDOG_LEASE_STALE_AFTER_S": str(LEASE_STALE_AFTER_S)}
+    # A killed agent leaves its watchdog device armed, and the device resets the machine after
+    # its timeout: here longer than every window watched, so that the killed-agent scenario
+    # watches a machine that is still up (what peers must then report).
+    agents = {**TIMINGS, "WATCHDOG_WATCHDOG_TIMEOUT_S": "20"}
     async with WatchdogEnv(
-        default_config(), control_plane_binaries, work, controller_env=controller_env
+        default_config(agent_env=agents),
+        control_plane_binaries,
+        work,
+        controller_env=controller_env,
     ) as e:
         yield e
 

@@ -65,10 +65,16 @@ SELF_FENCE_AFTER_S = 3.0
 # overruns its declared bound, which leaves the node running its VMs: the bound must cover it.
 FENCE_ACTION_BOUND_S = 3.0
 FENCE_MARGIN_S = 0.5
+WATCHDOG_TIMEOUT_S = 3.0
 POLICY_PERIOD_S = 4.0
 LEASE_STALE_AFTER_S = 4.0
 # decide/safety.py: declared after + declared bound + one heartbeat interval + margin.
-SAFE_DELAY_S = SELF_FENCE_AFTER_S + FENCE_ACTION_BOUND_S + HEARTBEAT_INTERVAL_S + FENCE_MARGIN_S
+SAFE_DELAY_S = (
+    SELF_FENCE_AFTER_S
+    + max(FENCE_ACTION_BOUND_S, WATCHDOG_TIMEOUT_S)
+    + HEARTBEAT_INTERVAL_S
+    + FENCE_MARGIN_S
+)
 RESET_WAIT_S = max(POLICY_PERIOD_S, SAFE_DELAY_S)
 
 TIMINGS = {
@@ -78,6 +84,9 @@ TIMINGS = {
     "WATCHDOG_LEASE_STALE_AFTER_S": str(LEASE_STALE_AFTER_S),
     "WATCHDOG_SELF_FENCE_AFTER_S": str(SELF_FENCE_AFTER_S),
     "WATCHDOG_FENCE_ACTION_BOUND_S": str(FENCE_ACTION_BOUND_S),
+    # Each agent's emulated watchdog device (chaos/sim/wdt.py): no longer than the bound, so
+    # the safe delay is the same as without one.
+    "WATCHDOG_WATCHDOG_TIMEOUT_S": str(WATCHDOG_TIMEOUT_S),
     "WATCHDOG_FENCE_MARGIN_S": str(FENCE_MARGIN_S),
     "WATCHDOG_POLICY__PERIOD_S": str(POLICY_PERIOD_S),
     "WATCHDOG_MQTT__KEEPALIVE_S": "2",

@@ -14,7 +14,7 @@ from chaos.cli import main
 from chaos.harness import measure, report, scenario
 from chaos.harness.measure import RunResult, VmTimeline
 from chaos.harness.runner import ScenarioResult
-from chaos.harness.settings import FIELDS, scale_settings
+from chaos.harness.settings import FIELDS, WALL_FLOORS_S, scale_settings
 
 REQUIRED = {
     "power-off",
@@ -216,7 +216,11 @@ def test_every_duration_of_the_watchdog_is_compressed_from_its_real_world_defaul
     for path, f in FIELDS.items():
         if f.duration and not f.is_int:
             assert scaled.real_world[path] == f.default
-            assert float(scaled.env[f.env]) == pytest.approx(f.default * 0.25)
+            floor = WALL_FLOORS_S.get(path, 0.0)
+            assert float(scaled.env[f.env]) == pytest.approx(max(f.default * 0.25, floor))
+    # kept at its wall floor (an agent restart must fit in it), and said so
+    assert float(scaled.env["WATCHDOG_WATCHDOG_TIMEOUT_S"]) == 2.0
+    assert any("watchdog_timeout_s" in n for n in scaled.notes)
     assert scaled.env["WATCHDOG_HEARTBEAT_INTERVAL_S"] == "0.25"
     assert scaled.env["WATCHDOG_POLICY__PERIOD_S"] == "3.75"
     assert "WATCHDOG_API_REQUEST_TIMEOUT_S" not in scaled.env  # a request budget, not a timing

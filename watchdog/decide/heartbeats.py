@@ -216,9 +216,13 @@ class HeartbeatBook:
     def status(self, node: str, online: bool, now: float | None = None) -> NodeHeartbeats | None:
         """Retained status / Last Will. Only an "offline" changes trust; "online" is a hint.
 
-        An "offline" while heartbeats were still fresh means the agent died on a running node:
-        nothing is left there to fence it, so its declared fence no longer holds (a partition
-        now would leave its VMs running). Its next heartbeat declares the fence again.
+        An "offline" while heartbeats were still fresh means the agent died on a running node.
+        A weak fence (no watchdog device) no longer holds then: nothing is left there to fence
+        it (a partition now would leave its VMs running), so it is disarmed until the next
+        heartbeat declares it again. A device-backed fence still holds: the device resets the
+        node `watchdog_s` after the dead agent's last pet, unless a restarted agent of the same
+        boot proves contact (and then it heartbeats again), and never later than its deadline
+        plus `watchdog_s`, well within the safe delay.
         """
         if node not in self.known:
             return None
@@ -226,7 +230,7 @@ class HeartbeatBook:
         if not online:
             rec.offline = True
             last, fence = rec.last_at, rec.fence
-            if last is not None and now is not None and fence is not None:
+            if last is not None and now is not None and fence is not None and not fence.device:
                 if now - last < self.will_fresh_s:
                     rec.fence = FenceDeclaration(False, fence.after_s, fence.bound_s)
         return rec
