@@ -299,14 +299,19 @@ async def test_agent_without_fence_command_declares_an_unarmed_fence_and_never_r
     assert caplog.text.count("WOULD FENCE") == 1, "logged once per episode"
 
 
-async def test_cancelled_agent_leaves_retained_offline(
+async def test_cancelled_agent_leaves_retained_stopped_and_releases_its_fence(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
-    agent = Agent(settings(mosquitto, tmp_path))
+    agent = Agent(settings(mosquitto, tmp_path, fence_command="true"))
+    record = tmp_path / "run-node-a" / "agent-contact.json"
     async with running(agent.run()):
-        await wait_for(lambda: agent.statistics()["connected"], 5, "agent connected")
+        await wait_for(lambda: agent.statistics()["fence_armed"], 5, "agent armed")
         assert await retained(mosquitto, status_topic(PREFIX, "node-a")) == b"online"
-    assert await retained(mosquitto, status_topic(PREFIX, "node-a")) == b"offline"
+        assert record.exists()
+    # A deliberate stop: said so, and the boot record cleared (the next agent of this boot is
+    # armed again only by its own first contact).
+    assert await retained(mosquitto, status_topic(PREFIX, "node-a")) == b"stopped"
+    assert not record.exists()
 
 
 async def test_sigkilled_agent_process_is_announced_offline_by_its_will(
@@ -329,7 +334,7 @@ async def test_sigkilled_agent_process_is_announced_offline_by_its_will(
     assert await retained(mosquitto, status_topic(PREFIX, "node-b")) == b"offline"
 
 
-async def test_sigterm_stops_agent_process_cleanly_with_retained_offline(
+async def test_sigterm_stops_agent_process_cleanly_with_retained_stopped(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
     seen = Seen()
@@ -341,12 +346,12 @@ async def test_sigterm_stops_agent_process_cleanly_with_retained_offline(
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(3):
             assert await proc.wait() == 0
-        await wait_for(lambda: "node-c" in seen.offline_at, 2, "offline status")
+        await wait_for(lambda: "node-c" in seen.offline_at, 2, "stopped status")
         last = seen.count("node-c")
         await stays(lambda: seen.count("node-c") == last, 3 * HEARTBEAT_S, "no heartbeat after")
-    assert await retained(mosquitto, status_topic(PREFIX, "node-c")) == b"offline"
+    assert await retained(mosquitto, status_topic(PREFIX, "node-c")) == b"stopped"
     log = (tmp_path / "agent-node-c.log").read_text()
-    assert "published offline (stopping)" in log, log
+    assert "published stopped (stopping)" in log, log
 
 
 # --- broker outage ---------------------------------------------------------------------------
@@ -564,10 +569,10 @@ async def test_an_agent_restarted_on_the_same_boot_is_heard_at_once_and_a_replay
                 await wait_for(lambda: seen.count("node-a") > heard, 3, "the restarted agent")
                 took = time.monotonic() - restarted_at
                 assert seen.rejected[RejectReason.REPLAYED] == 0
-                # It resumed the boot's fence: armed in its very first heartbeat.
-                assert seen.book.nodes["node-a"].fence == FenceDeclaration(
-                    True, FENCE_AFTER_S, FENCE_BOUND_S
-                )
+                # The first process stopped deliberately and released its fence; this one arms
+                # again at its own first contact, within a heartbeat or two.
+                armed = FenceDeclaration(True, FENCE_AFTER_S, FENCE_BOUND_S)
+                await wait_for(lambda: seen.book.nodes["node-a"].fence == armed, 2, "armed again")
                 old = captured[len(captured) // 2]
                 await spy.publish(topic, old)
                 await wait_for(

@@ -50,10 +50,15 @@ PEER_WINDOW_S = 4.0
 async def env(control_plane_binaries, tmp_path_factory: pytest.TempPathFactory):
     work = Path(tmp_path_factory.mktemp("service-peers"))
     controller_env = {"WATCHDOG_LEASE_STALE_AFTER_S": str(LEASE_STALE_AFTER_S)}
-    # A killed agent leaves its watchdog device armed, and the device resets the machine after
-    # its timeout: here longer than every window watched, so that the killed-agent scenario
-    # watches a machine that is still up (what peers must then report).
-    agents = {**TIMINGS, "WATCHDOG_WATCHDOG_TIMEOUT_S": "20"}
+    # A killed agent leaves its watchdog device armed (the device resets the machine after its
+    # timeout), and a restarted agent past its fence deadline fences: both are kept longer here
+    # than every window watched, so that the killed-agent scenario watches a machine that is
+    # still up (what peers must then report) and gets its agent back in time (restore()).
+    agents = {
+        **TIMINGS,
+        "WATCHDOG_WATCHDOG_TIMEOUT_S": "20",
+        "WATCHDOG_SELF_FENCE_AFTER_S": "20",
+    }
     async with WatchdogEnv(
         default_config(agent_env=agents),
         control_plane_binaries,

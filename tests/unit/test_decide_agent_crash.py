@@ -49,3 +49,12 @@ def test_a_restarted_agent_is_heard_and_declares_its_fence_again() -> None:
     book.status("node-1", online=False, now=100.2)
     rec = book.accept(Heartbeat("node-1", "boot-a", 5_000, 0.0, "1", WEAK), 105.0)
     assert rec.fence == WEAK and not rec.offline
+
+
+@pytest.mark.parametrize("fence", [WEAK, DEVICE], ids=["weak", "device"])
+def test_a_deliberate_stop_releases_any_fence(fence: FenceDeclaration) -> None:
+    # "stopped": the agent disarmed its device and cleared its boot record
+    book = book_with_heartbeat(at=100.0, fence=fence)
+    rec = book.status("node-1", online=False, now=100.5, released=True)
+    assert rec is not None and rec.offline
+    assert rec.fence is not None and not rec.fence.armed

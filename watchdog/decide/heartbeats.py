@@ -213,7 +213,9 @@ class HeartbeatBook:
         rec.offline = False
         return rec
 
-    def status(self, node: str, online: bool, now: float | None = None) -> NodeHeartbeats | None:
+    def status(
+        self, node: str, online: bool, now: float | None = None, *, released: bool = False
+    ) -> NodeHeartbeats | None:
         """Retained status / Last Will. Only an "offline" changes trust; "online" is a hint.
 
         An "offline" while heartbeats were still fresh means the agent died on a running node.
@@ -223,12 +225,20 @@ class HeartbeatBook:
         node `watchdog_s` after the dead agent's last pet, unless a restarted agent of the same
         boot proves contact (and then it heartbeats again), and never later than its deadline
         plus `watchdog_s`, well within the safe delay.
+
+        `released` ("stopped", a deliberate stop): the agent disarmed its device and cleared its
+        boot record; nothing on the node keeps the fence any more, so it is disarmed whatever
+        backed it, until a heartbeat declares it again.
         """
         if node not in self.known:
             return None
         rec = self.record(node)
         if not online:
             rec.offline = True
+            if released and rec.fence is not None:
+                f = rec.fence
+                rec.fence = FenceDeclaration(False, f.after_s, f.bound_s)
+                return rec
             last, fence = rec.last_at, rec.fence
             if last is not None and now is not None and fence is not None and not fence.device:
                 if now - last < self.will_fresh_s:

@@ -75,6 +75,9 @@ log = logging.getLogger(__name__)
 
 ONLINE = b"online"
 OFFLINE = b"offline"
+# A deliberate stop (SIGTERM: a rollout, a drain): this agent releases its fence (device
+# disarmed, boot record cleared), and the controller disarms the declaration on reading it.
+STOPPED = b"stopped"
 # Heartbeats awaiting their echo; older ones are forgotten (their echo no longer matters once a
 # later one came back, and a broker that echoes nothing must not grow this).
 MAX_UNECHOED = 256
@@ -252,18 +255,28 @@ class Agent:
             self._release_device()
 
     def _release_device(self) -> None:
-        """Stop petting; disarm only on a deliberate stop that the broker was told about.
+        """Stop petting; release the fence only on a deliberate stop the broker was told about.
 
-        A stop that could not say `offline` (a partition, say) leaves the device armed: the
-        controller may count on this fence, and only a successor agent that proves contact
-        may pet it again. A fencing agent never disarms it: it is the fallback of the fence.
+        Released: the device disarmed (magic close) and the boot record cleared, so the next
+        agent of this boot is armed again only by its own first contact (a rollout whose new
+        pod takes longer than `self_fence_after_s` to start must not fence the node), while
+        the controller, reading `stopped`, no longer counts on this fence. A stop that could not
+        say so (a partition, say) releases nothing: the controller may count on this fence, and
+        only a successor agent that proves contact may pet the device again. A fencing agent
+        never disarms it: it is the fallback of the fence.
         """
         if self._petter is not None:
             self._petter.halt()
+        released = self._goodbye_delivered and not self._fencing.is_set()
+        if released and self._fence.armed:
+            try:
+                self._boot_store.clear()
+            except OSError as e:
+                log.error("agent %s: boot record not cleared: %s", self.node, e)
         device = self._device
         if device is None or not device.is_open:
             return
-        magic = self._goodbye_delivered and not self._fencing.is_set()
+        magic = released
         device.close(magic=magic)
         if magic:
             log.info("agent %s: watchdog device disarmed (clean stop)", self.node)
@@ -521,12 +534,14 @@ class Agent:
         self.prober.set_targets(probe_list.targets)
 
     async def _goodbye(self, client: aiomqtt.Client, why: str) -> None:
-        """Clean end of a connection: retained `offline`, then the disconnect (no Will)."""
+        """Clean end of a connection, then the disconnect (no Will): retained `stopped` on a
+        deliberate stop (the fence is released once the broker has it), `offline` once fenced."""
+        status = STOPPED if why == "stopping" else OFFLINE
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             await client.publish(
-                self._status_topic, OFFLINE, qos=1, retain=True, timeout=GOODBYE_TIMEOUT_S
+                self._status_topic, status, qos=1, retain=True, timeout=GOODBYE_TIMEOUT_S
             )
-            log.info("agent %s: published offline (%s)", self.node, why)
+            log.info("agent %s: published %s (%s)", self.node, status.decode(), why)
             self._goodbye_delivered = why == "stopping"
         client.timeout = GOODBYE_TIMEOUT_S  # bounds the DISCONNECT wait in __aexit__
 

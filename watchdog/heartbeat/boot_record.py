@@ -109,6 +109,10 @@ class BootRecordStore:
         except BootRecordError as e:
             raise BootRecordError(f"{self.path}: {e}") from None
 
+    def clear(self) -> None:
+        """Forget this boot's contact (a deliberate stop released the fence)."""
+        self.path.unlink(missing_ok=True)
+
     def save(self, record: BootRecord) -> None:
         """Raises OSError when it cannot be written: the caller must not rely on it then."""
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 ONLINE = b"online"
 OFFLINE = b"offline"
+STOPPED = b"stopped"  # an agent's deliberate stop: it released its fence
 # How long a stopping subscriber waits for the broker to take its DISCONNECT.
 GOODBYE_TIMEOUT_S = 1.0
 # At most one log line per rejection reason (and one for queue overflow) per this many seconds.
@@ -441,10 +442,11 @@ class HeartbeatSubscriber:
     def _handle_status(self, node: str, payload: bytes, topic: str, now: float) -> None:
         if payload == b"":
             return  # a retained status being cleared: a statement about nothing
-        if payload not in (ONLINE, OFFLINE):
+        if payload not in (ONLINE, OFFLINE, STOPPED):
             self._reject(RejectReason.MALFORMED, f"status {payload[:32]!r}", topic, now)
             return
-        if self._book.status(node, payload == ONLINE, self._clock()) is None:
+        released = payload == STOPPED
+        if self._book.status(node, payload == ONLINE, self._clock(), released=released) is None:
             self._reject(RejectReason.UNKNOWN_NODE, f"status of {node[:64]!r}", topic, now)
             return
         self._statuses += 1
