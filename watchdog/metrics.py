@@ -179,5 +179,9 @@ class Metrics:
             Reason.HOLD_INGEST_LAG,
         ):
             self.resets_held.labels(reason=reason.value).set(0)
+        # Born at 0 too: WatchdogNodeUnfenced compares them, and "no series" would read as
+        # "this alert can never fire".
+        for reason in (Reason.HOLD_UNFENCED, Reason.HOLD_WEAK_FENCE):
+            self.nodes_held.labels(reason=reason.value).set(0)
         self.policy_invalid.set(0)
         self.leader.set(0)
