@@ -32,6 +32,13 @@ async def test_cluster_faults_interrupt_and_the_cluster_recovers(sim_cluster):
         except ApiError:
             assert time.monotonic() < deadline, "the API did not come back"
             await asyncio.sleep(0.2)
+    # The scheduled restore is recorded once it has finished (it waits for the API to serve
+    # again), which can be after our own request went through: wait for the record itself.
+    await cluster.wait_until(
+        lambda: any(f["action"] == "api-restore" for f in cluster.faults.history),
+        30,
+        "api-restore recorded",
+    )
 
     # Compaction: watches resumed from before it get 410 and relist; the simulators carry on.
     revision = (await cluster.faults.apply("compact"))["result"]["revision"]
