@@ -23,8 +23,11 @@ class FenceDeclaration:
     watchdog_s: float = 0.0
 
     def to_json(self) -> dict[str, object]:
-        doc: dict[str, object] = {"armed": self.armed, "after_s": self.after_s}
-        doc["bound_s"] = self.bound_s
+        doc: dict[str, object] = {
+            "armed": self.armed,
+            "after_s": self.after_s,
+            "bound_s": self.bound_s,
+        }
         if self.device:
             doc["device"] = True
             doc["watchdog_s"] = self.watchdog_s
