@@ -29,6 +29,7 @@ import asyncio
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,16 @@ async def _patch_many(
     return time.monotonic() - t0
 
 
+@dataclass(frozen=True)
+class Pace:
+    """The benchmark's waits: long enough for steady numbers at full size; the smoke run
+    shortens them, since it checks that the numbers are produced, not what they are."""
+
+    settle_s: float = 5.0  # after the leader starts: its first evaluations
+    quiet_s: float = 10.0  # the quiet baseline (heartbeats only) that events are measured on
+    watch_timeout_s: int = 20  # the controller's watch timeout: a 410 is met at the next watch
+
+
 async def _install_crds(client: KubeClient) -> None:
     for doc in crd_documents():
         await client.create(CRD_PATH, doc)
@@ -172,11 +183,12 @@ async def _measure(
     work_dir: Path,
     controller_source: Path | None,
     progress: Any,
+    pace: Pace,
 ) -> dict[str, Any]:
     env = {
         "KUBECONFIG": str(cp.admin_kubeconfig),
         "WATCHDOG_MQTT__URL": broker.url,
-        "WATCHDOG_WATCH_TIMEOUT_S": "20",
+        "WATCHDOG_WATCH_TIMEOUT_S": str(pace.watch_timeout_s),
     }
     ctl = ControllerProcess(work_dir, env, name=f"controller-{size}", source=controller_source)
     out: dict[str, Any] = {"vmis": size, "pods": size, "nodes": nodes}
@@ -194,11 +206,11 @@ async def _measure(
             out["sync_cpu_s"] = sync.get("cpu_s")
             out["sync_rss_mib_max"] = sync.get("rss_mib_max")
             progress(f"  {size:,}: synced in {out['sync_s']}s, RSS {sync.get('rss_mib_max')} MiB")
-            await asyncio.sleep(5.0)  # the leader's first evaluations, then quiet
+            await asyncio.sleep(pace.settle_s)  # the leader's first evaluations, then quiet
             # quiet baseline (heartbeats only)
             q0 = time.monotonic()
             sampler.sample()
-            await asyncio.sleep(10.0)
+            await asyncio.sleep(pace.quiet_s)
             sampler.sample()
             q1 = time.monotonic()
             quiet = sampler.window("controller", q0, q1) or {}
@@ -238,7 +250,7 @@ async def _measure(
                 f"per VMI event {out['vmi_events']['cpu_us_per_event']} µs"
             )
             # relist after 410
-            out["relist"] = await _relist(cp, ctl, sampler)
+            out["relist"] = await _relist(cp, ctl, sampler, pace)
             m1 = await ctl.metrics()
             before = m0.by("watchdog_transitions_total", "to")
             after = m1.by("watchdog_transitions_total", "to")
@@ -281,7 +293,9 @@ async def _burst(
     }
 
 
-async def _relist(cp: Any, ctl: ControllerProcess, sampler: ProcSampler) -> dict[str, Any]:
+async def _relist(
+    cp: Any, ctl: ControllerProcess, sampler: ProcSampler, pace: Pace
+) -> dict[str, Any]:
     def gone(m: Any, resource: str) -> float:
         return m.get("watchdog_watch_restarts_total", resource=resource, cause="gone")
 
@@ -308,7 +322,10 @@ async def _relist(cp: Any, ctl: ControllerProcess, sampler: ProcSampler) -> dict
         "compacted_revision": revision,
         "seconds": round(max(done_at.values()), 1) if len(done_at) == len(wanted) else None,
         "relisted_after_s": {r: round(s, 1) for r, s in done_at.items()},
-        "note": "includes waiting for each watch's next restart (timeout 16-20 s)",
+        "note": (
+            "includes waiting for each watch's next restart "
+            f"(timeout {0.8 * pace.watch_timeout_s:g}-{pace.watch_timeout_s} s)"
+        ),
         "restarts_gone": {
             k: v for k, v in m1.by("watchdog_watch_restarts_total", "resource").items()
         },
@@ -324,6 +341,7 @@ async def _run(
     work_dir: Path,
     controller_source: Path | None,
     progress: Any,
+    pace: Pace,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"steps": [], "creates": []}
     async with control_plane(work_dir, time_scale=1.0) as cp:
@@ -366,6 +384,7 @@ async def _run(
                             work_dir,
                             controller_source,
                             progress,
+                            pace,
                         )
                         step["apiserver_rss_mib"] = _rss(cp.pids().get("kube-apiserver"))
                         step["etcd_rss_mib"] = _rss(cp.pids().get("etcd"))
@@ -416,11 +435,13 @@ def run(
     work_dir: Path | None = None,
     controller_source: Path | None = None,
     progress: Any = print,
+    pace: Pace | None = None,
 ) -> dict[str, Any]:
     m = machine()
+    pace = pace or Pace()
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         result = asyncio.run(
-            _run(sizes, nodes, events, work_dir or Path(tmp), controller_source, progress)
+            _run(sizes, nodes, events, work_dir or Path(tmp), controller_source, progress, pace)
         )
     result["extrapolated"] = extrapolate(result["steps"])
     return {"benchmark": "cache", "machine": m, **result}

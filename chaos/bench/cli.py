@@ -222,6 +222,7 @@ def _run_cache(args: argparse.Namespace) -> dict[str, Any]:
             events=200,
             controller_source=args.controller_source,
             progress=_progress,
+            pace=cache.Pace(settle_s=1.0, quiet_s=3.0, watch_timeout_s=5),
         )
     return cache.run(
         sizes=args.vmis,
@@ -259,7 +260,7 @@ def _run_testcluster(args: argparse.Namespace) -> dict[str, Any]:
     from chaos.bench import testcluster
 
     if args.smoke:
-        return testcluster.run(nodes=5, vms=10, window_s=10.0, time_scale=1.0, progress=_progress)
+        return testcluster.run(nodes=5, vms=10, window_s=4.0, time_scale=0.5, progress=_progress)
     return testcluster.run(
         nodes=args.nodes,
         vms=args.vms,

@@ -257,13 +257,3 @@ async def test_a_partitioned_node_fences_itself_before_its_vms_start_elsewhere(e
     assert c.ledger.split_brain_seconds() == 0
     assert c.ledger.lost() == [] and c.ledger.false_resets() == []
 
-
-async def test_more_power_off_samples_for_the_latency_figures(env):
-    """Cheap extra samples for detection/reset/failover (the lead's p50/p95)."""
-    for node in ("node-4", "node-3"):
-        await env.restore()
-        run = await fail_over(env, node, "poweroff")
-        report(f"poweroff {node}", run)
-        assert env.cluster.ledger.split_brain_seconds() == 0
-        assert env.cluster.ledger.lost() == []
-    await env.restore()

@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import os
 import signal
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
+import yaml
 
 from chaos.sim.informer import ApiError, Resource
+from chaos.sim.proxy import ProxyMode, TcpProxy
 from tests.integration.watchdog_env import (
     LEADER_TIMINGS,
     NAMESPACE,
@@ -43,6 +48,7 @@ pytestmark = [
 ]
 
 LEASE_DURATION_S = float(LEADER_TIMINGS["WATCHDOG_LEADER__LEASE_DURATION_S"])
+RENEW_DEADLINE_S = float(LEADER_TIMINGS["WATCHDOG_LEADER__RENEW_DEADLINE_S"])
 CLUSTER_ROLES = Resource("/apis/rbac.authorization.k8s.io/v1", "clusterroles", namespaced=False)
 CLUSTER_ROLE_BINDINGS = Resource(
     "/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", namespaced=False
@@ -52,7 +58,8 @@ CLUSTER_ROLE_BINDINGS = Resource(
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def env(control_plane_binaries, tmp_path_factory: pytest.TempPathFactory):
     work = Path(tmp_path_factory.mktemp("service-leader"))
-    async with WatchdogEnv(default_config(), control_plane_binaries, work, controllers=2) as e:
+    config = default_config(audit_log=True)
+    async with WatchdogEnv(config, control_plane_binaries, work, controllers=2) as e:
         yield e
 
 
@@ -128,6 +135,105 @@ async def test_sigterm_makes_the_leader_exit_at_once_and_hand_the_lease_over(env
     # the standby's next attempt.
     assert exit_s + took_s < LEASE_DURATION_S - 1, took_s
     assert "SIGTERM: shutting down" in leader.log_text()
+
+
+async def test_a_leader_cut_from_the_api_steps_down_before_the_standby_takes_over(env):
+    """The leader's API path black-holed: its requests hang (no refusal, no FIN), longer than
+    its 10 s request timeout. It stops leading at its renew deadline, before the standby may
+    take the Lease, and nothing it had in flight lands after the standby took over."""
+    await env.restore()
+    for ctl in env.live_controllers():
+        await ctl.proc.stop(5.0)  # SIGTERM hands the Lease over
+    server = urlsplit(env.cluster.control_plane.server_url)
+    assert server.hostname and server.port
+    async with TcpProxy(server.hostname, server.port, name="leader-api") as proxy:
+        kubeconfig = _via(
+            Path(env.controller_environment(0)["KUBECONFIG"]),
+            f"https://{proxy.address}",
+            env.work_dir / "via-proxy.kubeconfig",
+        )
+        cut = await env.start_controller(extra_env={"KUBECONFIG": str(kubeconfig)})
+        await env.wait_for(cut.is_leader, 30, "the proxied controller leads")
+        standby = await env.start_controller()
+        assert cut.pid and standby.pid
+
+        proxy.set_mode(ProxyMode.BLACKHOLE)
+        t_cut = time.monotonic()
+        samples: list[tuple[float, bool, bool]] = []
+
+        async def standby_leads() -> bool:
+            a, b = await asyncio.gather(cut.is_leader(), standby.is_leader())
+            samples.append((time.monotonic() - t_cut, a, b))
+            return b
+
+        await wait_for(standby_leads, 30, "the standby leads", interval_s=0.05)
+        stepped_down = next(t for t, a, _ in samples if not a)
+        took_over = next(t for t, _, b in samples if b)
+        print(f"\n[leader cut] stepped down {stepped_down:.2f}s, standby leads {took_over:.2f}s")
+        assert not any(a and b for _, a, b in samples), samples
+        assert stepped_down < took_over
+        # Bounded by the renew deadline, not by the hung requests' 10 s timeout.
+        assert stepped_down < RENEW_DEADLINE_S + 1.0, samples
+
+        # Healed: whatever the cut replica had sent now reaches the API server.
+        healed = datetime.now(UTC)
+        proxy.set_mode(ProxyMode.PASS)
+        agent = f"_{cut.pid})"
+        audit = env.cluster.control_plane.audit_log_path
+        assert audit is not None
+
+        def requests_by_cut() -> list[dict]:
+            return [r for r in _audit(audit) if r.get("userAgent", "").endswith(agent)]
+
+        await wait_for(
+            lambda: any(_received(r) > healed for r in requests_by_cut()),
+            30,
+            "the cut replica's requests reaching the API server again",
+        )
+        taken = min(
+            _received(r)
+            for r in _audit(audit)
+            if r.get("userAgent", "").endswith(f"_{standby.pid})")
+            and r["verb"] == "update"
+            and (r.get("objectRef") or {}).get("resource") == "leases"
+            and _code(r) < 300
+        )
+        late = [
+            (r["verb"], r.get("requestURI"), _code(r))
+            for r in requests_by_cut()
+            if r["verb"] in ("create", "update", "patch", "delete")
+            and _code(r) < 300
+            and _received(r) >= taken
+        ]
+        assert late == [], late
+        await cut.proc.stop(5.0)
+
+
+def _via(kubeconfig: Path, server: str, out: Path) -> Path:
+    """A copy of `kubeconfig` that reaches the API server at `server`."""
+    doc = yaml.safe_load(kubeconfig.read_text())
+    for cluster in doc["clusters"]:
+        cluster["cluster"]["server"] = server
+    out.write_text(yaml.safe_dump(doc))
+    return out
+
+
+def _audit(path: Path) -> list[dict]:
+    """Each request once, at its last stage."""
+    by_id: dict[str, dict] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            event = json.loads(line)
+            by_id[event["auditID"]] = event
+    return list(by_id.values())
+
+
+def _received(event: dict) -> datetime:
+    return datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00"))
+
+
+def _code(event: dict) -> int:
+    return int((event.get("responseStatus") or {}).get("code") or 0)
 
 
 def _without(rules: list[dict], group: str, resource: str, verb: str) -> list[dict]:

@@ -455,8 +455,11 @@ class WatchdogEnv:
             **self.controller_env,
         }
 
-    async def start_controller(self, *, wait_ready: bool = True) -> Controller:
-        """One more `node-watchdog controller` process (a standby unless it wins the Lease)."""
+    async def start_controller(
+        self, *, wait_ready: bool = True, extra_env: dict[str, str] | None = None
+    ) -> Controller:
+        """One more `node-watchdog controller` process (a standby unless it wins the Lease);
+        `extra_env` overrides its environment (e.g. a KUBECONFIG through a proxy)."""
         self._started += 1
         name = f"controller-{self._started}"
         for _attempt in range(3):
@@ -465,7 +468,7 @@ class WatchdogEnv:
                 name,
                 ["node-watchdog", "controller"],
                 self.work_dir / "logs" / f"{name}.log",
-                self.controller_environment(port),
+                {**self.controller_environment(port), **(extra_env or {})},
             )
             await proc.spawn()
             ctl = Controller(name, port, proc)

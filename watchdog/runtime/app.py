@@ -19,6 +19,7 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+from watchdog import __version__
 from watchdog.actuate.events import ObjectRef
 from watchdog.actuate.kube import Actuator
 from watchdog.actuate.lease_lock import LeaseLock
@@ -125,6 +126,15 @@ async def preflight(settings: Settings) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
+def user_agent(role: str, settings: Settings) -> str:
+    """`node-watchdog/<version> (<role>; <node>_<pid>)`: the identity the leader Lease uses."""
+    return f"node-watchdog/{__version__} ({role}; {process_identity(settings)})"
+
+
+def process_identity(settings: Settings) -> str:
+    return f"{settings.node_name or socket.gethostname()}_{os.getpid()}"
+
+
 async def _serve(role: str, settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
@@ -143,6 +153,8 @@ async def _serve(role: str, settings: Settings) -> int:
     metrics = Metrics()
     health = Health()
     api_client = await load_api_client()
+    # In the API server's audit log, each request names the replica that made it.
+    api_client.user_agent = user_agent(role, settings)
     api = KubeApi.from_settings(api_client, settings)
     runner = None
     elector: LeaderElector | None = None
@@ -346,7 +358,7 @@ def _controller(
             # The next leader resumes DEGRADED nodes as HEALTHY and evacuates them itself.
             evacuations.active.clear()
 
-    identity = f"{settings.node_name or socket.gethostname()}_{os.getpid()}"
+    identity = process_identity(settings)
     elector = LeaderElector(
         LeaseLock(
             api.api_client,
@@ -361,6 +373,7 @@ def _controller(
         on_change=on_leader,
         clock=clock,
     )
+    controller.lease_held = elector.holds_lease
 
     async def follow_vmis() -> None:
         while True:

@@ -102,7 +102,10 @@ class Controller:
         self.states: dict[str, NodeState] = {}
         self.phase_counts: Counter[Phase] = Counter()
         self.follow = FollowBook()
-        self.acting = False
+        self._leading = False
+        # Set by the runtime to the elector's `holds_lease`: a leader whose renew deadline has
+        # passed stops acting at once, before its elector's loop gets to step it down.
+        self.lease_held: Callable[[], bool] = lambda: True
         self.fence_confirmed: set[str] = set()
         self._policy_text: tuple[str | None, str | None] | None = None
         self._policy_invalid_reported: str | None = None
@@ -139,12 +142,17 @@ class Controller:
             if rec is not None:
                 state = replace(state, heartbeats_at_mark=rec.received)
             self._set_state(node, state)
-        self.acting = True
+        self._leading = True
         self.metrics.leader.set(1)
 
     def step_down(self) -> None:
-        self.acting = False
+        self._leading = False
         self.metrics.leader.set(0)
+
+    @property
+    def acting(self) -> bool:
+        """Whether this replica may write: it leads and its Lease is still valid."""
+        return self._leading and self.lease_held()
 
     # --- inputs ---------------------------------------------------------------------------------
 

@@ -2,9 +2,15 @@
 
 Expiry is judged on *our* monotonic clock from when we last saw the record change, never by
 comparing the holder's renewTime with our wall clock (the two machines' clocks may disagree).
-The leader steps down when it could not renew within `renew_deadline_s`; a standby takes over
-once the record has not changed for `lease_duration_s`. Since renew_deadline < lease_duration,
-the old leader stops acting before anyone else may start.
+
+Why two leaders never act at once: a standby takes over only once the record has not changed
+for `lease_duration_s` since it saw it change, and it saw the leader's last renewal no earlier
+than that renewal was committed, which is after the leader *started* the attempt. The leader
+counts its `renew_deadline_s` from that start (`valid_until`), cancels any attempt still
+running at that instant (a hung API server cannot hold it past its deadline) and, through
+`holds_lease()`, stops acting at it even if this loop has not run yet. `LeaderSettings`
+requires `lease_duration_s` to exceed `renew_deadline_s` by a margin for the drift between the
+two machines' clock rates and the scheduling of this loop.
 """
 
 from __future__ import annotations
@@ -50,7 +56,8 @@ class LeaderElector:
         self.is_leader = False
         self._observed: tuple[str | None, datetime | None, str | None] | None = None
         self._observed_at = 0.0
-        self._last_renew = 0.0
+        # Start of the last successful attempt + renew_deadline_s: we lead until then at most.
+        self.valid_until = 0.0
         self.leader_changed = asyncio.Event()
         self._last_problem: str | None = None
 
@@ -110,18 +117,40 @@ class LeaderElector:
             self._report("write", e)
             return False
 
+    def holds_lease(self) -> bool:
+        """Leader, and still within the renew deadline of the last renewal that succeeded."""
+        return self.is_leader and self._clock() < self.valid_until
+
+    async def attempt(self) -> bool:
+        """One acquire-or-renew, bounded: a leader's attempt ends at its deadline, a
+        candidate's after `renew_deadline_s` (a hung request must not stall the campaign)."""
+        started = self._clock()
+        budget = self.valid_until - started if self.is_leader else self.renew_deadline_s
+        ok = False
+        if budget > 0:
+            try:
+                ok = await asyncio.wait_for(self.try_acquire_or_renew(), timeout=budget)
+            except TimeoutError:
+                self._report("attempt", TimeoutError(f"no answer within {budget:.1f}s"))
+        if ok:
+            self._last_problem = None
+            # The write committed after `started`: a standby's lease_duration_s counts from
+            # no earlier than that.
+            self.valid_until = started + self.renew_deadline_s
+            await self._set_leader(True)
+        elif self.is_leader and self._clock() >= self.valid_until:
+            await self._set_leader(False)
+        return ok
+
     async def run(self) -> None:
         """Campaign, lead, step down on renewal failure, campaign again: until cancelled."""
         while True:
-            ok = await self.try_acquire_or_renew()
-            now = self._clock()
-            if ok:
-                self._last_problem = None
-                self._last_renew = now
-                await self._set_leader(True)
-            elif self.is_leader and now - self._last_renew >= self.renew_deadline_s:
-                await self._set_leader(False)
-            await asyncio.sleep(self.retry_period_s)
+            await self.attempt()
+            pause = self.retry_period_s
+            if self.is_leader:
+                # Wake at the deadline to step down on time, even between attempts.
+                pause = max(0.0, min(pause, self.valid_until - self._clock()))
+            await asyncio.sleep(pause)
 
     async def release(self) -> None:
         """On clean shutdown: hand the Lease over at once instead of letting it expire."""

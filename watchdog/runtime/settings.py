@@ -99,6 +99,12 @@ class PolicySettings(BaseModel):
     )
 
 
+# lease_duration_s must exceed renew_deadline_s by this fraction of it: two machines'
+# monotonic clocks may run at rates up to 1 % apart (NTP bounds it to 500 ppm), and the rest
+# covers a write the leader issued just before its deadline that is still on its way.
+LEASE_MARGIN = 0.1
+
+
 class LeaderSettings(BaseModel):
     """Leader election on a coordination.k8s.io Lease."""
 
@@ -119,6 +125,15 @@ class LeaderSettings(BaseModel):
             raise ValueError(
                 "need retry_period_s < renew_deadline_s < lease_duration_s, got "
                 f"{self.retry_period_s} / {self.renew_deadline_s} / {self.lease_duration_s}"
+            )
+        # The leader counts renew_deadline_s on its clock, a standby lease_duration_s on its
+        # own: the gap must cover their clock rates' drift and a write still in flight.
+        need = round(self.renew_deadline_s * (1 + LEASE_MARGIN), 6)
+        if self.lease_duration_s < need:
+            raise ValueError(
+                f"lease_duration_s {self.lease_duration_s} must be at least renew_deadline_s "
+                f"x {1 + LEASE_MARGIN:g} = {need:g}, so a leader that cannot renew stops "
+                "acting before a standby may take over"
             )
         return self
 
