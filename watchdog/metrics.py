@@ -154,6 +154,19 @@ class Metrics:
             ["armed"],
             registry=r,
         )
+        self.input_entries = Gauge(
+            "watchdog_input_entries",
+            "Entries held in memory about what agents sent (peer observers, peer targets, "
+            "retired boot ids): bounded by the cluster, never by what a node sends.",
+            ["book"],
+            registry=r,
+        )
+        self.peer_targets_ignored = Gauge(
+            "watchdog_peer_targets_ignored",
+            "Views in peer reports about nodes the cluster does not have, dropped since start "
+            "(a forged or stale report; never kept).",
+            registry=r,
+        )
         self.source_up = Gauge(
             "watchdog_source_up",
             "1 while the controller's connection to a source is up.",

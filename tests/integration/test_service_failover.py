@@ -256,4 +256,3 @@ async def test_a_partitioned_node_fences_itself_before_its_vms_start_elsewhere(e
         assert new.started_mono - run["t0"] >= RESET_WAIT_S
     assert c.ledger.split_brain_seconds() == 0
     assert c.ledger.lost() == [] and c.ledger.false_resets() == []
-

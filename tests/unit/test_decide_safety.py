@@ -96,12 +96,13 @@ def test_a_nonsensical_declaration_proves_nothing(declared: FenceDeclaration) ->
 def test_a_resumed_node_with_a_nan_declaration_in_its_annotation_is_not_reset_on_time() -> None:
     annotation = '{"fence":{"after_s":NaN,"armed":true,"bound_s":5.0},"phase":"Fencing"}'
     state = NodeState.from_annotation("node-a", annotation, T - 600.0)
-    assert state.phase is Phase.FENCING
+    # NaN is refused with the annotation: resumed as HEALTHY, detected again from scratch.
+    assert state.phase is Phase.HEALTHY and state.resumed
     obs = seen(600.0, lease_age=600.0, ready="Unknown", fence=None, persisted="Fencing")
     d1 = step(state, obs, now=T - 590.0)
     d2 = step(d1.state, obs)
     assert not is_destructive(d1) and not is_destructive(d2)
-    assert d2.state.phase is Phase.FENCING
+    assert d2.state.phase not in (Phase.RESETTING, Phase.RESET)
 
 
 # --- effective period ---------------------------------------------------------------------------

@@ -142,5 +142,7 @@ async def test_holds_lease_is_false_past_the_deadline_even_before_the_loop_steps
 
 def test_settings_refuse_a_lease_that_a_standby_could_take_before_the_leader_steps_down():
     LeaderSettings(lease_duration_s=8, renew_deadline_s=5, retry_period_s=1)
-    with pytest.raises(ValueError, match=r"lease_duration_s 5.2 must be at least renew_deadline_s x 1.1 = 5.5"):
+    with pytest.raises(
+        ValueError, match=r"lease_duration_s 5.2 must be at least renew_deadline_s x 1.1 = 5.5"
+    ):
         LeaderSettings(lease_duration_s=5.2, renew_deadline_s=5, retry_period_s=1)

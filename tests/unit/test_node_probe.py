@@ -13,7 +13,11 @@ from watchdog.observe.node_probe import phase_for_boot
     ("annotation", "expected"),
     [
         pytest.param(None, "Healthy", id="no annotation: healthy"),
-        pytest.param("{not json", "Healthy", id="garbage: healthy"),
+        pytest.param("{not json", "Unreadable", id="garbage: unreadable, not contact"),
+        pytest.param("[" * 5000 + "]" * 5000, "Unreadable", id="too long: unreadable"),
+        pytest.param("[" * 800 + "]" * 800, "Unreadable", id="too deep: unreadable"),
+        pytest.param('{"phase": NaN}', "Unreadable", id="NaN: unreadable"),
+        pytest.param('["Fencing"]', "Unreadable", id="not an object: unreadable"),
         pytest.param(
             json.dumps({"phase": "Fencing", "bootID": "b1"}),
             "Fencing",

@@ -107,7 +107,7 @@ def json_message(
         raise HeartbeatRejected(RejectReason.TOPIC_MISMATCH, f"unexpected topic {topic[:120]!r}")
     try:
         doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # also an integer of more than 4300 digits
         raise HeartbeatRejected(RejectReason.MALFORMED, str(e)[:120]) from e
     if not isinstance(doc, dict):
         raise HeartbeatRejected(RejectReason.MALFORMED, "not a JSON object")
@@ -147,6 +147,33 @@ def parse_heartbeat(topic: str, payload: bytes, prefix: str) -> Heartbeat:
     return Heartbeat(node, boot_id, seq, sent_at, version, fence, peer)
 
 
+# Boot ids of a node's earlier boots that are refused as replays. A node reboots a few times a
+# month; keeping the last 64 refuses any replay from the last years, and a node that invents
+# boot ids (the only way to exceed it) can only push out its own.
+MAX_RETIRED_BOOTS = 64
+
+
+class RetiredBoots:
+    """The last MAX_RETIRED_BOOTS boot ids of one node, oldest evicted first."""
+
+    __slots__ = ("_ids",)
+
+    def __init__(self) -> None:
+        self._ids: dict[str, None] = {}
+
+    def add(self, boot_id: str) -> None:
+        self._ids.pop(boot_id, None)
+        self._ids[boot_id] = None
+        while len(self._ids) > MAX_RETIRED_BOOTS:
+            del self._ids[next(iter(self._ids))]
+
+    def __contains__(self, boot_id: object) -> bool:
+        return boot_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
 @dataclass(slots=True)
 class NodeHeartbeats:
     """The controller's trust record of one node's agent."""
@@ -174,7 +201,7 @@ class HeartbeatBook:
         self.will_fresh_s = will_fresh_s
         self.nodes: dict[str, NodeHeartbeats] = {}
         self.known: set[str] = set()
-        self._retired: dict[str, set[str]] = {}
+        self._retired: dict[str, RetiredBoots] = {}
 
     def count_declared(self, armed: bool) -> int:
         """Known nodes whose latest heartbeat declared a fence that is (not) armed."""
@@ -183,6 +210,10 @@ class HeartbeatBook:
             for node, rec in self.nodes.items()
             if rec.fence is not None and rec.fence.armed is armed and node in self.known
         )
+
+    def retired_count(self) -> int:
+        """Boot ids held to refuse replays (at most MAX_RETIRED_BOOTS per node)."""
+        return sum(len(r) for r in self._retired.values())
 
     def set_known(self, names: set[str]) -> None:
         self.known = names
@@ -200,10 +231,10 @@ class HeartbeatBook:
         if hb.boot_id == rec.boot_id:
             if hb.seq <= rec.seq:
                 raise HeartbeatRejected(RejectReason.REPLAYED, f"seq {hb.seq} <= {rec.seq}")
-        elif hb.boot_id in self._retired.get(hb.node, set()):
+        elif hb.boot_id in self._retired.get(hb.node, ()):
             raise HeartbeatRejected(RejectReason.REPLAYED, "boot_id of an earlier boot")
         elif rec.boot_id is not None:
-            self._retired.setdefault(hb.node, set()).add(rec.boot_id)
+            self._retired.setdefault(hb.node, RetiredBoots()).add(rec.boot_id)
         rec.boot_id = hb.boot_id
         rec.seq = hb.seq
         rec.last_at = now

@@ -6,6 +6,7 @@ change, never another machine's wall clock.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -50,9 +51,17 @@ class FenceDeclaration:
 
 
 def _number(value: object) -> float:
+    """A duration in seconds: finite and not negative (a negative one would shorten the safe
+    delay)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"not a number: {value!r}")
-    return float(value)
+        raise TypeError("not a number")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise ValueError("duration out of range") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"not a duration: {seconds}")
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,12 @@ import math
 from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
-from watchdog.decide.heartbeats import HeartbeatRejected, RejectReason, json_message
+from watchdog.decide.heartbeats import (
+    HeartbeatRejected,
+    RejectReason,
+    RetiredBoots,
+    json_message,
+)
 from watchdog.decide.peer_probe import PeerView
 from watchdog.decide.peer_ring import MAX_TARGETS, valid_node_name
 
@@ -112,13 +117,19 @@ class _Observer:
 
 
 class PeerBook:
-    """Latest accepted report per observer, indexed by target for O(observers) lookups."""
+    """Latest accepted report per observer, indexed by target for O(observers) lookups.
+
+    Bounded by the cluster, not by what observers send: only known nodes report, only views
+    of known targets are kept (`ignored_targets` counts the others), a target's index entry
+    goes when its last view does, and each node keeps its last `MAX_RETIRED_BOOTS` boot ids.
+    """
 
     def __init__(self) -> None:
         self._observers: dict[str, _Observer] = {}
-        self._retired: dict[str, set[str]] = {}
+        self._retired: dict[str, RetiredBoots] = {}
         # target → observer → (view, received at)
         self._about: dict[str, dict[str, tuple[PeerView, float]]] = {}
+        self.ignored_targets = 0
 
     def accept(self, report: PeerReport, now: float, known: Container[str]) -> set[str] | None:
         """Record `report`; returns the targets whose evidence changed (to re-evaluate them),
@@ -134,18 +145,27 @@ class PeerBook:
                 return None
             if report.seq <= rec.seq:
                 raise _reject(RejectReason.REPLAYED, f"seq {report.seq} <= {rec.seq}")
-        elif report.boot_id in self._retired.get(report.node, set()):
+        elif report.boot_id in self._retired.get(report.node, ()):
             raise _reject(RejectReason.REPLAYED, "boot_id of an earlier boot")
         elif rec.boot_id is not None:
-            self._retired.setdefault(report.node, set()).add(rec.boot_id)
+            self._retired.setdefault(report.node, RetiredBoots()).add(rec.boot_id)
         rec.boot_id, rec.seq = report.boot_id, report.seq
-        dropped = set(rec.results) - set(report.results)
+        results = {t: v for t, v in report.results.items() if t in known}
+        self.ignored_targets += len(report.results) - len(results)
+        dropped = set(rec.results) - set(results)
         for target in dropped:
-            self._about.get(target, {}).pop(report.node, None)
-        for target, view in report.results.items():
+            self._drop(target, report.node)
+        for target, view in results.items():
             self._about.setdefault(target, {})[report.node] = (view, now)
-        rec.results = dict(report.results)
-        return dropped | set(report.results)
+        rec.results = results
+        return dropped | set(results)
+
+    def _drop(self, target: str, observer: str) -> None:
+        views = self._about.get(target)
+        if views is not None:
+            views.pop(observer, None)
+            if not views:
+                del self._about[target]
 
     def forget(self, node: str) -> set[str]:
         """A deleted node: its reports no longer count, nor do reports about it."""
@@ -155,8 +175,16 @@ class PeerBook:
         if rec is None:
             return set()
         for target in rec.results:
-            self._about.get(target, {}).pop(node, None)
+            self._drop(target, node)
         return set(rec.results)
+
+    def sizes(self) -> dict[str, int]:
+        """Entries held, per index (for the memory bound's tests and metrics)."""
+        return {
+            "observers": len(self._observers),
+            "targets": len(self._about),
+            "retired_boots": sum(len(r) for r in self._retired.values()),
+        }
 
     def about(self, target: str) -> dict[str, tuple[PeerView, float]]:
         return self._about.get(target, {})

@@ -7,12 +7,17 @@ which field is wrong, so the caller can keep the last good value and report the 
 
 from __future__ import annotations
 
-import json
+import math
 from typing import Any
 
+from watchdog.decide import bounded_json
 from watchdog.decide.config import Policy
 
 DEFAULT_MIGRATION_TIMEOUT_S = 180.0
+# A day: Harvester's own defaults are 15 s and 180 s. A larger value is a typo or an attack
+# (an infinite period would hold every reset forever; NaN compares false to everything).
+MAX_SECONDS = 86_400.0
+MAX_SETTING_BYTES = 4096
 
 
 class PolicyError(ValueError):
@@ -25,9 +30,9 @@ def parse_policy(value: str | None, default: str | None = None) -> Policy:
     if not text:
         raise PolicyError("setting has neither value nor default")
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PolicyError(f"value is not JSON ({e.msg} at char {e.pos}): {text[:80]!r}") from e
+        doc = bounded_json.loads(text, max_bytes=MAX_SETTING_BYTES, what="value")
+    except bounded_json.JsonRefused as e:
+        raise PolicyError(f"{e}: {text[:80]!r}") from None
     if not isinstance(doc, dict):
         raise PolicyError(f"value must be a JSON object, got {type(doc).__name__}")
     enable = _field(doc, "enable", bool, True)
@@ -60,5 +65,7 @@ def _number(doc: dict[str, Any], name: str, default: float | None) -> float | No
     if raw is None:
         return None
     if isinstance(raw, bool) or not isinstance(raw, int | float):
-        raise PolicyError(f"field {name!r} must be a number of seconds, got {raw!r}")
+        raise PolicyError(f"field {name!r} must be a number of seconds, got {str(raw)[:40]!r}")
+    if not -MAX_SECONDS <= raw <= MAX_SECONDS or not math.isfinite(raw):
+        raise PolicyError(f"field {name!r} must be at most {MAX_SECONDS:g} s, got {raw:.6g}")
     return float(raw)

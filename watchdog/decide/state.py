@@ -13,10 +13,17 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
+from watchdog.decide import bounded_json
 from watchdog.decide.observations import FenceDeclaration
 from watchdog.decide.reasons import Reason
 
 STATE_ANNOTATION = "node-watchdog.kubevirt.io/state"
+# Ours is about 300 bytes; anything much longer was not written by us.
+MAX_ANNOTATION_BYTES = 4096
+# What the agent reads from an annotation that is there but not ours to read (too long, too
+# deep, not JSON): the API was reached, yet it cannot say whether the controller declared this
+# node down, so the answer is not contact either.
+UNREADABLE = "Unreadable"
 
 
 class Phase(StrEnum):
@@ -76,7 +83,7 @@ class NodeState:
         if not value:
             return cls(name=name, entered_at=now)
         try:
-            doc = json.loads(value)
+            doc = bounded_json.loads(value, max_bytes=MAX_ANNOTATION_BYTES, what="state annotation")
             phase = Phase(doc["phase"])
             reason = Reason(doc.get("reason", Reason.RESUMED.value))
             fence_doc = doc.get("fence")

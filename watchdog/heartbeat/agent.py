@@ -59,6 +59,7 @@ from watchdog.decide.observations import FenceDeclaration
 from watchdog.decide.peer_probe import ProbeOutcome
 from watchdog.decide.peer_reports import peers_topic
 from watchdog.decide.peer_ring import parse_probe_list, probe_topic
+from watchdog.decide.state import UNREADABLE
 from watchdog.heartbeat.boot_record import BootRecord, BootRecordError, BootRecordStore
 from watchdog.heartbeat.device import DeviceError, Petter, WatchdogDevice
 from watchdog.heartbeat.fence import (
@@ -602,6 +603,10 @@ class Agent:
         if phase is None:
             return
         self._api_phase = phase
+        if phase == UNREADABLE:
+            # Reached, but it cannot tell us whether we were declared down: not contact.
+            log.warning("agent %s: this node's state annotation is unreadable", self.node)
+            return
         if declared_down(phase):
             if self._declared_down_phase != phase:
                 if self._declared_down_phase is None:

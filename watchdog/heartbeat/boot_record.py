@@ -59,8 +59,8 @@ def parse_record(text: str, boot_id: str, now: float) -> BootRecord | None:
     """
     try:
         doc = json.loads(text)
-    except ValueError as e:
-        raise BootRecordError(f"not JSON: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise BootRecordError(f"not JSON: {str(e)[:120]}") from None
     if not isinstance(doc, dict):
         raise BootRecordError("not a JSON object")
     recorded = doc.get("boot_id")

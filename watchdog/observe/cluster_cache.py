@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import sys
 import time
@@ -298,11 +299,18 @@ _QUANTITY_SUFFIXES = {
 }
 
 
+MAX_QUANTITY = 2**63 - 1  # int64, like resource.Quantity
+
+
 def parse_quantity(value: Any) -> int:
-    """Bytes of a Kubernetes quantity ("2Gi", "512M", "1e9", 1024); 0 when unreadable."""
+    """Bytes of a Kubernetes quantity ("2Gi", "512M", "1e9", 1024); 0 when unreadable or
+    outside int64, as the API server's own parser bounds it (`1e999999Ki` is refused before
+    anything is multiplied: expanding it would take minutes)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if not (isinstance(value, int) or math.isfinite(value)) or not 0 <= value <= MAX_QUANTITY:
+            return 0
         return int(value)
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or len(value) > 64:
         return 0
     text = value.strip()
     for suffix in sorted(_QUANTITY_SUFFIXES, key=len, reverse=True):
@@ -312,9 +320,13 @@ def parse_quantity(value: Any) -> int:
     else:
         number, factor = text, 1
     try:
-        return int(Decimal(number) * factor)
+        amount = Decimal(number)
     except (InvalidOperation, ValueError):
         return 0
+    if not amount.is_finite() or amount < 0 or amount.adjusted() > 19:
+        return 0
+    result = amount * factor
+    return int(result) if result <= MAX_QUANTITY else 0
 
 
 def project_node(

@@ -6,11 +6,11 @@ only while the controller has not marked this node down. One GET of one Node per
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
-from watchdog.decide.state import STATE_ANNOTATION
+from watchdog.decide import bounded_json
+from watchdog.decide.state import MAX_ANNOTATION_BYTES, STATE_ANNOTATION, UNREADABLE
 from watchdog.observe.kube import KubeApi
 
 HEALTHY = "Healthy"
@@ -44,12 +44,14 @@ def phase_for_boot(annotation: str | None, boot_id: str) -> str:
     if not annotation:
         return HEALTHY
     try:
-        doc = json.loads(annotation)
-        phase, recorded_boot = doc.get("phase"), doc.get("bootID")
-    except (ValueError, AttributeError):
-        return HEALTHY
+        doc = bounded_json.loads(annotation, max_bytes=MAX_ANNOTATION_BYTES, what="annotation")
+    except bounded_json.JsonRefused:
+        return UNREADABLE
+    if not isinstance(doc, dict):
+        return UNREADABLE
+    phase, recorded_boot = doc.get("phase"), doc.get("bootID")
     if not isinstance(phase, str):
-        return HEALTHY
+        return UNREADABLE
     if isinstance(recorded_boot, str) and recorded_boot != boot_id:
         return HEALTHY
     return phase

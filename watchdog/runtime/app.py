@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -203,6 +204,12 @@ def _controller(
     metrics.fences_declared.labels(armed="true").set_function(lambda: book.count_declared(True))
     metrics.fences_declared.labels(armed="false").set_function(lambda: book.count_declared(False))
     peer_book = PeerBook()
+    for index in ("observers", "targets", "retired_boots"):
+        metrics.input_entries.labels(book=f"peers_{index}").set_function(
+            functools.partial(lambda i: peer_book.sizes()[i], index)
+        )
+    metrics.input_entries.labels(book="heartbeat_retired_boots").set_function(book.retired_count)
+    metrics.peer_targets_ignored.set_function(lambda: peer_book.ignored_targets)
     actuator = Actuator(api.api_client, settings)
     taint = actuator.taint
     controller: Controller
