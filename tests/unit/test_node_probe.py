@@ -1,4 +1,5 @@
-"""What the agent reads from its Node: a declaration about an earlier boot is not about us."""
+"""What the agent reads from its Node: a declaration about an earlier boot is not about us, and
+one is acted on only when it names this boot and the kubelet reports this boot too."""
 
 from __future__ import annotations
 
@@ -30,10 +31,24 @@ from watchdog.observe.node_probe import phase_for_boot
         ),
         pytest.param(
             json.dumps({"phase": "Fencing"}),
-            "Fencing",
-            id="no boot id recorded: trust the declaration",
+            "Unreadable",
+            id="no boot id recorded: not acted on, not contact either",
+        ),
+        pytest.param(
+            json.dumps({"phase": "Suspect"}),
+            "Suspect",
+            id="not a declaration: contact",
         ),
     ],
 )
 def test_phase_for_boot(annotation: str | None, expected: str) -> None:
-    assert phase_for_boot(annotation, "b1") == expected
+    assert phase_for_boot(annotation, "b1", "b1") == expected
+
+
+def test_a_declaration_the_kubelets_boot_contradicts_is_not_acted_on_nor_contact() -> None:
+    fencing = json.dumps({"phase": "Fencing", "bootID": "b1"})
+    assert phase_for_boot(fencing, "b1", "b1") == "Fencing"
+    assert phase_for_boot(fencing, "b1", "b2") == "Unreadable"
+    assert phase_for_boot(fencing, "b1", None) == "Unreadable"
+    # About an earlier boot: our VMs are not the ones it was about, whatever the kubelet says.
+    assert phase_for_boot(json.dumps({"phase": "Reset", "bootID": "b0"}), "b1", "b0") == "Healthy"

@@ -157,7 +157,7 @@ def test_any_state_annotation_resumes_without_raising(text: str) -> None:
     assert state.entered_at == 100.0
     if state.fence is not None:
         assert math.isfinite(state.fence.after_s) and state.fence.after_s >= 0
-    assert isinstance(phase_for_boot(text, "b1"), str)
+    assert isinstance(phase_for_boot(text, "b1", "b1"), str)
 
 
 @FUZZ

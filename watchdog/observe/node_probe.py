@@ -10,7 +10,12 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 from watchdog.decide import bounded_json
-from watchdog.decide.state import MAX_ANNOTATION_BYTES, STATE_ANNOTATION, UNREADABLE
+from watchdog.decide.state import (
+    DOWN_PHASES,
+    MAX_ANNOTATION_BYTES,
+    STATE_ANNOTATION,
+    UNREADABLE,
+)
 from watchdog.observe.kube import KubeApi
 
 HEALTHY = "Healthy"
@@ -35,12 +40,23 @@ def node_phase_probe(
         # agent asks every api_check_interval_s only while the broker does not answer.
         obj = await api.request("GET", path)
         annotations = (obj.get("metadata") or {}).get("annotations") or {}
-        return phase_for_boot(annotations.get(STATE_ANNOTATION), boot_id())
+        info = (obj.get("status") or {}).get("nodeInfo") or {}
+        kubelet_boot = info.get("bootID") if isinstance(info, dict) else None
+        return phase_for_boot(
+            annotations.get(STATE_ANNOTATION),
+            boot_id(),
+            kubelet_boot if isinstance(kubelet_boot, str) else None,
+        )
 
     return probe
 
 
-def phase_for_boot(annotation: str | None, boot_id: str) -> str:
+def phase_for_boot(annotation: str | None, boot_id: str, kubelet_boot_id: str | None) -> str:
+    """The phase to act on. A declaration that this node is down is acted on only when it
+    names this boot and the kubelet reports this boot too (`status.nodeInfo.bootID`); one
+    that names no boot, or that the kubelet's boot contradicts, is UNREADABLE: neither a
+    reason to fence at once nor contact (the agent then fences at its own deadline, which the
+    controller's safe delay covers)."""
     if not annotation:
         return HEALTHY
     try:
@@ -54,4 +70,6 @@ def phase_for_boot(annotation: str | None, boot_id: str) -> str:
         return UNREADABLE
     if isinstance(recorded_boot, str) and recorded_boot != boot_id:
         return HEALTHY
+    if phase in DOWN_PHASES and (recorded_boot != boot_id or kubelet_boot_id != boot_id):
+        return UNREADABLE
     return phase
