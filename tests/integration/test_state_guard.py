@@ -1,0 +1,167 @@
+"""The state guard (deploy/base/state-guard.yaml) on the real API server: only the controller's
+ServiceAccount may write the node's state annotation.
+
+The harvester overlay is rendered with the real kubectl (its namespace, harvester-system, is
+not the base's: the guard must follow it) and its guard objects are applied as an operator
+would. Then identities that RBAC allows to patch Nodes try to write the annotation: another
+ServiceAccount (a compromised pod of any workload with `patch nodes`), a node's own kubelet
+credentials (the Node authorizer lets it patch its own Node), the controller, and an admin.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from chaos.bench.kubeload import node_body
+from chaos.sim.binaries import ControlPlaneBinaries
+from chaos.sim.controlplane import ControlPlane
+from chaos.sim.informer import NODES, ApiError, Kube, Resource
+from chaos.sim.rbac import apply, render
+from tests.integration.watchdog_env import wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.asyncio(loop_scope="module")]
+
+KEY = "node-watchdog.kubevirt.io/state"
+NAMESPACE = "harvester-system"  # the harvester overlay's
+GUARD = "node-watchdog-state-guard"
+CLUSTER_ROLES = Resource("/apis/rbac.authorization.k8s.io/v1", "clusterroles", namespaced=False)
+CLUSTER_ROLE_BINDINGS = Resource(
+    "/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", namespaced=False
+)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster(
+    control_plane_binaries: ControlPlaneBinaries, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[ControlPlane, Kube, dict[str, Kube]]]:
+    work = Path(tmp_path_factory.mktemp("state-guard"))
+    async with ControlPlane(binaries=control_plane_binaries) as cp:
+        admin = await Kube.from_kubeconfig(cp.admin_kubeconfig)
+        clients: dict[str, Kube] = {}
+        try:
+            await admin.create(
+                Resource("/api/v1", "namespaces", namespaced=False),
+                {"metadata": {"name": NAMESPACE}},
+            )
+            guard = [o for o in render("harvester") if o["metadata"]["name"] == GUARD]
+            assert sorted(o["kind"] for o in guard) == [
+                "ConfigMap",
+                "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicyBinding",
+            ]
+            apply(guard, cp.admin_kubeconfig)
+            # Both ServiceAccounts may patch Nodes: RBAC lets them, only the guard tells apart.
+            await _grant_patch_nodes(admin, [(NAMESPACE, "node-watchdog"), ("default", "intruder")])
+            for name, ns, sa in (
+                ("controller", NAMESPACE, "node-watchdog"),
+                ("intruder", "default", "intruder"),
+            ):
+                path = await cp.kubeconfig_for_service_account(ns, sa, work / f"{name}.kubeconfig")
+                clients[name] = await Kube.from_kubeconfig(path)
+            kubelet = cp.kubeconfig_for_user("system:node:n1", ["system:nodes"], work / "n1.kc")
+            clients["kubelet"] = await Kube.from_kubeconfig(kubelet)
+            await admin.create(NODES, node_body("n1"))
+            yield cp, admin, clients
+        finally:
+            for c in clients.values():
+                await c.close()
+            await admin.close()
+
+
+async def _grant_patch_nodes(admin: Kube, subjects: list[tuple[str, str]]) -> None:
+    rule = {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}
+    await admin.create(
+        CLUSTER_ROLES,
+        {"metadata": {"name": "patch-nodes"}, "rules": [rule]},
+    )
+    await admin.create(
+        CLUSTER_ROLE_BINDINGS,
+        {
+            "metadata": {"name": "patch-nodes"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "patch-nodes",
+            },
+            "subjects": [
+                {"kind": "ServiceAccount", "namespace": ns, "name": name} for ns, name in subjects
+            ],
+        },
+    )
+
+
+async def _annotate(kube: Kube, value: str | None, key: str = KEY, sub: str | None = None) -> None:
+    await kube.patch(NODES, "n1", {"metadata": {"annotations": {key: value}}}, sub=sub)
+
+
+async def _state(admin: Kube) -> str | None:
+    node = await admin.get(NODES, "n1")
+    return (node["metadata"].get("annotations") or {}).get(KEY)
+
+
+def _fencing(n: int) -> str:
+    return json.dumps({"phase": "Fencing", "bootID": f"forged-{n}"})
+
+
+async def test_another_service_account_cannot_write_the_state_annotation(cluster) -> None:
+    _, admin, clients = cluster
+    attempts = iter(range(10_000))
+    refused: list[ApiError] = []
+
+    async def intruder_refused() -> bool:
+        # A new value each time: the guard lets an unchanged value through. The API server
+        # loads a new policy within a second or so; until then the write goes through.
+        try:
+            await _annotate(clients["intruder"], _fencing(next(attempts)))
+        except ApiError as e:
+            refused.append(e)
+            return True
+        return False
+
+    await wait_for(intruder_refused, 30, "the guard refusing the intruder")
+    (error,) = refused
+    assert error.status == 403, error
+    message = json.dumps(error.body)
+    assert f"only system:serviceaccount:{NAMESPACE}:node-watchdog may change the annotation" in (
+        message
+    )
+    assert "not system:serviceaccount:default:intruder" in message
+    before = await _state(admin)
+
+    # The controller writes it; the intruder can neither change nor delete that.
+    declared = json.dumps({"phase": "Fencing", "bootID": "b1"})
+    await _annotate(clients["controller"], declared)
+    assert await _state(admin) == declared
+    for value in (_fencing(-1), json.dumps({"phase": "Healthy"}), None):
+        with pytest.raises(ApiError) as refused_write:
+            await _annotate(clients["intruder"], value)
+        assert refused_write.value.status == 403
+    assert await _state(admin) == declared != before
+    # Other annotations stay the intruder's business (RBAC's, not ours).
+    await _annotate(clients["intruder"], "x", key="example.com/other")
+
+
+async def test_a_nodes_own_kubelet_credentials_cannot_declare_or_withdraw_it(cluster) -> None:
+    _, admin, clients = cluster
+    declared = json.dumps({"phase": "Resetting", "bootID": "b1"})
+    await _annotate(clients["controller"], declared)
+    for sub in (None, "status"):
+        with pytest.raises(ApiError) as refused:
+            await _annotate(clients["kubelet"], json.dumps({"phase": "Healthy"}), sub=sub)
+        assert refused.value.status == 403, refused.value
+        # Refused by the guard, not by RBAC: the Node authorizer lets a kubelet patch its Node.
+        assert "may change the annotation" in json.dumps(refused.value.body), refused.value.body
+    assert await _state(admin) == declared
+
+
+async def test_an_admin_may_still_repair_it_by_hand(cluster) -> None:
+    _, admin, _ = cluster
+    await _annotate(admin, None)  # e.g. after an uninstall (docs/OPERATIONS.md)
+    assert await _state(admin) is None
+    await _annotate(admin, json.dumps({"phase": "Healthy"}))
+    assert await _state(admin) == json.dumps({"phase": "Healthy"})
