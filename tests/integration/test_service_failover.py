@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from chaos.sim.informer import NODES, ApiError, Resource
 from chaos.sim.ledger import StopReason
 from tests.integration.watchdog_env import (
     RESET_WAIT_S,
+    SAFE_DELAY_S,
+    STATE_ANNOTATION,
     TIMINGS,
     WatchdogEnv,
     default_config,
@@ -256,3 +259,129 @@ async def test_a_partitioned_node_fences_itself_before_its_vms_start_elsewhere(e
         assert new.started_mono - run["t0"] >= RESET_WAIT_S
     assert c.ledger.split_brain_seconds() == 0
     assert c.ledger.lost() == [] and c.ledger.false_resets() == []
+
+
+# The API server refuses every change of the state annotation on nodes labelled
+# `test.node-watchdog/deny-state`, for everyone: a real API error, not a patched client.
+DENY_STATE_POLICY = {
+    "apiVersion": "admissionregistration.k8s.io/v1",
+    "kind": "ValidatingAdmissionPolicy",
+    "metadata": {"name": "test-deny-state-writes"},
+    "spec": {
+        "failurePolicy": "Fail",
+        "matchConstraints": {
+            "resourceRules": [
+                {
+                    "apiGroups": [""],
+                    "apiVersions": ["v1"],
+                    "operations": ["UPDATE"],
+                    "resources": ["nodes", "nodes/status"],
+                }
+            ],
+            "objectSelector": {"matchLabels": {"test.node-watchdog/deny-state": "true"}},
+        },
+        "variables": [
+            {"name": "key", "expression": "'node-watchdog.kubevirt.io/state'"},
+            {
+                "name": "before",
+                "expression": "has(oldObject.metadata.annotations) && variables.key in "
+                "oldObject.metadata.annotations ? oldObject.metadata.annotations[variables.key] "
+                ": ''",
+            },
+            {
+                "name": "after",
+                "expression": "has(object.metadata.annotations) && variables.key in "
+                "object.metadata.annotations ? object.metadata.annotations[variables.key] : ''",
+            },
+        ],
+        "validations": [
+            {"expression": "variables.before == variables.after", "message": "state frozen"}
+        ],
+    },
+}
+VAP = Resource(
+    "/apis/admissionregistration.k8s.io/v1", "validatingadmissionpolicies", namespaced=False
+)
+VAP_BINDINGS = Resource(
+    "/apis/admissionregistration.k8s.io/v1",
+    "validatingadmissionpolicybindings",
+    namespaced=False,
+)
+
+
+async def test_a_declaration_the_api_refused_to_store_holds_the_reset_and_is_written_again(env):
+    """The write of the fencing declaration fails (the API server refuses it) until the refusal
+    ends: no reset while the agent could not have read it, then the declaration is written again
+    from what the Node shows, and the node is reset and its VMs run elsewhere."""
+    await env.restore()
+    c = env.cluster
+    node = "node-2"
+    kube = c.kube
+    label = {"metadata": {"labels": {"test.node-watchdog/deny-state": "true"}}}
+    await kube.patch(NODES, node, label)
+    await kube.create(VAP, DENY_STATE_POLICY)
+    await kube.create(
+        VAP_BINDINGS,
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": "test-deny-state-writes"},
+            "spec": {"policyName": "test-deny-state-writes", "validationActions": ["Deny"]},
+        },
+    )
+    try:
+
+        async def refused() -> bool:
+            probe = {"metadata": {"annotations": {STATE_ANNOTATION: "probe"}}}
+            try:  # a dry run goes through admission and stores nothing
+                await kube.request(
+                    "PATCH",
+                    NODES.path(None, node),
+                    query={"dryRun": "All"},
+                    body=probe,
+                    content_type="application/merge-patch+json",
+                )
+            except ApiError as e:
+                return e.status in (400, 403, 422)
+            return False
+
+        await env.wait_for(refused, 30, "the API server refusing state writes on " + node)
+        leader = await env.wait_leader()
+        before = await leader.scrape()
+        vms = c.vms_on(node)
+        t0 = await env.fault("poweroff", node)
+
+        async def persist_failed() -> bool:
+            m = await leader.scrape()
+            failed = m.get("watchdog_actions_total", action="PersistState", result="failed")
+            return (
+                failed
+                - before.get("watchdog_actions_total", action="PersistState", result="failed")
+                >= 2
+            )  # written again, and refused again
+
+        await env.wait_for(persist_failed, 30, "the declaration refused twice")
+        # Held: the agent cannot have read a declaration the Node does not hold.
+        assert env.phase(node) == "Healthy"  # what the Node shows
+        assert [vm for vm in vms if restarted_elsewhere(c, vm, node, t0)] == []
+        mid = await leader.scrape()
+        assert mid.get("watchdog_actions_total", action="ForceDeletePods", result="success") == (
+            before.get("watchdog_actions_total", action="ForceDeletePods", result="success")
+        )
+    finally:
+        await kube.delete(VAP_BINDINGS, "test-deny-state-writes")
+        await kube.delete(VAP, "test-deny-state-writes")
+        await kube.patch(
+            NODES, node, {"metadata": {"labels": {"test.node-watchdog/deny-state": None}}}
+        )
+
+    released = time.monotonic()
+    await env.wait_for(
+        lambda: all(restarted_elsewhere(c, vm, node, t0) for vm in vms) and c.all_running(),
+        60,
+        f"every VM of {node} running elsewhere once the declaration could be written",
+    )
+    for vm in vms:
+        # The reset waited the safe delay from when the declaration became readable.
+        assert restarted_elsewhere(c, vm, node, t0).started_mono - released >= SAFE_DELAY_S - 1.0
+    assert c.ledger.split_brain_seconds() == 0 and c.ledger.lost() == []

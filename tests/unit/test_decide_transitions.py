@@ -7,6 +7,7 @@ agent declared an armed fence of 10 s + 5 s, so its safe delay is 10 + 5 + 1 + 2
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -24,7 +25,7 @@ from watchdog.decide.actions import (
     TaintOutOfService,
 )
 from watchdog.decide.config import DecideConfig, FenceMode, Policy
-from watchdog.decide.machine import RESET_RETRY_S
+from watchdog.decide.machine import RECONCILE_AFTER_S, RESET_RETRY_S
 from watchdog.decide.observations import NodeObservation, SourceHealth
 from watchdog.decide.reasons import Reason
 from watchdog.decide.state import NodeState, Phase
@@ -543,14 +544,14 @@ def test_fencing_to_resetting_needs_elapsed_period_and_fencing_proof(
         pytest.param(
             NONE,
             node(F, unreachable_at=T - 5.0),
-            dead(),
+            dead(persisted="Fencing"),
             T + 10.0,
             id="none: wakes when the period ends",
         ),
         pytest.param(
             MANUAL,
             node(F, unreachable_at=T - 5.0),
-            dead(out_of_service_tainted=True),
+            dead(out_of_service_tainted=True, persisted="Fencing"),
             T + 10.0,
             id="manual: tainted early, wakes when the period ends",
         ),
@@ -734,13 +735,46 @@ def test_no_falsely_ready_report_when_no_pod_claims_ready() -> None:
 
 
 def test_resetting_reissues_force_deletes_while_pods_remain() -> None:
-    d = step(node(RS), dead())
+    d = step(node(RS), dead(persisted="Resetting", out_of_service_tainted=True))
     assert d.state.phase is RS
     assert actions_of(d, ForceDeletePods) == [
         ForceDeletePods(NODE, (("vms", "virt-launcher-vm1"), ("vms", "virt-launcher-vm2")))
     ]
     assert d.wake_at == T + RESET_RETRY_S
-    assert actions_of(d, TaintOutOfService) == []  # the taint is placed once
+    assert actions_of(d, TaintOutOfService) == []  # placed, and the Node shows it
+    assert actions_of(d, PersistState) == []
+
+
+# --- reconciliation: what the Node should show but does not is written again ------------------
+
+
+def test_a_fencing_declaration_whose_write_failed_is_written_again_and_then_counts() -> None:
+    state = node(F, fence_clock_from=None, entered_at=T - 5.0)
+    lost = step(state, dead())  # the write of "Fencing" failed: the Node shows nothing
+    (persist,) = actions_of(lost, PersistState)
+    assert json.loads(persist.annotation)["phase"] == "Fencing"
+    assert lost.state.fence_clock_from is None  # the agent cannot have read it: no clock
+    assert lost.wake_at == T + RECONCILE_AFTER_S
+    shown = step(lost.state, dead(persisted="Fencing"), now=T + 1.0)
+    assert actions_of(shown, PersistState) == []
+    assert shown.state.fence_clock_from == T + 1.0
+
+
+def test_a_write_just_made_is_given_time_to_show_before_it_is_made_again() -> None:
+    d = step(node(F, fence_clock_from=None, entered_at=T - 0.5), dead())
+    assert actions_of(d, PersistState) == []
+    assert d.wake_at == pytest.approx(T - 0.5 + RECONCILE_AFTER_S)
+
+
+def test_a_resetting_node_whose_taint_is_missing_is_tainted_again() -> None:
+    d = step(node(RS, entered_at=T - 5.0), dead(persisted="Resetting"))
+    assert actions_of(d, TaintOutOfService) == [TaintOutOfService(NODE)]
+    assert actions_of(d, PersistState) == []
+
+
+def test_healthy_nodes_are_not_reconciled() -> None:
+    d = step(node(H, entered_at=T - 50.0), seen())
+    assert actions_of(d, PersistState) == [] and actions_of(d, TaintOutOfService) == []
 
 
 def test_resetting_waits_without_deleting_while_the_api_is_down() -> None:

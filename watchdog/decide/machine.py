@@ -29,10 +29,13 @@ from watchdog.decide.observations import FenceDeclaration, NodeObservation, Sour
 from watchdog.decide.reasons import Reason
 from watchdog.decide.safety import fence_accepted, reset_not_before
 from watchdog.decide.signals import Signal, Signals, heartbeat_watch_since, signals_of
-from watchdog.decide.state import NodeState, Phase
+from watchdog.decide.state import DOWN_PHASES, NodeState, Phase
 
 # While pods are being force-deleted, look again this often (deletes are idempotent).
 RESET_RETRY_S = 2.0
+# A write the Node does not show this long after the decision that made it is written again
+# (a failed or lost write; the watch normally shows ours within a second).
+RECONCILE_AFTER_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,8 @@ class _Step:
     def result(self) -> Decision:
         if self.transitions:
             self.actions.append(PersistState(self.obs.name, self.state.to_annotation()))
+        else:
+            self.reconcile()
         return Decision(
             state=self.state,
             actions=tuple(self.actions),
@@ -125,6 +130,31 @@ class _Step:
             transitions=tuple(self.transitions),
             reset_not_before=self.reset_at if self.state.phase is Phase.FENCING else None,
         )
+
+    def reconcile(self) -> None:
+        """Re-issue what the Node should show but does not: the annotation of a down phase
+        (the agent reads its declaration there, and the fence clock starts only once it is
+        visible) and, while resetting, the out-of-service taint. Judged from what is
+        observed, not from what was sent: a write that failed or was lost is written again."""
+        if self.state.phase not in DOWN_PHASES:
+            return
+        missing: list[Action] = []
+        if self.obs.persisted_phase != self.state.phase.value:
+            missing.append(PersistState(self.obs.name, self.state.to_annotation()))
+        if (
+            self.state.phase is Phase.RESETTING
+            and self.state.tainted
+            and not self.obs.out_of_service_tainted
+        ):
+            missing.append(TaintOutOfService(self.obs.name))
+        if not missing:
+            return
+        due = self.state.entered_at + RECONCILE_AFTER_S
+        if self.now < due:
+            self.wake_at(due)
+            return
+        self.actions.extend(missing)
+        self.wake_at(self.now + RECONCILE_AFTER_S)
 
     def wake_at(self, t: float | None) -> None:
         if t is not None and t > self.now and (self.wake is None or t < self.wake):
