@@ -28,7 +28,6 @@ from tests.integration.watchdog_env import (
     Scrape,
     WatchdogEnv,
     default_config,
-    restarted_elsewhere,
 )
 from watchdog.decide.peer_probe import ProbeOutcome
 from watchdog.heartbeat.peers import probe_once
@@ -120,7 +119,11 @@ async def test_every_node_is_probed_by_its_peers_and_all_report_reachable(env) -
     assert m.get("watchdog_peer_reports_rejected_total") == 0
 
 
-async def test_a_powered_off_node_is_corroborated_by_peers_in_seconds_and_reset(env) -> None:
+async def test_a_powered_off_node_is_corroborated_by_peers_in_seconds_and_its_reset_due(
+    env,
+) -> None:
+    """Detection only: the reset itself waits this module's long safe delay (its agents
+    declare 20 s); test_service_failover.py follows a power-off through to the VMs."""
     await env.restore()
     c = env.cluster
     node = "node-1"
@@ -133,15 +136,15 @@ async def test_a_powered_off_node_is_corroborated_by_peers_in_seconds_and_reset(
 
     # What its peers see: the machine does not answer at all.
     assert await probe_once(node, address, 0.5) is ProbeOutcome.TIMEOUT
-    await env.wait_for(lambda: env.phase(node) in ("Unreachable", "Fencing", "Resetting",
-                                                   "Reset"), 20, f"{node} Unreachable")  # fmt: skip
+    await env.wait_for(lambda: env.phase(node) in ("Unreachable", "Fencing"), 20,
+                       f"{node} Unreachable")  # fmt: skip
     detected_after = time.monotonic() - t0
-    await env.wait_for(
-        lambda: all(restarted_elsewhere(c, vm, node, t0) for vm in vms) and c.all_running(),
-        90,
-        f"every VM of {node} running elsewhere",
-    )
-    await env.wait_for(lambda: env.phase(node) == "Reset", 30, f"{node} Reset")
+
+    async def reset_due() -> bool:
+        m = await leader.scrape()
+        return m.get("watchdog_reset_not_before_timestamp_seconds", node=node) > 0
+
+    await env.wait_for(reset_due, 20, f"a reset of {node} scheduled")
     after = await leader.scrape()
 
     reason = {"from": "Suspect", "to": "Unreachable"}
@@ -155,8 +158,11 @@ async def test_a_powered_off_node_is_corroborated_by_peers_in_seconds_and_reset(
     print(f"\n[peers poweroff] detection {detection:.2f}s, seen Unreachable {detected_after:.2f}s")
     assert UNREACHABLE_AFTER_S <= detection < UNREACHABLE_AFTER_S + PEER_WINDOW_S
     assert detected_after < LEASE_STALE_AFTER_S / 2
+    # Due a safe delay after the fence clock started (20 s + 20 s + 1 s), not before.
+    due = after.get("watchdog_reset_not_before_timestamp_seconds", node=node)
+    assert due - time.time() > 20
+    assert delta(before, after, "watchdog_actions_total", action="ForceDeletePods") == 0
     assert c.ledger.split_brain_seconds() == 0
-    assert c.ledger.lost() == []
 
 
 async def test_a_killed_agent_on_a_running_machine_is_not_corroborated_by_peers(env) -> None:
