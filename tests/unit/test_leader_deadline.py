@@ -146,3 +146,54 @@ def test_settings_refuse_a_lease_that_a_standby_could_take_before_the_leader_ste
         ValueError, match=r"lease_duration_s 5.2 must be at least renew_deadline_s x 1.1 = 5.5"
     ):
         LeaderSettings(lease_duration_s=5.2, renew_deadline_s=5, retry_period_s=1)
+
+
+async def test_a_long_takeover_does_not_stop_the_renewals_that_keep_the_lease():
+    """Becoming leader waits for the caches to sync (seconds on a large cluster): meanwhile the
+    election keeps renewing, so the new leader does not step down the moment it is ready."""
+    loop = asyncio.get_running_loop()
+    lock = MemoryLease(Store())
+    synced = asyncio.Event()
+    ready: list[bool] = []
+
+    async def on_change(leading: bool) -> None:
+        if leading:
+            await synced.wait()
+        ready.append(leading)
+
+    a = LeaderElector(
+        lock,
+        "a",
+        lease_duration_s=LEASE_DURATION_S,
+        renew_deadline_s=RENEW_DEADLINE_S,
+        retry_period_s=RETRY_S,
+        on_change=on_change,
+        clock=loop.time,
+    )
+    task = asyncio.create_task(a.run())
+    await a.leader_changed.wait()
+    await asyncio.sleep(3 * RENEW_DEADLINE_S)  # a sync far longer than the renew deadline
+    assert a.holds_lease()
+    synced.set()
+    await a.wait_transitions()
+    assert ready == [True] and a.holds_lease()
+    task.cancel()
+
+
+async def test_a_takeover_that_fails_ends_the_election():
+    loop = asyncio.get_running_loop()
+
+    async def on_change(leading: bool) -> None:
+        raise RuntimeError("caches never synced")
+
+    a = LeaderElector(
+        MemoryLease(Store()),
+        "a",
+        lease_duration_s=LEASE_DURATION_S,
+        renew_deadline_s=RENEW_DEADLINE_S,
+        retry_period_s=RETRY_S,
+        on_change=on_change,
+        clock=loop.time,
+    )
+    with pytest.raises(RuntimeError, match="caches never synced"):
+        await asyncio.wait_for(a.run(), 5)

@@ -16,6 +16,7 @@ two machines' clock rates and the scheduling of this loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -60,6 +61,10 @@ class LeaderElector:
         self.valid_until = 0.0
         self.leader_changed = asyncio.Event()
         self._last_problem: str | None = None
+        # The on_change handlers, run one after another but never in this loop: becoming
+        # leader waits for the caches to sync, and renewals must go on meanwhile (or a long
+        # sync would outlast the renew deadline and step the new leader down at once).
+        self._transition: asyncio.Future[None] | None = None
 
     def _report(self, what: str, e: Exception) -> None:
         # Once per distinct problem at WARNING, repeats at DEBUG: retries every second.
@@ -76,9 +81,21 @@ class LeaderElector:
         self.is_leader = value
         log.warning("%s leadership: %s", "acquired" if value else "lost", self.identity)
         self.leader_changed.set()
-        result = self._on_change(value)
+        previous, result = self._transition, self._on_change(value)
         if result is not None:
-            await result
+            self._transition = asyncio.ensure_future(_after(previous, result))
+
+    def _raise_failed_transition(self) -> None:
+        # A handler that failed (e.g. the caches never synced) ends the election as it did
+        # when the handler ran inline: the process exits rather than lead half-way.
+        t = self._transition
+        if t is not None and t.done() and not t.cancelled() and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
+
+    async def wait_transitions(self) -> None:
+        """Until the on_change handlers started so far have run (for tests and shutdown)."""
+        if self._transition is not None:
+            await asyncio.shield(self._transition)
 
     async def try_acquire_or_renew(self) -> bool:
         now = self._clock()
@@ -144,13 +161,18 @@ class LeaderElector:
 
     async def run(self) -> None:
         """Campaign, lead, step down on renewal failure, campaign again: until cancelled."""
-        while True:
-            await self.attempt()
-            pause = self.retry_period_s
-            if self.is_leader:
-                # Wake at the deadline to step down on time, even between attempts.
-                pause = max(0.0, min(pause, self.valid_until - self._clock()))
-            await asyncio.sleep(pause)
+        try:
+            while True:
+                await self.attempt()
+                self._raise_failed_transition()
+                pause = self.retry_period_s
+                if self.is_leader:
+                    # Wake at the deadline to step down on time, even between attempts.
+                    pause = max(0.0, min(pause, self.valid_until - self._clock()))
+                await asyncio.sleep(pause)
+        finally:
+            if self._transition is not None:
+                self._transition.cancel()
 
     async def release(self) -> None:
         """On clean shutdown: hand the Lease over at once instead of letting it expire."""
@@ -161,3 +183,14 @@ class LeaderElector:
             await self.lock.release(self.identity)
         except Exception as e:
             log.info("leader lease release failed: %s", e)
+
+
+async def _after(previous: asyncio.Future[None] | None, handler: Awaitable[None]) -> None:
+    """Run `handler` once `previous` has ended: a step-down never overtakes the takeover it
+    follows (whose cache sync may still be running), so the last state wins."""
+    if previous is not None:
+        # A failure of `previous` fails this one too, so the election loop, which raises the
+        # latest transition's failure (_raise_failed_transition), never misses it.
+        with contextlib.suppress(asyncio.CancelledError):
+            await previous
+    await handler
