@@ -173,7 +173,7 @@ async def test_a_leader_cut_from_the_api_steps_down_before_the_standby_takes_ove
         assert not any(a and b for _, a, b in samples), samples
         assert stepped_down < took_over
         # Bounded by the renew deadline, not by the hung requests' 10 s timeout.
-        assert stepped_down < RENEW_DEADLINE_S + 1.0, samples
+        assert stepped_down < RENEW_DEADLINE_S + 1.5, samples
 
         # Healed: whatever the cut replica had sent now reaches the API server.
         healed = datetime.now(UTC)
