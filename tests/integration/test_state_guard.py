@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.asyncio(loop_scope="module")]
 KEY = "node-watchdog.kubevirt.io/state"
 NAMESPACE = "harvester-system"  # the harvester overlay's
 GUARD = "node-watchdog-state-guard"
+CONFIG_MAPS = Resource("/api/v1", "configmaps", namespaced=True)
 CLUSTER_ROLES = Resource("/apis/rbac.authorization.k8s.io/v1", "clusterroles", namespaced=False)
 CLUSTER_ROLE_BINDINGS = Resource(
     "/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", namespaced=False
@@ -165,3 +166,24 @@ async def test_an_admin_may_still_repair_it_by_hand(cluster) -> None:
     assert await _state(admin) is None
     await _annotate(admin, json.dumps({"phase": "Healthy"}))
     assert await _state(admin) == json.dumps({"phase": "Healthy"})
+
+
+async def test_without_its_parameter_the_guard_steps_aside_and_never_blocks_node_writes(
+    cluster,
+) -> None:
+    _, admin, clients = cluster
+    await admin.delete(CONFIG_MAPS, GUARD, NAMESPACE)
+    # The kubelet's own writes and everyone's other changes go on (a guard that refused them
+    # would stop every kubelet's status updates in the cluster).
+    await clients["kubelet"].patch(
+        NODES, "n1", {"metadata": {"labels": {"example.com/zone": "b"}}}, sub="status"
+    )
+
+    async def open_again() -> bool:
+        try:
+            await _annotate(clients["intruder"], json.dumps({"phase": "Healthy", "n": 1}))
+        except ApiError:
+            return False
+        return True
+
+    await wait_for(open_again, 30, "the guard stepping aside without its parameter")

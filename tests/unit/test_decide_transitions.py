@@ -25,7 +25,7 @@ from watchdog.decide.actions import (
     TaintOutOfService,
 )
 from watchdog.decide.config import DecideConfig, FenceMode, Policy
-from watchdog.decide.machine import RECONCILE_AFTER_S, RESET_RETRY_S
+from watchdog.decide.machine import RECONCILE_AFTER_S, RESET_RETRY_S, WITHDRAW_RETRY_S
 from watchdog.decide.observations import NodeObservation, SourceHealth
 from watchdog.decide.reasons import Reason
 from watchdog.decide.state import NodeState, Phase
@@ -1035,3 +1035,29 @@ def test_a_weak_fence_is_held_and_reset_only_where_the_operator_accepts_it() -> 
     assert starts_reset(d3)
     # and a device-backed fence needs no opt-in
     assert starts_reset(step(replace(state, fence=ARMED), dead(persisted="Fencing")))
+
+
+def test_a_withdrawal_the_node_does_not_show_is_written_again_soon_and_first() -> None:
+    # The agent is heard again: SUSPECT/HEALTHY, but the Node still shows "Fencing" (the
+    # withdrawal failed): its armed agent would fence on it within its grace.
+    state = node(H, entered_at=T - 1.0)
+    d = step(state, seen(persisted="Fencing"))
+    assert isinstance(d.actions[0], PersistState)
+    assert json.loads(d.actions[0].annotation)["phase"] == "Healthy"
+    assert d.wake_at == pytest.approx(T + WITHDRAW_RETRY_S)
+    just = step(node(H, entered_at=T - 0.1), seen(persisted="Fencing"))
+    assert actions_of(just, PersistState) == []  # just written: give the watch a moment
+    assert just.wake_at == pytest.approx(T - 0.1 + WITHDRAW_RETRY_S)
+
+
+def test_a_withdrawal_goes_before_the_events_of_its_step() -> None:
+    d = step(node(F, entered_at=T - 5.0), seen(0.5, received=101, persisted="Fencing"))
+    assert d.state.phase is S
+    persists = [i for i, a in enumerate(d.actions) if isinstance(a, PersistState)]
+    assert persists == [0], d.actions
+
+
+def test_dry_run_reconciles_nothing() -> None:
+    cfg = DecideConfig(dry_run=True)
+    d = step(node(F, fence_clock_from=None, entered_at=T - 5.0), dead(), cfg=cfg)
+    assert actions_of(d, PersistState) == []

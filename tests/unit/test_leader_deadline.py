@@ -197,3 +197,37 @@ async def test_a_takeover_that_fails_ends_the_election():
     )
     with pytest.raises(RuntimeError, match="caches never synced"):
         await asyncio.wait_for(a.run(), 5)
+
+
+async def test_at_shutdown_no_queued_leadership_handler_runs_after_the_election_ends():
+    """A takeover still waiting (caches never synced) and the step-down queued behind it:
+    ending the election cancels both; the step-down's handler never runs late."""
+    loop = asyncio.get_running_loop()
+    path = MemoryLease(Store())
+    ran: list[bool] = []
+
+    async def on_change(leading: bool) -> None:
+        if leading:
+            await asyncio.Event().wait()  # a sync that never ends
+        ran.append(leading)
+
+    a = LeaderElector(
+        path,
+        "a",
+        lease_duration_s=LEASE_DURATION_S,
+        renew_deadline_s=RENEW_DEADLINE_S,
+        retry_period_s=RETRY_S,
+        on_change=on_change,
+        clock=loop.time,
+    )
+    task = asyncio.create_task(a.run())
+    await a.leader_changed.wait()
+    a.leader_changed.clear()
+    path.hang.set()  # renewals hang: it steps down at its deadline, behind the takeover
+    await a.leader_changed.wait()
+    assert not a.is_leader
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.05)
+    assert ran == []

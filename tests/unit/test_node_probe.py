@@ -39,6 +39,11 @@ from watchdog.observe.node_probe import phase_for_boot
             "Suspect",
             id="not a declaration: contact",
         ),
+        pytest.param(
+            json.dumps({"phase": "Quarantined", "bootID": "b1"}),
+            "Unreadable",
+            id="a phase we do not know (a newer controller's): not contact",
+        ),
     ],
 )
 def test_phase_for_boot(annotation: str | None, expected: str) -> None:

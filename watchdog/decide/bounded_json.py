@@ -24,8 +24,9 @@ def _refuse_constant(name: str) -> Any:
 
 def loads(text: str | bytes, *, max_bytes: int, what: str) -> Any:
     """The document in `text`, or JsonRefused naming `what` and the problem."""
-    if len(text) > max_bytes:
-        raise JsonRefused(f"{what} is {len(text)} bytes, more than {max_bytes}")
+    size = len(text.encode()) if isinstance(text, str) else len(text)
+    if size > max_bytes:
+        raise JsonRefused(f"{what} is {size} bytes, more than {max_bytes}")
     try:
         doc = json.loads(text, parse_constant=_refuse_constant)
     except JsonRefused as e:

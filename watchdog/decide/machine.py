@@ -36,6 +36,8 @@ RESET_RETRY_S = 2.0
 # A write the Node does not show this long after the decision that made it is written again
 # (a failed or lost write; the watch normally shows ours within a second).
 RECONCILE_AFTER_S = 2.0
+# A withdrawn declaration still shown is written again sooner: the agent's grace is short.
+WITHDRAW_RETRY_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +121,13 @@ class _Step:
 
     def result(self) -> Decision:
         if self.transitions:
-            self.actions.append(PersistState(self.obs.name, self.state.to_annotation()))
+            persist = PersistState(self.obs.name, self.state.to_annotation())
+            if self.start.phase in DOWN_PHASES and self.state.phase not in DOWN_PHASES:
+                # A withdrawal goes first: an Event ahead of it may wait out a Retry-After
+                # while the node's agent counts down its grace.
+                self.actions.insert(0, persist)
+            else:
+                self.actions.append(persist)
         else:
             self.reconcile()
         return Decision(
@@ -135,8 +143,20 @@ class _Step:
         """Re-issue what the Node should show but does not: the annotation of a down phase
         (the agent reads its declaration there, and the fence clock starts only once it is
         visible) and, while resetting, the out-of-service taint. Judged from what is
-        observed, not from what was sent: a write that failed or was lost is written again."""
+        observed, not from what was sent: a write that failed or was lost is written again.
+        Not in dry-run, where nothing is ever written."""
+        if self.cfg.dry_run:
+            return
         if self.state.phase not in DOWN_PHASES:
+            if self.obs.persisted_phase in DOWN_PHASES:
+                # A withdrawal the Node does not show: its armed agent would fence on the old
+                # declaration within its grace (a few seconds), so write it again soon.
+                due = self.state.entered_at + WITHDRAW_RETRY_S
+                if self.now < due:
+                    self.wake_at(due)
+                    return
+                self.actions.insert(0, PersistState(self.obs.name, self.state.to_annotation()))
+                self.wake_at(self.now + WITHDRAW_RETRY_S)
             return
         missing: list[Action] = []
         if self.obs.persisted_phase != self.state.phase.value:

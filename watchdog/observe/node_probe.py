@@ -15,10 +15,12 @@ from watchdog.decide.state import (
     MAX_ANNOTATION_BYTES,
     STATE_ANNOTATION,
     UNREADABLE,
+    Phase,
 )
 from watchdog.observe.kube import KubeApi
 
 HEALTHY = "Healthy"
+KNOWN_PHASES = frozenset(p.value for p in Phase)
 
 
 def node_phase_probe(
@@ -68,6 +70,8 @@ def phase_for_boot(annotation: str | None, boot_id: str, kubelet_boot_id: str | 
     phase, recorded_boot = doc.get("phase"), doc.get("bootID")
     if not isinstance(phase, str):
         return UNREADABLE
+    if phase not in KNOWN_PHASES:
+        return UNREADABLE  # e.g. a phase of a newer controller: not ours to read as contact
     if isinstance(recorded_boot, str) and recorded_boot != boot_id:
         return HEALTHY
     if phase in DOWN_PHASES and (recorded_boot != boot_id or kubelet_boot_id != boot_id):

@@ -433,5 +433,13 @@ def _controller(
     tg.create_task(follow_vmis(), name="vm follower")
     tg.create_task(evacuate(), name="evacuations")
     tg.create_task(heartbeat_loop(), name="health")
-    tg.create_task(elector.run(), name="leader election")
+
+    async def campaign() -> None:
+        # Only a replica whose caches are synced campaigns: one that took the Lease first and
+        # synced after would hold it, renewing, while nothing acts (or for ever, should a
+        # cache never sync); a synced standby leads instead.
+        await cache.wait_synced()
+        await elector.run()
+
+    tg.create_task(campaign(), name="leader election")
     return elector

@@ -3,22 +3,22 @@
 Expiry is judged on *our* monotonic clock from when we last saw the record change, never by
 comparing the holder's renewTime with our wall clock (the two machines' clocks may disagree).
 
-Why two leaders never act at once: a standby takes over only once the record has not changed
-for `lease_duration_s` since it saw it change, and it saw the leader's last renewal no earlier
-than that renewal was committed, which is after the leader *started* the attempt. The leader
-counts its `renew_deadline_s` from that start (`valid_until`), cancels any attempt still
-running at that instant (a hung API server cannot hold it past its deadline) and, through
-`holds_lease()`, stops acting at it even if this loop has not run yet. `LeaderSettings`
-requires `lease_duration_s` to exceed `renew_deadline_s` by a margin for the drift between the
-two machines' clock rates and the scheduling of this loop.
+Why two leaders do not start actions at once: a standby takes over only once the record has
+not changed for `lease_duration_s` since it saw it change, stamped after the read that showed
+it, so no earlier than the leader's renewal was committed, which is after the leader *started*
+that attempt. The leader counts its `renew_deadline_s` from that start (`valid_until`),
+cancels any attempt still running at that instant (a hung API server cannot hold it past its
+deadline) and, through `holds_lease()`, starts no action past it even if this loop has not run
+yet. `LeaderSettings` requires `lease_duration_s` to exceed `renew_deadline_s` by a margin for
+the drift between the two machines' clock rates and the scheduling of this loop. An action
+already started is not cut short: its own retries may outlast the deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Protocol
@@ -65,6 +65,7 @@ class LeaderElector:
         # leader waits for the caches to sync, and renewals must go on meanwhile (or a long
         # sync would outlast the renew deadline and step the new leader down at once).
         self._transition: asyncio.Future[None] | None = None
+        self._pending: set[asyncio.Future[None]] = set()
 
     def _report(self, what: str, e: Exception) -> None:
         # Once per distinct problem at WARNING, repeats at DEBUG: retries every second.
@@ -84,6 +85,8 @@ class LeaderElector:
         previous, result = self._transition, self._on_change(value)
         if result is not None:
             self._transition = asyncio.ensure_future(_after(previous, result))
+            self._pending.add(self._transition)
+            self._transition.add_done_callback(self._pending.discard)
 
     def _raise_failed_transition(self) -> None:
         # A handler that failed (e.g. the caches never synced) ends the election as it did
@@ -98,13 +101,15 @@ class LeaderElector:
             await asyncio.shield(self._transition)
 
     async def try_acquire_or_renew(self) -> bool:
-        now = self._clock()
         wall = datetime.now(UTC)
         try:
             current = await self.lock.get()
         except Exception as e:  # API trouble: we cannot prove we are leader
             self._report("read", e)
             return False
+        # After the read: the record it returned was written no later than now. Read before
+        # it, a slow read would date the leader's renewal too early and shorten our wait.
+        now = self._clock()
         duration = max(1, round(self.lease_duration_s))
         if current is None:
             record = LeaseRecord(self.identity, duration, wall, wall, 0)
@@ -149,6 +154,11 @@ class LeaderElector:
                 ok = await asyncio.wait_for(self.try_acquire_or_renew(), timeout=budget)
             except TimeoutError:
                 self._report("attempt", TimeoutError(f"no answer within {budget:.1f}s"))
+        if ok and self.is_leader and self._clock() >= self.valid_until:
+            # Renewed, but only after our deadline (a starved loop): we had stopped acting
+            # meanwhile, and evaluations made then were dropped. Lose it and take it over
+            # afresh, through the takeover that resumes every node.
+            ok = False
         if ok:
             self._last_problem = None
             # The write committed after `started`: a standby's lease_duration_s counts from
@@ -171,8 +181,8 @@ class LeaderElector:
                     pause = max(0.0, min(pause, self.valid_until - self._clock()))
                 await asyncio.sleep(pause)
         finally:
-            if self._transition is not None:
-                self._transition.cancel()
+            for transition in list(self._pending):
+                transition.cancel()
 
     async def release(self) -> None:
         """On clean shutdown: hand the Lease over at once instead of letting it expire."""
@@ -186,11 +196,22 @@ class LeaderElector:
 
 
 async def _after(previous: asyncio.Future[None] | None, handler: Awaitable[None]) -> None:
+    try:
+        await _run_after(previous, handler)
+    finally:
+        if isinstance(handler, Coroutine):
+            handler.close()  # never started (cancelled or a failure before it): no warning
+
+
+async def _run_after(previous: asyncio.Future[None] | None, handler: Awaitable[None]) -> None:
     """Run `handler` once `previous` has ended: a step-down never overtakes the takeover it
     follows (whose cache sync may still be running), so the last state wins."""
     if previous is not None:
-        # A failure of `previous` fails this one too, so the election loop, which raises the
-        # latest transition's failure (_raise_failed_transition), never misses it.
-        with contextlib.suppress(asyncio.CancelledError):
-            await previous
+        # Waits without taking on `previous`'s outcome, while our own cancellation still
+        # cancels us (awaiting it directly could not tell its cancellation from ours).
+        await asyncio.wait({previous})
+        if not previous.cancelled() and previous.exception() is not None:
+            # Carried on, so the election loop, which raises the latest transition's failure
+            # (_raise_failed_transition), never misses it.
+            raise previous.exception()  # type: ignore[misc]
     await handler
