@@ -29,7 +29,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -79,6 +79,8 @@ from chaos.sim.wdt import EmulatedWatchdog
 from watchdog.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
+# The longest one step of SimCluster.stop may take before it is given up (and named).
+STOP_STEP_S = 20.0
 
 RUN_STRATEGIES = ("Always", "RerunOnFailure", "Manual", "Halted", "Once")
 ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce")
@@ -346,43 +348,49 @@ class SimCluster:
             raise
 
     async def stop(self) -> None:
-        """Stop everything this cluster started, in reverse order; idempotent."""
-        with contextlib.suppress(Exception):
-            await self.faults.close()
+        """Stop everything this cluster started, in reverse order; idempotent.
+
+        Each step is bounded (`STOP_STEP_S`): one that does not end is named in the log and
+        left behind, and the rest, the control plane last, still stops. A teardown that hangs
+        would otherwise hold the whole test run until its timeout and hide which part hung.
+        """
+        await self._stop_step("fault injector", self.faults.close(), suppress=True)
         if self._control is not None:
-            await self._control.stop()
+            await self._stop_step("control channel", self._control.stop())
             self._control = None
         if self._fence is not None:
-            await self._fence.stop()
+            await self._stop_step("fence channel", self._fence.stop())
             self._fence = None
         for task in self._device_tasks:
             task.cancel()
-        await asyncio.gather(*self._device_tasks, return_exceptions=True)
+        await self._stop_step(
+            "watchdog devices", asyncio.gather(*self._device_tasks, return_exceptions=True)
+        )
         self._device_tasks.clear()
-        await asyncio.gather(
-            *(
-                slot.proc.stop(5.0)
-                for slot in self.agents.values()
-                if slot.proc is not None and slot.proc.running
+        await self._stop_step(
+            "agents",
+            asyncio.gather(
+                *(
+                    slot.proc.stop(5.0)
+                    for slot in self.agents.values()
+                    if slot.proc is not None and slot.proc.running
+                ),
+                return_exceptions=True,
             ),
-            return_exceptions=True,
         )
         if self._runner is not None:
             self._runner.cancel()
-            with contextlib.suppress(BaseException):
-                await self._runner
+            await self._stop_step("simulators", self._runner, suppress=True)
             self._runner = None
         if self.kubevirt is not None:
             self.kubevirt.close()
-        for links in self.links.values():
-            with contextlib.suppress(Exception):
-                await links.close()
+        for name, links in self.links.items():
+            await self._stop_step(f"links of {name}", links.close(), suppress=True)
         self.links.clear()
         if self.broker is not None and self.broker.running:
-            with contextlib.suppress(Exception):
-                await self.broker.stop()
+            await self._stop_step("broker", self.broker.stop(), suppress=True)
         if self.kube is not None:
-            await self.kube.close()
+            await self._stop_step("API client", self.kube.close())
             self.kube = None  # type: ignore[assignment]
         if self.control_plane is not None:
             await self.control_plane.stop()
@@ -391,6 +399,23 @@ class SimCluster:
         ):
             shutil.rmtree(self.work_dir, ignore_errors=True)
             self._own_work_dir = False
+
+    async def _stop_step(
+        self, what: str, step: Awaitable[object], *, suppress: bool = False
+    ) -> None:
+        task = asyncio.ensure_future(step)
+        # asyncio.wait, not wait_for: a step that ignores its cancellation must not hold us.
+        done, _ = await asyncio.wait({task}, timeout=STOP_STEP_S)
+        if not done:
+            task.cancel()
+            log.error("cluster stop: %s did not end within %.0fs; stopping the rest", what,
+                      STOP_STEP_S)  # fmt: skip
+            return
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None and not suppress:
+            raise error
 
     def _prepare_work_dir(self) -> None:
         if self.config.work_dir is not None:
