@@ -9,6 +9,7 @@ event loop's own clock, so the bounds below are exact, not hoped for.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import pytest
@@ -70,15 +71,22 @@ class MemoryLease:
 
 
 def elector(lock: MemoryLease, name: str, changes: list[tuple[float, bool]]) -> LeaderElector:
+    """An elector that records (time, leading) at every change."""
     loop = asyncio.get_running_loop()
+    return elector_with(lock, name, lambda leading: changes.append((loop.time(), leading)))
+
+
+def elector_with(
+    lock: MemoryLease, name: str, on_change: Callable[[bool], Awaitable[None] | None]
+) -> LeaderElector:
     return LeaderElector(
         lock,
         name,
         lease_duration_s=LEASE_DURATION_S,
         renew_deadline_s=RENEW_DEADLINE_S,
         retry_period_s=RETRY_S,
-        on_change=lambda leading: changes.append((loop.time(), leading)),
-        clock=loop.time,
+        on_change=on_change,
+        clock=asyncio.get_running_loop().time,
     )
 
 
@@ -151,7 +159,6 @@ def test_settings_refuse_a_lease_that_a_standby_could_take_before_the_leader_ste
 async def test_a_long_takeover_does_not_stop_the_renewals_that_keep_the_lease():
     """Becoming leader waits for the caches to sync (seconds on a large cluster): meanwhile the
     election keeps renewing, so the new leader does not step down the moment it is ready."""
-    loop = asyncio.get_running_loop()
     lock = MemoryLease(Store())
     synced = asyncio.Event()
     ready: list[bool] = []
@@ -161,15 +168,7 @@ async def test_a_long_takeover_does_not_stop_the_renewals_that_keep_the_lease():
             await synced.wait()
         ready.append(leading)
 
-    a = LeaderElector(
-        lock,
-        "a",
-        lease_duration_s=LEASE_DURATION_S,
-        renew_deadline_s=RENEW_DEADLINE_S,
-        retry_period_s=RETRY_S,
-        on_change=on_change,
-        clock=loop.time,
-    )
+    a = elector_with(lock, "a", on_change)
     task = asyncio.create_task(a.run())
     await a.leader_changed.wait()
     await asyncio.sleep(3 * RENEW_DEADLINE_S)  # a sync far longer than the renew deadline
@@ -181,20 +180,11 @@ async def test_a_long_takeover_does_not_stop_the_renewals_that_keep_the_lease():
 
 
 async def test_a_takeover_that_fails_ends_the_election():
-    loop = asyncio.get_running_loop()
 
     async def on_change(leading: bool) -> None:
         raise RuntimeError("caches never synced")
 
-    a = LeaderElector(
-        MemoryLease(Store()),
-        "a",
-        lease_duration_s=LEASE_DURATION_S,
-        renew_deadline_s=RENEW_DEADLINE_S,
-        retry_period_s=RETRY_S,
-        on_change=on_change,
-        clock=loop.time,
-    )
+    a = elector_with(MemoryLease(Store()), "a", on_change)
     with pytest.raises(RuntimeError, match="caches never synced"):
         await asyncio.wait_for(a.run(), 5)
 
@@ -202,7 +192,6 @@ async def test_a_takeover_that_fails_ends_the_election():
 async def test_at_shutdown_no_queued_leadership_handler_runs_after_the_election_ends():
     """A takeover still waiting (caches never synced) and the step-down queued behind it:
     ending the election cancels both; the step-down's handler never runs late."""
-    loop = asyncio.get_running_loop()
     path = MemoryLease(Store())
     ran: list[bool] = []
 
@@ -211,15 +200,7 @@ async def test_at_shutdown_no_queued_leadership_handler_runs_after_the_election_
             await asyncio.Event().wait()  # a sync that never ends
         ran.append(leading)
 
-    a = LeaderElector(
-        path,
-        "a",
-        lease_duration_s=LEASE_DURATION_S,
-        renew_deadline_s=RENEW_DEADLINE_S,
-        retry_period_s=RETRY_S,
-        on_change=on_change,
-        clock=loop.time,
-    )
+    a = elector_with(path, "a", on_change)
     task = asyncio.create_task(a.run())
     await a.leader_changed.wait()
     a.leader_changed.clear()
