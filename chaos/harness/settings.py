@@ -41,6 +41,12 @@ WALL_FLOORS_S = {
     # A restarted agent must reopen its watchdog device within the timeout, and starting the
     # agent's Python process takes about a second of wall time at any time scale.
     "watchdog_timeout_s": 2.0,
+    # The leader steps down when a renewal has not succeeded within renew_deadline_s. At 0.1
+    # that is 0.5 s of wall time, less than the loop hiccups of a loaded 2-core machine: the
+    # leader flapped (safe, but each takeover restarts the timers and delays resets). Floors
+    # that keep lease_duration_s >= 1.1 x renew_deadline_s at every scale.
+    "leader.renew_deadline_s": 1.0,
+    "leader.lease_duration_s": 1.5,
 }
 
 
