@@ -1,5 +1,6 @@
 """The state guard (deploy/base/state-guard.yaml) on the real API server: only the controller's
-ServiceAccount may write the node's state annotation.
+ServiceAccount (and the writers an operator lists) may write the node's state annotation or its
+out-of-service taint.
 
 The harvester overlay is rendered with the real kubectl (its namespace, harvester-system, is
 not the base's: the guard must follow it) and its guard objects are applied as an operator
@@ -166,6 +167,87 @@ async def test_an_admin_may_still_repair_it_by_hand(cluster) -> None:
     assert await _state(admin) is None
     await _annotate(admin, json.dumps({"phase": "Healthy"}))
     assert await _state(admin) == json.dumps({"phase": "Healthy"})
+
+
+OUT_OF_SERVICE = {"key": "node.kubernetes.io/out-of-service", "effect": "NoExecute"}
+
+
+async def _taint(kube: Kube, *taints: dict[str, str]) -> None:
+    # A merge patch replaces the whole list: what the writer sends is what the Node gets.
+    await kube.patch(NODES, "n1", {"spec": {"taints": list(taints)}})
+
+
+async def _taints(admin: Kube) -> list[dict[str, str]]:
+    node = await admin.get(NODES, "n1")
+    return node["spec"].get("taints") or []
+
+
+async def test_only_the_controller_places_or_lifts_the_out_of_service_taint(cluster) -> None:
+    _, admin, clients = cluster
+    ours = {**OUT_OF_SERVICE, "value": "nodeshutdown"}
+    other = {"key": "example.com/maintenance", "effect": "NoSchedule"}
+    # On a node that runs, this taint makes Kubernetes force-delete its pods and detach their
+    # volumes: from an intruder it is refused, whatever its value.
+    for taint in (ours, {**OUT_OF_SERVICE, "value": "anything"}):
+        with pytest.raises(ApiError) as refused:
+            await _taint(clients["intruder"], taint)
+        assert refused.value.status == 403, refused.value
+        message = json.dumps(refused.value.body)
+        assert "may add, change or remove the taint node.kubernetes.io/out-of-service" in message
+    # A node's own kubelet is refused too (the NodeRestriction admission plugin already forbids
+    # a kubelet any taint change on its Node; the guard is the second line).
+    with pytest.raises(ApiError) as refused:
+        await _taint(clients["kubelet"], ours)
+    assert refused.value.status == 403, refused.value
+    assert await _taints(admin) == []
+
+    await _taint(clients["controller"], ours)
+    assert await _taints(admin) == [ours]
+    # Nor may the intruder lift it, change it, or drop it while adding a taint of its own;
+    # taints other than this one stay RBAC's business.
+    for taints in ([], [{**ours, "value": "changed"}], [other]):
+        with pytest.raises(ApiError) as refused:
+            await _taint(clients["intruder"], *taints)
+        assert refused.value.status == 403, refused.value
+    assert await _taints(admin) == [ours]
+    await _taint(clients["intruder"], ours, other)
+    assert await _taints(admin) == [ours, other]
+    await _taint(clients["controller"])
+    assert await _taints(admin) == []
+
+
+async def test_writers_listed_in_the_parameter_may_change_both(cluster) -> None:
+    _, admin, clients = cluster
+    ours = {**OUT_OF_SERVICE, "value": "nodeshutdown"}
+    intruder = "system:serviceaccount:default:intruder"
+    await admin.patch(
+        CONFIG_MAPS, GUARD, {"data": {"otherWriters": f"someone-else {intruder}"}}, NAMESPACE
+    )
+
+    async def allowed() -> bool:
+        # The API server reloads the parameter within a second or so.
+        try:
+            await _taint(clients["intruder"], ours)
+        except ApiError:
+            return False
+        return True
+
+    await wait_for(allowed, 30, "the guard allowing a listed writer")
+    await _annotate(clients["intruder"], json.dumps({"phase": "Healthy", "by": "listed"}))
+    await _taint(clients["intruder"])
+    assert await _taints(admin) == []
+    await admin.patch(CONFIG_MAPS, GUARD, {"data": {"otherWriters": ""}}, NAMESPACE)
+
+    async def refused_again() -> bool:
+        try:
+            await _taint(clients["intruder"], ours)
+        except ApiError as e:
+            return e.status == 403
+        await _taint(clients["controller"])  # let through before the reload: lift it again
+        return False
+
+    await wait_for(refused_again, 30, "the guard refusing a writer no longer listed")
+    assert await _taints(admin) == []
 
 
 async def test_without_its_parameter_the_guard_steps_aside_and_never_blocks_node_writes(
