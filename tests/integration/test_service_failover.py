@@ -199,8 +199,44 @@ async def test_a_node_that_returns_after_a_reset_is_untainted_healthy_and_runs_n
     old_pods = run["pods"]
     leader = await env.wait_leader()
     before = await leader.scrape()
+    kube = c.kube
 
-    t_on = await env.fault("poweron", node)
+    # The API server refuses to lift the taint at first: the node must stay RECOVERING (a
+    # HEALTHY node left tainted would never run a VM again) and the removal be sent again.
+    await kube.patch(NODES, node, {"metadata": {"labels": {DENY_UNTAINT_LABEL: "true"}}})
+    await _deny(kube, DENY_UNTAINT_POLICY)
+    try:
+
+        async def refused() -> bool:
+            try:  # a dry run goes through admission and stores nothing
+                await kube.request(
+                    "PATCH",
+                    NODES.path(None, node),
+                    query={"dryRun": "All"},
+                    body={"spec": {"taints": []}},
+                    content_type="application/merge-patch+json",
+                )
+            except ApiError as e:
+                return e.status in (400, 403, 422)
+            return False
+
+        await env.wait_for(refused, 30, "the API server refusing to lift the taint of " + node)
+        t_on = await env.fault("poweron", node)
+
+        async def sent_again() -> bool:
+            m = await leader.scrape()
+            labels = {"action": "RemoveOutOfServiceTaint", "result": "failed"}
+            return (
+                m.get("watchdog_actions_total", labels)
+                - before.get("watchdog_actions_total", labels)
+                >= 2
+            )
+
+        await env.wait_for(sent_again, 30, "the taint removal refused, sent again, refused")
+        assert env.phase(node) == "Recovering" and env.tainted(node)
+    finally:
+        await _undeny(kube, DENY_UNTAINT_POLICY)
+        await kube.patch(NODES, node, {"metadata": {"labels": {DENY_UNTAINT_LABEL: None}}})
     await env.wait_for(
         lambda: env.phase(node) == "Healthy" and not env.tainted(node), 60, f"{node} Healthy"
     )
@@ -208,6 +244,10 @@ async def test_a_node_that_returns_after_a_reset_is_untainted_healthy_and_runs_n
     after = await leader.scrape()
     tl = env.timeline
     assert tl.phases_of(node, after=t_on)[-1] == "Healthy"
+    # Never HEALTHY while the Node still showed the taint.
+    lifted = tl.first(tl.taints, node, False, after=t_on)
+    assert lifted is not None
+    assert [t for t, n, p in tl.phases if n == node and p == "Healthy" and t_on <= t < lifted] == []
 
     def moved(frm: str, to: str, reason: str) -> float:
         labels = {"from": frm, "to": to, "reason": reason}
@@ -309,6 +349,64 @@ VAP_BINDINGS = Resource(
 )
 
 
+# The API server refuses to remove the out-of-service taint from nodes labelled
+# `test.node-watchdog/deny-untaint`, for everyone.
+DENY_UNTAINT_LABEL = "test.node-watchdog/deny-untaint"
+DENY_UNTAINT_POLICY = {
+    "apiVersion": "admissionregistration.k8s.io/v1",
+    "kind": "ValidatingAdmissionPolicy",
+    "metadata": {"name": "test-deny-untaint"},
+    "spec": {
+        "failurePolicy": "Fail",
+        "matchConstraints": {
+            "resourceRules": [
+                {
+                    "apiGroups": [""],
+                    "apiVersions": ["v1"],
+                    "operations": ["UPDATE"],
+                    "resources": ["nodes"],
+                }
+            ],
+            "objectSelector": {"matchLabels": {DENY_UNTAINT_LABEL: "true"}},
+        },
+        "variables": [
+            {"name": "key", "expression": "'node.kubernetes.io/out-of-service'"},
+            {
+                "name": "had",
+                "expression": "has(oldObject.spec.taints) && "
+                "oldObject.spec.taints.exists(t, t.key == variables.key)",
+            },
+            {
+                "name": "has",
+                "expression": "has(object.spec.taints) && "
+                "object.spec.taints.exists(t, t.key == variables.key)",
+            },
+        ],
+        "validations": [{"expression": "!variables.had || variables.has", "message": "kept"}],
+    },
+}
+
+
+async def _deny(kube, policy: dict) -> None:
+    name = policy["metadata"]["name"]
+    await kube.create(VAP, policy)
+    await kube.create(
+        VAP_BINDINGS,
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": name},
+            "spec": {"policyName": name, "validationActions": ["Deny"]},
+        },
+    )
+
+
+async def _undeny(kube, policy: dict) -> None:
+    name = policy["metadata"]["name"]
+    await kube.delete(VAP_BINDINGS, name)
+    await kube.delete(VAP, name)
+
+
 async def test_a_declaration_the_api_refused_to_store_holds_the_reset_and_is_written_again(env):
     """The write of the fencing declaration fails (the API server refuses it) until the refusal
     ends: no reset while the agent could not have read it, then the declaration is written again
@@ -319,16 +417,7 @@ async def test_a_declaration_the_api_refused_to_store_holds_the_reset_and_is_wri
     kube = c.kube
     label = {"metadata": {"labels": {"test.node-watchdog/deny-state": "true"}}}
     await kube.patch(NODES, node, label)
-    await kube.create(VAP, DENY_STATE_POLICY)
-    await kube.create(
-        VAP_BINDINGS,
-        {
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "ValidatingAdmissionPolicyBinding",
-            "metadata": {"name": "test-deny-state-writes"},
-            "spec": {"policyName": "test-deny-state-writes", "validationActions": ["Deny"]},
-        },
-    )
+    await _deny(kube, DENY_STATE_POLICY)
     try:
 
         async def refused() -> bool:
@@ -369,8 +458,7 @@ async def test_a_declaration_the_api_refused_to_store_holds_the_reset_and_is_wri
             before.get("watchdog_actions_total", action="ForceDeletePods", result="success")
         )
     finally:
-        await kube.delete(VAP_BINDINGS, "test-deny-state-writes")
-        await kube.delete(VAP, "test-deny-state-writes")
+        await _undeny(kube, DENY_STATE_POLICY)
         await kube.patch(
             NODES, node, {"metadata": {"labels": {"test.node-watchdog/deny-state": None}}}
         )

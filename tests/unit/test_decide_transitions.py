@@ -1057,6 +1057,39 @@ def test_a_withdrawal_goes_before_the_events_of_its_step() -> None:
     assert persists == [0], d.actions
 
 
+def test_a_recovering_node_is_healthy_only_once_the_node_shows_our_taint_gone() -> None:
+    # Back, no pod bound any more, kubelet fine: our taint is removed, but the node stays
+    # RECOVERING while the Node still shows it (a removal refused, lost, or not watched yet);
+    # it is sent again every RECONCILE_AFTER_S, never more often.
+    state = node(RC, tainted=True, entered_at=T - 5.0)
+
+    def shown(at: float, tainted: bool = True) -> NodeObservation:
+        return seen(0.5, received=103, out_of_service_tainted=tainted, now=at)
+
+    first = step(state, shown(T))
+    assert first.transitions == () and first.state.phase is RC and first.state.tainted
+    assert actions_of(first, RemoveOutOfServiceTaint) == [RemoveOutOfServiceTaint(NODE)]
+    assert first.wake_at == pytest.approx(T + RECONCILE_AFTER_S)
+
+    soon = step(first.state, shown(T + 1.0), now=T + 1.0)
+    assert soon.state.phase is RC and actions_of(soon, RemoveOutOfServiceTaint) == []
+    again = step(soon.state, shown(T + RECONCILE_AFTER_S), now=T + RECONCILE_AFTER_S)
+    assert again.state.phase is RC
+    assert actions_of(again, RemoveOutOfServiceTaint) == [RemoveOutOfServiceTaint(NODE)]
+
+    done = step(again.state, shown(T + 3.0, tainted=False), now=T + 3.0)
+    assert list(done.transitions) == [(RC, H, Reason.RECOVERED)]
+    assert not done.state.tainted and done.state.untaint_sent_at is None
+    assert actions_of(done, RemoveOutOfServiceTaint) == []  # already sent, and shown gone
+
+
+def test_a_recovering_node_we_never_tainted_keeps_a_taint_someone_else_placed() -> None:
+    # The state says we placed no taint on it in this episode: whoever did, lifts it.
+    d = step(node(RC, tainted=False), seen(0.5, received=103, out_of_service_tainted=True))
+    assert list(d.transitions) == [(RC, H, Reason.RECOVERED)]
+    assert actions_of(d, RemoveOutOfServiceTaint) == []
+
+
 def test_dry_run_reconciles_nothing() -> None:
     cfg = DecideConfig(dry_run=True)
     d = step(node(F, fence_clock_from=None, entered_at=T - 5.0), dead(), cfg=cfg)

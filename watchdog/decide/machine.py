@@ -530,6 +530,28 @@ class _Step:
         if self.sig.heartbeat is Signal.ALIVE and not self.node_back():
             self.heartbeat_wakeups()
 
+    def untaint(self) -> bool:
+        """Remove our out-of-service taint; True once the node may be HEALTHY.
+
+        Judged from what the Node shows, not from what was sent: while it still shows the
+        taint (a removal that failed or was lost, or one our watch has not shown yet) the node
+        stays RECOVERING and the removal is sent again every `RECONCILE_AFTER_S`. A node left
+        tainted while we called it HEALTHY would never run a VM again. A Node that never
+        showed the taint gets one removal (our own placement may not be in our cache) and goes
+        on.
+        """
+        sent = self.state.untaint_sent_at
+        shown = self.obs.out_of_service_tainted
+        if sent is None or (shown and self.now >= sent + RECONCILE_AFTER_S):
+            self.actions.append(RemoveOutOfServiceTaint(self.obs.name))
+            sent = self.now
+            self.state = replace(self.state, untaint_sent_at=sent)
+        if shown:
+            self.wake_at(sent + RECONCILE_AFTER_S)
+            self.heartbeat_wakeups()  # the node may go silent again while we wait
+            return False
+        return True
+
     def recovering(self) -> None:
         if self.sig.heartbeat is Signal.STALE:
             self.to_suspect()
@@ -546,7 +568,8 @@ class _Step:
                 # the kubelet renews its Lease, or the node would look DEGRADED for a moment.
                 self.heartbeat_wakeups()
                 return
-            self.actions.append(RemoveOutOfServiceTaint(self.obs.name))
+            if not self.untaint():
+                return
         self.move(
             Phase.HEALTHY,
             Reason.RECOVERED,

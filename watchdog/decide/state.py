@@ -58,8 +58,12 @@ class NodeState:
     tainted: bool = False
     held: Reason | None = None
     resumed: bool = False
+    # RECOVERING: when the removal of our out-of-service taint was last sent (our clock); it is
+    # sent again while the Node still shows the taint. Not persisted: a new leader sends it.
+    untaint_sent_at: float | None = None
 
     def moved(self, phase: Phase, reason: Reason, now: float, **changes: Any) -> NodeState:
+        changes.setdefault("untaint_sent_at", None)
         return replace(self, phase=phase, reason=reason, entered_at=now, held=None, **changes)
 
     def to_annotation(self) -> str:
