@@ -192,6 +192,8 @@ class Sim:
     launcher_pods: list[LauncherPod] = field(default_factory=lambda: list(pods("vm1", "vm2")))
     admin_taint: bool = False
     hook_confirms: bool = True  # the external fence hook succeeds when run
+    hook_failures: int = 0  # ... after failing this many times first
+    hook_runs: int = 0
     deletes_fail: bool = False  # pod deletes are rejected (webhook, finalizer, API errors)
     external_fence_confirmed: bool = False
     # node-lifecycle controller: Ready becomes Unknown this long after the lease stops
@@ -416,7 +418,11 @@ class Sim:
     def apply(self, actions: Iterable[Action]) -> None:
         for a in actions:
             if isinstance(a, RunFenceHook):
-                self.external_fence_confirmed = self.external_fence_confirmed or self.hook_confirms
+                self.hook_runs += 1
+                if self.hook_failures > 0:
+                    self.hook_failures -= 1
+                else:
+                    self.external_fence_confirmed |= self.hook_confirms
             elif self.api_up_since is None:
                 self.pending_writes.append(a)  # actuate retries once the API is back
             else:
@@ -481,6 +487,7 @@ class Sim:
         self.lease_renewed_at = self.now if self.lease_renewed_at is not None else None
         self.seen_boot_id = None
         self.seen_fence = None
+        self.external_fence_confirmed = False  # the old leader's memory of its hook runs
         self.wake = None
         self._last_inputs = None
         if self.broker_up_since is not None:

@@ -478,6 +478,33 @@ def test_external_mode_with_a_failing_hook_never_resets() -> None:
     assert sim.phase is F and sim.reset_times() == []
 
 
+def test_external_mode_runs_a_failing_hook_again_until_it_confirms() -> None:
+    sim = sim_after_warmup(cfg=DecideConfig(fence_mode=FenceMode.EXTERNAL), hook_failures=3)
+    died = sim.now
+    sim.node_dies()
+    sim.run_until(RS, limit_s=120)
+    assert sim.hook_runs == 4  # three failures, then the confirmation
+    # the fourth run went out 2 + 4 + 8 s after the first; the reset waits for its confirmation
+    # and for the 15 s period, whichever ends last
+    first = sim.first(F)
+    assert first is not None
+    (reset,) = sim.reset_times()
+    assert reset >= first + 14.0 and reset >= died + 15.0
+    assert reset == pytest.approx(max(first + 14.0, sim.first(U) + 15.0), abs=1.0)
+
+
+def test_a_new_leader_resumes_a_confirmed_external_fence_without_running_the_hook_again() -> None:
+    sim = sim_after_warmup(cfg=DecideConfig(fence_mode=FenceMode.EXTERNAL))
+    sim.node_dies()
+    sim.run_until(F, limit_s=60)
+    sim.advance(2.0)  # the hook confirmed; the period still runs
+    assert sim.phase is F and sim.hook_runs == 1
+    sim.failover()
+    sim.run_until(RS, limit_s=60)
+    assert sim.hook_runs == 1
+    assert [r for _, r in sim.events("NodeFenced")] == [Reason.FENCE_EXTERNAL_CONFIRMED]
+
+
 def test_manual_mode_resets_only_after_the_administrator_taints() -> None:
     sim = sim_after_warmup(cfg=DecideConfig(fence_mode=FenceMode.MANUAL))
     sim.node_dies()

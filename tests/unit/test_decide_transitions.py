@@ -428,10 +428,24 @@ FENCING_ROWS = [
     # mode external: the fence hook must have confirmed
     pytest.param(
         EXTERNAL,
-        node(F),
+        node(F, hook_runs=1, hook_sent_at=T - 5.0),
         dead(external_fence_confirmed=True),
         Reason.FENCE_EXTERNAL_CONFIRMED,
         id="external: hook confirmed and period elapsed → reset",
+    ),
+    pytest.param(
+        EXTERNAL,
+        node(F, fence_confirmed=True),
+        dead(),
+        Reason.FENCE_EXTERNAL_CONFIRMED,
+        id="external: confirmation resumed from the annotation (new leader) → reset",
+    ),
+    pytest.param(
+        EXTERNAL,
+        node(F),
+        dead(external_fence_confirmed=True),
+        None,
+        id="external: a success of a hook not sent in this episode is no proof",
     ),
     pytest.param(
         EXTERNAL,
@@ -442,7 +456,7 @@ FENCING_ROWS = [
     ),
     pytest.param(
         EXTERNAL,
-        node(F, unreachable_at=T - 10.0),
+        node(F, unreachable_at=T - 10.0, hook_runs=1, hook_sent_at=T - 5.0),
         dead(external_fence_confirmed=True),
         None,
         id="external: hook confirmed but period not elapsed → wait",
@@ -602,6 +616,42 @@ def test_fence_hook_runs_once_on_entering_fencing_in_external_mode(
     assert actions_of(d, RunFenceHook) == ([RunFenceHook(NODE)] if runs_hook else [])
     # not again on the next step
     assert actions_of(step(d.state, dead(), cfg=cfg, now=T + 1), RunFenceHook) == []
+
+
+def test_a_fence_hook_that_does_not_confirm_runs_again_with_backoff() -> None:
+    d = step(node(S), dead(), cfg=EXTERNAL)
+    assert actions_of(d, RunFenceHook) == [RunFenceHook(NODE)]
+    runs: list[float] = []
+    state, now = d.state, T
+    while now < T + 70.0:
+        now = d.wake_at if d.wake_at is not None else now + 1.0
+        d = step(state, dead(now=now), now=now, cfg=EXTERNAL)
+        state = d.state
+        if actions_of(d, RunFenceHook):
+            runs.append(round(now - T, 3))
+        assert d.state.phase is F and not is_destructive(d)
+    # again after 2, 4, 8, 16 s, then every 30 s: never a reset without a confirmation
+    assert runs == [2.0, 6.0, 14.0, 30.0, 60.0], runs
+
+
+def test_a_confirmed_hook_is_persisted_and_a_new_episode_needs_a_new_one() -> None:
+    state = node(F, unreachable_at=T - 5.0, hook_runs=1, hook_sent_at=T - 1.0)  # period runs
+    d = step(state, dead(external_fence_confirmed=True, persisted="Fencing"), cfg=EXTERNAL)
+    assert d.state.fence_confirmed and d.transitions == ()
+    (persist,) = actions_of(d, PersistState)
+    assert json.loads(persist.annotation)["fenceConfirmed"] is True
+    resumed = NodeState.from_annotation(NODE, persist.annotation, T + 5.0)
+    assert resumed.fence_confirmed and resumed.phase is F
+    # back, then gone again: the next episode starts without the earlier proof
+    again = resumed.moved(U, Reason.CORROBORATED_LEASE, T + 100.0)
+    assert not again.fence_confirmed and again.hook_runs == 0 and again.hook_sent_at is None
+
+
+def test_no_fence_hook_retry_while_a_hold_is_in_force() -> None:
+    state = node(F, hook_runs=1, hook_sent_at=T - 60.0)
+    held = step(state, dead(), ctx=context(holds=(Reason.HOLD_STORM,)), cfg=EXTERNAL)
+    assert actions_of(held, RunFenceHook) == []
+    assert actions_of(step(state, dead(), cfg=EXTERNAL), RunFenceHook) == [RunFenceHook(NODE)]
 
 
 def test_unarmed_fence_in_self_mode_is_held_with_one_event() -> None:

@@ -38,6 +38,10 @@ RESET_RETRY_S = 2.0
 RECONCILE_AFTER_S = 2.0
 # A withdrawn declaration still shown is written again sooner: the agent's grace is short.
 WITHDRAW_RETRY_S = 0.5
+# Fence mode `external`: a hook that has not confirmed is run again after this, doubling up to
+# the maximum (a BMC that is busy or rebooting answers later; one that is gone never does).
+HOOK_RETRY_S = 2.0
+HOOK_RETRY_MAX_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +124,7 @@ class _Step:
     # --- helpers -------------------------------------------------------------------------------
 
     def result(self) -> Decision:
-        if self.transitions:
+        if self.transitions or self.state.fence_confirmed != self.start.fence_confirmed:
             persist = PersistState(self.obs.name, self.state.to_annotation())
             if self.start.phase in DOWN_PHASES and self.state.phase not in DOWN_PHASES:
                 # A withdrawal goes first: an Event ahead of it may wait out a Retry-After
@@ -423,8 +427,6 @@ class _Step:
                 Reason.PERIOD_RUNNING,
                 heartbeats_at_mark=self.obs.heartbeats_received,
             )
-            if self.cfg.fence_mode is FenceMode.EXTERNAL and not self.cfg.dry_run:
-                self.actions.append(RunFenceHook(self.obs.name))
         if self.kubelet_alive_since_silence():
             # The kubelet is back (it starts before the agent after a power-on): the machine
             # runs, and a reset now would kill the VMs it is restarting. Start over.
@@ -443,6 +445,8 @@ class _Step:
             self.heartbeat_wakeups()
             return
         self.start_fence_clock()
+        if self.cfg.fence_mode is FenceMode.EXTERNAL:
+            self.external_fence()
         fenced = self.fence_proof()
         earliest = self.earliest_reset()
         if self.ctx.holds:
@@ -466,6 +470,34 @@ class _Step:
         if self.state.fence_clock_from is None and visible:
             self.state = replace(self.state, fence_clock_from=self.now)
 
+    def external_fence(self) -> None:
+        """Fence mode `external`: run the hook until it confirms, and keep its confirmation.
+
+        Reconciled, not remembered: a hook that failed or timed out is run again after
+        `HOOK_RETRY_S`, doubling up to `HOOK_RETRY_MAX_S`, for as long as the node is being
+        fenced and no hold is in force (the first run, on entering FENCING, is never held
+        back, as before: a fenced node is safe to reset once the hold ends). Its success is
+        written into the state annotation, so a new leader resumes with the proof; a new
+        episode (UNREACHABLE again) starts without it. Never in dry-run.
+        """
+        sent, runs = self.state.hook_sent_at, self.state.hook_runs
+        # Only a confirmation of a hook sent in this episode counts (the controller's record of
+        # an earlier episode's success may still be there in the step that starts a new one).
+        if self.obs.external_fence_confirmed and sent is not None:
+            self.state = replace(self.state, fence_confirmed=True)
+        if self.state.fence_confirmed or self.cfg.dry_run:
+            return
+        if runs and self.ctx.holds:
+            return  # run again once nothing holds resets (the first run is not held back)
+        if sent is not None:
+            due = sent + min(HOOK_RETRY_MAX_S, HOOK_RETRY_S * 2 ** max(0, runs - 1))
+            if self.now < due:
+                self.wake_at(due)
+                return
+        self.actions.append(RunFenceHook(self.obs.name))
+        self.state = replace(self.state, hook_runs=runs + 1, hook_sent_at=self.now)
+        self.wake_at(self.now + min(HOOK_RETRY_MAX_S, HOOK_RETRY_S * 2**runs))
+
     def fence_proof(self) -> Reason | None:
         mode = self.cfg.fence_mode
         if self.obs.out_of_service_tainted and not self.state.tainted:
@@ -473,7 +505,7 @@ class _Step:
         if mode is FenceMode.NONE:
             return Reason.FENCE_NOT_REQUIRED
         if mode is FenceMode.EXTERNAL:
-            return Reason.FENCE_EXTERNAL_CONFIRMED if self.obs.external_fence_confirmed else None
+            return Reason.FENCE_EXTERNAL_CONFIRMED if self.state.fence_confirmed else None
         if mode is FenceMode.MANUAL:
             return None
         if not fence_accepted(self.state.fence, self.cfg) or self.state.fence_clock_from is None:

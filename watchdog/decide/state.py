@@ -61,9 +61,20 @@ class NodeState:
     # RECOVERING: when the removal of our out-of-service taint was last sent (our clock); it is
     # sent again while the Node still shows the taint. Not persisted: a new leader sends it.
     untaint_sent_at: float | None = None
+    # Fence mode `external`, per episode: how often the hook was sent and when last (our clock,
+    # not persisted: a new leader runs it again), and whether it confirmed the fence (persisted:
+    # a new leader resumes with the proof instead of waiting for it again).
+    hook_runs: int = 0
+    hook_sent_at: float | None = None
+    fence_confirmed: bool = False
 
     def moved(self, phase: Phase, reason: Reason, now: float, **changes: Any) -> NodeState:
         changes.setdefault("untaint_sent_at", None)
+        if phase is Phase.UNREACHABLE:
+            # A new episode needs its own fence: nothing of an earlier one counts.
+            changes.setdefault("hook_runs", 0)
+            changes.setdefault("hook_sent_at", None)
+            changes.setdefault("fence_confirmed", False)
         return replace(self, phase=phase, reason=reason, entered_at=now, held=None, **changes)
 
     def to_annotation(self) -> str:
@@ -75,6 +86,8 @@ class NodeState:
             doc["fence"] = self.fence.to_json()
         if self.tainted:
             doc["tainted"] = True
+        if self.fence_confirmed:
+            doc["fenceConfirmed"] = True
         return json.dumps(doc, separators=(",", ":"), sort_keys=True)
 
     @classmethod
@@ -94,6 +107,7 @@ class NodeState:
             fence = FenceDeclaration.from_json(fence_doc) if isinstance(fence_doc, dict) else None
             boot_id = doc.get("bootID")
             tainted = bool(doc.get("tainted", False))
+            confirmed = doc.get("fenceConfirmed") is True
         except (ValueError, KeyError, TypeError, OverflowError):
             return cls(name=name, entered_at=now, reason=Reason.RESUMED, resumed=True)
         if phase is Phase.DEGRADED:
@@ -109,5 +123,6 @@ class NodeState:
             boot_id=boot_id if isinstance(boot_id, str) else None,
             fence=fence,
             tainted=tainted,
+            fence_confirmed=confirmed and phase in {Phase.UNREACHABLE, Phase.FENCING},
             resumed=True,
         )

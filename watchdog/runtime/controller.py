@@ -330,12 +330,15 @@ class Controller:
             self._quiet.add(node)
         else:
             self._quiet.discard(node)
+        confirmed = node in self.fence_confirmed
         for action in decision.actions:
             # Checked before every action: one that hung (a frozen API server) can outlast our
             # leadership, and a deposed leader must not carry on with the rest of its plan.
             if not self.acting:
                 break
             await self._run(action, decision, obs, now)
+        if node in self.fence_confirmed and not confirmed:
+            return self.clock()  # the hook confirmed just now: decide on it at once
         return decision.wake_at
 
     def heartbeat_needs_evaluation(self, node: str) -> bool:

@@ -306,7 +306,9 @@ class Settings(BaseSettings):
     fence_hook_command: str | None = Field(
         None,
         description="Controller, fence_mode=external: command run with the node name as "
-        "$NODE; exit 0 means the node is powered off.",
+        "$NODE; exit 0 means the node is powered off. Run on entering Fencing and, until one "
+        "run confirms, again after 2 s, doubling up to 30 s; the confirmation is kept in the "
+        "node's state annotation (a new leader resumes with it).",
     )
     fence_hook_url: str | None = Field(
         None,
