@@ -645,6 +645,10 @@ def test_a_confirmed_hook_is_persisted_and_a_new_episode_needs_a_new_one() -> No
     # back, then gone again: the next episode starts without the earlier proof
     again = resumed.moved(U, Reason.CORROBORATED_LEASE, T + 100.0)
     assert not again.fence_confirmed and again.hook_runs == 0 and again.hook_sent_at is None
+    # and a withdrawal (or any phase but FENCING) drops it from what is persisted
+    withdrawn = d.state.moved(S, Reason.HEARTBEAT_FRESH, T + 1.0)
+    assert not withdrawn.fence_confirmed and withdrawn.hook_since is None
+    assert "fenceConfirmed" not in json.loads(withdrawn.to_annotation())
 
 
 def test_no_fence_hook_retry_while_a_hold_is_in_force() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from watchdog.decide.reasons import Reason
@@ -37,6 +37,9 @@ class MarkPodsNotReady:
 @dataclass(frozen=True, slots=True)
 class RunFenceHook:
     node: str
+    # When the machine sent it (its clock): a success counts only for the episode whose first
+    # run was not later than this (see `NodeState.hook_since`).
+    sent_at: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -473,12 +473,14 @@ class _Step:
     def external_fence(self) -> None:
         """Fence mode `external`: run the hook until it confirms, and keep its confirmation.
 
-        Reconciled, not remembered: a hook that failed or timed out is run again after
-        `HOOK_RETRY_S`, doubling up to `HOOK_RETRY_MAX_S`, for as long as the node is being
-        fenced and no hold is in force (the first run, on entering FENCING, is never held
-        back, as before: a fenced node is safe to reset once the hold ends). Its success is
-        written into the state annotation, so a new leader resumes with the proof; a new
-        episode (UNREACHABLE again) starts without it. Never in dry-run.
+        Reconciled, not remembered: a hook that has not confirmed is sent again
+        `HOOK_RETRY_S` after the previous send, doubling up to `HOOK_RETRY_MAX_S`, for as long
+        as the node is being fenced and no hold is in force (the first run, on entering
+        FENCING, is never held back, as before: a fenced node is safe to reset once the hold
+        ends). The controller runs one at a time per node, beside the evaluations. Its success
+        is written into the state annotation, so a new leader resumes with the proof; any other
+        phase drops it, and the controller counts only a success of a run sent in this episode
+        (`hook_since`). Never in dry-run.
         """
         sent, runs = self.state.hook_sent_at, self.state.hook_runs
         # Only a confirmation of a hook sent in this episode counts (the controller's record of
@@ -494,8 +496,11 @@ class _Step:
             if self.now < due:
                 self.wake_at(due)
                 return
-        self.actions.append(RunFenceHook(self.obs.name))
-        self.state = replace(self.state, hook_runs=runs + 1, hook_sent_at=self.now)
+        self.actions.append(RunFenceHook(self.obs.name, sent_at=self.now))
+        since = self.now if self.state.hook_since is None else self.state.hook_since
+        self.state = replace(
+            self.state, hook_runs=runs + 1, hook_since=since, hook_sent_at=self.now
+        )
         self.wake_at(self.now + min(HOOK_RETRY_MAX_S, HOOK_RETRY_S * 2**runs))
 
     def fence_proof(self) -> Reason | None:

@@ -61,18 +61,21 @@ class NodeState:
     # RECOVERING: when the removal of our out-of-service taint was last sent (our clock); it is
     # sent again while the Node still shows the taint. Not persisted: a new leader sends it.
     untaint_sent_at: float | None = None
-    # Fence mode `external`, per episode: how often the hook was sent and when last (our clock,
-    # not persisted: a new leader runs it again), and whether it confirmed the fence (persisted:
-    # a new leader resumes with the proof instead of waiting for it again).
+    # Fence mode `external`, per episode: how often the hook was sent, when first and last
+    # (our clock, not persisted: a new leader runs it again), and whether it confirmed the
+    # fence (persisted: a new leader resumes with the proof instead of waiting for it again).
     hook_runs: int = 0
+    hook_since: float | None = None
     hook_sent_at: float | None = None
     fence_confirmed: bool = False
 
     def moved(self, phase: Phase, reason: Reason, now: float, **changes: Any) -> NodeState:
         changes.setdefault("untaint_sent_at", None)
-        if phase is Phase.UNREACHABLE:
-            # A new episode needs its own fence: nothing of an earlier one counts.
+        if phase is not Phase.FENCING:
+            # The hook belongs to one FENCING episode: nothing of it outlives the episode (a
+            # new one, UNREACHABLE again, needs its own fence).
             changes.setdefault("hook_runs", 0)
+            changes.setdefault("hook_since", None)
             changes.setdefault("hook_sent_at", None)
             changes.setdefault("fence_confirmed", False)
         return replace(self, phase=phase, reason=reason, entered_at=now, held=None, **changes)

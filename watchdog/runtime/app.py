@@ -289,6 +289,7 @@ def _controller(
         peer_quorum=settings.peer_quorum,
     )
     scheduler = NodeScheduler(controller.evaluate, clock)
+    controller.mark = scheduler.mark
     evacuations = Evacuations(
         cache, actuator, metrics, clock, lambda: controller.policy.vm_migration_timeout_s
     )

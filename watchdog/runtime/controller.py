@@ -7,6 +7,7 @@ itself. Actions run only while this replica is the leader (or in dry-run, never)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -106,7 +107,13 @@ class Controller:
         # Set by the runtime to the elector's `holds_lease`: a leader whose renew deadline has
         # passed stops acting at once, before its elector's loop gets to step it down.
         self.lease_held: Callable[[], bool] = lambda: True
-        self.fence_confirmed: set[str] = set()
+        # node → when the machine sent the hook run that succeeded (the machine's clock): it
+        # counts only for the episode whose first run was not later (`NodeState.hook_since`).
+        self.fence_confirmed: dict[str, float | None] = {}
+        self._hooks: dict[str, asyncio.Task[None]] = {}  # the fence hook running per node
+        # Set by the runtime to the scheduler's `mark`: a finished hook has the node decided
+        # again at once.
+        self.mark: Callable[[str], None] = lambda node: None
         self._policy_text: tuple[str | None, str | None] | None = None
         self._policy_invalid_reported: str | None = None
         self._false_ready: dict[str, int] = {}
@@ -142,12 +149,17 @@ class Controller:
             if rec is not None:
                 state = replace(state, heartbeats_at_mark=rec.received)
             self._set_state(node, state)
+        self.fence_confirmed.clear()  # an earlier term's hook runs prove nothing to this one
         self._leading = True
         self.metrics.leader.set(1)
 
     def step_down(self) -> None:
         self._leading = False
         self.metrics.leader.set(0)
+        self.fence_confirmed.clear()
+        for task in self._hooks.values():
+            task.cancel()  # a deposed leader runs nothing more (the hook's process is killed)
+        self._hooks.clear()
 
     @property
     def acting(self) -> bool:
@@ -232,10 +244,17 @@ class Controller:
             peers_unreachable=peers,
             out_of_service_tainted=tainted,
             launcher_pods=self.view.launcher_pods(node),
-            external_fence_confirmed=node in self.fence_confirmed,
+            external_fence_confirmed=self._hook_confirmed(node),
             persisted_phase=persisted_phase,
             known_since=self.known_since.get(node),
         )
+
+    def _hook_confirmed(self, node: str) -> bool:
+        if node not in self.fence_confirmed:
+            return False
+        sent, state = self.fence_confirmed[node], self.states.get(node)
+        since = state.hook_since if state is not None else None
+        return sent is not None and since is not None and sent >= since
 
     def holds(self, health: SourceHealth | None = None) -> tuple[Reason, ...]:
         # O(phases), not O(nodes): only the down count matters for storm control.
@@ -330,16 +349,28 @@ class Controller:
             self._quiet.add(node)
         else:
             self._quiet.discard(node)
-        confirmed = node in self.fence_confirmed
         for action in decision.actions:
             # Checked before every action: one that hung (a frozen API server) can outlast our
             # leadership, and a deposed leader must not carry on with the rest of its plan.
             if not self.acting:
                 break
+            if isinstance(action, act.RunFenceHook):
+                self._start_hook(action)
+                continue
             await self._run(action, decision, obs, now)
-        if node in self.fence_confirmed and not confirmed:
-            return self.clock()  # the hook confirmed just now: decide on it at once
         return decision.wake_at
+
+    def _start_hook(self, action: act.RunFenceHook) -> None:
+        """Run the fence hook beside the evaluations: a hook may take `fence_hook_timeout_s`,
+        and the node must still be decided meanwhile (a heartbeat back withdraws its
+        declaration within the agent's grace). One run at a time per node; a send while one
+        runs is dropped (the machine sends again after its backoff)."""
+        running = self._hooks.get(action.node)
+        if running is not None and not running.done():
+            return
+        self._hooks[action.node] = asyncio.create_task(
+            self._run(action, None, None, self.clock()), name=f"fence hook {action.node}"
+        )
 
     def heartbeat_needs_evaluation(self, node: str) -> bool:
         """Whether a fresh heartbeat of `node` can change its decision before its `wake_at`.
@@ -376,7 +407,7 @@ class Controller:
             log.info("node %s: %s -> %s (%s)", node, frm.value, to.value, reason.value)
             if to is Phase.UNREACHABLE:
                 # A new episode needs its own external fence confirmation.
-                self.fence_confirmed.discard(node)
+                self.fence_confirmed.pop(node, None)
             if to is Phase.UNREACHABLE:
                 self._warn_period_raised(node, d.state)
             if to is Phase.UNREACHABLE and d.state.last_contact_at is not None:
@@ -457,8 +488,9 @@ class Controller:
         done = result in ("success", "already_done")
         if isinstance(action, act.ForceDeletePods) and done and d is not None and obs is not None:
             self._follow_pods(action, d.state, obs, now)
-        if isinstance(action, act.RunFenceHook) and result == "success":
-            self.fence_confirmed.add(action.node)
+        if isinstance(action, act.RunFenceHook) and result == "success" and self._leading:
+            self.fence_confirmed[action.node] = action.sent_at
+            self.mark(action.node)  # decide on it at once
 
     def _follow_pods(
         self, action: act.ForceDeletePods, state: NodeState, obs: NodeObservation, now: float

@@ -307,8 +307,9 @@ class Settings(BaseSettings):
         None,
         description="Controller, fence_mode=external: command run with the node name as "
         "$NODE; exit 0 means the node is powered off. Run on entering Fencing and, until one "
-        "run confirms, again after 2 s, doubling up to 30 s; the confirmation is kept in the "
-        "node's state annotation (a new leader resumes with it).",
+        "run confirms, again 2 s after the previous start (doubling up to 30 s; one run at a "
+        "time per node; not while a hold is in force); the confirmation is kept in the node's "
+        "state annotation (a new leader resumes with it).",
     )
     fence_hook_url: str | None = Field(
         None,

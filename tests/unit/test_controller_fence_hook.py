@@ -1,0 +1,181 @@
+"""The controller's side of fence mode `external` (watchdog/runtime/controller.py): the hook runs
+beside the evaluations, and only a success of a run sent in this episode, by this term, proves
+anything.
+
+The real `Controller` and `decide`, driven by a manual clock; the cluster is an in-memory
+implementation of the controller's `ClusterView` protocol and the executor records what it is
+asked to do (a hook whose outcome the test chooses, and when it ends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable
+
+import pytest
+
+from watchdog.decide import actions as act
+from watchdog.decide.config import DecideConfig, FenceMode, Policy
+from watchdog.decide.heartbeats import HeartbeatBook
+from watchdog.decide.observations import LauncherPod
+from watchdog.decide.state import STATE_ANNOTATION
+from watchdog.metrics import Metrics
+from watchdog.runtime.controller import Controller
+
+NODES = ["n1", "n2", "n3", "n4", "n5"]  # one down of five: no storm hold
+DOWN = "n1"
+
+
+class Cluster:
+    """What the controller reads, and what its writes change."""
+
+    def __init__(self) -> None:
+        self.annotations: dict[str, str] = {DOWN: json.dumps({"phase": "Fencing"})}
+
+    def node_names(self) -> Iterable[str]:
+        return NODES
+
+    def node_ready(self, node: str) -> str | None:
+        return "Unknown" if node == DOWN else "True"
+
+    def node_annotation(self, node: str, key: str) -> str | None:
+        return self.annotations.get(node) if key == STATE_ANNOTATION else None
+
+    def node_has_taint(self, node: str, key: str, effect: str) -> bool:
+        return False
+
+    def lease_renewed_at(self, node: str) -> tuple[bool, float | None]:
+        return (True, 0.0)
+
+    def launcher_pods(self, node: str) -> tuple[LauncherPod, ...]:
+        return ()
+
+    def vm_run_strategy(self, namespace: str, vm: str) -> tuple[str | None, bool | None]:
+        return (None, None)
+
+    def vmi_location(self, namespace: str, name: str) -> tuple[str | None, str | None]:
+        return (None, None)
+
+    def harvester_policy(self) -> tuple[bool, str | None, str | None]:
+        return (False, None, None)
+
+    def upgrade_running(self) -> bool:
+        return False
+
+
+class Executor:
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.done: list[act.Action] = []
+        self.hook_results: list[str] = []  # what each hook run answers, in order
+        self.hook_gate: asyncio.Event | None = None  # a hook that runs until it is set
+
+    async def __call__(self, action: act.Action) -> str:
+        if isinstance(action, act.RunFenceHook):
+            if self.hook_gate is not None:
+                await self.hook_gate.wait()
+            self.done.append(action)
+            return self.hook_results.pop(0)
+        if isinstance(action, act.PersistState):
+            self.cluster.annotations[action.node] = action.annotation
+        self.done.append(action)
+        return "success"
+
+    def resets(self) -> list[act.Action]:
+        return [a for a in self.done if isinstance(a, act.TaintOutOfService | act.ForceDeletePods)]
+
+    def hooks(self) -> int:
+        return sum(isinstance(a, act.RunFenceHook) for a in self.done)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def controller() -> tuple[Controller, Executor, Clock, list[str]]:
+    cluster, clock = Cluster(), Clock()
+    execute = Executor(cluster)
+    c = Controller(
+        DecideConfig(fence_mode=FenceMode.EXTERNAL),
+        Policy(period_s=0.0),
+        ("node.kubernetes.io/out-of-service", "NoExecute"),
+        cluster,
+        HeartbeatBook(),
+        execute,
+        Metrics(),
+        clock,
+    )
+    for node in NODES:
+        c.known_since[node] = 0.0
+    marked: list[str] = []
+    c.mark = marked.append
+    c.broker_connection(True)
+    c.api_connection(True)
+    clock.now += 100.0  # long connected, never heard from DOWN: its heartbeat is stale
+    return c, execute, clock, marked
+
+
+async def settle(c: Controller) -> None:
+    await asyncio.gather(*c._hooks.values())
+
+
+async def test_the_hook_runs_beside_the_evaluation_and_its_success_is_decided_at_once() -> None:
+    c, execute, clock, marked = controller()
+    execute.hook_gate = asyncio.Event()
+    execute.hook_results = ["success"]
+    c.become_leader()
+    # The evaluation returns while the hook still runs: the node is decided meanwhile.
+    await c.evaluate(DOWN)
+    assert c.states[DOWN].hook_runs == 1 and execute.hooks() == 0
+    clock.now += 1.0
+    await c.evaluate(DOWN)
+    assert execute.resets() == [] and execute.hooks() == 0
+    execute.hook_gate.set()
+    await settle(c)
+    assert marked == [DOWN]  # evaluated again at once
+    await c.evaluate(DOWN)
+    assert execute.resets()
+    # no launcher pods to delete: the reset is complete at once
+    assert json.loads(execute.cluster.annotations[DOWN])["phase"] == "Reset"
+
+
+async def test_a_success_of_an_earlier_term_proves_nothing_to_the_next() -> None:
+    c, execute, clock, _ = controller()
+    execute.hook_results = ["success", "failed", "failed", "failed", "failed"]
+    c.become_leader()
+    await c.evaluate(DOWN)
+    await settle(c)
+    assert c.fence_confirmed  # this term's run confirmed (the node is then reset)
+    c.step_down()
+    # Another leader took over meanwhile; the node came back and went down again, and its
+    # hook does not confirm any more (a BMC gone with the power).
+    execute.done.clear()
+    execute.cluster.annotations[DOWN] = json.dumps({"phase": "Fencing"})
+    clock.now += 300.0
+    c.become_leader()
+    for _ in range(4):
+        await c.evaluate(DOWN)
+        await settle(c)
+        clock.now += 40.0
+    assert execute.hooks() == 4 and execute.resets() == []
+    assert not c.states[DOWN].fence_confirmed
+    annotation = json.loads(execute.cluster.annotations[DOWN])
+    assert annotation["phase"] == "Fencing" and "fenceConfirmed" not in annotation
+
+
+async def test_a_deposed_leader_stops_its_running_hook() -> None:
+    c, execute, _, marked = controller()
+    execute.hook_gate = asyncio.Event()
+    execute.hook_results = ["success"]
+    c.become_leader()
+    await c.evaluate(DOWN)
+    (task,) = c._hooks.values()
+    c.step_down()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert execute.hooks() == 0 and marked == [] and not c.fence_confirmed
