@@ -301,44 +301,62 @@ async def test_a_partitioned_node_fences_itself_before_its_vms_start_elsewhere(e
     assert c.ledger.lost() == [] and c.ledger.false_resets() == []
 
 
-# The API server refuses every change of the state annotation on nodes labelled
-# `test.node-watchdog/deny-state`, for everyone: a real API error, not a patched client.
-DENY_STATE_POLICY = {
-    "apiVersion": "admissionregistration.k8s.io/v1",
-    "kind": "ValidatingAdmissionPolicy",
-    "metadata": {"name": "test-deny-state-writes"},
-    "spec": {
-        "failurePolicy": "Fail",
-        "matchConstraints": {
-            "resourceRules": [
-                {
-                    "apiGroups": [""],
-                    "apiVersions": ["v1"],
-                    "operations": ["UPDATE"],
-                    "resources": ["nodes", "nodes/status"],
-                }
-            ],
-            "objectSelector": {"matchLabels": {"test.node-watchdog/deny-state": "true"}},
+def _node_policy(
+    name: str, label: str, resources: list[str], variables: dict[str, str], check: str
+):
+    """A ValidatingAdmissionPolicy that refuses, for everyone, every Node update on nodes labelled
+    `label` for which `check` (CEL, over `variables`) is false: a real API error."""
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "operations": ["UPDATE"],
+                        "resources": resources,
+                    }
+                ],
+                "objectSelector": {"matchLabels": {label: "true"}},
+            },
+            "variables": [{"name": k, "expression": v} for k, v in variables.items()],
+            "validations": [{"expression": check, "message": f"refused by {name}"}],
         },
-        "variables": [
-            {"name": "key", "expression": "'node-watchdog.kubevirt.io/state'"},
-            {
-                "name": "before",
-                "expression": "has(oldObject.metadata.annotations) && variables.key in "
-                "oldObject.metadata.annotations ? oldObject.metadata.annotations[variables.key] "
-                ": ''",
-            },
-            {
-                "name": "after",
-                "expression": "has(object.metadata.annotations) && variables.key in "
-                "object.metadata.annotations ? object.metadata.annotations[variables.key] : ''",
-            },
-        ],
-        "validations": [
-            {"expression": "variables.before == variables.after", "message": "state frozen"}
-        ],
+    }
+
+
+# Every change of the state annotation on nodes labelled `test.node-watchdog/deny-state`.
+DENY_STATE_POLICY = _node_policy(
+    "test-deny-state-writes",
+    "test.node-watchdog/deny-state",
+    ["nodes", "nodes/status"],
+    {
+        "key": "'node-watchdog.kubevirt.io/state'",
+        "before": "has(oldObject.metadata.annotations) && variables.key in "
+        "oldObject.metadata.annotations ? oldObject.metadata.annotations[variables.key] : ''",
+        "after": "has(object.metadata.annotations) && variables.key in "
+        "object.metadata.annotations ? object.metadata.annotations[variables.key] : ''",
     },
-}
+    "variables.before == variables.after",
+)
+# Removing the out-of-service taint from nodes labelled `test.node-watchdog/deny-untaint`.
+DENY_UNTAINT_LABEL = "test.node-watchdog/deny-untaint"
+DENY_UNTAINT_POLICY = _node_policy(
+    "test-deny-untaint",
+    DENY_UNTAINT_LABEL,
+    ["nodes"],
+    {
+        "key": "'node.kubernetes.io/out-of-service'",
+        "had": "has(oldObject.spec.taints) && "
+        "oldObject.spec.taints.exists(t, t.key == variables.key)",
+        "has": "has(object.spec.taints) && object.spec.taints.exists(t, t.key == variables.key)",
+    },
+    "!variables.had || variables.has",
+)
 VAP = Resource(
     "/apis/admissionregistration.k8s.io/v1", "validatingadmissionpolicies", namespaced=False
 )
@@ -347,44 +365,6 @@ VAP_BINDINGS = Resource(
     "validatingadmissionpolicybindings",
     namespaced=False,
 )
-
-
-# The API server refuses to remove the out-of-service taint from nodes labelled
-# `test.node-watchdog/deny-untaint`, for everyone.
-DENY_UNTAINT_LABEL = "test.node-watchdog/deny-untaint"
-DENY_UNTAINT_POLICY = {
-    "apiVersion": "admissionregistration.k8s.io/v1",
-    "kind": "ValidatingAdmissionPolicy",
-    "metadata": {"name": "test-deny-untaint"},
-    "spec": {
-        "failurePolicy": "Fail",
-        "matchConstraints": {
-            "resourceRules": [
-                {
-                    "apiGroups": [""],
-                    "apiVersions": ["v1"],
-                    "operations": ["UPDATE"],
-                    "resources": ["nodes"],
-                }
-            ],
-            "objectSelector": {"matchLabels": {DENY_UNTAINT_LABEL: "true"}},
-        },
-        "variables": [
-            {"name": "key", "expression": "'node.kubernetes.io/out-of-service'"},
-            {
-                "name": "had",
-                "expression": "has(oldObject.spec.taints) && "
-                "oldObject.spec.taints.exists(t, t.key == variables.key)",
-            },
-            {
-                "name": "has",
-                "expression": "has(object.spec.taints) && "
-                "object.spec.taints.exists(t, t.key == variables.key)",
-            },
-        ],
-        "validations": [{"expression": "!variables.had || variables.has", "message": "kept"}],
-    },
-}
 
 
 async def _deny(kube, policy: dict) -> None:
