@@ -199,7 +199,8 @@ def register_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--rbac-overlay",
         metavar="NAME",
         help="apply only the RBAC of deploy/overlays/NAME (kubevirt, harvester) and run the "
-        "agents as its ServiceAccount; prints `service-account kubeconfig: PATH` for controllers",
+        "agents as its agent ServiceAccount; prints the kubeconfigs of both ServiceAccounts "
+        "(`controller service-account kubeconfig: PATH` for controllers)",
     )
     p.add_argument(
         "--audit-log",
@@ -338,7 +339,9 @@ async def _run_sim(config: Any, ready_timeout_s: float) -> int:
         if cluster.broker is not None:
             print(f"broker: {cluster.broker.url}", flush=True)
         if cluster.identity is not None:
-            print(f"service-account kubeconfig: {cluster.identity.kubeconfig}", flush=True)
+            print(f"controller service-account kubeconfig: {cluster.identity.kubeconfig}")
+        if cluster.agent_identity is not None:
+            print(f"agent service-account kubeconfig: {cluster.agent_identity.kubeconfig}")
         if cluster.control_plane.audit_log_path is not None:
             print(f"audit log: {cluster.control_plane.audit_log_path}", flush=True)
         print(f"kubeconfig: {cluster.kubeconfig}", flush=True)

@@ -135,8 +135,9 @@ class SimConfig:
     control_plane_bin: Path | None = None
     audit_log: bool = False
     # A deploy/ overlay ("kubevirt", "harvester", "kubevirt+delete-volume-attachments": with
-    # components): its RBAC objects are applied and the agents run as its ServiceAccount
-    # (`SimCluster.identity`); None: agents run as admin.
+    # components): its RBAC objects are applied, the agents run as its agent ServiceAccount
+    # (`SimCluster.agent_identity`), nodes in role `run` as its controller ServiceAccount
+    # (`SimCluster.identity`, also for controllers); None: everything runs as admin.
     rbac_overlay: str | None = None
     control_channel: bool = False  # serve the `fault`/`ledger` control API (the CLI does)
     keep_work_dir: bool = False
@@ -276,7 +277,10 @@ class SimCluster:
         self.agents: dict[str, AgentSlot] = {}
         self.agent_note: str | None = None
         self.kubeconfig = Path()
-        self.identity: ServiceIdentity | None = None  # with config.rbac_overlay
+        # With config.rbac_overlay: the controller's ServiceAccount (controllers, nodes in
+        # role `run`) and the agents'.
+        self.identity: ServiceIdentity | None = None
+        self.agent_identity: ServiceIdentity | None = None
         self._runner: asyncio.Task[None] | None = None
         self._control: ControlServer | None = None
         self._fence: FenceServer | None = None
@@ -326,7 +330,7 @@ class SimCluster:
             await self._wait_informers()
             await self._create_cluster_objects()
             if cfg.rbac_overlay is not None:
-                self.identity = await install_rbac(
+                self.identity, self.agent_identity = await install_rbac(
                     self.control_plane,
                     self.kube,
                     cfg.rbac_overlay,
@@ -663,13 +667,15 @@ class SimCluster:
         return f"mqtt://127.0.0.1:{links.broker.port}"
 
     def node_kubeconfig(self, node: str) -> Path:
-        """A kubeconfig reaching the API server through `node`'s link: the ServiceAccount's
-        with `rbac_overlay`, else admin's."""
+        """A kubeconfig reaching the API server through `node`'s link: with `rbac_overlay` the
+        agents' ServiceAccount's (the controller's on a node in role `run`, which runs the
+        controller too), else admin's."""
         path = self.work_dir / "nodes" / node / "kubeconfig"
         links = self.links.get(node)
         source = self.control_plane.admin_kubeconfig
-        if self.identity is not None:
-            source = self.identity.kubeconfig
+        identity = self.identity if node in self.config.run_nodes else self.agent_identity
+        if identity is not None:
+            source = identity.kubeconfig
         data = yaml.safe_load(source.read_text())
         if links is not None and links.api is not None:
             for cluster in data["clusters"]:
@@ -953,6 +959,14 @@ class SimCluster:
                 else {
                     "user": self.identity.username,
                     "kubeconfig": str(self.identity.kubeconfig),
+                }
+            ),
+            "agent_service_account": (
+                None
+                if self.agent_identity is None
+                else {
+                    "user": self.agent_identity.username,
+                    "kubeconfig": str(self.agent_identity.kubeconfig),
                 }
             ),
             "nodes": {

@@ -1,12 +1,13 @@
-"""The shipped RBAC in the test cluster: the service's processes run as deploy/'s ServiceAccount.
+"""The shipped RBAC in the test cluster: the service's processes run as deploy/'s ServiceAccounts.
 
 Owns: rendering a deploy/ kustomization with the real `kubectl kustomize`, picking out only its
-RBAC objects (ServiceAccount, ClusterRoles, ClusterRoleBindings, Roles, RoleBindings, in their
+RBAC objects (ServiceAccounts, ClusterRoles, ClusterRoleBindings, Roles, RoleBindings, in their
 rendered namespaces), applying them with the real `kubectl apply --server-side` (creating the
 namespaces they live in), waiting until the API server's RBAC authorizer honours every binding,
-and minting a token for the ServiceAccount (TokenRequest) into a kubeconfig. With it
-(`SimConfig.rbac_overlay`), agents and controllers are allowed exactly what a DaemonSet installed
-from that overlay would be, and the audit log shows what they used.
+and minting a token for each of the two ServiceAccounts (TokenRequest) into a kubeconfig: the
+controller's and the agents'. With it (`SimConfig.rbac_overlay`), controllers and agents are
+allowed exactly what the Deployment and the DaemonSet installed from that overlay would be (a
+node in role `run` holds the controller's), and the audit log shows what each used.
 
 Must not: apply anything else of the overlay (DaemonSet, broker, Services...): the test cluster
 runs the service's processes itself, on loopback.
@@ -35,6 +36,9 @@ DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 _BINDINGS = ("ClusterRoleBinding", "RoleBinding")
 FIELD_MANAGER = "watchdog-chaos"
+# The ServiceAccounts deploy/ ships: the controller Deployment's and the agent DaemonSet's.
+CONTROLLER_ACCOUNT = "node-watchdog"
+AGENT_ACCOUNT = "node-watchdog-agent"
 
 
 class RbacError(RuntimeError):
@@ -110,11 +114,11 @@ def rbac_objects(objs: list[Obj]) -> list[Obj]:
     return sorted(picked, key=lambda o: RBAC_KINDS.index(o["kind"]))
 
 
-def service_account(objs: list[Obj]) -> tuple[str, str]:
-    """(namespace, name) of the one ServiceAccount rendered."""
-    found = [o for o in objs if o.get("kind") == "ServiceAccount"]
+def service_account(objs: list[Obj], name: str = CONTROLLER_ACCOUNT) -> tuple[str, str]:
+    """(namespace, name) of the ServiceAccount `name` rendered."""
+    found = [o for o in objs if o.get("kind") == "ServiceAccount" and o["metadata"]["name"] == name]
     if len(found) != 1:
-        raise RbacError(f"expected one ServiceAccount in the overlay, found {len(found)}")
+        raise RbacError(f"expected one ServiceAccount {name} in the overlay, found {len(found)}")
     meta = found[0]["metadata"]
     return meta["namespace"], meta["name"]
 
@@ -150,43 +154,52 @@ async def install(
     *,
     deploy_dir: Path = DEPLOY_DIR,
     timeout_s: float = 60.0,
-) -> ServiceIdentity:
-    """Apply `overlay`'s RBAC objects, wait until they are in force, mint the SA's kubeconfig."""
+) -> tuple[ServiceIdentity, ServiceIdentity]:
+    """Apply `overlay`'s RBAC objects, wait until they are in force, mint a kubeconfig for each
+    ServiceAccount: (the controller's, the agents'), the agents' next to `kubeconfig_path`."""
     objs = rbac_objects(await asyncio.to_thread(render, overlay, deploy_dir))
-    namespace, name = service_account(objs)
     for ns in sorted({o["metadata"]["namespace"] for o in objs if o["metadata"].get("namespace")}):
         with contextlib.suppress(ApiError):  # 409: it exists (kube-node-lease always does)
             await kube.create(
                 NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
             )
     await asyncio.to_thread(apply, objs, control_plane.admin_kubeconfig)
-    identity = ServiceIdentity(
-        overlay,
-        namespace,
-        name,
-        await control_plane.kubeconfig_for_service_account(namespace, name, kubeconfig_path),
-        tuple(objs),
-    )
+    identities = []
+    for account, path in (
+        (CONTROLLER_ACCOUNT, kubeconfig_path),
+        (AGENT_ACCOUNT, kubeconfig_path.with_name(f"agent-{kubeconfig_path.name}")),
+    ):
+        namespace, name = service_account(objs, account)
+        identities.append(
+            ServiceIdentity(
+                overlay,
+                namespace,
+                name,
+                await control_plane.kubeconfig_for_service_account(namespace, name, path),
+                tuple(objs),
+            )
+        )
     # The RBAC authorizer learns bindings through an informer: a process started right now
     # could be denied what the role grants. Wait until every binding answers "allowed".
     deadline = time.monotonic() + timeout_s
-    while missing := await _bindings_not_in_force(kube, identity):
+    while missing := await _bindings_not_in_force(kube, objs):
         if time.monotonic() > deadline:
             raise RbacError(f"not in force after {timeout_s:.0f}s: {', '.join(missing)}")
         await asyncio.sleep(0.2)
-    return identity
+    controller, agent = identities
+    return controller, agent
 
 
-async def _bindings_not_in_force(kube: Kube, identity: ServiceIdentity) -> list[str]:
-    """The bindings whose first granted verb a SubjectAccessReview still denies."""
-    roles = {
-        (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o
-        for o in identity.objects
-    }
+async def _bindings_not_in_force(kube: Kube, objs: list[Obj]) -> list[str]:
+    """The bindings whose first granted verb a SubjectAccessReview for their (one)
+    ServiceAccount still denies."""
+    roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objs}
     pending = []
-    for binding in identity.objects:
+    for binding in objs:
         if binding["kind"] not in _BINDINGS:
             continue
+        [subject] = binding["subjects"]
+        sa_ns, sa_name = subject["namespace"], subject["name"]
         ref = binding["roleRef"]
         ns = binding["metadata"].get("namespace")
         role = roles.get((ref["kind"], None if ref["kind"] == "ClusterRole" else ns, ref["name"]))
@@ -210,10 +223,10 @@ async def _bindings_not_in_force(kube: Kube, identity: ServiceIdentity) -> list[
                 "apiVersion": "authorization.k8s.io/v1",
                 "kind": "SubjectAccessReview",
                 "spec": {
-                    "user": identity.username,
+                    "user": f"system:serviceaccount:{sa_ns}:{sa_name}",
                     "groups": [
                         "system:serviceaccounts",
-                        f"system:serviceaccounts:{identity.namespace}",
+                        f"system:serviceaccounts:{sa_ns}",
                         "system:authenticated",
                     ],
                     "resourceAttributes": attributes,

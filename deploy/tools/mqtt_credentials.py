@@ -5,11 +5,12 @@ Writes into a directory (kept between runs, so adding a node keeps every other p
 
     agents/<node>   that node's agent password      → Secret node-watchdog-mqtt-agents
     passwd          mosquitto password file          → Secret node-watchdog-mqtt-passwd
-    controller      password of `watchdog_controller` (read-only user, for tools)
+    controller      password of `watchdog_controller`, the controller's login
+                                                     → Secret node-watchdog-mqtt-controller
     ca.crt ca.key tls.crt tls.key   with --tls: a private CA and the broker's certificate
                                                      → Secret node-watchdog-mqtt-tls
 
-and prints the kubectl commands that create or update the three Secrets. The password file uses
+and prints the kubectl commands that create or update the four Secrets. The password file uses
 mosquitto's own PBKDF2-SHA512 format (`$7$`), so no mosquitto tools are needed here.
 
     python deploy/tools/mqtt_credentials.py --dir ./mqtt-creds --tls \
@@ -157,6 +158,11 @@ def kubectl_commands(directory: Path, namespace: str, tls: bool) -> list[str]:
     cmds = [
         apply("generic", "node-watchdog-mqtt-agents", f"--from-file={d / 'agents'}"),
         apply("generic", "node-watchdog-mqtt-passwd", f"--from-file=passwd={d / 'passwd'}"),
+        apply(
+            "generic",
+            "node-watchdog-mqtt-controller",
+            f"--from-file=password={d / 'controller'}",
+        ),
     ]
     if tls:
         cmds.append(

@@ -334,15 +334,40 @@ async def test_agent_cannot_publish_to_another_nodes_topics(broker: Broker) -> N
     assert got == [marker], f"delivered despite the ACL: {got[:-1]}"
 
 
-async def test_the_controller_user_reads_but_cannot_publish(broker: Broker) -> None:
-    async with subscribed(broker, "node-2", f"{PREFIX}/#") as inbox:
+async def test_the_controller_user_reads_but_cannot_publish_node_topics(broker: Broker) -> None:
+    async with subscribed(broker, mqtt_credentials.CONTROLLER_USER, f"{PREFIX}/#") as inbox:
         async with broker.client(mqtt_credentials.CONTROLLER_USER) as controller:
             # QoS 1: returns after the broker's PUBACK, i.e. after it routed (or dropped) it.
-            await controller.publish(f"{PREFIX}/heartbeat/node-1", b"forged", qos=1)
+            for kind in ("heartbeat", "status", "peers"):
+                await controller.publish(f"{PREFIX}/{kind}/node-1", b"forged", qos=1)
         async with broker.client("node-1", identifier="agent-node-1") as agent:
             await agent.publish(f"{PREFIX}/heartbeat/node-1", b"after", qos=1)
         got = await inbox.wait_for(f"{PREFIX}/heartbeat/node-1", b"after")
-    assert (f"{PREFIX}/heartbeat/node-1", b"forged") not in got
+    assert [m for m in got if m[1] == b"forged"] == [], got
+
+
+async def test_an_agent_reads_nothing_of_another_node(broker: Broker) -> None:
+    """A node's credentials are no window on the others: its heartbeats, status and peer
+    reports reach the controller only. Each agent reads back only its own heartbeats (the echo
+    that proves its broker contact)."""
+    others = [
+        (f"{PREFIX}/heartbeat/node-2", b"hb-2"),
+        (f"{PREFIX}/status/node-2", b"online"),
+        (f"{PREFIX}/peers/node-2", b"{}"),
+    ]
+    own = (f"{PREFIX}/heartbeat/node-1", b"hb-1")
+    async with (
+        subscribed(broker, "node-1", f"{PREFIX}/#") as spy,
+        subscribed(broker, mqtt_credentials.CONTROLLER_USER, f"{PREFIX}/#") as controller,
+    ):
+        async with broker.client("node-2", identifier="agent-node-2") as agent:
+            for topic, payload in others:
+                await agent.publish(topic, payload, qos=1)
+        async with broker.client("node-1", identifier="agent-node-1") as me:
+            await me.publish(*own, qos=1)
+        await controller.wait_for(*own)
+        got = await spy.wait_for(*own)
+    assert got == [own], f"node-1 read another node's topics: {got[:-1]}"
 
 
 async def test_a_client_writes_only_its_own_echo_topic(broker: Broker) -> None:
@@ -370,45 +395,53 @@ async def test_a_client_writes_only_its_own_echo_topic(broker: Broker) -> None:
 
 
 async def test_an_agent_reads_only_its_own_probe_list(broker: Broker) -> None:
-    """Probe lists are written by the leader, a DaemonSet replica logged in as its node; each
-    agent reads only its own list (where it must connect is nobody else's business)."""
+    """Probe lists are written by the controller's leader; each agent reads only its own list
+    (where it must connect is nobody else's business)."""
     lists = [
         (f"{PREFIX}/probe/node-2", b'{"node":"node-2","targets":{}}'),
         (f"{PREFIX}/probe/node-1", b'{"node":"node-1","targets":{"node-2":"10.0.0.2:9103"}}'),
     ]
     async with subscribed(broker, "node-1", f"{PREFIX}/probe/#") as inbox:
-        async with broker.client("node-2", identifier="leader-on-node-2") as leader:
+        async with broker.client(mqtt_credentials.CONTROLLER_USER, identifier="leader") as leader:
             for topic, payload in lists:  # in order: node-1's own list is the barrier
                 await leader.publish(topic, payload, qos=1)
         got = await inbox.wait_for(*lists[-1])
     assert got == [lists[-1]], f"node-1 read another node's probe list: {got[:-1]}"
 
 
-async def test_a_replica_leader_publishes_probe_lists_and_reads_every_peer_report(
+async def test_the_controller_publishes_probe_lists_and_reads_every_peer_report(
     broker: Broker,
 ) -> None:
     report = (f"{PREFIX}/peers/node-1", b'{"node":"node-1","results":{"node-2":"reachable"}}')
     probe = (f"{PREFIX}/probe/node-1", b'{"node":"node-1","targets":{}}')
-    async with subscribed(broker, "node-2", f"{PREFIX}/peers/+") as reports:
+    async with subscribed(broker, mqtt_credentials.CONTROLLER_USER, f"{PREFIX}/peers/+") as got:
         async with broker.client("node-1", identifier="agent-node-1") as agent:
             await agent.publish(*report, qos=1)
-        assert await reports.wait_for(*report) == [report]
+        assert await got.wait_for(*report) == [report]
     async with subscribed(broker, "node-1", f"{PREFIX}/probe/node-1") as lists:
-        async with broker.client("node-2", identifier="leader-on-node-2") as leader:
+        async with broker.client(mqtt_credentials.CONTROLLER_USER, identifier="leader") as leader:
             await leader.publish(*probe, qos=1)
         assert await lists.wait_for(*probe) == [probe]
 
 
-async def test_the_controller_user_cannot_publish_probe_lists(broker: Broker) -> None:
+async def test_no_agent_can_publish_probe_lists(broker: Broker) -> None:
+    """A compromised node cannot steer other nodes' peer probes (and so their votes)."""
     forged = (f"{PREFIX}/probe/node-1", b'{"node":"node-1","targets":{"node-2":"6.6.6.6:1"}}')
+    own = (f"{PREFIX}/probe/node-2", b'{"node":"node-2","targets":{}}')
     after = (f"{PREFIX}/probe/node-1", b'{"node":"node-1","targets":{}}')
-    async with subscribed(broker, "node-1", f"{PREFIX}/probe/node-1") as inbox:
-        async with broker.client(mqtt_credentials.CONTROLLER_USER) as tool:
-            await tool.publish(*forged, qos=1)
-        async with broker.client("node-2", identifier="leader-on-node-2") as leader:
+    after_own = (f"{PREFIX}/probe/node-2", b'{"node":"node-2","targets":{"node-3":"x"}}')
+    async with (
+        subscribed(broker, "node-1", f"{PREFIX}/probe/node-1") as victim,
+        subscribed(broker, "node-2", f"{PREFIX}/probe/node-2") as itself,
+    ):
+        async with broker.client("node-2", identifier="agent-node-2") as attacker:
+            await attacker.publish(*forged, qos=1)
+            await attacker.publish(*own, qos=1)
+        async with broker.client(mqtt_credentials.CONTROLLER_USER, identifier="leader") as leader:
             await leader.publish(*after, qos=1)
-        got = await inbox.wait_for(*after)
-    assert forged not in got
+            await leader.publish(*after_own, qos=1)
+        assert await victim.wait_for(*after) == [after]
+        assert await itself.wait_for(*after_own) == [after_own]
 
 
 async def test_an_agents_last_will_announces_it_offline(broker: Broker) -> None:

@@ -1,26 +1,31 @@
-"""The shipped RBAC is sufficient and minimal, proven on the real control plane (issue 6).
+"""The shipped RBAC is sufficient and minimal for each role, proven on the real control plane.
 
 For each of the kubevirt overlay, the harvester overlay (namespace harvester-system) and the
 kubevirt overlay with the opt-in delete-volume-attachments component (and the feature on), the
-kustomization is rendered with the real kubectl; only its RBAC objects (ServiceAccount,
-ClusterRoles, Roles and their bindings) are applied to a fresh test cluster, and every agent and
-the controller run with a token of that ServiceAccount (agents through their node's api link,
-so faults still apply). Then the service does its job:
+kustomization is rendered with the real kubectl; only its RBAC objects (the two ServiceAccounts,
+ClusterRoles, Roles and their bindings) are applied to a fresh test cluster; the controller runs
+with a token of the controller's ServiceAccount and every agent with a token of the agents'
+(through its node's api link, so faults still apply). Then the service does its job:
 
 1. power-off of node-1 → fenced → reset → its VMs run elsewhere → node-1 powered on → recovered;
 2. kubelet-only fault on a node with VMs (others cordoned, so migrations cannot finish) →
    DEGRADED → evacuation migrations created → kubelet back → migrations deleted; twice, so the
    repeated Event is counted (patched) instead of created again.
 
-and the kube-apiserver's audit log (level Metadata, every request) is read:
+and the kube-apiserver's audit log (level Metadata, every request) is read, per role:
 
-- sufficient: no request by the ServiceAccount was denied (403), and the scenario succeeded;
-- minimal: every (apiGroup, resource[/subresource], verb) granted by the rendered roles, in the
-  scope of its binding, was used by an allowed request; `NOT_EXERCISED` would list, with why,
-  a grant this run cannot use (it is empty: the run uses all of them);
-- really used: the ServiceAccount made the requests (each node's agent read its Node with it,
-  the controller held the leader Lease and wrote the migrations with it), admin made none of
-  the controller's distinctive writes.
+- sufficient: no request by the role's ServiceAccount was denied (403), and the scenario
+  succeeded;
+- minimal: every (apiGroup, resource[/subresource], verb) granted to that ServiceAccount by the
+  rendered roles, in the scope of its binding, was used by an allowed request; `NOT_EXERCISED`
+  would list, with why, a grant this run cannot use (it is empty: the run uses all of them);
+- really used: each node's agent read its Node with the agents' ServiceAccount and wrote
+  nothing; the controller held the leader Lease and wrote the migrations with its own; admin
+  made none of the controller's distinctive writes.
+
+Last, a compromised node: with one agent's token every write that would reboot, reset or
+silence another node (state annotation, out-of-service taint, launcher pod deletion, pod status,
+the leader Lease, migrations) is refused by the API server, and no node changes phase.
 
 On failure the tables of denied requests / unused grants are printed; `-s` prints the grants
 with how often each was used. Rerun (about 50 s per overlay on 2 cores):
@@ -41,10 +46,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from chaos.sim.informer import NAMESPACES, NODES, ApiError
+from chaos.sim.informer import LEASES, NAMESPACES, NODES, PODS, VMIMS, ApiError, Kube
 from chaos.sim.rbac import ServiceIdentity
 from tests.integration.test_service_failover import delta, fail_over
-from tests.integration.watchdog_env import WatchdogEnv, default_config, free_port
+from tests.integration.watchdog_env import LEADER_LEASE, WatchdogEnv, default_config, free_port
 from tests.unit.test_deploy import rendered_access
 
 pytestmark = [
@@ -174,8 +179,11 @@ async def env(
         yield e
 
 
-def identity(env: WatchdogEnv) -> ServiceIdentity:
-    ident = env.cluster.identity
+ROLES = ("agent", "controller")
+
+
+def identity(env: WatchdogEnv, role: str = "controller") -> ServiceIdentity:
+    ident = env.cluster.identity if role == "controller" else env.cluster.agent_identity
     assert ident is not None, "the cluster was not started with rbac_overlay"
     return ident
 
@@ -293,12 +301,18 @@ def _ours(env: WatchdogEnv, node: str, since: float) -> dict[str, dict]:
     }
 
 
-async def test_preflight_as_the_service_account_finds_every_verb_allowed(env):
-    """What an operator runs after installing (docs/OPERATIONS.md), with the same token."""
+@pytest.mark.parametrize("role", ROLES)
+async def test_preflight_as_each_role_finds_every_verb_allowed_and_the_agent_no_more(env, role):
+    """What an operator runs after installing (docs/OPERATIONS.md), with the same token; for
+    the agent, also every controller write is checked to be denied."""
+    environ = env.controller_environment(free_port())
+    environ["KUBECONFIG"] = str(identity(env, role).kubeconfig)
     proc = await asyncio.create_subprocess_exec(
         "node-watchdog",
         "preflight",
-        env=env.controller_environment(free_port()),
+        "--role",
+        role,
+        env=environ,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -306,14 +320,17 @@ async def test_preflight_as_the_service_account_finds_every_verb_allowed(env):
     text = out.decode(errors="replace")
     rbac = [line for line in text.splitlines() if " rbac: " in f" {line}"]
     assert rbac and all(line.startswith("ok") for line in rbac), text
+    must_not = [line for line in rbac if "rbac: must not " in line]
+    assert (len(must_not) >= 5) == (role == "agent"), text
     assert proc.returncode == 0, text
 
 
 # --- what the audit log proves -------------------------------------------------------------
 
 
-async def test_no_request_of_the_service_account_was_denied(env):
-    ident = identity(env)
+@pytest.mark.parametrize("role", ROLES)
+async def test_no_request_of_either_service_account_was_denied(env, role):
+    ident = identity(env, role)
     mine = [r for r in await audited(env) if r.user == ident.username]
     denied = [r for r in mine if r.denied]
     assert not denied, table(
@@ -323,10 +340,12 @@ async def test_no_request_of_the_service_account_was_denied(env):
     )
 
 
-async def test_every_granted_rule_is_used_by_the_service(env):
-    ident = identity(env)
-    access = rendered_access(ident.objects, ident.namespace)
+@pytest.mark.parametrize("role", ROLES)
+async def test_every_rule_granted_to_either_service_account_is_used_by_its_role(env, role):
+    ident = identity(env, role)
+    access = rendered_access(ident.objects, ident.namespace, ident.name)
     grants = {(scope, *g) for scope, gs in access.items() for g in gs}
+    assert grants, f"nothing granted to {ident.username}"
     mine = [r for r in await audited(env) if r.user == ident.username]
     used = grants_used(grants, mine)
     unused = sorted(g for g in grants if g not in used and g not in NOT_EXERCISED)
@@ -335,7 +354,7 @@ async def test_every_granted_rule_is_used_by_the_service(env):
     for g in sorted(grants):
         print(f"  {g[0]:<16} {g[1] or 'core':<20} {g[2]:<36} {g[3]:<8} {used.get(g, 0)}")
     assert not unused, table(
-        f"granted by the {ident.overlay} overlay but never used by the service "
+        f"granted to the {role} by the {ident.overlay} overlay but never used by it "
         "(remove the rule, or exercise it / explain it in NOT_EXERCISED):",
         "scope            group                resource                             verb",
         [f"{s:<16} {g or 'core':<20} {r:<36} {v}" for s, g, r, v in unused],
@@ -343,18 +362,26 @@ async def test_every_granted_rule_is_used_by_the_service(env):
     assert not stale, f"NOT_EXERCISED entries that are used or no longer granted: {stale}"
 
 
-async def test_the_service_account_did_the_work_and_admin_none_of_it(env):
-    ident = identity(env)
+async def test_each_service_account_did_its_roles_work_and_admin_none_of_it(env):
+    agent, ctl = identity(env, "agent"), identity(env, "controller")
+    assert agent.username != ctl.username
     requests = await audited(env)
-    mine = [r for r in requests if r.user == ident.username]
-    # Every agent (through its node's api link) read its own Node as the ServiceAccount, again
-    # and again (its API check runs every second).
+    by_agent = [r for r in requests if r.user == agent.username]
+    by_controller = [r for r in requests if r.user == ctl.username]
+    # Every agent (through its node's api link) read its own Node as the agents' ServiceAccount,
+    # again and again (its API check runs every second), and read nothing else.
     reads = Counter(
-        r.name for r in mine if (r.verb, r.resource) == ("get", "nodes") and not r.denied
+        r.name for r in by_agent if (r.verb, r.resource) == ("get", "nodes") and not r.denied
     )
     assert all(reads[n] >= 5 for n in env.cluster.fleet.members), reads
-    assert len(mine) > 100, f"only {len(mine)} requests by {ident.username}"
-    # The controller's distinctive writes came from the ServiceAccount, never from admin.
+    # (`preflight --role agent`, run above with the same token, asks SelfSubjectAccessReviews.)
+    service = [r for r in by_agent if "(preflight;" not in r.user_agent]
+    others = Counter((r.verb, r.resource or r.uri) for r in service if r.resource != "nodes")
+    assert not others, f"the agents did more than read Nodes: {others}"
+    assert {r.verb for r in service} == {"get"}, Counter(r.verb for r in service)
+    assert len(by_controller) > 100, f"only {len(by_controller)} requests by {ctl.username}"
+    # The controller's distinctive writes came from its ServiceAccount, never from admin or
+    # an agent.
     distinctive = [
         r
         for r in requests
@@ -363,10 +390,88 @@ async def test_the_service_account_did_the_work_and_admin_none_of_it(env):
             (r.resource == "leases" and r.namespace == env.namespace)
             or r.resource == "virtualmachineinstancemigrations"
         )
+        and not r.denied
     ]
     by_user = Counter(r.user for r in distinctive)
-    assert set(by_user) == {ident.username}, by_user
+    assert set(by_user) == {ctl.username}, by_user
     lease_writes = [r for r in distinctive if r.resource == "leases"]
     assert {r.verb for r in lease_writes} >= {"create", "update"}, Counter(
         r.verb for r in lease_writes
     )
+
+
+# --- a compromised node ----------------------------------------------------------------------
+
+
+async def test_a_compromised_nodes_token_cannot_reboot_reset_or_silence_another_node(env):
+    """One node's credentials in an attacker's hands: the agent token (what every DaemonSet pod
+    mounts). Each write that would fence a healthy node, reset its VMs or take the controller's
+    place is refused by the API server (403), and no node changes phase. Runs last: its
+    refusals are the only denied requests of the agents' ServiceAccount."""
+    await env.restore()
+    c = env.cluster
+    victim = max(("node-2", "node-3", "node-4"), key=lambda n: len(c.vms_on(n)))
+    phases = {n: env.phase(n) for n in c.fleet.members}
+    assert set(phases.values()) == {"Healthy"}, phases
+    pod = next(p for p in c.launcher_pods(victim))
+    lease = await c.kube.get(LEASES, LEADER_LEASE, env.namespace)
+    stolen = await Kube.from_kubeconfig(identity(env, "agent").kubeconfig)
+    ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+    attacks = {
+        "declare the victim Fencing": stolen.patch(
+            NODES,
+            victim,
+            {
+                "metadata": {
+                    "annotations": {"node-watchdog.kubevirt.io/state": '{"phase":"Fencing"}'}
+                }
+            },
+        ),
+        "taint the victim out-of-service": stolen.patch(
+            NODES,
+            victim,
+            {
+                "spec": {
+                    "taints": [{"key": "node.kubernetes.io/out-of-service", "effect": "NoExecute"}]
+                }
+            },
+        ),
+        "force-delete a VM's launcher pod": stolen.delete(PODS, name, ns, grace_period_s=0),
+        "mark a launcher pod not ready": stolen.patch(
+            PODS,
+            name,
+            {"status": {"conditions": [{"type": "Ready", "status": "False"}]}},
+            ns,
+            sub="status",
+        ),
+        "take the leader Lease": stolen.replace(
+            LEASES,
+            {**lease, "spec": {**lease["spec"], "holderIdentity": "attacker"}},
+        ),
+        "start a migration": stolen.create(
+            VMIMS,
+            {
+                "apiVersion": "kubevirt.io/v1",
+                "kind": "VirtualMachineInstanceMigration",
+                "metadata": {"name": "attack", "namespace": ns},
+                "spec": {"vmiName": pod["metadata"]["labels"].get("vm.kubevirt.io/name", "x")},
+            },
+            ns,
+        ),
+    }
+    refused: dict[str, int] = {}
+    try:
+        for what, call in attacks.items():
+            try:
+                await call
+                refused[what] = 200
+            except ApiError as e:
+                refused[what] = e.status
+    finally:
+        await stolen.close()
+    assert refused == {what: 403 for what in attacks}, refused
+    # Nothing moved: every node still Healthy, the pod still there, the Lease still ours.
+    assert {n: env.phase(n) for n in c.fleet.members} == phases
+    assert any(p["metadata"]["name"] == name for p in c.launcher_pods(victim))
+    after = await c.kube.get(LEASES, LEADER_LEASE, env.namespace)
+    assert after["spec"]["holderIdentity"] == lease["spec"]["holderIdentity"]

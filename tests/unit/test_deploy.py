@@ -5,10 +5,13 @@ each overlay, and overlays composed with the opt-in components — and then:
 - every built-in object validates against the Kubernetes 1.37 schemas, strictly
   (kubernetes-validate); prometheus-operator CRs are checked structurally and their rules with
   promtool;
-- the DaemonSet and the broker have the security context, tolerations and probes required;
-- the shipped ConfigMap loads into the service's real Settings with the DaemonSet's env, and the
-  ports, paths, names and Service it mentions are the ones deploy/ actually creates;
-- the RBAC equals the verb table of watchdog/actuate/preflight.py, scope for scope.
+- the agent DaemonSet, the controller Deployment and the broker have the security context,
+  tolerations, probes and identities required (two roles, two ServiceAccounts, and no pod holds
+  a credential of the other role);
+- the shipped ConfigMap loads into the service's real Settings with each workload's env, and
+  the ports, paths, names and Service it mentions are the ones deploy/ actually creates;
+- the RBAC of each ServiceAccount equals its role's verb table in watchdog/actuate/preflight.py,
+  scope for scope.
 
 In CI (CI=true) a missing kubectl or promtool fails these tests instead of skipping them.
 """
@@ -28,7 +31,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from watchdog.actuate.preflight import CONTROLLER_ACCESS, required_access
+from watchdog.actuate.preflight import (
+    AGENT_ACCESS,
+    AGENT_MUST_NOT,
+    CONTROLLER_ACCESS,
+    AccessRule,
+    required_access,
+)
 from watchdog.runtime.settings import CONFIG_FILE_ENV, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,6 +133,18 @@ def daemonset(objs: tuple[dict[str, Any], ...]) -> dict[str, Any]:
     return one(objs, "DaemonSet", "node-watchdog")
 
 
+def controller(objs: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    return one(objs, "Deployment", "node-watchdog-controller")
+
+
+# The two roles: the workload that runs each, and its ServiceAccount and verb table.
+AGENT_SA, CONTROLLER_SA = "node-watchdog-agent", "node-watchdog"
+ROLES: dict[str, tuple[Any, str, tuple[AccessRule, ...]]] = {
+    "agent": (daemonset, AGENT_SA, AGENT_ACCESS),
+    "controller": (controller, CONTROLLER_SA, CONTROLLER_ACCESS),
+}
+
+
 def container(workload: dict[str, Any], name: str) -> dict[str, Any]:
     return next(c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == name)
 
@@ -143,6 +164,7 @@ def test_every_kustomization_renders_the_whole_product(render) -> None:
         "ConfigMap",
         "DaemonSet",
         "Deployment",
+        "PodDisruptionBudget",
         "Service",
         "ServiceMonitor",
         "PrometheusRule",
@@ -171,16 +193,26 @@ def test_prometheus_operator_resources_are_well_formed_and_match_the_service(ren
     _, objs = render
     monitor = one(objs, "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    svc = one(objs, "Service", "node-watchdog-metrics")
     selector = monitor["spec"]["selector"]["matchLabels"]
-    assert selector.items() <= svc["metadata"]["labels"].items(), "ServiceMonitor selects nothing"
-    port_names = {p["name"] for p in svc["spec"]["ports"]}
-    for endpoint in monitor["spec"]["endpoints"]:
-        assert endpoint["port"] in port_names
-        assert endpoint["path"] == "/metrics"
-    ds = daemonset(objs)
-    pod_labels = ds["spec"]["template"]["metadata"]["labels"]
-    assert svc["spec"]["selector"].items() <= pod_labels.items(), "metrics Service selects no pod"
+    # One headless Service per role, both picked by the ServiceMonitor, each selecting its pods.
+    for service, workload in (
+        ("node-watchdog-agent-metrics", daemonset(objs)),
+        ("node-watchdog-controller-metrics", controller(objs)),
+    ):
+        svc = one(objs, "Service", service)
+        assert selector.items() <= svc["metadata"]["labels"].items(), f"{service} not scraped"
+        port_names = {p["name"] for p in svc["spec"]["ports"]}
+        for endpoint in monitor["spec"]["endpoints"]:
+            assert endpoint["port"] in port_names
+            assert endpoint["path"] == "/metrics"
+        pod_labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert svc["spec"]["selector"].items() <= pod_labels.items(), f"{service} selects no pod"
+        others = [w for w in (daemonset(objs), controller(objs)) if w is not workload]
+        for other in others:
+            assert (
+                not svc["spec"]["selector"].items()
+                <= other["spec"]["template"]["metadata"]["labels"].items()
+            )
 
     rule = one(objs, "PrometheusRule")
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
@@ -217,12 +249,13 @@ def test_the_daemonset_runs_everywhere_and_is_locked_down(render) -> None:
     # Every taint tolerated: unreachable, not-ready, out-of-service, kubevirt.io/drain, ...
     assert {"operator": "Exists"} in spec["tolerations"]
     assert spec["priorityClassName"] == "system-node-critical"
-    assert spec["serviceAccountName"] == "node-watchdog"
+    # The agents' own identity, which may only read Nodes (DESIGN §9).
+    assert spec["serviceAccountName"] == AGENT_SA
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
 
     c = container(ds, "node-watchdog")
-    assert c["command"] == ["node-watchdog"] and c["args"] == ["run"]
+    assert c["command"] == ["node-watchdog"] and c["args"] == ["agent"]
     env = {e["name"]: e for e in c["env"]}
     assert env["WATCHDOG_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert env["WATCHDOG_CONFIG_FILE"]["value"].startswith("/etc/node-watchdog/config/")
@@ -277,6 +310,56 @@ def test_the_daemonset_runs_everywhere_and_is_locked_down(render) -> None:
     # Only the CA of the broker's TLS Secret is mounted, never its key.
     mqtt_ca = next(v for v in spec["volumes"] if v["name"] == "mqtt-ca")
     assert mqtt_ca["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    # Never the controller's broker password.
+    assert "node-watchdog-mqtt-controller" not in secrets_mounted(ds)
+
+
+def secrets_mounted(workload: dict[str, Any]) -> set[str]:
+    return {
+        v["secret"]["secretName"]
+        for v in workload["spec"]["template"]["spec"]["volumes"]
+        if "secret" in v
+    }
+
+
+def test_the_controller_runs_two_replicas_apart_as_its_own_identity(render) -> None:
+    name, objs = render
+    ctl = controller(objs)
+    spec = ctl["spec"]["template"]["spec"]
+    labels = ctl["spec"]["template"]["metadata"]["labels"]
+    # A standby always warm: two replicas, a new one up before an old one stops, one kept
+    # through voluntary disruptions, and preferably not both on one node.
+    assert ctl["spec"]["replicas"] >= 2
+    assert ctl["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pdb = one(objs, "PodDisruptionBudget", "node-watchdog-controller")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    [term] = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+    # On a dead node a replica is replaced within seconds, not after the default 300 s.
+    tolerated = {t["key"]: t.get("tolerationSeconds") for t in spec["tolerations"]}
+    assert tolerated == {"node.kubernetes.io/unreachable": 20, "node.kubernetes.io/not-ready": 20}
+    assert spec["priorityClassName"] == "system-cluster-critical"
+    assert spec["serviceAccountName"] == CONTROLLER_SA
+
+    c = container(ctl, "node-watchdog")
+    assert c["command"] == ["node-watchdog"] and c["args"] == ["controller"]
+    assert [p["containerPort"] for p in c["ports"]] == [9102]
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert c[probe]["httpGet"]["port"] == "metrics"
+    # Locked down in every overlay: the self-fence's privileges are the agents' only.
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]} and not sc.get("privileged")
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert not [v for v in spec["volumes"] if "hostPath" in v], name
+    assert not spec.get("hostNetwork") and not spec.get("hostPID")
+    # Its own broker login; never the agents' passwords, never the broker's key.
+    assert secrets_mounted(ctl) == {"node-watchdog-mqtt-tls", "node-watchdog-mqtt-controller"}
+    mqtt_ca = next(v for v in spec["volumes"] if v["name"] == "mqtt-ca")
+    assert mqtt_ca["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    assert "node-watchdog-mqtt-agents" in secrets_mounted(daemonset(objs))
 
 
 def test_the_broker_is_locked_down_and_serves_tls_only(render) -> None:
@@ -326,10 +409,13 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
 
 
 def loaded_settings(
-    objs: tuple[dict[str, Any], ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    objs: tuple[dict[str, Any], ...],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    role: str = "agent",
 ) -> tuple[Settings, dict[str, str]]:
-    """Settings exactly as a DaemonSet pod on node-1 would load them."""
-    ds = daemonset(objs)
+    """Settings exactly as the role's pod on node-1 would load them."""
+    ds = ROLES[role][0](objs)
     c = container(ds, "node-watchdog")
     spec = ds["spec"]["template"]["spec"]
     namespace = ds["metadata"]["namespace"]
@@ -364,7 +450,6 @@ def test_the_shipped_configuration_loads_and_matches_what_deploy_creates(
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
 
     assert settings.node_name == NODE
-    assert settings.namespace == ds["metadata"]["namespace"] == RENDERS[name][2]
     assert settings.metrics_port == 9102
     # Other agents probe this pod at the address it announces, on the port the pod declares.
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
@@ -386,10 +471,27 @@ def test_the_shipped_configuration_loads_and_matches_what_deploy_creates(
     assert f"pattern write {settings.mqtt.topic_prefix}/heartbeat/%u" in acl
     assert f"pattern write {settings.mqtt.topic_prefix}/peers/%u" in acl
     assert f"pattern read {settings.mqtt.topic_prefix}/probe/%u" in acl
-    assert settings.delete_volume_attachments == name.endswith("delete-volume-attachments")
     assert (settings.fence_command is not None) == (name in SELF_FENCED)
+
+    # The controller: its namespace (the leader Lease's), its own broker login, its features.
+    for key in list(os.environ):
+        if key.startswith("WATCHDOG_"):
+            clean_env.delenv(key)
+    ctl_settings, _ = loaded_settings(objs, tmp_path, clean_env, "controller")
+    ctl = container(controller(objs), "node-watchdog")
+    ctl_mounts = {m["name"]: m["mountPath"] for m in ctl["volumeMounts"]}
+    assert ctl_settings.node_name is None  # the pod name identifies a replica
+    assert ctl_settings.namespace == controller(objs)["metadata"]["namespace"] == RENDERS[name][2]
+    assert ctl_settings.metrics_port == 9102
+    assert ctl_settings.mqtt.username == "watchdog_controller"
+    assert ctl_settings.mqtt.password_file == Path(ctl_mounts["mqtt-controller"]) / "password"
+    assert ctl_settings.mqtt.url == settings.mqtt.url
+    assert ctl_settings.mqtt.ca_file == settings.mqtt.ca_file
+    assert f"user {ctl_settings.mqtt.username}" in acl.splitlines()
+    assert f"topic write {settings.mqtt.topic_prefix}/probe/#" in acl.splitlines()
+    assert ctl_settings.delete_volume_attachments == name.endswith("delete-volume-attachments")
     if name.startswith("kubevirt"):
-        assert settings.policy.enable is True
+        assert ctl_settings.policy.enable is True
 
 
 def test_the_kubevirt_config_is_the_base_config_plus_a_policy() -> None:
@@ -415,15 +517,25 @@ def _grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     return out
 
 
-def rendered_access(objs: tuple[dict[str, Any], ...], sa_ns: str) -> dict[str, set]:
-    """scope ('cluster' or a namespace) → (group, resource, verb) granted to our ServiceAccount."""
-    sa = {"kind": "ServiceAccount", "name": "node-watchdog", "namespace": sa_ns}
+def rendered_access(
+    objs: tuple[dict[str, Any], ...], sa_ns: str, sa_name: str = CONTROLLER_SA
+) -> dict[str, set]:
+    """scope ('cluster' or a namespace) → (group, resource, verb) granted to the ServiceAccount
+    `sa_name` of our namespace. Every binding names exactly one of our two ServiceAccounts."""
+    ours = [
+        {"kind": "ServiceAccount", "name": name, "namespace": sa_ns}
+        for name in (CONTROLLER_SA, AGENT_SA)
+    ]
+    sa = {"kind": "ServiceAccount", "name": sa_name, "namespace": sa_ns}
     roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objs}
     access: dict[str, set] = {}
     for b in objs:
         if b["kind"] not in ("ClusterRoleBinding", "RoleBinding"):
             continue
-        assert b["subjects"] == [sa], f"{b['kind']}/{b['metadata']['name']} binds {b['subjects']}"
+        [subject] = b["subjects"]
+        assert subject in ours, f"{b['kind']}/{b['metadata']['name']} binds {b['subjects']}"
+        if subject != sa:
+            continue
         ref = b["roleRef"]
         ns = b["metadata"].get("namespace")
         role = roles[(ref["kind"], None if ref["kind"] == "ClusterRole" else ns, ref["name"])]
@@ -432,22 +544,48 @@ def rendered_access(objs: tuple[dict[str, Any], ...], sa_ns: str) -> dict[str, s
     return access
 
 
-def test_rbac_is_exactly_the_preflight_verb_table(
-    render, tmp_path: Path, clean_env: pytest.MonkeyPatch
-) -> None:
-    """The shipped roles grant what `node-watchdog preflight` checks: no more, no less."""
-    name, objs = render
-    settings, _ = loaded_settings(objs, tmp_path, clean_env)
-    expected: dict[str, set] = {}
-    for rule in required_access(settings, CONTROLLER_ACCESS):
+def _table_access(settings: Settings, table: tuple[AccessRule, ...]) -> dict[str, set]:
+    out: dict[str, set] = {}
+    for rule in required_access(settings, table):
         scope = "cluster" if rule.namespace is None else rule.namespace
         resource = f"{rule.resource}/{rule.subresource}" if rule.subresource else rule.resource
-        expected.setdefault(scope, set()).update((rule.group, resource, v) for v in rule.verbs)
-    actual = rendered_access(objs, settings.namespace)
+        out.setdefault(scope, set()).update((rule.group, resource, v) for v in rule.verbs)
+    return out
+
+
+@pytest.mark.parametrize("role", sorted(ROLES))
+def test_rbac_is_exactly_the_preflight_verb_table_of_each_role(
+    render, role: str, tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
+    """Each role's ServiceAccount is granted what `node-watchdog preflight --role` checks: no
+    more, no less."""
+    name, objs = render
+    settings, _ = loaded_settings(objs, tmp_path, clean_env, "controller")
+    _, sa_name, table = ROLES[role]
+    expected = _table_access(settings, table)
+    actual = rendered_access(objs, settings.namespace, sa_name)
     assert actual == expected, (
-        f"{name}: missing {_diff(expected, actual)}; not used by the controller "
+        f"{name}: {role} missing {_diff(expected, actual)}; not used by the {role} "
         f"{_diff(actual, expected)}"
     )
+
+
+def test_the_agents_table_grants_nothing_a_node_must_not_do(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
+    settings, _ = loaded_settings(_render("base"), tmp_path, clean_env, "controller")
+    granted = {
+        (scope, *g) for scope, gs in _table_access(settings, AGENT_ACCESS).items() for g in gs
+    }
+    forbidden = {
+        (scope, *g) for scope, gs in _table_access(settings, AGENT_MUST_NOT).items() for g in gs
+    }
+    assert not granted & forbidden
+    # ... while the controller needs most of them: the list is about real powers.
+    controller_grants = {
+        (scope, *g) for scope, gs in _table_access(settings, CONTROLLER_ACCESS).items() for g in gs
+    }
+    assert len(forbidden & controller_grants) >= 5
 
 
 def _diff(a: dict[str, set], b: dict[str, set]) -> dict[str, list]:
@@ -481,6 +619,7 @@ def test_network_policies_allow_scrapes_broker_api_dns_and_peer_probes_only(rend
     ds = daemonset(objs)
     broker = one(objs, "Deployment", "node-watchdog-mqtt")
     ds_labels = ds["spec"]["template"]["metadata"]["labels"]
+    ctl_labels = controller(objs)["spec"]["template"]["metadata"]["labels"]
     broker_labels = broker["spec"]["template"]["metadata"]["labels"]
 
     np = one(objs, "NetworkPolicy", "node-watchdog")
@@ -506,11 +645,24 @@ def test_network_policies_allow_scrapes_broker_api_dns_and_peer_probes_only(rend
     to_broker = next(e for e in np["spec"]["egress"] if e["ports"][0]["port"] == 8883)
     assert to_broker["to"][0]["podSelector"]["matchLabels"].items() <= broker_labels.items()
 
+    # Peers are agents only: no controller replica is probed or probes.
+    assert not peers_from["podSelector"]["matchLabels"].items() <= ctl_labels.items()
+
+    # The controller: scraped, and talks to the broker, the API server and DNS; no peers.
+    cnp = one(objs, "NetworkPolicy", "node-watchdog-controller")
+    assert cnp["spec"]["podSelector"]["matchLabels"].items() <= ctl_labels.items()
+    assert not cnp["spec"]["podSelector"]["matchLabels"].items() <= ds_labels.items()
+    assert cnp["spec"]["ingress"] == [ingress]
+    ctl_ports = {(p["port"], p["protocol"]) for e in cnp["spec"]["egress"] for p in e["ports"]}
+    assert ctl_ports == egress_ports - {(9103, "TCP")}
+
     bnp = one(objs, "NetworkPolicy", "node-watchdog-mqtt")
     assert bnp["spec"]["podSelector"]["matchLabels"].items() <= broker_labels.items()
     assert bnp["spec"]["egress"] == []
     [bingress] = bnp["spec"]["ingress"]
-    assert bingress["from"][0]["podSelector"]["matchLabels"].items() <= ds_labels.items()
+    [from_agents, from_controller] = bingress["from"]
+    assert from_agents["podSelector"]["matchLabels"].items() <= ds_labels.items()
+    assert from_controller["podSelector"]["matchLabels"].items() <= ctl_labels.items()
     assert bingress["ports"] == [{"port": 8883, "protocol": "TCP"}]
 
 

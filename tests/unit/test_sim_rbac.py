@@ -9,7 +9,14 @@ from __future__ import annotations
 import pytest
 
 from chaos.sim.cluster import SimConfig
-from chaos.sim.rbac import RBAC_KINDS, RbacError, rbac_objects, render, service_account
+from chaos.sim.rbac import (
+    AGENT_ACCOUNT,
+    RBAC_KINDS,
+    RbacError,
+    rbac_objects,
+    render,
+    service_account,
+)
 
 from .test_deploy import require_tool
 
@@ -23,12 +30,12 @@ def _kubectl() -> None:
 @pytest.mark.parametrize(
     ("overlay", "namespace", "cluster_roles"),
     [
-        ("kubevirt", "node-watchdog", {"node-watchdog"}),
-        ("harvester", "harvester-system", {"node-watchdog"}),
+        ("kubevirt", "node-watchdog", {"node-watchdog", "node-watchdog-agent"}),
+        ("harvester", "harvester-system", {"node-watchdog", "node-watchdog-agent"}),
         (
             "kubevirt+delete-volume-attachments",
             "node-watchdog",
-            {"node-watchdog", "node-watchdog-volume-attachments"},
+            {"node-watchdog", "node-watchdog-agent", "node-watchdog-volume-attachments"},
         ),
     ],
 )
@@ -42,6 +49,7 @@ def test_only_the_rbac_objects_of_an_overlay_are_picked_accounts_and_roles_first
     kinds = [RBAC_KINDS.index(o["kind"]) for o in objs]
     assert kinds == sorted(kinds)
     assert service_account(objs) == (namespace, "node-watchdog")
+    assert service_account(objs, AGENT_ACCOUNT) == (namespace, "node-watchdog-agent")
     assert {o["metadata"]["name"] for o in objs if o["kind"] == "ClusterRole"} == cluster_roles
     # The node Lease reader stays in kube-node-lease; the leader Role follows the overlay.
     assert {o["metadata"].get("namespace") for o in objs if o["kind"] == "Role"} == {

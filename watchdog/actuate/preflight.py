@@ -1,9 +1,11 @@
-"""Preflight checks against the Kubernetes API: reachable, every verb the controller uses
-allowed, KubeVirt and Harvester CRDs present or absent (and what that means).
+"""Preflight checks against the Kubernetes API: reachable, every verb the role uses allowed
+(and, for the agent, none of the controller's writes), KubeVirt and Harvester CRDs present or
+absent (and what that means).
 
-Owns `CONTROLLER_ACCESS`, the one table of what the controller does to the API (resource, verbs,
-namespace, why). `check_access` asks a SelfSubjectAccessReview per verb of it and
-`cluster_role_rules` turns it into RBAC PolicyRules for deploy/, so the shipped role and the
+Owns `CONTROLLER_ACCESS` and `AGENT_ACCESS`, the tables of what each role does to the API
+(resource, verbs, namespace, why), and `AGENT_MUST_NOT`, what a node's identity must not be
+able to do. `check_access` asks a SelfSubjectAccessReview per verb of a table;
+tests/unit/test_deploy.py holds deploy/'s roles equal to the tables, so the shipped roles and the
 check can never disagree.
 
 Returns `Check(name, ok, detail)` values; printing them, and the exit code, is the runtime's.
@@ -121,6 +123,32 @@ CONTROLLER_ACCESS: tuple[AccessRule, ...] = (
     ),
 )
 
+# Everything the agent does to the API: one GET of its own Node per check (observe/node_probe.py).
+AGENT_ACCESS: tuple[AccessRule, ...] = (
+    AccessRule("", "nodes", ("get",), "read the phase recorded on its own Node"),
+)
+
+# What a node's identity must not be able to do: each would let one compromised node reboot,
+# reset or silence another (DESIGN §9). `preflight --role agent` fails when any is allowed.
+AGENT_MUST_NOT: tuple[AccessRule, ...] = (
+    AccessRule("", "nodes", ("patch", "update"), "write a state annotation or a taint"),
+    AccessRule("", "pods", ("delete",), "force-delete another node's VM pods"),
+    AccessRule("", "pods", ("patch",), "mark pods not ready", "status"),
+    AccessRule(
+        "coordination.k8s.io",
+        "leases",
+        ("create", "update"),
+        "take the leader Lease",
+        namespace=OWN_NAMESPACE,
+    ),
+    AccessRule(
+        "kubevirt.io",
+        "virtualmachineinstancemigrations",
+        ("create", "delete"),
+        "start or stop migrations",
+    ),
+)
+
 # API groups/versions the controller reads, with what their absence means.
 CRD_CHECKS: tuple[tuple[str, str, str, bool], ...] = (
     # (group/version, plural, meaning when absent, required)
@@ -205,10 +233,12 @@ async def check_access(
     settings: PreflightSettings,
     *,
     table: Iterable[AccessRule] = CONTROLLER_ACCESS,
+    forbidden: bool = False,
     concurrency: int = 8,
 ) -> list[Check]:
     """One SelfSubjectAccessReview per verb of the table; one Check per verb, named
-    `rbac: <verb> <resource>[ in <namespace>]`."""
+    `rbac: <verb> <resource>[ in <namespace>]`. With `forbidden`, the table lists what must be
+    denied, and a Check fails when it is allowed."""
     writer = KubeWriter(api_client, request_timeout_s=settings.api_request_timeout_s)
     limit = asyncio.Semaphore(concurrency)
     asks = [(rule, verb) for rule in required_access(settings, table) for verb in rule.verbs]
@@ -241,7 +271,17 @@ async def check_access(
             except ActuationError as e:
                 return Check(name, False, f"cannot ask: {e}")
         status = answer.get("status") or {}
-        if status.get("allowed"):
+        allowed = bool(status.get("allowed"))
+        if forbidden:
+            if allowed:
+                return Check(
+                    f"rbac: must not {verb} {rule.resource_name}{where}",
+                    False,
+                    f"ALLOWED: this identity could {rule.purpose}; grant the agent's "
+                    "ServiceAccount only AGENT_ACCESS",
+                )
+            return Check(f"rbac: must not {verb} {rule.resource_name}{where}", True, "denied")
+        if allowed:
             return Check(name, True, f"allowed ({rule.purpose})")
         why = status.get("reason") or status.get("evaluationError") or "no rule allows it"
         return Check(name, False, f"DENIED: needed for {rule.purpose}; {why}")
@@ -279,12 +319,19 @@ async def check_crds(api_client: k8s_client.ApiClient, *, timeout_s: float = 10.
 
 
 async def run_preflight(
-    api_client: k8s_client.ApiClient, settings: PreflightSettings
+    api_client: k8s_client.ApiClient, settings: PreflightSettings, role: str = "controller"
 ) -> list[Check]:
-    """API reachability first; when it answers, RBAC and CRDs."""
+    """API reachability first; when it answers, the role's RBAC (for the agent: also what it
+    must not be allowed) and, for the controller, the CRDs it reads."""
     api = await check_api(api_client, timeout_s=settings.api_request_timeout_s)
     if not api.ok:
         return [api]
+    if role == "agent":
+        allowed, denied = await asyncio.gather(
+            check_access(api_client, settings, table=AGENT_ACCESS),
+            check_access(api_client, settings, table=AGENT_MUST_NOT, forbidden=True),
+        )
+        return [api, *allowed, *denied]
     access, crds = await asyncio.gather(
         check_access(api_client, settings),
         check_crds(api_client, timeout_s=settings.api_request_timeout_s),
@@ -293,6 +340,8 @@ async def run_preflight(
 
 
 __all__ = [
+    "AGENT_ACCESS",
+    "AGENT_MUST_NOT",
     "CONTROLLER_ACCESS",
     "CRD_CHECKS",
     "AccessRule",

@@ -88,7 +88,7 @@ def main(role: str, settings: Settings, args: argparse.Namespace) -> int:
     configure_logging(settings)
     if role == "preflight":
         try:
-            return asyncio.run(preflight(settings))
+            return asyncio.run(preflight(settings, getattr(args, "role", "controller")))
         except ConfigError as e:
             print(f"FAIL kubeconfig: {e}", file=sys.stderr)
             return 1
@@ -116,10 +116,12 @@ def main(role: str, settings: Settings, args: argparse.Namespace) -> int:
         return 2
 
 
-async def preflight(settings: Settings) -> int:
+async def preflight(settings: Settings, role: str = "controller") -> int:
     api_client = await load_api_client()
+    # In the audit log, the checks are told apart from the service's own requests.
+    api_client.user_agent = user_agent("preflight", settings)
     try:
-        checks = await run_preflight(api_client, settings)
+        checks = await run_preflight(api_client, settings, role)
     finally:
         await api_client.close()
     for c in checks:

@@ -90,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     roles = {
-        "run": "agent + leader-elected controller (what the DaemonSet runs)",
-        "agent": "only the node agent: heartbeats, Last Will, self-fencing",
-        "controller": "only the controller: detection, fencing, reset, metrics",
+        "run": "agent + leader-elected controller in one process (test cluster, small "
+        "clusters: every node then holds the controller's credentials)",
+        "agent": "only the node agent: heartbeats, Last Will, self-fencing (the DaemonSet)",
+        "controller": "only the leader-elected controller: detection, fencing, reset, metrics "
+        "(the Deployment)",
     }
     for name, text in roles.items():
         p = sub.add_parser(name, help=text)
@@ -100,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dry-run", action="store_true", help="decide and report only")
         p.set_defaults(func=_role(name))
     p = sub.add_parser("preflight", help="check API, RBAC, CRDs and broker; non-zero on failure")
+    p.add_argument(
+        "--role",
+        choices=("controller", "agent"),
+        default="controller",
+        help="whose access to check: the controller's (default) or an agent's, which must "
+        "also be denied every controller write",
+    )
     p.set_defaults(func=_role("preflight"))
     return parser
 
