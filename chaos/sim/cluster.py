@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from chaos.sim.binaries import ControlPlaneBinaries
+from chaos.sim.bmc import BmcFleet
 from chaos.sim.broker import MqttBroker, make_broker
 from chaos.sim.control import ControlServer, FenceServer, fence_command
 from chaos.sim.controlplane import ControlPlane, Timings, free_port
@@ -127,6 +128,9 @@ class SimConfig:
     # loopback port, and announce that link's address; False runs them without peer probes.
     peers: bool = True
     fence_action: str = "poweroff"  # what the fence channel does: "poweroff" or "reboot"
+    # A BMC per machine (chaos/sim/bmc.py: a real Redfish emulator wired to the machine's
+    # power) and the inventory a controller in fence_mode=power reads (`SimCluster.bmcs`).
+    bmcs: bool = False
     # Each agent gets an emulated watchdog device (chaos/sim/wdt.py) at a per-node path;
     # False runs them without one (a weak fence, held by the controller unless accepted).
     watchdog_devices: bool = True
@@ -287,6 +291,8 @@ class SimCluster:
         self.devices: dict[str, EmulatedWatchdog] = {}
         self._device_tasks: list[asyncio.Task[None]] = []
         self.fence_failing: set[str] = set()  # nodes whose fence command fails (a fault)
+        self.bmcs: BmcFleet | None = None  # with config.bmcs
+        self._background: set[asyncio.Task[None]] = set()
         self.started_at: float | None = None
         self.timings: dict[str, float] = {}
 
@@ -338,6 +344,8 @@ class SimCluster:
                 )
             await self.fleet.wait_started()
             await self._start_broker_and_links()
+            if cfg.bmcs:
+                await self._start_bmcs()
             await self._create_vms()
             await self._start_agents()
             if cfg.control_channel:
@@ -365,6 +373,11 @@ class SimCluster:
         if self._fence is not None:
             await self._stop_step("fence channel", self._fence.stop())
             self._fence = None
+        for task in list(self._background):
+            task.cancel()
+        if self.bmcs is not None:
+            await self._stop_step("BMCs", self.bmcs.stop(), suppress=True)
+            self.bmcs = None
         for task in self._device_tasks:
             task.cancel()
         await self._stop_step(
@@ -749,6 +762,35 @@ class SimCluster:
                 metrics_port=metrics_port,
             )
         await asyncio.gather(*(self.start_agent(n) for n in self.agents))
+
+    def background(self, step: Awaitable[None], name: str) -> None:
+        """Run `step` beside the caller (e.g. telling a BMC what a fault did); cancelled at
+        stop."""
+        task = asyncio.ensure_future(step)
+        task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _start_bmcs(self) -> None:
+        pki = self.control_plane.pki
+        assert pki is not None
+        self.bmcs = BmcFleet(
+            self.work_dir / "bmc",
+            self.fleet.members,
+            cert=pki.apiserver.cert,  # its SANs include 127.0.0.1
+            key=pki.apiserver.key,
+            ca=pki.ca.cert,
+            on_power=self._on_bmc_power,
+        )
+        await self.bmcs.start()
+
+    async def _on_bmc_power(self, node: str, state: str) -> None:
+        """The BMC switched its machine: a switch-off is a fence by the BMC."""
+        sim = self.fleet[node]
+        if state == "Off" and sim.powered:
+            await self.faults.apply("fence", node, by="bmc")
+        elif state == "On" and not sim.powered:
+            await self.faults.apply("poweron", node, by="bmc")
 
     async def _on_fence(self, node: str) -> None:
         if node in self.fleet.members:

@@ -24,7 +24,10 @@ per node
                   until fence-works; the watchdog device is its fallback
   broker-link-cut/broker-link-heal   only the machine's path to the broker black-holed: its
                   kubelet, API path and peer link stay up (the agent keeps reaching the API)
-  fence           (the node-local fence channel, or the node's watchdog device firing) as
+  bmc-down/bmc-up   the machine's BMC frozen (a BMC without power: requests hang) / back
+  bmc-lies/bmc-truthful   the BMC reports power changes it never makes (off while it runs)
+  fence           (the node-local fence channel, the node's watchdog device firing, or its BMC
+                  switching it off) as
                   poweroff, recorded as a fence (`by`: fence-command or watchdog-device); with
                   `fence_action="reboot"` the machine boots again
 cluster
@@ -69,6 +72,10 @@ NODE_ACTIONS = (
     "fence-works",
     "broker-link-cut",
     "broker-link-heal",
+    "bmc-down",
+    "bmc-up",
+    "bmc-lies",
+    "bmc-truthful",
     "fence",
 )
 CLUSTER_ACTIONS = (
@@ -90,6 +97,8 @@ INVERSE = {
     "agent-freeze": "agent-thaw",
     "fence-fails": "fence-works",
     "broker-link-cut": "broker-link-heal",
+    "bmc-down": "bmc-up",
+    "bmc-lies": "bmc-truthful",
     "fence": "poweron",
     "api-outage": "api-restore",
     "broker-outage": "broker-restore",
@@ -188,6 +197,8 @@ class Faults:
                     stopped = sim.power_off(reason)
                     c.device_power_off(node)
                     await c.kill_agent(node)
+                    if c.bmcs is not None:  # its BMC (standby power) sees the machine off
+                        c.background(c.bmcs.machine_power(node, on=False), f"bmc {node} off")
                     if action == "fence" and c.config.fence_action == "reboot":
                         await self._do("poweron", node)
                     return {"stopped_vms": stopped}
@@ -197,6 +208,8 @@ class Faults:
                     sim.power_on()
                     c.sync_links(node)
                     c.start_agent_after_boot(node)
+                    if c.bmcs is not None:
+                        c.background(c.bmcs.machine_power(node, on=True), f"bmc {node} on")
                     return {"boot_id": sim.boot_id}
                 case "reboot":
                     first = await self._do("poweroff", node)
@@ -232,6 +245,18 @@ class Faults:
                     return {"fence": "works"}
                 case "broker-link-cut" | "broker-link-heal":
                     c.cut_broker_link(node, action == "broker-link-cut")
+                    return {}
+                case "bmc-down" | "bmc-up" | "bmc-lies" | "bmc-truthful":
+                    if c.bmcs is None:
+                        raise ValueError(f"fault {action}: this cluster has no BMCs (bmcs: true)")
+                    if action in ("bmc-down", "bmc-up"):
+                        c.bmcs.down(node, action == "bmc-down")
+                        if action == "bmc-up":  # it reads its machine's power again
+                            c.background(
+                                c.bmcs.machine_power(node, on=sim.powered), f"bmc {node} sync"
+                            )
+                    else:
+                        c.bmcs.set_lies(node, action == "bmc-lies")
                     return {}
         cp = c.control_plane
         match action:

@@ -452,7 +452,19 @@ class WatchdogEnv:
             "WATCHDOG_METRICS_HOST": "127.0.0.1",
             "WATCHDOG_METRICS_PORT": str(port),
             "WATCHDOG_NAMESPACE": self.namespace,
+            **self._bmc_environment(),
             **self.controller_env,
+        }
+
+    def _bmc_environment(self) -> dict[str, str]:
+        """With the cluster's BMCs: their inventory, and the cluster CA for the fence agent
+        (fence_redfish verifies the BMC's certificate through python-requests)."""
+        bmcs = self.cluster.bmcs
+        if bmcs is None:
+            return {}
+        return {
+            "WATCHDOG_POWER_FENCE_INVENTORY": str(bmcs.inventory_path),
+            "REQUESTS_CA_BUNDLE": str(bmcs.ca),
         }
 
     async def start_controller(
@@ -597,6 +609,14 @@ class WatchdogEnv:
         if c.broker is not None and not c.broker.running:
             await c.faults.apply("broker-restore")
         for name, sim in c.fleet.members.items():
+            if name in c.fence_failing:
+                await c.faults.apply("fence-works", name)
+            if c.bmcs is not None:
+                bmc = c.bmcs.bmcs[name]
+                if bmc.proc.frozen:
+                    await c.faults.apply("bmc-up", name)
+                if bmc.lies:
+                    await c.faults.apply("bmc-truthful", name)
             links = c.links.get(name)
             if links is not None and links.broker_cut:
                 await c.faults.apply("broker-link-heal", name)

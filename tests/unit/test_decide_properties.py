@@ -312,7 +312,10 @@ def test_no_reset_without_fencing_proof(sc: Scenario) -> None:
         assert mode is not FenceMode.MANUAL, "manual mode reset without the administrator's taint"
         if mode is FenceMode.EXTERNAL:
             assert e.obs.external_fence_confirmed
-        if mode is FenceMode.SELF:
+        if mode is FenceMode.POWER and power_confirmed(sim, i):
+            continue  # the BMC read back off in this episode
+        if mode in (FenceMode.SELF, FenceMode.POWER):
+            # (mode power without the BMC's confirmation falls back to the self-fence)
             # the agent's last declaration the controller received was an armed fence ...
             assert e.last_declaration_seen is not None and e.last_declaration_seen.armed
             # ... and it could read that it is being fenced: the annotation was visible
@@ -322,6 +325,13 @@ def test_no_reset_without_fencing_proof(sc: Scenario) -> None:
                 for x in sim.log[: i + 1]
                 if x.now >= since
             )
+
+
+def power_confirmed(sim: Sim, i: int) -> bool:
+    """Whether a BMC confirmation (a fence run's success) was observed in the episode of the
+    reset at log index `i`."""
+    since = unreachable_since(sim, i)
+    return any(x.obs.external_fence_confirmed for x in sim.log[: i + 1] if x.now >= since)
 
 
 # --- (c) UNKNOWN sources never produce UNREACHABLE ----------------------------------------------
@@ -427,8 +437,10 @@ def test_no_reset_before_the_period_and_the_safe_delay(sc: Scenario) -> None:
     for i, e in resets(sim):
         since = unreachable_since(sim, i)
         assert e.now >= since + e.ctx.policy.period_s
-        if cfg.fence_mode is not FenceMode.SELF or admin_proof(e):
+        if admin_proof(e) or cfg.fence_mode not in (FenceMode.SELF, FenceMode.POWER):
             continue
+        if cfg.fence_mode is FenceMode.POWER and power_confirmed(sim, i):
+            continue  # read back off from the BMC: the policy period only
         declared = e.state.fence
         assert declared is not None and declared.armed
         delay = self_safe_delay(declared, cfg)

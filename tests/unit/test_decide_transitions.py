@@ -360,6 +360,7 @@ SELF = DecideConfig(fence_mode=FenceMode.SELF)
 EXTERNAL = DecideConfig(fence_mode=FenceMode.EXTERNAL)
 MANUAL = DecideConfig(fence_mode=FenceMode.MANUAL)
 NONE = DecideConfig(fence_mode=FenceMode.NONE)
+POWER = DecideConfig(fence_mode=FenceMode.POWER)
 DEAD = {"hb_age": 40.0, "lease_age": 40.0, "ready": "Unknown"}
 
 
@@ -460,6 +461,57 @@ FENCING_ROWS = [
         dead(external_fence_confirmed=True),
         None,
         id="external: hook confirmed but period not elapsed → wait",
+    ),
+    # mode power: the BMC read back off resets at once (period only, no safe delay); without
+    # it the agent's self-fence is the proof, with its safe delay, exactly as in mode self
+    pytest.param(
+        POWER,
+        node(F, hook_runs=1, hook_sent_at=T - 2.0, fence_clock_from=T - 1.0),
+        dead(external_fence_confirmed=True, persisted="Fencing"),
+        Reason.FENCE_POWER_OFF_VERIFIED,
+        id="power: BMC switched it off and read back off, period elapsed → reset at once",
+    ),
+    pytest.param(
+        POWER,
+        node(F, fence_confirmed=True, fence_clock_from=T - 1.0),
+        dead(persisted="Fencing"),
+        Reason.FENCE_POWER_OFF_VERIFIED,
+        id="power: read-back resumed from the annotation (new leader) → reset",
+    ),
+    pytest.param(
+        POWER,
+        node(F, unreachable_at=T - 10.0, hook_runs=1, hook_sent_at=T - 2.0),
+        dead(external_fence_confirmed=True, persisted="Fencing"),
+        None,
+        id="power: read back off but the policy period not elapsed → wait",
+    ),
+    pytest.param(
+        POWER,
+        node(F, hook_runs=3, hook_sent_at=T - 1.0, fence_clock_from=T - 17.9),
+        dead(persisted="Fencing"),
+        None,
+        id="power: BMC not answering and the safe delay 0.1 s short → wait",
+    ),
+    pytest.param(
+        POWER,
+        node(F, hook_runs=3, hook_sent_at=T - 1.0, fence_clock_from=T - 18.0),
+        dead(persisted="Fencing"),
+        Reason.FENCE_SELF_ELAPSED,
+        id="power: BMC not answering → the agent's self-fence after its safe delay",
+    ),
+    pytest.param(
+        POWER,
+        node(F, hook_runs=3, hook_sent_at=T - 1.0, fence_clock_from=T - 60.0, fence=UNARMED),
+        dead(persisted="Fencing"),
+        None,
+        id="power: BMC not answering and the agent's fence unarmed → never reset on time",
+    ),
+    pytest.param(
+        POWER,
+        node(F, hook_runs=1, hook_sent_at=T - 2.0, power_contradicted=True),
+        dead(external_fence_confirmed=True, persisted="Fencing"),
+        None,
+        id="power: a BMC that once said off while the node ran proves nothing",
     ),
     # mode manual: an administrator's out-of-service taint
     pytest.param(
@@ -603,6 +655,7 @@ def test_fence_clock_starts_when_the_unreachable_annotation_is_visible() -> None
             False,
             id="external mode in dry-run does not run the fence hook",
         ),
+        pytest.param(POWER, True, id="power mode runs the fence agent on entering fencing"),
         pytest.param(SELF, False, id="self mode runs no hook"),
         pytest.param(MANUAL, False, id="manual mode runs no hook"),
         pytest.param(NONE, False, id="none mode runs no hook"),
@@ -649,6 +702,49 @@ def test_a_confirmed_hook_is_persisted_and_a_new_episode_needs_a_new_one() -> No
     withdrawn = d.state.moved(S, Reason.HEARTBEAT_FRESH, T + 1.0)
     assert not withdrawn.fence_confirmed and withdrawn.hook_since is None
     assert "fenceConfirmed" not in json.loads(withdrawn.to_annotation())
+
+
+def test_a_bmc_that_said_off_while_the_node_heartbeats_is_held_and_distrusted() -> None:
+    """Must-not twin of the immediate power reset: a BMC read back off, yet the agent
+    heartbeats from the same boot. No reset, an Event, and the BMC proves nothing more for
+    this node, also after a leader change."""
+    state = node(
+        F,
+        unreachable_at=T - 5.0,  # the period still runs: the confirmation alone cannot reset
+        boot_id="boot-1",
+        fence_confirmed=True,
+        hook_runs=1,
+        hook_sent_at=T - 2.0,
+        heartbeats_at_mark=10,
+    )
+    alive = seen(0.2, boot_id="boot-1", received=11, persisted="Fencing")
+    d = step(state, alive, cfg=POWER, ctx=context(policy=PERIOD))
+    assert not is_destructive(d)
+    assert ("PowerFenceContradiction", Reason.HOLD_POWER_CONTRADICTION) in events(d)
+    assert d.state.power_contradicted and not d.state.fence_confirmed
+    (persist,) = actions_of(d, PersistState)
+    doc = json.loads(persist.annotation)
+    assert doc["powerDistrusted"] is True and "fenceConfirmed" not in doc
+    assert NodeState.from_annotation(NODE, persist.annotation, T).power_contradicted
+    # the next episode: the BMC is not run and a confirmation does not count
+    later = d.state.moved(F, Reason.PERIOD_RUNNING, T + 100.0, unreachable_at=T + 50.0)
+    assert later.power_contradicted
+    d2 = step(
+        replace(later, fence_clock_from=T + 100.0),
+        dead(external_fence_confirmed=True, persisted="Fencing", now=T + 110.0),
+        cfg=POWER,
+        now=T + 110.0,
+        ctx=context(policy=PERIOD),
+    )
+    assert actions_of(d2, RunFenceHook) == [] and not is_destructive(d2)
+    assert not d2.state.fence_confirmed
+
+
+def test_a_node_rebooted_after_the_bmc_said_off_is_no_contradiction() -> None:
+    state = node(F, boot_id="boot-1", fence_confirmed=True, hook_runs=1, hook_sent_at=T - 2.0)
+    d = step(state, seen(0.2, boot_id="boot-2", received=1, persisted="Fencing"), cfg=POWER)
+    assert ("PowerFenceContradiction", Reason.HOLD_POWER_CONTRADICTION) not in events(d)
+    assert not d.state.power_contradicted
 
 
 def test_no_fence_hook_retry_while_a_hold_is_in_force() -> None:

@@ -62,7 +62,13 @@ RENDERS: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("components/delete-volume-attachments",),
         "node-watchdog",
     ),
+    "harvester+power-fence": (
+        "overlays/harvester",
+        ("components/power-fence",),
+        "harvester-system",
+    ),
 }
+POWER_FENCED = {"harvester+power-fence"}
 SELF_FENCED = {"self-fence", "harvester+self-fence+delete-volume-attachments"}
 CR_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
@@ -356,7 +362,10 @@ def test_the_controller_runs_two_replicas_apart_as_its_own_identity(render) -> N
     assert not [v for v in spec["volumes"] if "hostPath" in v], name
     assert not spec.get("hostNetwork") and not spec.get("hostPID")
     # Its own broker login; never the agents' passwords, never the broker's key.
-    assert secrets_mounted(ctl) == {"node-watchdog-mqtt-tls", "node-watchdog-mqtt-controller"}
+    assert secrets_mounted(ctl) - {"node-watchdog-bmcs"} == {
+        "node-watchdog-mqtt-tls",
+        "node-watchdog-mqtt-controller",
+    }
     mqtt_ca = next(v for v in spec["volumes"] if v["name"] == "mqtt-ca")
     assert mqtt_ca["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
     assert "node-watchdog-mqtt-agents" in secrets_mounted(daemonset(objs))
@@ -490,6 +499,15 @@ def test_the_shipped_configuration_loads_and_matches_what_deploy_creates(
     assert f"user {ctl_settings.mqtt.username}" in acl.splitlines()
     assert f"topic write {settings.mqtt.topic_prefix}/probe/#" in acl.splitlines()
     assert ctl_settings.delete_volume_attachments == name.endswith("delete-volume-attachments")
+    # Power fencing: the controller reads the BMC inventory from its own Secret; no agent pod
+    # mounts it (a node must not hold another node's BMC credentials).
+    if name in POWER_FENCED:
+        assert ctl_settings.fence_mode == "power"
+        assert ctl_settings.power_fence_inventory == (Path(ctl_mounts["bmcs"]) / "inventory.yaml")
+        assert "node-watchdog-bmcs" in secrets_mounted(controller(objs))
+    else:
+        assert ctl_settings.fence_mode == settings.fence_mode == "self"
+    assert "node-watchdog-bmcs" not in secrets_mounted(daemonset(objs))
     if name.startswith("kubevirt"):
         assert ctl_settings.policy.enable is True
 
@@ -654,7 +672,8 @@ def test_network_policies_allow_scrapes_broker_api_dns_and_peer_probes_only(rend
     assert not cnp["spec"]["podSelector"]["matchLabels"].items() <= ds_labels.items()
     assert cnp["spec"]["ingress"] == [ingress]
     ctl_ports = {(p["port"], p["protocol"]) for e in cnp["spec"]["egress"] for p in e["ports"]}
-    assert ctl_ports == egress_ports - {(9103, "TCP")}
+    bmc_ports = {(443, "TCP"), (623, "UDP")} if name in POWER_FENCED else set()
+    assert ctl_ports == egress_ports - {(9103, "TCP")} | bmc_ports
 
     bnp = one(objs, "NetworkPolicy", "node-watchdog-mqtt")
     assert bnp["spec"]["podSelector"]["matchLabels"].items() <= broker_labels.items()

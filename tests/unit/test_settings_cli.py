@@ -65,13 +65,18 @@ def test_nested_environment_and_yaml_file(tmp_path: Path, monkeypatch: pytest.Mo
         ),
         pytest.param(
             {"WATCHDOG_FENCE_MODE": "stonith"},
-            ["fence_mode = 'stonith'", "'self', 'external', 'manual' or 'none'"],
+            ["fence_mode = 'stonith'", "'self', 'external', 'power', 'manual' or 'none'"],
             id="unknown fence mode",
         ),
         pytest.param(
             {"WATCHDOG_FENCE_MODE": "external"},
             ["needs fence_hook_command or fence_hook_url"],
             id="external fencing without a hook",
+        ),
+        pytest.param(
+            {"WATCHDOG_FENCE_MODE": "power"},
+            ["needs power_fence_inventory"],
+            id="power fencing without a BMC inventory",
         ),
         pytest.param(
             {"WATCHDOG_MQTT__URL": "http://broker"},

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -47,6 +48,7 @@ from watchdog.actuate.errors import (
     translate,
 )
 from watchdog.actuate.events import EventRecorder, ObjectRef
+from watchdog.actuate.power_fence import PowerFencer
 from watchdog.decide.actions import (
     Action,
     DeleteVolumeAttachments,
@@ -61,6 +63,7 @@ from watchdog.decide.actions import (
     StopEvacuation,
     TaintOutOfService,
 )
+from watchdog.decide.config import FenceMode
 from watchdog.decide.state import STATE_ANNOTATION
 
 log = logging.getLogger(__name__)
@@ -125,6 +128,12 @@ class ActuatorSettings(Protocol):
 
     @property
     def fence_hook_timeout_s(self) -> float: ...
+
+    @property
+    def fence_mode(self) -> FenceMode: ...
+
+    @property
+    def power_fence_inventory(self) -> Path | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -795,13 +804,19 @@ class Actuator:
     # -- fencing -------------------------------------------------------------------------------
 
     async def run_fence_hook(self, action: RunFenceHook) -> Outcome:
-        """fence_mode=external: run the command (node name in $NODE) or POST the webhook;
-        success means the hook confirms the node is powered off. Not retried here: the
-        decision loop asks again."""
+        """fence_mode=power: switch the node off through its BMC and read back off
+        (power_fence.py); fence_mode=external: run the command (node name in $NODE) or POST
+        the webhook, success meaning the hook confirms the node is powered off. Not retried
+        here: the decision loop asks again."""
         name = "run_fence_hook"
         s = self.settings
         if self.dry_run:
             return Outcome(name, Result.DRY_RUN, "dry run: hook not called")
+        if s.fence_mode is FenceMode.POWER and s.power_fence_inventory is not None:
+            run = await PowerFencer(s.power_fence_inventory, s.fence_hook_timeout_s).fence(
+                action.node
+            )
+            return Outcome(name, Result.SUCCESS if run.confirmed else Result.FAILED, run.detail)
         if s.fence_hook_command:
             return await self._fence_command(name, s.fence_hook_command, action.node)
         if s.fence_hook_url:

@@ -11,8 +11,23 @@ class FenceMode(StrEnum):
 
     SELF = "self"
     EXTERNAL = "external"
+    # The node's BMC switches it off and reads back that it is off; without that confirmation
+    # (a BMC without power answers nothing) the agent's self-fence is the proof, as in SELF.
+    POWER = "power"
     MANUAL = "manual"
     NONE = "none"
+
+
+def self_fence_counts(mode: FenceMode) -> bool:
+    """Whether the agent's declared self-fence (and its safe delay) can prove a node stopped:
+    in mode self always, in mode power as the fallback when the BMC does not confirm."""
+    return mode in (FenceMode.SELF, FenceMode.POWER)
+
+
+def runs_fence_hook(mode: FenceMode) -> bool:
+    """Whether the controller runs a fence per node until it confirms: the operator's hook
+    (external) or the node's BMC through a fence agent (power)."""
+    return mode in (FenceMode.EXTERNAL, FenceMode.POWER)
 
 
 @dataclass(frozen=True, slots=True)

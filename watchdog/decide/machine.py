@@ -23,7 +23,13 @@ from watchdog.decide.actions import (
     StopEvacuation,
     TaintOutOfService,
 )
-from watchdog.decide.config import DecideConfig, FenceMode, Policy
+from watchdog.decide.config import (
+    DecideConfig,
+    FenceMode,
+    Policy,
+    runs_fence_hook,
+    self_fence_counts,
+)
 from watchdog.decide.falsely_ready import falsely_ready
 from watchdog.decide.observations import FenceDeclaration, NodeObservation, SourceHealth
 from watchdog.decide.reasons import Reason
@@ -124,7 +130,11 @@ class _Step:
     # --- helpers -------------------------------------------------------------------------------
 
     def result(self) -> Decision:
-        if self.transitions or self.state.fence_confirmed != self.start.fence_confirmed:
+        if (
+            self.transitions
+            or self.state.fence_confirmed != self.start.fence_confirmed
+            or self.state.power_contradicted != self.start.power_contradicted
+        ):
             persist = PersistState(self.obs.name, self.state.to_annotation())
             if self.start.phase in DOWN_PHASES and self.state.phase not in DOWN_PHASES:
                 # A withdrawal goes first: an Event ahead of it may wait out a Retry-After
@@ -408,9 +418,11 @@ class _Step:
 
     def fencing(self) -> None:
         if self.sig.heartbeat is Signal.ALIVE:
+            rebooted = self.obs.boot_id is not None and self.obs.boot_id != self.state.boot_id
+            if self.power_off_contradicted(rebooted):
+                return
             if self.node_back():
                 return
-            rebooted = self.obs.boot_id is not None and self.obs.boot_id != self.state.boot_id
             got = self.obs.heartbeats_received - self.state.heartbeats_at_mark
             if self.heard() and got >= 1 and not rebooted:
                 self.withdraw_fencing()
@@ -445,7 +457,7 @@ class _Step:
             self.heartbeat_wakeups()
             return
         self.start_fence_clock()
-        if self.cfg.fence_mode is FenceMode.EXTERNAL:
+        if runs_fence_hook(self.cfg.fence_mode):
             self.external_fence()
         fenced = self.fence_proof()
         earliest = self.earliest_reset()
@@ -453,7 +465,7 @@ class _Step:
             self.hold(self.ctx.holds[0])
             return
         if fenced is None:
-            if self.cfg.fence_mode is FenceMode.SELF and self.state.fence_clock_from is not None:
+            if self_fence_counts(self.cfg.fence_mode) and self.state.fence_clock_from is not None:
                 fence = self.state.fence
                 weak = fence is not None and fence.armed and not fence.device
                 self.hold(Reason.HOLD_WEAK_FENCE if weak else Reason.HOLD_UNFENCED)
@@ -470,8 +482,36 @@ class _Step:
         if self.state.fence_clock_from is None and visible:
             self.state = replace(self.state, fence_clock_from=self.now)
 
+    def power_off_contradicted(self, rebooted: bool) -> bool:
+        """Fence mode `power`: the BMC confirmed the node off, yet its agent heartbeats from the
+        same boot. The BMC is wrong (or controls another machine): hold this node's reset, say
+        so, and keep the node in FENCING with the confirmation dropped, so only the agent's own
+        self-fence (its safe delay from when it is silent again) can prove it stopped."""
+        if not (
+            self.cfg.fence_mode is FenceMode.POWER and self.state.fence_confirmed and not rebooted
+        ):
+            return False
+        self.state = replace(
+            self.state,
+            fence_confirmed=False,
+            power_contradicted=True,
+            fence_clock_from=None,
+            fence=self.declared_fence(),
+        )
+        self.hold(Reason.HOLD_POWER_CONTRADICTION)
+        self.event(
+            "PowerFenceContradiction",
+            Reason.HOLD_POWER_CONTRADICTION,
+            "the BMC reported the node off but its agent heartbeats from the same boot: the BMC "
+            "is not trusted for this node until it recovers; reset held",
+            warning=True,
+        )
+        self.heartbeat_wakeups()
+        return True
+
     def external_fence(self) -> None:
-        """Fence mode `external`: run the hook until it confirms, and keep its confirmation.
+        """Fence modes `external` and `power`: run the hook (or the BMC's fence agent) until it
+        confirms, and keep its confirmation.
 
         Reconciled, not remembered: a hook that has not confirmed is sent again
         `HOOK_RETRY_S` after the previous send, doubling up to `HOOK_RETRY_MAX_S`, for as long
@@ -485,6 +525,8 @@ class _Step:
         sent, runs = self.state.hook_sent_at, self.state.hook_runs
         # Only a confirmation of a hook sent in this episode counts (the controller's record of
         # an earlier episode's success may still be there in the step that starts a new one).
+        if self.state.power_contradicted:
+            return  # this node's BMC once said off while the node ran: it proves nothing
         if self.obs.external_fence_confirmed and sent is not None:
             self.state = replace(self.state, fence_confirmed=True)
         if self.state.fence_confirmed or self.cfg.dry_run:
@@ -513,6 +555,9 @@ class _Step:
             return Reason.FENCE_EXTERNAL_CONFIRMED if self.state.fence_confirmed else None
         if mode is FenceMode.MANUAL:
             return None
+        if mode is FenceMode.POWER and self.state.fence_confirmed:
+            return Reason.FENCE_POWER_OFF_VERIFIED
+        # Mode self, or mode power without the BMC's confirmation: the agent's self-fence.
         if not fence_accepted(self.state.fence, self.cfg) or self.state.fence_clock_from is None:
             return None
         return Reason.FENCE_SELF_ELAPSED
@@ -520,6 +565,9 @@ class _Step:
     def earliest_reset(self) -> float | None:
         assert self.state.unreachable_at is not None
         if self.obs.out_of_service_tainted and not self.state.tainted:
+            return self.state.unreachable_at + self.ctx.policy.period_s
+        if self.cfg.fence_mode is FenceMode.POWER and self.state.fence_confirmed:
+            # Read back off from the BMC: no safe delay to wait, only the policy period.
             return self.state.unreachable_at + self.ctx.policy.period_s
         return reset_not_before(
             self.state.unreachable_at,

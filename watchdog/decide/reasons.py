@@ -21,6 +21,7 @@ class Reason(StrEnum):
     PERIOD_RUNNING = "PeriodRunning"
     FENCE_SELF_ELAPSED = "SelfFenceDelayElapsed"
     FENCE_EXTERNAL_CONFIRMED = "ExternalFenceConfirmed"
+    FENCE_POWER_OFF_VERIFIED = "PowerOffVerified"  # the BMC switched it off and read back off
     FENCE_MANUAL_TAINT = "ManualOutOfServiceTaint"
     FENCE_NOT_REQUIRED = "FencingDisabled"
     RESET_STARTED = "ResetStarted"
@@ -39,5 +40,7 @@ class Reason(StrEnum):
     HOLD_INGEST_LAG = "IngestLag"
     HOLD_UNFENCED = "NoArmedFence"
     HOLD_WEAK_FENCE = "WeakFence"  # armed, but no watchdog device and weak fences not accepted
+    # The BMC said off while the agent heartbeats from the same boot: the BMC is not trusted.
+    HOLD_POWER_CONTRADICTION = "PowerFenceContradiction"
     # bookkeeping
     RESUMED = "ResumedFromAnnotation"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from watchdog.decide.config import DecideConfig, FenceMode, Policy
+from watchdog.decide.config import DecideConfig, Policy, self_fence_counts
 from watchdog.decide.observations import FenceDeclaration
 
 
@@ -59,7 +59,7 @@ def effective_period_s(
 
     A configured period shorter than the safe delay never shortens it (the runtime warns).
     """
-    if cfg.fence_mode is not FenceMode.SELF:
+    if not self_fence_counts(cfg.fence_mode):
         return policy.period_s
     delay = safe_delay_s(declared, cfg)
     return policy.period_s if delay is None else max(policy.period_s, delay)
@@ -72,9 +72,10 @@ def reset_not_before(
     declared: FenceDeclaration | None,
     cfg: DecideConfig,
 ) -> float | None:
-    """Earliest monotonic time a reset may start; None while it cannot be computed yet."""
+    """Earliest monotonic time a reset may start on the agent's self-fence (in mode power: when
+    the BMC has not confirmed); None while it cannot be computed yet."""
     period_end = unreachable_at + policy.period_s
-    if cfg.fence_mode is not FenceMode.SELF:
+    if not self_fence_counts(cfg.fence_mode):
         return period_end
     delay = safe_delay_s(declared, cfg)
     if delay is None or fence_clock_from is None:

@@ -68,6 +68,11 @@ class NodeState:
     hook_since: float | None = None
     hook_sent_at: float | None = None
     fence_confirmed: bool = False
+    # Fence mode `power`: this node's BMC once reported it off while its agent heartbeated from
+    # the same boot. From then on the BMC proves nothing for this node (only the agent's
+    # self-fence does). Survives every phase and a leader change (persisted); an administrator
+    # who fixed the BMC removes `powerDistrusted` from the annotation.
+    power_contradicted: bool = False
 
     def moved(self, phase: Phase, reason: Reason, now: float, **changes: Any) -> NodeState:
         changes.setdefault("untaint_sent_at", None)
@@ -91,6 +96,8 @@ class NodeState:
             doc["tainted"] = True
         if self.fence_confirmed:
             doc["fenceConfirmed"] = True
+        if self.power_contradicted:
+            doc["powerDistrusted"] = True
         return json.dumps(doc, separators=(",", ":"), sort_keys=True)
 
     @classmethod
@@ -111,6 +118,7 @@ class NodeState:
             boot_id = doc.get("bootID")
             tainted = bool(doc.get("tainted", False))
             confirmed = doc.get("fenceConfirmed") is True
+            distrusted = doc.get("powerDistrusted") is True
         except (ValueError, KeyError, TypeError, OverflowError):
             return cls(name=name, entered_at=now, reason=Reason.RESUMED, resumed=True)
         if phase is Phase.DEGRADED:
@@ -127,5 +135,6 @@ class NodeState:
             fence=fence,
             tainted=tainted,
             fence_confirmed=confirmed and phase in {Phase.UNREACHABLE, Phase.FENCING},
+            power_contradicted=distrusted,
             resumed=True,
         )

@@ -24,6 +24,7 @@ from watchdog import __version__
 from watchdog.actuate.events import ObjectRef
 from watchdog.actuate.kube import Actuator
 from watchdog.actuate.lease_lock import LeaseLock
+from watchdog.actuate.power_fence import InventoryError, PowerFencer
 from watchdog.actuate.preflight import run_preflight
 from watchdog.decide import actions as act
 from watchdog.decide.actions import EventType
@@ -99,6 +100,16 @@ def main(role: str, settings: Settings, args: argparse.Namespace) -> int:
         log.warning(
             "fence_mode=none: VMs of a partitioned node may run twice (Harvester-compatible)"
         )
+    if role in ("run", "controller") and settings.fence_mode is FenceMode.POWER:
+        # A fence that cannot run must be found now, not during a failover.
+        assert settings.power_fence_inventory is not None
+        fencer = PowerFencer(settings.power_fence_inventory, settings.fence_hook_timeout_s)
+        try:
+            bmcs = fencer.check()
+        except InventoryError as e:
+            print(f"invalid configuration: power_fence_inventory: {e}", file=sys.stderr)
+            return 2
+        log.info("fence_mode=power: BMCs of %d nodes in the inventory", len(bmcs))
     if role in ("run", "controller") and settings.accept_weak_self_fence:
         log.warning(
             "accept_weak_self_fence: a self-fence without a watchdog device counts as proof; "

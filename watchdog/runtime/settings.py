@@ -261,8 +261,10 @@ class Settings(BaseSettings):
     # --- fencing (DESIGN §5) -------------------------------------------------------------------
     fence_mode: FenceMode = Field(
         FenceMode.SELF,
-        description="self (agent fences itself), external (hook), manual (admin taint), "
-        "none (no fencing, Harvester-compatible; explicit opt-in).",
+        description="self (agent fences itself), power (the node's BMC switches it off and "
+        "reads back off, through a fence agent; the agent's self-fence is the fallback), "
+        "external (hook), manual (admin taint), none (no fencing, Harvester-compatible; "
+        "explicit opt-in).",
     )
     self_fence_after_s: float = Field(
         8.0,
@@ -317,7 +319,16 @@ class Settings(BaseSettings):
         "the node is powered off.",
     )
     fence_hook_timeout_s: float = Field(
-        30.0, gt=0, description="Seconds an external fence hook may take."
+        30.0,
+        gt=0,
+        description="Seconds an external fence hook, or a power fence (off and status "
+        "read-back together), may take.",
+    )
+    power_fence_inventory: Path | None = Field(
+        None,
+        description="Controller, fence_mode=power: YAML file naming each node's BMC (fence "
+        "agent, ip, username, password or password_file, agent options); mount it from a "
+        "Secret in the controller only. Checked at start, read again at every fence run.",
     )
     api_check_interval_s: float = Field(
         2.0,
@@ -424,6 +435,8 @@ class Settings(BaseSettings):
             self.fence_hook_command or self.fence_hook_url
         ):
             raise ValueError("fence_mode 'external' needs fence_hook_command or fence_hook_url")
+        if self.fence_mode is FenceMode.POWER and self.power_fence_inventory is None:
+            raise ValueError("fence_mode 'power' needs power_fence_inventory")
         return self
 
     @classmethod
