@@ -203,6 +203,12 @@ def register_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "(`controller service-account kubeconfig: PATH` for controllers)",
     )
     p.add_argument(
+        "--bmcs",
+        action="store_true",
+        help="a Redfish BMC per node (sushy-tools' emulator, wired to the machine's power); "
+        "prints `bmc inventory: PATH` for a controller in fence_mode power",
+    )
+    p.add_argument(
         "--audit-log",
         action="store_true",
         help="kube-apiserver audit log (JSON lines, level Metadata); prints `audit log: PATH`",
@@ -270,6 +276,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         agents=args.agents,
         rbac_overlay=args.rbac_overlay,
         audit_log=args.audit_log,
+        bmcs=args.bmcs,
         fence_action=args.fence_action,
         work_dir=args.work_dir,
         kubeconfig=args.kubeconfig,
@@ -342,6 +349,9 @@ async def _run_sim(config: Any, ready_timeout_s: float) -> int:
             print(f"controller service-account kubeconfig: {cluster.identity.kubeconfig}")
         if cluster.agent_identity is not None:
             print(f"agent service-account kubeconfig: {cluster.agent_identity.kubeconfig}")
+        if cluster.bmcs is not None:
+            print(f"bmc inventory: {cluster.bmcs.inventory_path}", flush=True)
+            print(f"bmc CA (REQUESTS_CA_BUNDLE): {cluster.bmcs.ca}", flush=True)
         if cluster.control_plane.audit_log_path is not None:
             print(f"audit log: {cluster.control_plane.audit_log_path}", flush=True)
         print(f"kubeconfig: {cluster.kubeconfig}", flush=True)

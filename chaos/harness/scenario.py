@@ -30,8 +30,11 @@ SYSTEMS: tuple[str, ...] = ("watchdog", "harvester-1.7", "harvester-1.6", "kuber
 System = Literal["watchdog", "harvester-1.7", "harvester-1.6", "kubernetes-only"]
 RunStrategy = Literal["Always", "RerunOnFailure", "Manual", "Halted", "Once"]
 AccessMode = Literal["ReadWriteMany", "ReadWriteOnce"]
-# `fence` is the node-local channel an agent uses, not something a scenario injects.
-SCENARIO_NODE_ACTIONS: tuple[str, ...] = tuple(a for a in NODE_ACTIONS if a != "fence")
+# `fence` is the node-local channel an agent uses, not something a scenario injects; the BMC
+# faults need a cluster with BMCs, which scenario clusters do not have (yet).
+SCENARIO_NODE_ACTIONS: tuple[str, ...] = tuple(
+    a for a in NODE_ACTIONS if a != "fence" and not a.startswith("bmc-")
+)
 SCENARIO_ACTIONS: tuple[str, ...] = SCENARIO_NODE_ACTIONS + CLUSTER_ACTIONS
 # Actions after which a node's VMs may have to run elsewhere: they start a failover incident.
 DISRUPTIVE_ACTIONS = frozenset({"poweroff", "reboot", "partition", "nic-flap", "kubelet-stop"})

@@ -24,8 +24,8 @@ Must not: decide anything about fencing; only emulate the hardware.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
-import json
 import logging
 import secrets
 import shutil
@@ -136,7 +136,7 @@ class BmcFleet:
                         f"SUSHY_EMULATOR_AUTH_FILE = {str(htpasswd)!r}",
                         "SUSHY_EMULATOR_FAKE_DRIVER = True",
                         f"SUSHY_EMULATOR_STATE_DIR = {str(d / 'state')!r}",
-                        f"SUSHY_EMULATOR_FAKE_SYSTEMS = [{json.dumps(system)}]",
+                        f"SUSHY_EMULATOR_FAKE_SYSTEMS = [{system!r}]",
                         "EXTERNAL_NOTIFICATION_URL = "
                         f"'http://127.0.0.1:{self._notify_port}/notify'",
                         "",
@@ -198,9 +198,10 @@ class BmcFleet:
         ctx = ssl.create_default_context(cafile=str(self.ca))
         url = f"https://127.0.0.1:{bmc.port}{bmc.systems_uri}/Actions/ComputerSystem.Reset"
         try:
+            basic = base64.b64encode(f"{USERNAME}:{self.password}".encode()).decode()
             async with (
                 aiohttp.ClientSession(
-                    auth=aiohttp.BasicAuth(USERNAME, self.password),
+                    headers={"Authorization": f"Basic {basic}"},
                     timeout=aiohttp.ClientTimeout(total=5),
                 ) as session,
                 session.post(url, json={"ResetType": "On" if on else "ForceOff"}, ssl=ctx) as r,

@@ -769,7 +769,13 @@ class SimCluster:
         task = asyncio.ensure_future(step)
         task.set_name(name)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("%s failed", name, exc_info=t.exception())
+
+        task.add_done_callback(done)
 
     async def _start_bmcs(self) -> None:
         pki = self.control_plane.pki

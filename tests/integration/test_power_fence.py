@@ -76,7 +76,7 @@ async def test_a_node_that_cannot_fence_itself_is_switched_off_by_its_bmc_and_re
     [fence] = fenced_by_bmc(env, node, t0)
     assert not c.fleet[node].powered
     fenced = await env.events("NodeFenced", node, since=run["wall"])
-    assert fenced and all(e["message"].endswith("PowerOffVerified") for e in fenced), fenced
+    assert fenced and all("PowerOffVerified" in e["message"] for e in fenced), fenced
     # ... before any of its VMs started elsewhere: never two copies at once.
     off_at = c.ledger.t0 + fence["t"]
     for vm, copy in run["new"].items():
@@ -105,6 +105,6 @@ async def test_with_its_bmc_down_a_node_is_not_assumed_off_and_is_reset_once_the
     await env.fault("bmc-up", node)
     await env.wait_for(lambda: env.phase(node) in ("Resetting", "Reset"), 60, f"{node} reset")
     fenced = await env.events("NodeFenced", node, since=wall)
-    assert fenced and fenced[-1]["message"].endswith("PowerOffVerified"), fenced
+    assert fenced and "PowerOffVerified" in fenced[-1]["message"], fenced
     assert c.ledger.split_brain_seconds() == 0, c.ledger.totals()
     await env.restore()
