@@ -351,7 +351,6 @@ async def _run_sim(config: Any, ready_timeout_s: float) -> int:
             print(f"agent service-account kubeconfig: {cluster.agent_identity.kubeconfig}")
         if cluster.bmcs is not None:
             print(f"bmc inventory: {cluster.bmcs.inventory_path}", flush=True)
-            print(f"bmc CA (REQUESTS_CA_BUNDLE): {cluster.bmcs.ca}", flush=True)
         if cluster.control_plane.audit_log_path is not None:
             print(f"audit log: {cluster.control_plane.audit_log_path}", flush=True)
         print(f"kubeconfig: {cluster.kubeconfig}", flush=True)

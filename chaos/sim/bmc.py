@@ -163,6 +163,7 @@ class BmcFleet:
                     "ip": "127.0.0.1",
                     "username": USERNAME,
                     "password_file": "password",
+                    "ca_file": str(self.ca),
                     "options": {"ipport": str(b.port), "systems-uri": b.systems_uri},
                 }
                 for b in self.bmcs.values()

@@ -457,15 +457,11 @@ class WatchdogEnv:
         }
 
     def _bmc_environment(self) -> dict[str, str]:
-        """With the cluster's BMCs: their inventory, and the cluster CA for the fence agent
-        (fence_redfish verifies the BMC's certificate through python-requests)."""
+        """With the cluster's BMCs: their inventory (which names the CA of their certificate)."""
         bmcs = self.cluster.bmcs
         if bmcs is None:
             return {}
-        return {
-            "WATCHDOG_POWER_FENCE_INVENTORY": str(bmcs.inventory_path),
-            "REQUESTS_CA_BUNDLE": str(bmcs.ca),
-        }
+        return {"WATCHDOG_POWER_FENCE_INVENTORY": str(bmcs.inventory_path)}
 
     async def start_controller(
         self, *, wait_ready: bool = True, extra_env: dict[str, str] | None = None

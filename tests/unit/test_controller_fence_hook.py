@@ -17,9 +17,9 @@ import pytest
 
 from watchdog.decide import actions as act
 from watchdog.decide.config import DecideConfig, FenceMode, Policy
-from watchdog.decide.heartbeats import HeartbeatBook
-from watchdog.decide.observations import LauncherPod
-from watchdog.decide.state import STATE_ANNOTATION
+from watchdog.decide.heartbeats import Heartbeat, HeartbeatBook
+from watchdog.decide.observations import FenceDeclaration, LauncherPod
+from watchdog.decide.state import STATE_ANNOTATION, Phase
 from watchdog.metrics import Metrics
 from watchdog.runtime.controller import Controller
 
@@ -45,8 +45,10 @@ class Cluster:
     def node_has_taint(self, node: str, key: str, effect: str) -> bool:
         return False
 
+    lease_at = 0.0  # when every kubelet last renewed its Lease
+
     def lease_renewed_at(self, node: str) -> tuple[bool, float | None]:
-        return (True, 0.0)
+        return (True, self.lease_at)
 
     def launcher_pods(self, node: str) -> tuple[LauncherPod, ...]:
         return ()
@@ -179,3 +181,27 @@ async def test_a_deposed_leader_stops_its_running_hook() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert execute.hooks() == 0 and marked == [] and not c.fence_confirmed
+
+
+async def test_a_hook_still_running_when_the_node_leaves_fencing_is_stopped() -> None:
+    """Must-not twin of running the hook beside the evaluations: a node heard again while its
+    fence (a BMC power-off) is still going must not be switched off by it."""
+    c, execute, clock, marked = controller()
+    execute.hook_gate = asyncio.Event()
+    execute.hook_results = ["success"]
+    fence = FenceDeclaration(armed=True, after_s=8.0, bound_s=5.0)
+    c.book.set_known(set(NODES))
+    c.book.accept(Heartbeat(DOWN, "boot-a", 1_000, 0.0, "1", fence), clock.now - 50.0)
+    c.become_leader()
+    await c.evaluate(DOWN)
+    assert c.states[DOWN].phase is Phase.FENCING
+    (task,) = c._hooks.values()
+    # Its kubelet renews its Lease again, long after its agent fell silent: the machine runs.
+    execute.cluster.lease_at = clock.now
+    clock.now += 1.0
+    await c.evaluate(DOWN)
+    assert c.states[DOWN].phase is Phase.SUSPECT
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert execute.hooks() == 0 and marked == [] and not c.fence_confirmed
+    assert execute.resets() == []

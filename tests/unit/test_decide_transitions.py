@@ -475,8 +475,8 @@ FENCING_ROWS = [
         POWER,
         node(F, fence_confirmed=True, fence_clock_from=T - 1.0),
         dead(persisted="Fencing"),
-        Reason.FENCE_POWER_OFF_VERIFIED,
-        id="power: read-back resumed from the annotation (new leader) → reset",
+        None,
+        id="power: a confirmation resumed from the annotation (new leader) → ask the BMC again",
     ),
     pytest.param(
         POWER,
@@ -745,6 +745,47 @@ def test_a_node_rebooted_after_the_bmc_said_off_is_no_contradiction() -> None:
     d = step(state, seen(0.2, boot_id="boot-2", received=1, persisted="Fencing"), cfg=POWER)
     assert ("PowerFenceContradiction", Reason.HOLD_POWER_CONTRADICTION) not in events(d)
     assert not d.state.power_contradicted
+
+
+def test_a_new_leader_asks_the_bmc_again_instead_of_trusting_the_annotation() -> None:
+    resumed = node(F, fence_confirmed=True, fence_clock_from=T - 1.0)
+    d = step(resumed, dead(persisted="Fencing"), cfg=POWER, ctx=context(policy=PERIOD))
+    assert actions_of(d, RunFenceHook) == [RunFenceHook(NODE)] and not is_destructive(d)
+    assert not d.state.fence_confirmed
+    # mode external keeps trusting it (its hook may not be idempotent)
+    d = step(resumed, dead(persisted="Fencing"), cfg=EXTERNAL, ctx=context(policy=PERIOD))
+    assert starts_reset(d)
+
+
+@pytest.mark.parametrize(
+    "hold", [Reason.HOLD_STORM, Reason.HOLD_UPGRADE, Reason.HOLD_POLICY_DISABLED]
+)
+def test_no_power_off_is_sent_while_a_hold_is_in_force(hold: Reason) -> None:
+    """Switching a node off is as destructive as resetting its VMs: during a storm (maybe the
+    controller's own network), an upgrade or with resets disabled, the BMC is not asked, not
+    even once; mode external sends its first run regardless, as before."""
+    held = context(holds=(hold,))
+    assert actions_of(step(node(S), dead(), cfg=POWER, ctx=held), RunFenceHook) == []
+    assert actions_of(step(node(S), dead(), cfg=EXTERNAL, ctx=held), RunFenceHook) != []
+    assert actions_of(step(node(S), dead(), cfg=POWER), RunFenceHook) == [RunFenceHook(NODE)]
+
+
+def test_no_power_off_before_the_lease_is_stale_and_the_agents_own_deadline() -> None:
+    """The BMC switches off only a node whose kubelet Lease is stale (no other node can forge
+    that) and that has been silent at least as long as its own agent waits before fencing
+    itself (ARMED: 10 s): never a node that its own self-fence would have spared."""
+    recent = node(F, last_contact_at=T - 6.0, unreachable_at=T - 2.0)
+    d = step(recent, dead(hb_age=6.0, persisted="Fencing"), cfg=POWER)
+    assert actions_of(d, RunFenceHook) == [] and d.wake_at is not None
+    assert d.wake_at <= T + 4.0  # wakes when the agent's own deadline has passed
+    later = step(
+        recent, dead(hb_age=10.0, persisted="Fencing", now=T + 4.0), cfg=POWER, now=T + 4.0
+    )
+    assert actions_of(later, RunFenceHook) == [RunFenceHook(NODE)]
+    # a Lease renewed 5 s ago is not stale (15 s): no power-off, however long the silence
+    fresh_lease = dead(hb_age=40.0, lease_age=5.0, ready="True", persisted="Fencing")
+    d = step(node(F), fresh_lease, cfg=POWER)
+    assert actions_of(d, RunFenceHook) == [] and not is_destructive(d)
 
 
 def test_no_fence_hook_retry_while_a_hold_is_in_force() -> None:

@@ -25,7 +25,7 @@ GOOD = {
             "options": {
                 "ipport": 443,
                 "systems-uri": "/redfish/v1/Systems/1",
-                "ssl-insecure": None,
+                "ssl-insecure": 1,
             },
         }
     }
@@ -45,10 +45,11 @@ def test_a_good_inventory_gives_the_agent_its_options_on_stdin_never_on_the_comm
         "10.0.0.11",
         "admin",
         "s3cret",
-        (("ipport", "443"), ("ssl-insecure", ""), ("systems-uri", "/redfish/v1/Systems/1")),
+        (("ipport", "443"), ("ssl-insecure", "1"), ("systems-uri", "/redfish/v1/Systems/1")),
     )
     lines = bmc.stdin("off").decode().splitlines()
-    assert lines[0] == "action=off" and "password=s3cret" in lines
+    # The watchdog's own lines last: the fence library keeps the last value of an option.
+    assert lines[-4:] == ["ip=10.0.0.11", "username=admin", "password=s3cret", "action=off"]
     assert "s3cret" not in repr(bmc)
 
 
@@ -56,6 +57,18 @@ def test_a_password_file_is_read_relative_to_the_inventory(tmp_path: Path) -> No
     (tmp_path / "node-1.pw").write_text("from-file\n")
     bmc = parse_inventory(doc(password="DROP", password_file="node-1.pw"), tmp_path)["node-1"]
     assert bmc.password == "from-file"
+    # A second line would be read by the fence agent as another option.
+    (tmp_path / "node-1.pw").write_text("pw\naction=on\n")
+    with pytest.raises(InventoryError, match="password_file: must hold one line"):
+        parse_inventory(doc(password="DROP", password_file="node-1.pw"), tmp_path)
+
+
+def test_a_ca_file_is_checked_and_given_to_the_agent(tmp_path: Path) -> None:
+    (tmp_path / "bmc-ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    bmc = parse_inventory(doc(ca_file="bmc-ca.crt"), tmp_path)["node-1"]
+    assert bmc.ca_file == tmp_path / "bmc-ca.crt"
+    with pytest.raises(InventoryError, match=r"nodes\.node-1\.ca_file"):
+        parse_inventory(doc(ca_file="missing.crt"), tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -75,9 +88,25 @@ def test_a_password_file_is_read_relative_to_the_inventory(tmp_path: Path) -> No
             doc(password_file="x.pw"), "exactly one of password, password_file", id="both"
         ),
         pytest.param(doc(password="a\nip=6.6.6.6"), "must be one line", id="injected option"),
-        pytest.param(doc(options={"ip": "6.6.6.6"}), "options.ip: set by the watchdog", id="ip"),
-        pytest.param(doc(options={"Bad Key": 1}), "is not an option name", id="bad option"),
-        pytest.param(doc(options={"x": "a\nb"}), "options.x: must be one line", id="bad value"),
+        pytest.param(
+            doc(options={"ip": "6.6.6.6"}), "'ip' is not an option the watchdog passes on", id="ip"
+        ),
+        pytest.param(
+            doc(options={"Bad Key": 1}), "is not an option the watchdog passes on", id="bad"
+        ),
+        pytest.param(
+            doc(options={"password-script": "/bin/sh -c 'reboot'"}),
+            "'password-script' is not an option the watchdog passes on",
+            id="an option that runs a command",
+        ),
+        pytest.param(
+            doc(options={"ipaddr": "6.6.6.6"}), "'ipaddr' is not an option", id="ip alias"
+        ),
+        pytest.param(
+            doc(options={"lanplus": ""}), "options.lanplus: '': a flag, set it with 1", id="flag"
+        ),
+        pytest.param(doc(options={"ssl-insecure": 0}), "a flag, set it with 1", id="flag off"),
+        pytest.param(doc(options={"cipher": "a\nb"}), "options.cipher: must be one", id="bad v"),
         pytest.param(doc(port=1), "unknown fields ['port']", id="unknown field"),
         pytest.param(
             doc(password="DROP", password_file="/nonexistent/pw"), "password_file", id="f"

@@ -74,11 +74,6 @@ def test_nested_environment_and_yaml_file(tmp_path: Path, monkeypatch: pytest.Mo
             id="external fencing without a hook",
         ),
         pytest.param(
-            {"WATCHDOG_FENCE_MODE": "power"},
-            ["needs power_fence_inventory"],
-            id="power fencing without a BMC inventory",
-        ),
-        pytest.param(
             {"WATCHDOG_MQTT__URL": "http://broker"},
             ["mqtt.url = 'http://broker'", "WATCHDOG_MQTT__URL"],
             id="nested field bad value",
@@ -149,3 +144,19 @@ def test_password_is_read_from_its_file_at_use_time(tmp_path: Path) -> None:
     assert s.mqtt_password() == "first"
     secret.write_text("rotated\n")
     assert s.mqtt_password() == "rotated"
+
+
+def test_power_fencing_needs_a_bmc_inventory_in_the_controller_only(tmp_path: Path) -> None:
+    """Agents load the same ConfigMap: fence_mode power without an inventory is valid for them;
+    a controller refuses to start without one, or with one it cannot use, naming what is
+    wrong (exit 2, before it connects to anything)."""
+    power = {"WATCHDOG_FENCE_MODE": "power", "WATCHDOG_NODE_NAME": "node-1"}
+    assert run_cli("config", env=power).returncode == 0
+    result = run_cli("controller", env=power)
+    assert result.returncode == 2, result.stderr
+    assert "fence_mode 'power' needs power_fence_inventory" in result.stderr
+    bad = tmp_path / "inventory.yaml"
+    bad.write_text("nodes:\n  node-1: {agent: fence_redfish, ip: 10.0.0.1, username: a}\n")
+    result = run_cli("controller", env={**power, "WATCHDOG_POWER_FENCE_INVENTORY": str(bad)})
+    assert result.returncode == 2, result.stderr
+    assert "nodes.node-1: needs exactly one of password, password_file" in result.stderr

@@ -22,6 +22,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,32 @@ from typing import Any
 import yaml
 
 AGENT_NAME = re.compile(r"^fence_[a-z0-9_]+$")
-# The fence agents' own option names: lower-case words joined by dashes.
-OPTION_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
+# The agents' options an inventory may set, and nothing else: the fence library also takes
+# options that run a command (password-script) or write a file (debug-file), and aliases of the
+# address and credentials, which the watchdog sets itself.
+VALUE_OPTIONS = frozenset(
+    {
+        "ipport",
+        "systems-uri",
+        "redfish-uri",
+        "cipher",
+        "privlvl",
+        "auth",
+        "hexadecimal-kg",
+        "power-timeout",
+        "power-wait",
+        "login-timeout",
+        "shell-timeout",
+        "ipmitool-timeout",
+        "retry-on",
+    }
+)
+# Flags: set with 1 (the library reads 1/yes/on/true); leave a flag out to unset it (fence_redfish
+# treats ssl-insecure=0 as set).
+FLAG_OPTIONS = frozenset(
+    {"ssl", "ssl-secure", "ssl-insecure", "notls", "lanplus", "inet4-only", "inet6-only"}
+)
+FLAG_ON = ("1", "yes", "on", "true")
 # Where Debian installs the fence agents (not always on a container's PATH).
 AGENT_DIRS = ("/usr/sbin", "/sbin")
 STATUS_ON, STATUS_OFF = 0, 2
@@ -51,14 +76,16 @@ class Bmc:
     username: str
     password: str = field(repr=False)
     options: tuple[tuple[str, str], ...] = ()
+    ca_file: Path | None = None  # the CA the BMC's HTTPS certificate is checked against
 
     def stdin(self, action: str) -> bytes:
+        # The watchdog's own lines last: the fence library keeps the last value of an option.
         lines = [
-            f"action={action}",
+            *(f"{k}={v}" for k, v in self.options),
             f"ip={self.ip}",
             f"username={self.username}",
             f"password={self.password}",
-            *(f"{k}={v}" for k, v in self.options),
+            f"action={action}",
         ]
         return ("\n".join(lines) + "\n").encode()
 
@@ -91,7 +118,8 @@ def parse_inventory(text: str, base: Path | None = None) -> dict[str, Bmc]:
             ip: 10.0.0.11                 # the BMC (fence_redfish also takes ipport)
             username: admin
             password_file: node-1.pw      # or password:; relative to the inventory file
-            options:                      # further agent options, e.g.
+            ca_file: bmc-ca.crt           # optional: the CA of the BMC's HTTPS certificate
+            options:                      # further agent options (VALUE_OPTIONS, FLAG_OPTIONS)
               ipport: "443"
               systems-uri: /redfish/v1/Systems/1
     """
@@ -108,7 +136,8 @@ def parse_inventory(text: str, base: Path | None = None) -> dict[str, Bmc]:
     for node, entry in nodes.items():
         if not isinstance(node, str) or not isinstance(entry, dict):
             raise InventoryError(f"nodes.{node}: must map a node name to its BMC's fields")
-        unknown = set(entry) - {"agent", "ip", "username", "password", "password_file", "options"}
+        known = {"agent", "ip", "username", "password", "password_file", "options", "ca_file"}
+        unknown = set(entry) - known
         if unknown:
             raise InventoryError(f"nodes.{node}: unknown fields {sorted(unknown)}")
         agent = _text(node, entry, "agent")
@@ -127,23 +156,44 @@ def parse_inventory(text: str, base: Path | None = None) -> dict[str, Bmc]:
                 password = path.read_text().strip()
             except OSError as e:
                 raise InventoryError(f"nodes.{node}.password_file: {e}") from None
+            if not password or "\n" in password or "\r" in password:
+                raise InventoryError(f"nodes.{node}.password_file: must hold one line")
+        ca_file = _text(node, entry, "ca_file", required=False)
+        ca_path = None
+        if ca_file is not None:
+            ca_path = Path(ca_file)
+            if not ca_path.is_absolute() and base is not None:
+                ca_path = base / ca_path
+            if not ca_path.is_file():
+                raise InventoryError(f"nodes.{node}.ca_file: {ca_path} is not a file")
         options = entry.get("options") or {}
         if not isinstance(options, dict):
             raise InventoryError(f"nodes.{node}.options: must be a mapping")
         pairs = []
         for key, value in options.items():
-            if not isinstance(key, str) or not OPTION_NAME.match(key):
-                raise InventoryError(f"nodes.{node}.options: {key!r} is not an option name")
-            if key in ("action", "ip", "username", "password", "plug"):
-                raise InventoryError(f"nodes.{node}.options.{key}: set by the watchdog")
-            value = "" if value is None else str(value)
-            if "\n" in value or "\r" in value:
-                raise InventoryError(f"nodes.{node}.options.{key}: must be one line")
+            if key in FLAG_OPTIONS:
+                if str(value).lower() not in FLAG_ON:
+                    raise InventoryError(
+                        f"nodes.{node}.options.{key}: {value!r}: a flag, set it with 1 "
+                        "(leave it out to unset it)"
+                    )
+                pairs.append((key, "1"))
+                continue
+            if key not in VALUE_OPTIONS:
+                raise InventoryError(
+                    f"nodes.{node}.options: {key!r} is not an option the watchdog passes on "
+                    f"(one of {', '.join(sorted(VALUE_OPTIONS | FLAG_OPTIONS))})"
+                )
+            if value is None or isinstance(value, (bool, dict, list)):
+                raise InventoryError(f"nodes.{node}.options.{key}: {value!r} is not a value")
+            value = str(value)
+            if not value or "\n" in value or "\r" in value:
+                raise InventoryError(f"nodes.{node}.options.{key}: must be one non-empty line")
             pairs.append((key, value))
         ip = _text(node, entry, "ip")
         username = _text(node, entry, "username")
         assert ip is not None and username is not None and password is not None
-        out[node] = Bmc(node, agent, ip, username, password, tuple(sorted(pairs)))
+        out[node] = Bmc(node, agent, ip, username, password, tuple(sorted(pairs)), ca_path)
     return out
 
 
@@ -195,20 +245,26 @@ class PowerFencer:
         agent = find_agent(bmc.agent)
         if agent is None:
             return FenceRun(False, f"fence agent {bmc.agent} is not installed")
+        env = dict(os.environ)
+        if bmc.ca_file is not None:
+            env["REQUESTS_CA_BUNDLE"] = str(bmc.ca_file)  # python-requests, as fence_redfish uses
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
-        code, out = await _run(agent, bmc.stdin("off"), deadline - loop.time())
+        code, out = await _run(agent, bmc.stdin("off"), deadline - loop.time(), env)
         if code != 0:
             return FenceRun(False, f"{bmc.agent} off at {bmc.ip}: {out}")
-        code, status = await _run(agent, bmc.stdin("status"), deadline - loop.time())
-        if code == STATUS_OFF:
+        code, status = await _run(agent, bmc.stdin("status"), deadline - loop.time(), env)
+        # Exit 2 is also a usage error of the fence library: the status line must say it too.
+        if code == STATUS_OFF and "Status: OFF" in status:
             return FenceRun(True, f"{bmc.agent} at {bmc.ip}: switched off, status reads off")
         if code == STATUS_ON:
             return FenceRun(False, f"{bmc.agent} at {bmc.ip}: off succeeded but status reads on")
         return FenceRun(False, f"{bmc.agent} status at {bmc.ip}: {status}")
 
 
-async def _run(agent: str, stdin: bytes, timeout_s: float) -> tuple[int | None, str]:
+async def _run(
+    agent: str, stdin: bytes, timeout_s: float, env: dict[str, str]
+) -> tuple[int | None, str]:
     """(exit code, last output) of one agent run; (None, why) on a timeout."""
     if timeout_s <= 0:
         return None, "no time left within the fence timeout"
@@ -217,6 +273,8 @@ async def _run(agent: str, stdin: bytes, timeout_s: float) -> tuple[int | None, 
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        env=env,
+        start_new_session=True,  # its own process group: a timeout kills what it started too
     )
     try:
         async with asyncio.timeout(timeout_s):
@@ -226,7 +284,7 @@ async def _run(agent: str, stdin: bytes, timeout_s: float) -> tuple[int | None, 
     finally:
         if proc.returncode is None:  # timed out or cancelled: never leave the agent running
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
     tail = output.decode(errors="replace").strip().splitlines()
     return proc.returncode, f"exit {proc.returncode}: {' | '.join(tail[-3:])[-300:]}"

@@ -487,9 +487,10 @@ class _Step:
         same boot. The BMC is wrong (or controls another machine): hold this node's reset, say
         so, and keep the node in FENCING with the confirmation dropped, so only the agent's own
         self-fence (its safe delay from when it is silent again) can prove it stopped."""
-        if not (
-            self.cfg.fence_mode is FenceMode.POWER and self.state.fence_confirmed and not rebooted
-        ):
+        confirmed = self.state.fence_confirmed or (
+            self.obs.external_fence_confirmed and self.state.hook_sent_at is not None
+        )
+        if not (self.cfg.fence_mode is FenceMode.POWER and confirmed and not rebooted):
             return False
         self.state = replace(
             self.state,
@@ -515,24 +516,36 @@ class _Step:
 
         Reconciled, not remembered: a hook that has not confirmed is sent again
         `HOOK_RETRY_S` after the previous send, doubling up to `HOOK_RETRY_MAX_S`, for as long
-        as the node is being fenced and no hold is in force (the first run, on entering
-        FENCING, is never held back, as before: a fenced node is safe to reset once the hold
-        ends). The controller runs one at a time per node, beside the evaluations. Its success
-        is written into the state annotation, so a new leader resumes with the proof; any other
-        phase drops it, and the controller counts only a success of a run sent in this episode
-        (`hook_since`). Never in dry-run.
+        as the node is being fenced and no hold is in force (in mode external the first run,
+        on entering FENCING, is never held back, as before: a fenced node is safe to reset once
+        the hold ends; in mode power nothing is sent during a hold, and only once
+        `power_off_due`). The controller runs one at a time per node, beside the evaluations,
+        and stops it when the node leaves FENCING. Its success is written into the state
+        annotation, so a new leader resumes with the proof (mode external) or asks the BMC
+        again (mode power); any other phase drops it, and the controller counts only a success
+        of a run sent in this episode (`hook_since`). Never in dry-run.
         """
         sent, runs = self.state.hook_sent_at, self.state.hook_runs
+        power = self.cfg.fence_mode is FenceMode.POWER
+        if power and self.state.power_contradicted:
+            return  # this node's BMC once said off while the node ran: it proves nothing
+        if power and self.state.fence_confirmed and sent is None:
+            # Resumed from the annotation by a new leader: the node may have been powered on
+            # meanwhile. Ask the BMC again (off is idempotent) instead of trusting the record.
+            self.state = replace(self.state, fence_confirmed=False)
         # Only a confirmation of a hook sent in this episode counts (the controller's record of
         # an earlier episode's success may still be there in the step that starts a new one).
-        if self.state.power_contradicted:
-            return  # this node's BMC once said off while the node ran: it proves nothing
         if self.obs.external_fence_confirmed and sent is not None:
             self.state = replace(self.state, fence_confirmed=True)
         if self.state.fence_confirmed or self.cfg.dry_run:
             return
-        if runs and self.ctx.holds:
-            return  # run again once nothing holds resets (the first run is not held back)
+        if (runs or power) and self.ctx.holds:
+            # Run again once nothing holds resets. In mode external the first run is not held
+            # back; a power-off is never sent during a hold (a storm, an upgrade, an API or
+            # broker outage): switching nodes off is as destructive as resetting their VMs.
+            return
+        if power and not self.power_off_due():
+            return
         if sent is not None:
             due = sent + min(HOOK_RETRY_MAX_S, HOOK_RETRY_S * 2 ** max(0, runs - 1))
             if self.now < due:
@@ -545,6 +558,27 @@ class _Step:
         )
         self.wake_at(self.now + min(HOOK_RETRY_MAX_S, HOOK_RETRY_S * 2**runs))
 
+    def power_off_due(self) -> bool:
+        """Fence mode `power`: whether the BMC may switch the node off now. Only once
+
+        - its kubelet's Lease is stale: the API server authenticates each node's Lease renewals
+          (NodeRestriction), so no other node can forge this silence, unlike heartbeats and
+          peer reports on the shared broker; and
+        - it has been silent at least as long as its own agent waits before fencing itself
+          (the `after_s` it declared): the BMC never switches off a node that its own
+          self-fence would have spared (a NIC flap, withdrawn at the next heartbeat).
+
+        Otherwise wakes when the silence is long enough (the Lease's staleness has its own
+        wake-up)."""
+        if self.sig.lease is not Signal.STALE:
+            return False
+        fence = self.state.fence
+        last = self.state.last_contact_at
+        if fence is not None and last is not None and self.now < last + fence.after_s:
+            self.wake_at(last + fence.after_s)
+            return False
+        return True
+
     def fence_proof(self) -> Reason | None:
         mode = self.cfg.fence_mode
         if self.obs.out_of_service_tainted and not self.state.tainted:
@@ -556,7 +590,8 @@ class _Step:
         if mode is FenceMode.MANUAL:
             return None
         if mode is FenceMode.POWER and self.state.fence_confirmed:
-            return Reason.FENCE_POWER_OFF_VERIFIED
+            if not self.state.power_contradicted:
+                return Reason.FENCE_POWER_OFF_VERIFIED
         # Mode self, or mode power without the BMC's confirmation: the agent's self-fence.
         if not fence_accepted(self.state.fence, self.cfg) or self.state.fence_clock_from is None:
             return None
@@ -566,7 +601,11 @@ class _Step:
         assert self.state.unreachable_at is not None
         if self.obs.out_of_service_tainted and not self.state.tainted:
             return self.state.unreachable_at + self.ctx.policy.period_s
-        if self.cfg.fence_mode is FenceMode.POWER and self.state.fence_confirmed:
+        if (
+            self.cfg.fence_mode is FenceMode.POWER
+            and self.state.fence_confirmed
+            and not self.state.power_contradicted
+        ):
             # Read back off from the BMC: no safe delay to wait, only the policy period.
             return self.state.unreachable_at + self.ctx.policy.period_s
         return reset_not_before(

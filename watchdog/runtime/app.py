@@ -102,7 +102,13 @@ def main(role: str, settings: Settings, args: argparse.Namespace) -> int:
         )
     if role in ("run", "controller") and settings.fence_mode is FenceMode.POWER:
         # A fence that cannot run must be found now, not during a failover.
-        assert settings.power_fence_inventory is not None
+        if settings.power_fence_inventory is None:
+            print(
+                "invalid configuration: fence_mode 'power' needs power_fence_inventory "
+                "(WATCHDOG_POWER_FENCE_INVENTORY): the BMC of each node",
+                file=sys.stderr,
+            )
+            return 2
         fencer = PowerFencer(settings.power_fence_inventory, settings.fence_hook_timeout_s)
         try:
             bmcs = fencer.check()

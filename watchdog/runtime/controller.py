@@ -360,6 +360,12 @@ class Controller:
             await self._run(action, decision, obs, now)
         return decision.wake_at
 
+    def _cancel_hook(self, node: str) -> None:
+        task = self._hooks.pop(node, None)
+        if task is not None and not task.done():
+            log.warning("node %s: left Fencing: the fence still running for it is stopped", node)
+            task.cancel()
+
     def _start_hook(self, action: act.RunFenceHook) -> None:
         """Run the fence hook beside the evaluations: a hook may take `fence_hook_timeout_s`,
         and the node must still be decided meanwhile (a heartbeat back withdraws its
@@ -408,6 +414,10 @@ class Controller:
             if to is Phase.UNREACHABLE:
                 # A new episode needs its own external fence confirmation.
                 self.fence_confirmed.pop(node, None)
+            if frm is Phase.FENCING and to is not Phase.RESETTING:
+                # The node is back (or a new episode starts): a fence still running for it
+                # must not switch it off now (its process is killed).
+                self._cancel_hook(node)
             if to is Phase.UNREACHABLE:
                 self._warn_period_raised(node, d.state)
             if to is Phase.UNREACHABLE and d.state.last_contact_at is not None:

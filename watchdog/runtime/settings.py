@@ -435,8 +435,8 @@ class Settings(BaseSettings):
             self.fence_hook_command or self.fence_hook_url
         ):
             raise ValueError("fence_mode 'external' needs fence_hook_command or fence_hook_url")
-        if self.fence_mode is FenceMode.POWER and self.power_fence_inventory is None:
-            raise ValueError("fence_mode 'power' needs power_fence_inventory")
+        # fence_mode power needs power_fence_inventory only in the controller (runtime/app.py):
+        # agents load the same ConfigMap without the inventory.
         return self
 
     @classmethod
