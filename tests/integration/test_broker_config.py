@@ -444,6 +444,22 @@ async def test_no_agent_can_publish_probe_lists(broker: Broker) -> None:
         assert await itself.wait_for(*after_own) == [after_own]
 
 
+async def test_a_packet_above_the_size_limit_disconnects_its_sender_and_reaches_nobody(
+    broker: Broker,
+) -> None:
+    """max_packet_size: a node cannot push oversized messages through the broker."""
+    big = (f"{PREFIX}/heartbeat/node-1", b"x" * 70_000)
+    after = (f"{PREFIX}/heartbeat/node-1", b"after")
+    async with subscribed(broker, mqtt_credentials.CONTROLLER_USER, f"{PREFIX}/#") as inbox:
+        with pytest.raises(aiomqtt.MqttError):
+            async with broker.client("node-1", identifier="agent-node-1") as agent:
+                await agent.publish(*big, qos=1)  # no PUBACK: the broker drops the connection
+        async with broker.client("node-1", identifier="agent-node-1") as agent:
+            await agent.publish(*after, qos=1)
+        got = await inbox.wait_for(*after)
+    assert big not in got and got[-1] == after
+
+
 async def test_an_agents_last_will_announces_it_offline(broker: Broker) -> None:
     """A SIGKILLed agent's Will (status/<own node> offline) reaches the controller."""
     script = (

@@ -390,6 +390,16 @@ def test_the_broker_is_locked_down_and_serves_tls_only(render) -> None:
     assert "allow_anonymous false" in conf.splitlines()
     assert [line for line in conf.splitlines() if line.startswith("listener ")] == ["listener 8883"]
     assert cm["data"]["acl"] == (DEPLOY / "base" / "broker" / "acl").read_text()
+    # Bounded: a node cannot exhaust the broker every node's detection rests on. Connections
+    # for the 5,000-node target (an agent each, two controller replicas); memory refused below
+    # the container's limit rather than the broker being killed at it.
+    settings = dict(line.split(None, 1) for line in conf.splitlines() if line and line[0] != "#")
+    assert int(settings["max_connections"]) >= 5_000 + 2
+    assert int(settings["max_packet_size"]) <= 65536
+    memory_limit = int(settings["memory_limit"])
+    container_limit = c["resources"]["limits"]["memory"]
+    assert container_limit.endswith("Mi")
+    assert 0 < memory_limit <= 0.8 * int(container_limit[:-2]) * 2**20
 
 
 # --- the configuration the DaemonSet gives the service -------------------------------------
