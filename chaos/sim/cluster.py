@@ -250,6 +250,12 @@ def crd_documents() -> list[Obj]:
     return docs
 
 
+def _identity_state(identity: ServiceIdentity | None) -> dict[str, str] | None:
+    if identity is None:
+        return None
+    return {"user": identity.username, "kubeconfig": str(identity.kubeconfig)}
+
+
 class SimCluster:
     """The whole test cluster. `async with SimCluster(config) as c: await c.wait_ready()`."""
 
@@ -1001,22 +1007,8 @@ class SimCluster:
                 n: {"running": s.running, "starts": s.starts} for n, s in self.agents.items()
             },
             "agent_note": self.agent_note,
-            "service_account": (
-                None
-                if self.identity is None
-                else {
-                    "user": self.identity.username,
-                    "kubeconfig": str(self.identity.kubeconfig),
-                }
-            ),
-            "agent_service_account": (
-                None
-                if self.agent_identity is None
-                else {
-                    "user": self.agent_identity.username,
-                    "kubeconfig": str(self.agent_identity.kubeconfig),
-                }
-            ),
+            "service_account": _identity_state(self.identity),
+            "agent_service_account": _identity_state(self.agent_identity),
             "nodes": {
                 n: {**m.state(), "ready": self.node_ready(n), "broker_url": self.node_broker_url(n)}
                 for n, m in self.fleet.members.items()
