@@ -108,6 +108,12 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--profile", type=float, default=0.0, help="py-spy the controller for S s")
     p.add_argument(
+        "--floor",
+        type=float,
+        default=20.0,
+        help="seconds a bare subscriber (the floor) is measured under the same load; 0: skip",
+    )
+    p.add_argument(
         "--no-peers",
         dest="peers",
         action="store_false",
@@ -187,6 +193,7 @@ def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
             lease_renew_s=1.0,
             controller_env={"WATCHDOG_LEASE_STALE_AFTER_S": "3"},
             profile_s=0.0,
+            floor_s=2.0,
             controller_source=args.controller_source,
             progress=_progress,
         )
@@ -203,6 +210,7 @@ def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
             else None
         ),
         profile_s=args.profile,
+        floor_s=args.floor,
         peers=args.peers,
         controller_source=args.controller_source,
         profile_dir=args.out,

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from watchdog.decide import actions as act
@@ -146,12 +147,23 @@ class _Tick:
         self.target = -1
         self.done = asyncio.Event()
 
-    async def evaluate(self, node: str) -> float | None:
-        wake = await self.controller.evaluate(node)
+    def evaluate(self, node: str) -> float | Awaitable[float | None] | None:
+        # As the service runs it: inline when there is nothing to act on.
+        result = self.controller.evaluate_now(node)
+        if inspect.isawaitable(result):
+            return self._then_count(result)
+        self._counted()
+        return result
+
+    async def _then_count(self, pending: Awaitable[float | None]) -> float | None:
+        wake = await pending
+        self._counted()
+        return wake
+
+    def _counted(self) -> None:
         self.count += 1
         if self.count == self.target:
             self.done.set()
-        return wake
 
     async def wait(self, more: int) -> None:
         self.target = self.count + more

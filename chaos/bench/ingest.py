@@ -8,6 +8,10 @@ created Ready with their Leases, a `LeaseRenewer` renewing every Lease at the ku
 a real Mosquitto, N simulated agents (`mqttload`: raw MQTT, a few connections multiplexing the
 node topics), and the controller with default timings. Then:
 
+0. floor: before the controller starts, a bare subscriber (chaos/bench/floor.py: the same
+   MQTT client library, only receiving and JSON-decoding each heartbeat) is measured under the
+   same load; the controller's CPU per heartbeat is reported as a ratio to it
+   (`steady.ratio_to_floor`), so a machine's speed cancels out;
 1. steady window: controller CPU seconds and RSS from /proc, heartbeats it accepted (its own
    `watchdog_heartbeats_total`), Lease events it received, and the load generators' lag;
 2. optional py-spy profile of the controller (a separate window, so the numbers above are
@@ -34,9 +38,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,6 +80,7 @@ async def run_one(
     peers: bool = True,
     profile_s: float,
     work_dir: Path,
+    floor_s: float = 0.0,
     controller_source: Path | None = None,
     profile_dir: Path | None = None,
     controller_nice: int | None = None,
@@ -121,6 +128,7 @@ async def run_one(
                         controller_env=controller_env,
                         peers=peers,
                         profile_s=profile_s,
+                        floor_s=floor_s,
                         work_dir=work_dir / f"n{n}",
                         controller_source=controller_source,
                         profile_dir=profile_dir,
@@ -153,6 +161,7 @@ async def _measure(
     profile_dir: Path | None,
     controller_nice: int | None,
     progress: Any,
+    floor_s: float = 0.0,
 ) -> dict[str, Any]:
     fleet = AgentFleet(broker.url, nodes, connections=connections)
     renewer = LeaseRenewer(client, nodes, interval_s=lease_renew_s, concurrency=80)
@@ -169,6 +178,10 @@ async def _measure(
     ) as tasks:
         await asyncio.wait_for(watch.synced.wait(), 60)
         await asyncio.sleep(2.0)  # every agent has published at least once
+        if floor_s > 0:
+            progress(f"  floor: a bare subscriber for {floor_s:.0f}s")
+            out["floor"] = await measure_floor(broker.url, fleet.prefix, floor_s, work_dir)
+            _check(tasks)
         await ctl.start()
         try:
             out["controller_ready_s"] = round(await ctl.wait("ready", "ready", 300), 2)
@@ -216,6 +229,11 @@ async def _measure(
                     },
                     "dirty_queue": m1.get("watchdog_queue_depth", queue="dirty_nodes"),
                 }
+                floor = out.get("floor") or {}
+                if floor.get("cpu_s_per_1000") and out["steady"]["cpu_s_per_1000_heartbeats"]:
+                    out["steady"]["ratio_to_floor"] = round(
+                        out["steady"]["cpu_s_per_1000_heartbeats"] / floor["cpu_s_per_1000"], 2
+                    )
                 out["agents_lag"] = fleet.lag_summary()
                 out["lease_renewer"] = {
                     "errors": renewer.stats.errors,
@@ -260,6 +278,34 @@ async def _measure(
         finally:
             await ctl.stop()
     return out
+
+
+async def measure_floor(url: str, prefix: str, seconds: float, work_dir: Path) -> dict[str, Any]:
+    """The bare subscriber (chaos/bench/floor.py) as its own process, under the same load."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "chaos.bench.floor",
+        url,
+        prefix,
+        "--warmup",
+        str(min(3.0, seconds)),
+        "--seconds",
+        str(seconds),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=str(work_dir),
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), seconds + 60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise RuntimeError("the floor subscriber did not finish") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"the floor subscriber failed: {err.decode(errors='replace')[-400:]}")
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
 
 
 def _check(tasks: dict[str, asyncio.Task[Any]]) -> None:
@@ -366,6 +412,7 @@ def run(
     controller_env: dict[str, str] | None = None,
     peers: bool = True,
     profile_s: float = 0.0,
+    floor_s: float = 20.0,
     work_dir: Path | None = None,
     controller_source: Path | None = None,
     profile_dir: Path | None = None,
@@ -392,6 +439,7 @@ def run(
                         controller_env=env,
                         peers=peers,
                         profile_s=profile_s,
+                        floor_s=floor_s,
                         work_dir=base,
                         controller_source=controller_source,
                         profile_dir=profile_dir,
@@ -426,6 +474,8 @@ def render(report: dict[str, Any]) -> str:
                 c.get("cpu_cores"),
                 c.get("runqueue_wait_per_s"),
                 s.get("cpu_s_per_1000_heartbeats"),
+                (r.get("floor") or {}).get("cpu_s_per_1000"),
+                s.get("ratio_to_floor"),
                 c.get("rss_mib_max"),
                 f"{sus.get('p50')}/{sus.get('p95')}",
                 f"{d.get('p50')}/{d.get('p95')}/{d.get('max')}",
@@ -443,6 +493,8 @@ def render(report: dict[str, Any]) -> str:
             "ctl cores",
             "ctl run-queue wait s/s",
             "CPU s/1k hb",
+            "floor CPU s/1k",
+            "ratio",
             "RSS MiB",
             "suspect p50/p95 s",
             "unreach. p50/p95/max s",

@@ -258,7 +258,7 @@ class AgentFleet:
             for i in range(connections)
         ]
         self._by_node = {n: p for p in self.publishers for n in p.nodes}
-        self._prefix = prefix
+        self.prefix = prefix
         # Peer reports the simulated agents published: observer → (boot id, seq, results).
         self._reports: dict[str, tuple[str, int, dict[str, PeerView]]] = {}
 
@@ -271,7 +271,7 @@ class AgentFleet:
         self._reports[observer] = (boot_id, seq, results)
         report = PeerReport(observer, boot_id, seq, time.time(), results)
         self._by_node[observer].inject(
-            peers_topic(self._prefix, observer), encode_report(report), retain=True
+            peers_topic(self.prefix, observer), encode_report(report), retain=True
         )
 
     async def run(self) -> None:

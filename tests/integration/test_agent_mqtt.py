@@ -40,7 +40,7 @@ from watchdog.decide.heartbeats import (
 )
 from watchdog.decide.observations import FenceDeclaration
 from watchdog.heartbeat.agent import Agent
-from watchdog.observe.mqtt import CoalescingQueue, HeartbeatSubscriber, QueueStats
+from watchdog.observe.mqtt import HeartbeatSubscriber
 from watchdog.runtime.settings import Settings
 
 from .conftest import Mosquitto
@@ -727,8 +727,42 @@ async def test_subscriber_rejects_and_counts_hostile_messages_and_keeps_acceptin
 # --- backpressure ----------------------------------------------------------------------------
 
 
-def message(topic: str, payload: bytes) -> aiomqtt.Message:
-    return aiomqtt.Message(topic, payload, qos=0, retain=False, mid=0, properties=None)
+async def test_a_failure_handling_one_message_is_counted_and_the_next_ones_are_read(
+    mosquitto: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Messages are handled inside the MQTT client's read callback, where an exception would
+    end the connection and blind the controller to every node: a bug in handling one message
+    must cost that message only."""
+    seen = Seen()
+
+    def fails_for_node_b(node: str) -> None:
+        if node == "node-b":
+            raise RuntimeError("a bug in handling node-b")
+        seen.on_change(node)
+
+    sub = HeartbeatSubscriber(
+        settings(mosquitto, tmp_path, node="controller"),
+        seen.book,
+        on_change=fails_for_node_b,
+        on_connection=seen.on_connection,
+        on_reject=seen.on_reject,
+    )
+    fence = FenceDeclaration(True, FENCE_AFTER_S, FENCE_BOUND_S)
+    async with (
+        running(sub.run()),
+        aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="pub") as publisher,
+    ):
+        await wait_for(lambda: sub.connected, 5, "the subscriber connected")
+        for seq in range(1, 4):
+            for node in ("node-b", "node-a"):
+                hb = Heartbeat(node, "boot-1", seq, time.time(), "test", fence)
+                await publisher.publish(heartbeat_topic(PREFIX, node), encode_heartbeat(hb))
+        await wait_for(lambda: seen.seq("node-a") == 3, 10, "every heartbeat of node-a handled")
+        stats = sub.statistics()
+    assert stats["handler_errors"] == 3, "each failed message counted"
+    assert stats["connects"] == 1, "the connection was never dropped"
+    assert seen.seqs("node-a") == [1, 2, 3]
+    assert "a bug in handling node-b" in caplog.text, "the failure is logged with its cause"
 
 
 async def test_a_backlogged_subscriber_reports_its_own_ingest_lag_and_when_it_caught_up(
@@ -777,26 +811,6 @@ async def test_a_backlogged_subscriber_reports_its_own_ingest_lag_and_when_it_ca
     assert max(lag for _, lag in lags) > 1.0, "a 3 s backlog measured as more than 1 s"
     assert sub.statistics()["lag_episodes"] >= 1
     assert seen.count("node-a") == burst, "nothing lost while lagging"
-
-
-async def test_full_inbound_queue_keeps_the_latest_message_per_node_and_counts_the_rest() -> None:
-    stats = QueueStats()
-
-    class Queue(CoalescingQueue):
-        pass
-
-    Queue.stats = stats
-    q = Queue(maxsize=3)
-    for node, n in [("a", 1), ("b", 1), ("c", 1), ("a", 2), ("b", 2), ("a", 3), ("d", 1)]:
-        q.put_nowait(message(f"{PREFIX}/heartbeat/{node}", f"{node}{n}".encode()))
-    assert q.qsize() == 3
-    got = [q.get_nowait().payload for _ in range(3)]
-    assert got == [b"a3", b"b2", b"c1"], "FIFO order of first arrival, newest payload per node"
-    assert (stats.coalesced, stats.dropped, stats.high_water) == (3, 1, 3)
-    # Below the bound it is a plain FIFO again: nothing coalesces.
-    for n in range(3):
-        q.put_nowait(message(f"{PREFIX}/heartbeat/a", f"a{n}".encode()))
-    assert [q.get_nowait().payload for _ in range(3)] == [b"a0", b"a1", b"a2"]
 
 
 # --- TLS and authentication ------------------------------------------------------------------

@@ -56,7 +56,7 @@ class EchoBook:
         sent_at = self.unanswered.get(seq)
         if sent_at is None:
             return None
-        # In-order delivery: every older probe was lost on the way (or coalesced away).
+        # In-order delivery: every older probe was lost on the way.
         while self.unanswered:
             first, _ = self.unanswered.popitem(last=False)
             if first == seq:

@@ -7,6 +7,7 @@ DNS name, and a port in 1..65535. Nothing else (no user info, no path, no whites
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -40,6 +41,15 @@ def split_peer_address(text: object) -> tuple[str, int]:
 
 
 def valid_peer_address(text: object) -> bool:
+    if isinstance(text, str):
+        return _valid_address_text(text)
+    return False
+
+
+# Every heartbeat carries its node's address, and it almost never changes: remember verdicts
+# (bounded: an agent sending ever new addresses only evicts entries, it costs a check again).
+@functools.lru_cache(maxsize=16_384)
+def _valid_address_text(text: str) -> bool:
     try:
         split_peer_address(text)
     except ValueError:

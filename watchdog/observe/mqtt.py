@@ -17,10 +17,12 @@ While the oldest unanswered probe is older than `max_lag_s`, heartbeats wait in 
 and their ages say nothing about the nodes: `on_lag(True)` tells the controller to treat them
 as UNKNOWN until the echo is prompt again (`on_lag(False)`).
 
-Backpressure: the inbound queue is bounded by `mqtt.max_queued_messages`. When it is full, a
-message replaces the one still queued for its topic (latest per node wins: an older heartbeat
-says nothing a newer one does not) and, for a topic with nothing queued, is dropped. Both are
-counted and logged. It must not decide anything: it records what it saw, when it saw it.
+Ingest path: every message is handled where paho-mqtt parses it (`_Dispatch`, given to aiomqtt
+as its queue type, hands each message to `_handle` synchronously instead of queueing it for a
+task): no task, future or queue entry per heartbeat, and nothing is buffered in this process.
+Backpressure is therefore the connection's own: a subscriber that reads slower than heartbeats
+arrive leaves them in the socket and the broker, in order, where the echo above measures it.
+It must not decide anything: it records what it saw, when it saw it.
 """
 
 from __future__ import annotations
@@ -69,64 +71,25 @@ class SubscriberSettings(Protocol):
     def mqtt_password(self) -> str | None: ...
 
 
-@dataclass(slots=True)
-class QueueStats:
-    coalesced: int = 0  # queued messages replaced by a newer one of the same topic
-    dropped: int = 0  # messages discarded: queue full and nothing of their topic queued
-    high_water: int = 0
+class _Dispatch(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's `queue_type`: `put_nowait` (called by aiomqtt for every message, from paho's
+    read callback on the event loop) hands the message straight to `handler`; nothing is ever
+    queued, so aiomqtt's message iterator only ever ends, on a lost connection. Subclassed per
+    subscriber with `handler` set (see `_dispatch_to`)."""
 
-
-@dataclass(slots=True)
-class _Slot:
-    topic: str
-    message: aiomqtt.Message
-
-
-class CoalescingQueue(asyncio.Queue[aiomqtt.Message]):
-    """FIFO while below its bound; when full, latest message per topic wins.
-
-    Given to aiomqtt as its `queue_type`; aiomqtt puts with `put_nowait`, which therefore never
-    raises here. Subclass with `stats` set (see `coalescing_queue`).
-    """
-
-    stats: QueueStats
-
-    def _init(self, maxsize: int) -> None:
-        self._queue: collections.deque[_Slot] = collections.deque()
-        self._latest: dict[str, _Slot] = {}
-
-    def _put(self, item: aiomqtt.Message) -> None:
-        slot = _Slot(item.topic.value, item)
-        self._queue.append(slot)
-        self._latest[slot.topic] = slot
-        if len(self._queue) > self.stats.high_water:
-            self.stats.high_water = len(self._queue)
-
-    def _get(self) -> aiomqtt.Message:
-        slot = self._queue.popleft()
-        if self._latest.get(slot.topic) is slot:
-            del self._latest[slot.topic]
-        return slot.message
+    handler: Callable[[aiomqtt.Message], None]
 
     def put_nowait(self, item: aiomqtt.Message) -> None:
-        if not self.full():
-            super().put_nowait(item)
-            return
-        slot = self._latest.get(item.topic.value)
-        if slot is not None:
-            slot.message = item  # keeps its place in line, carries the newest payload
-            self.stats.coalesced += 1
-        else:
-            self.stats.dropped += 1
+        type(self).handler(item)
 
 
-def coalescing_queue(stats: QueueStats) -> type[asyncio.Queue[aiomqtt.Message]]:
-    """A CoalescingQueue class reporting into `stats` (aiomqtt instantiates it per client)."""
-
-    class _Queue(CoalescingQueue):
+def _dispatch_to(
+    handler: Callable[[aiomqtt.Message], None],
+) -> type[asyncio.Queue[aiomqtt.Message]]:
+    class _Queue(_Dispatch):
         pass
 
-    _Queue.stats = stats
+    _Queue.handler = staticmethod(handler)
     return _Queue
 
 
@@ -138,7 +101,9 @@ class _RateLimitedLog:
     last: dict[str, float] = field(default_factory=dict)
     suppressed: collections.Counter[str] = field(default_factory=collections.Counter)
 
-    def __call__(self, key: str, now: float, level: int, msg: str, *args: object) -> None:
+    def __call__(
+        self, key: str, now: float, level: int, msg: str, *args: object, exc_info: bool = False
+    ) -> None:
         if now - self.last.get(key, -self.every_s) < self.every_s:
             self.suppressed[key] += 1
             return
@@ -147,7 +112,7 @@ class _RateLimitedLog:
         if more:
             msg += " (and %d more since the last report)"
             args = (*args, more)
-        log.log(level, msg, *args)
+        log.log(level, msg, *args, exc_info=exc_info)
 
 
 class HeartbeatSubscriber:
@@ -195,15 +160,14 @@ class HeartbeatSubscriber:
         self._echoes = EchoBook(max_lag_s)
         self._lagging = False
         self._lag_episodes = 0
-        self._queue_stats = QueueStats()
-        self._queue_type = coalescing_queue(self._queue_stats)
-        self._overflow_reported = (0, 0)
+        self._queue_type = _dispatch_to(self._dispatch)
         self._client: aiomqtt.Client | None = None
         self._connected = False
         self._connected_since: float | None = None
         self._connects = 0
         self._attempt = 0
         self._messages = 0
+        self._handler_errors = 0
         self._accepted = 0
         self._statuses = 0
         self._rejected: collections.Counter[RejectReason] = collections.Counter()
@@ -247,11 +211,7 @@ class HeartbeatSubscriber:
             "rejected_total": sum(self._rejected.values()),
             "peer_reports": self._peer_reports,
             "outbox": len(self._outbox),
-            "queue_depth": len(self._client.messages) if self._client is not None else 0,
-            "queue_bound": self._settings.mqtt.max_queued_messages,
-            "queue_high_water": self._queue_stats.high_water,
-            "coalesced": self._queue_stats.coalesced,
-            "dropped": self._queue_stats.dropped,
+            "handler_errors": self._handler_errors,
             "ingest_lag_s": self._echoes.lag_s(now),
             "lagging": self._lagging,
             "lag_episodes": self._lag_episodes,
@@ -287,7 +247,6 @@ class HeartbeatSubscriber:
                 tls_context=conn.tls_context,
                 timeout=float(self._settings.mqtt.keepalive_s),
                 queue_type=self._queue_type,
-                max_queued_incoming_messages=self._settings.mqtt.max_queued_messages,
             )
             async with client:
                 await client.subscribe(self._heartbeat_head + "+", qos=0)
@@ -302,9 +261,10 @@ class HeartbeatSubscriber:
                 echo = asyncio.create_task(self._echo_loop(client), name="ingest echo")
                 sender = asyncio.create_task(self._send_outbox(client), name="probe lists out")
                 try:
+                    # Messages are handled as they are read (_dispatch); the iterator yields
+                    # nothing and ends with the connection.
                     async for message in client.messages:
-                        self._handle(message)
-                        self._report_overflow()
+                        self._handle(message)  # pragma: no cover - _Dispatch queues nothing
                 except asyncio.CancelledError:
                     client.timeout = GOODBYE_TIMEOUT_S  # bounds the DISCONNECT wait on the way out
                     raise
@@ -353,6 +313,22 @@ class HeartbeatSubscriber:
         self._on_connection(up)
 
     # --- messages --------------------------------------------------------------------------------
+
+    def _dispatch(self, message: aiomqtt.Message) -> None:
+        """Called inside paho's read callback: an exception here would end the connection, so
+        a bug in handling one message is logged and counted, and the next one is read."""
+        try:
+            self._handle(message)
+        except Exception:
+            self._handler_errors += 1
+            self._log_limited(
+                "handler-error",
+                self._clock(),
+                logging.ERROR,
+                "heartbeat subscriber: handling a message on %r failed",
+                message.topic.value[:160],
+                exc_info=True,
+            )
 
     def _handle(self, message: aiomqtt.Message) -> None:
         self._messages += 1
@@ -489,22 +465,6 @@ class HeartbeatSubscriber:
             topic[:160],
             reason.value,
             detail[:160],
-        )
-
-    def _report_overflow(self) -> None:
-        seen = (self._queue_stats.coalesced, self._queue_stats.dropped)
-        if seen == self._overflow_reported:
-            return
-        self._overflow_reported = seen
-        self._log_limited(
-            "queue-overflow",
-            self._clock(),
-            logging.WARNING,
-            "heartbeat subscriber: inbound queue full (bound %d): %d messages coalesced "
-            "(latest per node kept), %d dropped so far",
-            self._settings.mqtt.max_queued_messages,
-            seen[0],
-            seen[1],
         )
 
 

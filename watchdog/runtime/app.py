@@ -307,7 +307,7 @@ def _controller(
         observers_of=lambda node: probe_lists.observers_of(node),
         peer_quorum=settings.peer_quorum,
     )
-    scheduler = NodeScheduler(controller.evaluate, clock)
+    scheduler = NodeScheduler(controller.evaluate_now, clock)
     controller.mark = scheduler.mark
     evacuations = Evacuations(
         cache, actuator, metrics, clock, lambda: controller.policy.vm_migration_timeout_s

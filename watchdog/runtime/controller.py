@@ -8,10 +8,11 @@ itself. Actions run only while this replica is the leader (or in dry-run, never)
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -305,7 +306,16 @@ class Controller:
         self._record_node_hold(node, None)
 
     async def evaluate(self, node: str) -> float | None:
-        """One decision for one node; returns when to look again.
+        """One decision for one node, its actions carried out; returns when to look again."""
+        result = self.evaluate_now(node)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+
+    def evaluate_now(self, node: str) -> float | Awaitable[float | None] | None:
+        """One decision for one node: its `wake_at` when it has no actions (decided and
+        recorded here, nothing awaited), else the awaitable that carries them out and then
+        returns it (the scheduler keeps the node busy until it has).
 
         A standby decides nothing: its state would diverge from the leader's, which acts. It
         keeps its caches and heartbeat book warm and resumes from annotations on takeover.
@@ -349,6 +359,11 @@ class Controller:
             self._quiet.add(node)
         else:
             self._quiet.discard(node)
+        if not decision.actions:
+            return decision.wake_at
+        return self._act(decision, obs, now)
+
+    async def _act(self, decision: Decision, obs: NodeObservation, now: float) -> float | None:
         for action in decision.actions:
             # Checked before every action: one that hung (a frozen API server) can outlast our
             # leadership, and a deposed leader must not carry on with the rest of its plan.

@@ -4,26 +4,39 @@ Work is proportional to what changed: a heartbeat marks one node dirty; a timer 
 Each node is evaluated by at most one worker at a time (sequential per node), and many nodes
 concurrently up to a bound. Marks coalesce: ten heartbeats of one node while its worker is busy
 cause one more evaluation, not ten.
+
+An evaluation that decides without acting (a healthy node's wake-up: nearly all of them) is
+finished when `evaluate` returns its `wake_at`: it runs inline, with no task. One that acts
+returns an awaitable instead; that runs as a task of its own, the node busy until it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
+# Inline evaluations in a row before the scheduler yields to the event loop: a burst of marks
+# (every node after a reconnection) must not keep heartbeats waiting for all of them.
+INLINE_BATCH = 64
+
+Evaluate = Callable[[str], "float | Awaitable[float | None] | None"]
+
 
 class NodeScheduler:
     def __init__(
         self,
-        evaluate: Callable[[str], Awaitable[float | None]],
+        evaluate: Evaluate,
         clock: Callable[[], float],
         *,
         concurrency: int = 64,
+        retry_after_failure_s: float = 2.0,
     ) -> None:
+        self._retry_after_failure_s = retry_after_failure_s
         self._evaluate = evaluate
         self._clock = clock
         self._dirty: dict[str, None] = {}  # insertion-ordered set
@@ -70,35 +83,67 @@ class NodeScheduler:
                 self._dirty[node] = None
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as tg:
             while True:
                 self._due(self._clock())
                 ready = [n for n in self._dirty if n not in self._busy]
+                inline = 0
                 for node in ready:
                     del self._dirty[node]
-                    self._busy.add(node)
-                    await self._slots.acquire()
-                    tg.create_task(self._work(node), name=f"evaluate:{node}")
+                    pending = self._start(node)
+                    if pending is not None:
+                        self._busy.add(node)
+                        await self._slots.acquire()
+                        tg.create_task(self._work(node, pending), name=f"evaluate:{node}")
+                    else:
+                        inline += 1
+                        if inline % INLINE_BATCH == 0:
+                            await asyncio.sleep(0)
                 self._kick.clear()
-                timeout = None
+                if self._dirty.keys() - self._busy:
+                    continue  # marked while we yielded
+                timer = None
                 if self._timers:
-                    timeout = max(0.0, self._timers[0][0] - self._clock())
-                try:
-                    await asyncio.wait_for(self._kick.wait(), timeout)
-                except TimeoutError:
-                    pass
+                    # A timer handle, not wait_for: that would make a task per wait.
+                    timer = loop.call_later(self._until_next(), self._kick.set)
+                await self._kick.wait()
+                if timer is not None:
+                    timer.cancel()
 
-    async def _work(self, node: str) -> None:
+    def _until_next(self) -> float:
+        return max(0.0, self._timers[0][0] - self._clock())
+
+    def _start(self, node: str) -> Awaitable[float | None] | None:
+        """Evaluates `node`; None when that is done (its wake-up scheduled), else what is left
+        to await (its actions)."""
         try:
-            wake = await self._evaluate(node)
+            result = self._evaluate(node)
+        except Exception:
+            self._failed(node)
+            return None
+        if inspect.isawaitable(result):
+            return result
+        self.evaluations += 1
+        self._schedule(node, result)
+        return None
+
+    def _failed(self, node: str) -> None:
+        # One node's failure must not stop the others; look again soon.
+        log.exception(
+            "evaluation of node %s failed; retrying in %gs", node, self._retry_after_failure_s
+        )
+        self._schedule(node, self._clock() + self._retry_after_failure_s)
+
+    async def _work(self, node: str, pending: Awaitable[float | None]) -> None:
+        try:
+            wake = await pending
             self.evaluations += 1
             self._schedule(node, wake)
         except asyncio.CancelledError:
             raise
         except Exception:
-            # One node's failure must not stop the others; look again soon.
-            log.exception("evaluation of node %s failed; retrying in 2s", node)
-            self._schedule(node, self._clock() + 2.0)
+            self._failed(node)
         finally:
             self._busy.discard(node)
             self._slots.release()

@@ -62,13 +62,6 @@ class MQTTSettings(BaseModel):
     ca_file: Path | None = Field(None, description="CA bundle to verify the broker (TLS).")
     cert_file: Path | None = Field(None, description="Client certificate for mutual TLS.")
     key_file: Path | None = Field(None, description="Client key for mutual TLS.")
-    max_queued_messages: int = Field(
-        100_000,
-        ge=100,
-        description="Bound of the controller's inbound heartbeat queue (messages); "
-        "the latest heartbeat per node wins when it overflows.",
-    )
-
     max_ingest_lag_s: float = Field(
         1.0,
         gt=0,

@@ -1,0 +1,68 @@
+"""The floor of reading heartbeats in Python: a bare subscriber to compare the controller with.
+
+Same MQTT client library as the controller (aiomqtt over paho-mqtt), same broker, same load;
+it only receives each heartbeat and decodes its JSON, the least any subscriber must do. Run as
+its own process (`python -m chaos.bench.floor URL PREFIX --warmup S --seconds S`): after the
+warm-up it counts messages and its own CPU time for the window and prints one JSON line
+`{"messages", "seconds", "cpu_s", "cpu_s_per_1000"}`. `bench ingest` runs it under the load
+before starting the controller and reports the controller's CPU per heartbeat as a ratio to
+this one, so a machine's speed cancels out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+import aiomqtt
+
+
+async def measure(url: str, prefix: str, warmup_s: float, seconds: float) -> dict[str, float]:
+    rest = url.split("://", 1)[-1]
+    host, _, port = rest.rpartition(":")
+    counted = 0
+    t0 = c0 = 0.0
+    async with aiomqtt.Client(host, int(port), identifier=f"bench-floor-{time.time_ns()}") as c:
+        await c.subscribe(f"{prefix}/heartbeat/+", qos=0)
+        start = time.monotonic()
+        counting = False
+        async for message in c.messages:
+            payload = message.payload
+            assert isinstance(payload, bytes)
+            json.loads(payload)
+            now = time.monotonic()
+            if counting:
+                counted += 1
+                if now - t0 >= seconds:
+                    break
+            elif now - start >= warmup_s:
+                counting, t0, c0 = True, now, time.process_time()
+        t1, c1 = time.monotonic(), time.process_time()
+    span = t1 - t0
+    return {
+        "messages": counted,
+        "seconds": round(span, 2),
+        "messages_per_s": round(counted / span, 1) if span else 0.0,
+        "cpu_s": round(c1 - c0, 3),
+        "cpu_cores": round((c1 - c0) / span, 3) if span else 0.0,
+        "cpu_s_per_1000": round((c1 - c0) / counted * 1000, 4) if counted else 0.0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m chaos.bench.floor")
+    p.add_argument("url", help="mqtt://host:port")
+    p.add_argument("prefix", help="topic prefix, e.g. watchdog")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds before counting")
+    p.add_argument("--seconds", type=float, default=20.0, help="length of the counted window")
+    a = p.parse_args(argv)
+    result = asyncio.run(measure(a.url, a.prefix, a.warmup, a.seconds))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""NodeScheduler: evaluations that only decide run inline; one that acts keeps its node busy
+while the others go on; wake-ups come at the time asked; a burst yields to the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from watchdog.runtime.scheduler import INLINE_BATCH, NodeScheduler
+
+
+@asynccontextmanager
+async def running(scheduler: NodeScheduler) -> AsyncIterator[None]:
+    task = asyncio.create_task(scheduler.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def until(predicate: Callable[[], bool], within_s: float = 2.0) -> None:
+    end = time.monotonic() + within_s
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_node_acting_stays_busy_while_others_are_decided_and_a_mark_meanwhile_counts_once():
+    calls: list[str] = []
+    release = asyncio.Event()
+
+    async def act() -> float | None:
+        await release.wait()  # an API call that takes its time
+        return None
+
+    def evaluate(node: str) -> float | Awaitable[float | None] | None:
+        calls.append(node)
+        if node == "slow" and calls.count("slow") == 1:
+            return act()
+        return None
+
+    s = NodeScheduler(evaluate, time.monotonic)
+    async with running(s):
+        s.mark("slow")
+        await until(lambda: calls == ["slow"])
+        for _ in range(5):
+            s.mark("slow")  # heartbeats while its actions run: one more evaluation, later
+        s.mark("quick")
+        await until(lambda: "quick" in calls)
+        assert calls.count("slow") == 1, "never two evaluations of one node at once"
+        release.set()
+        await until(lambda: calls.count("slow") == 2)
+        await asyncio.sleep(0.05)
+    assert calls.count("slow") == 2, "the marks made while busy coalesced into one"
+    assert s.evaluations == 3
+
+
+async def test_each_node_is_woken_at_the_time_its_evaluation_asked_for():
+    woken: dict[str, list[float]] = {"a": [], "b": []}
+    delays = {"a": 0.05, "b": 0.15}
+
+    def evaluate(node: str) -> float | None:
+        now = time.monotonic()
+        woken[node].append(now)
+        return now + delays[node] if len(woken[node]) < 2 else None
+
+    s = NodeScheduler(evaluate, time.monotonic)
+    async with running(s):
+        s.mark_all(["a", "b"])
+        await until(lambda: len(woken["a"]) == 2 and len(woken["b"]) == 2)
+        await asyncio.sleep(0.2)
+    for node, delay in delays.items():
+        first, second = woken[node]
+        assert second - first >= delay - 0.005, f"{node} woken early"
+    assert len(woken["a"]) == len(woken["b"]) == 2, "no wake-up that was not asked for"
+
+
+async def test_a_failing_evaluation_is_retried_and_does_not_stop_the_others():
+    calls: list[str] = []
+
+    def evaluate(node: str) -> float | None:
+        calls.append(node)
+        if node == "bad" and calls.count("bad") == 1:
+            raise KeyError("a bug")
+        return None
+
+    s = NodeScheduler(evaluate, time.monotonic, retry_after_failure_s=0.05)
+    async with running(s):
+        s.mark_all(["bad", "good"])
+        await until(lambda: calls.count("bad") == 2)
+    assert "good" in calls
+
+
+async def test_a_burst_of_inline_evaluations_yields_to_the_event_loop():
+    """Every node marked at once (a reconnection): what arrives meanwhile (a heartbeat read)
+    is not kept waiting for all of them."""
+    n = INLINE_BATCH * 10
+    done = 0
+    seen_at: list[int] = []
+
+    def evaluate(node: str) -> None:
+        nonlocal done
+        done += 1
+
+    s = NodeScheduler(evaluate, time.monotonic)
+    async with running(s):
+        s.mark_all([f"node-{i}" for i in range(n)])
+        asyncio.get_running_loop().call_soon(lambda: seen_at.append(done))
+        await until(lambda: done == n)
+    assert seen_at and seen_at[0] < n, "the callback ran before the burst was over"
