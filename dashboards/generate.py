@@ -136,7 +136,8 @@ ALERTS: tuple[Alert, ...] = (
     Alert(
         name="WatchdogNodeUnfenced",
         expr=(
-            'max by (reason) (watchdog_nodes_held{reason=~"NoArmedFence|WeakFence"} '
+            "max by (reason) (watchdog_nodes_held"
+            '{reason=~"NoArmedFence|WeakFence|PowerFenceContradiction"} '
             f"{LEADER}) > 0"
         ),
         for_="2m",
@@ -144,8 +145,27 @@ ALERTS: tuple[Alert, ...] = (
         summary="A dead node cannot be reset: {{ $labels.reason }}",
         description=(
             "A node declared unreachable has waited 2 minutes without proof that it is fenced "
-            "(reason {{ $labels.reason }}: no armed fence, or one without a watchdog device). "
+            "(reason {{ $labels.reason }}: no armed fence, one without a watchdog device, or a "
+            "BMC that said off while the node's agent was still heard). "
             "Its VMs stay down until an administrator fences it."
+        ),
+    ),
+    Alert(
+        name="WatchdogFenceFailing",
+        # Counters move on the leader only: summed over replicas. A failing fence is run again
+        # after 2, 4, 8, 16 and then every 30 s, so a persistent failure is many per 5 minutes;
+        # one or two that a retry fixed are not.
+        expr=(
+            'sum(increase(watchdog_actions_total{action="RunFenceHook",result="failed"}[5m])) >= 3'
+        ),
+        for_="2m",
+        severity="critical",
+        summary="Fencing a dead node keeps failing",
+        description=(
+            "Fences run by the controller failed 3 times or more in 5 minutes, for 2 minutes: "
+            "the fence hook, or the power-off through the BMC (fence_mode power). This fence "
+            "proves nothing: the node's VMs wait for its self-fence and the safe delay, or stay "
+            "down where there is none."
         ),
     ),
     Alert(

@@ -60,7 +60,13 @@ from chaos.bench.kubeload import (
     wait_until,
 )
 from chaos.bench.mqttload import AgentFleet
-from chaos.bench.service import CONTROLLER_NAMESPACE, ControllerProcess, control_plane, mosquitto
+from chaos.bench.service import (
+    CONTROLLER_NAMESPACE,
+    ControllerProcess,
+    control_plane,
+    mosquitto,
+    set_autogroup_nice,
+)
 from watchdog.decide.peer_probe import PeerView
 
 log = logging.getLogger(__name__)
@@ -180,7 +186,9 @@ async def _measure(
         await asyncio.sleep(2.0)  # every agent has published at least once
         if floor_s > 0:
             progress(f"  floor: a bare subscriber for {floor_s:.0f}s")
-            out["floor"] = await measure_floor(broker.url, fleet.prefix, floor_s, work_dir)
+            out["floor"] = await measure_floor(
+                broker.url, fleet.prefix, floor_s, work_dir, controller_nice
+            )
             _check(tasks)
         await ctl.start()
         try:
@@ -280,9 +288,14 @@ async def _measure(
     return out
 
 
-async def measure_floor(url: str, prefix: str, seconds: float, work_dir: Path) -> dict[str, Any]:
-    """The bare subscriber (chaos/bench/floor.py) as its own process, under the same load."""
+async def measure_floor(
+    url: str, prefix: str, seconds: float, work_dir: Path, nice: int | None = None
+) -> dict[str, Any]:
+    """The bare subscriber (chaos/bench/floor.py) as its own process, under the same load and
+    with the controller's priority (`nice`), so the two are compared on equal terms."""
+    argv = [] if nice is None else ["nice", "-n", str(nice)]
     proc = await asyncio.create_subprocess_exec(
+        *argv,
         sys.executable,
         "-m",
         "chaos.bench.floor",
@@ -296,6 +309,8 @@ async def measure_floor(url: str, prefix: str, seconds: float, work_dir: Path) -
         stderr=asyncio.subprocess.PIPE,
         cwd=str(work_dir),
     )
+    if nice is not None:
+        set_autogroup_nice(proc.pid, nice)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), seconds + 60)
     except TimeoutError:

@@ -122,7 +122,7 @@ class ControllerProcess:
             # With autogroup scheduling (Linux's default for desktops and many servers) a
             # process's nice value only ranks it inside its session's group; the process runs
             # in a session of its own, so the group's nice is what gives it priority.
-            _set_autogroup_nice(self.proc.pid, self.nice)
+            set_autogroup_nice(self.proc.pid, self.nice)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
 
     async def stop(self) -> None:
@@ -210,7 +210,7 @@ class ControllerProcess:
         return {"file": str(raw), **fold_profile(raw)}
 
 
-def _set_autogroup_nice(pid: int, nice: int) -> None:
+def set_autogroup_nice(pid: int, nice: int) -> None:
     with contextlib.suppress(OSError), open(f"/proc/{pid}/autogroup", "w") as f:
         f.write(str(nice))
 

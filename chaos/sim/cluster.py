@@ -567,9 +567,9 @@ class SimCluster:
         raise RuntimeError(f"the simulators stopped: {exc!r}") from exc
 
     async def _create_cluster_objects(self) -> None:
-        namespaces = ["kubevirt", self.config.vm_namespace]
-        if self.config.run_nodes:
-            namespaces.append(WATCHDOG_NAMESPACE)
+        # The watchdog's own namespace always: a controller started by hand against this
+        # cluster (`node-watchdog controller`) keeps its leader Lease there.
+        namespaces = ["kubevirt", self.config.vm_namespace, WATCHDOG_NAMESPACE]
         for ns in namespaces:
             with contextlib.suppress(ApiError):
                 await self.kube.create(

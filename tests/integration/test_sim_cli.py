@@ -86,6 +86,14 @@ def test_sim_serves_fault_and_ledger_and_exits_cleanly_on_sigterm(
             timeout=30,
         )
         assert nodes.returncode == 0 and nodes.stdout.count(" Ready ") == 2
+        # A controller started by hand against it finds the namespace of its leader Lease.
+        ns = subprocess.run(
+            ["kubectl", f"--kubeconfig={kubeconfig}", "get", "namespace", "node-watchdog"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert ns.returncode == 0, ns.stderr
 
         status = run_cli("status", "--kubeconfig", str(kubeconfig))
         assert status.returncode == 0, status.stderr

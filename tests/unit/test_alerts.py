@@ -38,6 +38,7 @@ ISSUE_ALERTS = {
     "WatchdogHeartbeatsRejected",
     "WatchdogAgentMissing",
     "WatchdogNodeUnfenced",
+    "WatchdogFenceFailing",
 }
 
 

@@ -166,6 +166,9 @@ async def test_a_success_of_an_earlier_term_proves_nothing_to_the_next() -> None
         clock.now += 40.0
     assert execute.hooks() == 4 and execute.resets() == []
     assert not c.states[DOWN].fence_confirmed
+    # What the WatchdogFenceFailing alert counts: each failed run, under the hook's action.
+    failed = {"action": "RunFenceHook", "result": "failed"}
+    assert c.metrics.registry.get_sample_value("watchdog_actions_total", failed) == 4
     annotation = json.loads(execute.cluster.annotations[DOWN])
     assert annotation["phase"] == "Fencing" and "fenceConfirmed" not in annotation
 
