@@ -1,7 +1,10 @@
 """The floor of reading heartbeats in Python: a bare subscriber to compare the controller with.
 
 Same MQTT client library as the controller (aiomqtt over paho-mqtt), same broker, same load;
-it only receives each heartbeat and decodes its JSON, the least any subscriber must do. Run as
+it only receives each heartbeat and decodes its JSON, the least any subscriber must do, in the
+cheapest way the library allows: each message handled in the client's read callback (a queue
+type that queues nothing), as the controller does, not through aiomqtt's message iterator
+(a task per message, which alone costs about as much again). Run as
 its own process (`python -m chaos.bench.floor URL PREFIX --warmup S --seconds S`): after the
 warm-up it counts messages and its own CPU time for the window and prints one JSON line
 `{"messages", "seconds", "cpu_s", "cpu_s_per_1000"}`. `bench ingest` runs it under the load
@@ -20,27 +23,47 @@ import time
 import aiomqtt
 
 
+class _Window:
+    """Counts decoded messages and CPU time over a window after a warm-up."""
+
+    def __init__(self, warmup_s: float, seconds: float) -> None:
+        self.warmup_s, self.seconds = warmup_s, seconds
+        self.start = time.monotonic()
+        self.counted = 0
+        self.t0 = self.c0 = self.t1 = self.c1 = 0.0
+        self.counting = False
+        self.done = asyncio.Event()
+
+    def __call__(self, message: aiomqtt.Message) -> None:
+        payload = message.payload
+        assert isinstance(payload, bytes)
+        json.loads(payload)
+        now = time.monotonic()
+        if self.done.is_set():
+            return
+        if self.counting:
+            self.counted += 1
+            if now - self.t0 >= self.seconds:
+                self.t1, self.c1 = now, time.process_time()
+                self.done.set()
+        elif now - self.start >= self.warmup_s:
+            self.counting, self.t0, self.c0 = True, now, time.process_time()
+
+
 async def measure(url: str, prefix: str, warmup_s: float, seconds: float) -> dict[str, float]:
     rest = url.split("://", 1)[-1]
     host, _, port = rest.rpartition(":")
-    counted = 0
-    t0 = c0 = 0.0
-    async with aiomqtt.Client(host, int(port), identifier=f"bench-floor-{time.time_ns()}") as c:
+    window = _Window(warmup_s, seconds)
+
+    class Inline(asyncio.Queue[aiomqtt.Message]):
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            window(item)
+
+    identifier = f"bench-floor-{time.time_ns()}"
+    async with aiomqtt.Client(host, int(port), identifier=identifier, queue_type=Inline) as c:
         await c.subscribe(f"{prefix}/heartbeat/+", qos=0)
-        start = time.monotonic()
-        counting = False
-        async for message in c.messages:
-            payload = message.payload
-            assert isinstance(payload, bytes)
-            json.loads(payload)
-            now = time.monotonic()
-            if counting:
-                counted += 1
-                if now - t0 >= seconds:
-                    break
-            elif now - start >= warmup_s:
-                counting, t0, c0 = True, now, time.process_time()
-        t1, c1 = time.monotonic(), time.process_time()
+        await window.done.wait()
+    counted, t0, c0, t1, c1 = window.counted, window.t0, window.c0, window.t1, window.c1
     span = t1 - t0
     return {
         "messages": counted,

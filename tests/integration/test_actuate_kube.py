@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from kubernetes_asyncio import client as k8s_client
 from chaos.sim.binaries import ControlPlaneBinaries
 from chaos.sim.controlplane import ControlPlane
 from chaos.sim.informer import CRDS, NODES, PODS, ApiError, Kube, Resource
+from tests.eventually import eventually
 from watchdog.actuate import Actuator, LeaseLock, LeaseRecord, Result
 from watchdog.actuate.errors import TransientError
 from watchdog.actuate.kube import EVACUATION_LABEL, KubeWriter
@@ -49,8 +50,8 @@ from watchdog.decide.actions import (
     StopEvacuation,
     TaintOutOfService,
 )
+from watchdog.decide.names import STATE_ANNOTATION
 from watchdog.decide.reasons import Reason
-from watchdog.decide.state import STATE_ANNOTATION
 from watchdog.observe.kube import load_api_client
 from watchdog.runtime.settings import Settings
 
@@ -71,16 +72,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.asyncio(loop_scope="module")]
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], *, timeout_s: float = 20.0, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not hold within {timeout_s}s")
-        await asyncio.sleep(0.05)
 
 
 async def kubectl_json(kubeconfig: Path, *args: str) -> Any:

@@ -29,6 +29,7 @@ import aiomqtt
 import pytest
 
 from chaos.sim.proxy import ProxyMode, TcpProxy
+from tests.eventually import eventually
 from watchdog.decide.heartbeats import (
     Heartbeat,
     HeartbeatBook,
@@ -64,13 +65,7 @@ async def wait_for(
     predicate: Callable[[], object], within_s: float, what: str, *, every: float = 0.02
 ) -> float:
     """Poll `predicate` until true; returns the seconds it took, fails after `within_s`."""
-    start = time.monotonic()
-    while True:
-        if predicate():
-            return time.monotonic() - start
-        if time.monotonic() - start > within_s:
-            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
-        await asyncio.sleep(every)
+    return await eventually(predicate, timeout_s=within_s, what=what, every_s=every)
 
 
 async def stays(predicate: Callable[[], object], window: float, what: str) -> None:

@@ -18,7 +18,7 @@ import ssl
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +31,12 @@ from chaos.sim.binaries import BinariesUnavailable, ControlPlaneBinaries, ensure
 from chaos.sim.controlplane import ControlPlane, ControlPlaneError, Timings, scale_timings
 from chaos.sim.procs import pid_alive
 from chaos.sim.proxy import ProxyMode, TcpProxy
+from tests.eventually import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], *, timeout_s: float = 30.0, what: str = "condition"
-) -> None:
-    """Poll `check` until it holds, failing after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not hold within {timeout_s}s")
-        await asyncio.sleep(0.1)
 
 
 async def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> tuple[int, str, str]:

@@ -12,7 +12,7 @@ import contextlib
 import json
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import yaml
 from chaos.sim.binaries import ControlPlaneBinaries
 from chaos.sim.controlplane import ControlPlane, OutageMode
 from chaos.sim.informer import CRDS, LEASES, NAMESPACES, NODES, PODS, ApiError, Kube, Resource
+from tests.eventually import eventually
 from watchdog.decide.observations import LauncherPod
 from watchdog.observe.cluster_cache import (
     NODE_LEASE_NAMESPACE,
@@ -56,18 +57,6 @@ pytestmark = [pytest.mark.asyncio(loop_scope="module")]
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-async def eventually(
-    check: Callable[[], bool], *, timeout_s: float = 20.0, what: str = "condition"
-) -> float:
-    """Poll `check` until it holds; fail after `timeout_s`. Returns the seconds it took."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout_s:
-            pytest.fail(f"{what} did not hold within {timeout_s}s")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 @contextlib.asynccontextmanager

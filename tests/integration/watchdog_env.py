@@ -25,10 +25,8 @@ objects it writes), or fake any part of the cluster.
 
 from __future__ import annotations
 
-import asyncio
 import calendar
 import contextlib
-import inspect
 import json
 import os
 import shutil
@@ -48,6 +46,7 @@ from chaos.sim.cluster import SimCluster, SimConfig
 from chaos.sim.informer import EVENTS, LEASES, NAMESPACES, NODES, ApiError, Obj, condition
 from chaos.sim.ledger import StartReason
 from chaos.sim.procs import ManagedProcess, managed
+from tests.eventually import eventually
 
 NAMESPACE = "node-watchdog"
 LEADER_LEASE = "node-watchdog-leader"
@@ -127,18 +126,9 @@ async def wait_for(
 
     TimeoutError names `what` (and appends `diagnose()` when given); an exception raised by the
     predicate propagates (a broken check is not a condition that is not met yet)."""
-    start = time.monotonic()
-    deadline = start + timeout_s
-    while True:
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return time.monotonic() - start
-        if time.monotonic() > deadline:
-            extra = f"\n{diagnose()}" if diagnose is not None else ""
-            raise TimeoutError(f"{what}: not reached within {timeout_s:.0f}s{extra}")
-        await asyncio.sleep(interval_s)
+    return await eventually(
+        predicate, timeout_s=timeout_s, what=what, every_s=interval_s, diagnose=diagnose
+    )
 
 
 # --- metrics ----------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ import pytest
 from watchdog.decide import actions as act
 from watchdog.decide.config import DecideConfig, FenceMode, Policy
 from watchdog.decide.heartbeats import Heartbeat, HeartbeatBook
+from watchdog.decide.names import STATE_ANNOTATION
 from watchdog.decide.observations import FenceDeclaration, LauncherPod
-from watchdog.decide.state import STATE_ANNOTATION, Phase
+from watchdog.decide.state import Phase
 from watchdog.metrics import Metrics
 from watchdog.runtime.controller import Controller
 

@@ -54,6 +54,22 @@ def test_an_answer_settles_every_older_probe_lost_on_the_way() -> None:
     assert book.lag_s(50.0) == 0.0, "the lost probe does not age forever"
 
 
+def test_a_probe_the_broker_dropped_blinds_for_a_while_however_prompt_the_next_echo() -> None:
+    """A broker drops QoS 0 messages for a subscriber whose queue is full: heartbeats were lost
+    with the probe, and a node whose heartbeats were dropped is not a silent node."""
+    book = EchoBook(max_lag_s=1.0, loss_blind_s=3.0)
+    book.answer(book.sent(0.0), 0.01)
+    dropped = book.sent(0.5)
+    book.answer(book.sent(1.0), 1.05)  # prompt, but the one before it never came
+    assert book.lost == 1 and dropped not in book.unanswered
+    assert book.lag_s(1.05) == 0.0, "the lag itself is honest: nothing is waiting"
+    assert book.dropping(1.05) and book.lagging(1.05)
+    assert book.lagging(3.9), "blind until every node had time to heartbeat again"
+    book.answer(book.sent(4.0), 4.01)
+    assert not book.dropping(4.1) and not book.lagging(4.1), "no loss for 3 s: sees again"
+    assert book.lost == 1
+
+
 def test_connecting_into_a_backlog_is_lagging_before_the_first_echo_comes_back() -> None:
     book = EchoBook(max_lag_s=1.0)
     for t in (0.0, 0.5, 1.0, 1.5):

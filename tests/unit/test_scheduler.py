@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
+from tests.eventually import eventually
 from watchdog.runtime.scheduler import INLINE_BATCH, NodeScheduler
 
 
@@ -19,13 +20,6 @@ async def running(scheduler: NodeScheduler) -> AsyncIterator[None]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-
-
-async def until(predicate: Callable[[], bool], within_s: float = 2.0) -> None:
-    end = time.monotonic() + within_s
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 async def test_a_node_acting_stays_busy_while_others_are_decided_and_a_mark_meanwhile_counts_once():
@@ -45,14 +39,14 @@ async def test_a_node_acting_stays_busy_while_others_are_decided_and_a_mark_mean
     s = NodeScheduler(evaluate, time.monotonic)
     async with running(s):
         s.mark("slow")
-        await until(lambda: calls == ["slow"])
+        await eventually(lambda: calls == ["slow"])
         for _ in range(5):
             s.mark("slow")  # heartbeats while its actions run: one more evaluation, later
         s.mark("quick")
-        await until(lambda: "quick" in calls)
+        await eventually(lambda: "quick" in calls)
         assert calls.count("slow") == 1, "never two evaluations of one node at once"
         release.set()
-        await until(lambda: calls.count("slow") == 2)
+        await eventually(lambda: calls.count("slow") == 2)
         await asyncio.sleep(0.05)
     assert calls.count("slow") == 2, "the marks made while busy coalesced into one"
     assert s.evaluations == 3
@@ -70,7 +64,7 @@ async def test_each_node_is_woken_at_the_time_its_evaluation_asked_for():
     s = NodeScheduler(evaluate, time.monotonic)
     async with running(s):
         s.mark_all(["a", "b"])
-        await until(lambda: len(woken["a"]) == 2 and len(woken["b"]) == 2)
+        await eventually(lambda: len(woken["a"]) == 2 and len(woken["b"]) == 2)
         await asyncio.sleep(0.2)
     for node, delay in delays.items():
         first, second = woken[node]
@@ -90,7 +84,7 @@ async def test_a_failing_evaluation_is_retried_and_does_not_stop_the_others():
     s = NodeScheduler(evaluate, time.monotonic, retry_after_failure_s=0.05)
     async with running(s):
         s.mark_all(["bad", "good"])
-        await until(lambda: calls.count("bad") == 2)
+        await eventually(lambda: calls.count("bad") == 2)
     assert "good" in calls
 
 
@@ -109,5 +103,42 @@ async def test_a_burst_of_inline_evaluations_yields_to_the_event_loop():
     async with running(s):
         s.mark_all([f"node-{i}" for i in range(n)])
         asyncio.get_running_loop().call_soon(lambda: seen_at.append(done))
-        await until(lambda: done == n)
+        await eventually(lambda: done == n)
     assert seen_at and seen_at[0] < n, "the callback ran before the burst was over"
+
+
+async def test_a_node_forgotten_during_a_pass_is_skipped_and_the_scheduler_carries_on():
+    """Its Node deleted while the scheduler works through a burst (it yields every 64)."""
+    calls: list[str] = []
+    nodes = [f"node-{i}" for i in range(3 * INLINE_BATCH)]
+
+    def evaluate(node: str) -> None:
+        calls.append(node)
+        if node == nodes[0]:
+            s.forget(nodes[-1])  # what the Node informer's delete does, mid-pass
+
+    s = NodeScheduler(evaluate, time.monotonic)
+    async with running(s):
+        s.mark_all(nodes)
+        await eventually(lambda: len(calls) == len(nodes) - 1)
+        s.mark("late")
+        await eventually(lambda: "late" in calls)
+    assert nodes[-1] not in calls
+
+
+async def test_a_wake_up_asked_for_by_an_evaluation_that_acted_comes_on_time():
+    """No other timer pending and nothing marked: the loop must still learn of it."""
+    calls: list[float] = []
+
+    async def act() -> float:
+        return time.monotonic() + 0.05
+
+    def evaluate(node: str) -> float | Awaitable[float | None] | None:
+        calls.append(time.monotonic())
+        return act() if len(calls) == 1 else None
+
+    s = NodeScheduler(evaluate, time.monotonic)
+    async with running(s):
+        s.mark("n")
+        await eventually(lambda: len(calls) == 2, timeout_s=2.0)
+    assert calls[1] - calls[0] >= 0.05

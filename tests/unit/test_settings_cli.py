@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from watchdog.decide.config import FenceMode
+from watchdog.decide.config import DecideConfig, FenceMode, Policy
 from watchdog.runtime.settings import Settings
 
 
@@ -32,6 +32,14 @@ def test_defaults_are_valid_and_documented() -> None:
     schema = Settings.model_json_schema()
     undocumented = [k for k, v in schema["properties"].items() if not v.get("description")]
     assert undocumented == []
+
+
+def test_the_settings_defaults_are_the_decision_cores_defaults() -> None:
+    """The decision core's timings and switches have defaults of their own (its tests and
+    benchmarks build it without Settings): they must be the ones the service runs with."""
+    s = Settings()
+    assert s.decide_config() == DecideConfig()
+    assert s.default_policy() == Policy()
 
 
 def test_nested_environment_and_yaml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -64,17 +64,15 @@ from watchdog.decide.actions import (
     TaintOutOfService,
 )
 from watchdog.decide.config import FenceMode
-from watchdog.decide.state import STATE_ANNOTATION
+from watchdog.decide.names import EVACUATION_LABEL, FINAL_MIGRATION_PHASES, STATE_ANNOTATION
 
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
-EVACUATION_LABEL = "node-watchdog.kubevirt.io/evacuation"
 EVACUATION_NODE_ANNOTATION = "node-watchdog.kubevirt.io/evacuation-node"
 NOT_READY_REASON = "NodeUnreachable"
-FINAL_MIGRATION_PHASES = frozenset({"Succeeded", "Failed"})
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _CONFLICT_RETRIES = 8
 _CONFLICT_BACKOFF_S = 0.05

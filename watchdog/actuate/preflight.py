@@ -23,8 +23,8 @@ from kubernetes_asyncio import client as k8s_client
 
 from watchdog.actuate.errors import ActuationError, NotFound
 from watchdog.actuate.kube import KubeWriter
+from watchdog.decide.names import NODE_LEASE_NAMESPACE
 
-NODE_LEASE_NAMESPACE = "kube-node-lease"
 # Placeholder in the table for the watchdog's own namespace (Settings.namespace).
 OWN_NAMESPACE = "{namespace}"
 

@@ -17,7 +17,6 @@ from watchdog.decide import bounded_json
 from watchdog.decide.observations import FenceDeclaration
 from watchdog.decide.reasons import Reason
 
-STATE_ANNOTATION = "node-watchdog.kubevirt.io/state"
 # Ours is about 300 bytes; anything much longer was not written by us.
 MAX_ANNOTATION_BYTES = 4096
 # What the agent reads from an annotation that is there but not ours to read (too long, too

@@ -38,8 +38,13 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol, TypeVar
 
 from watchdog.decide.evacuation import EvacuationVMI, Limits, MigrationPolicyRef, select_policy
+from watchdog.decide.names import (
+    EVACUATION_LABEL,
+    FINAL_MIGRATION_PHASES,
+    NODE_LEASE_NAMESPACE,
+    STATE_ANNOTATION,
+)
 from watchdog.decide.observations import LauncherPod
-from watchdog.decide.state import STATE_ANNOTATION
 from watchdog.observe.errors import ApiStatusError, ApiUnreachable
 from watchdog.observe.informer import EventKind, Informer, Resource, RestartCause
 from watchdog.observe.kube import KubeApi
@@ -49,10 +54,8 @@ log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 R = TypeVar("R")
 
-NODE_LEASE_NAMESPACE = "kube-node-lease"
 LAUNCHER_SELECTOR = "kubevirt.io=virt-launcher"
 VIRT_HANDLER_HEARTBEAT = "kubevirt.io/heartbeat"
-EVACUATION_LABEL = "node-watchdog.kubevirt.io/evacuation"
 EVACUATION_PRIORITY = "node-watchdog.kubevirt.io/evacuation-priority"
 # Node labels worth keeping (the rest are dropped to save memory).
 DEFAULT_NODE_LABELS = (
@@ -60,7 +63,6 @@ DEFAULT_NODE_LABELS = (
     "node-role.kubernetes.io/control-plane",
     "topology.kubernetes.io/zone",
 )
-FINAL_MIGRATION_PHASES = frozenset({"Succeeded", "Failed"})
 
 NODES = Resource("/api/v1", "nodes", namespaced=False)
 LEASES = Resource("/apis/coordination.k8s.io/v1", "leases")

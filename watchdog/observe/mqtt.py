@@ -216,6 +216,7 @@ class HeartbeatSubscriber:
             "lagging": self._lagging,
             "lag_episodes": self._lag_episodes,
             "echo_rtt_s": self._echoes.last_rtt_s,
+            "echoes_lost": self._echoes.lost,
         }
 
     @property
@@ -383,8 +384,13 @@ class HeartbeatSubscriber:
 
     def _check_lag(self, now: float) -> None:
         lag = self._echoes.lag_s(now)
-        # Hysteresis: lagging above the bound, caught up only below half of it.
-        lagging = lag > self._max_lag_s or (self._lagging and lag > self._max_lag_s / 2)
+        # Hysteresis: lagging above the bound, caught up only below half of it. A probe the
+        # broker dropped means it drops heartbeats too: blind for a while (decide/ingest_lag.py).
+        lagging = (
+            lag > self._max_lag_s
+            or (self._lagging and lag > self._max_lag_s / 2)
+            or self._echoes.dropping(now)
+        )
         self._set_lagging(lagging, lag)
 
     def ingest_lagging(self) -> bool:
@@ -402,12 +408,21 @@ class HeartbeatSubscriber:
         self._lagging = lagging
         if lagging:
             self._lag_episodes += 1
-            log.warning(
-                "heartbeat subscriber: ingest %.1fs behind the broker (over %.1fs): heartbeats "
-                "are UNKNOWN until it catches up",
-                lag_s,
-                self._max_lag_s,
-            )
+            if self._echoes.dropping(self._clock()):
+                log.warning(
+                    "heartbeat subscriber: the broker dropped messages to this subscriber (an "
+                    "echo probe was lost; %d so far): heartbeats are UNKNOWN for %.0fs after the "
+                    "last loss",
+                    self._echoes.lost,
+                    self._echoes.loss_blind_s,
+                )
+            else:
+                log.warning(
+                    "heartbeat subscriber: ingest %.1fs behind the broker (over %.1fs): "
+                    "heartbeats are UNKNOWN until it catches up",
+                    lag_s,
+                    self._max_lag_s,
+                )
         else:
             log.info("heartbeat subscriber: ingest caught up with the broker")
 

@@ -10,10 +10,10 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 from watchdog.decide import bounded_json
+from watchdog.decide.names import STATE_ANNOTATION
 from watchdog.decide.state import (
     DOWN_PHASES,
     MAX_ANNOTATION_BYTES,
-    STATE_ANNOTATION,
     UNREADABLE,
     Phase,
 )

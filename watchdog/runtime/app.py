@@ -116,6 +116,8 @@ def main(role: str, settings: Settings, args: argparse.Namespace) -> int:
             print(f"invalid configuration: power_fence_inventory: {e}", file=sys.stderr)
             return 2
         log.info("fence_mode=power: BMCs of %d nodes in the inventory", len(bmcs))
+    if settings.mqtt.max_queued_messages is not None:
+        log.warning("mqtt.max_queued_messages is ignored: heartbeats are not queued any more")
     if role in ("run", "controller") and settings.accept_weak_self_fence:
         log.warning(
             "accept_weak_self_fence: a self-fence without a watchdog device counts as proof; "
@@ -448,7 +450,15 @@ def _controller(
     health.readiness("api-caches", lambda: cache.synced)
     health.readiness("broker", lambda: subscriber.connected)
     tg.create_task(cache.run(), name="caches")
-    tg.create_task(subscriber.run(), name="heartbeat subscriber")
+
+    async def subscribe() -> None:
+        # Only once every Node is known: the broker hands over its retained peer reports and
+        # statuses at once on subscribing, and one about a node not known yet would be refused
+        # (unknown node) and not sent again until its agent's verdict changes.
+        await cache.wait_synced()
+        await subscriber.run()
+
+    tg.create_task(subscribe(), name="heartbeat subscriber")
     tg.create_task(scheduler.run(), name="node scheduler")
     tg.create_task(follow_vmis(), name="vm follower")
     tg.create_task(evacuate(), name="evacuations")

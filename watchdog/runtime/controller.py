@@ -22,6 +22,7 @@ from watchdog.decide.follow import FollowBook, Followed, Rescheduled
 from watchdog.decide.heartbeats import HeartbeatBook
 from watchdog.decide.holds import cluster_holds, is_storm
 from watchdog.decide.machine import Context, Decision, decide
+from watchdog.decide.names import STATE_ANNOTATION
 from watchdog.decide.observations import LauncherPod, NodeObservation, SourceHealth
 from watchdog.decide.peer_reports import PeerBook, PeerEvidence, peers_unreachable
 from watchdog.decide.policy import PolicyError, parse_policy
@@ -29,7 +30,7 @@ from watchdog.decide.reasons import Reason
 from watchdog.decide.reset_plan import Outcome, outcome_for
 from watchdog.decide.safety import effective_period_s, safe_delay_s
 from watchdog.decide.signals import Signal
-from watchdog.decide.state import DOWN_PHASES, STATE_ANNOTATION, NodeState, Phase
+from watchdog.decide.state import DOWN_PHASES, NodeState, Phase
 from watchdog.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -90,13 +90,19 @@ class NodeScheduler:
                 ready = [n for n in self._dirty if n not in self._busy]
                 inline = 0
                 for node in ready:
+                    if node not in self._dirty:
+                        continue  # forgotten (its Node deleted) while we yielded
                     del self._dirty[node]
+                    # A slot before deciding: when every slot is taken by actions that hang
+                    # (a frozen API server), a node waits here undecided, so the actions it
+                    # gets are decided on what is true when they can start, not before.
+                    await self._slots.acquire()
                     pending = self._start(node)
                     if pending is not None:
                         self._busy.add(node)
-                        await self._slots.acquire()
                         tg.create_task(self._work(node, pending), name=f"evaluate:{node}")
                     else:
+                        self._slots.release()
                         inline += 1
                         if inline % INLINE_BATCH == 0:
                             await asyncio.sleep(0)
@@ -147,5 +153,5 @@ class NodeScheduler:
         finally:
             self._busy.discard(node)
             self._slots.release()
-            if node in self._dirty:
-                self._kick.set()
+            # The loop may be waiting on a later timer, or on a mark made while we were busy.
+            self._kick.set()

@@ -62,6 +62,13 @@ class MQTTSettings(BaseModel):
     ca_file: Path | None = Field(None, description="CA bundle to verify the broker (TLS).")
     cert_file: Path | None = Field(None, description="Client certificate for mutual TLS.")
     key_file: Path | None = Field(None, description="Client key for mutual TLS.")
+    max_queued_messages: int | None = Field(
+        None,
+        description="Ignored; kept so that configurations written for earlier versions still "
+        "load (a warning at start): the controller handles each heartbeat as it is read and "
+        "queues none.",
+    )
+
     max_ingest_lag_s: float = Field(
         1.0,
         gt=0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from watchdog.decide.names import STATE_ANNOTATION
 from watchdog.decide.observations import LauncherPod
 from watchdog.observe.cluster_cache import ClusterCache
 
@@ -20,6 +21,10 @@ class CacheView:
         return None if rec is None else rec.ready
 
     def node_annotation(self, node: str, key: str) -> str | None:
+        # The cache keeps one annotation per Node, the watchdog's own (observe/cluster_cache.py):
+        # asking for another one is a bug, not an absent annotation.
+        if key != STATE_ANNOTATION:
+            raise KeyError(f"annotation {key!r} is not cached, only {STATE_ANNOTATION!r}")
         rec = self.cache.node(node)
         return None if rec is None else rec.state_annotation
 
