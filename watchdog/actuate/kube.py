@@ -807,18 +807,23 @@ class Actuator:
         the webhook, success meaning the hook confirms the node is powered off. Not retried
         here: the decision loop asks again."""
         name = "run_fence_hook"
-        s = self.settings
         if self.dry_run:
             return Outcome(name, Result.DRY_RUN, "dry run: hook not called")
+        outcome = await self._fence(name, action.node)
+        if outcome.result is Result.FAILED:
+            # What an operator answering WatchdogFenceFailing reads: which node, and why.
+            log.warning("fence of node %s failed: %s", action.node, outcome.detail[:500])
+        return outcome
+
+    async def _fence(self, name: str, node: str) -> Outcome:
+        s = self.settings
         if s.fence_mode is FenceMode.POWER and s.power_fence_inventory is not None:
-            run = await PowerFencer(s.power_fence_inventory, s.fence_hook_timeout_s).fence(
-                action.node
-            )
+            run = await PowerFencer(s.power_fence_inventory, s.fence_hook_timeout_s).fence(node)
             return Outcome(name, Result.SUCCESS if run.confirmed else Result.FAILED, run.detail)
         if s.fence_hook_command:
-            return await self._fence_command(name, s.fence_hook_command, action.node)
+            return await self._fence_command(name, s.fence_hook_command, node)
         if s.fence_hook_url:
-            return await self._fence_webhook(name, s.fence_hook_url, action.node)
+            return await self._fence_webhook(name, s.fence_hook_url, node)
         return Outcome(name, Result.FAILED, "no fence hook configured")
 
     async def _fence_command(self, name: str, command: str, node: str) -> Outcome:
