@@ -124,6 +124,20 @@ def register_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="--kill-method command: run locally, {node} replaced (e.g. 'virsh destroy {node}')",
     )
     real.add_argument(
+        "--boot-id-command",
+        metavar="TEMPLATE",
+        help="--kill-method command: run locally, {node}/{address} replaced; prints the boot id "
+        "of the machine the kill command reaches (required: checked against the Node's "
+        "status.nodeInfo.bootID before every kill)",
+    )
+    real.add_argument(
+        "--ssh-boot-id-command",
+        default="cat /proc/sys/kernel/random/boot_id",
+        metavar="CMD",
+        help="--kill-method ssh: run on the node before every kill; its output must be the "
+        "Node's status.nodeInfo.bootID",
+    )
+    real.add_argument(
         "--ssh-command",
         default="sudo sh -c 'echo o > /proc/sysrq-trigger'",
         metavar="CMD",

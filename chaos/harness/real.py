@@ -4,9 +4,14 @@ Owns: turning a scenario into a plan for a real cluster (the scenario's node nam
 order of appearance, to the nodes named with `--target`; only power-offs, the one fault a kill
 method can inflict), the refusals (no kubeconfig, no kill method or template, SSH without
 pinned host keys, a fault it cannot inflict, fewer or more targets than the scenario names, a
-target the cluster does not have, no `--yes`: exit 2, having printed the plan), killing nodes
-(a local command, or a command over asyncssh with `known_hosts` pinned — a host that dies
-mid-command returns no exit status, which is expected; death is confirmed through the API), and
+target the cluster does not have, no `--yes`: exit 2, having printed the plan), the boot-id
+check (before the first kill and again before each one, the machine the kill method reaches must
+report the boot id the target's Node reports in `status.nodeInfo.bootID`; otherwise nothing more
+is killed: a stale inventory, a DNS name or address now owned by another host, or a template
+that names the wrong host would otherwise power off a machine the operator did not name),
+killing nodes (a local command, or a command over asyncssh with `known_hosts` pinned — a host
+that dies mid-command returns no exit status, which is expected; death is confirmed through
+the API), and
 measuring from what the API shows (Node Ready and the watchdog's phase annotation, launcher pods
 vanishing, VMIs Running on another node) and the controllers' /metrics before and after.
 
@@ -28,6 +33,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from chaos.harness import probe, report
 from chaos.harness.measure import RunResult, VmTimeline, counts, verdict
 from chaos.harness.recorder import Recorder
@@ -39,6 +46,7 @@ from chaos.sim.ledger import RESTARTING_STRATEGIES, Ledger
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SUPPORTED = frozenset({"poweroff"})
 KILL_TIMEOUT_S = 60.0
+BOOT_ID_TIMEOUT_S = 20.0
 
 
 class Refused(Exception):
@@ -106,6 +114,15 @@ class Killer:
                 raise Refused("--kill-method command needs --kill-command TEMPLATE with {node}")
             if "{node}" not in args.kill_command and "{address}" not in args.kill_command:
                 raise Refused("--kill-command must name the node: {node} or {address}")
+            boot = args.boot_id_command
+            if not boot:
+                raise Refused(
+                    "--kill-method command needs --boot-id-command TEMPLATE with {node}: it "
+                    "prints the boot id of the machine the kill command reaches, checked "
+                    "against the Node's before every kill"
+                )
+            if "{node}" not in boot and "{address}" not in boot:
+                raise Refused("--boot-id-command must name the node: {node} or {address}")
         else:
             kh = args.ssh_known_hosts
             if kh is None:
@@ -129,6 +146,54 @@ class Killer:
         host = a.ssh_address.format(node=node, address="<InternalIP>")
         return f"ssh {a.ssh_user}@{host} (pinned keys {a.ssh_known_hosts}): {a.ssh_command}"
 
+    async def boot_id(self, node: str, address: str) -> tuple[str | None, str]:
+        """The boot id of the machine the kill method reaches for `node`, and how it was read
+        (or why it could not be)."""
+        a = self.args
+        if a.kill_method == "command":
+            cmd = a.boot_id_command.format(
+                node=shlex.quote(node), address=shlex.quote(address or node)
+            )
+            proc = await asyncio.create_subprocess_shell(
+                cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            try:
+                out, err = await asyncio.wait_for(proc.communicate(), BOOT_ID_TIMEOUT_S)
+            except TimeoutError:
+                proc.kill()
+                return None, f"`{cmd}` did not finish within {BOOT_ID_TIMEOUT_S:.0f}s"
+            if proc.returncode != 0:
+                detail = err.decode(errors="replace").strip().splitlines()
+                return None, f"`{cmd}` exited {proc.returncode}" + (
+                    f": {detail[-1]}" if detail else ""
+                )
+            return parse_boot_id(out.decode(errors="replace")), f"`{cmd}`"
+        import asyncssh
+
+        host = a.ssh_address.format(node=node, address=address or node)
+        try:
+            async with self._ssh(host) as conn:
+                result = await asyncio.wait_for(
+                    conn.run(a.ssh_boot_id_command, check=False), BOOT_ID_TIMEOUT_S
+                )
+        except (OSError, asyncssh.Error, TimeoutError) as e:
+            return None, f"ssh {host}: {type(e).__name__}: {e}"
+        if result.exit_status != 0:
+            return None, f"ssh {host}: `{a.ssh_boot_id_command}` exited {result.exit_status}"
+        return parse_boot_id(str(result.stdout or "")), f"ssh {host}"
+
+    def _ssh(self, host: str):  # type: ignore[no-untyped-def]
+        import asyncssh
+
+        a = self.args
+        return asyncssh.connect(
+            host,
+            username=a.ssh_user,
+            known_hosts=str(a.ssh_known_hosts),
+            client_keys=[str(a.ssh_key)] if a.ssh_key else (),
+            connect_timeout=15,
+        )
+
     async def kill(self, node: str, address: str) -> str:
         a = self.args
         if a.kill_method == "command":
@@ -149,19 +214,71 @@ class Killer:
 
         host = a.ssh_address.format(node=node, address=address or node)
         try:
-            async with asyncssh.connect(
-                host,
-                username=a.ssh_user,
-                known_hosts=str(a.ssh_known_hosts),
-                client_keys=[str(a.ssh_key)] if a.ssh_key else (),
-                connect_timeout=15,
-            ) as conn:
+            async with self._ssh(host) as conn:
                 result = await asyncio.wait_for(conn.run(a.ssh_command, check=False), 20)
         except (OSError, asyncssh.Error, TimeoutError) as e:
             return f"ssh {host}: {type(e).__name__}: {e} (a dying host may drop the session)"
         if result.exit_status is None:
             return f"ssh {host}: session ended without exit status (the host went down)"
         return f"ssh {host}: exit {result.exit_status}"
+
+
+def parse_boot_id(text: str) -> str | None:
+    """The boot id in a command's output (its last non-empty line), None when there is none."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def node_boot_id(node: Obj | None) -> str | None:
+    info = ((node or {}).get("status") or {}).get("nodeInfo") or {}
+    boot = info.get("bootID") if isinstance(info, dict) else None
+    return boot if isinstance(boot, str) and boot else None
+
+
+def boot_mismatch(node: str, node_obj: Obj | None, remote: str | None, how: str) -> str | None:
+    """Why `node` must not be killed through the machine `how` reached, or None when that
+    machine is the Node's current boot. Pure: the whole safety rule of the check."""
+    expected = node_boot_id(node_obj)
+    if node_obj is None:
+        return f"--target {node}: no such Node in this cluster"
+    if expected is None:
+        return f"--target {node}: its Node reports no status.nodeInfo.bootID to check against"
+    if remote is None:
+        return f"--target {node}: could not read the boot id of the machine it names ({how})"
+    if remote != expected:
+        return (
+            f"--target {node}: the machine reached by {how} has boot id {remote}, the Node "
+            f"reports {expected}: not the same machine (or it rebooted since the Node said so)"
+        )
+    return None
+
+
+async def _check_boot(killer: Killer, node: str, node_obj: Obj | None, killed: list[str]) -> None:
+    """Refused unless the machine the kill method reaches for `node` is the Node's boot."""
+    address = _address(node_obj)
+    remote, how = await killer.boot_id(node, address)
+    why = boot_mismatch(node, node_obj, remote, how)
+    if why is not None:
+        done = f"; already killed: {', '.join(killed)}" if killed else "; nothing was killed"
+        raise Refused(why + done)
+    where = address or "no InternalIP"
+    print(f"  boot id of {node} ({where}) read by {how}: {remote}, as its Node reports")
+
+
+def kubeconfig_context(path: Path) -> str:
+    """`context <name>, server <url>` of the kubeconfig's current context, for the plan."""
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        return f"unreadable kubeconfig ({e})"
+    name = doc.get("current-context") if isinstance(doc, dict) else None
+    if not name:
+        return "no current-context in the kubeconfig"
+    ctx = next((c for c in doc.get("contexts") or [] if c.get("name") == name), None)
+    cluster_name = ((ctx or {}).get("context") or {}).get("cluster")
+    cluster = next((c for c in doc.get("clusters") or [] if c.get("name") == cluster_name), None)
+    server = ((cluster or {}).get("cluster") or {}).get("server", "no server")
+    return f"context {name}, server {server}"
 
 
 def _address(node: Obj | None) -> str:
@@ -184,11 +301,17 @@ def cmd_real(args: argparse.Namespace, sc: Scenario, source: str) -> int:
         print(f"watchdog-chaos run: refused: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(f"Plan for the real cluster of {args.kubeconfig} (scenario {sc.name}, real time):")
+    print(f"  cluster: {kubeconfig_context(Path(args.kubeconfig))}")
     for s in steps:
         print(
             f"  at +{s.at_s:g}s: power off {s.node} (the scenario's {s.scenario_node}) — "
             f"{killer.describe(s.node)}"
         )
+    print(
+        "  before the first kill and again before each: the machine the kill method reaches "
+        "must report the boot id its Node reports (status.nodeInfo.bootID), else nothing more "
+        "is killed"
+    )
     print(
         f"  then watch its VMs until they run on other nodes (at most {sc.timeout_s:g}s), "
         f"settle {sc.settle_s:g}s; read {len(args.metrics_url)} controller /metrics"
@@ -241,6 +364,8 @@ async def _run(
         missing = [s.node for s in steps if informers["nodes"].get(s.node) is None]
         if missing:
             raise Refused(f"--target {', '.join(missing)}: no such Node in this cluster")
+        for node in dict.fromkeys(s.node for s in steps):
+            await _check_boot(killer, node, informers["nodes"].get(node), killed=[])
         namespaces = set(args.vm_namespace)
         vmi_seen: dict[str, list[tuple[float, str, str]]] = {}  # key → (t, phase, node)
 
@@ -268,10 +393,12 @@ async def _run(
                 and (v.get("status") or {}).get("phase") == "Running"
                 and (not namespaces or key.split("/", 1)[0] in namespaces)
             ]
+            node_obj = informers["nodes"].get(step.node)
+            await _check_boot(killer, step.node, node_obj, killed=[s.node for s, _, _ in incidents])
             t = time.monotonic()
             incidents.append((step, t, vmis))
             print(f"  {t - t_start:+7.1f}s FAULT power off {step.node} ({len(vmis)} VMs there)")
-            outcome = await killer.kill(step.node, _address(informers["nodes"].get(step.node)))
+            outcome = await killer.kill(step.node, _address(node_obj))
             run.faults.append(
                 {"action": step.action, "node": step.node, "t": round(t - t0, 3), "result": outcome}
             )

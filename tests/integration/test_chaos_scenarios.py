@@ -229,23 +229,30 @@ def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str
     )
 
 
+# The command kill method, with the boot-id command it needs.
+COMMAND = ["--kill-method", "command", "--kill-command", "echo {node}",
+           "--boot-id-command", "echo id-of-{node}"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("extra", "words"),
     [
         ([], "--kill-method ssh|command is required"),
         (["--kill-method", "command"], "needs --kill-command"),
         (["--kill-method", "command", "--kill-command", "true"], "must name the node"),
+        (
+            ["--kill-method", "command", "--kill-command", "echo {node}"],
+            "needs --boot-id-command TEMPLATE",
+        ),
+        (
+            ["--kill-method", "command", "--kill-command", "echo {node}",
+             "--boot-id-command", "cat /proc/sys/kernel/random/boot_id"],
+            "--boot-id-command must name the node",
+        ),
         (["--kill-method", "ssh"], "--ssh-known-hosts"),
-        (["--kill-method", "command", "--kill-command", "echo {node}"], "no --target"),
-        (
-            ["--kill-method", "command", "--kill-command", "echo {node}", "--target", "a",
-             "--target", "b"],
-            "kills 1 node(s) (node-4) but 2 --target",
-        ),
-        (
-            ["--kill-method", "command", "--kill-command", "echo {node}", "--target", "w-3"],
-            "add --yes",
-        ),
+        (COMMAND, "no --target"),
+        ([*COMMAND, "--target", "a", "--target", "b"], "kills 1 node(s) (node-4) but 2 --target"),
+        ([*COMMAND, "--target", "w-3"], "add --yes"),
     ],
 )  # fmt: skip
 def test_a_real_cluster_run_refuses_without_explicit_targets_and_yes(tmp_path, extra, words):
@@ -257,14 +264,16 @@ def test_a_real_cluster_run_refuses_without_explicit_targets_and_yes(tmp_path, e
     if "--yes" in words:  # the plan was printed first, naming the node and the command
         assert "power off w-3 (the scenario's node-4)" in proc.stdout
         assert "echo w-3" in proc.stdout
+        assert "cluster: no current-context in the kubeconfig" in proc.stdout
+        assert "must report the boot id its Node reports" in proc.stdout
 
 
 def test_a_real_cluster_run_refuses_faults_a_kill_method_cannot_inflict(tmp_path):
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
     proc = run_cli(
-        "partition", "--kubeconfig", str(kubeconfig), "--kill-method", "command",
-        "--kill-command", "echo {node}", "--target", "w-1", "--yes", timeout=60,
+        "partition", "--kubeconfig", str(kubeconfig), *COMMAND, "--target", "w-1", "--yes",
+        timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2
     assert "faults[0].action: 'partition' cannot be inflicted" in proc.stderr
@@ -274,7 +283,11 @@ async def test_the_command_kill_method_against_the_local_test_cluster(
     control_plane_binaries, tmp_path
 ):
     """`run --kubeconfig` treats the test cluster as a real one: its kill command is
-    `watchdog-chaos fault ... poweroff {node}`; Harvester 1.6 with a 10 s period resets."""
+    `watchdog-chaos fault ... poweroff {node}`; Harvester 1.6 with a 10 s period resets.
+
+    First its must-not twin: a boot-id command that reaches another machine (it reads
+    node-1's boot id whatever node it is asked about) — the run is refused before any kill
+    and the target keeps running."""
     from chaos.sim.cluster import SimCluster, SimConfig
 
     kubeconfig = tmp_path / "kubeconfig"
@@ -306,18 +319,34 @@ async def test_the_command_kill_method_against_the_local_test_cluster(
         victims = cluster.vms_on("node-2")
         assert victims
         kill = f"{sys.executable} -m chaos.cli fault --kubeconfig {kubeconfig} poweroff {{node}}"
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "chaos.cli", "run", str(scenario),
-            "--kubeconfig", str(kubeconfig), "--kill-method", "command",
-            "--kill-command", kill, "--target", "node-2", "--yes",
-            "--report", str(tmp_path / "report"),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        out, _ = await asyncio.wait_for(proc.communicate(), 150)
-        text = out.decode()
-        print(text)
-        assert proc.returncode == 0, text
+        # What each simulated machine would print from /proc/sys/kernel/random/boot_id.
+        nodes_dir = cluster.boot_id_file("node-1").parent.parent
+        for node in cluster.fleet.members:
+            cluster.boot_id_file(node)
+
+        async def run(boot_id_command: str) -> tuple[int | None, str]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "chaos.cli", "run", str(scenario),
+                "--kubeconfig", str(kubeconfig), "--kill-method", "command",
+                "--kill-command", kill, "--boot-id-command", boot_id_command,
+                "--target", "node-2", "--yes", "--report", str(tmp_path / "report"),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            out, _ = await asyncio.wait_for(proc.communicate(), 150)
+            print(out.decode())
+            return proc.returncode, out.decode()
+
+        # The wrong machine: refused before any kill, node-2 keeps running.
+        code, text = await run(f"cat {nodes_dir}/node-1/boot_id # {{node}}")
+        assert code == 2, text
+        assert "not the same machine" in text and "nothing was killed" in text, text
+        assert cluster.fleet["node-2"].powered and "FAULT" not in text
+        assert all(cluster.vmi_node(vm) == "node-2" for vm in victims)
+        # The right machine: its boot id matches the Node's, and the kill goes ahead.
+        code, text = await run(f"cat {nodes_dir}/{{node}}/boot_id")
+        assert code == 0, text
         assert "power off node-2 (the scenario's node-3)" in text
+        assert "boot id of node-2 (" in text and f"read by `cat {nodes_dir}/node-2/boot_id`" in text
         assert not cluster.fleet["node-2"].powered  # the command really killed it
         assert all(cluster.vmi_node(vm) not in (None, "node-2") for vm in victims)
     data = json.loads((tmp_path / "report" / "results.json").read_text())
