@@ -164,6 +164,12 @@ def add_parser(subparsers: Any) -> None:
         default="watchdog,harvester-1.7,harvester-1.6",
         help="comma-separated: watchdog, harvester-1.7, harvester-1.6",
     )
+    p.add_argument(
+        "--fence",
+        default="self",
+        help="comma-separated watchdog fence modes: self (agent self-fence, default), power "
+        "(fence_mode power: fence_redfish against a Redfish BMC per machine); each adds a row",
+    )
     p.add_argument("--time-scale", type=_positive(float), default=0.25, help="time compression")
     p.set_defaults(func=handle, bench_run=_run_failover)
 
@@ -257,10 +263,22 @@ def _run_failover(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [s for s in systems if s not in failover.SYSTEMS]
     if unknown:
         raise _Usage(f"--systems: unknown {unknown}; choose from {', '.join(failover.SYSTEMS)}")
+    fences = tuple(f.strip() for f in args.fence.split(",") if f.strip())
+    bad = [f for f in fences if f not in failover.FENCES]
+    if bad or not fences:
+        raise _Usage(f"--fence: unknown {bad or fences}; choose from {', '.join(failover.FENCES)}")
+    if "power" in fences and "watchdog" not in systems:
+        raise _Usage("--fence power measures the watchdog: add watchdog to --systems")
     if args.smoke:
-        return failover.run(systems=("watchdog",), trials=1, time_scale=0.25, progress=_progress)
+        return failover.run(
+            systems=("watchdog",), fences=fences, trials=1, time_scale=0.25, progress=_progress
+        )
     return failover.run(
-        systems=systems, trials=args.trials, time_scale=args.time_scale, progress=_progress
+        systems=systems,
+        fences=fences,
+        trials=args.trials,
+        time_scale=args.time_scale,
+        progress=_progress,
     )
 
 

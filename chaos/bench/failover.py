@@ -31,6 +31,13 @@ from chaos.bench.common import machine, summary, table
 SYSTEMS = ("watchdog", "harvester-1.7", "harvester-1.6")
 
 
+# The watchdog's fence modes this benchmark can compare (`--fence`): `self` is the agent's
+# self-fence (watchdog device + safe delay); `power` switches the node off through its BMC
+# (fence_redfish against the test cluster's Redfish emulator) and resets once it reads off.
+FENCES = ("self", "power")
+POWER_LABEL = "watchdog (fence power)"
+
+
 async def _run(
     systems: tuple[str, ...],
     trials: int,
@@ -39,6 +46,7 @@ async def _run(
     vms: int | None,
     work_dir: Path,
     progress: Any,
+    fence: str = "self",
 ) -> tuple[Any, Any]:
     from chaos.harness import scenario as scenarios
     from chaos.harness.runner import RunOptions, run_scenario
@@ -46,19 +54,24 @@ async def _run(
 
     base = scenarios.load("power-off")
     cluster = base.cluster
-    if nodes is not None or vms is not None:
-        cluster = cluster.model_copy(
-            update={
-                **({"nodes": nodes} if nodes is not None else {}),
-                **({"vms": vms} if vms is not None else {}),
-            }
+    update: dict[str, Any] = {}
+    if nodes is not None:
+        update["nodes"] = nodes
+    if vms is not None:
+        update["vms"] = vms
+    watchdog = base.watchdog
+    if fence == "power":
+        update["bmcs"] = True
+        watchdog = watchdog.model_copy(
+            update={"settings": {**watchdog.settings, "fence_mode": "power"}}
         )
     scenario = base.model_copy(
         update={
             "systems": list(systems),
             "repetitions": trials,
             "time_scale": time_scale,
-            "cluster": cluster,
+            "cluster": cluster.model_copy(update=update),
+            "watchdog": watchdog,
         }
     )
     binaries = await asyncio.to_thread(ensure_binaries)
@@ -67,14 +80,43 @@ async def _run(
         progress=progress,
         parallel="baselines",
         live=False,
-        work_root=work_dir,
+        work_root=work_dir / fence,
     )
     return scenario, await run_scenario(scenario, "power-off", opts)
+
+
+async def _run_all(
+    systems: tuple[str, ...],
+    fences: tuple[str, ...],
+    trials: int,
+    time_scale: float,
+    nodes: int | None,
+    vms: int | None,
+    work_dir: Path,
+    progress: Any,
+) -> tuple[Any, list[tuple[str, str, Any]]]:
+    """(scenario, [(label, system, result)]): the systems asked for as they are (the watchdog
+    with its self-fence, when `self` is among the fences), then the watchdog alone with
+    `fence_mode: power` on machines with BMCs, when `power` is."""
+    first = systems if "self" in fences else tuple(s for s in systems if s != "watchdog")
+    runs: list[tuple[str, tuple[str, ...]]] = [("self", first)] if first else []
+    if "power" in fences and "watchdog" in systems:
+        runs.append(("power", ("watchdog",)))
+    out: list[tuple[str, str, Any]] = []
+    scenario = None
+    for fence, run_systems in runs:
+        sc, result = await _run(
+            run_systems, trials, time_scale, nodes, vms, work_dir, progress, fence
+        )
+        scenario = scenario or sc
+        out += [(POWER_LABEL if fence == "power" else s, s, result) for s in run_systems]
+    return scenario, out
 
 
 def run(
     *,
     systems: tuple[str, ...] = SYSTEMS,
+    fences: tuple[str, ...] = ("self",),
     trials: int = 5,
     time_scale: float = 0.25,
     nodes: int | None = None,
@@ -84,12 +126,14 @@ def run(
 ) -> dict[str, Any]:
     m = machine()
     with tempfile.TemporaryDirectory(prefix="bench-failover-") as tmp:
-        scenario, result = asyncio.run(
-            _run(systems, trials, time_scale, nodes, vms, work_dir or Path(tmp), progress)
+        scenario, labelled = asyncio.run(
+            _run_all(
+                systems, fences, trials, time_scale, nodes, vms, work_dir or Path(tmp), progress
+            )
         )
     scale = scenario.time_scale
     out: list[dict[str, Any]] = []
-    for system in systems:
+    for label, system, result in labelled:
         runs = result.runs_of(system)
         running: list[float] = []
         detection: list[float] = []
@@ -117,7 +161,7 @@ def run(
             )
         out.append(
             {
-                "system": system,
+                "system": label,
                 "time_scale": scale,
                 "trials": trials_out,
                 "failover_s": summary(running, 2),
@@ -145,10 +189,13 @@ def run(
         "benchmark": "failover",
         "machine": m,
         "method": "chaos harness runner, scenario power-off (node-4 loses power), "
-        f"{trials} repetitions per system, time scale {scale}",
+        f"{trials} repetitions per system, time scale {scale}; watchdog fence modes "
+        f"{', '.join(fences)} (power: fence_redfish against a Redfish emulator per machine, "
+        "which applies a power change 1 to 11 s after the request, not compressed by the "
+        "time scale)",
         "cluster": {"nodes": scenario.cluster.nodes, "vms": scenario.cluster.vms},
-        "watchdog_settings_notes": list(result.watchdog_settings.notes)
-        if result.watchdog_settings
+        "watchdog_settings_notes": list(labelled[0][2].watchdog_settings.notes)
+        if labelled and labelled[0][2].watchdog_settings
         else [],
         "systems": out,
         "ratios_vs_watchdog": ratios,

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from chaos.harness.recorder import WATCHDOG_DETECTED, Recorder
-from chaos.harness.scenario import Budget, Expect
+from chaos.harness.scenario import FENCERS, Budget, Expect
 from chaos.sim.ledger import RESTARTING_STRATEGIES, Ledger, StartReason, StopReason
 
 PHASES = ("detection", "reset", "running")
@@ -184,6 +184,12 @@ def counts(
     return {
         "resets": len(rec.resets(since)),
         "fences": sum(1 for h in history if h.get("action") == "fence"),
+        **{
+            f"fences_by_{by}": sum(
+                1 for h in history if h.get("action") == "fence" and h.get("by") == by
+            )
+            for by in FENCERS
+        },
         "disrupted_vms": len(disrupted),
         "migrated_vms": len(
             {
@@ -238,6 +244,13 @@ def verdict(run: RunResult, expect: Expect) -> list[str]:
         fails.append(f"{c['fences']} fences; expected none")
     if expect.fences == "required" and not c.get("fences", 0):
         fails.append("no fence; expected the cut-off node to fence itself")
+    if expect.fenced_by:
+        others = {by: c.get(f"fences_by_{by}", 0) for by in FENCERS if by not in expect.fenced_by}
+        if not sum(c.get(f"fences_by_{by}", 0) for by in expect.fenced_by):
+            fails.append(f"no fence by {' or '.join(expect.fenced_by)}")
+        if any(others.values()):
+            done = ", ".join(f"{n} by {by}" for by, n in others.items() if n)
+            fails.append(f"fences {done}; expected only by {' or '.join(expect.fenced_by)}")
     if expect.disruptions == "none" and c.get("disrupted_vms", 0):
         fails.append(f"{c['disrupted_vms']} VMs disrupted; expected none")
     if expect.held and run.system == "watchdog":

@@ -92,6 +92,7 @@ def sim_config(
         run_strategies=tuple(shape.run_strategies),
         access_modes=tuple(shape.access_modes),
         broker=shape.broker if watchdog else None,
+        bmcs=shape.bmcs,
         agents=watchdog,
         agent_env=dict(scaled.env) if watchdog else {},
         run_nodes=tuple(scenario.watchdog.controllers) if watchdog else (),

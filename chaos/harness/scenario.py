@@ -31,10 +31,11 @@ System = Literal["watchdog", "harvester-1.7", "harvester-1.6", "kubernetes-only"
 RunStrategy = Literal["Always", "RerunOnFailure", "Manual", "Halted", "Once"]
 AccessMode = Literal["ReadWriteMany", "ReadWriteOnce"]
 # `fence` is the node-local channel an agent uses, not something a scenario injects; the BMC
-# faults need a cluster with BMCs, which scenario clusters do not have (yet).
-SCENARIO_NODE_ACTIONS: tuple[str, ...] = tuple(
-    a for a in NODE_ACTIONS if a != "fence" and not a.startswith("bmc-")
-)
+# faults need a cluster with BMCs (`cluster.bmcs`).
+SCENARIO_NODE_ACTIONS: tuple[str, ...] = tuple(a for a in NODE_ACTIONS if a != "fence")
+# Who can switch a simulated machine off as a fence (chaos/sim/faults.py, `fence ... by`).
+FENCERS = ("fence-command", "watchdog-device", "bmc")
+Fencer = Literal["fence-command", "watchdog-device", "bmc"]
 SCENARIO_ACTIONS: tuple[str, ...] = SCENARIO_NODE_ACTIONS + CLUSTER_ACTIONS
 # Actions after which a node's VMs may have to run elsewhere: they start a failover incident.
 DISRUPTIVE_ACTIONS = frozenset({"poweroff", "reboot", "partition", "nic-flap", "kubelet-stop"})
@@ -67,6 +68,12 @@ class ClusterShape(_Strict):
     access_modes: list[AccessMode] = Field(["ReadWriteMany"], min_length=1)
     broker: Literal["amqtt", "mosquitto"] = Field(
         "amqtt", description="The MQTT broker: embedded amqtt or Debian's mosquitto."
+    )
+    bmcs: bool = Field(
+        False,
+        description="A Redfish BMC per machine (sushy-tools' emulator, wired to its power; "
+        "its own power delay of 1 to 11 s is not compressed by time_scale); needed by "
+        "fence_mode power and the bmc-* faults.",
     )
 
 
@@ -130,6 +137,11 @@ class Expect(_Strict):
         "running VM's launcher pod may be deleted.",
     )
     fences: Literal["required", "none", "any"] = "any"
+    fenced_by: list[Fencer] = Field(
+        default_factory=list,
+        description="When given: at least one fence, and every fence done by one of these "
+        "(fence-command: the agent's own; watchdog-device; bmc: the controller's power fence).",
+    )
     disruptions: Literal["none", "any"] = Field(
         "any", description="none: no VM copy may stop (live migration excepted)."
     )
@@ -278,8 +290,13 @@ def _cross_checks(s: Scenario) -> Iterator[tuple[str, str]]:
             scale_settings(s.watchdog.settings, s.time_scale)
         except ValueError as e:
             yield "watchdog.settings", f"the watchdog refuses them: {e}"
+    power = str(s.watchdog.settings.get("fence_mode", "")) == "power"
+    if power and not s.cluster.bmcs:
+        yield "watchdog.settings.fence_mode", "power needs machines with BMCs: cluster.bmcs: true"
     for i, f in enumerate(s.faults):
         where = f"faults[{i}]"
+        if f.action.startswith("bmc-") and not s.cluster.bmcs:
+            yield f"{where}.action", f"{f.action} needs machines with BMCs: cluster.bmcs: true"
         if f.node is not None and f.nodes is not None:
             yield f"{where}.nodes", "give either node or nodes, not both"
         targets = f.targets()

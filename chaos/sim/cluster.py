@@ -758,6 +758,8 @@ class SimCluster:
                 node_argv = [shutil.which(run_argv[0]) or run_argv[0], *run_argv[1:]]
                 metrics_port = free_port()
                 env.update(cfg.run_env)
+                if self.bmcs is not None:  # a controller in fence_mode power reads it
+                    env.setdefault("WATCHDOG_POWER_FENCE_INVENTORY", str(self.bmcs.inventory_path))
                 env["WATCHDOG_METRICS_HOST"] = "127.0.0.1"
                 env["WATCHDOG_METRICS_PORT"] = str(metrics_port)
             self.agents[name] = AgentSlot(

@@ -17,11 +17,14 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import mosquitto_exe_or_skip
+from tests.unit.test_deploy import require_tool
 
 
-def run_bench(name: str, out: Path, timeout_s: float = 240.0) -> dict[str, Any]:
+def run_bench(
+    name: str, out: Path, timeout_s: float = 240.0, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-m", "chaos.bench", name, "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "chaos.bench", name, "--smoke", "--out", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -102,15 +105,20 @@ def test_cache_benchmark_syncs_measures_events_and_relists_after_410(
 def test_failover_benchmark_times_a_power_off_through_the_chaos_harness(
     tmp_path: Path, control_plane_binaries: object
 ) -> None:
+    """Both fence modes: the agent's self-fence, and fence_mode power (fence_redfish against
+    each machine's Redfish BMC), each a row of its own."""
     mosquitto_exe_or_skip()
-    report = run_bench("failover", tmp_path, timeout_s=300)
-    (system,) = report["systems"]
-    assert system["system"] == "watchdog"
-    (trial,) = system["trials"]
-    assert trial["vms"] >= 1
-    assert trial["not_running"] == []
-    assert all(v > 0 for v in trial["failover_s"].values())
-    assert system["failover_s"]["n"] == trial["vms"]
+    require_tool("fence_redfish", "apt-get install fence-agents (bash .ci/run does)")
+    report = run_bench("failover", tmp_path, timeout_s=400, extra=("--fence", "self,power"))
+    rows = {s["system"]: s for s in report["systems"]}
+    assert set(rows) == {"watchdog", "watchdog (fence power)"}
+    for system in rows.values():
+        (trial,) = system["trials"]
+        assert trial["vms"] >= 1
+        assert trial["not_running"] == [] and system["split_brain_s"] == 0
+        assert all(v > 0 for v in trial["failover_s"].values())
+        assert system["failover_s"]["n"] == trial["vms"]
+    assert "fence modes self, power" in report["method"]
 
 
 @pytest.mark.cluster

@@ -151,6 +151,24 @@ def test_list_prints_every_shipped_scenario(capsys):
             "unreachable_after_s",
             id="settings the watchdog refuses",
         ),
+        pytest.param(
+            with_(faults=[{"at_s": 0, "action": "bmc-down", "node": "node-1"}]),
+            "faults[0].action",
+            "bmc-down needs machines with BMCs: cluster.bmcs: true",
+            id="BMC fault on machines without BMCs",
+        ),
+        pytest.param(
+            with_(watchdog={"settings": {"fence_mode": "power"}}),
+            "watchdog.settings.fence_mode",
+            "power needs machines with BMCs",
+            id="power fencing without BMCs",
+        ),
+        pytest.param(
+            with_(expect={"fenced_by": ["magic"]}),
+            "expect.fenced_by[0]",
+            "fence-command",
+            id="unknown fencer",
+        ),
         pytest.param(with_(colour="red"), "colour", "Extra inputs", id="unknown key"),
         pytest.param(
             with_(systems=["watchdog", "openshift"]), "systems[1]", "watchdog", id="unknown system"
@@ -286,6 +304,17 @@ def test_a_broken_invariant_or_expectation_fails_the_run(expect, change, words):
         r.invariants.update(change)
     fails = measure.verdict(r, scenario.Expect(**expect))
     assert any(words in f for f in fails), fails
+
+
+def test_fenced_by_needs_a_fence_by_one_of_them_and_none_by_another():
+    expect = scenario.Expect(fenced_by=["bmc"])
+    by_bmc = run_result(counts={"fences": 1, "fences_by_bmc": 1})
+    assert measure.verdict(by_bmc, expect) == []
+    none = run_result(counts={"fences": 0, "fences_by_bmc": 0})
+    assert "no fence by bmc" in measure.verdict(none, expect)
+    both = run_result(counts={"fences": 2, "fences_by_bmc": 1, "fences_by_fence-command": 1})
+    fails = measure.verdict(both, expect)
+    assert any("1 by fence-command; expected only by bmc" in f for f in fails), fails
 
 
 def test_a_vm_that_never_runs_again_fails_and_a_crash_always_fails():
