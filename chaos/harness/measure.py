@@ -253,6 +253,10 @@ def verdict(run: RunResult, expect: Expect) -> list[str]:
             fails.append(f"fences {done}; expected only by {' or '.join(expect.fenced_by)}")
     if expect.disruptions == "none" and c.get("disrupted_vms", 0):
         fails.append(f"{c['disrupted_vms']} VMs disrupted; expected none")
+    if expect.leader_changed and run.system == "watchdog":
+        leaders = list(run.watchdog.get("leaders_seen") or ())
+        if len(leaders) < 2:
+            fails.append(f"the acting leader never changed (leaders seen: {leaders or 'none'})")
     if expect.held and run.system == "watchdog":
         seen = set(run.watchdog.get("resets_held_seen") or ())
         missing_holds = [h for h in expect.held if h not in seen]

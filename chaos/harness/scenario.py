@@ -154,6 +154,11 @@ class Expect(_Strict):
         "(restarted or live-migrated elsewhere), even one whose copy there kept running: a "
         "partitioned or degraded node's VMs must leave it. The run waits for it.",
     )
+    leader_changed: bool = Field(
+        False,
+        description="watchdog only: another controller replica must have become the acting "
+        "leader during the run.",
+    )
     held: list[str] = Field(
         default_factory=list,
         description="watchdog only: hold reasons (`watchdog_resets_held{reason}`, e.g. Storm, "

@@ -207,6 +207,7 @@ class NodeLinks:
     peer: TcpProxy | None = None
     peer_port: int | None = None  # where this node's agent listens for probes
     broker_cut: bool = False  # the `broker-link-cut` fault: only the broker path is down
+    api_cut: bool = False  # the `api-link-cut` fault: only the API path is down
 
     def set_mode(self, mode: ProxyMode) -> None:
         for proxy in (self.broker, self.api, self.peer):
@@ -214,6 +215,8 @@ class NodeLinks:
                 proxy.set_mode(mode)
         if self.broker_cut and self.broker is not None:
             self.broker.set_mode(ProxyMode.BLACKHOLE)
+        if self.api_cut and self.api is not None:
+            self.api.set_mode(ProxyMode.BLACKHOLE)
 
     async def close(self) -> None:
         for proxy in (self.broker, self.api, self.peer):
@@ -657,7 +660,7 @@ class SimCluster:
         """A machine's links carry traffic iff it is powered and its network is up."""
         links = self.links.get(node)
         if links is not None:
-            links.set_mode(ProxyMode.PASS if self.fleet[node].connected else ProxyMode.BLACKHOLE)
+            links.set_mode(ProxyMode.PASS if self.fleet[node].networked else ProxyMode.BLACKHOLE)
 
     def cut_broker_link(self, node: str, cut: bool) -> None:
         """Only the machine's path to the broker (a firewall rule, a broken route): its API
@@ -666,6 +669,16 @@ class SimCluster:
         if links is None or links.broker is None:
             raise ValueError(f"{node} has no broker link (start the sim with a broker)")
         links.broker_cut = cut
+        self.sync_links(node)
+
+    def cut_api_link(self, node: str, cut: bool) -> None:
+        """Only the machine's path to the API server (a management network down, a firewall
+        rule): its kubelet and virt-handler, and its agent and controller replica, lose the
+        API; its broker and peer paths follow the machine as before."""
+        self.fleet[node].cut_api(cut)
+        links = self.links.get(node)
+        if links is not None:
+            links.api_cut = cut
         self.sync_links(node)
 
     def peer_env(self, node: str) -> dict[str, str]:

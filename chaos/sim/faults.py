@@ -24,6 +24,9 @@ per node
                   until fence-works; the watchdog device is its fallback
   broker-link-cut/broker-link-heal   only the machine's path to the broker black-holed: its
                   kubelet, API path and peer link stay up (the agent keeps reaching the API)
+  api-link-cut/api-link-heal   only the machine's path to the API server black-holed: its
+                  kubelet and virt-handler, its agent and a controller replica on it lose the
+                  API; broker and peer paths stay up
   bmc-down/bmc-up   the machine's BMC frozen (a BMC without power: requests hang) / back
   bmc-lies/bmc-truthful   the BMC reports power changes it never makes (off while it runs)
   fence           (the node-local fence channel, the node's watchdog device firing, or its BMC
@@ -72,6 +75,8 @@ NODE_ACTIONS = (
     "fence-works",
     "broker-link-cut",
     "broker-link-heal",
+    "api-link-cut",
+    "api-link-heal",
     "bmc-down",
     "bmc-up",
     "bmc-lies",
@@ -97,6 +102,7 @@ INVERSE = {
     "agent-freeze": "agent-thaw",
     "fence-fails": "fence-works",
     "broker-link-cut": "broker-link-heal",
+    "api-link-cut": "api-link-heal",
     "bmc-down": "bmc-up",
     "bmc-lies": "bmc-truthful",
     "fence": "poweron",
@@ -245,6 +251,9 @@ class Faults:
                     return {"fence": "works"}
                 case "broker-link-cut" | "broker-link-heal":
                     c.cut_broker_link(node, action == "broker-link-cut")
+                    return {}
+                case "api-link-cut" | "api-link-heal":
+                    c.cut_api_link(node, action == "api-link-cut")
                     return {}
                 case "bmc-down" | "bmc-up" | "bmc-lies" | "bmc-truthful":
                     if c.bmcs is None:

@@ -166,6 +166,9 @@ class SimNode:
         self.powered = False
         self.kubelet_running = False
         self.network_up = True
+        # The `api-link-cut` fault: only the machine's path to the API server is down (its
+        # kubelet and virt-handler cannot reach it; broker and peer paths stay up).
+        self.api_cut = False
         self.pods: dict[str, LocalPod] = {}
         self.node_uid: str | None = None
         self._dirty: set[str] = set()
@@ -187,7 +190,12 @@ class SimNode:
 
     @property
     def connected(self) -> bool:
-        """Its processes can reach the API (powered and network up)."""
+        """Its processes can reach the API (powered, network up, API path not cut)."""
+        return self.powered and self.network_up and not self.api_cut
+
+    @property
+    def networked(self) -> bool:
+        """Its network carries traffic at all (powered and network up)."""
         return self.powered and self.network_up
 
     @property
@@ -204,6 +212,7 @@ class SimNode:
             "powered": self.powered,
             "kubelet": self.kubelet_running,
             "network": self.network_up,
+            "api_cut": self.api_cut,
             "boot_id": self.boot_id,
             "pods": len(self.pods),
             "domains": sorted(p.vm for p in self.pods.values() if p.domain and p.vm),
@@ -255,6 +264,12 @@ class SimNode:
         if self.network_up:
             return
         self.network_up = True
+        self._restart_task()
+
+    def cut_api(self, cut: bool) -> None:
+        if self.api_cut == cut:
+            return
+        self.api_cut = cut
         self._restart_task()
 
     def kubelet_stop(self) -> None:

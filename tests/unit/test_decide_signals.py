@@ -106,6 +106,29 @@ def test_lease_signal(
 
 
 @pytest.mark.parametrize(
+    ("answered", "signal", "pending"),
+    [
+        # Renewed at 984: its deadline is 999 (15 s). The API froze before the deadline: the
+        # last probe it answered was sent at 998, so a renewal may have been stuck in it.
+        pytest.param(998.0, Signal.ALIVE, True, id="no answer after the deadline: not stale yet"),
+        pytest.param(999.0, Signal.STALE, False, id="answered a probe sent at the deadline"),
+        pytest.param(999.5, Signal.STALE, False, id="answered after the deadline: stale"),
+        pytest.param(None, Signal.STALE, False, id="answers not tracked: stale at the deadline"),
+    ],
+)
+def test_a_lease_is_stale_only_once_the_api_answered_after_its_deadline(
+    answered: float | None, signal: Signal, pending: bool
+) -> None:
+    health = SourceHealth(broker_up_since=0.0, api_up_since=0.0, api_answered_at=answered)
+    o = obs(lease_seen=True, lease_renewed_at=984.0)
+    sig = signals_of(o, health, NOW, CFG)
+    assert (sig.lease, sig.lease_pending) == (signal, pending)
+    # Before the deadline, the answers do not matter: alive, nothing pending.
+    early = signals_of(o, health, 998.9, CFG)
+    assert (early.lease, early.lease_pending) == (Signal.ALIVE, False)
+
+
+@pytest.mark.parametrize(
     ("ready", "api", "signal"),
     [
         pytest.param("True", 0.0, Signal.ALIVE, id="Ready True: alive"),

@@ -786,6 +786,12 @@ def test_no_power_off_before_the_lease_is_stale_and_the_agents_own_deadline() ->
     fresh_lease = dead(hb_age=40.0, lease_age=5.0, ready="True", persisted="Fencing")
     d = step(node(F), fresh_lease, cfg=POWER)
     assert actions_of(d, RunFenceHook) == [] and not is_destructive(d)
+    # A silent node whose Lease, renewed just before the silence, turns stale in 2 s: decided
+    # again then, not left waiting for an unrelated event (a chaos run once held a cut-off
+    # node, unfenced, until its partition healed).
+    silent = node(F, last_contact_at=T - 12.0, unreachable_at=T - 8.0)
+    d = step(silent, dead(hb_age=12.0, lease_age=13.0, persisted="Fencing"), cfg=POWER)
+    assert actions_of(d, RunFenceHook) == [] and d.wake_at == T + 2.0
 
 
 def test_no_fence_hook_retry_while_a_hold_is_in_force() -> None:
@@ -1285,3 +1291,22 @@ def test_dry_run_reconciles_nothing() -> None:
     cfg = DecideConfig(dry_run=True)
     d = step(node(F, fence_clock_from=None, entered_at=T - 5.0), dead(), cfg=cfg)
     assert actions_of(d, PersistState) == []
+
+
+def test_a_lease_aged_past_its_deadline_during_an_unnoticed_api_freeze_degrades_nothing():
+    """A CI run once turned three live nodes DEGRADED (their VMs live-migrated away): the API
+    server froze 2.5 s after their kubelets' last renewal, the controller noticed the freeze
+    only 3.7 s later, and the Leases' deadline fell in between. A Lease is stale only once
+    the API answered a request sent after its deadline."""
+    lease_age = 15.5  # past lease_stale_after_s (15 s): deadline at T - 0.5
+    frozen = replace(UP, api_answered_at=T - 2.0)  # last answered probe sent before it
+    d = step(node(H), seen(0.5, lease_age=lease_age), ctx=context(frozen))
+    assert d.state.phase is H and not d.transitions and not actions_of(d, StartEvacuation)
+    assert d.signals is not None and d.signals.lease_pending
+    # Its twin: the API answers a probe sent after the deadline, and no renewal came: the
+    # kubelet really lost its path, and the node is evacuated.
+    answered = replace(UP, api_answered_at=T - 0.2)
+    d = step(node(H), seen(0.5, lease_age=lease_age), ctx=context(answered))
+    assert list(d.transitions) == [(H, D, Reason.KUBELET_PATH_LOST)]
+    assert actions_of(d, StartEvacuation)
+    assert d.signals is not None and not d.signals.lease_pending

@@ -261,6 +261,11 @@ class _Step:
             ref = max(self.obs.last_heartbeat_at or 0.0, since)
             self.wake_at(ref + self.cfg.suspect_after_s)
             self.wake_at(ref + self.cfg.unreachable_after_s)
+        self.lease_wakeup()
+
+    def lease_wakeup(self) -> None:
+        """Wake when the Lease would turn stale (once past it, while the API has not answered
+        after it, the runtime decides the node again at the next answer: lease_pending)."""
         if self.ctx.health.api_up_since is not None and self.obs.lease_seen:
             ref = max(self.obs.lease_renewed_at or 0.0, self.ctx.health.api_up_since)
             self.wake_at(ref + self.cfg.lease_stale_after_s)
@@ -568,9 +573,9 @@ class _Step:
           (the `after_s` it declared): the BMC never switches off a node that its own
           self-fence would have spared (a NIC flap, withdrawn at the next heartbeat).
 
-        Otherwise wakes when the silence is long enough (the Lease's staleness has its own
-        wake-up)."""
+        Otherwise wakes when the silence is long enough, or when the Lease turns stale."""
         if self.sig.lease is not Signal.STALE:
+            self.lease_wakeup()
             return False
         fence = self.state.fence
         last = self.state.last_contact_at

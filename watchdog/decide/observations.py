@@ -73,6 +73,10 @@ class SourceHealth:
     # The broker connection is up but our own ingest runs behind it (decide/ingest_lag.py):
     # broker_up_since is None then too (heartbeats UNKNOWN); this only names the cause.
     broker_lagging: bool = False
+    # When the latest API probe that got an answer was sent (our clock); None: not tracked.
+    # A Lease is judged stale only once the API answered a request sent after its deadline
+    # (signals.py, lease_signal).
+    api_answered_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,9 @@ class Signals:
     ready: Signal
     peers: Signal
     heartbeat_age_s: float | None
+    # The Lease passed its staleness deadline, but no API answer after that deadline has
+    # shown yet that the API server was serving us then: ALIVE until one does.
+    lease_pending: bool = False
 
 
 def _age(now: float, changed_at: float | None, source_up_since: float) -> float:
@@ -63,10 +66,28 @@ def heartbeat_watch_since(obs: NodeObservation, broker_up_since: float) -> float
 def lease_signal(
     obs: NodeObservation, health: SourceHealth, now: float, cfg: DecideConfig
 ) -> Signal:
+    return _lease(obs, health, now, cfg)[0]
+
+
+def _lease(
+    obs: NodeObservation, health: SourceHealth, now: float, cfg: DecideConfig
+) -> tuple[Signal, bool]:
+    """(signal, pending). STALE needs the deadline passed *and* an API answer to a request sent
+    after it: an API server that froze just before the deadline keeps every watch silent, and
+    we notice the freeze only a probe interval (plus its timeout) later. Until then a renewal
+    made before the freeze may simply not have reached us, and judging every Lease stale
+    would turn live nodes DEGRADED (their VMs live-migrated away) at the start of any API
+    outage. Pending costs at most one probe interval once the API does answer."""
     if health.api_up_since is None or not obs.lease_seen:
-        return Signal.UNKNOWN
-    age = _age(now, obs.lease_renewed_at, health.api_up_since)
-    return Signal.STALE if age >= cfg.lease_stale_after_s else Signal.ALIVE
+        return Signal.UNKNOWN, False
+    renewed = now - _age(now, obs.lease_renewed_at, health.api_up_since)  # or reconnected
+    deadline = renewed + cfg.lease_stale_after_s
+    if now < deadline:
+        return Signal.ALIVE, False
+    answered = health.api_answered_at
+    if answered is not None and answered < deadline:
+        return Signal.ALIVE, True
+    return Signal.STALE, False
 
 
 def ready_signal(obs: NodeObservation, health: SourceHealth) -> Signal:
@@ -86,10 +107,12 @@ def signals_of(
     obs: NodeObservation, health: SourceHealth, now: float, cfg: DecideConfig
 ) -> Signals:
     heartbeat, age = heartbeat_signal(obs, health, now, cfg)
+    lease, pending = _lease(obs, health, now, cfg)
     return Signals(
         heartbeat=heartbeat,
-        lease=lease_signal(obs, health, now, cfg),
+        lease=lease,
         ready=ready_signal(obs, health),
         peers=peers_signal(obs, health),
         heartbeat_age_s=age,
+        lease_pending=pending,
     )

@@ -734,6 +734,7 @@ class ClusterCache:
         on_event: CacheEventHandler | None = None,
         on_restart: Callable[[str, RestartCause], None] | None = None,
         on_health: Callable[[bool], None] | None = None,
+        on_api_answer: Callable[[], None] | None = None,
         node_labels: Sequence[str] = DEFAULT_NODE_LABELS,
         probe_interval_s: float | None = 2.0,
         absent_retry_s: float = 60.0,
@@ -746,10 +747,14 @@ class ClusterCache:
         self._on_event = on_event
         self._on_restart = on_restart
         self._on_health = on_health
+        self._on_api_answer = on_api_answer
         self._probe_interval_s = probe_interval_s
         self._probe_up = True
         self._api_up = False
         self.api_up_since: float | None = None
+        # When the latest probe that the API answered was sent (None without a probe): the API
+        # server was serving us at some instant after it (decide/signals.py, lease_signal).
+        self.api_answered_at: float | None = None
         key, _, rest = settings.out_of_service_taint.partition("=")
         if ":" in key:  # "key:effect" without a value
             key, _, rest = key.partition(":")
@@ -927,6 +932,7 @@ class ClusterCache:
         # about `interval_s` plus the probe's own timeout.
         timeout_s = min(self.api.request_timeout_s, max(1.0, interval_s))
         while True:
+            sent = self._clock()
             try:
                 await self.api.request("GET", "/version", timeout_s=timeout_s)
                 up = True
@@ -936,9 +942,16 @@ class ClusterCache:
                 up = False
             except ApiStatusError:
                 up = True  # it answered
+            if up:
+                self.api_answered_at = sent
             if up != self._probe_up:
                 self._probe_up = up
                 self._update_health()
+            if up and self._on_api_answer is not None:
+                try:
+                    self._on_api_answer()
+                except Exception:
+                    log.exception("API answer callback failed")
             await asyncio.sleep(interval_s * random.uniform(0.9, 1.1))
 
     # -- queries -----------------------------------------------------------------------------

@@ -293,8 +293,18 @@ def _controller(
     def on_restart(resource: str, cause: RestartCause) -> None:
         metrics.watch_restarts.labels(resource=resource, cause=cause.value).inc()
 
+    def on_api_answer() -> None:
+        for node in controller.api_answered_now():
+            scheduler.mark(node)
+
     cache = ClusterCache(
-        api, settings, clock=clock, on_event=on_event, on_restart=on_restart, on_health=on_health
+        api,
+        settings,
+        clock=clock,
+        on_event=on_event,
+        on_restart=on_restart,
+        on_health=on_health,
+        on_api_answer=on_api_answer,
     )
     controller = Controller(
         settings.decide_config(),
@@ -311,6 +321,7 @@ def _controller(
     )
     scheduler = NodeScheduler(controller.evaluate_now, clock)
     controller.mark = scheduler.mark
+    controller.health.api_answered = lambda: cache.api_answered_at
     evacuations = Evacuations(
         cache, actuator, metrics, clock, lambda: controller.policy.vm_migration_timeout_s
     )

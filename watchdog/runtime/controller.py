@@ -61,14 +61,20 @@ class Executor(Protocol):
 class Health:
     broker_up_since: float | None = None
     api_up_since: float | None = None
+    # Set by the runtime to the cache's `api_answered_at` (None: not tracked, as in tests that
+    # drive the controller without an API probe).
+    api_answered: Callable[[], float | None] = lambda: None
 
     def snapshot(self, ingest_lagging: bool = False) -> SourceHealth:
+        answered = self.api_answered()
         if ingest_lagging and self.broker_up_since is not None:
             # Connected, but heartbeats wait in our own backlog: their ages say nothing about
             # the nodes. Blind until the backlog clears; the connection's own up-since is kept,
             # because nothing was lost meanwhile (no benefit of the doubt needed afterwards).
-            return SourceHealth(None, self.api_up_since, broker_lagging=True)
-        return SourceHealth(self.broker_up_since, self.api_up_since)
+            return SourceHealth(
+                None, self.api_up_since, broker_lagging=True, api_answered_at=answered
+            )
+        return SourceHealth(self.broker_up_since, self.api_up_since, api_answered_at=answered)
 
 
 class Controller:
@@ -126,6 +132,9 @@ class Controller:
         # HEALTHY nodes whose last decision only waits for their heartbeat to age (see
         # `heartbeat_needs_evaluation`).
         self._quiet: set[str] = set()
+        # Nodes whose Lease passed its deadline with no API answer after it yet (signals.py,
+        # lease_pending): decided again at the next probe answer (`api_answered_now`).
+        self._lease_pending: set[str] = set()
         self._holds_reported: tuple[Reason, ...] = ()
         self.storm_until: float | None = None  # the storm hold lasts until then (holds())
         # node → when the Node object first appeared in our cache (see heartbeat_watch_since).
@@ -289,11 +298,18 @@ class Controller:
         self.phase_counts[state.phase] += 1
         self.metrics.nodes.labels(phase=state.phase.value).inc()
 
+    def api_answered_now(self) -> list[str]:
+        """The API answered a probe: the nodes whose Lease waited for that, to decide again."""
+        pending = list(self._lease_pending)
+        self._lease_pending.clear()
+        return pending
+
     def node_known(self, node: str) -> None:
         self.known_since.setdefault(node, self.clock())
 
     def forget_node(self, node: str) -> None:
         self._quiet.discard(node)
+        self._lease_pending.discard(node)
         self.known_since.pop(node, None)
         old = self.states.pop(node, None)
         if old is not None:
@@ -348,6 +364,10 @@ class Controller:
         self._record(node, state, obs, decision, now)
         self._set_state(node, decision.state)
         sig = decision.signals
+        if sig is not None and sig.lease_pending:
+            self._lease_pending.add(node)
+        else:
+            self._lease_pending.discard(node)
         if (
             decision.state.phase is Phase.HEALTHY
             and not decision.transitions
