@@ -47,6 +47,7 @@ async def _run(
     work_dir: Path,
     progress: Any,
     fence: str = "self",
+    period_s: float | None = None,
 ) -> tuple[Any, Any]:
     from chaos.harness import scenario as scenarios
     from chaos.harness.runner import RunOptions, run_scenario
@@ -60,6 +61,10 @@ async def _run(
     if vms is not None:
         update["vms"] = vms
     watchdog = base.watchdog
+    if period_s is not None:
+        watchdog = watchdog.model_copy(
+            update={"settings": {**watchdog.settings, "policy.period_s": period_s}}
+        )
     if fence == "power":
         update["bmcs"] = True
         watchdog = watchdog.model_copy(
@@ -94,6 +99,7 @@ async def _run_all(
     vms: int | None,
     work_dir: Path,
     progress: Any,
+    period_s: float | None = None,
 ) -> tuple[Any, list[tuple[str, str, Any]]]:
     """(scenario, [(label, system, result)]): the systems asked for as they are (the watchdog
     with its self-fence, when `self` is among the fences), then the watchdog alone with
@@ -106,7 +112,7 @@ async def _run_all(
     scenario = None
     for fence, run_systems in runs:
         sc, result = await _run(
-            run_systems, trials, time_scale, nodes, vms, work_dir, progress, fence
+            run_systems, trials, time_scale, nodes, vms, work_dir, progress, fence, period_s
         )
         scenario = scenario or sc
         out += [(POWER_LABEL if fence == "power" else s, s, result) for s in run_systems]
@@ -123,12 +129,21 @@ def run(
     vms: int | None = None,
     work_dir: Path | None = None,
     progress: Any = print,
+    period_s: float | None = None,
 ) -> dict[str, Any]:
     m = machine()
     with tempfile.TemporaryDirectory(prefix="bench-failover-") as tmp:
         scenario, labelled = asyncio.run(
             _run_all(
-                systems, fences, trials, time_scale, nodes, vms, work_dir or Path(tmp), progress
+                systems,
+                fences,
+                trials,
+                time_scale,
+                nodes,
+                vms,
+                work_dir or Path(tmp),
+                progress,
+                period_s,
             )
         )
     scale = scenario.time_scale
@@ -192,7 +207,8 @@ def run(
         f"{trials} repetitions per system, time scale {scale}; watchdog fence modes "
         f"{', '.join(fences)} (power: fence_redfish against a Redfish emulator per machine, "
         "which applies a power change 1 to 11 s after the request, not compressed by the "
-        "time scale)",
+        "time scale); the watchdog's reset period (policy.period_s) "
+        + ("the shipped 15 s" if period_s is None else f"{period_s:g} s"),
         "cluster": {"nodes": scenario.cluster.nodes, "vms": scenario.cluster.vms},
         "watchdog_settings_notes": list(labelled[0][2].watchdog_settings.notes)
         if labelled and labelled[0][2].watchdog_settings
