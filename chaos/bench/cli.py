@@ -175,8 +175,9 @@ def add_parser(subparsers: Any) -> None:
         type=float,
         default=None,
         metavar="S",
-        help="the watchdog's reset period (policy.period_s, real-world s; default: the shipped "
-        "15 s, which bounds both fence modes alike); 0 shows what each fence proof alone takes",
+        help="the watchdog's reset period (policy.period_s, real-world s > 0; default: the "
+        "shipped 15 s, which bounds both fence modes alike); 1 shows what each fence proof "
+        "alone takes",
     )
     p.add_argument("--time-scale", type=_positive(float), default=0.25, help="time compression")
     p.set_defaults(func=handle, bench_run=_run_failover)
@@ -277,12 +278,17 @@ def _run_failover(args: argparse.Namespace) -> dict[str, Any]:
         raise _Usage(f"--fence: unknown {bad or fences}; choose from {', '.join(failover.FENCES)}")
     if "power" in fences and "watchdog" not in systems:
         raise _Usage("--fence power measures the watchdog: add watchdog to --systems")
+    if args.period is not None and not args.period > 0:
+        raise _Usage(f"--period: {args.period:g}; give seconds > 0 (the policy refuses 0)")
     if args.smoke:
         return failover.run(
-            systems=("watchdog",), fences=fences, trials=1, time_scale=0.25, progress=_progress
+            systems=("watchdog",),
+            fences=fences,
+            trials=1,
+            time_scale=0.25,
+            progress=_progress,
+            period_s=args.period,
         )
-    if args.period is not None and args.period < 0:
-        raise _Usage(f"--period: {args.period:g} is negative; give seconds >= 0")
     return failover.run(
         systems=systems,
         fences=fences,

@@ -172,6 +172,7 @@ def run(
                     "error": r.error,
                     "invariants": r.invariants,
                     "failures": r.failures,
+                    "fence_runs": _fence_runs(r.watchdog),
                 }
             )
         out.append(
@@ -216,6 +217,18 @@ def run(
         "systems": out,
         "ratios_vs_watchdog": ratios,
     }
+
+
+def _fence_runs(watchdog: dict[str, Any] | None) -> dict[str, float]:
+    """The controller replicas' fence runs (fence mode power: fence_redfish), by result, from
+    their last /metrics: {"success": n, "failed": m}; empty for the self-fence."""
+    runs: dict[str, float] = {}
+    for replica in ((watchdog or {}).get("replicas") or {}).values():
+        for key, n in (replica.get("actions") or {}).items():
+            action, _, result = key.partition("/")
+            if action == "RunFenceHook":
+                runs[result] = runs.get(result, 0.0) + n
+    return runs
 
 
 def render(report: dict[str, Any]) -> str:

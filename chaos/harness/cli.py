@@ -127,8 +127,9 @@ def register_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--boot-id-command",
         metavar="TEMPLATE",
         help="--kill-method command: run locally, {node}/{address} replaced; prints the boot id "
-        "of the machine the kill command reaches (required: checked against the Node's "
-        "status.nodeInfo.bootID before every kill)",
+        "or system UUID of the machine, read through the kill command's own channel (e.g. "
+        "'virsh domuuid {node}'); required: checked against the Node's status.nodeInfo "
+        "bootID / systemUUID before every kill",
     )
     real.add_argument(
         "--ssh-boot-id-command",

@@ -138,13 +138,34 @@ class Killer:
                 raise Refused(
                     "--kill-method ssh needs asyncssh: pip install 'kubevirt-node-watchdog[real]'"
                 ) from None
+        templates = {
+            "--kill-command": args.kill_command,
+            "--boot-id-command": args.boot_id_command,
+            "--ssh-address": args.ssh_address,
+        }
+        for flag, template in templates.items():
+            if template is None:
+                continue
+            try:
+                template.format(node="n", address="a")
+            except (KeyError, IndexError, ValueError) as e:
+                raise Refused(
+                    f"{flag} {template!r}: {type(e).__name__} {e}: only {{node}} and "
+                    "{address} are replaced; write other braces twice ({{ }})"
+                ) from None
 
     def describe(self, node: str) -> str:
         a = self.args
+        q = shlex.quote(node)
         if a.kill_method == "command":
-            return f"run locally: {a.kill_command.format(node=node, address='<InternalIP>')}"
+            kill = a.kill_command.format(node=q, address="<InternalIP>")
+            check = a.boot_id_command.format(node=q, address="<InternalIP>")
+            return f"run locally: {kill} (after checking the machine with: {check})"
         host = a.ssh_address.format(node=node, address="<InternalIP>")
-        return f"ssh {a.ssh_user}@{host} (pinned keys {a.ssh_known_hosts}): {a.ssh_command}"
+        return (
+            f"ssh {a.ssh_user}@{host} (pinned keys {a.ssh_known_hosts}): {a.ssh_command} "
+            f"(after checking the machine with: {a.ssh_boot_id_command})"
+        )
 
     async def boot_id(self, node: str, address: str) -> tuple[str | None, str]:
         """The boot id of the machine the kill method reaches for `node`, and how it was read
@@ -229,28 +250,37 @@ def parse_boot_id(text: str) -> str | None:
     return lines[-1] if lines else None
 
 
-def node_boot_id(node: Obj | None) -> str | None:
+def node_identity(node: Obj | None) -> tuple[str | None, str | None]:
+    """(boot id, system UUID) the Node reports in `status.nodeInfo`."""
     info = ((node or {}).get("status") or {}).get("nodeInfo") or {}
-    boot = info.get("bootID") if isinstance(info, dict) else None
-    return boot if isinstance(boot, str) and boot else None
+    if not isinstance(info, dict):
+        return None, None
+    found = (info.get("bootID"), info.get("systemUUID"))
+    return tuple(v if isinstance(v, str) and v else None for v in found)  # type: ignore[return-value]
 
 
 def boot_mismatch(node: str, node_obj: Obj | None, remote: str | None, how: str) -> str | None:
     """Why `node` must not be killed through the machine `how` reached, or None when that
-    machine is the Node's current boot. Pure: the whole safety rule of the check."""
-    expected = node_boot_id(node_obj)
+    machine is the Node's: it printed the Node's current boot id, or its system UUID (what a
+    BMC or a hypervisor can tell about a machine, e.g. `virsh domuuid`). Pure: the whole safety
+    rule of the check."""
     if node_obj is None:
         return f"--target {node}: no such Node in this cluster"
-    if expected is None:
-        return f"--target {node}: its Node reports no status.nodeInfo.bootID to check against"
-    if remote is None:
-        return f"--target {node}: could not read the boot id of the machine it names ({how})"
-    if remote != expected:
+    boot, uuid = node_identity(node_obj)
+    if boot is None and uuid is None:
         return (
-            f"--target {node}: the machine reached by {how} has boot id {remote}, the Node "
-            f"reports {expected}: not the same machine (or it rebooted since the Node said so)"
+            f"--target {node}: its Node reports neither status.nodeInfo.bootID nor systemUUID "
+            "to check against"
         )
-    return None
+    if remote is None:
+        return f"--target {node}: could not read the identity of the machine it names ({how})"
+    if remote == boot or (uuid is not None and remote.lower() == uuid.lower()):
+        return None
+    return (
+        f"--target {node}: the machine reached by {how} printed {remote}; the Node reports "
+        f"boot id {boot or '-'}, system UUID {uuid or '-'}: not the same machine (or it "
+        "rebooted since the Node said so)"
+    )
 
 
 async def _check_boot(killer: Killer, node: str, node_obj: Obj | None, killed: list[str]) -> None:
@@ -394,7 +424,18 @@ async def _run(
                 and (not namespaces or key.split("/", 1)[0] in namespaces)
             ]
             node_obj = informers["nodes"].get(step.node)
-            await _check_boot(killer, step.node, node_obj, killed=[s.node for s, _, _ in incidents])
+            try:
+                await _check_boot(
+                    killer, step.node, node_obj, killed=[s.node for s, _, _ in incidents]
+                )
+            except Refused as e:
+                if not incidents:
+                    raise
+                # Nodes are down already: kill nothing more, but measure what was done and
+                # fail the run (its report says why it stopped).
+                print(f"  {time.monotonic() - t_start:+7.1f}s STOPPED: {e}", flush=True)
+                run.error = f"stopped before killing {step.node}: {e}"
+                break
             t = time.monotonic()
             incidents.append((step, t, vmis))
             print(f"  {t - t_start:+7.1f}s FAULT power off {step.node} ({len(vmis)} VMs there)")

@@ -500,6 +500,10 @@ class Run:
             self.incidents.append(Incident(node, fault.action, now, vms))
         if self.first_fault is None:
             self.first_fault = now
+            if self.view is not None:
+                # Leaders are counted from the first fault on (`expect.leader_changed`): a
+                # change of leader while the cluster started is not the one a fault caused.
+                self.view.leaders_seen[:] = self.view.leaders_seen[-1:]
         shown = f"{fault.action}{' ' + node if node else ''}" + (
             f" for {fault.duration_s:g}s real-world" if fault.duration_s else ""
         )

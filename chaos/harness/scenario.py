@@ -157,7 +157,7 @@ class Expect(_Strict):
     leader_changed: bool = Field(
         False,
         description="watchdog only: another controller replica must have become the acting "
-        "leader during the run.",
+        "leader after the first fault.",
     )
     held: list[str] = Field(
         default_factory=list,

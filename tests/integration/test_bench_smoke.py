@@ -118,6 +118,10 @@ def test_failover_benchmark_times_a_power_off_through_the_chaos_harness(
         assert trial["not_running"] == [] and system["split_brain_s"] == 0
         assert all(v > 0 for v in trial["failover_s"].values())
         assert system["failover_s"]["n"] == trial["vms"]
+    # The power row really fenced through the BMC (fence_redfish read the machine off);
+    # the self-fence row never asked one.
+    assert rows["watchdog (fence power)"]["trials"][0]["fence_runs"].get("success", 0) >= 1
+    assert rows["watchdog"]["trials"][0]["fence_runs"] == {}
     assert "fence modes self, power" in report["method"]
 
 

@@ -323,8 +323,14 @@ async def test_api_outage_flips_health_down_then_up_and_the_cache_catches_up(
     await create_node(admin, f"outage-{mode}-1")
     health: list[bool] = []
     informer_health: list[tuple[str, bool]] = []
+    answers: list[float] = []  # when each probe answer was handed over
     cache = ClusterCache(
-        api, settings(), on_health=health.append, probe_interval_s=0.5, backoff_max_s=1.0
+        api,
+        settings(),
+        on_health=health.append,
+        on_api_answer=lambda: answers.append(time.monotonic()),
+        probe_interval_s=0.5,
+        backoff_max_s=1.0,
     )
     cache.nodes.add_health_handler(lambda res, up: informer_health.append((res, up)))
     async with running(cache.run()):
@@ -340,11 +346,17 @@ async def test_api_outage_flips_health_down_then_up_and_the_cache_catches_up(
             # timeout (watch timeout + slack) expires. A stopped one closes it at once.
             await eventually(lambda: not cache.nodes.up, timeout_s=25, what="node informer down")
             assert cache.api_up_since is None
+            # No probe sent during the outage was answered: the last answer is older, and it
+            # is stamped when its probe was sent (the Lease gate counts on that, signals.py).
+            answered = cache.api_answered_at
+            assert answered is not None and answered < started, (answered, started)
+            assert answers and answers[-1] >= answered
         down_for = time.monotonic() - started
         # Changes right after the outage (none can be made during it).
         await create_node(admin, f"outage-{mode}-2")
         await admin.create(PODS, launcher_pod(f"outage-{mode}", f"outage-{mode}-2", "vm-outage"))
         await eventually(lambda: cache.api_up, timeout_s=20, what="API up again")
+        assert cache.api_answered_at is not None and cache.api_answered_at > started + down_for / 2
         await eventually(
             lambda: cache.node(f"outage-{mode}-2") is not None, what="node after outage"
         )

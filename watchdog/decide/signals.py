@@ -77,7 +77,9 @@ def _lease(
     we notice the freeze only a probe interval (plus its timeout) later. Until then a renewal
     made before the freeze may simply not have reached us, and judging every Lease stale
     would turn live nodes DEGRADED (their VMs live-migrated away) at the start of any API
-    outage. Pending costs at most one probe interval once the API does answer."""
+    outage. Pending costs, once the API answers again, up to one probe interval (2 s) plus two
+    probe round trips. What it cannot see: a probe answered by a healthy API server while the
+    Lease watch hangs on another one, or on a stalled etcd (`/version` reads no etcd)."""
     if health.api_up_since is None or not obs.lease_seen:
         return Signal.UNKNOWN, False
     renewed = now - _age(now, obs.lease_renewed_at, health.api_up_since)  # or reconnected
