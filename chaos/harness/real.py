@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -172,23 +174,15 @@ class Killer:
         (or why it could not be)."""
         a = self.args
         if a.kill_method == "command":
-            cmd = a.boot_id_command.format(
-                node=shlex.quote(node), address=shlex.quote(address or node)
+            cmd, code, out, err = await _run_local(
+                a.boot_id_command, node, address, BOOT_ID_TIMEOUT_S
             )
-            proc = await asyncio.create_subprocess_shell(
-                cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-            )
-            try:
-                out, err = await asyncio.wait_for(proc.communicate(), BOOT_ID_TIMEOUT_S)
-            except TimeoutError:
-                proc.kill()
+            if code is None:
                 return None, f"`{cmd}` did not finish within {BOOT_ID_TIMEOUT_S:.0f}s"
-            if proc.returncode != 0:
-                detail = err.decode(errors="replace").strip().splitlines()
-                return None, f"`{cmd}` exited {proc.returncode}" + (
-                    f": {detail[-1]}" if detail else ""
-                )
-            return parse_boot_id(out.decode(errors="replace")), f"`{cmd}`"
+            if code != 0:
+                detail = err.strip().splitlines()
+                return None, f"`{cmd}` exited {code}" + (f": {detail[-1]}" if detail else "")
+            return parse_boot_id(out), f"`{cmd}`"
         import asyncssh
 
         host = a.ssh_address.format(node=node, address=address or node)
@@ -218,19 +212,11 @@ class Killer:
     async def kill(self, node: str, address: str) -> str:
         a = self.args
         if a.kill_method == "command":
-            cmd = a.kill_command.format(
-                node=shlex.quote(node), address=shlex.quote(address or node)
-            )
-            proc = await asyncio.create_subprocess_shell(
-                cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-            )
-            try:
-                out, _ = await asyncio.wait_for(proc.communicate(), KILL_TIMEOUT_S)
-            except TimeoutError:
-                proc.kill()
+            cmd, code, out, err = await _run_local(a.kill_command, node, address, KILL_TIMEOUT_S)
+            if code is None:
                 return f"`{cmd}` did not finish within {KILL_TIMEOUT_S:.0f}s (killed)"
-            text = out.decode(errors="replace").strip().splitlines()
-            return f"`{cmd}` exited {proc.returncode}" + (f": {text[-1]}" if text else "")
+            text = (out + err).strip().splitlines()
+            return f"`{cmd}` exited {code}" + (f": {text[-1]}" if text else "")
         import asyncssh
 
         host = a.ssh_address.format(node=node, address=address or node)
@@ -242,6 +228,29 @@ class Killer:
         if result.exit_status is None:
             return f"ssh {host}: session ended without exit status (the host went down)"
         return f"ssh {host}: exit {result.exit_status}"
+
+
+async def _run_local(
+    template: str, node: str, address: str, timeout_s: float
+) -> tuple[str, int | None, str, str]:
+    """Run `template` ({node}, {address} shell-quoted) through the shell in its own process
+    group: (the command, its exit code or None when it outlived `timeout_s` and was killed
+    with its children, stdout, stderr)."""
+    cmd = template.format(node=shlex.quote(node), address=shlex.quote(address or node))
+    proc = await asyncio.create_subprocess_shell(
+        cmd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        return cmd, None, "", ""
+    return cmd, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
 def parse_boot_id(text: str) -> str | None:
