@@ -235,7 +235,7 @@ class AgentSlot:
     proc: ManagedProcess | None = None
     starts: int = 0
     metrics_port: int | None = None  # `node-watchdog run` replicas serve /metrics here
-    killed_pids: set[int] = field(default_factory=set)  # SIGKILLed by a fault, not crashed
+    killed_pids: set[int] = field(default_factory=set)  # stopped by a fault, not crashed
 
     @property
     def running(self) -> bool:
@@ -868,6 +868,10 @@ class SimCluster:
         slot = self.agents.get(node)
         if slot is None or slot.proc is None or not slot.proc.running:
             return False
+        if slot.proc.pid is not None:
+            # Stopped by this fault, not on its own: the harness's crash monitor can see the
+            # exit before `stop` returns (a CI run counted a rollout step as a crash).
+            slot.killed_pids.add(slot.proc.pid)
         await slot.proc.stop(10.0)
         return await self.start_agent(node)
 
