@@ -15,11 +15,10 @@ does not read Ready=Unknown as a lost kubelet (unit-tested, test_decide_kubelet_
 API-outage test stops KCM, to test the watchdog's own behaviour and to leave the pods' Ready as
 the next scenarios expect.
 
-Known race, not asserted here: a Lease whose staleness deadline falls in the first seconds of an
-API freeze, before the controller's probe notices the freeze, is judged stale while the
-controller still believes the API answers: a live node can turn DEGRADED (evacuation by live
-migration, never a reset: its heartbeats are alive). Seen once in CI with the 6 s below (a
-renewal 2.5 s before the freeze, the freeze noticed after 3.7 s). See docs/STATUS.md.
+A Lease whose staleness deadline falls in the first seconds of an API freeze, before the
+controller's probe notices the freeze, once turned a live node DEGRADED here (a renewal 2.5 s
+before the freeze, the freeze noticed after 3.7 s); a Lease is now stale only once the API
+answered a probe sent after its deadline (decide/signals.py; the unit tests reproduce that run).
 """
 
 from __future__ import annotations
