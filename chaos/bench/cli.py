@@ -288,6 +288,7 @@ def _run_failover(args: argparse.Namespace) -> dict[str, Any]:
             time_scale=0.25,
             progress=_progress,
             period_s=args.period,
+            work_dir=args.work_dir,
         )
     return failover.run(
         systems=systems,
@@ -296,6 +297,7 @@ def _run_failover(args: argparse.Namespace) -> dict[str, Any]:
         time_scale=args.time_scale,
         progress=_progress,
         period_s=args.period,
+        work_dir=args.work_dir,
     )
 
 

@@ -173,6 +173,12 @@ def _tail(path: Path, lines: int = 12) -> str:
 # --- the watchdog system --------------------------------------------------------------------------
 
 
+# Fence mode power: how long the results wait after the run for the fence run's own result
+# (fence_redfish polls the BMC until it reads the node off; the emulator applies a power change
+# up to 11 s after the request).
+FENCE_RESULT_WAIT_S = 30.0
+
+
 class WatchdogView:
     """The controller replicas of one cluster, seen through their /metrics."""
 
@@ -190,9 +196,9 @@ class WatchdogView:
             if s.metrics_port and s.running
         }
 
-    async def poll(self) -> dict[str, probe.Scrape]:
+    async def poll(self, timeout_s: float = 0.5) -> dict[str, probe.Scrape]:
         urls = self.urls()
-        got = await asyncio.gather(*(probe.scrape(u, 0.5) for u in urls.values()))
+        got = await asyncio.gather(*(probe.scrape(u, timeout_s) for u in urls.values()))
         out = {n: m for n, m in zip(urls, got, strict=True) if m is not None}
         for node, m in out.items():
             s = probe.summary(m)
@@ -201,6 +207,26 @@ class WatchdogView:
             if s["leader"] == 1 and (not self.leaders_seen or self.leaders_seen[-1] != node):
                 self.leaders_seen.append(node)
         return out
+
+    async def wait_fence_result(self, timeout_s: float) -> bool:
+        """Fence mode power: until a replica reports the result of a fence run. The BMC may
+        still be switching the node off when its VMs already run elsewhere (the agent's
+        self-fence proved it stopped first; the run goes on, as in production), and the report
+        must say whether the BMC confirmed. Gives up after `timeout_s` (the report then shows
+        no run)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if any(
+                key.startswith("RunFenceHook/")
+                for replica in self.last.values()
+                for key in replica.get("actions") or {}
+            ):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.5)
+            with contextlib.suppress(Exception):
+                await self.poll(timeout_s=2.0)
 
     async def leader(self) -> str | None:
         for node, m in (await self.poll()).items():
@@ -544,8 +570,12 @@ class Run:
             for h in cluster.faults.history
         ]
         if self.view is not None:
+            # The last word of every replica: a longer timeout than the run's polls, which
+            # must not hold up the measurement.
             with contextlib.suppress(Exception):
-                await self.view.poll()
+                await self.view.poll(timeout_s=5.0)
+            if str(self.scenario.watchdog.settings.get("fence_mode", "")) == "power":
+                await self.view.wait_fence_result(FENCE_RESULT_WAIT_S)
             r.watchdog = {
                 "replicas": self.view.last,
                 "leaders_seen": self.view.leaders_seen,

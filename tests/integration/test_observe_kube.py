@@ -310,6 +310,34 @@ async def test_a_real_410_gone_relists_quietly_and_the_cache_stays_correct(
 
 
 @pytest.mark.cluster
+async def test_a_probe_asked_for_is_sent_at_once_not_at_the_next_interval(api: KubeApi) -> None:
+    """A Lease past its deadline waits for an API answer to a probe sent after it; the
+    controller asks for that probe (`probe_soon`) rather than waiting up to a whole interval,
+    which in a fence decision is time the VMs stay down."""
+    answers: list[float] = []
+    cache = ClusterCache(
+        api,
+        settings(),
+        on_api_answer=lambda: answers.append(time.monotonic()),
+        probe_interval_s=60.0,  # the next periodic probe is ≥ 54 s away
+    )
+    async with running(cache.run()):
+        await eventually(lambda: len(answers) == 1, what="first probe answered")
+        first = cache.api_answered_at
+        assert first is not None
+        asked = time.monotonic()
+        cache.probe_soon()
+        await eventually(lambda: len(answers) == 2, timeout_s=5, what="asked-for probe")
+        answered = cache.api_answered_at
+        assert answered is not None and answered >= asked, "sent after it was asked for"
+        assert answers[1] - asked < 5.0
+        # Asked for twice in a row: the requests coalesce into one more probe.
+        cache.probe_soon()
+        cache.probe_soon()
+        await eventually(lambda: len(answers) == 3, timeout_s=5, what="second asked-for probe")
+
+
+@pytest.mark.cluster
 @pytest.mark.parametrize(
     "mode",
     [

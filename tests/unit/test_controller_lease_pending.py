@@ -34,6 +34,8 @@ async def test_a_lease_past_its_deadline_waits_for_an_api_answer_after_it() -> N
         clock,
     )
     c.health.api_answered = lambda: answered[-1]
+    probes: list[float] = []  # when the controller asked the cache for a probe now
+    c.request_api_probe = lambda: probes.append(clock.now)
     for node in NODES:
         c.known_since[node] = 0.0
     c.broker_connection(True)
@@ -46,8 +48,13 @@ async def test_a_lease_past_its_deadline_waits_for_an_api_answer_after_it() -> N
     armed = FenceDeclaration(armed=True, after_s=8.0, bound_s=5.0, device=True, watchdog_s=5.0)
     for seq in range(1, 4):
         book.accept(Heartbeat(LIVE, "boot-1", seq, 0.0, "1", armed), clock.now)
+    assert probes == []  # a live Lease asks for nothing
     await c.evaluate(LIVE)
     assert c.states[LIVE].phase is Phase.HEALTHY
+    # Asked for an answer now, not at the next periodic probe; once, however often decided.
+    assert probes == [clock.now]
+    await c.evaluate(LIVE)
+    assert probes == [clock.now]
     assert c.api_answered_now() == [LIVE]
     assert c.api_answered_now() == []  # handed over once
     # The API answers a probe sent after the deadline; still no renewal: the kubelet's path

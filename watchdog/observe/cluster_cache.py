@@ -755,6 +755,8 @@ class ClusterCache:
         # When the latest probe that the API answered was sent (None without a probe): the API
         # server was serving us at some instant after it (decide/signals.py, lease_signal).
         self.api_answered_at: float | None = None
+        # Set by `probe_soon`: a decision waits for an API answer sent after a Lease deadline.
+        self._probe_wake = asyncio.Event()
         key, _, rest = settings.out_of_service_taint.partition("=")
         if ":" in key:  # "key:effect" without a value
             key, _, rest = key.partition(":")
@@ -932,6 +934,7 @@ class ClusterCache:
         # about `interval_s` plus the probe's own timeout.
         timeout_s = min(self.api.request_timeout_s, max(1.0, interval_s))
         while True:
+            self._probe_wake.clear()  # a request from here on is answered by this probe
             sent = self._clock()
             try:
                 await self.api.request("GET", "/version", timeout_s=timeout_s)
@@ -952,7 +955,22 @@ class ClusterCache:
                     self._on_api_answer()
                 except Exception:
                     log.exception("API answer callback failed")
-            await asyncio.sleep(interval_s * random.uniform(0.9, 1.1))
+            try:
+                await asyncio.wait_for(
+                    self._probe_wake.wait(), interval_s * random.uniform(0.9, 1.1)
+                )
+            except TimeoutError:
+                continue
+            # Asked for early: still at most ten probes a second, whatever asks.
+            await asyncio.sleep(min(0.1, interval_s))
+
+    def probe_soon(self) -> None:
+        """Probe the API now instead of at the next interval: a node's Lease passed its deadline
+        and its staleness waits for an answer to a probe sent after it (decide/signals.py,
+        `lease_pending`). Wakes the probe loop; a request made while a probe is out sends one
+        more right after it (that one's send time is after the deadline), so calls never pile up
+        more than one probe."""
+        self._probe_wake.set()
 
     # -- queries -----------------------------------------------------------------------------
 

@@ -322,6 +322,7 @@ def _controller(
     scheduler = NodeScheduler(controller.evaluate_now, clock)
     controller.mark = scheduler.mark
     controller.health.api_answered = lambda: cache.api_answered_at
+    controller.request_api_probe = cache.probe_soon
     evacuations = Evacuations(
         cache, actuator, metrics, clock, lambda: controller.policy.vm_migration_timeout_s
     )

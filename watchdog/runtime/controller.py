@@ -135,6 +135,9 @@ class Controller:
         # Nodes whose Lease passed its deadline with no API answer after it yet (signals.py,
         # lease_pending): decided again at the next probe answer (`api_answered_now`).
         self._lease_pending: set[str] = set()
+        # Set by the runtime to the cache's `probe_soon`: the first pending Lease asks for an
+        # API answer now rather than at the next periodic probe (up to its interval later).
+        self.request_api_probe: Callable[[], None] = lambda: None
         self._holds_reported: tuple[Reason, ...] = ()
         self.storm_until: float | None = None  # the storm hold lasts until then (holds())
         # node → when the Node object first appeared in our cache (see heartbeat_watch_since).
@@ -365,6 +368,8 @@ class Controller:
         self._set_state(node, decision.state)
         sig = decision.signals
         if sig is not None and sig.lease_pending:
+            if not self._lease_pending:
+                self.request_api_probe()
             self._lease_pending.add(node)
         else:
             self._lease_pending.discard(node)
