@@ -526,6 +526,72 @@ async def test_agent_fences_at_once_when_the_api_says_it_is_being_fenced(
     assert await retained(mosquitto, status_topic(PREFIX, "node-a")) == b"offline"
 
 
+class Kubelet:
+    """This node's kubelet as its Lease shows it: renews `spec.renewTime` every `every_s` while
+    `renewing` (the lease probe the runtime would inject reads it, like a quorum GET)."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.renewing = True
+        self.renewed: float | None = time.time()
+        self.last_renewal_mono = time.monotonic()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            if self.renewing:
+                self.renewed = time.time()
+                self.last_renewal_mono = time.monotonic()
+
+    async def lease(self) -> float | None:
+        return self.renewed
+
+
+LEASE_S = 1.5  # the agent's self_fence_lease_s here; its kubelet renews every 0.5 s
+
+
+@pytest.mark.parametrize("phase", ["Fencing", "Resetting"])
+async def test_a_declared_node_whose_kubelet_renews_its_lease_is_not_fenced_until_it_stops(
+    mosquitto: Mosquitto, tmp_path: Path, phase: str
+) -> None:
+    """Cut off from the broker (and its peers), declared Fencing on the peers' word, but still
+    reaching the API, where its kubelet renews the Lease: the node is alive and must not reboot
+    (the controller withdraws at the renewal and, until `lease_s` after the last renewal it saw,
+    resets nothing). Once the renewals stop it fences `lease_s` after the last one. Twin: once
+    the controller writes Resetting it has passed that gate: the agent fences within its grace,
+    renewals or not."""
+    marker = tmp_path / "fenced"
+    probe = Probe("Healthy")
+    kubelet = Kubelet(every_s=0.5)
+    agent = Agent(
+        settings(
+            mosquitto, tmp_path, fence_command=fence_command(marker), self_fence_lease_s=LEASE_S
+        ),
+        api_probe=probe,
+        lease_probe=kubelet.lease,
+    )
+    async with running(agent.run(), kubelet.run()):
+        await wait_for(lambda: agent.armed, 5, "armed")
+        assert agent.declaration.lease_s == LEASE_S  # promised in every heartbeat
+        mosquitto.stop()
+        declared_at = time.monotonic()
+        probe.phase = phase
+        if phase == "Resetting":
+            await wait_for(marker.exists, agent.declared_grace_s + 3 * API_CHECK_S, "fenced")
+            assert time.monotonic() - declared_at <= agent.declared_grace_s + 3 * API_CHECK_S
+            return
+        # Without its Lease the agent would fence within its grace (0.75 s) or its deadline.
+        await stays(lambda: not marker.exists(), 3 * FENCE_AFTER_S, "not fenced")
+        assert agent.statistics()["lease_renewed_age_s"] < 0.5 + 2 * API_CHECK_S
+        kubelet.renewing = False  # the kubelet dies too: now it must fence, in time
+        last = kubelet.last_renewal_mono
+        await wait_for(marker.exists, LEASE_S + 1.0, "fenced once the renewals stopped")
+        fenced_after = time.monotonic() - last
+        # Not before lease_s after the last renewal (that is what it waited for), and not much
+        # after it (the controller's gate is lease_s plus the fence's bound after it).
+        assert LEASE_S - 0.1 <= fenced_after <= LEASE_S + 2 * API_CHECK_S, fenced_after
+
+
 # --- one boot, several agent processes ------------------------------------------------------
 
 

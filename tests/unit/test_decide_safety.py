@@ -9,10 +9,15 @@ import pytest
 
 from watchdog.decide.config import DecideConfig, FenceMode, Policy
 from watchdog.decide.observations import FenceDeclaration
-from watchdog.decide.safety import effective_period_s, reset_not_before, safe_delay_s
+from watchdog.decide.safety import (
+    effective_period_s,
+    lease_gate,
+    reset_not_before,
+    safe_delay_s,
+)
 from watchdog.decide.state import NodeState, Phase
 
-from .decide_helpers import T, context, is_destructive, node, seen, step
+from .decide_helpers import T, context, is_destructive, node, seen, starts_reset, step
 
 DECLARED = FenceDeclaration(armed=True, after_s=10.0, bound_s=5.0, device=True, watchdog_s=5.0)
 CFG = DecideConfig(heartbeat_interval_s=1.0, fence_margin_s=2.0)
@@ -201,3 +206,59 @@ def test_decide_applies_the_raised_period() -> None:
     d = step(state, obs, cfg=CFG, ctx=context(policy=Policy(period_s=1.0)))
     assert not is_destructive(d)
     assert d.wake_at == pytest.approx(T + 1.0)
+
+
+# --- the Lease gate: a node whose kubelet renews is not reset before its agent gives up -------
+
+LEASED = replace(DECLARED, lease_s=15.0)  # stop time max(bound 5, watchdog 5) = 5, margin 2
+
+
+def test_the_lease_gate_counts_from_the_last_renewal_the_controller_saw() -> None:
+    assert lease_gate(LEASED, 100.0, CFG) == 100.0 + 15.0 + 5.0 + 2.0
+    # the device outlasting the bound stops the node later: the gate waits for it
+    assert lease_gate(replace(LEASED, watchdog_s=9.0), 100.0, CFG) == 100.0 + 15.0 + 9.0 + 2.0
+    # no promise to wait (an agent without it), or a Lease never seen: no gate
+    assert lease_gate(DECLARED, 100.0, CFG) is None
+    assert lease_gate(LEASED, None, CFG) is None
+
+
+def test_a_reset_waits_for_the_lease_gate_the_agent_declared_and_not_without_it() -> None:
+    """A node declared unreachable on its peers' word, safe delay and period long passed, its
+    Lease last renewed 12 s ago (before its agent went silent 10 s ago). Its agent, if it still
+    reaches the API, fences only 15 s after that renewal: no reset before the gate; at it, the
+    reset. Twin: an agent that declared no Lease wait is reset at once."""
+    state = node(Phase.FENCING, unreachable_at=T - 30.0, fence_clock_from=T - 30.0, fence=LEASED)
+    obs = seen(10.0, lease_age=12.0, ready="Unknown", persisted="Fencing", fence=LEASED)
+    held = step(state, obs, cfg=CFG)
+    assert not is_destructive(held)
+    assert held.reset_not_before == pytest.approx(T - 12.0 + 15.0 + 5.0 + 2.0)
+    assert held.wake_at == pytest.approx(T + 10.0)
+    later = T + 10.0
+    obs = seen(20.0, lease_age=22.0, ready="Unknown", persisted="Fencing", fence=LEASED, now=later)
+    assert starts_reset(step(held.state, obs, cfg=CFG, now=later))
+    # the twin: no lease_s declared
+    plain = replace(state, fence=DECLARED)
+    obs = seen(10.0, lease_age=12.0, ready="Unknown", persisted="Fencing", fence=DECLARED)
+    assert starts_reset(step(plain, obs, cfg=CFG))
+
+
+@pytest.mark.parametrize("renewed_before_silence_s", [0.0, 2.0, 5.0, 10.0])
+def test_a_dead_node_loses_at_most_two_seconds_to_the_lease_gate_at_the_defaults(
+    renewed_before_silence_s: float,
+) -> None:
+    """The power-off at the shipped settings (after 8 s, bound 5 s, device 5 s, lease 15 s,
+    margin 2 s, heartbeat 1 s, unreachable after 4 s): its kubelet last renewed at or before
+    its agent's last heartbeat, and the fence clock starts no earlier than 4 s after that
+    heartbeat. The gate ends at most 2 s after the safe delay (a renewal just before the
+    silence), and not at all after it once the renewal is 2 s older (docs/PERFORMANCE.md)."""
+    shipped = FenceDeclaration(
+        armed=True, after_s=8.0, bound_s=5.0, device=True, watchdog_s=5.0, lease_s=15.0
+    )
+    last_contact = 100.0
+    gate = lease_gate(shipped, last_contact - renewed_before_silence_s, CFG)
+    delay = safe_delay_s(shipped, CFG)
+    assert gate is not None and delay is not None
+    late = gate - (last_contact + 4.0 + delay)
+    assert late <= 2.0
+    if renewed_before_silence_s >= 2.0:
+        assert late <= 0.0

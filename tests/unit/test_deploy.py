@@ -629,7 +629,7 @@ def test_node_lease_reader_stays_in_kube_node_lease_and_the_rest_follows_the_ove
         kind, meta = o["kind"], o["metadata"]
         if kind in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
             assert "namespace" not in meta
-        elif meta["name"] == "node-watchdog-node-leases":
+        elif meta["name"] in ("node-watchdog-node-leases", "node-watchdog-agent-node-lease"):
             assert meta["namespace"] == "kube-node-lease"
         elif kind == "ConfigMap" and meta["name"] == "node-watchdog-dashboards":
             expected = "cattle-dashboards" if name.startswith("harvester") else own

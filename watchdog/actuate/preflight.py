@@ -123,9 +123,17 @@ CONTROLLER_ACCESS: tuple[AccessRule, ...] = (
     ),
 )
 
-# Everything the agent does to the API: one GET of its own Node per check (observe/node_probe.py).
+# Everything the agent does to the API: one GET of its own Node per check, and of its own node
+# Lease while it is at risk of fencing (observe/node_probe.py).
 AGENT_ACCESS: tuple[AccessRule, ...] = (
     AccessRule("", "nodes", ("get",), "read the phase recorded on its own Node"),
+    AccessRule(
+        "coordination.k8s.io",
+        "leases",
+        ("get",),
+        "read its kubelet's Lease renewals before fencing (self_fence_lease_s)",
+        namespace="kube-node-lease",
+    ),
 )
 
 # What a node's identity must not be able to do: each would let one compromised node reboot,

@@ -140,6 +140,7 @@ def parse_heartbeat(topic: str, payload: bytes, prefix: str) -> Heartbeat:
         bound_s=_seconds(fence_doc, "bound_s"),
         device=device,
         watchdog_s=_seconds(fence_doc, "watchdog_s") if device else 0.0,
+        lease_s=_seconds(fence_doc, "lease_s") if "lease_s" in fence_doc else 0.0,
     )
     peer = doc.get("peer")
     if peer is not None and not valid_peer_address(peer):
@@ -268,10 +269,12 @@ class HeartbeatBook:
             rec.offline = True
             if released and rec.fence is not None:
                 f = rec.fence
-                rec.fence = FenceDeclaration(False, f.after_s, f.bound_s)
+                rec.fence = FenceDeclaration(False, f.after_s, f.bound_s, lease_s=f.lease_s)
                 return rec
             last, fence = rec.last_at, rec.fence
             if last is not None and now is not None and fence is not None and not fence.device:
                 if now - last < self.will_fresh_s:
-                    rec.fence = FenceDeclaration(False, fence.after_s, fence.bound_s)
+                    rec.fence = FenceDeclaration(
+                        False, fence.after_s, fence.bound_s, lease_s=fence.lease_s
+                    )
         return rec

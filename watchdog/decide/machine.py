@@ -619,6 +619,7 @@ class _Step:
             self.ctx.policy,
             self.state.fence,
             self.cfg,
+            self.obs.lease_renewed_at,
         )
 
     def hold(self, why: Reason) -> None:

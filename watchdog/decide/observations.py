@@ -22,6 +22,13 @@ class FenceDeclaration:
     # fence is *weak*: it holds only while the agent itself works.
     device: bool = False
     watchdog_s: float = 0.0
+    # While its own kubelet renews its Lease, the agent does not fence before `lease_s` after
+    # the latest renewal it read (a quorum read): a node cut off from broker and peers but
+    # still reaching the API is alive, and its kubelet's next renewal (every 10 s) proves it
+    # to the controller. The controller resets on this fence only `lease_s` plus the fence's
+    # stop time after the latest renewal it saw (safety.py, lease_gate). 0: the agent never
+    # waits for its Lease (no gate).
+    lease_s: float = 0.0
 
     def to_json(self) -> dict[str, object]:
         doc: dict[str, object] = {
@@ -32,6 +39,8 @@ class FenceDeclaration:
         if self.device:
             doc["device"] = True
             doc["watchdog_s"] = self.watchdog_s
+        if self.lease_s:
+            doc["lease_s"] = self.lease_s
         return doc
 
     @classmethod
@@ -47,6 +56,7 @@ class FenceDeclaration:
             bound_s=_number(doc["bound_s"]),
             device=device,
             watchdog_s=_number(doc.get("watchdog_s", 0.0)),
+            lease_s=_number(doc.get("lease_s", 0.0)),
         )
 
 

@@ -37,19 +37,47 @@ def safe_delay_s(declared: FenceDeclaration | None, cfg: DecideConfig) -> float 
     """
     if declared is None or not fence_accepted(declared, cfg):
         return None
-    terms = (declared.after_s, declared.bound_s, declared.watchdog_s)
+    terms = (declared.after_s, declared.bound_s, declared.watchdog_s, declared.lease_s)
     if not all(math.isfinite(t) and t >= 0 for t in terms):
         # max(period_end, NaN) is period_end: a NaN or negative term would silently shorten
         # the wait. A declaration that makes no sense proves nothing: the node is unfenced.
         return None
     return (
         declared.after_s  # the agent fences (and stops petting its device) once cut off this long
-        # Then the fence action stops the VMs within bound_s; should the agent freeze, die or
-        # its command fail instead, the device resets the node watchdog_s after the last pet.
-        + max(declared.bound_s, declared.watchdog_s if declared.device else 0.0)
+        + stop_s(declared)
         + cfg.heartbeat_interval_s  # the agent may have had one more broker round trip than we saw
         + cfg.fence_margin_s  # clock-rate drift between the two machines, scheduling delay
     )
+
+
+def stop_s(declared: FenceDeclaration) -> float:
+    """From the moment the agent fences until its node is stopped: the fence action stops the
+    VMs within bound_s; should the agent freeze, die or its command fail instead, the device
+    resets the node watchdog_s after the last pet."""
+    return max(declared.bound_s, declared.watchdog_s if declared.device else 0.0)
+
+
+def lease_gate(
+    declared: FenceDeclaration | None, lease_renewed_at: float | None, cfg: DecideConfig
+) -> float | None:
+    """Earliest monotonic time a self-fence reset may start given the node's Lease; None when
+    the Lease does not bind (the agent declared no `lease_s`, or the Lease was never seen).
+
+    The agent may postpone its fence until `lease_s` after the latest renewal of its kubelet's
+    Lease that it read (heartbeat/agent.py, `lease_deadline`): a node cut off from broker and
+    peers that still reaches the API is alive, and its kubelet's next renewal comes within
+    10 s, after the agent's grace but before this gate (the controller then withdraws its
+    declaration, `kubelet_alive_since_silence`). The agent read a renewal only after it was
+    written, and we saw it only after that (`lease_renewed_at` is when our watch showed it
+    change, on our clock), so the agent fences at the latest `lease_s` after our
+    `lease_renewed_at` and its node is stopped `stop_s` later. Costs nothing on a dead node:
+    its last renewal is at most 10 s before its death, so the gate ends about when the safe
+    delay does. Not covered: a renewal that the agent read through one API server while our
+    watch, on another, has not shown it (docs/STATUS.md).
+    """
+    if declared is None or not declared.lease_s or lease_renewed_at is None:
+        return None
+    return lease_renewed_at + declared.lease_s + stop_s(declared) + cfg.fence_margin_s
 
 
 def effective_period_s(
@@ -71,13 +99,17 @@ def reset_not_before(
     policy: Policy,
     declared: FenceDeclaration | None,
     cfg: DecideConfig,
+    lease_renewed_at: float | None = None,
 ) -> float | None:
     """Earliest monotonic time a reset may start on the agent's self-fence (in mode power: when
-    the BMC has not confirmed); None while it cannot be computed yet."""
+    the BMC has not confirmed); None while it cannot be computed yet. The safe delay from the
+    fence clock and the Lease gate must both have passed: the agent fences by the earlier of
+    the two, so the node is stopped by the later."""
     period_end = unreachable_at + policy.period_s
     if not self_fence_counts(cfg.fence_mode):
         return period_end
     delay = safe_delay_s(declared, cfg)
     if delay is None or fence_clock_from is None:
         return None
-    return max(period_end, fence_clock_from + delay)
+    gate = lease_gate(declared, lease_renewed_at, cfg)
+    return max(period_end, fence_clock_from + delay, gate if gate is not None else period_end)

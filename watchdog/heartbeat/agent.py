@@ -59,7 +59,7 @@ from watchdog.decide.observations import FenceDeclaration
 from watchdog.decide.peer_probe import ProbeOutcome
 from watchdog.decide.peer_reports import peers_topic
 from watchdog.decide.peer_ring import parse_probe_list, probe_topic
-from watchdog.decide.state import UNREADABLE
+from watchdog.decide.state import UNREADABLE, Phase
 from watchdog.heartbeat.boot_record import BootRecord, BootRecordError, BootRecordStore
 from watchdog.heartbeat.device import DeviceError, Petter, WatchdogDevice
 from watchdog.heartbeat.fence import (
@@ -86,6 +86,10 @@ MAX_UNECHOED = 256
 GOODBYE_TIMEOUT_S = 1.0
 
 ApiProbe = Callable[[], Awaitable[str | None]]
+# The declared phases during which the fence may wait for the kubelet's Lease.
+LEASE_WAITS_IN = frozenset({Phase.UNREACHABLE.value, Phase.FENCING.value})
+# This node's Lease: its latest renewTime as Unix time (None: the node has no Lease).
+LeaseProbe = Callable[[], Awaitable[float | None]]
 
 
 class AgentSettings(Protocol):
@@ -101,6 +105,8 @@ class AgentSettings(Protocol):
     def heartbeat_interval_s(self) -> float: ...
     @property
     def self_fence_after_s(self) -> float: ...
+    @property
+    def self_fence_lease_s(self) -> float: ...
     @property
     def fence_action_bound_s(self) -> float: ...
     @property
@@ -137,6 +143,7 @@ class Agent:
         settings: AgentSettings,
         *,
         api_probe: ApiProbe | None = None,
+        lease_probe: LeaseProbe | None = None,
         on_probe: Callable[[ProbeOutcome], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -150,6 +157,11 @@ class Agent:
         self._heartbeat_topic = heartbeat_topic(prefix, self.node)
         self._status_topic = status_topic(prefix, self.node)
         self._api_probe = api_probe
+        self._lease_probe = lease_probe
+        # The latest renewal of this node's Lease that a quorum read showed, on our monotonic
+        # clock (see `lease_deadline`); None: none read.
+        self._lease_renewed: float | None = None
+        self._lease_error: str | None = None
         self._on_probe = on_probe
         self._clock = clock
         self._peer_address = settings.peer_address()
@@ -213,7 +225,12 @@ class Agent:
             bound_s=self._settings.fence_action_bound_s,
             device=backed,
             watchdog_s=device.timeout_s if backed and device is not None else 0.0,
+            lease_s=self._lease_s,
         )
+
+    @property
+    def _lease_s(self) -> float:
+        return self._settings.self_fence_lease_s if self._lease_probe is not None else 0.0
 
     @property
     def armed(self) -> bool:
@@ -352,6 +369,7 @@ class Agent:
             "watchdog_armed": bool(self._device and self._device.is_open),
             "watchdog_pets": self._device.pets if self._device else 0,
             "watchdog_error": self._device_error,
+            "lease_renewed_age_s": _age(now, self._lease_renewed),
             "fence_due_in_s": None
             if deadline is None or self._fencing.is_set()
             else deadline - now,
@@ -571,6 +589,9 @@ class Agent:
             phase: str | None = None
             try:
                 async with asyncio.timeout(interval):
+                    if self._lease_s and (declared or not self._broker_fresh(started)):
+                        # At risk of fencing: read our kubelet's Lease too (`lease_deadline`).
+                        await self._read_lease(started)
                     phase = await probe()
             except TimeoutError:
                 error = f"no answer within {interval:.1f}s"
@@ -587,6 +608,44 @@ class Agent:
             if now >= next_at:
                 next_at = now + step
             await self._sleep_unless_fencing(next_at - now)
+
+    async def _read_lease(self, started: float) -> None:
+        assert self._lease_probe is not None
+        try:
+            renewed_wall = await self._lease_probe()
+        except Exception as e:  # unreadable: no renewal proven, the fence keeps its deadline
+            if self._lease_error != str(e):
+                log.warning("agent %s: cannot read this node's Lease: %s", self.node, e)
+            self._lease_error = str(e)
+            return
+        self._lease_error = None
+        if renewed_wall is None:
+            return
+        # The renewal on our monotonic clock: as long ago as the wall clocks say (the kubelet
+        # stamps renewTime on this machine's clock), never after our request was sent.
+        renewed = min(started, self._clock() - max(0.0, time.time() - renewed_wall))
+        if self._lease_renewed is None or renewed > self._lease_renewed:
+            self._lease_renewed = renewed
+            self._contact_changed.set()
+
+    def lease_deadline(self) -> float | None:
+        """The fence may wait until then: `self_fence_lease_s` after the latest renewal of this
+        node's Lease that we read. None: no renewal read (or the wait is off).
+
+        Why: a node cut off from broker and peers but still reaching the API is alive; the
+        controller declares it unreachable on the peers' word (its Lease is not stale yet),
+        and withdraws at the kubelet's next renewal, up to 10 s later, after our grace.
+        Waiting for it spares a healthy node its reboot.
+
+        Why this is safe: the controller resets on our self-fence only `lease_s` plus our stop
+        time after the latest renewal *it* saw (decide/safety.py, lease_gate). A renewal we
+        read was written before we read it and before the controller's watch showed it, so
+        we fence at the latest `lease_s` after the controller's renewal time, and the node is
+        stopped before the gate ends. A kubelet that keeps renewing keeps both from acting;
+        one that stops lets both act, in that order."""
+        if not self._lease_s or self._lease_renewed is None:
+            return None
+        return self._lease_renewed + self._lease_s
 
     def _broker_fresh(self, now: float) -> bool:
         last = self._last_broker_contact
@@ -738,7 +797,11 @@ class Agent:
         """When to fence; None while not armed in this boot (the fence never runs then)."""
         if not self._durable:
             return None
-        return self._boot_contact.deadline(self._settings.self_fence_after_s)
+        base = self._boot_contact.deadline(self._settings.self_fence_after_s)
+        lease = self.lease_deadline()
+        if base is None or lease is None:
+            return base
+        return max(base, lease)  # the controller waits for both (decide/safety.py)
 
     async def _fence_guard(self) -> None:
         while True:
@@ -764,6 +827,11 @@ class Agent:
             if self._declared_down_phase is not None:
                 assert self._declared_since is not None
                 grace_until = self._declared_since + self.declared_grace_s
+                lease = self.lease_deadline()
+                if lease is not None and self._declared_down_phase in LEASE_WAITS_IN:
+                    # The controller waits for both. Once it writes Resetting it has passed
+                    # its Lease gate: no more waiting, whatever renewal we may have read.
+                    grace_until = max(grace_until, lease)
             if grace_until is not None and now >= grace_until:
                 reason = f"the API says this node is {self._declared_down_phase}"
                 episode = f"declared {self._declared_down_phase}"

@@ -7,6 +7,7 @@ only while the controller has not marked this node down. One GET of one Node per
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from urllib.parse import quote
 
 from watchdog.decide import bounded_json
@@ -17,6 +18,7 @@ from watchdog.decide.state import (
     UNREADABLE,
     Phase,
 )
+from watchdog.observe.errors import ApiStatusError
 from watchdog.observe.kube import KubeApi
 
 HEALTHY = "Healthy"
@@ -51,6 +53,43 @@ def node_phase_probe(
         )
 
     return probe
+
+
+NODE_LEASE_NAMESPACE = "kube-node-lease"
+
+
+def node_lease_probe(api: KubeApi, node: str) -> Callable[[], Awaitable[float | None]]:
+    """A probe returning when this node's kubelet last renewed its Lease (`spec.renewTime`,
+    Unix time on this machine's clock, which the kubelet stamps); None when it has no Lease.
+    A quorum read, like the Node's: a renewal the agent counts on must be in etcd."""
+    path = (
+        f"/apis/coordination.k8s.io/v1/namespaces/{NODE_LEASE_NAMESPACE}/leases/"
+        f"{quote(node, safe='')}"
+    )
+
+    async def probe() -> float | None:
+        try:
+            obj = await api.request("GET", path)
+        except ApiStatusError as e:
+            if e.status == 404:
+                return None
+            raise
+        return renew_time(obj)
+
+    return probe
+
+
+def renew_time(lease: object) -> float | None:
+    """`spec.renewTime` of a Lease as Unix time; None when absent or not a time."""
+    spec = lease.get("spec") if isinstance(lease, dict) else None
+    value = spec.get("renewTime") if isinstance(spec, dict) else None
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        stamp = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return stamp.timestamp() if stamp.tzinfo is not None else None
 
 
 def phase_for_boot(annotation: str | None, boot_id: str, kubelet_boot_id: str | None) -> str:

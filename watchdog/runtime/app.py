@@ -47,7 +47,7 @@ from watchdog.observe.cluster_cache import (
 from watchdog.observe.informer import EventKind, RestartCause
 from watchdog.observe.kube import ConfigError, KubeApi, load_api_client
 from watchdog.observe.mqtt import HeartbeatSubscriber
-from watchdog.observe.node_probe import node_phase_probe
+from watchdog.observe.node_probe import node_lease_probe, node_phase_probe
 from watchdog.runtime.controller import Controller
 from watchdog.runtime.evacuation import Evacuations
 from watchdog.runtime.http import Health, make_app, serve
@@ -193,6 +193,7 @@ async def _serve(role: str, settings: Settings) -> int:
                 agent = Agent(
                     settings,
                     api_probe=probe,
+                    lease_probe=node_lease_probe(api, settings.node_name),
                     on_probe=lambda result: metrics.peer_probes.labels(result=result.value).inc(),
                 )
                 tg.create_task(agent.run(), name="agent")
