@@ -38,7 +38,9 @@ FENCERS = ("fence-command", "watchdog-device", "bmc")
 Fencer = Literal["fence-command", "watchdog-device", "bmc"]
 SCENARIO_ACTIONS: tuple[str, ...] = SCENARIO_NODE_ACTIONS + CLUSTER_ACTIONS
 # Actions after which a node's VMs may have to run elsewhere: they start a failover incident.
-DISRUPTIVE_ACTIONS = frozenset({"poweroff", "reboot", "partition", "nic-flap", "kubelet-stop"})
+DISRUPTIVE_ACTIONS = frozenset(
+    {"poweroff", "reboot", "partition", "nic-flap", "kubelet-stop", "mgmt-link-cut"}
+)
 # A fault target: the node whose controller replica is the acting leader (for the baselines,
 # which elect none, the first of `watchdog.controllers`, so every system suffers the same fault).
 LEADER = "leader"

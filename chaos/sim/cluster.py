@@ -207,6 +207,7 @@ class NodeLinks:
     peer: TcpProxy | None = None
     peer_port: int | None = None  # where this node's agent listens for probes
     broker_cut: bool = False  # the `broker-link-cut` fault: only the broker path is down
+    peer_cut: bool = False  # the `mgmt-link-cut` fault (with broker_cut): probes of it time out
     api_cut: bool = False  # the `api-link-cut` fault: only the API path is down
 
     def set_mode(self, mode: ProxyMode) -> None:
@@ -215,6 +216,8 @@ class NodeLinks:
                 proxy.set_mode(mode)
         if self.broker_cut and self.broker is not None:
             self.broker.set_mode(ProxyMode.BLACKHOLE)
+        if self.peer_cut and self.peer is not None:
+            self.peer.set_mode(ProxyMode.BLACKHOLE)
         if self.api_cut and self.api is not None:
             self.api.set_mode(ProxyMode.BLACKHOLE)
 
@@ -669,6 +672,16 @@ class SimCluster:
         if links is None or links.broker is None:
             raise ValueError(f"{node} has no broker link (start the sim with a broker)")
         links.broker_cut = cut
+        self.sync_links(node)
+
+    def cut_mgmt_link(self, node: str, cut: bool) -> None:
+        """The machine's paths to the broker and from its peers (a management network that the
+        API does not use): its kubelet and agent still reach the API. Other agents' probes of
+        it time out; its own probes of them still pass (they go through their links)."""
+        links = self.links.get(node)
+        if links is None or links.broker is None or links.peer is None:
+            raise ValueError(f"{node} has no broker or peer link (start the sim with a broker)")
+        links.broker_cut = links.peer_cut = cut
         self.sync_links(node)
 
     def cut_api_link(self, node: str, cut: bool) -> None:

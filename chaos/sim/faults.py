@@ -24,6 +24,8 @@ per node
                   until fence-works; the watchdog device is its fallback
   broker-link-cut/broker-link-heal   only the machine's path to the broker black-holed: its
                   kubelet, API path and peer link stay up (the agent keeps reaching the API)
+  mgmt-link-cut/mgmt-link-heal   the machine's broker path and its peer link black-holed (a
+                  management network down): its kubelet and agent still reach the API
   api-link-cut/api-link-heal   only the machine's path to the API server black-holed: its
                   kubelet and virt-handler, its agent and a controller replica on it lose the
                   API; broker and peer paths stay up
@@ -75,6 +77,8 @@ NODE_ACTIONS = (
     "fence-works",
     "broker-link-cut",
     "broker-link-heal",
+    "mgmt-link-cut",
+    "mgmt-link-heal",
     "api-link-cut",
     "api-link-heal",
     "bmc-down",
@@ -102,6 +106,7 @@ INVERSE = {
     "agent-freeze": "agent-thaw",
     "fence-fails": "fence-works",
     "broker-link-cut": "broker-link-heal",
+    "mgmt-link-cut": "mgmt-link-heal",
     "api-link-cut": "api-link-heal",
     "bmc-down": "bmc-up",
     "bmc-lies": "bmc-truthful",
@@ -251,6 +256,9 @@ class Faults:
                     return {"fence": "works"}
                 case "broker-link-cut" | "broker-link-heal":
                     c.cut_broker_link(node, action == "broker-link-cut")
+                    return {}
+                case "mgmt-link-cut" | "mgmt-link-heal":
+                    c.cut_mgmt_link(node, action == "mgmt-link-cut")
                     return {}
                 case "api-link-cut" | "api-link-heal":
                     c.cut_api_link(node, action == "api-link-cut")
