@@ -19,9 +19,9 @@ and the kube-apiserver's audit log (level Metadata, every request) is read, per 
 - minimal: every (apiGroup, resource[/subresource], verb) granted to that ServiceAccount by the
   rendered roles, in the scope of its binding, was used by an allowed request; `NOT_EXERCISED`
   would list, with why, a grant this run cannot use (it is empty: the run uses all of them);
-- really used: each node's agent read its Node with the agents' ServiceAccount and wrote
-  nothing; the controller held the leader Lease and wrote the migrations with its own; admin
-  made none of the controller's distinctive writes.
+- really used: each node's agent read its Node with the agents' ServiceAccount (and, cut off
+  from the broker, its node Lease) and wrote nothing; the controller held the leader Lease
+  and wrote the migrations with its own; admin made none of the controller's distinctive writes.
 
 Last, a compromised node: with one agent's token every write that would reboot, reset or
 silence another node (state annotation, out-of-service taint, launcher pod deletion, pod status,
@@ -301,6 +301,38 @@ def _ours(env: WatchdogEnv, node: str, since: float) -> dict[str, dict]:
     }
 
 
+async def test_an_agent_cut_from_the_broker_reads_its_own_lease_as_its_service_account(env):
+    """An agent without broker contact is at risk of fencing: it reads its kubelet's Lease
+    (quorum GET in kube-node-lease) as the agents' ServiceAccount, and its node, whose kubelet
+    renews, is neither fenced nor reset."""
+    await env.restore()
+    c = env.cluster
+    node = "node-3"
+    agent = identity(env, "agent")
+    fences = len([h for h in c.faults.history if h.get("action") == "fence"])
+    await env.fault("broker-link-cut", node)
+
+    def lease_reads(requests: list[Request]) -> list[Request]:
+        return [
+            r
+            for r in requests
+            if r.user == agent.username
+            and (r.verb, r.resource, r.namespace, r.name)
+            == ("get", "leases", "kube-node-lease", node)
+            and not r.denied
+        ]
+
+    deadline = time.monotonic() + 30
+    while not lease_reads(await audited(env)):
+        assert time.monotonic() < deadline, "the cut-off agent never read its Lease"
+        await asyncio.sleep(1.0)
+    await env.fault("broker-link-heal", node)
+    await env.wait_for(lambda: env.phase(node) == "Healthy", 30, f"{node} healthy again")
+    assert len([h for h in c.faults.history if h.get("action") == "fence"]) == fences
+    assert not env.tainted(node)
+    await env.restore()
+
+
 @pytest.mark.parametrize("role", ROLES)
 async def test_preflight_as_each_role_finds_every_verb_allowed_and_the_agent_no_more(env, role):
     """What an operator runs after installing (docs/OPERATIONS.md), with the same token; for
@@ -376,8 +408,14 @@ async def test_each_service_account_did_its_roles_work_and_admin_none_of_it(env)
     assert all(reads[n] >= 5 for n in env.cluster.fleet.members), reads
     # (`preflight --role agent`, run above with the same token, asks SelfSubjectAccessReviews.)
     service = [r for r in by_agent if "(preflight;" not in r.user_agent]
-    others = Counter((r.verb, r.resource or r.uri) for r in service if r.resource != "nodes")
-    assert not others, f"the agents did more than read Nodes: {others}"
+    own_lease = [r for r in service if (r.resource, r.namespace) == ("leases", "kube-node-lease")]
+    assert {r.name for r in own_lease} <= set(env.cluster.fleet.members), own_lease
+    others = Counter(
+        (r.verb, r.resource or r.uri)
+        for r in service
+        if r.resource != "nodes" and r not in own_lease
+    )
+    assert not others, f"the agents did more than read Nodes and node Leases: {others}"
     assert {r.verb for r in service} == {"get"}, Counter(r.verb for r in service)
     assert len(by_controller) > 100, f"only {len(by_controller)} requests by {ctl.username}"
     # The controller's distinctive writes came from its ServiceAccount, never from admin or
