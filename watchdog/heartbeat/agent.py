@@ -590,9 +590,11 @@ class Agent:
             try:
                 async with asyncio.timeout(interval):
                     if self._lease_s and (declared or not self._broker_fresh(started)):
-                        # At risk of fencing: read our kubelet's Lease too (`lease_deadline`).
-                        await self._read_lease(started)
-                    phase = await probe()
+                        # At risk of fencing: read our kubelet's Lease too (`lease_deadline`),
+                        # beside the Node (two GETs in sequence could outlast the interval).
+                        _, phase = await asyncio.gather(self._read_lease(started), probe())
+                    else:
+                        phase = await probe()
             except TimeoutError:
                 error = f"no answer within {interval:.1f}s"
             except Exception as e:  # the probe's failure is an observation: API unreachable
