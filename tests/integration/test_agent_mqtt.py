@@ -526,21 +526,33 @@ async def test_agent_fences_at_once_when_the_api_says_it_is_being_fenced(
     assert await retained(mosquitto, status_topic(PREFIX, "node-a")) == b"offline"
 
 
-class Kubelet:
-    """This node's kubelet as its Lease shows it: renews `spec.renewTime` every `every_s` while
-    `renewing` (the lease probe the runtime would inject reads it, like a quorum GET)."""
+class Wall:
+    """This machine's wall clock, which an administrator or NTP may step."""
 
-    def __init__(self, every_s: float) -> None:
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+class Kubelet:
+    """This node's kubelet as its Lease shows it: renews `spec.renewTime` (stamped on the
+    machine's wall clock) every `every_s` while `renewing` (the lease probe the runtime would
+    inject reads it, like a quorum GET)."""
+
+    def __init__(self, every_s: float, wall: Wall | None = None) -> None:
         self.every_s = every_s
+        self.wall = wall or Wall()
         self.renewing = True
-        self.renewed: float | None = time.time()
+        self.renewed: float | None = self.wall()
         self.last_renewal_mono = time.monotonic()
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.every_s)
             if self.renewing:
-                self.renewed = time.time()
+                self.renewed = self.wall()
                 self.last_renewal_mono = time.monotonic()
 
     async def lease(self) -> float | None:
@@ -590,6 +602,38 @@ async def test_a_declared_node_whose_kubelet_renews_its_lease_is_not_fenced_unti
         # Not before lease_s after the last renewal (that is what it waited for), and not much
         # after it (the controller's gate is lease_s plus the fence's bound after it).
         assert LEASE_S - 0.1 <= fenced_after <= LEASE_S + 2 * API_CHECK_S, fenced_after
+
+
+async def test_a_wall_clock_stepped_back_does_not_make_an_old_lease_renewal_count(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The agent dates a renewal by the wall clock the kubelet stamped it with. Stepped back
+    10 s just as the kubelet stops renewing, that clock would make the last renewal look
+    current for 10 s more, and the agent fence long after the controller's Lease gate. A step
+    voids the renewals read across it: the declared node fences at once. (Without a step it
+    waits for lease_s after the last renewal: the test above.)"""
+    marker = tmp_path / "fenced"
+    probe = Probe("Healthy")
+    wall = Wall()
+    kubelet = Kubelet(every_s=0.5, wall=wall)
+    agent = Agent(
+        settings(
+            mosquitto, tmp_path, fence_command=fence_command(marker), self_fence_lease_s=LEASE_S
+        ),
+        api_probe=probe,
+        lease_probe=kubelet.lease,
+        wall=wall,
+    )
+    async with running(agent.run(), kubelet.run()):
+        await wait_for(lambda: agent.armed, 5, "armed")
+        mosquitto.stop()
+        probe.phase = "Fencing"
+        await stays(lambda: not marker.exists(), 2 * FENCE_AFTER_S, "not fenced while renewing")
+        kubelet.renewing = False
+        wall.offset = -10.0
+        stepped = time.monotonic()
+        await wait_for(marker.exists, LEASE_S + 1.0, "fenced after the step")
+        assert time.monotonic() - stepped < 4 * API_CHECK_S + 0.3
 
 
 # --- one boot, several agent processes ------------------------------------------------------

@@ -88,6 +88,10 @@ GOODBYE_TIMEOUT_S = 1.0
 ApiProbe = Callable[[], Awaitable[str | None]]
 # The declared phases during which the fence may wait for the kubelet's Lease.
 LEASE_WAITS_IN = frozenset({Phase.UNREACHABLE.value, Phase.FENCING.value})
+# The wall clock moved against the monotonic one by more than this between two looks: a step
+# (NTP, an administrator). A renewTime read across a step says nothing about when it was
+# written, so no Lease renewal counts until the step is older than any renewal we could read.
+CLOCK_STEP_S = 0.5
 # This node's Lease: its latest renewTime as Unix time (None: the node has no Lease).
 LeaseProbe = Callable[[], Awaitable[float | None]]
 
@@ -146,6 +150,7 @@ class Agent:
         lease_probe: LeaseProbe | None = None,
         on_probe: Callable[[ProbeOutcome], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         if not settings.node_name:
             raise ValueError("the agent needs node_name (WATCHDOG_NODE_NAME)")
@@ -161,9 +166,14 @@ class Agent:
         # The latest renewal of this node's Lease that a quorum read showed, on our monotonic
         # clock (see `lease_deadline`); None: none read.
         self._lease_renewed: float | None = None
+        # The wall clock's offset from the monotonic one at our last look, and when we last saw
+        # it step (see CLOCK_STEP_S).
+        self._wall_offset: float | None = None
+        self._clock_stepped_at: float | None = None
         self._lease_error: str | None = None
         self._on_probe = on_probe
         self._clock = clock
+        self._wall = wall  # this machine's wall clock, on which the kubelet stamps renewTime
         self._peer_address = settings.peer_address()
         self._probe_topic = probe_topic(prefix, self.node)
         self._peers_topic = peers_topic(prefix, self.node)
@@ -571,6 +581,8 @@ class Agent:
         next_at = self._clock()
         while not self._fencing.is_set():
             started = self._clock()
+            if self._lease_s:
+                self._watch_wall_clock()  # sampled every round, so a step is seen when it comes
             relaxed = max(interval, self._settings.self_fence_after_s / 2)
             declared = self._declared_down_phase is not None
             if (
@@ -613,6 +625,7 @@ class Agent:
 
     async def _read_lease(self, started: float) -> None:
         assert self._lease_probe is not None
+        self._watch_wall_clock()
         try:
             renewed_wall = await self._lease_probe()
         except Exception as e:  # unreadable: no renewal proven, the fence keeps its deadline
@@ -621,14 +634,39 @@ class Agent:
             self._lease_error = str(e)
             return
         self._lease_error = None
-        if renewed_wall is None:
+        if renewed_wall is None or self._watch_wall_clock():
             return
         # The renewal on our monotonic clock: as long ago as the wall clocks say (the kubelet
-        # stamps renewTime on this machine's clock), never after our request was sent.
-        renewed = min(started, self._clock() - max(0.0, time.time() - renewed_wall))
+        # stamps renewTime on this machine's clock, which did not step meanwhile), never
+        # after our request was sent.
+        renewed = min(started, self._clock() - max(0.0, self._wall() - renewed_wall))
         if self._lease_renewed is None or renewed > self._lease_renewed:
             self._lease_renewed = renewed
             self._contact_changed.set()
+
+    def _watch_wall_clock(self) -> bool:
+        """True while a step of the wall clock is recent enough to lie between a renewal we
+        could read and our reading of it; a step also voids the renewal already counted."""
+        now = self._clock()
+        offset = self._wall() - now
+        if self._wall_offset is not None and abs(offset - self._wall_offset) > CLOCK_STEP_S:
+            log.warning(
+                "agent %s: the wall clock stepped by %.1fs: the kubelet's Lease renewals do not "
+                "count for %.0fs",
+                self.node,
+                offset - self._wall_offset,
+                self._lease_s + self._settings.self_fence_after_s,
+            )
+            self._clock_stepped_at = now
+            self._lease_renewed = None
+            self._contact_changed.set()
+        self._wall_offset = offset
+        stepped = self._clock_stepped_at
+        # A renewal we read now was written at most lease_s + after_s ago if it still matters.
+        return (
+            stepped is not None
+            and now - stepped < self._lease_s + self._settings.self_fence_after_s
+        )
 
     def lease_deadline(self) -> float | None:
         """The fence may wait until then: `self_fence_lease_s` after the latest renewal of this
