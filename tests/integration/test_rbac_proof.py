@@ -49,7 +49,13 @@ import pytest_asyncio
 from chaos.sim.informer import LEASES, NAMESPACES, NODES, PODS, VMIMS, ApiError, Kube
 from chaos.sim.rbac import ServiceIdentity
 from tests.integration.test_service_failover import delta, fail_over
-from tests.integration.watchdog_env import LEADER_LEASE, WatchdogEnv, default_config, free_port
+from tests.integration.watchdog_env import (
+    LEADER_LEASE,
+    TIMINGS,
+    WatchdogEnv,
+    default_config,
+    free_port,
+)
 from tests.unit.test_deploy import rendered_access
 
 pytestmark = [
@@ -172,7 +178,12 @@ async def env(
 ):
     overlay = request.param
     work = Path(tmp_path_factory.mktemp(f"rbac-proof-{overlay}"))
-    config = default_config(audit_log=True, rbac_overlay=overlay)
+    # The agents wait for their kubelet's Lease before fencing (opt-in): their Role grants it.
+    config = default_config(
+        audit_log=True,
+        rbac_overlay=overlay,
+        agent_env={**TIMINGS, "WATCHDOG_SELF_FENCE_LEASE_S": "3.75"},  # 15 s at time scale 0.25
+    )
     async with WatchdogEnv(
         config, control_plane_binaries, work, controllers=1, controller_env=OVERLAYS[overlay]
     ) as e:

@@ -77,6 +77,8 @@ def lease_gate(
     """
     if declared is None or not declared.lease_s or lease_renewed_at is None:
         return None
+    if not math.isfinite(declared.lease_s) or declared.lease_s < 0:
+        return math.inf  # a nonsensical promise: never reset on it (the parsers refuse it too)
     return lease_renewed_at + declared.lease_s + stop_s(declared) + cfg.fence_margin_s
 
 
@@ -103,8 +105,8 @@ def reset_not_before(
 ) -> float | None:
     """Earliest monotonic time a reset may start on the agent's self-fence (in mode power: when
     the BMC has not confirmed); None while it cannot be computed yet. The safe delay from the
-    fence clock and the Lease gate must both have passed: the agent fences by the earlier of
-    the two, so the node is stopped by the later."""
+    fence clock and the Lease gate must both have passed: the agent fences by the later of its
+    two deadlines, and each is bounded by its term here."""
     period_end = unreachable_at + policy.period_s
     if not self_fence_counts(cfg.fence_mode):
         return period_end

@@ -171,6 +171,7 @@ class Agent:
         self._wall_offset: float | None = None
         self._clock_stepped_at: float | None = None
         self._lease_error: str | None = None
+        self._lease_read: asyncio.Task[None] | None = None
         self._on_probe = on_probe
         self._clock = clock
         self._wall = wall  # this machine's wall clock, on which the kubelet stamps renewTime
@@ -577,6 +578,13 @@ class Agent:
     # --- API ---------------------------------------------------------------------------------
 
     async def _api_loop(self, probe: ApiProbe) -> None:
+        try:
+            await self._api_rounds(probe)
+        finally:
+            if self._lease_read is not None:
+                self._lease_read.cancel()
+
+    async def _api_rounds(self, probe: ApiProbe) -> None:
         interval = self._settings.api_check_interval_s
         next_at = self._clock()
         while not self._fencing.is_set():
@@ -603,10 +611,10 @@ class Agent:
                 async with asyncio.timeout(interval):
                     if self._lease_s and (declared or not self._broker_fresh(started)):
                         # At risk of fencing: read our kubelet's Lease too (`lease_deadline`),
-                        # beside the Node (two GETs in sequence could outlast the interval).
-                        _, phase = await asyncio.gather(self._read_lease(started), probe())
-                    else:
-                        phase = await probe()
+                        # beside the Node and under a timeout of its own: a slow Lease read
+                        # must not cost the Node read its contact.
+                        self._spawn_lease_read(started, interval)
+                    phase = await probe()
             except TimeoutError:
                 error = f"no answer within {interval:.1f}s"
             except Exception as e:  # the probe's failure is an observation: API unreachable
@@ -622,6 +630,17 @@ class Agent:
             if now >= next_at:
                 next_at = now + step
             await self._sleep_unless_fencing(next_at - now)
+
+    def _spawn_lease_read(self, started: float, timeout_s: float) -> None:
+        if self._lease_read is not None and not self._lease_read.done():
+            return  # the previous one is still out: one at a time
+
+        async def bounded() -> None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._read_lease(started)
+
+        self._lease_read = asyncio.create_task(bounded(), name="lease read")
 
     async def _read_lease(self, started: float) -> None:
         assert self._lease_probe is not None
