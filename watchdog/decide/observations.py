@@ -22,12 +22,12 @@ class FenceDeclaration:
     # fence is *weak*: it holds only while the agent itself works.
     device: bool = False
     watchdog_s: float = 0.0
-    # While its own kubelet renews its Lease, the agent does not fence before `lease_s` after
-    # the latest renewal it read (a quorum read): a node cut off from broker and peers but
-    # still reaching the API is alive, and its kubelet's next renewal (every 10 s) proves it
-    # to the controller. The controller resets on this fence only `lease_s` plus the fence's
-    # stop time after the latest renewal it saw (safety.py, lease_gate). 0: the agent never
-    # waits for its Lease (no gate).
+    # Opt-in (self_fence_lease_s): while its own kubelet renews its Lease, the agent does not
+    # fence before `lease_s` after the latest renewal it read (a quorum read): a node cut off
+    # from broker and peers but still reaching the API is alive, and its kubelet's next
+    # renewal (every 10 s) proves it to the controller. The controller resets on this fence
+    # only `lease_s` plus the fence's stop time after the latest renewal it saw (safety.py,
+    # lease_gate). 0: the agent never waits for its Lease (no gate).
     lease_s: float = 0.0
 
     def to_json(self) -> dict[str, object]:

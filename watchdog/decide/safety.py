@@ -70,10 +70,11 @@ def lease_gate(
     declaration, `kubelet_alive_since_silence`). The agent read a renewal only after it was
     written, and we saw it only after that (`lease_renewed_at` is when our watch showed it
     change, on our clock), so the agent fences at the latest `lease_s` after our
-    `lease_renewed_at` and its node is stopped `stop_s` later. Costs nothing on a dead node:
-    its last renewal is at most 10 s before its death, so the gate ends about when the safe
-    delay does. Not covered: a renewal that the agent read through one API server while our
-    watch, on another, has not shown it (docs/STATUS.md).
+    `lease_renewed_at` and its node is stopped `stop_s` later. On a dead node the gate ends
+    at most about 2 s after the safe delay (test_decide_safety.py). Not covered, and why the
+    wait is an opt-in (docs/OPERATIONS.md, Self-fencing): a renewal the agent read that our
+    watch has not shown yet (a lagging watch, another API server), a wall-clock step on the
+    node before its agent started, an agent newer than this controller.
     """
     if declared is None or not declared.lease_s or lease_renewed_at is None:
         return None

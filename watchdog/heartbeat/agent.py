@@ -700,8 +700,10 @@ class Agent:
         time after the latest renewal *it* saw (decide/safety.py, lease_gate). A renewal we
         read was written before we read it and before the controller's watch showed it, so
         we fence at the latest `lease_s` after the controller's renewal time, and the node is
-        stopped before the gate ends. A kubelet that keeps renewing keeps both from acting;
-        one that stops lets both act, in that order."""
+        stopped before the gate ends, provided the controller's Lease watch is not far behind
+        our reads, the wall clock did not step before we started, and the controller gates on
+        the `lease_s` we declare: the schedules that break this are why the wait is an opt-in
+        (docs/OPERATIONS.md, Self-fencing)."""
         if not self._lease_s or self._lease_renewed is None:
             return None
         return self._lease_renewed + self._lease_s
