@@ -71,7 +71,8 @@ def lease_gate(
     written, and we saw it only after that (`lease_renewed_at` is when our watch showed it
     change, on our clock), so the agent fences at the latest `lease_s` after our
     `lease_renewed_at` and its node is stopped `stop_s` later. On a dead node the gate ends
-    at most about 2 s after the safe delay (test_decide_safety.py). Not covered, and why the
+    up to 2 s after the safe delay, 2 s more for a renewal seen in the two heartbeat intervals
+    after its last heartbeat (test_decide_safety.py). Not covered, and why the
     wait is an opt-in (docs/OPERATIONS.md, Self-fencing): a renewal the agent read that our
     watch has not shown yet (a lagging watch, another API server), a wall-clock step on the
     node before its agent started, an agent newer than this controller.
