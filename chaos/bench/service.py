@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -28,15 +27,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from chaos.bench.common import ProcStat
 from chaos.sim.broker import MosquittoBroker
 from chaos.sim.controlplane import ControlPlane
+from chaos.sim.ports import free_port
 from chaos.sim.procs import ManagedProcess, managed
 
 CONTROLLER_NAMESPACE = "node-watchdog"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def controller_command(source: Path | None = None) -> list[str]:

@@ -18,11 +18,11 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
+from chaos.sim.ports import free_port
 from chaos.sim.procs import ManagedProcess, managed
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,6 @@ class MqttBroker(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_port(host: str, port: int, timeout_s: float = 10.0) -> None:
@@ -150,7 +144,7 @@ class EmbeddedBroker:
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
         self.host = host
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self._broker: object | None = None
         # Every client connection of the running instance (see stop()).
         self._connections: set[asyncio.Transport] = set()
@@ -225,7 +219,7 @@ class MosquittoBroker:
         binary: str | None = None,
     ) -> None:
         self.host = host
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.work_dir = work_dir
         found = (
             binary

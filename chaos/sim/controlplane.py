@@ -55,7 +55,6 @@ import contextlib
 import math
 import os
 import shutil
-import socket
 import ssl
 import tempfile
 import time
@@ -70,6 +69,7 @@ import yaml
 
 from chaos.sim import pki as pki_mod
 from chaos.sim.binaries import ControlPlaneBinaries, ensure_binaries
+from chaos.sim.ports import free_port, free_ports
 from chaos.sim.procs import ManagedProcess, managed
 
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
@@ -179,23 +179,6 @@ def scale_timings(timings: Timings, time_scale: float) -> ScaledTimings:
         scheduler_api_qps=per_second(t.scheduler_api_qps),
         scheduler_api_burst=math.ceil(per_second(t.scheduler_api_burst)),
     )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now; the caller retries if another process takes it first."""
-    return free_ports(1, host)[0]
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` distinct free ports (all bound at once, so the kernel cannot repeat one)."""
-    with contextlib.ExitStack() as stack:
-        socks = [
-            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            for _ in range(count)
-        ]
-        for s in socks:
-            s.bind((host, 0))
-        return [int(s.getsockname()[1]) for s in socks]
 
 
 def write_kubeconfig(
@@ -795,8 +778,9 @@ class ControlPlane:
 
 
 async def _retry_on_port_collision(name: str, attempt: Callable[[], Awaitable[None]]) -> None:
-    # free_port() closes its socket before the component binds: another process may win the
-    # race. Rare on loopback, so a few fresh attempts are enough.
+    # free_port() closes its socket before the component binds: another process on the machine
+    # that binds explicit ports may win the race (outgoing connections cannot: see ports.py).
+    # Rare, so a few fresh attempts are enough.
     for _ in range(_PORT_ATTEMPTS - 1):
         try:
             await attempt()

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from chaos.sim.ports import free_port
+
 # --- mosquitto: a real broker per test (owned by tests/integration/test_agent_mqtt.py) ---------
 
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
@@ -24,12 +26,6 @@ def find_mosquitto() -> str | None:
         if path and os.access(path, os.X_OK):
             return path
     return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Mosquitto:

@@ -14,7 +14,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -24,6 +23,8 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+
+from chaos.sim.ports import free_port
 
 PROMETHEUS_PATHS = ("/usr/bin/prometheus", "/usr/local/bin/prometheus")
 
@@ -37,12 +38,6 @@ def prometheus_exe_or_skip() -> str:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"{msg}; CI must run the live-scrape test", pytrace=False)
     pytest.skip(msg)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PrometheusError(AssertionError):
@@ -108,7 +103,7 @@ class Prometheus:
     async def start(self, timeout_s: float = 60.0) -> None:
         """Start and wait until /-/ready answers 200 (TSDB open, rules loaded)."""
         for _attempt in range(3):
-            self.port = _free_port()
+            self.port = free_port()
             self._spawn()
             if await self._wait_ready(timeout_s):
                 return

@@ -30,6 +30,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from chaos.sim.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 BROKER_DIR = ROOT / "deploy" / "base" / "broker"
 TOOLS = ROOT / "deploy" / "tools"
@@ -92,12 +94,6 @@ class Broker:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def shipped_config(paths: dict[str, Path], port: int) -> str:
     """mosquitto.conf as shipped, with only its file paths and listener port rewritten."""
     text = (BROKER_DIR / "mosquitto.conf").read_text()
@@ -151,7 +147,7 @@ def start_broker(workdir: Path, passwd: Path) -> tuple[subprocess.Popen[bytes], 
     }
     for p in [*paths.values(), tls_dir]:
         p.chmod(0o755 if p.is_dir() else 0o644)
-    port = _free_port()
+    port = free_port()
     conf = workdir / f"mosquitto-{port}.conf"
     conf.write_text(shipped_config(paths, port))
     log = workdir / f"mosquitto-{port}.log"

@@ -10,23 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 
+from chaos.sim.ports import free_port
 from watchdog.decide.peer_probe import ProbeOutcome
 from watchdog.heartbeat.peers import PeerEndpoint, PeerProber, probe_once
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 DEADLINE_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest_asyncio.fixture

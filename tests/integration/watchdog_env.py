@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from chaos.sim.binaries import ControlPlaneBinaries
 from chaos.sim.cluster import SimCluster, SimConfig
 from chaos.sim.informer import EVENTS, LEASES, NAMESPACES, NODES, ApiError, Obj, condition
 from chaos.sim.ledger import StartReason
+from chaos.sim.ports import free_port
 from chaos.sim.procs import ManagedProcess, managed
 from tests.eventually import eventually
 
@@ -101,12 +101,6 @@ LEADER_TIMINGS = {
     "WATCHDOG_LEADER__RENEW_DEADLINE_S": "4",
     "WATCHDOG_LEADER__RETRY_PERIOD_S": "0.5",
 }
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- waiting ----------------------------------------------------------------------------------
