@@ -503,6 +503,12 @@ def register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     register(sub)
 
 
+def register_campaign(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from chaos.harness.campaign_cli import register_campaign as register
+
+    register(sub)
+
+
 def register_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from chaos.bench.cli import add_parser
 
@@ -516,6 +522,7 @@ SUBCOMMANDS: list[Register] = [
     register_status,
     register_run,
     register_demo,
+    register_campaign,
     register_bench,
 ]
 
