@@ -35,6 +35,10 @@ class FaultKind:
     scope: Scope
     undone: bool  # takes a duration, after which its inverse undoes it
     max_s: float | None = None  # a shorter ceiling than the campaign's (a flap is short)
+    # Restarting an agent process takes about a second of Python imports that no time scale
+    # compresses: below this scale its start would outlast self_fence_after_s, and the trial
+    # would measure the test cluster, not the watchdog (the shipped agent-crash scenario's).
+    min_time_scale: float = 0.0
 
 
 # Everything the test cluster can do to a cluster with no BMCs, by the name a campaign uses.
@@ -44,9 +48,9 @@ KINDS: dict[str, FaultKind] = {
     "partition": FaultKind("partition", "node", True),
     "nic-flap": FaultKind("nic-flap", "node", True, max_s=8.0),
     "kubelet-stop": FaultKind("kubelet-stop", "node", True),
-    "agent-kill": FaultKind("agent-kill", "node", True),
+    "agent-kill": FaultKind("agent-kill", "node", True, min_time_scale=0.5),
     "agent-freeze": FaultKind("agent-freeze", "node", True),
-    "agent-restart": FaultKind("agent-restart", "node", False),
+    "agent-restart": FaultKind("agent-restart", "node", False, min_time_scale=0.5),
     "fence-fails": FaultKind("fence-fails", "node", True),
     "broker-link-cut": FaultKind("broker-link-cut", "node", True),
     "mgmt-link-cut": FaultKind("mgmt-link-cut", "node", True),
@@ -123,10 +127,12 @@ def draw(spec: CampaignSpec, trial: int) -> Scenario:
 
 
 def scenario_for(spec: CampaignSpec, name: str, faults: list[dict[str, Any]]) -> Scenario:
+    floor = max(k.min_time_scale for k in KINDS.values() if k.action in _actions(faults))
     data = {
         "name": name,
         "description": f"Fault schedule {name} of `watchdog-chaos campaign --seed {spec.seed}`.",
-        "time_scale": spec.time_scale,
+        "time_scale": max(spec.time_scale, floor),
+        "min_time_scale": floor,
         "systems": ["watchdog"],
         "cluster": {"nodes": spec.nodes, "vms": spec.vms},
         "watchdog": {"controllers": list(spec.controllers)},
@@ -138,6 +144,10 @@ def scenario_for(spec: CampaignSpec, name: str, faults: list[dict[str, Any]]) ->
         "expect": {"systems": ["watchdog"], "resets": "any", "fences": "any", "recovered": True},
     }
     return validate(data, name)
+
+
+def _actions(faults: list[dict[str, Any]]) -> set[str]:
+    return {str(f["action"]) for f in faults}
 
 
 def fault_dicts(sc: Scenario) -> list[dict[str, Any]]:

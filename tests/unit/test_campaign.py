@@ -60,6 +60,7 @@ def test_every_drawn_schedule_is_a_valid_scenario_within_the_campaign_bounds(
             assert f.duration_s <= min(duration, kind.max_s or duration) + 0.05
         else:
             assert f.duration_s is None
+        assert sc.time_scale >= max(spec.time_scale, kind.min_time_scale)
 
 
 def test_a_campaign_draws_every_kind_of_fault() -> None:
