@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from chaos.harness import measure
+from chaos.harness import measure, report
 from chaos.harness.runner import RunOptions, run_scenario
 from chaos.harness.scenario import LEADER, Fault, Scenario, validate
 
@@ -234,6 +234,7 @@ class Trial:
     wall_s: float = 0.0
     running_s: list[float] = field(default_factory=list)  # real-world, per restarted VM
     minimal: Path | None = None  # the shrunk schedule that still fails
+    report: Path | None = None  # the failing run's report (report.md, timeline.png)
 
     @property
     def verdict(self) -> str:
@@ -253,16 +254,19 @@ class Trial:
             "wall_s": round(self.wall_s, 1),
             "running_again_s": [round(v, 2) for v in self.running_s],
             "minimal_schedule": str(self.minimal) if self.minimal else None,
+            "report": str(self.report) if self.report else None,
         }
 
 
-RunOne = Callable[[Scenario], Awaitable[tuple[list[str], float, list[float]]]]
+# Runs one schedule, writing its run report under the directory when it fails:
+# (failures, wall seconds, running-again real-world seconds per restarted VM).
+RunOne = Callable[[Scenario, Path], Awaitable[tuple[list[str], float, list[float]]]]
 
 
 def runner_for(opts: RunOptions) -> RunOne:
-    """Runs one schedule on a fresh test cluster: (failures, wall seconds, running-again)."""
+    """Runs one schedule on a fresh test cluster (runner.py)."""
 
-    async def run_one(sc: Scenario) -> tuple[list[str], float, list[float]]:
+    async def run_one(sc: Scenario, report_dir: Path) -> tuple[list[str], float, list[float]]:
         t0 = time.monotonic()
         result = await run_scenario(sc, sc.name, opts)
         failures: list[str] = []
@@ -273,6 +277,8 @@ def runner_for(opts: RunOptions) -> RunOne:
             if untouched:
                 failures.append(f"nodes no fault touched were fenced: {', '.join(untouched)}")
             running.extend(v.running_s / sc.time_scale for v in run.vms if v.running_s is not None)
+        if failures:  # its timeline, ledger and fault log, to see what happened
+            report.write(result, report_dir)
         return failures, time.monotonic() - t0, running
 
     return run_one
@@ -300,6 +306,18 @@ async def shrink(
     return scenario_for(spec, f"{sc.name}-min", faults)
 
 
+def _fails_in(
+    run_one: RunOne, directory: Path, trial: int
+) -> Callable[[Scenario], Awaitable[bool]]:
+    tries = iter(range(1, 10_000))
+
+    async def fails(candidate: Scenario) -> bool:
+        found, _, _ = await run_one(candidate, directory / f"trial-{trial}-shrink-{next(tries)}")
+        return bool(found)
+
+    return fails
+
+
 async def run_campaign(
     spec: CampaignSpec,
     directory: Path,
@@ -314,16 +332,13 @@ async def run_campaign(
         sc = draw(spec, k)
         trial = Trial(k, trial_seed(spec.seed, k), sc, save(sc, directory / f"trial-{k}.yaml"))
         progress(f"trial {k}/{spec.trials} (seed {trial.seed}): {describe(sc)}")
-        trial.failures, trial.wall_s, trial.running_s = await run_one(sc)
+        run_dir = directory / f"trial-{k}"
+        trial.failures, trial.wall_s, trial.running_s = await run_one(sc, run_dir)
+        trial.report = run_dir if trial.failures else None
         trial.known = known_hole(sc) if trial.failures else None
         if trial.verdict == "FAIL" and shrink_failures:
             progress(f"trial {k}: shrinking the schedule")
-
-            async def fails(candidate: Scenario) -> bool:
-                found, _, _ = await run_one(candidate)
-                return bool(found)
-
-            minimal = await shrink(sc, fails, spec)
+            minimal = await shrink(sc, _fails_in(run_one, directory, k), spec)
             trial.minimal = save(minimal, directory / f"trial-{k}-min.yaml")
         trials.append(trial)
         elapsed = time.monotonic() - t0
@@ -378,7 +393,10 @@ def summary_lines(spec: CampaignSpec, trials: Iterable[Trial]) -> list[str]:
     for t in trials:
         if t.verdict == "FAIL":
             replay = t.minimal or t.file
-            lines.append(f"FAILED trial {t.number}: replay with `watchdog-chaos run {replay}`")
+            lines.append(
+                f"FAILED trial {t.number}: report {t.report}/report.md; replay with "
+                f"`watchdog-chaos run {replay}`"
+            )
     return lines
 
 

@@ -142,7 +142,9 @@ def test_a_campaign_saves_every_schedule_and_tells_new_holes_from_known_ones(
 ) -> None:
     spec = CampaignSpec(seed=11, trials=12)
 
-    async def run_one(sc: campaign.Scenario) -> tuple[list[str], float, list[float]]:
+    async def run_one(
+        sc: campaign.Scenario, report_dir: Path
+    ) -> tuple[list[str], float, list[float]]:
         kinds = {campaign.kind_of(f) for f in sc.faults}
         failures = ["split-brain 3 VM-s > 0 (vm-1)"] if "partition" in kinds else []
         return failures, 1.0, [20.0, 30.0]
