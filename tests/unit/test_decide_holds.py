@@ -40,11 +40,28 @@ def test_storm_by_fraction_or_absolute_count(down: int, total: int, storm: bool)
 
 @pytest.mark.parametrize(
     "phase",
-    [Phase.UNREACHABLE, Phase.FENCING, Phase.RESETTING, Phase.RESET],
-    ids=lambda p: f"{p} counts as down",
+    [Phase.UNREACHABLE, Phase.FENCING, Phase.RESETTING],
+    ids=lambda p: f"{p} counts as going down",
 )
-def test_every_down_phase_counts(phase: Phase) -> None:
+def test_every_phase_of_a_node_going_down_counts(phase: Phase) -> None:
     assert is_storm(cluster(5, 10, phase), 10, CFG)
+
+
+def test_a_node_already_reset_does_not_make_the_next_failure_a_storm() -> None:
+    """Two of four nodes failing a minute apart: the first one's reset is done, so the second
+    is one failure, not half the cluster at once (scenario sequential-failures)."""
+    assert not is_storm([Phase.RESET, Phase.FENCING, Phase.HEALTHY, Phase.HEALTHY], 4, CFG)
+    assert not cluster_holds(
+        [Phase.RESET, Phase.FENCING, Phase.HEALTHY, Phase.HEALTHY], 4, UP, Policy(), CFG
+    )
+
+
+def test_two_of_four_going_down_at_once_is_still_a_storm() -> None:
+    """The must-not twin: the same two nodes, both still being fenced, are held."""
+    assert is_storm([Phase.FENCING, Phase.FENCING, Phase.HEALTHY, Phase.HEALTHY], 4, CFG)
+    assert cluster_holds(
+        [Phase.UNREACHABLE, Phase.FENCING, Phase.HEALTHY, Phase.HEALTHY], 4, UP, Policy(), CFG
+    ) == (Reason.HOLD_STORM,)
 
 
 @pytest.mark.parametrize(

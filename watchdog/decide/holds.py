@@ -7,12 +7,13 @@ from collections.abc import Iterable
 from watchdog.decide.config import DecideConfig, Policy
 from watchdog.decide.observations import SourceHealth
 from watchdog.decide.reasons import Reason
-from watchdog.decide.state import DOWN_PHASES, Phase
+from watchdog.decide.state import STORM_PHASES, Phase
 
 
 def is_storm(phases: Iterable[Phase], total_nodes: int, cfg: DecideConfig) -> bool:
-    """Too many nodes down at once looks exactly like a partition around the controller."""
-    down = sum(1 for p in phases if p in DOWN_PHASES)
+    """Too many nodes going down at once looks exactly like a partition around the controller.
+    Nodes already reset do not count (state.py, STORM_PHASES)."""
+    down = sum(1 for p in phases if p in STORM_PHASES)
     if down == 0 or total_nodes <= 0:
         return False
     return down > cfg.storm_max_unreachable or down / total_nodes >= cfg.storm_max_fraction

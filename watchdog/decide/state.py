@@ -38,6 +38,13 @@ class Phase(StrEnum):
 
 # Phases in which a node counts as down for storm control and for the node's own agent.
 DOWN_PHASES = frozenset({Phase.UNREACHABLE, Phase.FENCING, Phase.RESETTING, Phase.RESET})
+# Phases that count toward a storm: nodes going down *now*. A node whose reset is done (RESET)
+# no longer does: its failover is over, and counting it would hold the next, unrelated failure
+# for as long as the first machine stays broken (two of four nodes failing a minute apart held
+# the second one's VMs until the first was repaired). Each reset still needs its own fence
+# proof; a storm of simultaneous failures is held before any of them reaches RESET (every one
+# is detected within seconds, well inside the safe delay before the first reset).
+STORM_PHASES = frozenset({Phase.UNREACHABLE, Phase.FENCING, Phase.RESETTING})
 
 
 @dataclass(frozen=True, slots=True)

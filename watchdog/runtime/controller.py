@@ -30,7 +30,7 @@ from watchdog.decide.reasons import Reason
 from watchdog.decide.reset_plan import Outcome, outcome_for
 from watchdog.decide.safety import effective_period_s, safe_delay_s
 from watchdog.decide.signals import Signal
-from watchdog.decide.state import DOWN_PHASES, NodeState, Phase
+from watchdog.decide.state import DOWN_PHASES, STORM_PHASES, NodeState, Phase
 from watchdog.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -271,8 +271,8 @@ class Controller:
         return sent is not None and since is not None and sent >= since
 
     def holds(self, health: SourceHealth | None = None) -> tuple[Reason, ...]:
-        # O(phases), not O(nodes): only the down count matters for storm control.
-        down = sum(n for p, n in self.phase_counts.items() if p in DOWN_PHASES)
+        # O(phases), not O(nodes): only the count going down matters for storm control.
+        down = sum(n for p, n in self.phase_counts.items() if p in STORM_PHASES)
         phases = [Phase.UNREACHABLE] * down
         now = self.clock()
         if is_storm(phases, len(self.states), self.cfg):
