@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from watchdog.decide.config import DecideConfig, Policy
+from watchdog.decide.config import DecideConfig, FenceMode, Policy
 from watchdog.decide.holds import cluster_holds, is_storm
 from watchdog.decide.observations import SourceHealth
 from watchdog.decide.reasons import Reason
@@ -54,6 +54,46 @@ def test_a_node_already_reset_does_not_make_the_next_failure_a_storm() -> None:
     assert not cluster_holds(
         [Phase.RESET, Phase.FENCING, Phase.HEALTHY, Phase.HEALTHY], 4, UP, Policy(), CFG
     )
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DecideConfig(fence_mode=FenceMode.EXTERNAL),
+        DecideConfig(fence_mode=FenceMode.MANUAL),
+        DecideConfig(fence_mode=FenceMode.SELF, accept_weak_fence=True),
+    ],
+    ids=["external", "manual", "weak self-fences accepted"],
+)
+def test_where_a_reset_is_not_proven_on_its_own_a_node_already_reset_still_counts(
+    cfg: DecideConfig,
+) -> None:
+    """The storm hold is then the only running total against a partition that grows."""
+    assert is_storm([Phase.RESET, Phase.FENCING, Phase.HEALTHY, Phase.HEALTHY], 4, cfg)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "reset_at_most"),
+    [
+        (DecideConfig(fence_mode=FenceMode.SELF), 9),
+        (DecideConfig(fence_mode=FenceMode.POWER), 9),
+        (DecideConfig(fence_mode=FenceMode.EXTERNAL), 4),
+    ],
+    ids=["self: each proven", "power: each proven", "external: stopped at the threshold"],
+)
+def test_a_partition_that_grows_one_node_at_a_time(cfg: DecideConfig, reset_at_most: int) -> None:
+    """Ten nodes cut off one after the other, each reset before the next: with a proof per node
+    each is reset; where a reset is only a hook's word, the storm stops it at the threshold
+    (half of ten: the fifth is held)."""
+    phases = [Phase.HEALTHY] * 10
+    reset = 0
+    for node in range(1, 10):  # node 0 runs the controller
+        phases[node] = Phase.FENCING
+        if is_storm(phases, 10, cfg):
+            break
+        phases[node] = Phase.RESET
+        reset += 1
+    assert reset == reset_at_most
 
 
 def test_two_of_four_going_down_at_once_is_still_a_storm() -> None:

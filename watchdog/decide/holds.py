@@ -4,16 +4,34 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from watchdog.decide.config import DecideConfig, Policy
+from watchdog.decide.config import DecideConfig, FenceMode, Policy
 from watchdog.decide.observations import SourceHealth
 from watchdog.decide.reasons import Reason
-from watchdog.decide.state import STORM_PHASES, Phase
+from watchdog.decide.state import DOWN_PHASES, STORM_PHASES, Phase
+
+
+def storm_phases(cfg: DecideConfig) -> frozenset[Phase]:
+    """The phases a storm counts.
+
+    Where every reset needs its own proof that the node stopped — mode self (the agent's
+    device-backed fence and the safe delay) or power (the BMC's read-back off, else the same
+    self-fence proof), weak fences refused — a node already reset does not count: its failover
+    is over, and the next failure is proven on its own. A partition that grows one node at a
+    time then resets each node it cuts off, each one proven stopped.
+
+    Where a reset rests on something a node cannot prove by itself — mode external (a hook's
+    word), manual, or weak self-fences accepted — nodes already reset keep counting: the storm
+    hold is then the only running total that stops a slowly growing partition at the
+    threshold (at the cost of holding an unrelated later failure until a node comes back)."""
+    proven = cfg.fence_mode in (FenceMode.SELF, FenceMode.POWER) and not cfg.accept_weak_fence
+    return STORM_PHASES if proven else DOWN_PHASES
 
 
 def is_storm(phases: Iterable[Phase], total_nodes: int, cfg: DecideConfig) -> bool:
-    """Too many nodes going down at once looks exactly like a partition around the controller.
-    Nodes already reset do not count (state.py, STORM_PHASES)."""
-    down = sum(1 for p in phases if p in STORM_PHASES)
+    """Too many nodes going down at once looks exactly like a partition around the controller
+    (which phases count: `storm_phases`)."""
+    counted = storm_phases(cfg)
+    down = sum(1 for p in phases if p in counted)
     if down == 0 or total_nodes <= 0:
         return False
     return down > cfg.storm_max_unreachable or down / total_nodes >= cfg.storm_max_fraction

@@ -36,14 +36,14 @@ class Phase(StrEnum):
     RECOVERING = "Recovering"
 
 
-# Phases in which a node counts as down for storm control and for the node's own agent.
+# Phases in which a node counts as down: for the node's own agent (a declaration it acts on),
+# and for storm control where resets are not each proven on their own (holds.py).
 DOWN_PHASES = frozenset({Phase.UNREACHABLE, Phase.FENCING, Phase.RESETTING, Phase.RESET})
-# Phases that count toward a storm: nodes going down *now*. A node whose reset is done (RESET)
-# no longer does: its failover is over, and counting it would hold the next, unrelated failure
-# for as long as the first machine stays broken (two of four nodes failing a minute apart held
-# the second one's VMs until the first was repaired). Each reset still needs its own fence
-# proof; a storm of simultaneous failures is held before any of them reaches RESET (every one
-# is detected within seconds, well inside the safe delay before the first reset).
+# Phases that count toward a storm where every reset has its own proof that the node stopped
+# (holds.py, `storm_phases`): nodes going down *now*. A node whose reset is done (RESET) no
+# longer counts there: counting it would hold the next, unrelated failure for as long as the
+# first machine stays broken (two of four nodes failing a minute apart held the second one's
+# VMs until the first was repaired).
 STORM_PHASES = frozenset({Phase.UNREACHABLE, Phase.FENCING, Phase.RESETTING})
 
 

@@ -20,7 +20,7 @@ from watchdog.decide import actions as act
 from watchdog.decide.config import DecideConfig, FenceMode, Policy
 from watchdog.decide.follow import FollowBook, Followed, Rescheduled
 from watchdog.decide.heartbeats import HeartbeatBook
-from watchdog.decide.holds import cluster_holds, is_storm
+from watchdog.decide.holds import cluster_holds, is_storm, storm_phases
 from watchdog.decide.machine import Context, Decision, decide
 from watchdog.decide.names import STATE_ANNOTATION
 from watchdog.decide.observations import LauncherPod, NodeObservation, SourceHealth
@@ -30,7 +30,7 @@ from watchdog.decide.reasons import Reason
 from watchdog.decide.reset_plan import Outcome, outcome_for
 from watchdog.decide.safety import effective_period_s, safe_delay_s
 from watchdog.decide.signals import Signal
-from watchdog.decide.state import DOWN_PHASES, STORM_PHASES, NodeState, Phase
+from watchdog.decide.state import DOWN_PHASES, NodeState, Phase
 from watchdog.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,8 @@ class Controller:
 
     def holds(self, health: SourceHealth | None = None) -> tuple[Reason, ...]:
         # O(phases), not O(nodes): only the count going down matters for storm control.
-        down = sum(n for p, n in self.phase_counts.items() if p in STORM_PHASES)
+        counted = storm_phases(self.cfg)
+        down = sum(n for p, n in self.phase_counts.items() if p in counted)
         phases = [Phase.UNREACHABLE] * down
         now = self.clock()
         if is_storm(phases, len(self.states), self.cfg):

@@ -197,13 +197,14 @@ class Settings(BaseSettings):
     storm_max_unreachable: int = Field(
         10,
         ge=1,
-        description="More unreachable nodes than this at once holds every reset (storm).",
+        description="More nodes than this going down at once holds every reset (storm); in fence "
+        "modes self and power a node already reset no longer counts.",
     )
     storm_max_fraction: float = Field(
         0.5,
         gt=0,
         le=1,
-        description="This fraction of nodes (or more) unreachable at once holds every reset: a "
+        description="This fraction of nodes (or more) going down at once holds every reset: a "
         "partition around the controller looks exactly like that.",
     )
 
