@@ -193,8 +193,8 @@ def fenced_untouched(run: measure.RunResult) -> list[str]:
     return sorted({str(f["node"]) for f in run.faults if f.get("action") == "fence"} - touched)
 
 
-# Holes found and still open, each with the issue that fixes them: a trial that falls into one
-# is reported as known, not as a new finding. (name, test on the schedule)
+# Holes found and still open, each named with the shipped scenario that shows it: a trial that
+# falls into one is reported as known, not as a new finding. (name, test on the schedule)
 KNOWN_HOLES: tuple[tuple[str, Callable[[Scenario], bool]], ...] = (
     (
         "control-plane-loss: API server and broker lost together reboot every armed node "
