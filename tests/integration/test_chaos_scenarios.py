@@ -29,15 +29,9 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
 CI_SCALE = 0.1
 
-# Found by this harness, owned by the service (watchdog/decide): when half the nodes come back
-# after a storm hold, the last one whose kubelet is back but whose agent has not been heard yet
-# can be reset as the hold lifts — its kubelet has just started VMs there, which the reset
-# kills (false resets). It depends on which agent is heard last, so it does not always happen.
-# Scenario → the bug it shows, run as a strict xfail (it must fail until the bug is fixed).
-KNOWN_SERVICE_BUGS: dict[str, str] = {
-    "control-plane-loss": "no peer quorum: an agent that lost broker and API fences after "
-    "self_fence_after_s, so a control-plane outage reboots every armed node",
-}
+# Scenarios that show a bug of the service (watchdog/), scenario → the bug, run as a strict
+# xfail: it must fail until the bug is fixed, and then the entry goes. None open.
+KNOWN_SERVICE_BUGS: dict[str, str] = {}
 
 
 def child_pids() -> set[int]:

@@ -89,17 +89,20 @@ def _schedule(*faults: dict[str, object]) -> campaign.Scenario:
     return campaign.scenario_for(CampaignSpec(), "t", list(faults))
 
 
-def test_api_and_broker_lost_together_is_the_known_hole_and_one_after_the_other_is_not() -> None:
+def test_a_known_hole_is_told_by_its_schedule_and_one_after_the_other_is_not() -> None:
+    # The rule the last known hole had (API server and broker lost together, now closed).
+    holes = (("both lost", lambda sc: campaign.overlap(sc, "api-outage", "broker-outage")),)
     together = _schedule(
         {"at_s": 0, "action": "api-outage", "duration_s": 40},
         {"at_s": 20, "action": "broker-outage", "duration_s": 40},
     )
-    assert campaign.known_hole(together) is not None
+    assert campaign.known_hole(together, holes) == "both lost"
+    assert campaign.known_hole(together) is None  # closed: a failure there is a new finding
     apart = _schedule(
         {"at_s": 0, "action": "api-outage", "duration_s": 10},
         {"at_s": 20, "action": "broker-outage", "duration_s": 40},
     )
-    assert campaign.known_hole(apart) is None
+    assert campaign.known_hole(apart, holes) is None
 
 
 def _run(faults: list[dict[str, object]]) -> RunResult:

@@ -59,11 +59,19 @@ R, U, K = PeerView.REACHABLE, PeerView.UNREACHABLE, PeerView.UNKNOWN
 
 def test_ping_and_pong_round_trip_and_refuse_anything_else() -> None:
     assert parse_ping(encode_ping("node-2")) == "node-2"
-    assert parse_pong(encode_pong("node-2", "b00t")) == ("node-2", "b00t")
+    assert parse_pong(encode_pong("node-2", "b00t")) == ("node-2", "b00t", False)
+    assert parse_pong(encode_pong("node-2", "b00t", cut=True)) == ("node-2", "b00t", True)
     for junk in (b"", b"PING\n", b"PING a b\n", b"PING a", b"ping a\n", b"PING \xff\n",
                  b"PING " + b"a" * 300 + b"\n", b"PING a/b\n"):  # fmt: skip
         assert parse_ping(junk) is None, junk
-    for junk in (b"PONG a\n", b"PONG a b c\n", b"PONG a b", b"PONG a " + b"x" * 65 + b"\n"):
+    for junk in (
+        b"PONG a\n",
+        b"PONG a b c\n",
+        b"PONG a b cut cut\n",
+        b"PONG a b CUT\n",
+        b"PONG a b",
+        b"PONG a " + b"x" * 65 + b"\n",
+    ):
         assert parse_pong(junk) is None, junk
 
 
@@ -71,6 +79,8 @@ def test_ping_and_pong_round_trip_and_refuse_anything_else() -> None:
     ("reply", "error", "outcome"),
     [
         (b"PONG node-2 boot\n", None, ProbeOutcome.OK),
+        (b"PONG node-2 boot cut\n", None, ProbeOutcome.CUT),  # its agent is cut off too
+        (b"PONG node-3 boot cut\n", None, ProbeOutcome.MISMATCH),
         (b"PONG node-3 boot\n", None, ProbeOutcome.MISMATCH),
         (b"HTTP/1.1 400 Bad Request\r\n", None, ProbeOutcome.MISMATCH),
         (b"", None, ProbeOutcome.REFUSED),  # closed before a word: the kernel is there
@@ -104,6 +114,7 @@ def test_unreachable_only_after_consecutive_timeouts_and_reachable_on_ok_or_refu
     assert run([OK, T, T, T]) == [R, R, U, U]  # one lost probe is no news
     assert run([T, OK, T]) == [K, R, R]  # not consecutive
     assert run([T, T, X]) == [K, U, R]  # the agent died, the machine answers: alive
+    assert run([T, T, ProbeOutcome.CUT]) == [K, U, R]  # cut off from the control plane: alive
     assert run([T, T, ProbeOutcome.MISMATCH]) == [K, U, K]
     assert run([OK, ProbeOutcome.ERROR, ProbeOutcome.ERROR]) == [R, R, R]  # our problem
     assert run([T], failures=1) == [U]
@@ -116,7 +127,7 @@ def test_a_refused_probe_never_leaves_the_target_unreachable(
     state = TargetState()
     for o in outcomes:
         state = observe(state, o, failures)
-        if o in (ProbeOutcome.OK, ProbeOutcome.REFUSED):
+        if o in (ProbeOutcome.OK, ProbeOutcome.CUT, ProbeOutcome.REFUSED):
             assert state.view is R
         if state.view is U:
             assert state.timeouts >= failures

@@ -9,6 +9,14 @@ from watchdog.decide.observations import SourceHealth
 from watchdog.decide.reasons import Reason
 from watchdog.decide.state import DOWN_PHASES, STORM_PHASES, Phase
 
+# Holds during which the controller cannot tell a cluster-wide outage from a node's own: its
+# broker or API connection is down, its heartbeats lag, or more than half of the nodes are
+# silent. Cut-off agents may spare themselves by quorum meanwhile (decide/quorum.py), so a node
+# held by one of these waits its whole safe delay again once the hold ends (decide/machine.py).
+BLIND_HOLDS = frozenset(
+    {Reason.HOLD_QUORUM, Reason.HOLD_BROKER_DOWN, Reason.HOLD_API_DOWN, Reason.HOLD_INGEST_LAG}
+)
+
 
 def storm_phases(cfg: DecideConfig) -> frozenset[Phase]:
     """The phases a storm counts.
@@ -45,6 +53,7 @@ def cluster_holds(
     cfg: DecideConfig,
     upgrade_running: bool = False,
     storm_settling: bool = False,
+    quorum_lost: bool = False,
 ) -> tuple[Reason, ...]:
     """Every hold in force, most fundamental first (the first one is reported).
 
@@ -52,12 +61,17 @@ def cluster_holds(
     clock). The machines of a storm come back together, but not in the same second: the first
     kubelet back takes the count below the threshold while the others are still booting, and
     without this the storm's other nodes would be reset in that gap.
+
+    `quorum_lost`: more than half of the nodes are silent (decide/quorum.py, `quorum_lost`):
+    their agents may be sparing themselves by quorum, so no self-fence can be counted on.
     """
     holds: list[Reason] = []
     if health.broker_up_since is None:
         holds.append(Reason.HOLD_INGEST_LAG if health.broker_lagging else Reason.HOLD_BROKER_DOWN)
     if health.api_up_since is None:
         holds.append(Reason.HOLD_API_DOWN)
+    if quorum_lost:
+        holds.append(Reason.HOLD_QUORUM)
     if storm_settling or is_storm(phases, total_nodes, cfg):
         holds.append(Reason.HOLD_STORM)
     if not policy.enable:

@@ -57,6 +57,9 @@ class Context:
     health: SourceHealth
     policy: Policy
     holds: tuple[Reason, ...] = ()
+    # The latest moment a blind hold (holds.py, BLIND_HOLDS) was in force, or when one was
+    # first seen over (the controller's clock); None: never.
+    blind_until: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,6 +489,12 @@ class _Step:
         visible = self.obs.persisted_phase in {Phase.UNREACHABLE, Phase.FENCING}
         if self.state.fence_clock_from is None and visible:
             self.state = replace(self.state, fence_clock_from=self.now)
+        clock, blind = self.state.fence_clock_from, self.ctx.blind_until
+        if clock is not None and blind is not None and clock < blind:
+            # While the controller was blind, a cut-off agent may have spared itself by quorum
+            # (decide/quorum.py), so its own deadline no longer bounds its fence: the safe
+            # delay counts again, whole, from the end of the blind hold.
+            self.state = replace(self.state, fence_clock_from=blind)
 
     def power_off_contradicted(self, rebooted: bool) -> bool:
         """Fence mode `power`: the BMC confirmed the node off, yet its agent heartbeats from the

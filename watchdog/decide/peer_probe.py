@@ -1,12 +1,16 @@
 """One peer probe, as data: the line protocol, what an answer means, and an observer's verdict.
 
 Protocol (TCP, one exchange per connection): the prober sends `PING <expected-node>\\n`, the
-endpoint answers `PONG <its-node> <boot_id>\\n` and closes. Lines are ASCII, bounded, and parsed
-strictly; anything else is not an answer from the agent we meant to reach.
+endpoint answers `PONG <its-node> <boot_id>\\n` (with ` cut` before the newline while its agent
+has proven no contact with broker or API for `cut_after_s`, decide/quorum.py) and closes. Lines
+are ASCII, bounded, and parsed strictly; anything else is not an answer from the agent we meant
+to reach.
 
 What an attempt says about the *machine* (not the agent):
 
 - `ok`       the right PONG within the timeout: the agent runs there.
+- `cut`      the right PONG, saying its agent is cut off from broker and API too
+             (`PONG <node> <boot_id> cut`, decide/quorum.py): the agent runs there.
 - `refused`  refused, reset, or closed before a reply: the machine's kernel answered, only the
              agent is missing. The host is ALIVE and must never count as unreachable.
 - `timeout`  nothing within the timeout (or no route to the host): the only outcome that is
@@ -25,13 +29,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 # A Kubernetes node name is at most 253 characters and a boot id at most 64, so a valid line
-# is at most 5 + 253 + 1 + 64 + 1 bytes; anything longer is refused unread.
-MAX_LINE_BYTES = 5 + 253 + 1 + 64 + 1
+# is at most 5 + 253 + 1 + 64 + 4 + 1 bytes (` cut` included); anything longer is refused unread.
+MAX_LINE_BYTES = 5 + 253 + 1 + 64 + 4 + 1
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
 
 
 class ProbeOutcome(StrEnum):
     OK = "ok"
+    CUT = "cut"
     REFUSED = "refused"
     TIMEOUT = "timeout"
     MISMATCH = "mismatch"
@@ -54,8 +59,8 @@ def encode_ping(expected: str) -> bytes:
     return f"PING {expected}\n".encode()
 
 
-def encode_pong(node: str, boot_id: str) -> bytes:
-    return f"PONG {node} {boot_id}\n".encode()
+def encode_pong(node: str, boot_id: str, *, cut: bool = False) -> bytes:
+    return f"PONG {node} {boot_id}{' cut' if cut else ''}\n".encode()
 
 
 def _words(line: bytes) -> list[str] | None:
@@ -77,14 +82,16 @@ def parse_ping(line: bytes) -> str | None:
     return parts[1]
 
 
-def parse_pong(line: bytes) -> tuple[str, str] | None:
-    """(node, boot_id) of exactly one PONG line, else None."""
+def parse_pong(line: bytes) -> tuple[str, str, bool] | None:
+    """(node, boot_id, cut) of exactly one PONG line, else None."""
     parts = _words(line)
-    if parts is None or len(parts) != 3 or parts[0] != "PONG":
+    if parts is None or len(parts) not in (3, 4) or parts[0] != "PONG":
         return None
     if not _token(parts[1], 253) or not _token(parts[2], 64):
         return None
-    return parts[1], parts[2]
+    if len(parts) == 4 and parts[3] != "cut":
+        return None
+    return parts[1], parts[2], len(parts) == 4
 
 
 # The machine does not answer at all: as good as a timeout (ARP or routing gave up on it).
@@ -109,7 +116,7 @@ def classify(expected: str, reply: bytes | None, error: BaseException | None) ->
     pong = parse_pong(reply)
     if pong is None or pong[0] != expected:
         return ProbeOutcome.MISMATCH
-    return ProbeOutcome.OK
+    return ProbeOutcome.CUT if pong[2] else ProbeOutcome.OK
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +130,7 @@ class TargetState:
 def observe(state: TargetState, outcome: ProbeOutcome, failures: int) -> TargetState:
     """The verdict after one more attempt."""
     match outcome:
-        case ProbeOutcome.OK | ProbeOutcome.REFUSED:
+        case ProbeOutcome.OK | ProbeOutcome.CUT | ProbeOutcome.REFUSED:
             return TargetState(PeerView.REACHABLE, 0)
         case ProbeOutcome.TIMEOUT:
             timeouts = state.timeouts + 1

@@ -32,6 +32,9 @@ class Reason(StrEnum):
     RECOVERED = "Recovered"
     # holds
     HOLD_STORM = "Storm"
+    # More than half of the nodes are silent to the controller: a majority may be cut off
+    # together, their agents sparing themselves by quorum (decide/quorum.py).
+    HOLD_QUORUM = "QuorumLost"
     HOLD_BROKER_DOWN = "BrokerDown"
     HOLD_API_DOWN = "APIDown"
     HOLD_POLICY_DISABLED = "PolicyDisabled"

@@ -59,6 +59,13 @@ from watchdog.decide.observations import FenceDeclaration
 from watchdog.decide.peer_probe import ProbeOutcome
 from watchdog.decide.peer_reports import peers_topic
 from watchdog.decide.peer_ring import parse_probe_list, probe_topic
+from watchdog.decide.quorum import (
+    cut_after_s,
+    members_topic,
+    parse_members,
+    spare_valid_s,
+    spared,
+)
 from watchdog.decide.state import UNREADABLE, Phase
 from watchdog.heartbeat.boot_record import BootRecord, BootRecordError, BootRecordStore
 from watchdog.heartbeat.device import DeviceError, Petter, WatchdogDevice
@@ -129,6 +136,7 @@ class AgentSettings(Protocol):
     def peer_host(self) -> str: ...
     @property
     def peer_interval_s(self) -> float: ...
+    def quorum_spare_off(self) -> str | None: ...
     @property
     def peer_probe_timeout_s(self) -> float: ...
     @property
@@ -177,6 +185,20 @@ class Agent:
         self._wall = wall  # this machine's wall clock, on which the kubelet stamps renewTime
         self._peer_address = settings.peer_address()
         self._probe_topic = probe_topic(prefix, self.node)
+        self._members_topic = members_topic(prefix)
+        # The node count the leader published (decide/quorum.py); None: never told, so never
+        # spared by peers.
+        self._members: int | None = None
+        # Quorum: when the latest probe round that spared us started (our clock), and how many
+        # rounds have (statistics).
+        self._spared_at: float | None = None
+        self._spared_rounds = 0
+        self._spare_valid_s = spare_valid_s(settings.peer_interval_s, settings.peer_probe_timeout_s)
+        self._cut_after_s = cut_after_s(
+            settings.self_fence_after_s, settings.peer_interval_s, settings.peer_probe_timeout_s
+        )
+        # Why the quorum cannot be kept safe with these timings (then never spared), or None.
+        self._quorum_off = settings.quorum_spare_off()
         self._peers_topic = peers_topic(prefix, self.node)
         self._client: aiomqtt.Client | None = None  # the live session's client, for reports
         self.prober: PeerProber | None = None
@@ -274,6 +296,13 @@ class Agent:
                     tg.create_task(self._api_loop(self._api_probe), name=f"agent-api:{self.node}")
                 if self._peer_address is not None:
                     peers = self._start_peers(tg)
+                    if self._quorum_off is not None:
+                        log.warning(
+                            "agent %s: no quorum before self-fencing with these timings (%s): "
+                            "cut off from broker and API, it fences on its own deadline",
+                            self.node,
+                            self._quorum_off,
+                        )
                 await self._fencing.wait()
                 for task in peers:  # a fencing node reports nothing more about others
                     task.cancel()
@@ -320,7 +349,9 @@ class Agent:
     def _start_peers(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
         assert self._boot_id is not None
         s = self._settings
-        self.endpoint = PeerEndpoint(self.node, self._boot_id, s.peer_host, s.peer_port)
+        self.endpoint = PeerEndpoint(
+            self.node, self._boot_id, s.peer_host, s.peer_port, cut_off=self.cut_off
+        )
         self.prober = PeerProber(
             self.node,
             self._boot_id,
@@ -330,6 +361,7 @@ class Agent:
             refresh_s=s.peer_refresh_s,
             publish=self._publish_report,
             on_outcome=self._on_probe,
+            on_round=self._probe_round,
             clock=self._clock,
         )
         log.info(
@@ -389,6 +421,9 @@ class Agent:
             "fence_reason": self._fence_reason,
             "fence_result": self._fence_outcome.summary() if self._fence_outcome else None,
             "peer_address": self._peer_address,
+            "members": self._members,
+            "cut_off": self.cut_off(),
+            "spared_rounds": self._spared_rounds,
             "peer_targets": sorted(self.prober.targets) if self.prober else [],
             "peer_results": {t: v.value for t, v in self.prober.results().items()}
             if self.prober
@@ -462,6 +497,7 @@ class Agent:
         await client.subscribe(self._heartbeat_topic, qos=0)
         if self.prober is not None:
             await client.subscribe(self._probe_topic, qos=1)  # retained: delivered at once
+            await client.subscribe(self._members_topic, qos=1)
         await client.publish(self._status_topic, ONLINE, qos=1, retain=True)
         self._connected = True
         self._client = client
@@ -525,6 +561,9 @@ class Agent:
             if topic == self._probe_topic and self.prober is not None:
                 self._probe_list(message.payload)
                 continue
+            if topic == self._members_topic:
+                self._members_message(message.payload)
+                continue
             if topic != self._heartbeat_topic or not isinstance(message.payload, bytes):
                 continue
             try:
@@ -562,6 +601,18 @@ class Agent:
             log.warning("agent %s: probe list refused: %s", self.node, e)
             return
         self.prober.set_targets(probe_list.targets)
+
+    def _members_message(self, payload: object) -> None:
+        if not isinstance(payload, bytes) or not payload:
+            return  # withdrawn or not bytes: keep what we knew (a spare needs a majority of it)
+        try:
+            members = parse_members(payload).nodes
+        except HeartbeatRejected as e:
+            log.warning("agent %s: member count refused: %s", self.node, e)
+            return
+        if members != self._members:
+            log.info("agent %s: %d nodes take part (for the quorum)", self.node, members)
+        self._members = members
 
     async def _goodbye(self, client: aiomqtt.Client, why: str) -> None:
         """Clean end of a connection, then the disconnect (no Will): retained `stopped` on a
@@ -790,6 +841,34 @@ class Agent:
         )
         self._save_boot_record()  # rewrites an unusable record as a good one
 
+    # --- quorum (decide/quorum.py) ----------------------------------------------------------
+
+    def cut_off(self) -> bool:
+        """What this agent answers its probers: it has proven no contact with broker or API
+        for `cut_after_s` (since its start, if never). None of its heartbeats reached the
+        controller in that time either: the controller counts it silent (decide/quorum.py)."""
+        if self._quorum_off is not None:
+            return False  # nobody may count on what we would say
+        marks = [t for t in (self._boot_contact.last, self._started_at) if t is not None]
+        return bool(marks) and self._clock() - max(marks) >= self._cut_after_s
+
+    def _probe_round(self, started: float, cut_peers: int) -> None:
+        """After a probe round: spared while it and the peers cut off too are a majority."""
+        if not self.cut_off() or not spared(self._members, cut_peers):
+            return
+        if self._spared_at is None or self._spared_at + self._spare_valid_s < started:
+            log.warning(
+                "agent %s: cut off from broker and API, and so are %d of the peers it reached "
+                "(%d nodes take part): a cluster-wide outage, not fencing while that lasts "
+                "(the controller hears at most half of the nodes and holds every reset)",
+                self.node,
+                cut_peers,
+                self._members or 0,
+            )
+        self._spared_at = started
+        self._spared_rounds += 1
+        self._contact_changed.set()
+
     def contact_proven(self, at: float) -> None:
         """Proven contact stamped `at`: arm at the first one, keep the latest in the record."""
         if self._boot_contact.first is None:
@@ -859,6 +938,11 @@ class Agent:
         if not self._durable:
             return None
         base = self._boot_contact.deadline(self._settings.self_fence_after_s)
+        spared_at = self._spared_at
+        if base is not None and spared_at is not None:
+            # Spared by a majority of cut-off nodes: the deadline (and the device's petting)
+            # lasts until the spare lapses, `spare_valid_s` after the round that granted it.
+            base = max(base, spared_at + self._spare_valid_s)
         lease = self.lease_deadline()
         if base is None or lease is None:
             return base

@@ -1,8 +1,9 @@
 """The agent's side of peer probes: its probe endpoint, and probing the nodes it is assigned.
 
 `PeerEndpoint` is a tiny TCP server: one `PING <node>` line in, one `PONG <node> <boot_id>` line
-out, close. Bounded line length, bounded concurrency and a deadline per connection; nothing a
-client sends can crash or stall the agent.
+out (ending in ` cut` while its agent is cut off from broker and API: decide/quorum.py), close.
+Bounded line length, bounded concurrency and a deadline per connection; nothing a client sends
+can crash or stall the agent.
 
 `PeerProber` probes every target of this node's probe list (set from the retained
 `<prefix>/probe/<node>` the leader publishes) every `peer_interval_s`, all concurrently, each
@@ -52,7 +53,14 @@ Publish = Callable[[bytes], Awaitable[bool]]
 class PeerEndpoint:
     """Answers PINGs for `node` until closed; `run()` keeps trying to listen until cancelled."""
 
-    def __init__(self, node: str, boot_id: str, host: str, port: int) -> None:
+    def __init__(
+        self,
+        node: str,
+        boot_id: str,
+        host: str,
+        port: int,
+        cut_off: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.node = node
         self.boot_id = boot_id
         self.host = host
@@ -62,6 +70,8 @@ class PeerEndpoint:
         self._server: asyncio.Server | None = None
         self._active = 0
         self._pong = encode_pong(node, boot_id)
+        self._pong_cut = encode_pong(node, boot_id, cut=True)
+        self._cut_off = cut_off
         self.started = asyncio.Event()  # set once listening
 
     @property
@@ -105,7 +115,7 @@ class PeerEndpoint:
                 if parse_ping(line) is not None:
                     # Answered with our own name whatever node was asked for: the prober then
                     # sees a PONG from another node (a stale address), not a silent endpoint.
-                    writer.write(self._pong)
+                    writer.write(self._pong_cut if self._cut_off() else self._pong)
                     await writer.drain()
                     self.answered += 1
         except (TimeoutError, ValueError, ConnectionError, OSError):
@@ -151,6 +161,7 @@ class PeerProber:
         refresh_s: float,
         publish: Publish,
         on_outcome: Callable[[ProbeOutcome], None] | None = None,
+        on_round: Callable[[float, int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node = node
@@ -161,6 +172,9 @@ class PeerProber:
         self.refresh_s = refresh_s
         self._publish = publish
         self._on_outcome = on_outcome
+        # After each round: (when it started, how many targets answered `cut`), for the
+        # agent's quorum (decide/quorum.py).
+        self._on_round = on_round
         self._clock = clock
         self.targets: dict[str, str] = {}
         self.states: dict[str, TargetState] = {}
@@ -210,9 +224,12 @@ class PeerProber:
 
     async def _round(self) -> None:
         targets = dict(self.targets)
+        started = self._clock()
         outcomes = await asyncio.gather(
             *(probe_once(t, a, self.timeout_s) for t, a in targets.items())
         )
+        if self._on_round is not None:
+            self._on_round(started, sum(1 for o in outcomes if o is ProbeOutcome.CUT))
         for target, outcome in zip(targets, outcomes, strict=True):
             if self._on_outcome is not None:
                 self._on_outcome(outcome)

@@ -261,11 +261,14 @@ def _controller(
                 controller.forget_node(key)
                 scheduler.forget(key)
                 probe_lists.node_deleted(key)
+                probe_lists.set_members(len(book.known))
                 for target in peer_book.forget(key):
                     if target in book.known:
                         scheduler.mark(target)
                 return
-            book.known.add(key)
+            if key not in book.known:
+                book.known.add(key)
+                probe_lists.set_members(len(book.known))
             controller.node_known(key)
             scheduler.mark(key)
         elif resource == LEASES.name:
@@ -391,6 +394,7 @@ def _controller(
         if leading:
             await cache.wait_synced()
             controller.become_leader()
+            probe_lists.set_members(len(book.known))
             probe_lists.lead()
             scheduler.mark_all(list(book.known))
         else:

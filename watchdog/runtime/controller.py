@@ -20,17 +20,18 @@ from watchdog.decide import actions as act
 from watchdog.decide.config import DecideConfig, FenceMode, Policy
 from watchdog.decide.follow import FollowBook, Followed, Rescheduled
 from watchdog.decide.heartbeats import HeartbeatBook
-from watchdog.decide.holds import cluster_holds, is_storm, storm_phases
+from watchdog.decide.holds import BLIND_HOLDS, cluster_holds, is_storm, storm_phases
 from watchdog.decide.machine import Context, Decision, decide
 from watchdog.decide.names import STATE_ANNOTATION
 from watchdog.decide.observations import LauncherPod, NodeObservation, SourceHealth
 from watchdog.decide.peer_reports import PeerBook, PeerEvidence, peers_unreachable
 from watchdog.decide.policy import PolicyError, parse_policy
+from watchdog.decide.quorum import MembersFloor, quorum_lost
 from watchdog.decide.reasons import Reason
 from watchdog.decide.reset_plan import Outcome, outcome_for
 from watchdog.decide.safety import effective_period_s, safe_delay_s
 from watchdog.decide.signals import Signal
-from watchdog.decide.state import DOWN_PHASES, NodeState, Phase
+from watchdog.decide.state import DOWN_PHASES, SILENT_PHASES, NodeState, Phase
 from watchdog.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,12 @@ class Controller:
         self.request_api_probe: Callable[[], None] = lambda: None
         self._holds_reported: tuple[Reason, ...] = ()
         self.storm_until: float | None = None  # the storm hold lasts until then (holds())
+        # The member count the quorum hold divides by: the smallest published recently.
+        self.members_floor = MembersFloor()
+        self._quorum_lost = False
+        # decide/machine.py, Context.blind_until: when a blind hold was last in force.
+        self.blind_until: float | None = None
+        self._was_blind = False
         # node → when the Node object first appeared in our cache (see heartbeat_watch_since).
         self.known_since: dict[str, float] = {}
         # Set by the runtime to the heartbeat subscriber's lag check (observe/mqtt.py); read at
@@ -164,6 +171,9 @@ class Controller:
                 state = replace(state, heartbeats_at_mark=rec.received)
             self._set_state(node, state)
         self.fence_confirmed.clear()  # an earlier term's hook runs prove nothing to this one
+        # Counted from the synced cache, as the member count this term publishes.
+        self.members_floor = MembersFloor()
+        self._quorum_lost = False
         self._leading = True
         self.metrics.leader.set(1)
 
@@ -281,7 +291,16 @@ class Controller:
             # a returning kubelet renews within it, which vetoes its node's reset.
             self.storm_until = now + self.cfg.lease_stale_after_s
         settling = self.storm_until is not None and now < self.storm_until
-        return cluster_holds(
+        silent = sum(n for p, n in self.phase_counts.items() if p in SILENT_PHASES)
+        lost = quorum_lost(silent, self.members_floor.floor(now, len(self.book.known)))
+        if self._quorum_lost and not lost:
+            # Held nodes schedule no wake-up of their own: decide them again now (their fence
+            # clocks restart, decide/machine.py).
+            for node, why in list(self._node_holds.items()):
+                if why is Reason.HOLD_QUORUM:
+                    self.mark(node)
+        self._quorum_lost = lost
+        holds = cluster_holds(
             phases,
             len(self.states),
             health or self.health.snapshot(self.ingest_lagging()),
@@ -289,7 +308,13 @@ class Controller:
             self.cfg,
             self.view.upgrade_running(),
             storm_settling=settling,
+            quorum_lost=lost,
         )
+        blind = any(h in BLIND_HOLDS for h in holds)
+        if blind or self._was_blind:
+            self.blind_until = now  # in force now, or first seen over now
+        self._was_blind = blind
+        return holds
 
     def _set_state(self, node: str, state: NodeState) -> None:
         old = self.states.get(node)
@@ -353,7 +378,7 @@ class Controller:
             self._set_state(node, state)
         obs = self.observe_node(node, now)
         health = self.health.snapshot(self.ingest_lagging())
-        ctx = Context(health, self.refresh_policy(), self.holds(health))
+        ctx = Context(health, self.refresh_policy(), self.holds(health), self.blind_until)
         self._report_holds(ctx.holds)
         decision = decide(state, obs, ctx, now, self.cfg)
         if (

@@ -1,4 +1,5 @@
-"""The leader's probe lists: who probes whom, published retained on `<prefix>/probe/<node>`.
+"""The leader's probe lists: who probes whom, published retained on `<prefix>/probe/<node>`;
+and the member count the agents' quorum divides by, retained on `<prefix>/members`.
 
 Owns the assignment ring (decide/peer_ring.py) fed from the addresses agents announce in their
 heartbeats, and what it last published per node. Every replica keeps the ring (the controller
@@ -13,6 +14,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from watchdog.decide.peer_ring import PeerRing, encode_probe_list, probe_topic
+from watchdog.decide.quorum import encode_members, members_topic
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,22 @@ class ProbeLists:
         self._leading = False
         self._published: dict[str, bytes] = {}
         self.publishes = 0
+        self._members = 0  # the node count (the controller's known nodes)
+        self._members_published: int | None = None
+
+    def set_members(self, nodes: int) -> None:
+        """The node count changed (a Node added or deleted): the leader says so at once."""
+        self._members = nodes
+        self._send_members()
+
+    def _send_members(self, *, force: bool = False) -> None:
+        if not self._leading or self._members < 1:
+            return
+        if not force and self._members_published == self._members:
+            return
+        self._members_published = self._members
+        self._publish(members_topic(self._prefix), encode_members(self._members))
+        self.publishes += 1
 
     def address_seen(self, node: str, address: str | None) -> None:
         """A heartbeat of `node` announced `address` (None: it no longer takes part)."""
@@ -50,6 +68,7 @@ class ProbeLists:
         self._leading = True
         self._published.clear()
         self._send(list(self.ring.addresses), force=True)
+        self._send_members(force=True)
 
     def step_down(self) -> None:
         self._leading = False
@@ -57,6 +76,7 @@ class ProbeLists:
     def reconnected(self) -> None:
         if self._leading:
             self._send(list(self.ring.addresses), force=True)
+            self._send_members(force=True)
 
     def _send(self, nodes: Iterable[str], *, force: bool = False) -> None:
         if not self._leading:

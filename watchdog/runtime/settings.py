@@ -21,6 +21,7 @@ from pydantic_settings import (
 
 from watchdog.decide.config import DecideConfig, FenceMode, Policy
 from watchdog.decide.peer_address import valid_peer_address
+from watchdog.decide.quorum import spare_timing_error
 
 CONFIG_FILE_ENV = "WATCHDOG_CONFIG_FILE"
 # The node's address, from the downward API (status.hostIP): the default probe address.
@@ -405,6 +406,19 @@ class Settings(BaseSettings):
         description="Log line format; json: one object per line (t, level, logger, msg, and "
         "error with the traceback), every line parseable.",
     )
+
+    def quorum_spare_off(self) -> str | None:
+        """Why the agent's quorum before self-fencing is off with these timings (it then fences
+        on its own deadline, as without peers), or None (decide/quorum.py)."""
+        return spare_timing_error(
+            peer_interval_s=self.peer_interval_s,
+            peer_probe_timeout_s=self.peer_probe_timeout_s,
+            self_fence_after_s=self.self_fence_after_s,
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            fence_margin_s=self.fence_margin_s,
+            suspect_after_s=self.suspect_after_s,
+            max_ingest_lag_s=self.mqtt.max_ingest_lag_s,
+        )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:

@@ -1,0 +1,320 @@
+"""Quorum before self-fencing (decide/quorum.py): the rule, its wire format, and a model of
+partitions over time in which hypothesis looks for a schedule where the controller resets a
+node whose agent spared itself.
+
+The model: n nodes in groups that reach each other (peer probes) and maybe the control plane
+(broker and API, one place or down); a controller in one of the groups; agents with the real
+rule (`spared`, `spare_valid_s`), stamps and deadlines as agent.py keeps them; a controller that
+counts silence from what it hears, gives the benefit of the doubt after its own reconnection,
+holds on `quorum_lost` (real function) while blind, restarts the fence clock after a blind hold
+(`restart_clock`) and resets once the safe delay has run. It is adversarial where the real
+controller has more evidence: every silent node counts as corroborated at once, and no storm
+hold or period helps. Mutants (`restart_clock=False`, a spare that never lapses, a controller
+that divides by more nodes than the agents) must be caught: the model can represent the faults
+it is meant to rule out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import NoSuchExample
+
+from watchdog.decide.heartbeats import HeartbeatRejected
+from watchdog.decide.quorum import (
+    MembersFloor,
+    cut_after_s,
+    encode_members,
+    parse_members,
+    quorum_lost,
+    spare_timing_error,
+    spare_valid_s,
+    spared,
+)
+
+# --- the rule itself ---------------------------------------------------------------------------
+
+
+def test_an_agent_is_spared_only_with_a_strict_majority_of_cut_off_nodes() -> None:
+    assert not spared(None, 3)  # never told how many nodes take part: fence
+    assert not spared(4, 0)  # alone: fence (minority partition)
+    assert not spared(4, 1)  # two of four: no majority
+    assert spared(4, 2)  # three of four
+    assert spared(3, 1)  # two of three
+    assert not spared(5, 1) and spared(5, 2)
+    assert spared(1, 0)  # a single node: the outage is the whole cluster
+
+
+def test_the_controller_holds_when_more_than_half_are_silent() -> None:
+    assert not quorum_lost(2, 4) and quorum_lost(3, 4)
+    assert not quorum_lost(0, 0)
+    for members in range(1, 40):
+        for cut in range(members):
+            # The intersection: a spare implies the hold, counted over the same members.
+            if spared(members, cut):
+                assert quorum_lost(1 + cut, members)
+
+
+def test_settings_that_keep_a_spare_past_the_safe_delay_are_refused() -> None:
+    ok = dict(
+        self_fence_after_s=8.0,
+        heartbeat_interval_s=1.0,
+        fence_margin_s=2.0,
+        suspect_after_s=3.0,
+        max_ingest_lag_s=1.0,
+    )
+    assert spare_timing_error(peer_interval_s=1.0, peer_probe_timeout_s=1.0, **ok) is None
+    # Rounds too slow: `cut` would come too late to tell, and a spare would outlive the delay.
+    error = spare_timing_error(peer_interval_s=3.0, peer_probe_timeout_s=1.0, **ok)
+    assert error is not None and "suspect_after_s" in error
+    error = spare_timing_error(
+        peer_interval_s=9.0, peer_probe_timeout_s=1.0, **{**ok, "self_fence_after_s": 24.0}
+    )
+    assert error is not None and "30s exceeds" in error
+
+
+def test_the_member_count_on_the_wire_is_parsed_strictly() -> None:
+    assert parse_members(encode_members(7)).nodes == 7
+    too_long = b'{"nodes":' + b"9" * 80 + b"}"
+    for bad in (b"", b"[]", b'{"nodes":0}', b'{"nodes":true}', b'{"nodes":1.5}',
+                b'{"nodes":3,"x":1}', b'{"nodes":100001}', b"\xff", too_long):  # fmt: skip
+        with pytest.raises(HeartbeatRejected):
+            parse_members(bad)
+
+
+def test_the_controller_divides_by_the_smallest_member_count_it_had_recently() -> None:
+    floor = MembersFloor(memory_s=600)
+    assert floor.floor(0, 4) == 4
+    assert floor.floor(10, 6) == 4  # two nodes joined: an agent cut off since may know 4
+    assert floor.floor(300, 6) == 4
+    assert floor.floor(611, 6) == 6  # 4 was last current before the window
+    assert floor.floor(612, 3) == 3  # a node deleted: smaller at once
+    assert floor.floor(700, 5) == 3
+
+
+# --- the model -------------------------------------------------------------------------------
+
+HB, SUSPECT, AFTER, BOUND, MARGIN = 1, 3, 8, 5, 2
+PEER_INTERVAL, PROBE_TIMEOUT = 1, 1
+SAFE_DELAY = AFTER + BOUND + HB + MARGIN  # decide/safety.py, safe_delay_s, device = bound
+SPARE_S = spare_valid_s(PEER_INTERVAL, PROBE_TIMEOUT)
+CUT_S = cut_after_s(AFTER, PEER_INTERVAL, PROBE_TIMEOUT)  # answers `cut` from then on
+HORIZON = 150
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Who reaches whom from some second on: node → group; the control plane's group (None:
+    broker and API down); the controller's group."""
+
+    groups: tuple[int, ...]
+    control_plane: int | None
+    controller: int
+
+
+@dataclass
+class Agent:
+    last_contact: int = 0
+    spared_at: int | None = None
+    pending: int | None = None  # a round that started then and found a majority cut off
+    fenced_at: int | None = None
+    cut_s: float = CUT_S
+
+    def cut(self, now: int) -> bool:
+        return now - self.last_contact >= self.cut_s
+
+    def deadline(self, *, lapse: bool) -> float:
+        base: float = self.last_contact + AFTER
+        if self.spared_at is not None:
+            base = max(base, float("inf") if not lapse else self.spared_at + SPARE_S)
+        return base
+
+
+@dataclass
+class Controller:
+    heard: list[int]
+    connected: bool = True
+    fence_clock: dict[int, int] = field(default_factory=dict)
+    blind_until: int | None = None
+    was_blind: bool = False
+
+
+def successors(i: int, n: int, k: int) -> list[int]:
+    return [(i + j) % n for j in range(1, min(k, n - 1) + 1)]
+
+
+def violation(
+    n: int,
+    k: int,
+    schedule: list[tuple[int, Shape]],
+    *,
+    restart_clock: bool = True,
+    lapse: bool = True,
+    controller_members_extra: int = 0,
+    cut_s: float = CUT_S,
+) -> str | None:
+    """Run the schedule; the first reset of a node whose agent has not stopped it, else None."""
+    return simulate(
+        n,
+        k,
+        schedule,
+        restart_clock=restart_clock,
+        lapse=lapse,
+        controller_members_extra=controller_members_extra,
+        cut_s=cut_s,
+    )[0]
+
+
+def simulate(
+    n: int,
+    k: int,
+    schedule: list[tuple[int, Shape]],
+    *,
+    restart_clock: bool = True,
+    lapse: bool = True,
+    controller_members_extra: int = 0,
+    cut_s: float = CUT_S,
+) -> tuple[str | None, list[int]]:
+    """(the first reset of a node whose agent has not stopped it, or None; who fenced)."""
+    fenced: list[int] = []
+    agents = [Agent(cut_s=cut_s) for _ in range(n)]
+    ctl = Controller(heard=[0] * n)
+    changes = dict(schedule)
+    shape = Shape(tuple([0] * n), 0, 0)
+    for now in range(HORIZON):
+        shape = changes.get(now, shape)
+        alive = [a.fenced_at is None for a in agents]
+        # Contact: an agent reaches broker and API with its group.
+        for i, a in enumerate(agents):
+            if alive[i] and shape.control_plane is not None:
+                if shape.groups[i] == shape.control_plane:
+                    a.last_contact = now
+        # Probe rounds: last second's answers arrive now; this second's round starts.
+        for i, a in enumerate(agents):
+            if a.pending is not None:
+                a.spared_at, a.pending = a.pending, None
+            if not alive[i] or not a.cut(now):
+                continue
+            cut_peers = sum(
+                1
+                for j in successors(i, n, k)
+                if alive[j] and shape.groups[j] == shape.groups[i] and agents[j].cut(now)
+            )
+            if spared(n, cut_peers):
+                a.pending = now
+        # Agents fence at their deadline; the node is stopped BOUND later at the latest.
+        for i, a in enumerate(agents):
+            if alive[i] and now >= a.deadline(lapse=lapse):
+                a.fenced_at = now
+                fenced.append(i)
+        # The controller.
+        up = shape.control_plane is not None and shape.controller == shape.control_plane
+        if not up:
+            ctl.connected = False
+            ctl.blind_until, ctl.was_blind = now, True  # BrokerDown / APIDown
+            continue
+        if not ctl.connected:  # benefit of the doubt: ages count from the reconnection
+            ctl.connected = True
+            ctl.heard = [max(h, now) for h in ctl.heard]
+        for i in range(n):
+            if agents[i].fenced_at is None and shape.groups[i] == shape.control_plane:
+                ctl.heard[i] = now
+        silent = [now - h >= SUSPECT for h in ctl.heard]
+        blind = quorum_lost(sum(silent), n + controller_members_extra)
+        if blind or ctl.was_blind:
+            ctl.blind_until = now  # in force, or first seen over
+        ctl.was_blind = blind
+        for i in range(n):
+            if not silent[i]:
+                ctl.fence_clock.pop(i, None)
+                continue
+            clock = ctl.fence_clock.setdefault(i, now)
+            if restart_clock and ctl.blind_until is not None:
+                clock = ctl.fence_clock[i] = max(clock, ctl.blind_until)
+            if blind:
+                continue
+            if now >= clock + SAFE_DELAY:
+                stopped = agents[i].fenced_at
+                if stopped is None or stopped + BOUND > now:
+                    return f"t={now}: node {i} reset while running (fenced at {stopped})", fenced
+                ctl.heard[i] = now  # reset: its VMs run elsewhere; the model looks no further
+    return None, fenced
+
+
+@st.composite
+def schedules(draw: st.DrawFn, max_nodes: int = 7) -> tuple[int, int, list[tuple[int, Shape]]]:
+    """Up to four partition changes; each may flap (switch back and forth every 1-3 s for a
+    while, as a flapping link does) before it settles."""
+    n = draw(st.integers(2, max_nodes))
+    k = draw(st.integers(1, 3))
+    steps: dict[int, Shape] = {}
+    before = Shape(tuple([0] * n), 0, 0)
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(1, HORIZON - 40))
+        groups = tuple(draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)))
+        cp = draw(st.one_of(st.none(), st.integers(0, 2)))
+        shape = Shape(groups, cp, draw(st.integers(0, 2)))
+        settled = at
+        if draw(st.booleans()):  # flaps first
+            period = draw(st.integers(1, 3))
+            for i, t in enumerate(range(at, at + draw(st.integers(2, 30)), period)):
+                steps[t] = shape if i % 2 == 0 else before
+                settled = t + 1
+        steps[settled] = shape
+        before = shape
+    return n, k, sorted(steps.items(), key=lambda s: s[0])
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schedules())
+def test_no_schedule_resets_a_node_whose_agent_spared_itself(
+    case: tuple[int, int, list[tuple[int, Shape]]],
+) -> None:
+    n, k, schedule = case
+    assert violation(n, k, schedule) is None
+
+
+CONTROL_PLANE_LOSS = [
+    (10, Shape((0, 0, 0, 0), None, 0)),  # broker and API down for everyone
+    (50, Shape((0, 0, 0, 0), 0, 0)),
+]
+
+
+def test_a_control_plane_loss_reboots_no_node_in_the_model() -> None:
+    """The must-not twin: four nodes, each probing the other three, lose broker and API for
+    40 s: nobody fences (the reason for the rule)."""
+    problem, fenced = simulate(4, 3, CONTROL_PLANE_LOSS)
+    assert problem is None
+    assert fenced == [], f"nodes {fenced} rebooted in a control-plane outage"
+
+
+def test_a_minority_partition_fences_and_only_then_is_reset() -> None:
+    partition = [(10, Shape((0, 0, 0, 1), 0, 0))]  # node 3 alone, the rest with the control plane
+    assert simulate(4, 3, partition) == (None, [3])
+
+
+@pytest.mark.parametrize(
+    "mutant",
+    [
+        {"restart_clock": False},  # the safe delay not counted again after a blind hold
+        {"lapse": False},  # a spare that never lapses
+        {"controller_members_extra": 2},  # the controller divides by more nodes than agents
+        {"cut_s": SUSPECT - 2},  # `cut` said while the controller still hears the node
+    ],
+    ids=["no-clock-restart", "spare-never-lapses", "larger-denominator", "cut-too-early"],
+)
+def test_the_model_catches_each_broken_variant(mutant: dict[str, object]) -> None:
+    from hypothesis import find
+
+    try:
+        found = find(
+            schedules(max_nodes=5),
+            lambda case: violation(*case, **mutant) is not None,  # type: ignore[arg-type]
+            settings=settings(max_examples=20_000, deadline=None, database=None),
+        )
+    except NoSuchExample:  # pragma: no cover - the failure this test exists to report
+        pytest.fail(f"the model cannot show what {mutant} breaks")
+    assert violation(*found) is None, "the real rule must hold where the mutant fails"
