@@ -440,6 +440,26 @@ async def test_no_agent_can_publish_probe_lists(broker: Broker) -> None:
         assert await itself.wait_for(*after_own) == [after_own]
 
 
+async def test_every_agent_reads_the_member_count_and_only_the_controller_writes_it(
+    broker: Broker,
+) -> None:
+    """The count the agents' quorum divides by (decide/quorum.py): a node that could raise it
+    would make its peers fence in a cluster-wide outage; lower it, spare them wrongly."""
+    topic = f"{PREFIX}/members"
+    forged = (topic, b'{"nodes":1}')
+    real = (topic, b'{"nodes":4}')
+    async with (
+        subscribed(broker, "node-1", topic) as one,
+        subscribed(broker, "node-2", topic) as two,
+    ):
+        async with broker.client("node-2", identifier="agent-node-2") as attacker:
+            await attacker.publish(*forged, qos=1)
+        async with broker.client(mqtt_credentials.CONTROLLER_USER, identifier="leader") as leader:
+            await leader.publish(*real, qos=1)
+        assert await one.wait_for(*real) == [real], "an agent wrote the member count"
+        assert await two.wait_for(*real) == [real]
+
+
 async def test_a_packet_above_the_size_limit_disconnects_its_sender_and_reaches_nobody(
     broker: Broker,
 ) -> None:

@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from chaos.sim.ports import free_port
-from watchdog.decide.peer_probe import ProbeOutcome
+from watchdog.decide.peer_probe import PeerView, ProbeOutcome
 from watchdog.heartbeat.peers import PeerEndpoint, PeerProber, probe_once
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
@@ -59,6 +59,44 @@ async def test_outcomes_of_one_probe(endpoint: PeerEndpoint, silent: str) -> Non
     # Nothing listens: the kernel refuses, i.e. the machine is alive.
     assert await probe_once("node-a", f"127.0.0.1:{free_port()}", 2.0) is ProbeOutcome.REFUSED
     assert await probe_once("node-a", silent, 0.3) is ProbeOutcome.TIMEOUT
+
+
+async def test_an_agent_cut_off_says_so_and_a_round_counts_the_peers_that_did() -> None:
+    """What the quorum before self-fencing reads (decide/quorum.py): `PONG ... cut` while the
+    answering agent is cut off from broker and API, and the prober's count of such answers."""
+    cut = [False]
+    ep = PeerEndpoint("node-a", "boot-a", "127.0.0.1", free_port(), cut_off=lambda: cut[0])
+    task = asyncio.create_task(ep.run())
+    async with asyncio.timeout(DEADLINE_S):
+        await ep.started.wait()
+    address = f"127.0.0.1:{ep.port}"
+    assert await probe_once("node-a", address, 2.0) is ProbeOutcome.OK
+    cut[0] = True
+    assert await probe_once("node-a", address, 2.0) is ProbeOutcome.CUT
+    rounds: list[tuple[float, int]] = []
+    one_round = asyncio.Event()
+
+    def on_round(at: float, cut_peers: int) -> None:
+        rounds.append((at, cut_peers))
+        one_round.set()
+
+    async def publish(payload: bytes) -> bool:
+        return False  # the broker is gone too
+
+    prober = PeerProber(
+        "node-b", "boot-b", interval_s=0.05, timeout_s=1.0, failures=2, refresh_s=30.0,
+        publish=publish, on_round=on_round,
+    )  # fmt: skip
+    prober.set_targets({"node-a": address, "node-c": f"127.0.0.1:{free_port()}"})
+    probing = asyncio.create_task(prober.run())
+    async with asyncio.timeout(DEADLINE_S):
+        await one_round.wait()
+    assert rounds[0][1] == 1  # node-a cut off; node-c refused (its agent is not running)
+    assert prober.results()["node-a"] is PeerView.REACHABLE  # cut off, but alive
+    for t in (probing, task):
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
 
 
 async def test_hostile_clients_do_not_take_the_endpoint_down(endpoint: PeerEndpoint) -> None:

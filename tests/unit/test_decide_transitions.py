@@ -831,6 +831,7 @@ def test_reset_of_a_node_without_launcher_pods_taints_deletes_nothing_and_comple
 
 HOLDS = [
     pytest.param(Reason.HOLD_STORM, UP, id="storm: too many nodes down at once"),
+    pytest.param(Reason.HOLD_QUORUM, UP, id="more than half of the nodes silent"),
     pytest.param(Reason.HOLD_BROKER_DOWN, BROKER_DOWN, id="the controller lost the broker"),
     pytest.param(Reason.HOLD_API_DOWN, API_DOWN, id="the controller lost the API server"),
     pytest.param(Reason.HOLD_POLICY_DISABLED, UP, id="policy enable false: detect only"),

@@ -981,7 +981,8 @@ class Agent:
                 reason = f"the API says this node is {self._declared_down_phase}"
                 episode = f"declared {self._declared_down_phase}"
             elif now >= deadline:
-                silent_s = now - deadline + self.declaration.after_s
+                last = self._boot_contact.last
+                silent_s = now - last if last is not None else self.declaration.after_s
                 reason = f"no contact with broker or API for {silent_s:.1f}s"
                 episode = f"cut off until {deadline}"
             if reason is not None:

@@ -1,0 +1,105 @@
+"""The agent's side of the quorum before self-fencing (decide/quorum.py): when it answers `cut`,
+when a probe round spares it, how long a spare lasts (and so how long its watchdog device is
+petted), and when it never spares itself.
+
+Runs the agent's own bookkeeping with a manual clock: `contact_proven`, the member count as it
+arrives from the broker, the prober's round callback, `deadline`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from watchdog.decide.quorum import encode_members
+from watchdog.heartbeat.agent import Agent
+from watchdog.runtime.settings import Settings
+
+BOOT = "6f1c0d2e-boot"
+AFTER_S = 8.0  # shipped: cut answered 4 s after the last contact, spare lasts 4 s (1 s rounds)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def agent(state: Path, clock: Clock, **settings: object) -> Agent:
+    a = Agent(
+        Settings(
+            node_name="node-a",
+            boot_state_dir=state,
+            self_fence_after_s=AFTER_S,
+            fence_command="true",
+            **settings,  # type: ignore[arg-type]
+        ),
+        clock=clock,
+    )
+    a.resume_boot(BOOT, clock.now)
+    a.contact_proven(clock.now)  # armed; the last contact is now
+    return a
+
+
+def test_cut_is_answered_only_after_four_seconds_without_contact(tmp_path: Path) -> None:
+    clock = Clock()
+    a = agent(tmp_path, clock)
+    clock.now += 3.9
+    assert not a.cut_off()
+    clock.now += 0.1
+    assert a.cut_off()
+    a.contact_proven(clock.now)
+    assert not a.cut_off()
+
+
+def test_a_majority_of_cut_off_nodes_spares_it_for_two_rounds(tmp_path: Path) -> None:
+    clock = Clock()
+    a = agent(tmp_path, clock)
+    a._members_message(encode_members(4))
+    assert a.deadline() == 108.0
+    clock.now = 107.0
+    a._probe_round(106.5, 2)  # it and two peers: three of four
+    assert a.deadline() == 106.5 + 4.0  # the device is petted until then
+    clock.now = 110.0
+    a._probe_round(109.5, 2)
+    assert a.deadline() == 113.5
+    # The peers' contact is back (they answer plain PONGs): no more rounds spare it, and the
+    # last one lapses 4 s after it started.
+    a._probe_round(110.5, 0)
+    assert a.deadline() == 113.5
+
+
+def test_half_of_the_nodes_is_not_a_majority(tmp_path: Path) -> None:
+    clock = Clock()
+    a = agent(tmp_path, clock)
+    a._members_message(encode_members(4))
+    clock.now = 107.0
+    a._probe_round(106.5, 1)  # two of four: maybe a partition in halves; the controller
+    assert a.deadline() == 108.0  # may hear the other half, so fence
+
+
+def test_no_spare_without_a_member_count_or_while_in_contact(tmp_path: Path) -> None:
+    clock = Clock()
+    a = agent(tmp_path, clock)
+    clock.now = 107.0
+    a._probe_round(106.5, 3)  # never told how many nodes there are
+    assert a.deadline() == 108.0
+    a._members_message(b'{"nodes":"four"}')  # refused, logged
+    a._probe_round(106.6, 3)
+    assert a.deadline() == 108.0
+    a._members_message(encode_members(4))
+    clock.now = 103.0
+    a._probe_round(102.5, 3)  # 3 s since contact: not cut off itself
+    assert a.deadline() == 108.0
+
+
+def test_timings_that_cannot_keep_a_spare_safe_turn_the_quorum_off(tmp_path: Path) -> None:
+    clock = Clock()
+    # 8 - 2 x (2 + 1) = 2 s: it would say `cut` while the controller may still hear it.
+    a = agent(tmp_path, clock, peer_interval_s=2.0, peer_probe_timeout_s=1.0)
+    a._members_message(encode_members(4))
+    clock.now = 107.0
+    assert not a.cut_off()
+    a._probe_round(106.5, 3)
+    assert a.deadline() == 108.0
