@@ -15,7 +15,7 @@ from watchdog.heartbeat.agent import Agent
 from watchdog.runtime.settings import Settings
 
 BOOT = "6f1c0d2e-boot"
-AFTER_S = 8.0  # shipped: cut answered 4 s after the last contact, spare lasts 4 s (1 s rounds)
+AFTER_S = 8.0  # shipped: cut answered 5 s after the last contact, spare lasts 4 s (1 s rounds)
 
 
 class Clock:
@@ -42,10 +42,10 @@ def agent(state: Path, clock: Clock, **settings: object) -> Agent:
     return a
 
 
-def test_cut_is_answered_only_after_four_seconds_without_contact(tmp_path: Path) -> None:
+def test_cut_is_answered_only_after_five_seconds_without_contact(tmp_path: Path) -> None:
     clock = Clock()
     a = agent(tmp_path, clock)
-    clock.now += 3.9
+    clock.now += 4.9
     assert not a.cut_off()
     clock.now += 0.1
     assert a.cut_off()
@@ -89,14 +89,24 @@ def test_no_spare_without_a_member_count_or_while_in_contact(tmp_path: Path) -> 
     a._probe_round(106.6, 3)
     assert a.deadline() == 108.0
     a._members_message(encode_members(4))
-    clock.now = 103.0
-    a._probe_round(102.5, 3)  # 3 s since contact: not cut off itself
+    clock.now = 104.0
+    a._probe_round(103.5, 3)  # 4 s since contact: not cut off itself
     assert a.deadline() == 108.0
+
+
+def test_no_cut_from_an_agent_without_contact_in_this_boot(tmp_path: Path) -> None:
+    clock = Clock()
+    a = Agent(
+        Settings(node_name="node-a", boot_state_dir=tmp_path, fence_command="true"), clock=clock
+    )
+    a.resume_boot(BOOT, clock.now)
+    clock.now += 60.0
+    assert not a.cut_off()  # unarmed; the controller may never have heard this boot
 
 
 def test_timings_that_cannot_keep_a_spare_safe_turn_the_quorum_off(tmp_path: Path) -> None:
     clock = Clock()
-    # 8 - 2 x (2 + 1) = 2 s: it would say `cut` while the controller may still hear it.
+    # 8 - (2 + 1) - 1 = 4 s: it would say `cut` while the controller may still hear it.
     a = agent(tmp_path, clock, peer_interval_s=2.0, peer_probe_timeout_s=1.0)
     a._members_message(encode_members(4))
     clock.now = 107.0

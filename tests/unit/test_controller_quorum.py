@@ -119,3 +119,31 @@ async def test_with_a_majority_heard_the_reset_comes_after_one_safe_delay() -> N
     await run.tick(2.0, HEARD + QUIET)
     assert run.reset() and run.c.blind_until is None
     assert run.clock.now <= start + SAFE_DELAY + 1.0
+
+
+async def test_a_deleted_node_still_counts_as_silent() -> None:
+    """Deleting the Node of a cut-off machine does not end the hold: its agent still answers
+    `cut` to its peers with the member count it knew."""
+    run = Run()
+    run.c.members_synced()
+    run.c.become_leader()
+    await run.tick(6.0, HEARD)
+    assert Reason.HOLD_QUORUM in run.c.holds()
+    run.book.known.discard("n3")  # what the runtime does on a Node's deletion
+    run.c.forget_node("n3")
+    run.c.node_count_changed()
+    await run.tick(30.0, HEARD)
+    assert Reason.HOLD_QUORUM in run.c.holds(), "3 of 5 cut off, yet the hold ended"
+    assert not run.reset()
+
+
+async def test_a_new_leader_divides_by_the_smallest_count_its_replica_saw() -> None:
+    """The floor is kept by every replica from Node events, not by the leader alone."""
+    run = Run()
+    run.c.members_synced()  # a standby, synced: it counts 5
+    run.book.known.update({"n6", "n7"})  # two nodes join while n1-n3 are cut off
+    run.c.node_count_changed()
+    run.c.become_leader()
+    await run.tick(6.0, HEARD)
+    # 3 silent of 7 is no majority, but agents cut off before the join may know only 5.
+    assert Reason.HOLD_QUORUM in run.c.holds()

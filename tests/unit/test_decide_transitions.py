@@ -877,6 +877,18 @@ def test_the_first_hold_is_reported_and_a_new_hold_reason_is_reported_again() ->
     assert not is_destructive(d2)
 
 
+def test_while_more_than_half_are_silent_a_node_is_not_declared_down() -> None:
+    """QuorumLost: its agent may be sparing itself, and a declaration would be the first thing
+    it reads when its link returns (before we hear it): it would fence. It stays SUSPECT."""
+    d = step(node(S), dead(), ctx=context(holds=(Reason.HOLD_QUORUM,)))
+    assert d.state.phase is S and not d.transitions
+    assert events(d) == [("ResetHeld", Reason.HOLD_QUORUM)]
+    assert actions_of(d, PersistState) == []
+    # The hold over, the same observation declares it.
+    d2 = step(d.state, dead(), ctx=context(), now=T + 1)
+    assert next(iter(d2.transitions)) == (S, U, Reason.CORROBORATED_LEASE)
+
+
 def test_a_hold_while_entering_fencing_is_reported_in_the_same_step() -> None:
     d = step(node(S), dead(), ctx=context(holds=(Reason.HOLD_STORM,)))
     assert list(d.transitions) == [(S, U, Reason.CORROBORATED_LEASE), TO_FENCING]

@@ -101,35 +101,53 @@ HB, SUSPECT, AFTER, BOUND, MARGIN = 1, 3, 8, 5, 2
 PEER_INTERVAL, PROBE_TIMEOUT = 1, 1
 SAFE_DELAY = AFTER + BOUND + HB + MARGIN  # decide/safety.py, safe_delay_s, device = bound
 SPARE_S = spare_valid_s(PEER_INTERVAL, PROBE_TIMEOUT)
-CUT_S = cut_after_s(AFTER, PEER_INTERVAL, PROBE_TIMEOUT)  # answers `cut` from then on
+CUT_S = cut_after_s(AFTER, PEER_INTERVAL, PROBE_TIMEOUT, HB)  # answers `cut` from then on
+# An agent's latest proven contact is older than the controller's latest heartbeat of it by up
+# to this much: that heartbeat's echo may be lost (one interval) and it may have reached the
+# controller up to max_ingest_lag_s (1 s) after it was sent.
+CONTACT_LAG = HB + 1
 HORIZON = 150
 
 
 @dataclass(frozen=True)
 class Shape:
     """Who reaches whom from some second on: node → group; the control plane's group (None:
-    broker and API down); the controller's group."""
+    broker and API down); the controller's group; the nodes whose Node object is deleted by
+    then (their machines, and agents, may still run)."""
 
     groups: tuple[int, ...]
     control_plane: int | None
     controller: int
+    deleted: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The rules as built; each field off (or changed) is a mutant the model must catch."""
+
+    restart_clock: bool = True  # the safe delay counted again after a blind hold
+    lapse: bool = True  # a spare lasts SPARE_S after the round that granted it
+    members_extra: int = 0  # the controller divides by this many more nodes than the agents
+    cut_s: float = CUT_S
+    count_deleted: bool = True  # deleted nodes count as silent (for MEMBERS_MEMORY_S)
 
 
 @dataclass
 class Agent:
+    rules: Rules
     last_contact: int = 0
     spared_at: int | None = None
     pending: int | None = None  # a round that started then and found a majority cut off
     fenced_at: int | None = None
-    cut_s: float = CUT_S
 
     def cut(self, now: int) -> bool:
-        return now - self.last_contact >= self.cut_s
+        return now - self.last_contact >= self.rules.cut_s
 
-    def deadline(self, *, lapse: bool) -> float:
+    def deadline(self) -> float:
         base: float = self.last_contact + AFTER
         if self.spared_at is not None:
-            base = max(base, float("inf") if not lapse else self.spared_at + SPARE_S)
+            lapse = self.spared_at + SPARE_S if self.rules.lapse else float("inf")
+            base = max(base, lapse)
         return base
 
 
@@ -147,40 +165,18 @@ def successors(i: int, n: int, k: int) -> list[int]:
 
 
 def violation(
-    n: int,
-    k: int,
-    schedule: list[tuple[int, Shape]],
-    *,
-    restart_clock: bool = True,
-    lapse: bool = True,
-    controller_members_extra: int = 0,
-    cut_s: float = CUT_S,
+    n: int, k: int, schedule: list[tuple[int, Shape]], rules: Rules = Rules()
 ) -> str | None:
     """Run the schedule; the first reset of a node whose agent has not stopped it, else None."""
-    return simulate(
-        n,
-        k,
-        schedule,
-        restart_clock=restart_clock,
-        lapse=lapse,
-        controller_members_extra=controller_members_extra,
-        cut_s=cut_s,
-    )[0]
+    return simulate(n, k, schedule, rules)[0]
 
 
 def simulate(
-    n: int,
-    k: int,
-    schedule: list[tuple[int, Shape]],
-    *,
-    restart_clock: bool = True,
-    lapse: bool = True,
-    controller_members_extra: int = 0,
-    cut_s: float = CUT_S,
+    n: int, k: int, schedule: list[tuple[int, Shape]], rules: Rules = Rules()
 ) -> tuple[str | None, list[int]]:
     """(the first reset of a node whose agent has not stopped it, or None; who fenced)."""
     fenced: list[int] = []
-    agents = [Agent(cut_s=cut_s) for _ in range(n)]
+    agents = [Agent(rules) for _ in range(n)]
     ctl = Controller(heard=[0] * n)
     changes = dict(schedule)
     shape = Shape(tuple([0] * n), 0, 0)
@@ -191,7 +187,7 @@ def simulate(
         for i, a in enumerate(agents):
             if alive[i] and shape.control_plane is not None:
                 if shape.groups[i] == shape.control_plane:
-                    a.last_contact = now
+                    a.last_contact = max(a.last_contact, now - CONTACT_LAG)
         # Probe rounds: last second's answers arrive now; this second's round starts.
         for i, a in enumerate(agents):
             if a.pending is not None:
@@ -203,18 +199,18 @@ def simulate(
                 for j in successors(i, n, k)
                 if alive[j] and shape.groups[j] == shape.groups[i] and agents[j].cut(now)
             )
-            if spared(n, cut_peers):
+            if spared(n, cut_peers):  # the agents know n: published before any deletion
                 a.pending = now
         # Agents fence at their deadline; the node is stopped BOUND later at the latest.
         for i, a in enumerate(agents):
-            if alive[i] and now >= a.deadline(lapse=lapse):
+            if alive[i] and now >= a.deadline():
                 a.fenced_at = now
                 fenced.append(i)
         # The controller.
         up = shape.control_plane is not None and shape.controller == shape.control_plane
         if not up:
             ctl.connected = False
-            ctl.blind_until, ctl.was_blind = now, True  # BrokerDown / APIDown
+            ctl.blind_until, ctl.was_blind = now, True  # BrokerDown
             continue
         if not ctl.connected:  # benefit of the doubt: ages count from the reconnection
             ctl.connected = True
@@ -222,17 +218,19 @@ def simulate(
         for i in range(n):
             if agents[i].fenced_at is None and shape.groups[i] == shape.control_plane:
                 ctl.heard[i] = now
-        silent = [now - h >= SUSPECT for h in ctl.heard]
-        blind = quorum_lost(sum(silent), n + controller_members_extra)
+        known = [i for i in range(n) if i not in shape.deleted]
+        silent = {i for i in known if now - ctl.heard[i] >= SUSPECT}
+        counted = len(silent) + (len(shape.deleted) if rules.count_deleted else 0)
+        blind = quorum_lost(counted, len(known) + rules.members_extra)
         if blind or ctl.was_blind:
             ctl.blind_until = now  # in force, or first seen over
         ctl.was_blind = blind
-        for i in range(n):
-            if not silent[i]:
+        for i in known:
+            if i not in silent:
                 ctl.fence_clock.pop(i, None)
                 continue
             clock = ctl.fence_clock.setdefault(i, now)
-            if restart_clock and ctl.blind_until is not None:
+            if rules.restart_clock and ctl.blind_until is not None:
                 clock = ctl.fence_clock[i] = max(clock, ctl.blind_until)
             if blind:
                 continue
@@ -247,7 +245,7 @@ def simulate(
 @st.composite
 def schedules(draw: st.DrawFn, max_nodes: int = 7) -> tuple[int, int, list[tuple[int, Shape]]]:
     """Up to four partition changes; each may flap (switch back and forth every 1-3 s for a
-    while, as a flapping link does) before it settles."""
+    while, as a flapping link does) before it settles, and may delete Node objects."""
     n = draw(st.integers(2, max_nodes))
     k = draw(st.integers(1, 3))
     steps: dict[int, Shape] = {}
@@ -256,7 +254,10 @@ def schedules(draw: st.DrawFn, max_nodes: int = 7) -> tuple[int, int, list[tuple
         at = draw(st.integers(1, HORIZON - 40))
         groups = tuple(draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)))
         cp = draw(st.one_of(st.none(), st.integers(0, 2)))
-        shape = Shape(groups, cp, draw(st.integers(0, 2)))
+        deleted = before.deleted
+        if draw(st.integers(0, 3)) == 0:  # now and then, an administrator deletes a Node
+            deleted = deleted | {draw(st.integers(0, n - 1))}
+        shape = Shape(groups, cp, draw(st.integers(0, 2)), frozenset(deleted))
         settled = at
         if draw(st.booleans()):  # flaps first
             period = draw(st.integers(1, 3))
@@ -299,20 +300,27 @@ def test_a_minority_partition_fences_and_only_then_is_reset() -> None:
 @pytest.mark.parametrize(
     "mutant",
     [
-        {"restart_clock": False},  # the safe delay not counted again after a blind hold
-        {"lapse": False},  # a spare that never lapses
-        {"controller_members_extra": 2},  # the controller divides by more nodes than agents
-        {"cut_s": SUSPECT - 2},  # `cut` said while the controller still hears the node
+        Rules(restart_clock=False),  # the safe delay not counted again after a blind hold
+        Rules(lapse=False),  # a spare that never lapses
+        Rules(members_extra=2),  # the controller divides by more nodes than the agents
+        Rules(cut_s=CUT_S - CONTACT_LAG),  # `cut` said while the controller may still hear it
+        Rules(count_deleted=False),  # a deleted Node's agent still answers `cut`
     ],
-    ids=["no-clock-restart", "spare-never-lapses", "larger-denominator", "cut-too-early"],
+    ids=[
+        "no-clock-restart",
+        "spare-never-lapses",
+        "larger-denominator",
+        "cut-too-early",
+        "deleted-not-counted",
+    ],
 )
-def test_the_model_catches_each_broken_variant(mutant: dict[str, object]) -> None:
+def test_the_model_catches_each_broken_variant(mutant: Rules) -> None:
     from hypothesis import find
 
     try:
         found = find(
             schedules(max_nodes=5),
-            lambda case: violation(*case, **mutant) is not None,  # type: ignore[arg-type]
+            lambda case: violation(*case, mutant) is not None,
             settings=settings(max_examples=20_000, deadline=None, database=None),
         )
     except NoSuchExample:  # pragma: no cover - the failure this test exists to report

@@ -9,13 +9,19 @@ from watchdog.decide.observations import SourceHealth
 from watchdog.decide.reasons import Reason
 from watchdog.decide.state import DOWN_PHASES, STORM_PHASES, Phase
 
-# Holds during which the controller cannot tell a cluster-wide outage from a node's own: its
-# broker or API connection is down, its heartbeats lag, or more than half of the nodes are
-# silent. Cut-off agents may spare themselves by quorum meanwhile (decide/quorum.py), so a node
-# held by one of these waits its whole safe delay again once the hold ends (decide/machine.py).
-BLIND_HOLDS = frozenset(
-    {Reason.HOLD_QUORUM, Reason.HOLD_BROKER_DOWN, Reason.HOLD_API_DOWN, Reason.HOLD_INGEST_LAG}
-)
+# Holds during which cut-off agents may be sparing themselves by quorum (decide/quorum.py)
+# while the controller cannot count them: more than half of the nodes are silent, or it hears
+# no heartbeat at all (its broker connection is down, or its ingest lags). A node held by one of
+# these waits its whole safe delay again once the hold ends (decide/machine.py). Not APIDown:
+# the controller still hears heartbeats then, so QuorumLost shows a spare as it would anyway.
+BLIND_HOLDS = frozenset({Reason.HOLD_QUORUM, Reason.HOLD_BROKER_DOWN, Reason.HOLD_INGEST_LAG})
+
+
+def silent_phases(cfg: DecideConfig) -> frozenset[Phase]:
+    """The phases the quorum hold counts as silent: SUSPECT and the phases a storm counts (a
+    node already reset, in the modes where every reset has its own proof, rebooted: its agent
+    has no contact in its new boot and answers nobody `cut`)."""
+    return frozenset({Phase.SUSPECT}) | storm_phases(cfg)
 
 
 def storm_phases(cfg: DecideConfig) -> frozenset[Phase]:

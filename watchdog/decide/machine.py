@@ -343,6 +343,14 @@ class _Step:
         if why is None:
             self.heartbeat_wakeups()  # heartbeat alone is not evidence; wait for a corroborator
             return
+        if Reason.HOLD_QUORUM in self.ctx.holds:
+            # More than half of the nodes are silent, their agents maybe sparing themselves by
+            # quorum (decide/quorum.py). A declaration written now would be the first thing such
+            # an agent reads when its link returns, before we hear it, and it would fence: no
+            # declaration until the hold is over (the controller decides us again then).
+            self.hold(Reason.HOLD_QUORUM)
+            self.heartbeat_wakeups()
+            return
         self.to_unreachable(why, age)
 
     def declared_fence(self) -> FenceDeclaration | None:

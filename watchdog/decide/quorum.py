@@ -71,11 +71,15 @@ def spare_valid_s(peer_interval_s: float, peer_probe_timeout_s: float) -> float:
 
 
 def cut_after_s(
-    self_fence_after_s: float, peer_interval_s: float, peer_probe_timeout_s: float
+    self_fence_after_s: float,
+    peer_interval_s: float,
+    peer_probe_timeout_s: float,
+    heartbeat_interval_s: float,
 ) -> float:
-    """How long without proven contact before an agent answers `cut` (and may be spared): early
-    enough that a round's answers spare it before its own fence deadline."""
-    return self_fence_after_s - spare_valid_s(peer_interval_s, peer_probe_timeout_s)
+    """How long without proven contact before an agent answers `cut` (and may be spared): one
+    probe round and one heartbeat interval before its own fence deadline, so that a round's
+    answers can spare it before that deadline when it and its peers were cut off together."""
+    return self_fence_after_s - (peer_interval_s + peer_probe_timeout_s) - heartbeat_interval_s
 
 
 def spare_timing_error(
@@ -90,23 +94,31 @@ def spare_timing_error(
 ) -> str | None:
     """Why these settings cannot keep the spare safe, or None.
 
-    - `cut` must mean SUSPECT (or further down) at the controller: cut_after_s >=
-      suspect_after_s + max_ingest_lag_s (a backlog longer than that is a blind hold).
+    - `cut` must mean SUSPECT (or further down) at the controller: the controller's latest
+      heartbeat of a node is at most one interval newer than the node's latest contact (that
+      heartbeat's echo may be lost) and reached it at most `max_ingest_lag_s` late (a backlog
+      longer than that is a blind hold); so cut_after_s >= suspect_after_s + max_ingest_lag_s
+      + heartbeat_interval_s.
     - A spare must lapse before the controller's safe delay after a blind hold is over: the
       controller waits `self_fence_after_s + max(bound, device) + heartbeat_interval_s +
       margin` from the hold's end (decide/safety.py); the answers that ended the hold reach a
       spared agent within one round (`peer_interval_s + peer_probe_timeout_s`), its spare lapses
       `spare_valid_s` after the last `cut`, and it stops within `max(bound, device)`. So
-      round + spare_valid_s <= self_fence_after_s + heartbeat_interval_s + margin."""
+      round + spare_valid_s <= self_fence_after_s + heartbeat_interval_s + margin.
+
+    Both sides read these from the same configuration (one ConfigMap in deploy/)."""
     round_s = peer_interval_s + peer_probe_timeout_s
-    cut = cut_after_s(self_fence_after_s, peer_interval_s, peer_probe_timeout_s)
-    if cut < suspect_after_s + max_ingest_lag_s:
+    cut = cut_after_s(
+        self_fence_after_s, peer_interval_s, peer_probe_timeout_s, heartbeat_interval_s
+    )
+    silent = suspect_after_s + max_ingest_lag_s + heartbeat_interval_s
+    if cut < silent:
         return (
-            f"self_fence_after_s - 2 * (peer_interval_s + peer_probe_timeout_s) = {cut:g}s is "
-            f"below suspect_after_s + mqtt.max_ingest_lag_s = "
-            f"{suspect_after_s + max_ingest_lag_s:g}s: an agent would tell its peers it is cut "
-            "off while the controller may still count it heard (peers' quorum before "
-            "self-fencing, decide/quorum.py)"
+            f"self_fence_after_s - (peer_interval_s + peer_probe_timeout_s) - "
+            f"heartbeat_interval_s = {cut:g}s is below suspect_after_s + mqtt.max_ingest_lag_s + "
+            f"heartbeat_interval_s = {silent:g}s: an agent would tell its peers it is cut off "
+            "while the controller may still count it heard (quorum before self-fencing, "
+            "decide/quorum.py)"
         )
     need = round_s + spare_valid_s(peer_interval_s, peer_probe_timeout_s)
     have = self_fence_after_s + heartbeat_interval_s + fence_margin_s

@@ -45,9 +45,6 @@ DOWN_PHASES = frozenset({Phase.UNREACHABLE, Phase.FENCING, Phase.RESETTING, Phas
 # first machine stays broken (two of four nodes failing a minute apart held the second one's
 # VMs until the first was repaired).
 STORM_PHASES = frozenset({Phase.UNREACHABLE, Phase.FENCING, Phase.RESETTING})
-# Phases of a node whose agent the controller does not hear (no fresh heartbeat): what the
-# quorum hold counts (decide/quorum.py). DEGRADED and RECOVERING nodes heartbeat.
-SILENT_PHASES = frozenset({Phase.SUSPECT}) | DOWN_PHASES
 
 
 @dataclass(frozen=True, slots=True)

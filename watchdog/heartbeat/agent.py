@@ -195,7 +195,10 @@ class Agent:
         self._spared_rounds = 0
         self._spare_valid_s = spare_valid_s(settings.peer_interval_s, settings.peer_probe_timeout_s)
         self._cut_after_s = cut_after_s(
-            settings.self_fence_after_s, settings.peer_interval_s, settings.peer_probe_timeout_s
+            settings.self_fence_after_s,
+            settings.peer_interval_s,
+            settings.peer_probe_timeout_s,
+            settings.heartbeat_interval_s,
         )
         # Why the quorum cannot be kept safe with these timings (then never spared), or None.
         self._quorum_off = settings.quorum_spare_off()
@@ -844,13 +847,19 @@ class Agent:
     # --- quorum (decide/quorum.py) ----------------------------------------------------------
 
     def cut_off(self) -> bool:
-        """What this agent answers its probers: it has proven no contact with broker or API
-        for `cut_after_s` (since its start, if never). None of its heartbeats reached the
-        controller in that time either: the controller counts it silent (decide/quorum.py)."""
+        """What this agent answers its probers: it proved contact in this boot, and none with
+        broker or API for `cut_after_s` (nor since this process started). None of its
+        heartbeats reached the controller in that time either: the controller counts it silent
+        (decide/quorum.py)."""
         if self._quorum_off is not None:
             return False  # nobody may count on what we would say
-        marks = [t for t in (self._boot_contact.last, self._started_at) if t is not None]
-        return bool(marks) and self._clock() - max(marks) >= self._cut_after_s
+        last = self._boot_contact.last
+        if last is None:
+            # No contact in this boot: unarmed, nothing to spare, and the controller may never
+            # have heard this boot. Counting it would only hold others' resets for nothing.
+            return False
+        marks = [t for t in (last, self._started_at) if t is not None]
+        return self._clock() - max(marks) >= self._cut_after_s
 
     def _probe_round(self, started: float, cut_peers: int) -> None:
         """After a probe round: spared while it and the peers cut off too are a majority."""

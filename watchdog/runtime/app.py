@@ -262,6 +262,7 @@ def _controller(
                 scheduler.forget(key)
                 probe_lists.node_deleted(key)
                 probe_lists.set_members(len(book.known))
+                controller.node_count_changed()
                 for target in peer_book.forget(key):
                     if target in book.known:
                         scheduler.mark(target)
@@ -269,6 +270,7 @@ def _controller(
             if key not in book.known:
                 book.known.add(key)
                 probe_lists.set_members(len(book.known))
+                controller.node_count_changed()
             controller.node_known(key)
             scheduler.mark(key)
         elif resource == LEASES.name:
@@ -473,6 +475,7 @@ def _controller(
         # statuses at once on subscribing, and one about a node not known yet would be refused
         # (unknown node) and not sent again until its agent's verdict changes.
         await cache.wait_synced()
+        controller.members_synced()  # the quorum's member count starts from every Node
         await subscriber.run()
 
     tg.create_task(subscribe(), name="heartbeat subscriber")

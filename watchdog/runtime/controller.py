@@ -20,18 +20,24 @@ from watchdog.decide import actions as act
 from watchdog.decide.config import DecideConfig, FenceMode, Policy
 from watchdog.decide.follow import FollowBook, Followed, Rescheduled
 from watchdog.decide.heartbeats import HeartbeatBook
-from watchdog.decide.holds import BLIND_HOLDS, cluster_holds, is_storm, storm_phases
+from watchdog.decide.holds import (
+    BLIND_HOLDS,
+    cluster_holds,
+    is_storm,
+    silent_phases,
+    storm_phases,
+)
 from watchdog.decide.machine import Context, Decision, decide
 from watchdog.decide.names import STATE_ANNOTATION
 from watchdog.decide.observations import LauncherPod, NodeObservation, SourceHealth
 from watchdog.decide.peer_reports import PeerBook, PeerEvidence, peers_unreachable
 from watchdog.decide.policy import PolicyError, parse_policy
-from watchdog.decide.quorum import MembersFloor, quorum_lost
+from watchdog.decide.quorum import MEMBERS_MEMORY_S, MembersFloor, quorum_lost
 from watchdog.decide.reasons import Reason
 from watchdog.decide.reset_plan import Outcome, outcome_for
 from watchdog.decide.safety import effective_period_s, safe_delay_s
 from watchdog.decide.signals import Signal
-from watchdog.decide.state import DOWN_PHASES, SILENT_PHASES, NodeState, Phase
+from watchdog.decide.state import DOWN_PHASES, NodeState, Phase
 from watchdog.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -141,8 +147,13 @@ class Controller:
         self.request_api_probe: Callable[[], None] = lambda: None
         self._holds_reported: tuple[Reason, ...] = ()
         self.storm_until: float | None = None  # the storm hold lasts until then (holds())
-        # The member count the quorum hold divides by: the smallest published recently.
+        # The member count the quorum hold divides by: the smallest this replica counted
+        # within MEMBERS_MEMORY_S since its cache synced (every replica keeps it from Node
+        # events, so a new leader has it too); and the nodes deleted within that time, which
+        # count as silent (their agents may still answer `cut` with the count they knew).
         self.members_floor = MembersFloor()
+        self._members_synced = False
+        self._deleted: dict[str, float] = {}
         self._quorum_lost = False
         # decide/machine.py, Context.blind_until: when a blind hold was last in force.
         self.blind_until: float | None = None
@@ -171,9 +182,6 @@ class Controller:
                 state = replace(state, heartbeats_at_mark=rec.received)
             self._set_state(node, state)
         self.fence_confirmed.clear()  # an earlier term's hook runs prove nothing to this one
-        # Counted from the synced cache, as the member count this term publishes.
-        self.members_floor = MembersFloor()
-        self._quorum_lost = False
         self._leading = True
         self.metrics.leader.set(1)
 
@@ -291,8 +299,12 @@ class Controller:
             # a returning kubelet renews within it, which vetoes its node's reset.
             self.storm_until = now + self.cfg.lease_stale_after_s
         settling = self.storm_until is not None and now < self.storm_until
-        silent = sum(n for p, n in self.phase_counts.items() if p in SILENT_PHASES)
-        lost = quorum_lost(silent, self.members_floor.floor(now, len(self.book.known)))
+        silent_in = silent_phases(self.cfg)
+        silent = sum(n for p, n in self.phase_counts.items() if p in silent_in)
+        for node, at in list(self._deleted.items()):
+            if at < now - MEMBERS_MEMORY_S:
+                del self._deleted[node]
+        lost = quorum_lost(silent + len(self._deleted), self._members(now))
         if self._quorum_lost and not lost:
             # Held nodes schedule no wake-up of their own: decide them again now (their fence
             # clocks restart, decide/machine.py).
@@ -336,7 +348,23 @@ class Controller:
     def node_known(self, node: str) -> None:
         self.known_since.setdefault(node, self.clock())
 
+    def members_synced(self) -> None:
+        """The Node cache is synced: from now on the node count is the member count."""
+        self._members_synced = True
+        self.node_count_changed()
+
+    def node_count_changed(self) -> None:
+        """A Node was added or deleted (after the sync): the floor remembers the count."""
+        if self._members_synced:
+            self._members(self.clock())
+
+    def _members(self, now: float) -> int:
+        current = len(self.book.known)
+        return self.members_floor.floor(now, current) if self._members_synced else current
+
     def forget_node(self, node: str) -> None:
+        if self._members_synced:
+            self._deleted[node] = self.clock()
         self._quiet.discard(node)
         self._lease_pending.discard(node)
         self.known_since.pop(node, None)
@@ -500,7 +528,9 @@ class Controller:
             self.metrics.false_ready.set(sum(self._false_ready.values()))
         if d.state.held is not None and d.state.held is not before.held:
             log.warning("node %s: reset held (%s)", node, d.state.held.value)
-        self._record_node_hold(node, d.state.held if d.state.phase in DOWN_PHASES else None)
+        quorum_held = d.state.held is Reason.HOLD_QUORUM  # a SUSPECT node not declared yet
+        counted = d.state.phase in DOWN_PHASES or quorum_held
+        self._record_node_hold(node, d.state.held if counted else None)
         self._record_reset_due(node, d.reset_not_before, now)
 
     def _warn_period_raised(self, node: str, state: NodeState) -> None:
