@@ -8,21 +8,24 @@ have proven no contact for `cut_after_s`, heartbeat/peers.py) and spares itself 
 
 where `members` is the node count the leader publishes retained on `<prefix>/members`. The
 controller, for its part, holds every reset while more than half of the nodes are silent to it
-(`quorum_lost`, counted over the same members, the smallest count it published recently).
+(`quorum_lost`), and declares no node down meanwhile.
 
 Why that is safe — two majorities of one set intersect: the agent's spare rests on more than
 half of the nodes being cut off, every one of them silent to the controller (no contact for
-`cut_after_s` means none of its heartbeats came back from the broker for that long, so none
-reached the controller within `suspect_after_s` plus its ingest lag either: the node is SUSPECT
-or further down there); the controller then hears at most half of them, and holds. It needs, at
-the moment the controller would reset:
-- the controller's member count not above the agent's (the controller keeps the smallest it
-  published within `MEMBERS_MEMORY_S`; a node count that grows while more than half of the
-  nodes are cut off for longer is the known limit);
+`cut_after_s` means none of its heartbeats came back from the broker for that long; the
+controller's latest one is at most a lost echo and the ingest lag newer, so it has gone
+`suspect_after_s` without one: the node is SUSPECT or further down there); the controller
+then hears at most half of them, and holds. It needs, at the moment the controller would reset:
+- the controller's member count not above the agent's, and every node the agents count
+  counted by the controller: each replica keeps the smallest node count it saw within
+  `MEMBERS_MEMORY_S`, and counts Nodes deleted within that time as silent (a count that grows
+  while more than half of the nodes are cut off for longer, or across a replica's restart, is
+  the known limit);
 - a spare that expires soon after the last answer that justified it (`spare_valid_s`), and a
   controller that, after a blind hold ends, counts the whole safe delay again
   (decide/machine.py): the spare then lapses, and the device fires, before that delay is over;
-- the timings `spare_timing_error` checks;
+- the timings `spare_timing_error` checks, and a controller that wakes a node when its
+  heartbeat turns `suspect_after_s` old without a delay that matters;
 - honest peers: a compromised node can answer `cut` while it heartbeats (DESIGN §9).
 
 A spared agent keeps petting its watchdog device only until the spare expires, so a frozen
