@@ -73,11 +73,11 @@ async def test_an_agent_cut_off_says_so_and_a_round_counts_the_peers_that_did() 
     assert await probe_once("node-a", address, 2.0) is ProbeOutcome.OK
     cut[0] = True
     assert await probe_once("node-a", address, 2.0) is ProbeOutcome.CUT
-    rounds: list[tuple[float, int]] = []
+    rounds: list[tuple[float, int, int]] = []
     one_round = asyncio.Event()
 
-    def on_round(at: float, cut_peers: int) -> None:
-        rounds.append((at, cut_peers))
+    def on_round(at: float, cut_peers: int, live_peers: int) -> None:
+        rounds.append((at, cut_peers, live_peers))
         one_round.set()
 
     async def publish(payload: bytes) -> bool:
@@ -91,7 +91,8 @@ async def test_an_agent_cut_off_says_so_and_a_round_counts_the_peers_that_did() 
     probing = asyncio.create_task(prober.run())
     async with asyncio.timeout(DEADLINE_S):
         await one_round.wait()
-    assert rounds[0][1] == 1  # node-a cut off; node-c refused (its agent is not running)
+    # node-a cut off; node-c refused (its agent is not running): neither has contact.
+    assert rounds[0][1:] == (1, 0)
     assert prober.results()["node-a"] is PeerView.REACHABLE  # cut off, but alive
     for t in (probing, task):
         t.cancel()

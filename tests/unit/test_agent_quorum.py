@@ -113,3 +113,23 @@ def test_timings_that_cannot_keep_a_spare_safe_turn_the_quorum_off(tmp_path: Pat
     assert not a.cut_off()
     a._probe_round(106.5, 3)
     assert a.deadline() == 108.0
+
+
+def test_a_peer_with_contact_again_has_broker_and_api_tried_at_once(tmp_path: Path) -> None:
+    """At the end of an outage the peers' `cut` stops, and the spare with it: this agent must
+    not wait out a reconnect backoff before its own contact returns."""
+    clock = Clock()
+    a = agent(tmp_path, clock)
+    a._members_message(encode_members(4))
+    clock.now = 107.0
+    a._probe_round(106.5, 2, 0)  # spared, nobody has contact
+    assert not a._retry_broker.is_set() and not a._retry_api.is_set()
+    a._probe_round(107.5, 1, 1)  # one peer's contact is back
+    assert a._retry_broker.is_set() and a._retry_api.is_set()
+    a._retry_broker.clear()
+    a._retry_api.clear()
+    a._probe_round(108.5, 1, 1)  # no news: the backoff stands
+    assert not a._retry_broker.is_set()
+    a.contact_proven(clock.now)
+    a._probe_round(109.5, 0, 3)  # in contact ourselves: nothing to retry
+    assert not a._retry_broker.is_set()

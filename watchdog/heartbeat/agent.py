@@ -193,6 +193,13 @@ class Agent:
         # rounds have (statistics).
         self._spared_at: float | None = None
         self._spared_rounds = 0
+        # Peers with contact in the last round; more of them than before while we are cut off
+        # means the network is coming back: the broker and the API are tried again at once
+        # rather than after a reconnect backoff, so that our contact returns before the spare
+        # the peers' earlier `cut` gave us lapses.
+        self._live_peers = 0
+        self._retry_broker = asyncio.Event()
+        self._retry_api = asyncio.Event()
         self._spare_valid_s = spare_valid_s(settings.peer_interval_s, settings.peer_probe_timeout_s)
         self._cut_after_s = cut_after_s(
             settings.self_fence_after_s,
@@ -491,7 +498,8 @@ class Agent:
                 attempt,
                 delay,
             )
-            await self._sleep_unless_fencing(delay)
+            self._retry_broker.clear()
+            await self._sleep_unless_fencing(delay, wake=self._retry_broker)
 
     async def _session(self, client: aiomqtt.Client) -> None:
         """One connection: returns only once fenced; raises MqttError when the broker is lost."""
@@ -683,7 +691,10 @@ class Agent:
             now = self._clock()
             if now >= next_at:
                 next_at = now + step
-            await self._sleep_unless_fencing(next_at - now)
+            self._retry_api.clear()
+            await self._sleep_unless_fencing(next_at - now, wake=self._retry_api)
+            if self._retry_api.is_set():
+                next_at = self._clock()  # woken early: the next round counts from now
 
     def _spawn_lease_read(self, started: float, timeout_s: float) -> None:
         if self._lease_read is not None and not self._lease_read.done():
@@ -861,9 +872,15 @@ class Agent:
         marks = [t for t in (last, self._started_at) if t is not None]
         return self._clock() - max(marks) >= self._cut_after_s
 
-    def _probe_round(self, started: float, cut_peers: int) -> None:
+    def _probe_round(self, started: float, cut_peers: int, live_peers: int = 0) -> None:
         """After a probe round: spared while it and the peers cut off too are a majority."""
-        if not self.cut_off() or not spared(self._members, cut_peers):
+        more_live, self._live_peers = live_peers > self._live_peers, live_peers
+        cut = self.cut_off()
+        if cut and more_live:
+            log.info("agent %s: a peer has contact again: trying broker and API now", self.node)
+            self._retry_broker.set()
+            self._retry_api.set()
+        if not cut or not spared(self._members, cut_peers):
             return
         if self._spared_at is None or self._spared_at + self._spare_valid_s < started:
             log.warning(
@@ -1044,12 +1061,23 @@ class Agent:
             )
         return True
 
-    async def _sleep_unless_fencing(self, seconds: float) -> None:
+    async def _sleep_unless_fencing(
+        self, seconds: float, *, wake: asyncio.Event | None = None
+    ) -> None:
+        """Sleep `seconds`, or less: until fencing, or until `wake` is set."""
         if seconds <= 0:
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._fencing.wait()
+        if wake is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self._fencing.wait()
+            return
+        waits = [asyncio.ensure_future(self._fencing.wait()), asyncio.ensure_future(wake.wait())]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
 
 
 def read_boot_id(path: Path) -> str:

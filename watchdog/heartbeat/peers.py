@@ -161,7 +161,7 @@ class PeerProber:
         refresh_s: float,
         publish: Publish,
         on_outcome: Callable[[ProbeOutcome], None] | None = None,
-        on_round: Callable[[float, int], None] | None = None,
+        on_round: Callable[[float, int, int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node = node
@@ -172,8 +172,8 @@ class PeerProber:
         self.refresh_s = refresh_s
         self._publish = publish
         self._on_outcome = on_outcome
-        # After each round: (when it started, how many targets answered `cut`), for the
-        # agent's quorum (decide/quorum.py).
+        # After each round: (when it started, how many targets answered `cut`, how many answered
+        # a plain PONG: their agents have contact), for the agent's quorum (decide/quorum.py).
         self._on_round = on_round
         self._clock = clock
         self.targets: dict[str, str] = {}
@@ -229,7 +229,8 @@ class PeerProber:
             *(probe_once(t, a, self.timeout_s) for t, a in targets.items())
         )
         if self._on_round is not None:
-            self._on_round(started, sum(1 for o in outcomes if o is ProbeOutcome.CUT))
+            cut = sum(1 for o in outcomes if o is ProbeOutcome.CUT)
+            self._on_round(started, cut, sum(1 for o in outcomes if o is ProbeOutcome.OK))
         for target, outcome in zip(targets, outcomes, strict=True):
             if self._on_outcome is not None:
                 self._on_outcome(outcome)
