@@ -220,6 +220,25 @@ def known_hole(sc: Scenario, holes: tuple[Hole, ...] = KNOWN_HOLES) -> str | Non
     return next((name for name, test in holes if test(sc)), None)
 
 
+# Holds that the configuration asks for: with `storm_max_fraction` 0.5, two of four nodes down
+# at once is a storm, and their VMs stay down by design (a partition around the controller
+# looks the same). A trial whose only failures are VMs kept down while one of these was
+# reported, every safety invariant intact, shows the configuration at work, not a hole.
+CONFIGURED_HOLDS = ("Storm",)
+
+
+def configured_hold(run: measure.RunResult, sc: Scenario) -> str | None:
+    """The configured hold that explains every failure of `run`, or None."""
+    inv = run.invariants
+    if run.system != "watchdog" or not inv or fenced_untouched(run):
+        return None
+    relaxed = sc.expect.model_copy(update={"lost": 10**6, "recovered": False})
+    if measure.verdict(run, relaxed):  # anything else failed: a crash, split-brain, a reset…
+        return None
+    seen = set(run.watchdog.get("resets_held_seen") or ())
+    return next((h for h in CONFIGURED_HOLDS if h in seen), None)
+
+
 # --- running ----------------------------------------------------------------------------------
 
 
@@ -236,10 +255,14 @@ class Trial:
     minimal: Path | None = None  # the shrunk schedule that still fails
     report: Path | None = None  # the failing run's report (report.md, timeline.png)
 
+    held: str | None = None  # the configured hold that explains every failure
+
     @property
     def verdict(self) -> str:
         if not self.failures:
             return "PASS"
+        if self.held:
+            return "HELD"
         return "KNOWN" if self.known else "FAIL"
 
     def to_json(self) -> dict[str, Any]:
@@ -251,6 +274,7 @@ class Trial:
             "file": str(self.file),
             "failures": self.failures,
             "known_hole": self.known,
+            "configured_hold": self.held,
             "wall_s": round(self.wall_s, 1),
             "running_again_s": [round(v, 2) for v in self.running_s],
             "minimal_schedule": str(self.minimal) if self.minimal else None,
@@ -258,28 +282,41 @@ class Trial:
         }
 
 
-# Runs one schedule, writing its run report under the directory when it fails:
-# (failures, wall seconds, running-again real-world seconds per restarted VM).
-RunOne = Callable[[Scenario, Path], Awaitable[tuple[list[str], float, list[float]]]]
+@dataclass
+class TrialRun:
+    """What running one schedule showed."""
+
+    failures: list[str]
+    wall_s: float
+    running_s: list[float]  # running-again real-world seconds per restarted VM
+    held: str | None = None  # `configured_hold` of its run
+
+
+# Runs one schedule, writing its run report under the directory when it fails.
+RunOne = Callable[[Scenario, Path], Awaitable[TrialRun]]
 
 
 def runner_for(opts: RunOptions) -> RunOne:
     """Runs one schedule on a fresh test cluster (runner.py)."""
 
-    async def run_one(sc: Scenario, report_dir: Path) -> tuple[list[str], float, list[float]]:
+    async def run_one(sc: Scenario, report_dir: Path) -> TrialRun:
         t0 = time.monotonic()
         result = await run_scenario(sc, sc.name, opts)
         failures: list[str] = []
         running: list[float] = []
+        held: list[str | None] = []
         for run in result.runs:
             failures.extend(run.failures)
             untouched = fenced_untouched(run)
             if untouched:
                 failures.append(f"nodes no fault touched were fenced: {', '.join(untouched)}")
             running.extend(v.running_s / sc.time_scale for v in run.vms if v.running_s is not None)
+            held.append(configured_hold(run, sc) if run.failures else None)
         if failures:  # its timeline, ledger and fault log, to see what happened
             report.write(result, report_dir)
-        return failures, time.monotonic() - t0, running
+        failed = [h for h, run in zip(held, result.runs, strict=True) if run.failures]
+        explained = failed[0] if failed and all(h == failed[0] for h in failed) else None
+        return TrialRun(failures, time.monotonic() - t0, running, explained)
 
     return run_one
 
@@ -312,8 +349,8 @@ def _fails_in(
     tries = iter(range(1, 10_000))
 
     async def fails(candidate: Scenario) -> bool:
-        found, _, _ = await run_one(candidate, directory / f"trial-{trial}-shrink-{next(tries)}")
-        return bool(found)
+        ran = await run_one(candidate, directory / f"trial-{trial}-shrink-{next(tries)}")
+        return bool(ran.failures) and not ran.held  # still a hole, not a configured hold
 
     return fails
 
@@ -333,7 +370,9 @@ async def run_campaign(
         trial = Trial(k, trial_seed(spec.seed, k), sc, save(sc, directory / f"trial-{k}.yaml"))
         progress(f"trial {k}/{spec.trials} (seed {trial.seed}): {describe(sc)}")
         run_dir = directory / f"trial-{k}"
-        trial.failures, trial.wall_s, trial.running_s = await run_one(sc, run_dir)
+        ran = await run_one(sc, run_dir)
+        trial.failures, trial.wall_s, trial.running_s = ran.failures, ran.wall_s, ran.running_s
+        trial.held = ran.held if ran.failures else None
         trial.report = run_dir if trial.failures else None
         trial.known = known_hole(sc) if trial.failures else None
         if trial.verdict == "FAIL" and shrink_failures:
@@ -347,6 +386,7 @@ async def run_campaign(
             f"trial {k}/{spec.trials}: {trial.verdict} in {trial.wall_s:.0f}s"
             + "".join(f"\n  - {f}" for f in trial.failures)
             + (f"\n  known hole: {trial.known}" if trial.known else "")
+            + (f"\n  held as configured: {trial.held}" if trial.held else "")
             + (f" · about {eta / 60:.0f} min left" if k < spec.trials else "")
         )
     return trials
@@ -361,10 +401,11 @@ def per_kind(trials: Sequence[Trial]) -> dict[str, dict[str, Any]]:
     for t in trials:
         for kind in sorted({kind_of(f) for f in t.scenario.faults}):
             row = table.setdefault(
-                kind, {"trials": 0, "failed": 0, "known": 0, "running_again_s": []}
+                kind, {"trials": 0, "failed": 0, "held": 0, "known": 0, "running_again_s": []}
             )
             row["trials"] += 1
             row["failed"] += t.verdict == "FAIL"
+            row["held"] += t.verdict == "HELD"
             row["known"] += t.verdict == "KNOWN"
             row["running_again_s"].extend(t.running_s)
     for row in table.values():
@@ -376,19 +417,21 @@ def per_kind(trials: Sequence[Trial]) -> dict[str, dict[str, Any]]:
 
 def summary_lines(spec: CampaignSpec, trials: Iterable[Trial]) -> list[str]:
     trials = list(trials)
-    counts = {v: sum(t.verdict == v for t in trials) for v in ("PASS", "KNOWN", "FAIL")}
+    counts = {v: sum(t.verdict == v for t in trials) for v in ("PASS", "HELD", "KNOWN", "FAIL")}
     lines = [
         f"{len(trials)} trials, seed {spec.seed}, time scale {spec.time_scale:g}: "
-        f"{counts['PASS']} passed, {counts['KNOWN']} fell into a known hole, "
-        f"{counts['FAIL']} failed",
+        f"{counts['PASS']} passed, {counts['HELD']} held as configured, "
+        f"{counts['KNOWN']} fell into a known hole, {counts['FAIL']} failed",
         "",
-        f"{'fault':<24} {'trials':>6} {'failed':>6} {'known':>6} {'running again p50/p95 s':>24}",
+        f"{'fault':<24} {'trials':>6} {'failed':>6} {'held':>6} {'known':>6} "
+        f"{'running again p50/p95 s':>24}",
     ]
     for kind, row in sorted(per_kind(trials).items()):
         p50, p95 = row["running_again_p50_s"], row["running_again_p95_s"]
         timing = "-" if p50 is None else f"{p50:g} / {p95:g}"
         lines.append(
-            f"{kind:<24} {row['trials']:>6} {row['failed']:>6} {row['known']:>6} {timing:>24}"
+            f"{kind:<24} {row['trials']:>6} {row['failed']:>6} {row['held']:>6} "
+            f"{row['known']:>6} {timing:>24}"
         )
     for t in trials:
         if t.verdict == "FAIL":
@@ -418,12 +461,16 @@ def results_json(spec: CampaignSpec, trials: Sequence[Trial]) -> dict[str, Any]:
 
 
 __all__ = [
+    "CONFIGURED_HOLDS",
     "KINDS",
     "CampaignSpec",
     "Trial",
+    "TrialRun",
+    "configured_hold",
     "draw",
     "fenced_untouched",
     "known_hole",
+    "overlap",
     "results_json",
     "run_campaign",
     "runner_for",

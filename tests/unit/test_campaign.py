@@ -145,17 +145,21 @@ def test_a_campaign_saves_every_schedule_and_tells_new_holes_from_known_ones(
 ) -> None:
     spec = CampaignSpec(seed=11, trials=12)
 
-    async def run_one(
-        sc: campaign.Scenario, report_dir: Path
-    ) -> tuple[list[str], float, list[float]]:
+    async def run_one(sc: campaign.Scenario, report_dir: Path) -> campaign.TrialRun:
         kinds = {campaign.kind_of(f) for f in sc.faults}
         failures = ["split-brain 3 VM-s > 0 (vm-1)"] if "partition" in kinds else []
-        return failures, 1.0, [20.0, 30.0]
+        # A storm, its VMs kept down as configured: reported as held, not as a hole.
+        held = "Storm" if "broker-outage" in kinds and not failures else None
+        if held:
+            failures = ["2 VMs lost > 0 (vm-3, vm-4)"]
+        return campaign.TrialRun(failures, 1.0, [20.0, 30.0], held)
 
     lines: list[str] = []
     trials = asyncio.run(campaign.run_campaign(spec, tmp_path, run_one, progress=lines.append))
     assert len(trials) == 12 and all(t.file.exists() for t in trials)
-    failed = [t for t in trials if t.verdict != "PASS"]
+    assert all(t.held is None for t in trials if t.verdict != "HELD")
+    held = [t for t in trials if t.verdict == "HELD"]
+    failed = [t for t in trials if t.verdict not in ("PASS", "HELD")]
     assert failed == [
         t for t in trials if "partition" in {campaign.kind_of(f) for f in t.scenario.faults}
     ]
@@ -165,6 +169,7 @@ def test_a_campaign_saves_every_schedule_and_tells_new_holes_from_known_ones(
     row = data["per_fault"]["partition"]
     assert row["failed"] + row["known"] == len(failed)
     summary = "\n".join(campaign.summary_lines(spec, trials))
+    assert f"{len(held)} held as configured" in summary
     for t in failed:
         if t.verdict == "FAIL":
             assert f"watchdog-chaos run {t.file}" in summary
@@ -176,3 +181,52 @@ def test_every_kind_names_a_fault_the_test_cluster_has(kind: str) -> None:
     from chaos.harness.scenario import SCENARIO_ACTIONS
 
     assert KINDS[kind].action in SCENARIO_ACTIONS
+
+
+def _storm_run(**invariants: object) -> RunResult:
+    run = _run(
+        [
+            {"action": "partition", "node": "node-1"},
+            {"action": "fence", "node": "node-1"},
+            {"action": "partition", "node": "node-4"},
+            {"action": "fence", "node": "node-4"},
+        ]
+    )
+    run.invariants = {
+        "ground_truth": True,
+        "split_brain_s": 0.0,
+        "split_brain_vms": [],
+        "lost": 2,
+        "lost_vms": ["vm-3", "vm-4"],
+        "false_resets": 0,
+        "false_reset_vms": [],
+    } | invariants
+    run.watchdog = {"resets_held_seen": ["BrokerDown", "Storm"]}
+    return run
+
+
+def test_vms_kept_down_by_a_storm_hold_are_held_as_configured_not_a_hole() -> None:
+    sc = _schedule({"at_s": 0, "action": "partition", "node": "node-1", "duration_s": 50})
+    assert campaign.configured_hold(_storm_run(), sc) == "Storm"
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        pytest.param({"split_brain_s": 3.0, "split_brain_vms": ["vm-3"]}, id="split-brain"),
+        pytest.param({"false_resets": 1, "false_reset_vms": ["vm-1"]}, id="a false reset"),
+    ],
+)
+def test_a_storm_hold_explains_no_broken_safety_invariant(broken: dict[str, object]) -> None:
+    sc = _schedule({"at_s": 0, "action": "partition", "node": "node-1", "duration_s": 50})
+    assert campaign.configured_hold(_storm_run(**broken), sc) is None
+
+
+def test_without_a_storm_hold_vms_kept_down_are_a_hole() -> None:
+    sc = _schedule({"at_s": 0, "action": "partition", "node": "node-1", "duration_s": 50})
+    run = _storm_run()
+    run.watchdog = {"resets_held_seen": ["BrokerDown"]}
+    assert campaign.configured_hold(run, sc) is None
+    crashed = _storm_run()
+    crashed.crashed = "controller on node-2 exited 1"
+    assert campaign.configured_hold(crashed, sc) is None
