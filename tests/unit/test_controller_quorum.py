@@ -152,3 +152,21 @@ async def test_a_new_leader_divides_by_the_smallest_count_its_replica_saw() -> N
     await run.tick(6.0, HEARD)
     # 3 silent of 7 is no majority, but agents cut off before the join may know only 5.
     assert Reason.HOLD_QUORUM in run.c.holds()
+
+
+async def test_a_node_registered_again_counts_once() -> None:
+    """A healthy node deleted and registered again is counted by its phase, not also as a
+    deleted node (which would hold resets for ten minutes for nothing)."""
+    run = Run()
+    run.c.members_synced()
+    run.c.become_leader()
+    run.cluster.deleted.add("n5")
+    run.book.known.discard("n5")
+    run.c.forget_node("n5")
+    run.c.node_count_changed()
+    run.cluster.deleted.discard("n5")
+    run.book.known.add("n5")
+    run.c.node_known("n5")
+    run.c.node_count_changed()
+    await run.tick(6.0, ["n3", "n4", "n5"])  # n1 down, n2 silent: 2 of 5, no majority
+    assert Reason.HOLD_QUORUM not in run.c.holds()

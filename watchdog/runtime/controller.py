@@ -347,6 +347,7 @@ class Controller:
 
     def node_known(self, node: str) -> None:
         self.known_since.setdefault(node, self.clock())
+        self._deleted.pop(node, None)  # back under its name: counted by its phase again
 
     def members_synced(self) -> None:
         """The Node cache is synced: from now on the node count is the member count."""
