@@ -67,6 +67,9 @@ class DictView:
     def node_annotation(self, node: str, key: str) -> str | None:
         return None
 
+    def node_version(self, node: str) -> str | None:
+        return "1" if node in self.names else None
+
     def node_has_taint(self, node: str, key: str, effect: str) -> bool:
         return False
 
@@ -189,7 +192,7 @@ async def _tick_costs(nodes: int, pods_per_node: int, single_ticks: int) -> dict
     for n in view.names:
         heartbeat(n)
 
-    async def execute(action: act.Action) -> str:
+    async def execute(action: act.Action, basis: act.Basis | None = None) -> str:
         return "success"
 
     controller = Controller(

@@ -39,6 +39,7 @@ from watchdog.actuate.preflight import (
     run_preflight,
 )
 from watchdog.decide.actions import (
+    Basis,
     DeleteVolumeAttachments,
     EmitEvent,
     EventType,
@@ -546,6 +547,105 @@ async def test_an_action_during_an_api_restart_is_retried_until_it_succeeds(
         failed = await hopeless.persist_state(PersistState("retry-1", "{}"))
     assert failed.result is Result.FAILED
     assert isinstance(failed.error, TransientError)
+
+
+# -- a decision's basis: writes that stand on the Node it was decided on ------------------------
+
+
+async def version_of(kube: Kube, node: str) -> str:
+    return str((await kube.get(NODES, node))["metadata"]["resourceVersion"])
+
+
+async def test_a_decision_whose_node_changed_since_writes_nothing_more(
+    admin: Kube, actuator: Actuator
+) -> None:
+    """A deposed leader's plan, or one made on a view behind etcd: once anybody else wrote the
+    Node after the decision (here a newer leader's withdrawal), none of the decision's Node,
+    pod or volume writes lands. Its own writes move the basis, so its chain goes on."""
+    await create_node(admin, "basis-1")
+    await create_launcher_pod(admin, "basis-pod", "basis-1")
+    basis = Basis(await version_of(admin, "basis-1"))
+    fencing = '{"phase":"Fencing"}'
+    first = await actuator.execute(PersistState("basis-1", fencing), basis=basis)
+    assert first.result is Result.SUCCESS, first
+    assert basis.node_version == await version_of(admin, "basis-1"), "the chain moves on"
+    tainted = await actuator.execute(TaintOutOfService("basis-1"), basis=basis)
+    assert tainted.result is Result.SUCCESS, tainted
+
+    withdrawal = '{"phase":"Healthy"}'
+    await admin.patch(
+        NODES, "basis-1", {"metadata": {"annotations": {STATE_ANNOTATION: withdrawal}}}
+    )
+    pods = (("default", "basis-pod"),)
+    refused = [
+        await actuator.execute(PersistState("basis-1", '{"phase":"Resetting"}'), basis=basis),
+        await actuator.execute(RemoveOutOfServiceTaint("basis-1"), basis=basis),
+        await actuator.execute(ForceDeletePods("basis-1", pods), basis=basis),
+        await actuator.execute(MarkPodsNotReady("basis-1", pods), basis=basis),
+        await actuator.execute(DeleteVolumeAttachments("basis-1"), basis=basis),
+    ]
+    assert [o.result for o in refused] == [Result.STALE] * 5, refused
+    node = await admin.get(NODES, "basis-1")
+    assert node["metadata"]["annotations"][STATE_ANNOTATION] == withdrawal
+    assert OOS_KEY in [t["key"] for t in node["spec"].get("taints") or ()]
+    pod = await admin.get(PODS, "basis-pod", "default")
+    assert conditions(pod)["Ready"]["status"] == "True" and not pod["metadata"].get(
+        "deletionTimestamp"
+    )
+
+    # The twin: a decision made on the Node as it is now goes ahead.
+    fresh = Basis(await version_of(admin, "basis-1"))
+    done = await actuator.execute(ForceDeletePods("basis-1", pods), basis=fresh)
+    assert done.result is Result.SUCCESS, done
+    assert await admin.get_or_none(PODS, "basis-pod", "default") is None
+    untainted = await actuator.execute(RemoveOutOfServiceTaint("basis-1"), basis=fresh)
+    assert untainted.result is Result.SUCCESS, untainted
+
+
+async def test_a_replica_that_stopped_leading_sends_nothing_more_even_mid_retry(
+    cluster: ControlPlane,
+    admin: Kube,
+    api_client: k8s_client.ApiClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its Lease ran out while a write was being retried through an API restart: the retry
+    is never sent, although the API is back and the write would have succeeded."""
+    await create_node(admin, "basis-2")
+    leading = True
+    basis = Basis(await version_of(admin, "basis-2"), lambda: leading)
+    patient = Actuator(api_client, settings(api_request_timeout_s=2.0), attempts=12)
+    caplog.set_level(logging.WARNING, logger="watchdog.actuate")
+    await cluster.api_outage_start("stop")
+    try:
+        task = asyncio.ensure_future(
+            patient.execute(PersistState("basis-2", '{"phase":"Fencing"}'), basis=basis)
+        )
+
+        async def first_attempt_failed() -> bool:
+            return "attempt 1/12" in caplog.text
+
+        await eventually(first_attempt_failed, what="first attempt failed and logged")
+        leading = False
+    finally:
+        await cluster.api_outage_stop()
+    outcome = await asyncio.wait_for(task, 60)
+    assert outcome.result is Result.STALE, outcome
+    node = await admin.get(NODES, "basis-2")
+    assert STATE_ANNOTATION not in (node["metadata"].get("annotations") or {})
+
+    # The twin: while it leads, the same write through the same kind of outage lands.
+    leading = True
+    caplog.clear()
+    await cluster.api_outage_start("stop")
+    try:
+        task = asyncio.ensure_future(
+            patient.execute(PersistState("basis-2", '{"phase":"Fencing"}'), basis=basis)
+        )
+        await eventually(first_attempt_failed, what="first attempt failed and logged")
+    finally:
+        await cluster.api_outage_stop()
+    outcome = await asyncio.wait_for(task, 60)
+    assert outcome.result is Result.SUCCESS, outcome
 
 
 async def test_retry_after_of_a_429_is_honoured() -> None:

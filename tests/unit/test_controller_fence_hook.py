@@ -33,6 +33,8 @@ class Cluster:
 
     def __init__(self) -> None:
         self.annotations: dict[str, str] = {DOWN: json.dumps({"phase": "Fencing"})}
+        self.versions: dict[str, int] = {}  # each Node's resourceVersion, moved by its writes
+        self.shown: dict[str, int] = {}  # a version the view still shows, behind `versions`
 
     def node_names(self) -> Iterable[str]:
         return NODES
@@ -45,6 +47,9 @@ class Cluster:
 
     def node_has_taint(self, node: str, key: str, effect: str) -> bool:
         return False
+
+    def node_version(self, node: str) -> str | None:
+        return str(self.shown.get(node) or self.versions.get(node, 1))
 
     lease_at = 0.0  # when every kubelet last renewed its Lease
 
@@ -74,12 +79,22 @@ class Executor:
         self.hook_results: list[str] = []  # what each hook run answers, in order
         self.hook_gate: asyncio.Event | None = None  # a hook that runs until it is set
 
-    async def __call__(self, action: act.Action) -> str:
+    async def __call__(self, action: act.Action, basis: act.Basis | None = None) -> str:
         if isinstance(action, act.RunFenceHook):
             if self.hook_gate is not None:
                 await self.hook_gate.wait()
             self.done.append(action)
             return self.hook_results.pop(0)
+        if basis is not None and not basis.may_act():
+            return "stale"
+        node_writes = act.PersistState | act.TaintOutOfService | act.RemoveOutOfServiceTaint
+        if isinstance(action, node_writes) and basis is not None:
+            # The API server's optimistic concurrency, as the actuator uses it.
+            current = self.cluster.versions.get(action.node, 1)
+            if basis.node_version not in (None, str(current)):
+                return "stale"
+            self.cluster.versions[action.node] = current + 1
+            basis.node_version = str(current + 1)
         if isinstance(action, act.PersistState):
             self.cluster.annotations[action.node] = action.annotation
         self.done.append(action)
@@ -172,6 +187,35 @@ async def test_a_success_of_an_earlier_term_proves_nothing_to_the_next() -> None
     assert c.metrics.registry.get_sample_value("watchdog_actions_total", failed) == 4
     annotation = json.loads(execute.cluster.annotations[DOWN])
     assert annotation["phase"] == "Fencing" and "fenceConfirmed" not in annotation
+
+
+async def test_a_plan_made_on_a_node_that_changed_since_is_dropped_and_decided_again() -> None:
+    """The Node was written after the view the decision was made on (a newer leader, an
+    administrator): the first write of the plan is refused, nothing after it is sent, and the
+    node is decided again soon on the newer Node."""
+    c, execute, clock, _ = controller()
+    execute.hook_results = ["success"]
+    c.become_leader()
+    await c.evaluate(DOWN)
+    await settle(c)
+    execute.cluster.shown[DOWN] = execute.cluster.versions.get(DOWN, 1)
+    execute.cluster.versions[DOWN] = execute.cluster.shown[DOWN] + 1  # written, not yet seen
+    wake = await c.evaluate(DOWN)
+    assert execute.resets() == []
+    assert wake is not None and wake <= clock.now + 0.5
+    stale = {"action": "TaintOutOfService", "result": "stale"}
+    assert c.metrics.registry.get_sample_value("watchdog_actions_total", stale) == 1
+    assert await c.evaluate(DOWN) == clock.now + 0.5, "undecided until the view catches up"
+    assert execute.resets() == [] and execute.hooks() == 1
+    assert c.states[DOWN].phase is Phase.FENCING, "the refused decision is undone"
+    # The twin: once the view shows the Node as it is, the node is decided again from where it
+    # was (its fence confirmed in this term): the plan goes through.
+    del execute.cluster.shown[DOWN]
+    clock.now = wake
+    await c.evaluate(DOWN)
+    assert execute.hooks() == 1
+    assert [type(a) for a in execute.resets()] == [act.TaintOutOfService]
+    assert json.loads(execute.cluster.annotations[DOWN])["phase"] == "Reset"
 
 
 async def test_a_deposed_leader_stops_its_running_hook() -> None:

@@ -62,6 +62,12 @@ class Conflict(PermanentError):
         return self.reason == "AlreadyExists"
 
 
+class Stale(PermanentError):
+    """The write no longer stands on what its decision saw: the Node changed since (another
+    leader, an administrator, a kubelet wrote it), or this replica stopped leading. The
+    decision is dropped, not retried: the next one is made on the newer Node."""
+
+
 def from_status(
     status: int, body: bytes | str | None, headers: Mapping[str, str] | None, what: str
 ) -> ActuationError:
@@ -119,6 +125,7 @@ __all__ = [
     "Conflict",
     "NotFound",
     "PermanentError",
+    "Stale",
     "TransientError",
     "from_status",
     "translate",

@@ -5,10 +5,13 @@ timeout on every request, library errors translated into `TransientError` / `Per
 transient ones retried with tenacity: bounded attempts, jittered exponential backoff,
 `Retry-After` honoured on 429, `attempt n/N` logged) and `Actuator`, whose every method is
 safe to repeat and returns an `Outcome` whose `result` feeds
-`watchdog_actions_total{action,result}`: `success`, `already_done`, `failed` or `dry_run`.
+`watchdog_actions_total{action,result}`: `success`, `already_done`, `failed`, `stale` or
+`dry_run`.
 
 Idempotency, per STYLE 6: an existing taint is `already_done`; a 404 on a delete, or on the pod
-to mark, is `already_done`; a 409 on a resourceVersion precondition means re-read and retry.
+to mark, is `already_done`; a 409 on a resourceVersion precondition means re-read and retry —
+except for a write that carries its decision's `Basis` (decide/actions.py): that one is `stale`,
+because the Node it was decided on is no longer the one in etcd.
 
 Must not: decide (the actions say what to do), read the observers' caches (a sibling layer),
 or swallow `asyncio.CancelledError`.
@@ -26,6 +29,7 @@ import random
 import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -43,6 +47,7 @@ from watchdog.actuate.errors import (
     Conflict,
     NotFound,
     PermanentError,
+    Stale,
     TransientError,
     from_status,
     translate,
@@ -51,6 +56,7 @@ from watchdog.actuate.events import EventRecorder, ObjectRef
 from watchdog.actuate.power_fence import PowerFencer
 from watchdog.decide.actions import (
     Action,
+    Basis,
     DeleteVolumeAttachments,
     EmitEvent,
     EventType,
@@ -80,6 +86,10 @@ _PARALLEL_ITEMS = 16
 
 Obj = dict[str, Any]
 
+# The running action's `Basis.may_act`, seen by every request it makes (the per-pod tasks
+# inherit it): checked before each attempt, so a retried request stops when leadership does.
+_MAY_ACT: ContextVar[Callable[[], bool] | None] = ContextVar("may_act", default=None)
+
 
 class Result(StrEnum):
     """Label values of `watchdog_actions_total{result}`."""
@@ -87,6 +97,7 @@ class Result(StrEnum):
     SUCCESS = "success"
     ALREADY_DONE = "already_done"
     FAILED = "failed"
+    STALE = "stale"  # not written: the decision's Node changed since, or we stopped leading
     DRY_RUN = "dry_run"
 
 
@@ -102,7 +113,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.result is not Result.FAILED
+        return self.result not in (Result.FAILED, Result.STALE)
 
 
 class ActuatorSettings(Protocol):
@@ -254,6 +265,9 @@ class KubeWriter:
         )
         async for attempt in retrying:
             with attempt:
+                may_act = _MAY_ACT.get()
+                if may_act is not None and not may_act():
+                    raise Stale(f"{what}: not sent, this replica no longer leads")
                 return await self.once(
                     method, path, query=query, body=body, content_type=content_type, what=what
                 )
@@ -301,10 +315,23 @@ def _node_path(name: str) -> str:
     return f"/api/v1/nodes/{quote(name, safe='')}"
 
 
+def _still(obj: Obj, basis: Basis, action: str, node: str) -> None:
+    """Raise `Stale` unless `obj` (the Node as read) is the version the decision was made on."""
+    version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+    if version != basis.node_version:
+        raise Stale(
+            f"{action} on node {node}: the Node is at version {version}, the decision saw "
+            f"{basis.node_version}"
+        )
+
+
 def _aggregate(action: str, items: Sequence[tuple[str, Result, ActuationError | None]]) -> Outcome:
-    """One Outcome for an action over many objects: failed if any failed, else success if any
-    changed, else already_done."""
+    """One Outcome for an action over many objects: stale if leadership ended on the way,
+    else failed if any failed, else success if any changed, else already_done."""
     results = tuple((name, result) for name, result, _ in items)
+    stale = [e for _, result, e in items if result is Result.STALE]
+    if stale:
+        return Outcome(action, Result.STALE, str(stale[0]), stale[0], results)
     failures = [(name, e) for name, result, e in items if result is Result.FAILED]
     if failures:
         detail = "; ".join(f"{name}: {e}" for name, e in failures[:5])
@@ -355,31 +382,72 @@ class Actuator:
         *,
         claims: Iterable[tuple[str, str]] = (),
         vmis: Iterable[tuple[str, str]] = (),
+        basis: Basis | None = None,
     ) -> Outcome:
         """Run one action. `DeleteVolumeAttachments` needs the (namespace, PVC) `claims` of the
-        reset pods; `StartEvacuation` the (namespace, name) `vmis` chosen to migrate now."""
+        reset pods; `StartEvacuation` the (namespace, name) `vmis` chosen to migrate now.
+        With the decision's `basis`, Node writes carry its resourceVersion as precondition,
+        pod and volume writes go ahead only while etcd's Node still has it, and nothing is
+        sent once `basis.may_act()` says no (`Basis`, decide/actions.py)."""
+        if basis is None:
+            return await self._dispatch(action, claims, vmis, None)
+        token = _MAY_ACT.set(basis.may_act)
+        try:
+            if isinstance(action, MarkPodsNotReady | ForceDeletePods | DeleteVolumeAttachments):
+                refused = await self._refused(type(action).__name__, action.node, basis)
+                if refused is not None:
+                    return refused
+            return await self._dispatch(action, claims, vmis, basis)
+        finally:
+            _MAY_ACT.reset(token)
+
+    async def _dispatch(
+        self,
+        action: Action,
+        claims: Iterable[tuple[str, str]],
+        vmis: Iterable[tuple[str, str]],
+        basis: Basis | None,
+    ) -> Outcome:
         match action:
             case EmitEvent():
                 return await self.emit_event(action)
             case PersistState():
-                return await self.persist_state(action)
+                return await self.persist_state(action, basis)
             case MarkPodsNotReady():
                 return await self.mark_pods_not_ready(action)
             case RunFenceHook():
                 return await self.run_fence_hook(action)
             case TaintOutOfService():
-                return await self.taint_out_of_service(action)
+                return await self.taint_out_of_service(action, basis)
             case ForceDeletePods():
                 return await self.force_delete_pods(action)
             case DeleteVolumeAttachments():
                 return await self.delete_volume_attachments(action, claims)
             case RemoveOutOfServiceTaint():
-                return await self.remove_out_of_service_taint(action)
+                return await self.remove_out_of_service_taint(action, basis)
             case StartEvacuation():
                 return await self.start_evacuation(action, vmis)
             case StopEvacuation():
                 return await self.stop_evacuation(action)
         raise AssertionError(f"unknown action {action!r}")
+
+    async def _refused(self, action: str, node: str, basis: Basis) -> Outcome | None:
+        """None when etcd's Node (a quorum read) is still the one the decision was made on;
+        else the outcome that stops the decision: `stale`, or `failed` when it cannot be read
+        (a hold: nothing is written without that proof)."""
+        if self.dry_run or not basis.node_version:
+            return None
+
+        async def body() -> Outcome:
+            try:
+                obj = await self._get_node(node)
+            except NotFound as e:
+                raise Stale(f"{action} on node {node}: the Node is gone since the decision") from e
+            _still(obj, basis, action, node)
+            return Outcome(action, Result.SUCCESS)
+
+        outcome = await self._guard(action, body, write=False)
+        return None if outcome.result is Result.SUCCESS else outcome
 
     async def _guard(
         self, action: str, body: Callable[[], Awaitable[Outcome]], *, write: bool = True
@@ -389,6 +457,9 @@ class Actuator:
             return Outcome(action, Result.DRY_RUN, "dry run: nothing written")
         try:
             return await body()
+        except Stale as e:
+            log.info("%s not written: %s", action, e)
+            return Outcome(action, Result.STALE, str(e), e)
         except ActuationError as e:
             log.warning("%s failed: %s", action, e)
             return Outcome(action, Result.FAILED, str(e), e)
@@ -430,15 +501,20 @@ class Actuator:
 
     # -- node ----------------------------------------------------------------------------------
 
-    async def persist_state(self, action: PersistState) -> Outcome:
-        """Merge-patch `metadata.annotations[STATE_ANNOTATION]` on the Node."""
+    async def persist_state(self, action: PersistState, basis: Basis | None = None) -> Outcome:
+        """Merge-patch `metadata.annotations[STATE_ANNOTATION]` on the Node; with a `basis`,
+        on the Node's version it names only (one request, no read before)."""
 
         async def body() -> Outcome:
+            patch: Obj = {"metadata": {"annotations": {STATE_ANNOTATION: action.annotation}}}
+            if basis is not None and basis.node_version:
+                patch["metadata"]["resourceVersion"] = basis.node_version
+                await self._patch_on(basis, action.node, patch, f"persist state on {action.node}")
+                return Outcome("persist_state", Result.SUCCESS, action.annotation)
             node = await self._get_node(action.node)
             current = (node.get("metadata", {}).get("annotations") or {}).get(STATE_ANNOTATION)
             if current == action.annotation:
                 return Outcome("persist_state", Result.ALREADY_DONE, "annotation unchanged")
-            patch = {"metadata": {"annotations": {STATE_ANNOTATION: action.annotation}}}
             await self.writer.call(
                 "PATCH",
                 _node_path(action.node),
@@ -450,7 +526,20 @@ class Actuator:
 
         return await self._guard("persist_state", body)
 
-    async def taint_out_of_service(self, action: TaintOutOfService) -> Outcome:
+    async def _patch_on(self, basis: Basis, node: str, patch: Obj, what: str) -> None:
+        """A merge patch whose body names `basis.node_version` as precondition; moves the basis
+        to the version written. A 409 means the Node changed since the decision: `Stale`."""
+        try:
+            written = await self.writer.call(
+                "PATCH", _node_path(node), body=patch, content_type=MERGE_PATCH, what=what
+            )
+        except Conflict as e:
+            raise Stale(f"{what}: the Node changed since the decision ({e})") from e
+        basis.node_version = str((written.get("metadata") or {}).get("resourceVersion") or "")
+
+    async def taint_out_of_service(
+        self, action: TaintOutOfService, basis: Basis | None = None
+    ) -> Outcome:
         """Add the configured out-of-service taint (existing taint with key+effect: done)."""
 
         def add(taints: list[Obj]) -> list[Obj] | None:
@@ -465,10 +554,12 @@ class Actuator:
 
         return await self._guard(
             "taint_out_of_service",
-            lambda: self._edit_taints("taint_out_of_service", action.node, add),
+            lambda: self._edit_taints("taint_out_of_service", action.node, add, basis=basis),
         )
 
-    async def remove_out_of_service_taint(self, action: RemoveOutOfServiceTaint) -> Outcome:
+    async def remove_out_of_service_taint(
+        self, action: RemoveOutOfServiceTaint, basis: Basis | None = None
+    ) -> Outcome:
         """Remove the configured out-of-service taint (absent taint or node: done)."""
 
         def remove(taints: list[Obj]) -> list[Obj] | None:
@@ -478,7 +569,7 @@ class Actuator:
         return await self._guard(
             "remove_out_of_service_taint",
             lambda: self._edit_taints(
-                "remove_out_of_service_taint", action.node, remove, missing_ok=True
+                "remove_out_of_service_taint", action.node, remove, missing_ok=True, basis=basis
             ),
         )
 
@@ -489,9 +580,13 @@ class Actuator:
         edit: Callable[[list[Obj]], list[Obj] | None],
         *,
         missing_ok: bool = False,
+        basis: Basis | None = None,
     ) -> Outcome:
         """Read-modify-write of spec.taints with the read resourceVersion as precondition:
-        a 409 means someone else changed the node in between, so read again."""
+        a 409 means someone else changed the node in between, so read again. With a `basis`,
+        the read must show the decision's version and a 409 is `Stale` (not read again)."""
+        if basis is not None and not basis.node_version:
+            basis = None  # a Node our view did not hold: the read-modify-write alone
         for attempt in range(1, _CONFLICT_RETRIES + 1):
             try:
                 obj = await self._get_node(node)
@@ -499,6 +594,8 @@ class Actuator:
                 if missing_ok:
                     return Outcome(name, Result.ALREADY_DONE, f"node {node} does not exist")
                 raise
+            if basis is not None:
+                _still(obj, basis, name, node)
             taints = list(obj.get("spec", {}).get("taints") or [])
             new = edit(taints)
             if new is None:
@@ -508,6 +605,9 @@ class Actuator:
                 # A JSON merge patch replaces the whole list: exactly what we read, edited.
                 "spec": {"taints": new},
             }
+            if basis is not None:
+                await self._patch_on(basis, node, patch, f"{name} {self.taint} on node {node}")
+                return Outcome(name, Result.SUCCESS, f"{self.taint} on node {node}")
             try:
                 await self.writer.call(
                     "PATCH",
@@ -631,6 +731,8 @@ class Actuator:
             async with limit:
                 try:
                     items.append((f"{namespace}/{pod}", await one(namespace, pod), None))
+                except Stale as e:
+                    items.append((f"{namespace}/{pod}", Result.STALE, e))
                 except ActuationError as e:
                     log.warning("%s %s/%s failed: %s", name, namespace, pod, e)
                     items.append((f"{namespace}/{pod}", Result.FAILED, e))
@@ -701,6 +803,8 @@ class Actuator:
                     items.append((va_name, Result.SUCCESS, None))
                 except NotFound:
                     items.append((va_name, Result.ALREADY_DONE, None))
+                except Stale as e:
+                    items.append((va_name, Result.STALE, e))
                 except ActuationError as e:
                     items.append((va_name, Result.FAILED, e))
             if not items:

@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from watchdog.decide.reasons import Reason
+
+
+def _always() -> bool:
+    return True
+
+
+@dataclass(slots=True)
+class Basis:
+    """What one decision's writes stand on, carried from write to write (DESIGN §5).
+
+    `node_version` is the Node's resourceVersion in the view the decision was made from. Every
+    Node write of the decision carries it as precondition and moves it to the version it
+    wrote; a pod or volume write first reads the Node (a quorum read) and goes ahead only if
+    etcd still holds that version. So a decision whose Node changed since it was made — a
+    newer leader withdrew or declared, an administrator wrote, or our view lagged etcd — writes
+    nothing more. `may_act` is checked before every request and every retry of one: a leader
+    whose Lease ran out sends nothing after it, even in the middle of a retried action. A
+    write refused for either reason ends the decision (result `stale`); the next one is made
+    on the newer Node."""
+
+    node_version: str | None
+    may_act: Callable[[], bool] = _always
 
 
 class EventType(StrEnum):

@@ -105,6 +105,9 @@ class NodeRecord:
     virt_handler_seen_at: float | None  # monotonic: when that annotation was last seen to change
     labels: tuple[tuple[str, str], ...]  # only the keys the cache was told to keep
     unschedulable: bool
+    # The version this record was projected from: a decision's writes carry it as their
+    # precondition (decide/actions.py, Basis).
+    resource_version: str = ""
 
     def has_taint(self, key: str, effect: str | None = None) -> bool:
         return any(t.key == key and (effect is None or t.effect == effect) for t in self.taints)
@@ -382,6 +385,7 @@ def project_node(
             ),
             labels=tuple((_intern(k), _intern(str(labels[k]))) for k in keep_labels if k in labels),
             unschedulable=bool(spec.get("unschedulable", False)),
+            resource_version=str(meta.get("resourceVersion") or ""),
         )
 
     return project

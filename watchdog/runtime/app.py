@@ -239,7 +239,7 @@ def _controller(
     # The volumes of reset pods, captured before the force-delete removes them from the cache.
     claims_of_reset: dict[str, list[tuple[str, str]]] = {}
 
-    async def execute(action: act.Action) -> str:
+    async def execute(action: act.Action, basis: act.Basis | None = None) -> str:
         claims: list[tuple[str, str]] = []
         if isinstance(action, act.ForceDeletePods):
             claims_of_reset[action.node] = [
@@ -251,7 +251,7 @@ def _controller(
             return await evacuations.start(action)
         if isinstance(action, act.StopEvacuation):
             return await evacuations.stop(action)
-        outcome = await actuator.execute(action, claims=claims)
+        outcome = await actuator.execute(action, claims=claims, basis=basis)
         return outcome.result.value
 
     def on_event(resource: str, kind: EventKind, key: str, old: Any, new: Any) -> None:

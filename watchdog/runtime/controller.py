@@ -42,6 +42,10 @@ from watchdog.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+# After a write refused as stale, decide again this soon if no Node event has marked the node
+# first (its event normally does, within milliseconds).
+STALE_RETRY_S = 0.5
+
 
 class ClusterView(Protocol):
     """What the controller reads from the API caches (implemented over observe's cache)."""
@@ -50,6 +54,7 @@ class ClusterView(Protocol):
     def node_ready(self, node: str) -> str | None: ...
     def node_annotation(self, node: str, key: str) -> str | None: ...
     def node_has_taint(self, node: str, key: str, effect: str) -> bool: ...
+    def node_version(self, node: str) -> str | None: ...
     def lease_renewed_at(self, node: str) -> tuple[bool, float | None]: ...
     def launcher_pods(self, node: str) -> tuple[LauncherPod, ...]: ...
     def vm_run_strategy(self, namespace: str, vm: str) -> tuple[str | None, bool | None]: ...
@@ -61,7 +66,7 @@ class ClusterView(Protocol):
 class Executor(Protocol):
     """Executes one action; returns the result label (success, already_done, failed, ...)."""
 
-    async def __call__(self, action: act.Action) -> str: ...
+    async def __call__(self, action: act.Action, basis: act.Basis | None = None) -> str: ...
 
 
 @dataclass
@@ -125,7 +130,10 @@ class Controller:
         # node → when the machine sent the hook run that succeeded (the machine's clock): it
         # counts only for the episode whose first run was not later (`NodeState.hook_since`).
         self.fence_confirmed: dict[str, float | None] = {}
-        self._hooks: dict[str, asyncio.Task[None]] = {}  # the fence hook running per node
+        self._hooks: dict[str, asyncio.Task[str]] = {}  # the fence hook running per node
+        # node → the Node version a decision was refused on (see `_act`): what we remember of
+        # it is dropped once our view shows a newer Node.
+        self._stale: dict[str, str] = {}
         # Set by the runtime to the scheduler's `mark`: a finished hook has the node decided
         # again at once.
         self.mark: Callable[[str], None] = lambda node: None
@@ -172,18 +180,23 @@ class Controller:
         self.states.clear()
         self.phase_counts.clear()
         self._quiet.clear()
+        self._stale.clear()
         for node in self.view.node_names():
-            state = NodeState.from_annotation(
-                node, self.view.node_annotation(node, STATE_ANNOTATION), now
-            )
-            # A resumed node's heartbeat count baseline is what we have seen so far.
-            rec = self.book.nodes.get(node)
-            if rec is not None:
-                state = replace(state, heartbeats_at_mark=rec.received)
-            self._set_state(node, state)
+            self._set_state(node, self._resumed(node, now))
         self.fence_confirmed.clear()  # an earlier term's hook runs prove nothing to this one
         self._leading = True
         self.metrics.leader.set(1)
+
+    def _resumed(self, node: str, now: float) -> NodeState:
+        """The node's state as its annotation in our view says; timers restart from `now`."""
+        state = NodeState.from_annotation(
+            node, self.view.node_annotation(node, STATE_ANNOTATION), now
+        )
+        # A resumed node's heartbeat count baseline is what we have seen so far.
+        rec = self.book.nodes.get(node)
+        if rec is not None:
+            state = replace(state, heartbeats_at_mark=rec.received)
+        return state
 
     def step_down(self) -> None:
         self._leading = False
@@ -402,6 +415,11 @@ class Controller:
         if node not in self.states and node not in self.view.node_names():
             return None
         now = self.clock()
+        stale = self._stale.get(node)
+        if stale is not None:
+            if self.view.node_version(node) == stale:
+                return now + STALE_RETRY_S  # our view has not caught up with etcd yet
+            del self._stale[node]
         state = self.states.get(node) or NodeState(node, entered_at=now)
         if node not in self.states:
             self._set_state(node, state)
@@ -442,9 +460,15 @@ class Controller:
             self._quiet.discard(node)
         if not decision.actions:
             return decision.wake_at
-        return self._act(decision, obs, now)
+        return self._act(decision, obs, now, state)
 
-    async def _act(self, decision: Decision, obs: NodeObservation, now: float) -> float | None:
+    async def _act(
+        self, decision: Decision, obs: NodeObservation, now: float, before: NodeState
+    ) -> float | None:
+        # The Node as this decision saw it: its writes go ahead only while etcd still holds
+        # that version (or the one they wrote themselves), and only while we lead.
+        seen = self.view.node_version(obs.name)
+        basis = act.Basis(seen, lambda: self.acting)
         for action in decision.actions:
             # Checked before every action: one that hung (a frozen API server) can outlast our
             # leadership, and a deposed leader must not carry on with the rest of its plan.
@@ -453,7 +477,23 @@ class Controller:
             if isinstance(action, act.RunFenceHook):
                 self._start_hook(action)
                 continue
-            await self._run(action, decision, obs, now)
+            if await self._run(action, decision, obs, now, basis) == "stale":
+                # Someone wrote the Node since we decided (a newer leader, an administrator,
+                # a node controller) or we stopped leading: the rest of the plan stood on a
+                # Node that is gone. The decision is undone (its timers kept: it is the state
+                # it was made from) and made again once our view shows the newer Node: its
+                # watch event marks the node, the wake-up covers an event that never comes.
+                log.info(
+                    "node %s: %s not written (the Node changed since the decision, or we no "
+                    "longer lead): deciding again on the newer Node",
+                    obs.name,
+                    type(action).__name__,
+                )
+                if self.states.get(obs.name) is decision.state:
+                    self._set_state(obs.name, before)
+                if seen is not None:
+                    self._stale[obs.name] = seen
+                return now + STALE_RETRY_S
         return decision.wake_at
 
     def _cancel_hook(self, node: str) -> None:
@@ -583,11 +623,16 @@ class Controller:
         log.info("node %s: VMs may be reset in %.1fs", node, max(0.0, at - now))
 
     async def _run(
-        self, action: act.Action, d: Decision | None, obs: NodeObservation | None, now: float
-    ) -> None:
+        self,
+        action: act.Action,
+        d: Decision | None,
+        obs: NodeObservation | None,
+        now: float,
+        basis: act.Basis | None = None,
+    ) -> str:
         name = type(action).__name__
         try:
-            result = await self.execute(action)
+            result = await self.execute(action, basis)
         except Exception as e:
             # The executor retried transient errors already; the next evaluation retries again.
             log.error("%s on %s failed: %s", name, action.node, e)
@@ -599,6 +644,7 @@ class Controller:
         if isinstance(action, act.RunFenceHook) and result == "success" and self._leading:
             self.fence_confirmed[action.node] = action.sent_at
             self.mark(action.node)  # decide on it at once
+        return result
 
     def _follow_pods(
         self, action: act.ForceDeletePods, state: NodeState, obs: NodeObservation, now: float

@@ -28,6 +28,10 @@ class CacheView:
         rec = self.cache.node(node)
         return None if rec is None else rec.state_annotation
 
+    def node_version(self, node: str) -> str | None:
+        rec = self.cache.node(node)
+        return rec.resource_version or None if rec is not None else None
+
     def node_has_taint(self, node: str, key: str, effect: str) -> bool:
         rec = self.cache.node(node)
         return rec is not None and rec.has_taint(key, effect)
