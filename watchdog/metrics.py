@@ -178,7 +178,7 @@ class Metrics:
         # Counters born at 0: `increase()` cannot see the step from "no series" to 1, so without
         # this the first reset or failed action after a start would not show on a dashboard.
         for kind in get_args(Action):
-            for result in ("success", "failed"):
+            for result in ("success", "failed", "stale"):
                 self.actions.labels(action=kind.__name__, result=result)
         for result in ("started", "succeeded", "failed", "not_migratable", "given_up", "timeout"):
             self.migrations.labels(result=result)

@@ -134,6 +134,8 @@ class Controller:
         # node → the Node version a decision was refused on (see `_act`): what we remember of
         # it is dropped once our view shows a newer Node.
         self._stale: dict[str, str] = {}
+        # node → (the version our view showed, the version our writes then left in etcd).
+        self._own: dict[str, tuple[str, str]] = {}
         # Set by the runtime to the scheduler's `mark`: a finished hook has the node decided
         # again at once.
         self.mark: Callable[[str], None] = lambda node: None
@@ -181,6 +183,7 @@ class Controller:
         self.phase_counts.clear()
         self._quiet.clear()
         self._stale.clear()
+        self._own.clear()
         for node in self.view.node_names():
             self._set_state(node, self._resumed(node, now))
         self.fence_confirmed.clear()  # an earlier term's hook runs prove nothing to this one
@@ -382,6 +385,8 @@ class Controller:
         self._quiet.discard(node)
         self._lease_pending.discard(node)
         self.known_since.pop(node, None)
+        self._stale.pop(node, None)
+        self._own.pop(node, None)
         old = self.states.pop(node, None)
         if old is not None:
             self.phase_counts[old.phase] -= 1
@@ -467,8 +472,14 @@ class Controller:
     ) -> float | None:
         # The Node as this decision saw it: its writes go ahead only while etcd still holds
         # that version (or the one they wrote themselves), and only while we lead.
-        seen = self.view.node_version(obs.name)
-        basis = act.Basis(seen, lambda: self.acting)
+        node = obs.name
+        seen = self.view.node_version(node)
+        start, own = seen, self._own.get(node)
+        if own is not None and own[0] == seen:
+            # Our view has not shown our own last writes yet: etcd holds the version they
+            # wrote, which differs from the view by those writes alone.
+            start = own[1]
+        basis = act.Basis(start, lambda: self.acting)
         for action in decision.actions:
             # Checked before every action: one that hung (a frozen API server) can outlast our
             # leadership, and a deposed leader must not carry on with the rest of its plan.
@@ -489,11 +500,16 @@ class Controller:
                     obs.name,
                     type(action).__name__,
                 )
-                if self.states.get(obs.name) is decision.state:
-                    self._set_state(obs.name, before)
+                if self.states.get(node) is decision.state:
+                    self._set_state(node, before)
+                self._own.pop(node, None)
                 if seen is not None:
-                    self._stale[obs.name] = seen
+                    self._stale[node] = seen
                 return now + STALE_RETRY_S
+        if seen is not None and basis.node_version and basis.node_version != start:
+            self._own[node] = (seen, basis.node_version)
+        elif own is not None and own[0] != seen:
+            del self._own[node]  # the view has caught up (or moved on)
         return decision.wake_at
 
     def _cancel_hook(self, node: str) -> None:
