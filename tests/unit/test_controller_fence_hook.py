@@ -95,6 +95,7 @@ class Executor:
                 return "stale"
             self.cluster.versions[action.node] = current + 1
             basis.node_version = str(current + 1)
+            basis.written.append(basis.node_version)
         if isinstance(action, act.PersistState):
             self.cluster.annotations[action.node] = action.annotation
         self.done.append(action)
@@ -253,3 +254,34 @@ async def test_a_hook_still_running_when_the_node_leaves_fencing_is_stopped() ->
         await task
     assert execute.hooks() == 0 and marked == [] and not c.fence_confirmed
     assert execute.resets() == []
+
+
+async def test_a_view_that_has_not_shown_all_our_own_writes_does_not_refuse_the_next_plan() -> None:
+    """Our reset wrote the Node twice (taint, then the state) and our view shows only the
+    first: the difference from etcd is our own writes, so the next plan (the node is back:
+    untaint, persist) is written on the version they left, not refused as stale."""
+    c, execute, clock, _ = controller()
+    execute.hook_results = ["success"]
+    c.become_leader()
+    await c.evaluate(DOWN)
+    await settle(c)
+    before = execute.cluster.versions.get(DOWN, 1)
+    await c.evaluate(DOWN)
+    assert json.loads(execute.cluster.annotations[DOWN])["phase"] == "Reset"
+    assert execute.cluster.versions[DOWN] == before + 2  # the taint, then the state
+    execute.cluster.shown[DOWN] = before + 1  # the view has shown the taint write only
+    clock.now += 5.0
+    execute.cluster.lease_at = clock.now
+    execute.cluster.node_ready = lambda node: "True"  # type: ignore[method-assign]
+    c.book.set_known(set(NODES))
+    for seq in range(1_000, 1_005):  # back, and heard for a while
+        c.book.accept(Heartbeat(DOWN, "boot-new", seq, 0.0, "1", None), clock.now)
+        await c.evaluate(DOWN)
+        clock.now += 1.0
+    stale = c.metrics.registry.get_sample_value
+    assert all(
+        stale("watchdog_actions_total", {"action": a, "result": "stale"}) == 0
+        for a in ("PersistState", "RemoveOutOfServiceTaint")
+    )
+    assert any(isinstance(a, act.RemoveOutOfServiceTaint) for a in execute.done)
+    assert json.loads(execute.cluster.annotations[DOWN])["phase"] != "Reset"

@@ -536,6 +536,7 @@ class Actuator:
         except Conflict as e:
             raise Stale(f"{what}: the Node changed since the decision ({e})") from e
         basis.node_version = str((written.get("metadata") or {}).get("resourceVersion") or "")
+        basis.written.append(basis.node_version)
 
     async def taint_out_of_service(
         self, action: TaintOutOfService, basis: Basis | None = None

@@ -29,6 +29,7 @@ class Basis:
 
     node_version: str | None
     may_act: Callable[[], bool] = _always
+    written: list[str] = field(default_factory=list)  # the versions its Node writes made
 
 
 class EventType(StrEnum):

@@ -134,8 +134,9 @@ class Controller:
         # node → the Node version a decision was refused on (see `_act`): what we remember of
         # it is dropped once our view shows a newer Node.
         self._stale: dict[str, str] = {}
-        # node → (the version our view showed, the version our writes then left in etcd).
-        self._own: dict[str, tuple[str, str]] = {}
+        # node → (the versions our view may show before it shows all of our own writes, the
+        # version those writes left in etcd).
+        self._own: dict[str, tuple[frozenset[str], str]] = {}
         # Set by the runtime to the scheduler's `mark`: a finished hook has the node decided
         # again at once.
         self.mark: Callable[[str], None] = lambda node: None
@@ -464,6 +465,7 @@ class Controller:
         else:
             self._quiet.discard(node)
         if not decision.actions:
+            self._count_transitions(node, decision, now)
             return decision.wake_at
         return self._act(decision, obs, now, state)
 
@@ -475,9 +477,9 @@ class Controller:
         node = obs.name
         seen = self.view.node_version(node)
         start, own = seen, self._own.get(node)
-        if own is not None and own[0] == seen:
-            # Our view has not shown our own last writes yet: etcd holds the version they
-            # wrote, which differs from the view by those writes alone.
+        if own is not None and seen in own[0]:
+            # Our view has not shown all of our own last writes yet: etcd holds the version
+            # they left, which differs from the view by those writes alone.
             start = own[1]
         basis = act.Basis(start, lambda: self.acting)
         for action in decision.actions:
@@ -506,9 +508,12 @@ class Controller:
                 if seen is not None:
                     self._stale[node] = seen
                 return now + STALE_RETRY_S
-        if seen is not None and basis.node_version and basis.node_version != start:
-            self._own[node] = (seen, basis.node_version)
-        elif own is not None and own[0] != seen:
+        self._count_transitions(node, decision, now)
+        if seen is not None and basis.written:
+            # The versions our view may still show while etcd holds `basis.node_version`.
+            ours = {seen, *basis.written} | (own[0] if own is not None and start != seen else set())
+            self._own[node] = (frozenset(ours), basis.written[-1])
+        elif own is not None and seen not in own[0]:
             del self._own[node]  # the view has caught up (or moved on)
         return decision.wake_at
 
@@ -560,9 +565,7 @@ class Controller:
         if sig is not None and sig.heartbeat_age_s is not None and heard:
             self.metrics.heartbeat_age.labels(node=node).set(sig.heartbeat_age_s)
             self._aged.add(node)
-        for frm, to, reason in d.transitions:
-            self.metrics.transitions.labels(frm.value, to.value, reason.value).inc()
-            log.info("node %s: %s -> %s (%s)", node, frm.value, to.value, reason.value)
+        for frm, to, _ in d.transitions:
             if to is Phase.UNREACHABLE:
                 # A new episode needs its own external fence confirmation.
                 self.fence_confirmed.pop(node, None)
@@ -572,10 +575,6 @@ class Controller:
                 self._cancel_hook(node)
             if to is Phase.UNREACHABLE:
                 self._warn_period_raised(node, d.state)
-            if to is Phase.UNREACHABLE and d.state.last_contact_at is not None:
-                self.metrics.detection.observe(now - d.state.last_contact_at)
-            if frm is Phase.RESETTING and to is Phase.RESET and d.state.unreachable_at:
-                self.metrics.reset.observe(now - d.state.unreachable_at)
         down = d.state.phase in DOWN_PHASES
         ready = sum(1 for p in obs.launcher_pods if p.ready and not p.terminating) if down else 0
         if ready or node in self._false_ready:
@@ -589,6 +588,17 @@ class Controller:
         counted = d.state.phase in DOWN_PHASES or quorum_held
         self._record_node_hold(node, d.state.held if counted else None)
         self._record_reset_due(node, d.reset_not_before, now)
+
+    def _count_transitions(self, node: str, d: Decision, now: float) -> None:
+        """Log and count a decision's transitions: once it stands (a decision whose writes
+        were refused as stale is undone, and counted when it is made again)."""
+        for frm, to, reason in d.transitions:
+            self.metrics.transitions.labels(frm.value, to.value, reason.value).inc()
+            log.info("node %s: %s -> %s (%s)", node, frm.value, to.value, reason.value)
+            if to is Phase.UNREACHABLE and d.state.last_contact_at is not None:
+                self.metrics.detection.observe(now - d.state.last_contact_at)
+            if frm is Phase.RESETTING and to is Phase.RESET and d.state.unreachable_at:
+                self.metrics.reset.observe(now - d.state.unreachable_at)
 
     def _warn_period_raised(self, node: str, state: NodeState) -> None:
         """A policy period below the node's safe delay is raised to it (DESIGN §5): say so, once
