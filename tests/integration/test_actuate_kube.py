@@ -549,6 +549,105 @@ async def test_an_action_during_an_api_restart_is_retried_until_it_succeeds(
     assert isinstance(failed.error, TransientError)
 
 
+VAP = Resource(
+    "/apis/admissionregistration.k8s.io/v1", "validatingadmissionpolicies", namespaced=False
+)
+VAP_BINDINGS = Resource(
+    "/apis/admissionregistration.k8s.io/v1", "validatingadmissionpolicybindings", namespaced=False
+)
+REFUSE_EVENTS = "test-refuse-node-fenced-events"
+
+
+async def test_an_event_the_api_refused_is_written_once_it_accepts_with_when_it_happened(
+    cluster: ControlPlane, admin: Kube, actuator: Actuator
+) -> None:
+    """A real API error (a ValidatingAdmissionPolicy refusing NodeFenced Events): the Event
+    waits, is written once the refusal ends, and says when it happened, not when written."""
+    await create_node(admin, "event-2")
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": REFUSE_EVENTS},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": ["events"],
+                    }
+                ]
+            },
+            "validations": [
+                {"expression": "object.reason != 'NodeFenced'", "message": "refused by the test"}
+            ],
+        },
+    }
+    await admin.create(VAP, policy)
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": REFUSE_EVENTS},
+        "spec": {"policyName": REFUSE_EVENTS, "validationActions": ["Deny"]},
+    }
+    await admin.create(VAP_BINDINGS, binding)
+    action = EmitEvent("event-2", "NodeFenced", Reason.FENCE_SELF_ELAPSED, "fencing proven")
+
+    async def events() -> list[dict[str, Any]]:
+        listing = await kubectl_json(
+            cluster.admin_kubeconfig,
+            "get",
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            "involvedObject.kind=Node,involvedObject.name=event-2",
+        )
+        return [e for e in listing["items"] if e["reason"] == "NodeFenced"]
+
+    retrying = asyncio.ensure_future(actuator.event_backlog.run(lambda: True))
+    try:
+        refused_at = datetime.now(UTC).replace(microsecond=0)
+
+        async def refused() -> bool:  # a dry run goes through admission and stores nothing
+            probe = {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"generateName": "probe-"},
+                "involvedObject": {"kind": "Node", "name": "event-2"},
+                "reason": "NodeFenced",
+            }
+            try:
+                await admin.request(
+                    "POST", "/api/v1/namespaces/default/events", query={"dryRun": "All"}, body=probe
+                )
+            except ApiError as e:
+                return e.status in (400, 403, 422)
+            return False
+
+        await eventually(refused, what="the API server refusing NodeFenced Events")
+        assert (await actuator.emit_event(action)).result is Result.FAILED
+        assert len(actuator.event_backlog) == 1 and await events() == []
+        await admin.delete(VAP_BINDINGS, REFUSE_EVENTS)
+        await admin.delete(VAP, REFUSE_EVENTS)
+
+        async def written() -> bool:
+            return len(await events()) == 1
+
+        await eventually(written, timeout_s=60.0, what="the refused Event written late")
+    finally:
+        retrying.cancel()
+    (event,) = await events()
+    assert event["reason"] == "NodeFenced" and len(actuator.event_backlog) == 0
+    happened = datetime.fromisoformat(event["firstTimestamp"].replace("Z", "+00:00"))
+    written_at = datetime.fromisoformat(
+        event["metadata"]["creationTimestamp"].replace("Z", "+00:00")
+    )
+    assert happened <= refused_at + timedelta(seconds=30) and happened < written_at
+
+
 # -- a decision's basis: writes that stand on the Node it was decided on ------------------------
 
 

@@ -99,15 +99,23 @@ class EventRecorder:
         self._seen: OrderedDict[tuple[str, ...], _Seen] = OrderedDict()
 
     async def record(
-        self, ref: ObjectRef, event_type: str, reason: str, message: str, *, action: str = ""
+        self,
+        ref: ObjectRef,
+        event_type: str,
+        reason: str,
+        message: str,
+        *,
+        action: str = "",
+        stamp: str | None = None,
     ) -> str:
+        """`stamp`: when it happened (default now), for an Event written late."""
         message = message[:_MAX_MESSAGE]
         # The message is part of the key, as in client-go's EventCorrelator: the same reason
         # about different things (VMNotMigratable for vm-3, then vm-6) must not overwrite one
         # Event with the last message; only true repeats are counted.
         key = (ref.kind, ref.namespace, ref.name, ref.uid, event_type, reason, message)
         now = self._clock()
-        stamp = _now()
+        stamp = stamp or _now()
         seen = self._seen.get(key)
         if seen is not None and now - seen.at <= self._window_s:
             patch = {"count": seen.count + 1, "lastTimestamp": stamp, "message": message}
@@ -180,8 +188,12 @@ class EventRecorder:
         return body
 
 
+def rfc3339_now() -> str:
+    return _now()
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-__all__ = ["EventRecorder", "ObjectRef", "Requester"]
+__all__ = ["EventRecorder", "ObjectRef", "Requester", "rfc3339_now"]

@@ -52,7 +52,8 @@ from watchdog.actuate.errors import (
     from_status,
     translate,
 )
-from watchdog.actuate.events import EventRecorder, ObjectRef
+from watchdog.actuate.event_backlog import EventBacklog, UnwrittenEvent
+from watchdog.actuate.events import EventRecorder, ObjectRef, rfc3339_now
 from watchdog.actuate.power_fence import PowerFencer
 from watchdog.decide.actions import (
     Action,
@@ -373,6 +374,9 @@ class Actuator:
             component=component,
             instance=instance or os.environ.get("POD_NAME") or socket.gethostname(),
         )
+        # Events whose write failed; written again by `event_backlog.run()` (the runtime runs
+        # it while this replica leads).
+        self.event_backlog = EventBacklog(self._write_late)
 
     # -- dispatch ----------------------------------------------------------------------------
 
@@ -491,13 +495,24 @@ class Actuator:
     async def record_event(
         self, ref: ObjectRef, event_type: EventType, event: str, message: str
     ) -> Outcome:
+        """Write the Event; one that cannot be written now waits in `event_backlog`."""
+        unwritten = UnwrittenEvent(ref, event_type.value, event, message, rfc3339_now())
+        outcome = await self._write_event(unwritten)
+        if outcome.result is Result.FAILED:
+            self.event_backlog.add(unwritten)
+        return outcome
+
+    async def _write_event(self, e: UnwrittenEvent) -> Outcome:
         async def body() -> Outcome:
-            how = await self.events.record(ref, event_type.value, event, message)
+            how = await self.events.record(e.ref, e.event_type, e.reason, e.message, stamp=e.stamp)
             # A repeat only increments the count of the existing Event.
             result = Result.SUCCESS if how == "created" else Result.ALREADY_DONE
-            return Outcome("emit_event", result, f"{event} on {ref.kind} {ref.name}: {how}")
+            return Outcome("emit_event", result, f"{e.reason} on {e.ref.kind} {e.ref.name}: {how}")
 
         return await self._guard("emit_event", body)
+
+    async def _write_late(self, e: UnwrittenEvent) -> bool:
+        return (await self._write_event(e)).result is not Result.FAILED
 
     # -- node ----------------------------------------------------------------------------------
 

@@ -483,6 +483,11 @@ def _controller(
     tg.create_task(follow_vmis(), name="vm follower")
     tg.create_task(evacuate(), name="evacuations")
     tg.create_task(heartbeat_loop(), name="health")
+    # Events the API refused or lost: written again while we lead (actuate/event_backlog.py).
+    metrics.queue_depth.labels(queue="events_unwritten").set_function(
+        lambda: len(actuator.event_backlog)
+    )
+    tg.create_task(actuator.event_backlog.run(lambda: controller.acting), name="event backlog")
 
     async def campaign() -> None:
         # Only a replica whose caches are synced campaigns: one that took the Lease first and
