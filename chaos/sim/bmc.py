@@ -15,8 +15,14 @@ the node's emulator (SIGSTOP: requests hang, like a BMC without power) until `bm
 `bmc-lies` makes it switch nothing (it reports the machine off while the machine runs) until
 `bmc-truthful`.
 
+With `protocol="ipmi"` each BMC speaks IPMI 2.0 over LAN instead (chaos/sim/ipmi_bmc.py: a
+pyghmi BMC server per node, for `ipmitool -I lanplus` and fence_ipmilan): the power state it
+reports is kept here, set by the faults that switch the machine and by the BMC's own commands
+(which switch the machine, unless it lies), with no delay of its own.
+
 Also writes the inventory a controller in fence_mode=power reads (`inventory_path`): every node
-with fence_redfish, its BMC's address, port and system URI, and a password file.
+with its fence agent (fence_redfish or fence_ipmilan), its BMC's address, port (and system URI),
+and a password file.
 
 Must not: decide anything about fencing; only emulate the hardware.
 """
@@ -30,6 +36,7 @@ import logging
 import secrets
 import shutil
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +54,8 @@ log = logging.getLogger(__name__)
 
 USERNAME = "admin"
 FENCE_AGENT = "fence_redfish"
+IPMI_FENCE_AGENT = "fence_ipmilan"
+PROTOCOLS = ("redfish", "ipmi")
 
 
 class BmcError(RuntimeError):
@@ -79,18 +88,30 @@ class BmcFleet:
         key: Path,
         ca: Path,
         on_power: Callable[[str, str], Awaitable[None]],
+        protocol: str = "redfish",
     ) -> None:
+        if protocol not in PROTOCOLS:
+            raise BmcError(f"BMC protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+        self.protocol = protocol
+        # ipmi: the power state each BMC reports ("On" / "Off").
+        self.reported: dict[str, str] = dict.fromkeys(nodes, "On")
         self.work_dir = work_dir
         self.nodes = list(nodes)
         self.cert, self.key, self.ca = cert, key, ca
         self.on_power = on_power
-        self.password = secrets.token_urlsafe(16)
+        self.password = secrets.token_urlsafe(12)  # 16 characters: IPMI allows at most 20
         self.bmcs: dict[str, Bmc] = {}
         self._runner: web.AppRunner | None = None
         self._notify_port = 0
 
     @staticmethod
-    def available() -> bool:
+    def available(protocol: str = "redfish") -> bool:
+        if protocol == "ipmi":
+            try:
+                import pyghmi.ipmi.bmc  # noqa: F401
+            except ImportError:
+                return False
+            return True
         return shutil.which("sushy-emulator") is not None
 
     @property
@@ -98,6 +119,9 @@ class BmcFleet:
         return self.work_dir / "inventory.yaml"
 
     async def start(self) -> None:
+        if self.protocol == "ipmi":
+            await self._start_ipmi()
+            return
         exe = shutil.which("sushy-emulator")
         if exe is None:
             raise BmcError("sushy-emulator is not installed (pip install -e '.[chaos]')")
@@ -155,7 +179,59 @@ class BmcFleet:
             raise BmcError(f"a BMC emulator did not start: {e}\n{tails}") from e
         self._write_inventory()
 
+    async def _start_ipmi(self) -> None:
+        if not self.available("ipmi"):
+            raise BmcError("pyghmi is not installed (pip install -e '.[chaos]')")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        app = web.Application()
+        app.router.add_get("/ipmi/{node}", self._ipmi_read)
+        app.router.add_put("/ipmi/{node}", self._ipmi_command)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        self._notify_port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", self._notify_port).start()
+        password = self.work_dir / "password"
+        password.write_text(self.password + "\n")
+        fleet = f"http://127.0.0.1:{self._notify_port}"
+        for node in self.nodes:
+            port = free_port()
+            d = self.work_dir / node
+            d.mkdir(parents=True, exist_ok=True)
+            argv = [sys.executable, "-m", "chaos.sim.ipmi_bmc", "--node", node]
+            argv += ["--port", str(port), "--user", USERNAME, "--password-file", str(password)]
+            argv += ["--fleet", fleet]
+            proc = ManagedProcess(f"bmc-{node}", argv, d / "ipmi.log")
+            self.bmcs[node] = Bmc(node, node, port, proc)
+        await asyncio.gather(*(b.proc.spawn() for b in self.bmcs.values()))
+
+        async def listening(b: Bmc) -> None:
+            # UDP has no connect to wait for: the process says when it has bound its port.
+            for _ in range(300):
+                if "IPMI BMC of" in b.proc.log_tail(5):
+                    return
+                await asyncio.sleep(0.1)
+            raise BmcError(f"the IPMI BMC of {b.node} did not start:\n{b.proc.log_tail(10)}")
+
+        await asyncio.gather(*(listening(b) for b in self.bmcs.values()))
+        self._write_inventory()
+
     def _write_inventory(self) -> None:
+        if self.protocol == "ipmi":
+            # Cipher suite 3 (RAKP-HMAC-SHA1): the one pyghmi's BMC server speaks.
+            doc = {
+                "nodes": {
+                    b.node: {
+                        "agent": IPMI_FENCE_AGENT,
+                        "ip": "127.0.0.1",
+                        "username": USERNAME,
+                        "password_file": "password",
+                        "options": {"ipport": str(b.port), "lanplus": "1", "cipher": "3"},
+                    }
+                    for b in self.bmcs.values()
+                }
+            }
+            self.inventory_path.write_text(yaml.safe_dump(doc, sort_keys=True))
+            return
         doc = {
             "nodes": {
                 b.node: {
@@ -193,6 +269,10 @@ class BmcFleet:
 
     async def machine_power(self, node: str, on: bool) -> None:
         """Tell the BMC what happened to its machine (a fault, not the BMC, switched it)."""
+        if self.protocol == "ipmi":
+            if node in self.reported:
+                self.reported[node] = "On" if on else "Off"
+            return
         bmc = self.bmcs.get(node)
         if bmc is None or bmc.proc.frozen:
             return
@@ -212,6 +292,26 @@ class BmcFleet:
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             log.warning("BMC of %s not told the machine is %s: %s", node, on, e)
 
+    async def _ipmi_read(self, request: web.Request) -> web.Response:
+        node = request.match_info["node"]
+        if node not in self.reported:
+            return web.json_response({"error": f"no BMC for {node}"}, status=404)
+        return web.json_response({"power_state": self.reported[node]})
+
+    async def _ipmi_command(self, request: web.Request) -> web.Response:
+        node = request.match_info["node"]
+        state = (await request.json()).get("power_state")
+        if node not in self.reported or state not in ("On", "Off"):
+            return web.json_response({"error": f"bad command for {node}"}, status=400)
+        if self.bmcs[node].lies:
+            log.info("BMC of %s reports %s but switches nothing (bmc-lies)", node, state)
+        elif state != self.reported[node]:
+            # Applied before the BMC answers: it never reports off while the machine runs.
+            with contextlib.suppress(ValueError):
+                await self.on_power(node, state)
+        self.reported[node] = state
+        return web.json_response({"power_state": state})
+
     async def _notified(self, request: web.Request) -> web.Response:
         system: dict[str, Any] = await request.json()
         node = system.get("name")
@@ -230,4 +330,4 @@ class BmcFleet:
         return web.Response(text="ok")
 
 
-__all__ = ["FENCE_AGENT", "Bmc", "BmcError", "BmcFleet"]
+__all__ = ["FENCE_AGENT", "IPMI_FENCE_AGENT", "PROTOCOLS", "Bmc", "BmcError", "BmcFleet"]

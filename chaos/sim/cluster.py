@@ -131,6 +131,7 @@ class SimConfig:
     # A BMC per machine (chaos/sim/bmc.py: a real Redfish emulator wired to the machine's
     # power) and the inventory a controller in fence_mode=power reads (`SimCluster.bmcs`).
     bmcs: bool = False
+    bmc_protocol: str = "redfish"  # or "ipmi" (IPMI 2.0 over LAN, for fence_ipmilan)
     # Each agent gets an emulated watchdog device (chaos/sim/wdt.py) at a per-node path;
     # False runs them without one (a weak fence, held by the controller unless accepted).
     watchdog_devices: bool = True
@@ -170,6 +171,8 @@ class SimConfig:
             raise bad("run_strategies/access_modes", (), "need at least one value")
         if self.fence_action not in ("poweroff", "reboot"):
             raise bad("fence_action", self.fence_action, "poweroff or reboot")
+        if self.bmc_protocol not in ("redfish", "ipmi"):
+            raise bad("bmc_protocol", self.bmc_protocol, "redfish or ipmi")
         names = {f"node-{i}" for i in range(1, self.nodes + 1)}
         for n in self.run_nodes:
             if n not in names:
@@ -821,6 +824,7 @@ class SimCluster:
             key=pki.apiserver.key,
             ca=pki.ca.cert,
             on_power=self._on_bmc_power,
+            protocol=self.config.bmc_protocol,
         )
         await self.bmcs.start()
 
