@@ -209,6 +209,12 @@ def register_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "prints `bmc inventory: PATH` for a controller in fence_mode power",
     )
     p.add_argument(
+        "--bmc-protocol",
+        choices=("redfish", "ipmi"),
+        default="redfish",
+        help="what the BMCs speak: Redfish (fence_redfish) or IPMI 2.0 over LAN (fence_ipmilan)",
+    )
+    p.add_argument(
         "--audit-log",
         action="store_true",
         help="kube-apiserver audit log (JSON lines, level Metadata); prints `audit log: PATH`",
@@ -277,6 +283,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         rbac_overlay=args.rbac_overlay,
         audit_log=args.audit_log,
         bmcs=args.bmcs,
+        bmc_protocol=args.bmc_protocol,
         fence_action=args.fence_action,
         work_dir=args.work_dir,
         kubeconfig=args.kubeconfig,

@@ -93,6 +93,7 @@ def sim_config(
         access_modes=tuple(shape.access_modes),
         broker=shape.broker if watchdog else None,
         bmcs=shape.bmcs,
+        bmc_protocol=shape.bmc_protocol,
         agents=watchdog,
         agent_env=dict(scaled.env) if watchdog else {},
         run_nodes=tuple(scenario.watchdog.controllers) if watchdog else (),

@@ -77,6 +77,11 @@ class ClusterShape(_Strict):
         "its own power delay of 1 to 11 s is not compressed by time_scale); needed by "
         "fence_mode power and the bmc-* faults.",
     )
+    bmc_protocol: Literal["redfish", "ipmi"] = Field(
+        "redfish",
+        description="What the BMCs speak: Redfish (fence_redfish) or IPMI 2.0 over LAN "
+        "(fence_ipmilan; pyghmi's BMC server, no power delay of its own).",
+    )
 
 
 class WatchdogSetup(_Strict):
