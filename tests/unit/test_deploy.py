@@ -376,6 +376,8 @@ def test_the_broker_is_locked_down_and_serves_tls_only(render) -> None:
     broker = one(objs, "Deployment", "node-watchdog-mqtt")
     spec = broker["spec"]["template"]["spec"]
     assert broker["spec"]["replicas"] == 1  # two Mosquittos would each see half the heartbeats
+    # ... not even for the moments a rollout would overlap the old and the new pod.
+    assert broker["spec"]["strategy"] == {"type": "Recreate"}
     assert spec["automountServiceAccountToken"] is False
     c = container(broker, "mosquitto")
     sc = c["securityContext"]
