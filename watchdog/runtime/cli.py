@@ -110,7 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
         "also be denied every controller write",
     )
     p.set_defaults(func=_role("preflight"))
+    p = sub.add_parser(
+        "status",
+        help="every node's phase, reason, fence and taint as the cluster records them; with "
+        "--metrics-url also heartbeat ages, reset times and holds from the leader",
+    )
+    p.add_argument(
+        "--metrics-url",
+        metavar="URL",
+        help="the leader's /metrics (e.g. through kubectl port-forward)",
+    )
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.set_defaults(func=cmd_status)
     return parser
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = settings_or_exit()
+    from watchdog.runtime import status
+
+    return status.main(settings, args.metrics_url, args.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
