@@ -359,6 +359,15 @@ async def test_state_annotation_is_persisted_once(
     newer = '{"phase":"Fencing","reason":"PeriodRunning"}'
     assert (await actuator.persist_state(PersistState("state-1", newer))).result is (Result.SUCCESS)
     assert (await admin.get(NODES, "state-1"))["metadata"]["annotations"][STATE_ANNOTATION] == newer
+    # What `kubectl describe node` shows: the NodeWatchdog condition says the same.
+    described = await kubectl_text(cluster.admin_kubeconfig, "describe", "node", "state-1")
+    line = next(x for x in described.splitlines() if x.strip().startswith("NodeWatchdog"))
+    assert "True" in line and "Fencing" in line and "PeriodRunning" in line, line
+    back = '{"phase":"Healthy","reason":"HeartbeatFresh"}'
+    assert (await actuator.persist_state(PersistState("state-1", back))).result is Result.SUCCESS
+    conditions = (await admin.get(NODES, "state-1"))["status"]["conditions"]
+    [cond] = [c for c in conditions if c["type"] == "NodeWatchdog"]
+    assert (cond["status"], cond["reason"]) == ("False", "Healthy")
 
 
 async def test_events_are_created_then_counted_and_visible_to_kubectl(

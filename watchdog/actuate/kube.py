@@ -72,6 +72,7 @@ from watchdog.decide.actions import (
 )
 from watchdog.decide.config import FenceMode
 from watchdog.decide.names import EVACUATION_LABEL, FINAL_MIGRATION_PHASES, STATE_ANNOTATION
+from watchdog.decide.state import DOWN_PHASES
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 EVACUATION_NODE_ANNOTATION = "node-watchdog.kubevirt.io/evacuation-node"
+CONDITION_TYPE = "NodeWatchdog"  # the Node condition that shows our phase
+CONDITION_DOWN_PHASES = frozenset(p.value for p in DOWN_PHASES)
 NOT_READY_REASON = "NodeUnreachable"
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _CONFLICT_RETRIES = 8
@@ -377,6 +380,7 @@ class Actuator:
         # Events whose write failed; written again by `event_backlog.run()` (the runtime runs
         # it while this replica leads).
         self.event_backlog = EventBacklog(self._write_late)
+        self._condition_warned = False
 
     # -- dispatch ----------------------------------------------------------------------------
 
@@ -518,13 +522,15 @@ class Actuator:
 
     async def persist_state(self, action: PersistState, basis: Basis | None = None) -> Outcome:
         """Merge-patch `metadata.annotations[STATE_ANNOTATION]` on the Node; with a `basis`,
-        on the Node's version it names only (one request, no read before)."""
+        on the Node's version it names only (one request, no read before). Then the Node's
+        `NodeWatchdog` condition says the same (see `_write_condition`)."""
 
         async def body() -> Outcome:
             patch: Obj = {"metadata": {"annotations": {STATE_ANNOTATION: action.annotation}}}
             if basis is not None and basis.node_version:
                 patch["metadata"]["resourceVersion"] = basis.node_version
                 await self._patch_on(basis, action.node, patch, f"persist state on {action.node}")
+                await self._write_condition(action, basis)
                 return Outcome("persist_state", Result.SUCCESS, action.annotation)
             node = await self._get_node(action.node)
             current = (node.get("metadata", {}).get("annotations") or {}).get(STATE_ANNOTATION)
@@ -537,9 +543,54 @@ class Actuator:
                 content_type=MERGE_PATCH,
                 what=f"persist state on node {action.node}",
             )
+            await self._write_condition(action, None)
             return Outcome("persist_state", Result.SUCCESS, action.annotation)
 
         return await self._guard("persist_state", body)
+
+    async def _write_condition(self, action: PersistState, basis: Basis | None) -> None:
+        """The `NodeWatchdog` condition in the Node's status: True while the watchdog holds the
+        node down (Unreachable, Fencing, Resetting, Reset), reason = the phase, for
+        `kubectl describe node`. Informational only: nothing reads it back, it is not guarded
+        (a node's kubelet may write its own Node's status), and a failed write is logged, not
+        retried (the annotation is the record; the next change writes the condition again).
+        With a basis it is written on the basis's version too and moves it."""
+        try:
+            doc = json.loads(action.annotation)
+            phase, reason = str(doc["phase"]), str(doc.get("reason", ""))
+        except (ValueError, KeyError, TypeError):
+            return
+        condition = {
+            "type": CONDITION_TYPE,
+            "status": "True" if phase in CONDITION_DOWN_PHASES else "False",
+            "reason": phase,
+            "message": f"{phase}: {reason} (node-watchdog)",
+            "lastTransitionTime": now_rfc3339(),  # written at each change of phase
+        }
+        patch: Obj = {"status": {"conditions": [condition]}}
+        if basis is not None and basis.node_version:
+            patch["metadata"] = {"resourceVersion": basis.node_version}
+        try:
+            written = await self.writer.call(
+                "PATCH",
+                _node_path(action.node) + "/status",
+                body=patch,
+                content_type=STRATEGIC_MERGE_PATCH,
+                what=f"NodeWatchdog condition on node {action.node}",
+            )
+        except Stale:
+            raise
+        except ActuationError as e:
+            # A conflict: someone wrote the Node after our annotation; the chain's next Node
+            # write says so. A refusal (e.g. RBAC of an older release without nodes/status):
+            # said once.
+            if not isinstance(e, Conflict) and not self._condition_warned:
+                self._condition_warned = True
+                log.warning("the NodeWatchdog condition is not written: %s", e)
+            return
+        if basis is not None and basis.node_version:
+            basis.node_version = str((written.get("metadata") or {}).get("resourceVersion") or "")
+            basis.written.append(basis.node_version)
 
     async def _patch_on(self, basis: Basis, node: str, patch: Obj, what: str) -> None:
         """A merge patch whose body names `basis.node_version` as precondition; moves the basis

@@ -71,6 +71,7 @@ class AccessRule:
 CONTROLLER_ACCESS: tuple[AccessRule, ...] = (
     AccessRule("", "nodes", ("get", "list", "watch"), "watch nodes; re-read before a write"),
     AccessRule("", "nodes", ("patch",), "out-of-service taint; phase annotation"),
+    AccessRule("", "nodes", ("patch",), "the NodeWatchdog condition", "status"),
     AccessRule("", "pods", ("list", "watch", "get"), "virt-launcher pods on each node"),
     AccessRule("", "pods", ("delete",), "force-delete launcher pods of a reset node"),
     AccessRule("", "pods", ("patch",), "mark falsely-ready pods Ready=False", "status"),
