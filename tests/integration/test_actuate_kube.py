@@ -710,6 +710,32 @@ async def test_a_decision_whose_node_changed_since_writes_nothing_more(
     assert untainted.result is Result.SUCCESS, untainted
 
 
+async def test_a_node_written_by_others_in_their_fields_still_carries_the_decision(
+    admin: Kube, actuator: Actuator
+) -> None:
+    """The kubelet's status, a label: a newer version of the Node that shows of ours (our
+    annotation, our taint) what the decision saw does not refuse its writes; a change of our
+    annotation does."""
+    await create_node(admin, "basis-3")
+    basis = Basis(await version_of(admin, "basis-3"), expect=(None, False))
+    await admin.patch(NODES, "basis-3", {"metadata": {"labels": {"rack": "r7"}}})
+    fencing = '{"phase":"Fencing"}'
+    first = await actuator.execute(PersistState("basis-3", fencing), basis=basis)
+    assert first.result is Result.SUCCESS, first
+    await admin.patch(NODES, "basis-3", {"metadata": {"labels": {"rack": "r8"}}})
+    tainted = await actuator.execute(TaintOutOfService("basis-3"), basis=basis)
+    assert tainted.result is Result.SUCCESS, tainted
+    assert basis.expect == (fencing, True)
+
+    await admin.patch(
+        NODES, "basis-3", {"metadata": {"annotations": {STATE_ANNOTATION: '{"phase":"Healthy"}'}}}
+    )
+    refused = await actuator.execute(PersistState("basis-3", '{"phase":"Reset"}'), basis=basis)
+    assert refused.result is Result.STALE, refused
+    annotations = (await admin.get(NODES, "basis-3"))["metadata"]["annotations"]
+    assert annotations[STATE_ANNOTATION] == '{"phase":"Healthy"}'
+
+
 async def test_a_replica_that_stopped_leading_sends_nothing_more_even_mid_retry(
     cluster: ControlPlane,
     admin: Kube,

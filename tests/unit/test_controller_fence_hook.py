@@ -35,6 +35,7 @@ class Cluster:
         self.annotations: dict[str, str] = {DOWN: json.dumps({"phase": "Fencing"})}
         self.versions: dict[str, int] = {}  # each Node's resourceVersion, moved by its writes
         self.shown: dict[str, int] = {}  # a version the view still shows, behind `versions`
+        self.shown_annotations: dict[str, str] = {}  # an annotation it still shows
 
     def node_names(self) -> Iterable[str]:
         return NODES
@@ -43,7 +44,9 @@ class Cluster:
         return "Unknown" if node == DOWN else "True"
 
     def node_annotation(self, node: str, key: str) -> str | None:
-        return self.annotations.get(node) if key == STATE_ANNOTATION else None
+        if key != STATE_ANNOTATION:
+            return None
+        return self.shown_annotations.get(node) or self.annotations.get(node)
 
     def node_has_taint(self, node: str, key: str, effect: str) -> bool:
         return False
@@ -88,14 +91,22 @@ class Executor:
         if basis is not None and not basis.may_act():
             return "stale"
         node_writes = act.PersistState | act.TaintOutOfService | act.RemoveOutOfServiceTaint
-        if isinstance(action, node_writes) and basis is not None:
-            # The API server's optimistic concurrency, as the actuator uses it.
+        checked = node_writes | act.ForceDeletePods | act.MarkPodsNotReady
+        if isinstance(action, checked) and basis is not None:
+            # The API server's optimistic concurrency, as the actuator uses it: the Node at
+            # the decision's version, or at a newer one that shows of ours what it expected.
             current = self.cluster.versions.get(action.node, 1)
-            if basis.node_version not in (None, str(current)):
-                return "stale"
+            if basis.node_version != str(current):
+                shows = (self.cluster.annotations.get(action.node), False)
+                if basis.node_version is None or basis.expect != shows:
+                    return "stale"
+                basis.node_version = str(current)
+        if isinstance(action, node_writes) and basis is not None:
             self.cluster.versions[action.node] = current + 1
             basis.node_version = str(current + 1)
             basis.written.append(basis.node_version)
+            if isinstance(action, act.PersistState) and basis.expect is not None:
+                basis.expect = (action.annotation, basis.expect[1])
         if isinstance(action, act.PersistState):
             self.cluster.annotations[action.node] = action.annotation
         self.done.append(action)
@@ -191,32 +202,74 @@ async def test_a_success_of_an_earlier_term_proves_nothing_to_the_next() -> None
 
 
 async def test_a_plan_made_on_a_node_that_changed_since_is_dropped_and_decided_again() -> None:
-    """The Node was written after the view the decision was made on (a newer leader, an
-    administrator): the first write of the plan is refused, nothing after it is sent, and the
-    node is decided again soon on the newer Node."""
+    """Our annotation was written after the view the decision was made on (an administrator;
+    a newer leader would be the same): the first write of the plan is refused, nothing after
+    it is sent, and the node is decided again soon on the newer Node."""
     c, execute, clock, _ = controller()
     execute.hook_results = ["success"]
     c.become_leader()
     await c.evaluate(DOWN)
     await settle(c)
-    execute.cluster.shown[DOWN] = execute.cluster.versions.get(DOWN, 1)
-    execute.cluster.versions[DOWN] = execute.cluster.shown[DOWN] + 1  # written, not yet seen
+    cluster = execute.cluster
+    cluster.shown[DOWN] = cluster.versions.get(DOWN, 1)
+    cluster.shown_annotations[DOWN] = cluster.annotations[DOWN]
+    cluster.versions[DOWN] = cluster.shown[DOWN] + 1  # written, not yet seen
+    cluster.annotations[DOWN] = json.dumps({"phase": "Fencing", "reason": "Resumed"})
     wake = await c.evaluate(DOWN)
     assert execute.resets() == []
     assert wake is not None and wake <= clock.now + 0.5
     stale = {"action": "TaintOutOfService", "result": "stale"}
     assert c.metrics.registry.get_sample_value("watchdog_actions_total", stale) == 1
     assert await c.evaluate(DOWN) == clock.now + 0.5, "undecided until the view catches up"
+    assert c.metrics.registry.get_sample_value("watchdog_actions_total", stale) == 1
     assert execute.resets() == [] and execute.hooks() == 1
     assert c.states[DOWN].phase is Phase.FENCING, "the refused decision is undone"
     # The twin: once the view shows the Node as it is, the node is decided again from where it
     # was (its fence confirmed in this term): the plan goes through.
-    del execute.cluster.shown[DOWN]
+    del cluster.shown[DOWN], cluster.shown_annotations[DOWN]
     clock.now = wake
     await c.evaluate(DOWN)
     assert execute.hooks() == 1
     assert [type(a) for a in execute.resets()] == [act.TaintOutOfService]
     assert json.loads(execute.cluster.annotations[DOWN])["phase"] == "Reset"
+
+
+async def test_a_node_changed_only_in_fields_of_others_still_carries_the_plan() -> None:
+    """The kubelet (or a node controller) wrote the Node after our view: its version moved,
+    our annotation and taint did not. The plan goes through at once, nothing refused."""
+    c, execute, _, _ = controller()
+    execute.hook_results = ["success"]
+    c.become_leader()
+    await c.evaluate(DOWN)
+    await settle(c)
+    cluster = execute.cluster
+    cluster.shown[DOWN] = cluster.versions.get(DOWN, 1)
+    cluster.versions[DOWN] = cluster.shown[DOWN] + 1  # someone else's write
+    await c.evaluate(DOWN)
+    assert [type(a) for a in execute.resets()] == [act.TaintOutOfService]
+    stale = c.metrics.registry.get_sample_value
+    assert stale("watchdog_actions_total", {"action": "TaintOutOfService", "result": "stale"}) == 0
+
+
+async def test_the_fence_hook_of_a_refused_plan_never_starts() -> None:
+    """Declared Fencing and its hook sent in one plan whose state write is refused: the hook
+    (a BMC power-off) must not run for a decision that did not stand."""
+    c, execute, _, _ = controller()
+    cluster = execute.cluster
+    unreachable = json.dumps({"phase": "Unreachable", "reason": "CorroboratedByLease"})
+    cluster.annotations[DOWN] = unreachable
+    execute.hook_results = ["success"]
+    c.become_leader()
+    cluster.shown[DOWN] = cluster.versions.get(DOWN, 1)
+    cluster.shown_annotations[DOWN] = unreachable
+    cluster.versions[DOWN] = cluster.shown[DOWN] + 1
+    cluster.annotations[DOWN] = json.dumps({"phase": "Healthy", "reason": "HeartbeatFresh"})
+    await c.evaluate(DOWN)
+    await settle(c)
+    assert execute.hooks() == 0 and not c._hooks
+    assert c.states[DOWN].phase is Phase.UNREACHABLE
+    stale = {"action": "PersistState", "result": "stale"}
+    assert c.metrics.registry.get_sample_value("watchdog_actions_total", stale) == 1
 
 
 async def test_a_deposed_leader_stops_its_running_hook() -> None:

@@ -56,8 +56,9 @@ async def test_a_standby_writes_nothing_and_the_same_event_waits_once() -> None:
     backlog.add(event("NodeFenced"))
     backlog.add(event("NodeFenced"))
     api.now = 100.0
-    await backlog.retry_due(lambda: False)
+    assert await backlog.retry_due(lambda: False) == 2.0  # not in a loop: again 2 s later
     assert api.attempts == [] and len(backlog) == 1
+    api.now = 102.0
     await backlog.retry_due(lambda: True)
     assert len(api.written) == 1
 

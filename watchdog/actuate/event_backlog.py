@@ -98,7 +98,10 @@ class EventBacklog:
                 del self._entries[event]
                 self._give_up(entry, f"not written within {self._give_up_s:.0f}s")
                 continue
-            if entry.due > now or not may_write():
+            if entry.due > now:
+                continue
+            if not may_write():
+                entry.due = now + self._first_retry_s  # a standby: look again later, not in a loop
                 continue
             if await self._write(event):
                 self._entries.pop(event, None)

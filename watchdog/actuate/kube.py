@@ -319,14 +319,8 @@ def _node_path(name: str) -> str:
     return f"/api/v1/nodes/{quote(name, safe='')}"
 
 
-def _still(obj: Obj, basis: Basis, action: str, node: str) -> None:
-    """Raise `Stale` unless `obj` (the Node as read) is the version the decision was made on."""
-    version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
-    if version != basis.node_version:
-        raise Stale(
-            f"{action} on node {node}: the Node is at version {version}, the decision saw "
-            f"{basis.node_version}"
-        )
+def _version(obj: Obj) -> str:
+    return str((obj.get("metadata") or {}).get("resourceVersion") or "")
 
 
 def _aggregate(action: str, items: Sequence[tuple[str, Result, ActuationError | None]]) -> Outcome:
@@ -443,7 +437,7 @@ class Actuator:
         """None when etcd's Node (a quorum read) is still the one the decision was made on;
         else the outcome that stops the decision: `stale`, or `failed` when it cannot be read
         (a hold: nothing is written without that proof)."""
-        if self.dry_run or not basis.node_version:
+        if self.dry_run:
             return None
 
         async def body() -> Outcome:
@@ -451,7 +445,7 @@ class Actuator:
                 obj = await self._get_node(node)
             except NotFound as e:
                 raise Stale(f"{action} on node {node}: the Node is gone since the decision") from e
-            _still(obj, basis, action, node)
+            self._still(obj, basis, action, node)
             return Outcome(action, Result.SUCCESS)
 
         outcome = await self._guard(action, body, write=False)
@@ -520,6 +514,42 @@ class Actuator:
 
     # -- node ----------------------------------------------------------------------------------
 
+    def _shows(self, obj: Obj) -> tuple[str | None, bool]:
+        """What a Node shows of ours: the state annotation, and whether our taint is on."""
+        annotation = ((obj.get("metadata") or {}).get("annotations") or {}).get(STATE_ANNOTATION)
+        taints = (obj.get("spec") or {}).get("taints") or []
+        return annotation or None, any(self.taint.matches(t) for t in taints)
+
+    def _still(self, obj: Obj, basis: Basis, action: str, node: str) -> None:
+        """Raise `Stale` unless `obj` (the Node as etcd has it) still carries the decision: at
+        the version it was made on, or at a newer one that shows of ours exactly what that
+        version showed (only fields of others changed: the kubelet's status, labels), in which
+        case the basis moves to it. Our annotation and taint are written only by the leader,
+        one evaluation at a time per node, and every attempt is checked against `may_act`:
+        a write of another leader or of an administrator always shows here."""
+        version = _version(obj)
+        if basis.node_version and version == basis.node_version:
+            return
+        if basis.node_version and basis.expect is not None and self._shows(obj) == basis.expect:
+            basis.node_version = version
+            return
+        raise Stale(
+            f"{action} on node {node}: the Node changed since the decision (version "
+            f"{version}, the decision saw {basis.node_version or 'no Node'})"
+        )
+
+    def _moved(
+        self, basis: Basis, written: Obj, annotation: str | None, tainted: bool | None
+    ) -> None:
+        """The basis after a write of ours: its version, and what the Node now shows."""
+        basis.node_version = _version(written)
+        basis.written.append(basis.node_version)
+        if basis.expect is not None:
+            basis.expect = (
+                basis.expect[0] if annotation is None else annotation,
+                basis.expect[1] if tainted is None else tainted,
+            )
+
     async def persist_state(self, action: PersistState, basis: Basis | None = None) -> Outcome:
         """Merge-patch `metadata.annotations[STATE_ANNOTATION]` on the Node; with a `basis`,
         on the Node's version it names only (one request, no read before). Then the Node's
@@ -527,9 +557,8 @@ class Actuator:
 
         async def body() -> Outcome:
             patch: Obj = {"metadata": {"annotations": {STATE_ANNOTATION: action.annotation}}}
-            if basis is not None and basis.node_version:
-                patch["metadata"]["resourceVersion"] = basis.node_version
-                await self._patch_on(basis, action.node, patch, f"persist state on {action.node}")
+            if basis is not None:
+                await self._patch_on(basis, action, patch)
                 await self._write_condition(action, basis)
                 return Outcome("persist_state", Result.SUCCESS, action.annotation)
             node = await self._get_node(action.node)
@@ -578,8 +607,6 @@ class Actuator:
                 content_type=STRATEGIC_MERGE_PATCH,
                 what=f"NodeWatchdog condition on node {action.node}",
             )
-        except Stale:
-            raise
         except ActuationError as e:
             # A conflict: someone wrote the Node after our annotation; the chain's next Node
             # write says so. A refusal (e.g. RBAC of an older release without nodes/status):
@@ -589,20 +616,31 @@ class Actuator:
                 log.warning("the NodeWatchdog condition is not written: %s", e)
             return
         if basis is not None and basis.node_version:
-            basis.node_version = str((written.get("metadata") or {}).get("resourceVersion") or "")
-            basis.written.append(basis.node_version)
+            self._moved(basis, written, None, None)
 
-    async def _patch_on(self, basis: Basis, node: str, patch: Obj, what: str) -> None:
-        """A merge patch whose body names `basis.node_version` as precondition; moves the basis
-        to the version written. A 409 means the Node changed since the decision: `Stale`."""
-        try:
-            written = await self.writer.call(
-                "PATCH", _node_path(node), body=patch, content_type=MERGE_PATCH, what=what
-            )
-        except Conflict as e:
-            raise Stale(f"{what}: the Node changed since the decision ({e})") from e
-        basis.node_version = str((written.get("metadata") or {}).get("resourceVersion") or "")
-        basis.written.append(basis.node_version)
+    async def _patch_on(self, basis: Basis, action: PersistState, patch: Obj) -> None:
+        """The state annotation, merge-patched with `basis.node_version` as precondition; on a
+        409 the Node is read again and the write retried only if it still carries the decision
+        (`_still`), else `Stale`. Moves the basis to the version written."""
+        node, what = action.node, f"persist state on node {action.node}"
+        for _ in range(_CONFLICT_RETRIES):
+            if not basis.node_version:
+                raise Stale(f"{what}: no Node in the view the decision was made from")
+            patch["metadata"]["resourceVersion"] = basis.node_version
+            try:
+                written = await self.writer.call(
+                    "PATCH", _node_path(node), body=patch, content_type=MERGE_PATCH, what=what
+                )
+            except Conflict:
+                try:
+                    obj = await self._get_node(node)
+                except NotFound as e:
+                    raise Stale(f"{what}: the Node is gone since the decision") from e
+                self._still(obj, basis, what, node)
+                continue
+            self._moved(basis, written, action.annotation, None)
+            return
+        raise TransientError(f"{what}: {_CONFLICT_RETRIES} conflicts in a row")
 
     async def taint_out_of_service(
         self, action: TaintOutOfService, basis: Basis | None = None
@@ -651,9 +689,7 @@ class Actuator:
     ) -> Outcome:
         """Read-modify-write of spec.taints with the read resourceVersion as precondition:
         a 409 means someone else changed the node in between, so read again. With a `basis`,
-        the read must show the decision's version and a 409 is `Stale` (not read again)."""
-        if basis is not None and not basis.node_version:
-            basis = None  # a Node our view did not hold: the read-modify-write alone
+        each read must still carry the decision (`_still`, else `Stale`)."""
         for attempt in range(1, _CONFLICT_RETRIES + 1):
             try:
                 obj = await self._get_node(node)
@@ -662,7 +698,7 @@ class Actuator:
                     return Outcome(name, Result.ALREADY_DONE, f"node {node} does not exist")
                 raise
             if basis is not None:
-                _still(obj, basis, name, node)
+                self._still(obj, basis, name, node)
             taints = list(obj.get("spec", {}).get("taints") or [])
             new = edit(taints)
             if new is None:
@@ -672,11 +708,8 @@ class Actuator:
                 # A JSON merge patch replaces the whole list: exactly what we read, edited.
                 "spec": {"taints": new},
             }
-            if basis is not None:
-                await self._patch_on(basis, node, patch, f"{name} {self.taint} on node {node}")
-                return Outcome(name, Result.SUCCESS, f"{self.taint} on node {node}")
             try:
-                await self.writer.call(
+                written = await self.writer.call(
                     "PATCH",
                     _node_path(node),
                     body=patch,
@@ -694,6 +727,8 @@ class Actuator:
                 # Jitter, so contenders that collided do not collide again in lockstep.
                 await asyncio.sleep(random.uniform(0, _CONFLICT_BACKOFF_S * attempt))
                 continue
+            if basis is not None:
+                self._moved(basis, written, None, any(self.taint.matches(t) for t in new))
             return Outcome(name, Result.SUCCESS, f"{self.taint} on node {node}")
         raise TransientError(f"{name} on node {node}: {_CONFLICT_RETRIES} conflicts in a row")
 

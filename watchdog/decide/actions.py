@@ -20,15 +20,21 @@ class Basis:
     `node_version` is the Node's resourceVersion in the view the decision was made from. Every
     Node write of the decision carries it as precondition and moves it to the version it
     wrote; a pod or volume write first reads the Node (a quorum read) and goes ahead only if
-    etcd still holds that version. So a decision whose Node changed since it was made — a
-    newer leader withdrew or declared, an administrator wrote, or our view lagged etcd — writes
-    nothing more. `may_act` is checked before every request and every retry of one: a leader
-    whose Lease ran out sends nothing after it, even in the middle of a retried action. A
-    write refused for either reason ends the decision (result `stale`); the next one is made
-    on the newer Node."""
+    etcd still holds that version. When etcd's Node moved on but still shows `expect` (our
+    annotation and taint as the decision saw them: the kubelet or a node controller wrote
+    something else), the write goes ahead on the newer version. So a decision whose Node
+    changed since it was made — a newer leader withdrew or declared, an administrator wrote
+    our annotation or taint — writes nothing more. `may_act` is checked before every request
+    and every retry of one: a leader whose Lease ran out sends nothing after it, even in the
+    middle of a retried action. A write refused for either reason ends the decision (result
+    `stale`); the next one is made on the newer Node."""
 
     node_version: str | None
     may_act: Callable[[], bool] = _always
+    # What the Node shows of ours at `node_version`: the state annotation and whether our
+    # out-of-service taint is on (None: unknown). A Node changed only elsewhere (the kubelet's
+    # status, labels) still carries the plan; see actuate/kube.py.
+    expect: tuple[str | None, bool] | None = None
     written: list[str] = field(default_factory=list)  # the versions its Node writes made
 
 

@@ -33,7 +33,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol, TypeVar
 
@@ -106,8 +106,9 @@ class NodeRecord:
     labels: tuple[tuple[str, str], ...]  # only the keys the cache was told to keep
     unschedulable: bool
     # The version this record was projected from: a decision's writes carry it as their
-    # precondition (decide/actions.py, Basis).
-    resource_version: str = ""
+    # precondition (decide/actions.py, Basis). Not compared: a Node changed only in fields we
+    # do not keep (the kubelet's status) wakes no evaluation.
+    resource_version: str = field(default="", compare=False)
 
     def has_taint(self, key: str, effect: str | None = None) -> bool:
         return any(t.key == key and (effect is None or t.effect == effect) for t in self.taints)

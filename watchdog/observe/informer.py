@@ -396,7 +396,10 @@ class Informer(Generic[T]):
                 self._delete(key)
             return
         if new == old:
-            return  # only fields we do not keep changed: nobody needs to hear about it
+            # Only fields we do not keep changed: nobody needs to hear about it. Kept all the
+            # same, for what a record carries without comparing it (a Node's resourceVersion).
+            self._items[key] = new
+            return
         self._items[key] = new
         self._emit(EventKind.ADDED if old is None else EventKind.MODIFIED, key, old, new)
 

@@ -43,8 +43,21 @@ from watchdog.metrics import Metrics
 log = logging.getLogger(__name__)
 
 # After a write refused as stale, decide again this soon if no Node event has marked the node
-# first (its event normally does, within milliseconds).
+# first (its event normally does, within milliseconds) ...
 STALE_RETRY_S = 0.5
+# ... and at the latest this long after the refusal even if our view still shows the version
+# the refused plan stood on.
+STALE_GATE_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class OwnWrites:
+    """What our last writes of a Node left in etcd (`version`, and `expect`: our annotation and
+    whether our taint is on), and the versions our view may show before it shows them."""
+
+    versions: frozenset[str]
+    version: str
+    expect: tuple[str | None, bool] | None
 
 
 class ClusterView(Protocol):
@@ -133,10 +146,10 @@ class Controller:
         self._hooks: dict[str, asyncio.Task[str]] = {}  # the fence hook running per node
         # node → the Node version a decision was refused on (see `_act`): what we remember of
         # it is dropped once our view shows a newer Node.
-        self._stale: dict[str, str] = {}
-        # node → (the versions our view may show before it shows all of our own writes, the
-        # version those writes left in etcd).
-        self._own: dict[str, tuple[frozenset[str], str]] = {}
+        self._stale: dict[str, tuple[str, float]] = {}  # node → (version, when refused)
+        # node → what our own last writes left in etcd, while our view may not show it all.
+        self._own: dict[str, OwnWrites] = {}
+        self._term = 0  # counts leadership terms: a plan of an earlier term writes nothing
         # Set by the runtime to the scheduler's `mark`: a finished hook has the node decided
         # again at once.
         self.mark: Callable[[str], None] = lambda node: None
@@ -185,6 +198,7 @@ class Controller:
         self._quiet.clear()
         self._stale.clear()
         self._own.clear()
+        self._term += 1
         for node in self.view.node_names():
             self._set_state(node, self._resumed(node, now))
         self.fence_confirmed.clear()  # an earlier term's hook runs prove nothing to this one
@@ -423,8 +437,11 @@ class Controller:
         now = self.clock()
         stale = self._stale.get(node)
         if stale is not None:
-            if self.view.node_version(node) == stale:
+            version, since = stale
+            if self.view.node_version(node) == version and now < since + STALE_GATE_S:
                 return now + STALE_RETRY_S  # our view has not caught up with etcd yet
+            # Caught up, or not within the bound (a Node written only by us and the refused
+            # writer): decided again, its writes checked against etcd as always.
             del self._stale[node]
         state = self.states.get(node) or NodeState(node, entered_at=now)
         if node not in self.states:
@@ -467,53 +484,84 @@ class Controller:
         if not decision.actions:
             self._count_transitions(node, decision, now)
             return decision.wake_at
-        return self._act(decision, obs, now, state)
+        # What the plan stands on is taken now, with the view the decision was made from (the
+        # plan runs in a task of its own, and our view may move before it starts).
+        return self._act(decision, obs, now, state, self._basis(node))
+
+    def _basis(self, node: str) -> tuple[act.Basis, str | None, OwnWrites | None]:
+        """The decision's basis: the Node's version and what it shows of ours (annotation,
+        taint) in our view, or, when the view shows only part of our own last writes, the
+        version and fields those writes left in etcd (they differ from the view by those
+        writes alone). Its writes go only while this term leads."""
+        seen = self.view.node_version(node)
+        expect: tuple[str | None, bool] | None = (
+            self.view.node_annotation(node, STATE_ANNOTATION),
+            self.view.node_has_taint(node, self.taint_key, self.taint_effect),
+        )
+        version, own = seen, self._own.get(node)
+        if own is not None and seen in own.versions:
+            version, expect = own.version, own.expect
+        term = self._term
+        basis = act.Basis(version, lambda: self.acting and self._term == term, expect=expect)
+        return basis, seen, own
 
     async def _act(
-        self, decision: Decision, obs: NodeObservation, now: float, before: NodeState
+        self,
+        decision: Decision,
+        obs: NodeObservation,
+        now: float,
+        before: NodeState,
+        based: tuple[act.Basis, str | None, OwnWrites | None],
     ) -> float | None:
-        # The Node as this decision saw it: its writes go ahead only while etcd still holds
-        # that version (or the one they wrote themselves), and only while we lead.
         node = obs.name
-        seen = self.view.node_version(node)
-        start, own = seen, self._own.get(node)
-        if own is not None and seen in own[0]:
-            # Our view has not shown all of our own last writes yet: etcd holds the version
-            # they left, which differs from the view by those writes alone.
-            start = own[1]
-        basis = act.Basis(start, lambda: self.acting)
+        basis, seen, own = based
+        term = self._term
+        hooks: list[act.RunFenceHook] = []
+        landed = False  # a write of the plan went through (or found the world as wanted)
         for action in decision.actions:
             # Checked before every action: one that hung (a frozen API server) can outlast our
-            # leadership, and a deposed leader must not carry on with the rest of its plan.
-            if not self.acting:
-                break
+            # leadership, and a deposed leader must not carry on with the rest of its plan. Its
+            # bookkeeping belongs to no term any more: the next leader resumes from the Node.
+            if not self.acting or self._term != term:
+                return decision.wake_at
             if isinstance(action, act.RunFenceHook):
-                self._start_hook(action)
+                # Started only once the plan stood: a plan refused halfway is undone, and a
+                # fence hook must not outlive the decision that sent it.
+                hooks.append(action)
                 continue
-            if await self._run(action, decision, obs, now, basis) == "stale":
-                # Someone wrote the Node since we decided (a newer leader, an administrator,
-                # a node controller) or we stopped leading: the rest of the plan stood on a
-                # Node that is gone. The decision is undone (its timers kept: it is the state
-                # it was made from) and made again once our view shows the newer Node: its
-                # watch event marks the node, the wake-up covers an event that never comes.
-                log.info(
-                    "node %s: %s not written (the Node changed since the decision, or we no "
-                    "longer lead): deciding again on the newer Node",
-                    obs.name,
-                    type(action).__name__,
-                )
-                if self.states.get(node) is decision.state:
-                    self._set_state(node, before)
-                self._own.pop(node, None)
-                if seen is not None:
-                    self._stale[node] = seen
-                return now + STALE_RETRY_S
+            result = await self._run(action, decision, obs, now, basis)
+            if result != "stale":
+                landed = landed or not isinstance(action, act.EmitEvent)
+                continue
+            if not self.acting or self._term != term:
+                return decision.wake_at  # refused because this term ended
+            # Someone wrote what the plan stands on (our annotation or taint) since we decided:
+            # a newer leader, an administrator. The rest of the plan is dropped and the node
+            # decided again once our view shows the newer Node (its watch event marks the
+            # node; the wake-up covers an event that never comes). A plan of which nothing was
+            # written is undone (its timers kept: the state it was made from); one that wrote
+            # part stands, and the next decisions complete it from what the Node shows.
+            log.info(
+                "node %s: %s not written (the Node changed since the decision): deciding "
+                "again on the newer Node",
+                node,
+                type(action).__name__,
+            )
+            if not landed and self.states.get(node) is decision.state:
+                self._set_state(node, before)
+            else:
+                self._count_transitions(node, decision, now)
+            self._own.pop(node, None)
+            if seen is not None:
+                self._stale[node] = (seen, now)
+            return now + STALE_RETRY_S
+        for hook in hooks:
+            self._start_hook(hook)
         self._count_transitions(node, decision, now)
-        if seen is not None and basis.written:
-            # The versions our view may still show while etcd holds `basis.node_version`.
-            ours = {seen, *basis.written} | (own[0] if own is not None and start != seen else set())
-            self._own[node] = (frozenset(ours), basis.written[-1])
-        elif own is not None and seen not in own[0]:
+        if seen is not None and basis.written and basis.node_version:
+            ours = {seen, *basis.written} | (own.versions if own is not None else set())
+            self._own[node] = OwnWrites(frozenset(ours), basis.node_version, basis.expect)
+        elif own is not None and seen not in own.versions:
             del self._own[node]  # the view has caught up (or moved on)
         return decision.wake_at
 
