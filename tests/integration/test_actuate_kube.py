@@ -27,6 +27,7 @@ from chaos.sim.binaries import ControlPlaneBinaries
 from chaos.sim.controlplane import ControlPlane
 from chaos.sim.informer import CRDS, NODES, PODS, ApiError, Kube, Resource
 from tests.eventually import eventually
+from tests.integration.test_service_failover import VAP, VAP_BINDINGS
 from watchdog.actuate import Actuator, LeaseLock, LeaseRecord, Result
 from watchdog.actuate.errors import TransientError
 from watchdog.actuate.kube import EVACUATION_LABEL, KubeWriter
@@ -558,12 +559,6 @@ async def test_an_action_during_an_api_restart_is_retried_until_it_succeeds(
     assert isinstance(failed.error, TransientError)
 
 
-VAP = Resource(
-    "/apis/admissionregistration.k8s.io/v1", "validatingadmissionpolicies", namespaced=False
-)
-VAP_BINDINGS = Resource(
-    "/apis/admissionregistration.k8s.io/v1", "validatingadmissionpolicybindings", namespaced=False
-)
 REFUSE_EVENTS = "test-refuse-node-fenced-events"
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -66,8 +67,10 @@ async def cluster(control_plane_binaries: ControlPlaneBinaries) -> AsyncIterator
         yield cp
 
 
-async def status(cluster: ControlPlane, *args: str) -> tuple[int, str, str]:
-    env = {**os.environ, "KUBECONFIG": str(cluster.admin_kubeconfig)}
+async def status(cluster: ControlPlane | Path, *args: str) -> tuple[int, str, str]:
+    """`node-watchdog status ARGS` with the cluster's admin kubeconfig (or the one given)."""
+    kubeconfig = cluster if isinstance(cluster, Path) else cluster.admin_kubeconfig
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "WATCHDOG_API_REQUEST_TIMEOUT_S": "2"}
     env.pop("WATCHDOG_CONFIG_FILE", None)
     proc = await asyncio.create_subprocess_exec(
         "node-watchdog",
@@ -147,13 +150,5 @@ async def test_an_unreachable_api_server_exits_1_and_says_so(tmp_path) -> None:
         "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:9'}}]\n"
         "contexts: [{name: c, context: {cluster: c, user: u}}]\nusers: [{name: u, user: {}}]\n"
     )
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "WATCHDOG_API_REQUEST_TIMEOUT_S": "2"}
-    proc = await asyncio.create_subprocess_exec(
-        "node-watchdog",
-        "status",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 1 and "cannot read the cluster" in err.decode(), err
+    code, _, err = await status(kubeconfig)
+    assert code == 1 and "cannot read the cluster" in err, err
