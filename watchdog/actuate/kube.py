@@ -532,6 +532,8 @@ class Actuator:
             return
         if basis.node_version and basis.expect is not None and self._shows(obj) == basis.expect:
             basis.node_version = version
+            # A version our view may show while etcd differs from it by our writes alone.
+            basis.written.append(version)
             return
         raise Stale(
             f"{action} on node {node}: the Node changed since the decision (version "

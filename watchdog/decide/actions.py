@@ -35,7 +35,9 @@ class Basis:
     # out-of-service taint is on (None: unknown). A Node changed only elsewhere (the kubelet's
     # status, labels) still carries the plan; see actuate/kube.py.
     expect: tuple[str | None, bool] | None = None
-    written: list[str] = field(default_factory=list)  # the versions its Node writes made
+    # The versions etcd held during the plan that differ from the view it was made on by the
+    # plan's own writes alone (those writes, and newer versions `expect` still carried on).
+    written: list[str] = field(default_factory=list)
 
 
 class EventType(StrEnum):
