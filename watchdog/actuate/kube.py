@@ -638,7 +638,7 @@ class Actuator:
                     obj = await self._get_node(node)
                 except NotFound as e:
                     raise Stale(f"{what}: the Node is gone since the decision") from e
-                self._still(obj, basis, what, node)
+                self._still(obj, basis, "persist state", node)
                 continue
             self._moved(basis, written, action.annotation, None)
             return
