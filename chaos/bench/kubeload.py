@@ -6,7 +6,7 @@ from Python to many requests per second, cheaper than kubernetes_asyncio's gener
 `call_api`), `create_many` (bounded concurrency, 409 = already there), bare Node/Lease/Pod/VMI
 bodies, `LeaseRenewer` (every Lease in `kube-node-lease` renewed every `interval_s`, spread
 evenly, as kubelets do; `stop(node)` stops one node's renewals) and `PhaseWatch` (the
-controller's `node-watchdog.kubevirt.io/state` annotation, watched: when each node entered
+controller's `node-watchdog.io/state` annotation, watched: when each node entered
 each phase, on this process's monotonic clock).
 
 Must not: simulate kubelets beyond renewing Leases (chaos/sim does that, at higher cost).
@@ -28,10 +28,11 @@ from typing import Any
 
 import aiohttp
 
+from watchdog.decide.names import read_state_annotation
+
 log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
-STATE_ANNOTATION = "node-watchdog.kubevirt.io/state"
 LEASE_NS = "kube-node-lease"
 
 
@@ -381,7 +382,7 @@ class PhaseWatch:
 
     def _note(self, obj: Obj) -> None:
         meta = obj.get("metadata") or {}
-        raw = (meta.get("annotations") or {}).get(STATE_ANNOTATION)
+        raw = read_state_annotation(meta.get("annotations"))
         if not raw:
             return
         try:

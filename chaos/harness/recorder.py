@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from chaos.sim.informer import Informer, Obj, condition
 from chaos.sim.kubelet import is_launcher, is_migration_target, vm_of
+from watchdog.decide.names import read_state_annotation
 
-STATE_ANNOTATION = "node-watchdog.kubevirt.io/state"
 OUT_OF_SERVICE = "node.kubernetes.io/out-of-service"
 DRAIN = "kubevirt.io/drain"
 TAINTS = (OUT_OF_SERVICE, DRAIN)
@@ -29,7 +29,7 @@ WATCHDOG_DETECTED = frozenset({"Unreachable", "Fencing", "Resetting", "Reset", "
 def watchdog_phase(node: Obj | None) -> str:
     if node is None:
         return "Healthy"
-    raw = (node["metadata"].get("annotations") or {}).get(STATE_ANNOTATION)
+    raw = read_state_annotation(node["metadata"].get("annotations"))
     if not raw:
         return "Healthy"
     try:

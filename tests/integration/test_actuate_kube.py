@@ -52,7 +52,7 @@ from watchdog.decide.actions import (
     StopEvacuation,
     TaintOutOfService,
 )
-from watchdog.decide.names import STATE_ANNOTATION
+from watchdog.decide.names import LEGACY_STATE_ANNOTATION, STATE_ANNOTATION
 from watchdog.decide.reasons import Reason
 from watchdog.observe.kube import load_api_client
 from watchdog.runtime.settings import Settings
@@ -729,6 +729,47 @@ async def test_a_node_written_by_others_in_their_fields_still_carries_the_decisi
     assert refused.result is Result.STALE, refused
     annotations = (await admin.get(NODES, "basis-3"))["metadata"]["annotations"]
     assert annotations[STATE_ANNOTATION] == '{"phase":"Healthy"}'
+
+
+async def test_a_state_under_the_legacy_name_is_carried_on_and_moved_to_ours(
+    admin: Kube, actuator: Actuator
+) -> None:
+    """A node declared by a release before our own domain: its state, under the legacy name,
+    is what the decision saw (a change by others still refuses the write), and the next write
+    puts it under both names in one request (agents of that release read only the legacy
+    one)."""
+    await create_node(admin, "legacy-1")
+    fencing = '{"phase":"Fencing","reason":"PeriodRunning"}'
+    await admin.patch(
+        NODES, "legacy-1", {"metadata": {"annotations": {LEGACY_STATE_ANNOTATION: fencing}}}
+    )
+    basis = Basis(await version_of(admin, "legacy-1"), expect=(fencing, False))
+    await admin.patch(NODES, "legacy-1", {"metadata": {"labels": {"rack": "r1"}}})
+    resetting = '{"phase":"Resetting","reason":"FencedBySelf"}'
+    moved = await actuator.execute(PersistState("legacy-1", resetting), basis=basis)
+    assert moved.result is Result.SUCCESS, moved
+    annotations = (await admin.get(NODES, "legacy-1"))["metadata"]["annotations"]
+    assert annotations[STATE_ANNOTATION] == annotations[LEGACY_STATE_ANNOTATION] == resetting
+
+    # The must-not twin: a decision made on that state, after someone else wrote a newer one
+    # under the legacy name only (a controller of the previous release, after a rollback).
+    stale = Basis(await version_of(admin, "legacy-1"), expect=(resetting, False))
+    await admin.patch(
+        NODES, "legacy-1", {"metadata": {"annotations": {LEGACY_STATE_ANNOTATION: fencing}}}
+    )
+    refused = await actuator.execute(PersistState("legacy-1", '{"phase":"Reset"}'), basis=stale)
+    assert refused.result is Result.STALE, refused
+    await admin.patch(
+        NODES,
+        "legacy-1",
+        {"metadata": {"annotations": {STATE_ANNOTATION: None, LEGACY_STATE_ANNOTATION: None}}},
+    )
+    stale = Basis(await version_of(admin, "legacy-1"), expect=(None, False))
+    await admin.patch(NODES, "legacy-1", {"metadata": {"annotations": {STATE_ANNOTATION: "{}"}}})
+    refused = await actuator.execute(PersistState("legacy-1", '{"phase":"Reset"}'), basis=stale)
+    assert refused.result is Result.STALE, refused
+    annotations = (await admin.get(NODES, "legacy-1"))["metadata"].get("annotations") or {}
+    assert annotations.get(STATE_ANNOTATION) == "{}" and LEGACY_STATE_ANNOTATION not in annotations
 
 
 async def test_a_replica_that_stopped_leading_sends_nothing_more_even_mid_retry(

@@ -481,7 +481,7 @@ async def test_kubevirt_objects_are_projected_and_indexed_by_node(
             # An ownerReference to a VM that does not exist would let the garbage collector
             # delete the VMI: the label names the VM instead.
             "labels": {"app": "db", "kubevirt.io/nodeName": "kv-1", "vm.kubevirt.io/name": "vm-kv"},
-            "annotations": {"node-watchdog.kubevirt.io/evacuation-priority": "7"},
+            "annotations": {"node-watchdog.io/evacuation-priority": "7"},
         },
         "spec": {"domain": {"memory": {"guest": "2Gi"}}},
     }
@@ -535,6 +535,7 @@ async def test_kubevirt_objects_are_projected_and_indexed_by_node(
             "metadata": {
                 "name": "evacuate-vm-kv-x",
                 "namespace": "default",
+                # The legacy label (a release before our own domain): still read.
                 "labels": {"node-watchdog.kubevirt.io/evacuation": "kv-1"},
             },
             "spec": {"vmiName": "vm-kv"},

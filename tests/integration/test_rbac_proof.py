@@ -470,11 +470,7 @@ async def test_a_compromised_nodes_token_cannot_reboot_reset_or_silence_another_
         "declare the victim Fencing": stolen.patch(
             NODES,
             victim,
-            {
-                "metadata": {
-                    "annotations": {"node-watchdog.kubevirt.io/state": '{"phase":"Fencing"}'}
-                }
-            },
+            {"metadata": {"annotations": {"node-watchdog.io/state": '{"phase":"Fencing"}'}}},
         ),
         "taint the victim out-of-service": stolen.patch(
             NODES,

@@ -335,7 +335,7 @@ DENY_STATE_POLICY = _node_policy(
     "test.node-watchdog/deny-state",
     ["nodes", "nodes/status"],
     {
-        "key": "'node-watchdog.kubevirt.io/state'",
+        "key": f"'{STATE_ANNOTATION}'",
         "before": "has(oldObject.metadata.annotations) && variables.key in "
         "oldObject.metadata.annotations ? oldObject.metadata.annotations[variables.key] : ''",
         "after": "has(object.metadata.annotations) && variables.key in "

@@ -27,7 +27,8 @@ from tests.integration.watchdog_env import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.asyncio(loop_scope="module")]
 
-KEY = "node-watchdog.kubevirt.io/state"
+KEY = "node-watchdog.io/state"
+LEGACY_KEY = "node-watchdog.kubevirt.io/state"  # still read by the watchdog: still guarded
 NAMESPACE = "harvester-system"  # the harvester overlay's
 GUARD = "node-watchdog-state-guard"
 CONFIG_MAPS = Resource("/api/v1", "configmaps", namespaced=True)
@@ -134,7 +135,7 @@ async def test_another_service_account_cannot_write_the_state_annotation(cluster
     message = json.dumps(error.body)
     assert (
         f"only system:serviceaccount:{NAMESPACE}:node-watchdog, system:masters or whoever may"
-        " update states.node-watchdog.kubevirt.io may change the annotation" in message
+        " update states.node-watchdog.io may change the annotation" in message
     )
     assert "not system:serviceaccount:default:intruder" in message
     before = await _state(admin)
@@ -148,6 +149,11 @@ async def test_another_service_account_cannot_write_the_state_annotation(cluster
             await _annotate(clients["intruder"], value)
         assert refused_write.value.status == 403
     assert await _state(admin) == declared != before
+    # Nor under the legacy name, which the watchdog still reads.
+    for value in (_fencing(-2), json.dumps({"phase": "Healthy"})):
+        with pytest.raises(ApiError) as refused_write:
+            await _annotate(clients["intruder"], value, key=LEGACY_KEY)
+        assert refused_write.value.status == 403
     # Other annotations stay the intruder's business (RBAC's, not ours).
     await _annotate(clients["intruder"], "x", key="example.com/other")
 
@@ -246,7 +252,7 @@ async def test_whoever_rbac_allows_the_named_permission_may_change_it(
             "metadata": {"name": "place-out-of-service"},
             "rules": [
                 {
-                    "apiGroups": ["node-watchdog.kubevirt.io"],
+                    "apiGroups": ["node-watchdog.io"],
                     "resources": ["outofservicetaints"],
                     "verbs": ["update"],
                 }

@@ -50,7 +50,7 @@ from tests.eventually import eventually
 
 NAMESPACE = "node-watchdog"
 LEADER_LEASE = "node-watchdog-leader"
-STATE_ANNOTATION = "node-watchdog.kubevirt.io/state"
+STATE_ANNOTATION = "node-watchdog.io/state"
 OUT_OF_SERVICE = "node.kubernetes.io/out-of-service"
 COMPONENT = "node-watchdog"
 
@@ -320,7 +320,7 @@ class Timeline:
                 "created": now,
                 "vmi": f"{ns}/{vmi_name}",
                 "source": vmi.get("status", {}).get("nodeName"),
-                "evacuation": labels.get("node-watchdog.kubevirt.io/evacuation"),
+                "evacuation": labels.get("node-watchdog.io/evacuation"),
             }
         if new is not None:
             self.migrations[key]["phase"] = new.get("status", {}).get("phase") or ""

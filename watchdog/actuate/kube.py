@@ -71,7 +71,15 @@ from watchdog.decide.actions import (
     TaintOutOfService,
 )
 from watchdog.decide.config import FenceMode
-from watchdog.decide.names import EVACUATION_LABEL, FINAL_MIGRATION_PHASES, STATE_ANNOTATION
+from watchdog.decide.names import (
+    EVACUATION_LABEL,
+    EVACUATION_NODE_ANNOTATION,
+    FINAL_MIGRATION_PHASES,
+    LEGACY_EVACUATION_LABEL,
+    LEGACY_STATE_ANNOTATION,
+    STATE_ANNOTATION,
+    read_state_annotation,
+)
 from watchdog.decide.state import DOWN_PHASES
 
 log = logging.getLogger(__name__)
@@ -79,7 +87,6 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
-EVACUATION_NODE_ANNOTATION = "node-watchdog.kubevirt.io/evacuation-node"
 CONDITION_TYPE = "NodeWatchdog"  # the Node condition that shows our phase
 CONDITION_DOWN_PHASES = frozenset(p.value for p in DOWN_PHASES)
 NOT_READY_REASON = "NodeUnreachable"
@@ -516,7 +523,7 @@ class Actuator:
 
     def _shows(self, obj: Obj) -> tuple[str | None, bool]:
         """What a Node shows of ours: the state annotation, and whether our taint is on."""
-        annotation = ((obj.get("metadata") or {}).get("annotations") or {}).get(STATE_ANNOTATION)
+        annotation = read_state_annotation((obj.get("metadata") or {}).get("annotations"))
         taints = (obj.get("spec") or {}).get("taints") or []
         return annotation or None, any(self.taint.matches(t) for t in taints)
 
@@ -558,14 +565,25 @@ class Actuator:
         `NodeWatchdog` condition says the same (see `_write_condition`)."""
 
         async def body() -> Outcome:
-            patch: Obj = {"metadata": {"annotations": {STATE_ANNOTATION: action.annotation}}}
+            # Also under the legacy name (a release before our own domain), in the same request:
+            # an agent of that release reads only it, and during a rolling upgrade (or a
+            # rollback) it must still see its node declared, or it would not fence itself.
+            patch: Obj = {
+                "metadata": {
+                    "annotations": {
+                        STATE_ANNOTATION: action.annotation,
+                        LEGACY_STATE_ANNOTATION: action.annotation,
+                    }
+                }
+            }
             if basis is not None:
                 await self._patch_on(basis, action, patch)
                 await self._write_condition(action, basis)
                 return Outcome("persist_state", Result.SUCCESS, action.annotation)
             node = await self._get_node(action.node)
-            current = (node.get("metadata", {}).get("annotations") or {}).get(STATE_ANNOTATION)
-            if current == action.annotation:
+            annotations = node.get("metadata", {}).get("annotations") or {}
+            current = annotations.get(STATE_ANNOTATION)
+            if current == action.annotation == annotations.get(LEGACY_STATE_ANNOTATION):
                 return Outcome("persist_state", Result.ALREADY_DONE, "annotation unchanged")
             await self.writer.call(
                 "PATCH",
@@ -978,14 +996,18 @@ class Actuator:
         label = evacuation_label_value(action.node)
 
         async def body() -> Outcome:
-            listing = await self.writer.call(
-                "GET",
-                "/apis/kubevirt.io/v1/virtualmachineinstancemigrations",
-                query={"labelSelector": f"{EVACUATION_LABEL}={label}"},
-                what=f"list evacuation migrations of {action.node}",
-            )
+            found: list[Obj] = []
+            # Also those a release before our own domain created, under the legacy label.
+            for key in (EVACUATION_LABEL, LEGACY_EVACUATION_LABEL):
+                listing = await self.writer.call(
+                    "GET",
+                    "/apis/kubevirt.io/v1/virtualmachineinstancemigrations",
+                    query={"labelSelector": f"{key}={label}"},
+                    what=f"list evacuation migrations of {action.node}",
+                )
+                found.extend(listing.get("items") or ())
             items: list[tuple[str, Result, ActuationError | None]] = []
-            for m in listing.get("items") or ():
+            for m in found:
                 if (m.get("status") or {}).get("phase") in FINAL_MIGRATION_PHASES:
                     continue
                 meta = m["metadata"]

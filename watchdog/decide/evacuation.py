@@ -1,6 +1,6 @@
 """Evacuation of a degraded-but-alive node by live migration, within KubeVirt's limits (§6).
 
-Priority order, stated once: higher `node-watchdog.kubevirt.io/evacuation-priority` first, then
+Priority order, stated once: higher `node-watchdog.io/evacuation-priority` first, then
 smaller memory (moves faster, frees the node sooner), then namespace/name for determinism.
 """
 

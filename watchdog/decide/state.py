@@ -1,6 +1,6 @@
 """Node phases, the per-node state the machine carries, and its persisted annotation form.
 
-The phase is persisted on the Node (annotation `node-watchdog.kubevirt.io/state`) so that a new
+The phase is persisted on the Node (annotation `node-watchdog.io/state`) so that a new
 leader resumes where the old one stopped. Monotonic timestamps are process-local and are not
 persisted: a resuming leader restarts its timers from its own observations, which can only
 delay a reset, never hasten it.

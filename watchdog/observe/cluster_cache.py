@@ -40,9 +40,13 @@ from typing import Any, Protocol, TypeVar
 from watchdog.decide.evacuation import EvacuationVMI, Limits, MigrationPolicyRef, select_policy
 from watchdog.decide.names import (
     EVACUATION_LABEL,
+    EVACUATION_PRIORITY,
     FINAL_MIGRATION_PHASES,
+    LEGACY_EVACUATION_LABEL,
+    LEGACY_EVACUATION_PRIORITY,
     NODE_LEASE_NAMESPACE,
-    STATE_ANNOTATION,
+    read_name,
+    read_state_annotation,
 )
 from watchdog.decide.observations import LauncherPod
 from watchdog.observe.errors import ApiStatusError, ApiUnreachable
@@ -56,7 +60,6 @@ R = TypeVar("R")
 
 LAUNCHER_SELECTOR = "kubevirt.io=virt-launcher"
 VIRT_HANDLER_HEARTBEAT = "kubevirt.io/heartbeat"
-EVACUATION_PRIORITY = "node-watchdog.kubevirt.io/evacuation-priority"
 # Node labels worth keeping (the rest are dropped to save memory).
 DEFAULT_NODE_LABELS = (
     "kubevirt.io/schedulable",
@@ -100,7 +103,7 @@ class NodeRecord:
     ready_transition: str | None  # its lastTransitionTime, as the API wrote it (remote clock)
     ready_changed_at: float  # monotonic: when this process saw `ready` take its current value
     taints: tuple[Taint, ...]
-    state_annotation: str | None  # node-watchdog.kubevirt.io/state
+    state_annotation: str | None  # node-watchdog.io/state (or its legacy name)
     virt_handler_heartbeat: str | None  # kubevirt.io/heartbeat annotation (remote clock)
     virt_handler_seen_at: float | None  # monotonic: when that annotation was last seen to change
     labels: tuple[tuple[str, str], ...]  # only the keys the cache was told to keep
@@ -165,7 +168,7 @@ class VMIRecord:
     vm: str | None  # owner VirtualMachine
     labels: tuple[tuple[str, str], ...]  # without KubeVirt's own kubevirt.io/* bookkeeping
     memory_bytes: int
-    priority: int  # annotation node-watchdog.kubevirt.io/evacuation-priority
+    priority: int  # annotation node-watchdog.io/evacuation-priority
     migrating: bool  # a migration is in flight (migrationState present, not completed)
 
     def evacuation(self) -> EvacuationVMI:
@@ -374,7 +377,7 @@ def project_node(
                 for t in spec.get("taints") or ()
                 if isinstance(t, dict)
             ),
-            state_annotation=annotations.get(STATE_ANNOTATION) or None,
+            state_annotation=read_state_annotation(annotations) or None,
             virt_handler_heartbeat=heartbeat,
             virt_handler_seen_at=(
                 None
@@ -466,7 +469,9 @@ def project_vmi(namespaces: frozenset[str]) -> Callable[[Obj, VMIRecord | None],
         lm = _condition(obj, "LiveMigratable")
         migration = status.get("migrationState") or {}
         try:
-            priority = int(_annotations(obj).get(EVACUATION_PRIORITY, 0))
+            priority = int(
+                read_name(_annotations(obj), EVACUATION_PRIORITY, LEGACY_EVACUATION_PRIORITY) or 0
+            )
         except (TypeError, ValueError):
             priority = 0
         return VMIRecord(
@@ -590,7 +595,7 @@ def project_migration(obj: Obj, old: MigrationRecord | None) -> MigrationRecord:
         vmi=str((obj.get("spec") or {}).get("vmiName", "")),
         phase=_s(status.get("phase")),
         source_node=_s(state.get("sourceNode")),
-        evacuation_node=_s(_labels(obj).get(EVACUATION_LABEL)),
+        evacuation_node=_s(read_name(_labels(obj), EVACUATION_LABEL, LEGACY_EVACUATION_LABEL)),
         target_node=_s(state.get("targetNode")),
     )
 

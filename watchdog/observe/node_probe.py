@@ -11,7 +11,7 @@ from datetime import datetime
 from urllib.parse import quote
 
 from watchdog.decide import bounded_json
-from watchdog.decide.names import STATE_ANNOTATION
+from watchdog.decide.names import read_state_annotation
 from watchdog.decide.state import (
     DOWN_PHASES,
     MAX_ANNOTATION_BYTES,
@@ -47,7 +47,7 @@ def node_phase_probe(
         info = (obj.get("status") or {}).get("nodeInfo") or {}
         kubelet_boot = info.get("bootID") if isinstance(info, dict) else None
         return phase_for_boot(
-            annotations.get(STATE_ANNOTATION),
+            read_state_annotation(annotations),
             boot_id(),
             kubelet_boot if isinstance(kubelet_boot, str) else None,
         )

@@ -27,7 +27,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from watchdog.actuate.kube import TaintSpec
-from watchdog.decide.names import STATE_ANNOTATION
+from watchdog.decide.names import read_state_annotation
 from watchdog.decide.reasons import Reason
 from watchdog.decide.state import NodeState, Phase
 from watchdog.observe.errors import ObserveError
@@ -63,7 +63,7 @@ def node_row(node: Mapping[str, Any], taint_key: str) -> NodeRow:
     name = str(meta.get("name", ""))
     conditions = (node.get("status") or {}).get("conditions") or []
     ready = next((c.get("status") for c in conditions if c.get("type") == "Ready"), None)
-    annotation = (meta.get("annotations") or {}).get(STATE_ANNOTATION)
+    annotation = read_state_annotation(meta.get("annotations"))
     state = NodeState.from_annotation(name, annotation, 0.0)
     fence = "-"
     if state.fence is not None:
