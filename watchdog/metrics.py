@@ -173,6 +173,21 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.mqtt_certificates = Counter(
+            "watchdog_mqtt_certificates_total",
+            "Agents' broker certificate requests the leader answered: issued, or denied (the "
+            "reason is in the request's condition: `kubectl get csr`).",
+            ["result"],
+            registry=r,
+        )
+        self.mqtt_certificate_expiry = Gauge(
+            "watchdog_mqtt_certificate_expiry_timestamp_seconds",
+            "Agent: when its broker certificate expires (Unix time; 0: none held). It is renewed "
+            "at 2/3 of its lifetime; an expiry close ahead means renewals fail.",
+            registry=r,
+        )
+        for result in ("issued", "denied"):
+            self.mqtt_certificates.labels(result=result)
         for phase in Phase:
             self.nodes.labels(phase=phase.value).set(0)
         # Counters born at 0: `increase()` cannot see the step from "no series" to 1, so without

@@ -380,11 +380,15 @@ class ControlPlane:
         path: Path,
         *,
         expiration_s: int = 24 * 3600,
+        bound_pod: tuple[str, str] | None = None,
     ) -> Path:
         """A kubeconfig with a bound token for ServiceAccount `namespace/name` (TokenRequest).
 
         The namespace and ServiceAccount are created if missing; nothing else is granted, so
-        RBAC decides what the token may do, as in a real cluster.
+        RBAC decides what the token may do, as in a real cluster. With `bound_pod` (name, uid
+        of a pod in `namespace` that runs as that ServiceAccount) the token is bound to that
+        pod, as the kubelet's projected tokens are: the API server then names the pod and its
+        node in the requests' user info (`authentication.kubernetes.io/node-name`).
         """
         await self._ensure(
             f"/api/v1/namespaces/{namespace}",
@@ -393,11 +397,11 @@ class ControlPlane:
         )
         sa_path = f"/api/v1/namespaces/{namespace}/serviceaccounts"
         await self._ensure(f"{sa_path}/{name}", sa_path, {"metadata": {"name": name}})
-        body = {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {"expirationSeconds": expiration_s},
-        }
+        spec: dict[str, object] = {"expirationSeconds": expiration_s}
+        if bound_pod is not None:
+            pod, uid = bound_pod
+            spec["boundObjectRef"] = {"kind": "Pod", "apiVersion": "v1", "name": pod, "uid": uid}
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
         async with self._admin_session().post(
             f"{self.server_url}{sa_path}/{name}/token", json=body
         ) as resp:

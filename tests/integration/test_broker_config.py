@@ -1,9 +1,12 @@
-"""The shipped broker configuration, proven on a real Mosquitto (DESIGN §9, issue 6).
+"""The shipped broker configuration, proven on a real Mosquitto (DESIGN §9).
 
 Mosquitto is started from deploy/base/broker/mosquitto.conf and deploy/base/broker/acl as they
-ship; only file paths and the listener port are rewritten. Certificates are generated here with
-`cryptography` (through deploy/tools/mqtt_credentials.py), passwords set with
-`mosquitto_passwd -b`. Clients are aiomqtt, like the service's.
+ship; only file paths and the listener ports are rewritten. The broker's certificate and the
+agents' signer are made by deploy/tools/mqtt_credentials.py; each agent's client certificate
+is signed here by that signer with the signer's own code (transport/certificates.py), as the
+controller signs them (tests/integration/test_mqtt_identity.py proves that path through the
+API server). The controller's password is set with `mosquitto_passwd -b`. Clients are aiomqtt,
+like the service's.
 
 "Not delivered" is proven with a barrier, never with a sleep: MQTT delivers one connection's
 messages in order, and a QoS 1 publish returns only after the broker has routed it, so once a
@@ -31,6 +34,7 @@ import aiomqtt
 import pytest
 
 from chaos.sim.ports import free_port
+from watchdog.transport.certificates import Authority, new_key_and_request, write_private
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKER_DIR = ROOT / "deploy" / "base" / "broker"
@@ -59,54 +63,91 @@ def require_tool(name: str, *fallbacks: str) -> str:
     return found
 
 
-PASSWORDS = {
-    "node-1": "pw-node-1",
-    "node-2": "pw-node-2",
-    mqtt_credentials.CONTROLLER_USER: "pw-controller",
-}
+# Only the controller logs in with a password; agents with the certificate of their node.
+PASSWORDS = {mqtt_credentials.CONTROLLER_USER: "pw-controller"}
 
 
 @dataclass
 class Broker:
-    port: int
-    ca_file: Path
+    port: int  # the agents' listener: client certificates
+    controller_port: int  # the controllers' listener: the controller's password
+    ca_file: Path  # verifies the broker
     log: Path
+    signer_dir: Path  # the agents' signer (ca.crt, ca.key), as the controller mounts it
+    identities: Path  # client certificates issued here, one file per node (cert + key)
 
-    def tls(self) -> ssl.SSLContext:
+    def tls(self, identity: Path | None = None) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.ca_file))
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if identity is not None:
+            ctx.load_cert_chain(str(identity))
         return ctx
 
+    def identity(self, node: str, signer_dir: Path | None = None) -> Path:
+        """A client certificate of `node` (with its key, one file), signed by the agents'
+        signer (or the one in `signer_dir`)."""
+        signer_dir = signer_dir or self.signer_dir
+        path = self.identities / f"{signer_dir.name}-{node}.pem"
+        if not path.exists():
+            authority = Authority.load(signer_dir / "ca.crt", signer_dir / "ca.key")
+            key, request = new_key_and_request(node)
+            write_private(path, authority.sign(request, 3600) + key)
+        return path
+
     def client(
-        self, user: str | None, password: str | None = None, *, tls: bool = True, **kw
+        self,
+        user: str | None,
+        password: str | None = None,
+        *,
+        tls: bool = True,
+        identity: Path | None = None,
+        port: int | None = None,
+        **kw,
     ) -> aiomqtt.Client:
-        if user is not None and password is None:
-            password = PASSWORDS[user]
+        """The controller (its user, or any password given) on the controllers' listener; a
+        node name (or None: anonymous) on the agents' listener, with that node's certificate
+        (or `identity`)."""
+        if user == mqtt_credentials.CONTROLLER_USER or password is not None:
+            password = PASSWORDS[user] if password is None and user else password
+            context = self.tls() if tls else None
+            return aiomqtt.Client(
+                "127.0.0.1",
+                port or self.controller_port,
+                username=user,
+                password=password,
+                tls_context=context,
+                timeout=DEADLINE_S,
+                keepalive=5,
+                **kw,
+            )
+        if identity is None and user is not None:
+            identity = self.identity(user)
         return aiomqtt.Client(
             "127.0.0.1",
-            self.port,
-            username=user,
-            password=password,
-            tls_context=self.tls() if tls else None,
+            port or self.port,
+            tls_context=self.tls(identity) if tls else None,
             timeout=DEADLINE_S,
             keepalive=5,
             **kw,
         )
 
 
-def shipped_config(paths: dict[str, Path], port: int) -> str:
-    """mosquitto.conf as shipped, with only its file paths and listener port rewritten."""
+def shipped_config(paths: dict[str, Path], port: int, controller_port: int) -> str:
+    """mosquitto.conf as shipped, with only its file paths and listener ports rewritten."""
     text = (BROKER_DIR / "mosquitto.conf").read_text()
     rewrites = {
-        "/mosquitto/auth/passwd": paths["passwd"],
-        "/mosquitto/config/acl": paths["acl"],
-        "/mosquitto/tls/ca.crt": paths["ca.crt"],
-        "/mosquitto/tls/tls.crt": paths["tls.crt"],
-        "/mosquitto/tls/tls.key": paths["tls.key"],
-        "listener 8883": f"listener {port} 127.0.0.1",
+        "/mosquitto/auth/passwd": (paths["passwd"], 1),
+        "/mosquitto/config/acl": (paths["acl"], 1),
+        "/mosquitto/clients/ca.crt": (paths["signer.crt"], 1),
+        "/mosquitto/tls/ca.crt": (paths["ca.crt"], 1),
+        "/mosquitto/tls/tls.crt": (paths["tls.crt"], 2),
+        "/mosquitto/tls/tls.key": (paths["tls.key"], 2),
+        "listener 8883": (f"listener {port} 127.0.0.1", 1),
+        "listener 8884": (f"listener {controller_port} 127.0.0.1", 1),
     }
-    for old, new in rewrites.items():
-        assert text.count(old) == 1, f"shipped mosquitto.conf no longer has exactly one {old!r}"
+    for old, (new, count) in rewrites.items():
+        found = text.count(old)
+        assert found == count, f"shipped mosquitto.conf has {found} {old!r}, expected {count}"
         text = text.replace(old, str(new))
     return text
 
@@ -140,21 +181,33 @@ def start_broker(workdir: Path, passwd: Path) -> tuple[subprocess.Popen[bytes], 
     if not (tls_dir / "tls.crt").exists():
         tls_dir.mkdir(exist_ok=True)
         mqtt_credentials.write_tls(tls_dir, ["localhost", "127.0.0.1"])
+        mqtt_credentials.write_signer(tls_dir)
     acl = workdir / "acl"
     shutil.copyfile(BROKER_DIR / "acl", acl)
-    paths = {"passwd": passwd, "acl": acl} | {
+    paths = {"passwd": passwd, "acl": acl, "signer.crt": tls_dir / "signer" / "ca.crt"} | {
         n: tls_dir / n for n in ("ca.crt", "tls.crt", "tls.key")
     }
-    for p in [*paths.values(), tls_dir]:
+    for p in [*paths.values(), tls_dir, tls_dir / "signer"]:
         p.chmod(0o755 if p.is_dir() else 0o644)
-    port = free_port()
+    port, controller_port = free_port(), free_port()
     conf = workdir / f"mosquitto-{port}.conf"
-    conf.write_text(shipped_config(paths, port))
+    conf.write_text(shipped_config(paths, port, controller_port))
     log = workdir / f"mosquitto-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([exe, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
     _wait_listening(port, proc, log)
-    return proc, Broker(port=port, ca_file=tls_dir / "ca.crt", log=log)
+    _wait_listening(controller_port, proc, log)
+    identities = workdir / "identities"
+    identities.mkdir(exist_ok=True)
+    broker = Broker(
+        port=port,
+        controller_port=controller_port,
+        ca_file=tls_dir / "ca.crt",
+        log=log,
+        signer_dir=tls_dir / "signer",
+        identities=identities,
+    )
+    return proc, broker
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -166,14 +219,19 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-@pytest.fixture(scope="module")
-def broker(workdir: Path) -> Iterator[Broker]:
+def controller_passwd(workdir: Path) -> Path:
+    """The broker's password file, made by `mosquitto_passwd` itself: the controller's login."""
     mosquitto_passwd = require_tool("mosquitto_passwd")
     passwd = workdir / "passwd"
     for i, (user, password) in enumerate(PASSWORDS.items()):
         args = [mosquitto_passwd, *(["-c"] if i == 0 else []), "-b", str(passwd), user, password]
         subprocess.run(args, check=True, capture_output=True, timeout=30)
-    proc, b = start_broker(workdir, passwd)
+    return passwd
+
+
+@pytest.fixture(scope="module")
+def broker(workdir: Path) -> Iterator[Broker]:
+    proc, b = start_broker(workdir, controller_passwd(workdir))
     yield b
     stop(proc)
 
@@ -187,6 +245,9 @@ class Inbox:
     def __init__(self) -> None:
         self.received: list[tuple[str, bytes]] = []
         self._changed = asyncio.Event()
+        # The subscriber's connection: a node has one connection at a time (its client id is
+        # its name), so a node that subscribes also publishes through it.
+        self.client: aiomqtt.Client | None = None
 
     def add(self, topic: str, payload: bytes) -> None:
         self.received.append((topic, payload))
@@ -216,6 +277,7 @@ async def subscribed(
     name = f"sub-{user}-{time.monotonic_ns()}"
     async with broker.client(user, password, identifier=name) as client:
         await client.subscribe(topic, qos=1)
+        inbox.client = client
 
         async def pump() -> None:
             async for message in client.messages:
@@ -259,37 +321,95 @@ def mqtt_connect_packet(client_id: str, user: str, password: str) -> bytes:
     return bytes([0x10, len(body)]) + body
 
 
-async def test_plain_tcp_is_refused_the_only_listener_is_tls(broker: Broker) -> None:
+async def test_plain_tcp_is_refused_every_listener_is_tls(broker: Broker) -> None:
     listeners = [
         line
         for line in (BROKER_DIR / "mosquitto.conf").read_text().splitlines()
         if line.startswith("listener ")
     ]
-    assert listeners == ["listener 8883"], listeners
+    assert listeners == ["listener 8883", "listener 8884"], listeners
 
     # Valid credentials over plain TCP: the broker must close the connection, never CONNACK.
-    reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+    user = mqtt_credentials.CONTROLLER_USER
+    for port in (broker.port, broker.controller_port):
+        answer = await first_answer(port, mqtt_connect_packet("plain", user, PASSWORDS[user]))
+        assert not is_connack_accepted(answer), f"plain-TCP client got a CONNACK: {answer!r}"
+
+
+async def first_answer(port: int, packet: bytes, tls: ssl.SSLContext | None = None) -> bytes:
+    """What the broker answers first to `packet` sent on a fresh connection (b"": it closed
+    the connection or ended the TLS session, e.g. for want of a client certificate)."""
     try:
-        writer.write(mqtt_connect_packet("plain", "node-1", PASSWORDS["node-1"]))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
+    except (ssl.SSLError, ConnectionResetError):
+        return b""
+    try:
+        writer.write(packet)
         await writer.drain()
         async with asyncio.timeout(DEADLINE_S):
             try:
-                answer = await reader.read(64)
-            except ConnectionResetError:
-                answer = b""
+                return await reader.read(64)
+            except (ConnectionResetError, ssl.SSLError):
+                return b""
     finally:
         writer.close()
-    assert answer == b"" or answer[0] != 0x20, f"plain-TCP client got a CONNACK: {answer!r}"
+
+
+def is_connack_accepted(answer: bytes) -> bool:
+    """A CONNACK (0x20) with return code 0: the client is in."""
+    return len(answer) >= 4 and answer[0] == 0x20 and answer[3] == 0
 
 
 async def test_anonymous_clients_are_refused(broker: Broker) -> None:
-    err = await refused(broker.client(None))
+    err = await refused(broker.client(None, port=broker.controller_port))
     assert isinstance(err, aiomqtt.MqttCodeError), err
 
 
 async def test_a_wrong_password_is_refused(broker: Broker) -> None:
-    err = await refused(broker.client("node-1", "not-the-password"))
+    err = await refused(broker.client(mqtt_credentials.CONTROLLER_USER, "not-the-password"))
     assert isinstance(err, aiomqtt.MqttCodeError), err
+
+
+async def test_the_agents_listener_takes_a_certificate_of_our_signer_and_nothing_else(
+    broker: Broker, workdir: Path
+) -> None:
+    """No certificate (even with the controller's password), or one from another CA: refused
+    during the TLS handshake or at CONNECT. The controller's listener takes no certificate in
+    place of its password."""
+    user = mqtt_credentials.CONTROLLER_USER
+    connect = mqtt_connect_packet("no-cert", user, PASSWORDS[user])
+    answer = await first_answer(broker.port, connect, broker.tls())
+    assert not is_connack_accepted(answer), answer
+    rogue = workdir / "rogue-signer"
+    mqtt_credentials.write_ca(rogue, "not our signer")
+    forged = broker.identity("node-1", signer_dir=rogue)
+    answer = await first_answer(broker.port, connect, broker.tls(forged))
+    assert not is_connack_accepted(answer), answer
+    # The twin: our signer's certificate of node-1 is let in, at this level too.
+    ours = broker.identity("node-1")
+    assert is_connack_accepted(await first_answer(broker.port, connect, broker.tls(ours)))
+    # A node's certificate on the controllers' listener, no password: anonymous there.
+    on_controllers = broker.client(
+        None, identity=broker.identity("node-1"), port=broker.controller_port
+    )
+    assert isinstance(await refused(on_controllers), aiomqtt.MqttCodeError)
+
+
+async def test_an_agent_cannot_take_over_another_clients_session(broker: Broker) -> None:
+    """The client id is the certificate's node: node-2 connecting with node-1's client id (or
+    the controller's) gets its own, so node-1 stays connected and its Will never fires."""
+    status = f"{PREFIX}/status/node-1"
+    will = aiomqtt.Will(status, b"offline", qos=1, retain=False)
+    async with subscribed(broker, mqtt_credentials.CONTROLLER_USER, f"{PREFIX}/#") as inbox:
+        async with broker.client("node-1", identifier="node-1", will=will) as victim:
+            for claimed in ("node-1", "node-watchdog-agent-node-1", "watchdog_controller_x_1"):
+                async with broker.client("node-2", identifier=claimed) as attacker:
+                    await attacker.publish(f"{PREFIX}/heartbeat/node-2", claimed.encode(), qos=1)
+                await inbox.wait_for(f"{PREFIX}/heartbeat/node-2", claimed.encode())
+            # Still connected: its publish goes through, after everything above.
+            await victim.publish(f"{PREFIX}/heartbeat/node-1", b"still here", qos=1)
+            got = await inbox.wait_for(f"{PREFIX}/heartbeat/node-1", b"still here")
+    assert (status, b"offline") not in got, "node-1 was disconnected by node-2"
 
 
 async def test_agent_publishes_its_own_topics_and_the_controller_reads_them_all(
@@ -359,8 +479,8 @@ async def test_an_agent_reads_nothing_of_another_node(broker: Broker) -> None:
         async with broker.client("node-2", identifier="agent-node-2") as agent:
             for topic, payload in others:
                 await agent.publish(topic, payload, qos=1)
-        async with broker.client("node-1", identifier="agent-node-1") as me:
-            await me.publish(*own, qos=1)
+        assert spy.client is not None
+        await spy.client.publish(*own, qos=1)
         await controller.wait_for(*own)
         got = await spy.wait_for(*own)
     assert got == [own], f"node-1 read another node's topics: {got[:-1]}"
@@ -369,7 +489,8 @@ async def test_an_agent_reads_nothing_of_another_node(broker: Broker) -> None:
 async def test_a_client_writes_only_its_own_echo_topic(broker: Broker) -> None:
     """The controller measures its ingest lag by an echo on `echo/<its client id>`; even the
     read-only controller user may write and read back that one topic, nobody another's."""
-    me, other = "node-watchdog-controller-host-a-1", "node-watchdog-controller-host-b-2"
+    # node-2's client id is its node name, whatever it asks for.
+    me, other = "watchdog_controller_host-a_1", "node-2"
     mine, theirs = f"{PREFIX}/echo/{me}", f"{PREFIX}/echo/{other}"
 
     async def first(client: aiomqtt.Client) -> tuple[str, bytes]:
@@ -379,7 +500,7 @@ async def test_a_client_writes_only_its_own_echo_topic(broker: Broker) -> None:
 
     async with (
         broker.client(mqtt_credentials.CONTROLLER_USER, identifier=me) as a,
-        broker.client("node-2", identifier=other) as b,
+        broker.client("node-2", identifier="anything") as b,
     ):
         await a.subscribe(mine, qos=1)
         await b.subscribe(theirs, qos=1)
@@ -430,9 +551,10 @@ async def test_no_agent_can_publish_probe_lists(broker: Broker) -> None:
         subscribed(broker, "node-1", f"{PREFIX}/probe/node-1") as victim,
         subscribed(broker, "node-2", f"{PREFIX}/probe/node-2") as itself,
     ):
-        async with broker.client("node-2", identifier="agent-node-2") as attacker:
-            await attacker.publish(*forged, qos=1)
-            await attacker.publish(*own, qos=1)
+        attacker = itself.client
+        assert attacker is not None
+        await attacker.publish(*forged, qos=1)
+        await attacker.publish(*own, qos=1)
         async with broker.client(mqtt_credentials.CONTROLLER_USER, identifier="leader") as leader:
             await leader.publish(*after, qos=1)
             await leader.publish(*after_own, qos=1)
@@ -452,8 +574,8 @@ async def test_every_agent_reads_the_member_count_and_only_the_controller_writes
         subscribed(broker, "node-1", topic) as one,
         subscribed(broker, "node-2", topic) as two,
     ):
-        async with broker.client("node-2", identifier="agent-node-2") as attacker:
-            await attacker.publish(*forged, qos=1)
+        assert two.client is not None
+        await two.client.publish(*forged, qos=1)  # node-2 as the attacker
         async with broker.client(mqtt_credentials.CONTROLLER_USER, identifier="leader") as leader:
             await leader.publish(*real, qos=1)
         assert await one.wait_for(*real) == [real], "an agent wrote the member count"
@@ -482,9 +604,10 @@ async def test_an_agents_last_will_announces_it_offline(broker: Broker) -> None:
         "import asyncio, ssl, sys, aiomqtt\n"
         "async def main():\n"
         "    ctx = ssl.create_default_context(cafile=sys.argv[2])\n"
+        "    ctx.load_cert_chain(sys.argv[4])\n"
         "    will = aiomqtt.Will(sys.argv[3], b'offline', qos=1, retain=True)\n"
-        "    async with aiomqtt.Client('127.0.0.1', int(sys.argv[1]), username='node-1',\n"
-        "            password='pw-node-1', tls_context=ctx, will=will, keepalive=5) as c:\n"
+        "    async with aiomqtt.Client('127.0.0.1', int(sys.argv[1]),\n"
+        "            tls_context=ctx, will=will, keepalive=5) as c:\n"
         "        await c.publish(sys.argv[3], b'online', qos=1, retain=True)\n"
         "        print('up', flush=True)\n"
         "        await asyncio.sleep(3600)\n"
@@ -499,6 +622,7 @@ async def test_an_agents_last_will_announces_it_offline(broker: Broker) -> None:
             str(broker.port),
             str(broker.ca_file),
             status,
+            str(broker.identity("node-1")),
             stdout=asyncio.subprocess.PIPE,
         )
         try:
@@ -513,19 +637,23 @@ async def test_an_agents_last_will_announces_it_offline(broker: Broker) -> None:
 
 
 async def test_a_password_file_made_by_the_credentials_tool_is_accepted(workdir: Path) -> None:
-    """deploy/tools/mqtt_credentials.py writes mosquitto's own hash format, no mosquitto tools."""
+    """deploy/tools/mqtt_credentials.py writes mosquitto's own hash format, no mosquitto tools;
+    it holds the controller's login only."""
     creds = workdir / "tool-creds"
-    mqtt_credentials.write_credentials(creds, ["node-3"])
+    creds.mkdir(exist_ok=True)
+    mqtt_credentials.write_credentials(creds)
+    assert [line.split(":")[0] for line in (creds / "passwd").read_text().splitlines()] == [
+        mqtt_credentials.CONTROLLER_USER
+    ]
     proc, b = start_broker(workdir, creds / "passwd")
     try:
-        password = (creds / "agents" / "node-3").read_text().strip()
         controller_pw = (creds / "controller").read_text().strip()
         controller = mqtt_credentials.CONTROLLER_USER
         async with subscribed(b, controller, f"{PREFIX}/#", controller_pw) as inbox:
-            async with b.client("node-3", password, identifier="agent-node-3") as agent:
+            async with b.client("node-3") as agent:
                 await agent.publish(f"{PREFIX}/heartbeat/node-3", b"hb", qos=1)
             await inbox.wait_for(f"{PREFIX}/heartbeat/node-3", b"hb")
-        err = await refused(b.client("node-3", "guessed"))
+        err = await refused(b.client(controller, "guessed"))
         assert isinstance(err, aiomqtt.MqttCodeError), err
     finally:
         stop(proc)

@@ -316,8 +316,14 @@ def test_the_daemonset_runs_everywhere_and_is_locked_down(render) -> None:
     # Only the CA of the broker's TLS Secret is mounted, never its key.
     mqtt_ca = next(v for v in spec["volumes"] if v["name"] == "mqtt-ca")
     assert mqtt_ca["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
-    # Never the controller's broker password.
-    assert "node-watchdog-mqtt-controller" not in secrets_mounted(ds)
+    # No broker secret at all but the CA that verifies the broker: no password, no signer key.
+    # Its certificate it obtains itself, into memory (one file: certificate and key).
+    assert secrets_mounted(ds) - {"node-watchdog-bmcs"} == {"node-watchdog-mqtt-tls"}
+    identity = next(v for v in spec["volumes"] if v["name"] == "identity")
+    assert identity["emptyDir"]["medium"] == "Memory"
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "identity")["mountPath"]
+    assert env["WATCHDOG_MQTT__ENROLL_FILE"]["value"].startswith(mount + "/")
+    assert "WATCHDOG_MQTT__PASSWORD_FILE" not in env and "WATCHDOG_MQTT__USERNAME" not in env
 
 
 def secrets_mounted(workload: dict[str, Any]) -> set[str]:
@@ -361,14 +367,49 @@ def test_the_controller_runs_two_replicas_apart_as_its_own_identity(render) -> N
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert not [v for v in spec["volumes"] if "hostPath" in v], name
     assert not spec.get("hostNetwork") and not spec.get("hostPID")
-    # Its own broker login; never the agents' passwords, never the broker's key.
+    # Its own broker login and the agents' signer; never the broker's key.
     assert secrets_mounted(ctl) - {"node-watchdog-bmcs"} == {
         "node-watchdog-mqtt-tls",
         "node-watchdog-mqtt-controller",
+        "node-watchdog-mqtt-signer",
     }
     mqtt_ca = next(v for v in spec["volumes"] if v["name"] == "mqtt-ca")
     assert mqtt_ca["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
-    assert "node-watchdog-mqtt-agents" in secrets_mounted(daemonset(objs))
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    # On the controllers' listener, with a password; signing with the signer's key.
+    assert env["WATCHDOG_MQTT__URL"] == "mqtts://node-watchdog-mqtt:8884"
+    assert env["WATCHDOG_MQTT__SIGNER_KEY_FILE"].startswith("/etc/node-watchdog/mqtt-signer/")
+
+
+def _listeners(conf: str) -> dict[str, dict[str, str]]:
+    """Each listener's own options (mosquitto applies a listener option to the listener
+    above it)."""
+    out: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for line in conf.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        if key == "listener":
+            current = out.setdefault(value.split()[0], {})
+        elif current is not None and key in LISTENER_OPTIONS:
+            current[key] = value
+    return out
+
+
+LISTENER_OPTIONS = frozenset(
+    {
+        "protocol",
+        "cafile",
+        "certfile",
+        "keyfile",
+        "tls_version",
+        "require_certificate",
+        "use_identity_as_username",
+        "use_username_as_clientid",
+        "max_connections",
+    }
+)
 
 
 def test_the_broker_is_locked_down_and_serves_tls_only(render) -> None:
@@ -383,20 +424,35 @@ def test_the_broker_is_locked_down_and_serves_tls_only(render) -> None:
     sc = c["securityContext"]
     assert sc["runAsNonRoot"] is True and sc["allowPrivilegeEscalation"] is False
     assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"] == {"drop": ["ALL"]}
-    assert [p["containerPort"] for p in c["ports"]] == [8883]
+    assert [p["containerPort"] for p in c["ports"]] == [8883, 8884]
     svc = one(objs, "Service", "node-watchdog-mqtt")
-    assert [p["port"] for p in svc["spec"]["ports"]] == [8883]
+    assert [p["port"] for p in svc["spec"]["ports"]] == [8883, 8884]
+    # The agents' signer: its certificate only, never its key.
+    clients = next(v for v in spec["volumes"] if v["name"] == "clients")
+    assert clients["secret"] == {
+        "secretName": "node-watchdog-mqtt-signer",
+        "items": [{"key": "ca.crt", "path": "ca.crt"}],
+    }
     cm_name = next(v for v in spec["volumes"] if v["name"] == "config")["configMap"]["name"]
     cm = one(objs, "ConfigMap", cm_name)
     conf = cm["data"]["mosquitto.conf"]
     assert "allow_anonymous false" in conf.splitlines()
-    assert [line for line in conf.splitlines() if line.startswith("listener ")] == ["listener 8883"]
+    listeners = _listeners(conf)
+    assert list(listeners) == ["8883", "8884"]
+    # Agents: by the certificate of their node alone, its name their username and client id.
+    agents = listeners["8883"]
+    assert agents["require_certificate"] == "true" and agents["cafile"].startswith(
+        "/mosquitto/clients/"
+    )
+    assert agents["use_identity_as_username"] == agents["use_username_as_clientid"] == "true"
+    assert listeners["8884"]["require_certificate"] == "false"
     assert cm["data"]["acl"] == (DEPLOY / "base" / "broker" / "acl").read_text()
     # Bounded: a node cannot exhaust the broker every node's detection rests on. Connections
     # for the 5,000-node target (an agent each, two controller replicas); memory refused below
     # the container's limit rather than the broker being killed at it.
     settings = dict(line.split(None, 1) for line in conf.splitlines() if line and line[0] != "#")
-    assert int(settings["max_connections"]) >= 5_000 + 2
+    assert int(agents["max_connections"]) >= 5_000
+    assert 2 <= int(listeners["8884"]["max_connections"]) <= 64
     assert int(settings["max_packet_size"]) <= 65536
     memory_limit = int(settings["memory_limit"])
     container_limit = c["resources"]["limits"]["memory"]
@@ -478,16 +534,18 @@ def test_the_shipped_configuration_loads_and_matches_what_deploy_creates(
     assert settings.peer_address() == f"{POD_IP}:9103"
     assert settings.peer_quorum <= settings.peer_count
     assert settings.unreachable_after_s == 4.0
-    # Each agent is its node in the broker's eyes (the ACL's %u).
-    assert settings.mqtt.username == NODE
-    assert settings.mqtt.password_file == Path(mounts["mqtt-credentials"]) / NODE
+    # Each agent is its node in the broker's eyes (the ACL's %u): by the certificate it
+    # obtains (its common name), no username or password of its own.
+    assert settings.mqtt.username is None and settings.mqtt.password_file is None
+    assert settings.mqtt.enroll_file is not None
+    assert settings.mqtt.enroll_file.parent == Path(mounts["identity"])
     assert settings.mqtt.ca_file is not None
     assert settings.mqtt.ca_file.parent == Path(mounts["mqtt-ca"])
     url = urlsplit(settings.mqtt.url)
     broker_svc = one(objs, "Service", "node-watchdog-mqtt")
     assert url.scheme == "mqtts"
     assert url.hostname == broker_svc["metadata"]["name"]
-    assert url.port == broker_svc["spec"]["ports"][0]["port"]
+    assert url.port == broker_svc["spec"]["ports"][0]["port"] == 8883
     acl = (DEPLOY / "base" / "broker" / "acl").read_text()
     assert f"pattern write {settings.mqtt.topic_prefix}/heartbeat/%u" in acl
     assert f"pattern write {settings.mqtt.topic_prefix}/peers/%u" in acl
@@ -506,8 +564,15 @@ def test_the_shipped_configuration_loads_and_matches_what_deploy_creates(
     assert ctl_settings.metrics_port == 9102
     assert ctl_settings.mqtt.username == "watchdog_controller"
     assert ctl_settings.mqtt.password_file == Path(ctl_mounts["mqtt-controller"]) / "password"
-    assert ctl_settings.mqtt.url == settings.mqtt.url
+    assert ctl_settings.mqtt.url == settings.mqtt.url.replace(":8883", ":8884")
+    assert broker_svc["spec"]["ports"][1]["port"] == 8884
     assert ctl_settings.mqtt.ca_file == settings.mqtt.ca_file
+    # It signs the agents' certificates (with the key only its pods mount) for the agents'
+    # ServiceAccount, the one the DaemonSet runs as.
+    assert ctl_settings.mqtt.signer_key_file == Path(ctl_mounts["mqtt-signer"]) / "ca.key"
+    assert ctl_settings.mqtt.signer_ca_file == Path(ctl_mounts["mqtt-signer"]) / "ca.crt"
+    sa = daemonset(objs)["spec"]["template"]["spec"]["serviceAccountName"]
+    assert ctl_settings.mqtt.agent_service_account == sa
     assert f"user {ctl_settings.mqtt.username}" in acl.splitlines()
     assert f"topic write {settings.mqtt.topic_prefix}/probe/#" in acl.splitlines()
     assert ctl_settings.delete_volume_attachments == name.endswith("delete-volume-attachments")
@@ -535,15 +600,21 @@ def test_the_kubevirt_config_is_the_base_config_plus_a_policy() -> None:
 # --- RBAC ----------------------------------------------------------------------------------
 
 
+def _named(resource: str, name: str | None) -> str:
+    """A grant's resource, with the one object it is narrowed to (RBAC resourceNames)."""
+    return f"{resource} {name}" if name else resource
+
+
 def _grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     out = set()
     for rule in rules:
-        assert "resourceNames" not in rule and "nonResourceURLs" not in rule, rule
+        assert "nonResourceURLs" not in rule, rule
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
-                for verb in rule["verbs"]:
-                    assert "*" not in (group, resource, verb), f"wildcard in {rule}"
-                    out.add((group, resource, verb))
+                for name in rule.get("resourceNames") or [None]:
+                    for verb in rule["verbs"]:
+                        assert "*" not in (group, resource, verb), f"wildcard in {rule}"
+                        out.add((group, _named(resource, name), verb))
     return out
 
 
@@ -579,6 +650,7 @@ def _table_access(settings: Settings, table: tuple[AccessRule, ...]) -> dict[str
     for rule in required_access(settings, table):
         scope = "cluster" if rule.namespace is None else rule.namespace
         resource = f"{rule.resource}/{rule.subresource}" if rule.subresource else rule.resource
+        resource = _named(resource, rule.name)
         out.setdefault(scope, set()).update((rule.group, resource, v) for v in rule.verbs)
     return out
 
@@ -685,16 +757,22 @@ def test_network_policies_allow_scrapes_broker_api_dns_and_peer_probes_only(rend
     assert cnp["spec"]["ingress"] == [ingress]
     ctl_ports = {(p["port"], p["protocol"]) for e in cnp["spec"]["egress"] for p in e["ports"]}
     bmc_ports = {(443, "TCP"), (623, "UDP")} if name in POWER_FENCED else set()
-    assert ctl_ports == egress_ports - {(9103, "TCP")} | bmc_ports
+    # ... on the controllers' listener of the broker (8884), not the agents' (8883).
+    agents_only = {(9103, "TCP"), (8883, "TCP")}
+    assert ctl_ports == egress_ports - agents_only | {(8884, "TCP")} | bmc_ports
 
     bnp = one(objs, "NetworkPolicy", "node-watchdog-mqtt")
     assert bnp["spec"]["podSelector"]["matchLabels"].items() <= broker_labels.items()
     assert bnp["spec"]["egress"] == []
-    [bingress] = bnp["spec"]["ingress"]
-    [from_agents, from_controller] = bingress["from"]
+    # Each listener to its own clients: the controllers' listener (a password) to no agent.
+    [to_agents, to_controller] = bnp["spec"]["ingress"]
+    [from_agents] = to_agents["from"]
+    [from_controller] = to_controller["from"]
     assert from_agents["podSelector"]["matchLabels"].items() <= ds_labels.items()
     assert from_controller["podSelector"]["matchLabels"].items() <= ctl_labels.items()
-    assert bingress["ports"] == [{"port": 8883, "protocol": "TCP"}]
+    assert not from_controller["podSelector"]["matchLabels"].items() <= ds_labels.items()
+    assert to_agents["ports"] == [{"port": 8883, "protocol": "TCP"}]
+    assert to_controller["ports"] == [{"port": 8884, "protocol": "TCP"}]
 
 
 def test_pod_security_admission_level_fits_what_runs(render) -> None:

@@ -87,6 +87,25 @@ def test_nested_environment_and_yaml_file(tmp_path: Path, monkeypatch: pytest.Mo
             id="nested field bad value",
         ),
         pytest.param(
+            {
+                "WATCHDOG_MQTT__ENROLL_FILE": "/run/id.pem",
+                "WATCHDOG_MQTT__CERT_FILE": "/c.pem",
+                "WATCHDOG_MQTT__KEY_FILE": "/k.pem",
+            },
+            ["enroll_file (/run/id.pem) and cert_file (/c.pem): one client certificate only"],
+            id="an obtained and a given client certificate",
+        ),
+        pytest.param(
+            {"WATCHDOG_MQTT__SIGNER_CA_FILE": "/ca.crt"},
+            ["signer_ca_file and signer_key_file must be given together"],
+            id="a signer without its key",
+        ),
+        pytest.param(
+            {"WATCHDOG_MQTT__ENROLL_LIFETIME_S": "60"},
+            ["mqtt.enroll_lifetime_s = '60'", "greater than or equal to 600"],
+            id="a certificate lifetime below the API's minimum",
+        ),
+        pytest.param(
             {"WATCHDOG_CONFIG_FILE": "/nonexistent/watchdog.yaml"},
             ["/nonexistent/watchdog.yaml", "cannot read"],
             id="unreadable config file",

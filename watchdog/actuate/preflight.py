@@ -23,7 +23,7 @@ from kubernetes_asyncio import client as k8s_client
 
 from watchdog.actuate.errors import ActuationError, NotFound
 from watchdog.actuate.kube import KubeWriter
-from watchdog.decide.names import NODE_LEASE_NAMESPACE
+from watchdog.decide.names import MQTT_CLIENT_SIGNER, NODE_LEASE_NAMESPACE
 
 # Placeholder in the table for the watchdog's own namespace (Settings.namespace).
 OWN_NAMESPACE = "{namespace}"
@@ -59,12 +59,16 @@ class AccessRule:
     subresource: str = ""
     namespace: str | None = None
     feature: str | None = None
+    # RBAC resourceNames: the rule covers these objects only (at most one: a
+    # SelfSubjectAccessReview asks about one name).
+    name: str | None = None
 
     @property
     def resource_name(self) -> str:
         """`pods/status`, `leases.coordination.k8s.io`: how kubectl and RBAC errors say it."""
         res = f"{self.resource}/{self.subresource}" if self.subresource else self.resource
-        return f"{res}.{self.group}" if self.group else res
+        res = f"{res}.{self.group}" if self.group else res
+        return f"{res} {self.name}" if self.name else res
 
 
 # Everything the controller does to the API: its informers (observe) and its writes (actuate).
@@ -109,6 +113,33 @@ CONTROLLER_ACCESS: tuple[AccessRule, ...] = (
     AccessRule("harvesterhci.io", "settings", ("list", "watch"), "vm-force-reset-policy"),
     AccessRule("harvesterhci.io", "upgrades", ("list", "watch"), "hold resets during an upgrade"),
     AccessRule(
+        "certificates.k8s.io",
+        "certificatesigningrequests",
+        ("list",),
+        "the agents' broker certificate requests",
+    ),
+    AccessRule(
+        "certificates.k8s.io",
+        "certificatesigningrequests",
+        ("update",),
+        "approve or deny them",
+        "approval",
+    ),
+    AccessRule(
+        "certificates.k8s.io",
+        "certificatesigningrequests",
+        ("update",),
+        "issue the certificates",
+        "status",
+    ),
+    AccessRule(
+        "certificates.k8s.io",
+        "signers",
+        ("approve", "sign"),
+        "approve and sign for our signer only",
+        name=MQTT_CLIENT_SIGNER,
+    ),
+    AccessRule(
         "storage.k8s.io",
         "volumeattachments",
         ("list", "watch", "delete"),
@@ -135,6 +166,12 @@ AGENT_ACCESS: tuple[AccessRule, ...] = (
         "read its kubelet's Lease renewals before fencing (self_fence_lease_s)",
         namespace="kube-node-lease",
     ),
+    AccessRule(
+        "certificates.k8s.io",
+        "certificatesigningrequests",
+        ("create", "get"),
+        "ask for its node's broker certificate and read the answer",
+    ),
 )
 
 # What a node's identity must not be able to do: each would let one compromised node reboot,
@@ -155,6 +192,20 @@ AGENT_MUST_NOT: tuple[AccessRule, ...] = (
         "virtualmachineinstancemigrations",
         ("create", "delete"),
         "start or stop migrations",
+    ),
+    AccessRule(
+        "certificates.k8s.io",
+        "signers",
+        ("approve", "sign"),
+        "grant itself a broker certificate of another node",
+        name=MQTT_CLIENT_SIGNER,
+    ),
+    AccessRule(
+        "certificates.k8s.io",
+        "certificatesigningrequests",
+        ("update",),
+        "approve a certificate request",
+        "approval",
     ),
 )
 
@@ -204,6 +255,7 @@ def required_access(
                 rule.subresource,
                 settings.namespace,
                 rule.feature,
+                rule.name,
             )
         rules.append(rule)
     return rules
@@ -212,14 +264,15 @@ def required_access(
 def cluster_role_rules(rules: Iterable[AccessRule]) -> list[dict[str, Any]]:
     """RBAC PolicyRules for a ClusterRole granting `rules` (namespaces are a binding's business:
     bind namespaced rules with a RoleBinding to narrow them)."""
-    merged: dict[tuple[str, str], list[str]] = {}
+    merged: dict[tuple[str, str, str | None], list[str]] = {}
     for rule in rules:
         res = f"{rule.resource}/{rule.subresource}" if rule.subresource else rule.resource
-        verbs = merged.setdefault((rule.group, res), [])
+        verbs = merged.setdefault((rule.group, res, rule.name), [])
         verbs.extend(v for v in rule.verbs if v not in verbs)
     return [
         {"apiGroups": [group], "resources": [res], "verbs": verbs}
-        for (group, res), verbs in merged.items()
+        | ({"resourceNames": [name]} if name else {})
+        for (group, res, name), verbs in merged.items()
     ]
 
 
@@ -264,6 +317,8 @@ async def check_access(
             attributes["subresource"] = rule.subresource
         if rule.namespace:
             attributes["namespace"] = rule.namespace
+        if rule.name:
+            attributes["name"] = rule.name
         body = {
             "apiVersion": "authorization.k8s.io/v1",
             "kind": "SelfSubjectAccessReview",

@@ -29,6 +29,9 @@ LEGACY_EVACUATION_PRIORITY = f"{LEGACY_DOMAIN}/evacuation-priority"
 # The API group of the virtual resources that name, for the state guard (deploy/base/
 # state-guard.yaml), who else may change the state annotation or the out-of-service taint.
 GUARD_API_GROUP = DOMAIN
+# The signer of the agents' broker client certificates (decide/csr_review.py): the controller
+# approves and signs CertificateSigningRequests that name it.
+MQTT_CLIENT_SIGNER = f"{DOMAIN}/mqtt-client"
 # Where every kubelet renews its node's Lease.
 NODE_LEASE_NAMESPACE = "kube-node-lease"
 # A KubeVirt migration in one of these phases is over (it no longer counts against the limits).

@@ -1,7 +1,8 @@
 """The controller's MQTT subscriber: agents' heartbeats and status into the HeartbeatBook.
 
-Owns one broker connection (client id `node-watchdog-controller-<host>-<pid>`, unique per
-process so two replicas never take over each other's session), subscribed to
+Owns one broker connection (client id `watchdog_controller_<host>_<pid>`, unique per process
+so two replicas never take over each other's session, and never a node name, the client id
+the broker gives each agent, so no agent can take it over), subscribed to
 `<prefix>/heartbeat/+` (QoS 0), `<prefix>/status/+` (QoS 1, retained `online` / Will
 `offline`) and `<prefix>/peers/+` (QoS 1, retained peer reports, into the PeerBook). Every
 message is validated (decide/heartbeats.py, decide/peer_reports.py, DESIGN §9); a rejection is
@@ -151,7 +152,7 @@ class HeartbeatSubscriber:
         self._heartbeat_head = f"{prefix}/heartbeat/"
         self._status_head = f"{prefix}/status/"
         self._peers_head = f"{prefix}/peers/"
-        self.client_id = f"node-watchdog-controller-{socket.gethostname()}-{os.getpid()}"
+        self.client_id = f"watchdog_controller_{socket.gethostname()}_{os.getpid()}"
         # The ACL lets every client write echo/<its client id> (deploy/base/broker/acl).
         self._echo_topic = f"{prefix}/echo/{self.client_id}"
         self._on_lag = on_lag

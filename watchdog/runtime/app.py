@@ -51,6 +51,7 @@ from watchdog.observe.node_probe import node_lease_probe, node_phase_probe
 from watchdog.runtime.controller import Controller
 from watchdog.runtime.evacuation import Evacuations
 from watchdog.runtime.http import Health, make_app, serve
+from watchdog.runtime.identity import start_enrollment, start_signer
 from watchdog.runtime.leader import LeaderElector
 from watchdog.runtime.probe_lists import ProbeLists
 from watchdog.runtime.scheduler import NodeScheduler
@@ -186,6 +187,8 @@ async def _serve(role: str, settings: Settings) -> int:
                 elector = _controller(tg, settings, api, metrics, health)
             if role in ("run", "agent"):
                 assert settings.node_name
+                # Before the agent: its first broker connection needs the certificate.
+                start_enrollment(tg, settings, api, metrics)
                 boot_id_file = settings.boot_id_file
                 probe = node_phase_probe(
                     api, settings.node_name, lambda: read_boot_id(boot_id_file)
@@ -497,4 +500,5 @@ def _controller(
         await elector.run()
 
     tg.create_task(campaign(), name="leader election")
+    start_signer(tg, settings, api, metrics, lambda: controller.acting)
     return elector

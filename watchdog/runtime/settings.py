@@ -63,6 +63,34 @@ class MQTTSettings(BaseModel):
     ca_file: Path | None = Field(None, description="CA bundle to verify the broker (TLS).")
     cert_file: Path | None = Field(None, description="Client certificate for mutual TLS.")
     key_file: Path | None = Field(None, description="Client key for mutual TLS.")
+    enroll_file: Path | None = Field(
+        None,
+        description="Agent: its client certificate and key (one PEM file, in memory-backed "
+        "storage), obtained without a manual step and renewed at 2/3 of its lifetime through a "
+        "CertificateSigningRequest (signer node-watchdog.io/mqtt-client) that the controller "
+        "signs only for the node the agent's pod runs on. Its common name, the node, is the "
+        "broker username and client id. Instead of cert_file/key_file and a password.",
+    )
+    enroll_lifetime_s: int = Field(
+        86400,
+        ge=600,
+        le=7 * 86400,
+        description="Agent: lifetime asked for its certificate (the signer caps it at 7 days).",
+    )
+    signer_ca_file: Path | None = Field(
+        None,
+        description="Controller: CA certificate that signs the agents' certificates (the broker "
+        "trusts it for client certificates). Unset: the controller signs none.",
+    )
+    signer_key_file: Path | None = Field(
+        None, description="Controller: that CA's private key (mounted in the controller only)."
+    )
+    agent_service_account: str = Field(
+        "node-watchdog-agent",
+        min_length=1,
+        description="Controller: the ServiceAccount (in `namespace`) whose certificate requests "
+        "are signed; a request from anyone else is denied.",
+    )
     max_queued_messages: int | None = Field(
         None,
         description="Ignored; kept so that configurations written for earlier versions still "
@@ -83,6 +111,13 @@ class MQTTSettings(BaseModel):
     def _tls_pairs(self) -> MQTTSettings:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file must be given together")
+        if self.enroll_file is not None and self.cert_file is not None:
+            raise ValueError(
+                f"enroll_file ({self.enroll_file}) and cert_file ({self.cert_file}): one client "
+                "certificate only, either obtained through the signer or given"
+            )
+        if (self.signer_ca_file is None) != (self.signer_key_file is None):
+            raise ValueError("signer_ca_file and signer_key_file must be given together")
         return self
 
 

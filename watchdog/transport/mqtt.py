@@ -31,6 +31,9 @@ def broker_connection(
     if address.tls:
         # Verifies the broker's certificate and host name against ca_file (or the system CAs).
         tls = ssl.create_default_context(cafile=str(mqtt.ca_file) if mqtt.ca_file else None)
-        if mqtt.cert_file is not None and mqtt.key_file is not None:
+        if mqtt.enroll_file is not None:
+            # Certificate and key in one file, replaced as one (transport/certificates.py).
+            tls.load_cert_chain(str(mqtt.enroll_file))
+        elif mqtt.cert_file is not None and mqtt.key_file is not None:
             tls.load_cert_chain(str(mqtt.cert_file), str(mqtt.key_file))
     return BrokerConnection(address, tls, mqtt.username, read_password())
