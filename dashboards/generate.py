@@ -214,6 +214,20 @@ ALERTS: tuple[Alert, ...] = (
             "so its VMs are not failed over automatically."
         ),
     ),
+    Alert(
+        name="WatchdogBrokerCertificateExpiring",
+        # The agent renews at 2/3 of the lifetime (8 h left of the default 24 h): under 4 h
+        # left means its renewals have failed for hours.
+        expr="(watchdog_mqtt_certificate_expiry_timestamp_seconds > 0) - time() < 4 * 3600",
+        for_="10m",
+        severity="warning",
+        summary="Broker certificate of {{ $labels.instance }} expires soon",
+        description=(
+            "The node-watchdog agent at {{ $labels.instance }} holds a broker certificate that "
+            "expires in {{ $value | humanizeDuration }} and has not renewed it. When it expires "
+            "the agent cannot reach the broker: its node is not protected."
+        ),
+    ),
 )
 
 

@@ -39,6 +39,7 @@ ISSUE_ALERTS = {
     "WatchdogAgentMissing",
     "WatchdogNodeUnfenced",
     "WatchdogFenceFailing",
+    "WatchdogBrokerCertificateExpiring",
 }
 
 
