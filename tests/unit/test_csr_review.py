@@ -122,7 +122,7 @@ def test_review_never_raises_on_any_input(raw: dict[str, Any], request: bytes) -
     assert verdict.node is None and verdict.denial
 
 
-def _authority() -> Authority:
+def make_authority() -> Authority:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([cn("test signer")])
     now = datetime.datetime.now(datetime.UTC)
@@ -143,7 +143,7 @@ def _authority() -> Authority:
 def test_a_certificate_grants_client_auth_for_the_subject_and_key_of_the_request_only(
     tmp_path: Path,
 ) -> None:
-    authority = _authority()
+    authority = make_authority()
     key_pem, request = new_key_and_request("node-1")
     now = datetime.datetime.now(datetime.UTC)
     pem = authority.sign(request, 3600, now)
@@ -176,5 +176,5 @@ def test_extensions_asked_for_are_not_granted() -> None:
     """A request with a SubjectAlternativeName (it would be denied by review anyway): signing
     takes only the subject and the key."""
     request = request_for(cn("node-1"), san=True)
-    certificate = x509.load_pem_x509_certificate(_authority().sign(request, 600))
+    certificate = x509.load_pem_x509_certificate(make_authority().sign(request, 600))
     assert all(not isinstance(e.value, x509.SubjectAlternativeName) for e in certificate.extensions)

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
+from tests.unit.test_csr_review import make_authority
 from watchdog.decide.config import DecideConfig, FenceMode, Policy
 from watchdog.runtime.settings import Settings
 
@@ -187,3 +189,23 @@ def test_power_fencing_needs_a_bmc_inventory_in_the_controller_only(tmp_path: Pa
     result = run_cli("controller", env={**power, "WATCHDOG_POWER_FENCE_INVENTORY": str(bad)})
     assert result.returncode == 2, result.stderr
     assert "nodes.node-1: needs exactly one of password, password_file" in result.stderr
+
+
+def test_a_controller_refuses_a_signer_it_cannot_sign_with(tmp_path: Path) -> None:
+    """A missing CA file, or a key that is not the CA's: exit 2 at start, naming the files,
+    not when the first node asks for its certificate. The agent never reads them."""
+    a, b = make_authority(), make_authority()
+    pem = serialization.Encoding.PEM
+    (tmp_path / "a.crt").write_bytes(a.certificate.public_bytes(pem))
+    (tmp_path / "b.key").write_bytes(
+        b.key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    mismatched = {
+        "WATCHDOG_MQTT__SIGNER_CA_FILE": str(tmp_path / "a.crt"),
+        "WATCHDOG_MQTT__SIGNER_KEY_FILE": str(tmp_path / "b.key"),
+    }
+    missing = {**mismatched, "WATCHDOG_MQTT__SIGNER_CA_FILE": str(tmp_path / "none.crt")}
+    for env, why in ((mismatched, "is not the key of the certificate"), (missing, "none.crt")):
+        result = run_cli("controller", env=env)
+        assert result.returncode == 2, result.stderr
+        assert "mqtt.signer_ca_file/signer_key_file" in result.stderr and why in result.stderr

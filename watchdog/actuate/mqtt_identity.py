@@ -28,7 +28,13 @@ from watchdog.actuate.errors import ActuationError, NotFound
 from watchdog.actuate.kube import KubeWriter
 from watchdog.decide.csr_review import review
 from watchdog.decide.names import MQTT_CLIENT_SIGNER
-from watchdog.transport.certificates import Authority, held, new_key_and_request, write_private
+from watchdog.transport.certificates import (
+    Authority,
+    held,
+    held_in,
+    new_key_and_request,
+    write_private,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,9 @@ class Enrollment:
         self._now = now
         self._on_issued = on_issued
         self.last_error: str | None = None
+        # The request being waited for (its name, our key): a failed poll resumes it rather
+        # than asking again.
+        self._pending: tuple[str, bytes] | None = None
 
     def due_in(self) -> float | None:
         """Seconds until the certificate in place must be renewed; None: there is none of this
@@ -115,7 +124,19 @@ class Enrollment:
     async def enroll(self) -> None:
         """One request, followed until the certificate is issued (written to `path`), denied
         (`EnrollmentRefused`) or deleted (`ActuationError` NotFound: the next call asks
-        again). A request left pending is polled, never duplicated."""
+        again). A request left pending is polled, never duplicated: after an error the next
+        call resumes it."""
+        if self._pending is None:
+            self._pending = await self._ask()
+        name, key_pem = self._pending
+        try:
+            await self._wait_for(name, key_pem)
+        except (EnrollmentRefused, NotFound):
+            self._pending = None
+            raise
+        self._pending = None
+
+    async def _ask(self) -> tuple[str, bytes]:
         key_pem, request_pem = new_key_and_request(self.node)
         created = await self.writer.call(
             "POST",
@@ -135,6 +156,9 @@ class Enrollment:
         )
         name = str(created["metadata"]["name"])
         log.info("broker certificate of node %s: asked (%s)", self.node, name)
+        return name, key_pem
+
+    async def _wait_for(self, name: str, key_pem: bytes) -> None:
         interval = self.poll_s
         while True:
             await asyncio.sleep(interval)
@@ -146,9 +170,13 @@ class Enrollment:
                     raise EnrollmentRefused(f"{name} {kind.lower()}: {c.get('message') or ''}")
             issued = (obj.get("status") or {}).get("certificate")
             if issued:
-                write_private(self.path, base64.b64decode(issued) + key_pem)
-                if held(self.path) is None:
-                    raise EnrollmentRefused(f"{name}: the issued certificate is not of our key")
+                data = base64.b64decode(issued) + key_pem
+                h = held_in(data)
+                if h is None or h.common_name != self.node:
+                    raise EnrollmentRefused(
+                        f"{name}: the certificate issued is not of our key and node {self.node}"
+                    )
+                write_private(self.path, data)
                 self.last_error = None
                 log.info("broker certificate of node %s: issued (%s)", self.node, name)
                 if self._on_issued is not None:

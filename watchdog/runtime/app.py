@@ -57,6 +57,7 @@ from watchdog.runtime.probe_lists import ProbeLists
 from watchdog.runtime.scheduler import NodeScheduler
 from watchdog.runtime.settings import Settings
 from watchdog.runtime.view import CacheView
+from watchdog.transport.certificates import Authority
 
 log = logging.getLogger("watchdog")
 
@@ -117,6 +118,17 @@ def main(role: str, settings: Settings, args: argparse.Namespace) -> int:
             print(f"invalid configuration: power_fence_inventory: {e}", file=sys.stderr)
             return 2
         log.info("fence_mode=power: BMCs of %d nodes in the inventory", len(bmcs))
+    ca_file, key_file = settings.mqtt.signer_ca_file, settings.mqtt.signer_key_file
+    if role in ("run", "controller") and ca_file is not None and key_file is not None:
+        # A signer that cannot sign must be found now, not when a node joins.
+        try:
+            Authority.load(ca_file, key_file)
+        except (OSError, ValueError) as e:
+            print(
+                f"invalid configuration: mqtt.signer_ca_file/signer_key_file: {e}",
+                file=sys.stderr,
+            )
+            return 2
     if settings.mqtt.max_queued_messages is not None:
         log.warning("mqtt.max_queued_messages is ignored: heartbeats are not queued any more")
     if role in ("run", "controller") and settings.accept_weak_self_fence:

@@ -47,7 +47,6 @@ def start_signer(
     ca_file, key_file = settings.mqtt.signer_ca_file, settings.mqtt.signer_key_file
     if ca_file is None or key_file is None:
         return None
-    Authority.load(ca_file, key_file)  # refuse to start on an unreadable or mismatched CA
     writer = KubeWriter(api.api_client, request_timeout_s=settings.api_request_timeout_s)
     signer = CertificateSigner(
         writer,

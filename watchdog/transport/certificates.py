@@ -131,9 +131,17 @@ def held(path: Path) -> Held | None:
     its own; None otherwise."""
     try:
         data = path.read_bytes()
+    except OSError:
+        return None
+    return held_in(data)
+
+
+def held_in(data: bytes) -> Held | None:
+    """`held` of the bytes of such a file."""
+    try:
         certificate = x509.load_pem_x509_certificate(data)
         key = serialization.load_pem_private_key(data, password=None)
-    except (OSError, ValueError, TypeError):
+    except (ValueError, TypeError):
         return None
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
