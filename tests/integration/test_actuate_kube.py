@@ -696,8 +696,11 @@ async def test_a_decision_whose_node_changed_since_writes_nothing_more(
         "deletionTimestamp"
     )
 
-    # The twin: a decision made on the Node as it is now goes ahead.
-    fresh = Basis(await version_of(admin, "basis-1"))
+    # The twin: a decision made on the Node as it is now goes ahead, with what the Node shows
+    # of ours, as the controller takes it: the node-lifecycle controller writes this Node too
+    # (its kubelet never reports, so it is tainted unreachable after the grace period), and
+    # those writes of others' fields must not refuse it.
+    fresh = Basis(await version_of(admin, "basis-1"), expect=(withdrawal, True))
     done = await actuator.execute(ForceDeletePods("basis-1", pods), basis=fresh)
     assert done.result is Result.SUCCESS, done
     assert await admin.get_or_none(PODS, "basis-pod", "default") is None

@@ -276,3 +276,53 @@ async def test_the_controllers_account_cannot_ask_for_a_certificate(world: World
     with pytest.raises(ActuationError) as forbidden:
         await ask(ctl, "node-1")
     assert forbidden.value.status == 403
+
+
+async def test_a_node_that_floods_requests_gets_one_certificate_and_others_are_not_delayed(
+    world: World,
+) -> None:
+    """Bounded work per pass against one node's credentials: of its pending requests only the
+    newest is signed, the others denied as superseded, and a request right after an issue is
+    denied; another node's request in the same pass is granted first."""
+    ctl = await world.writer(world.controller.kubeconfig)
+    flooder = await world.writer(world.pod_token)
+    floods = [await ask(flooder, "node-1") for _ in range(3)]
+    pod = await world.admin.create(
+        PODS,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "node-watchdog-agent-2", "namespace": world.agent.namespace},
+            "spec": {
+                "serviceAccountName": world.agent.name,
+                "nodeName": "node-2",
+                "containers": [{"name": "node-watchdog", "image": "node-watchdog"}],
+            },
+        },
+        world.agent.namespace,
+    )
+    other_token = await world.cp.kubeconfig_for_service_account(
+        world.agent.namespace,
+        world.agent.name,
+        world.work / "agent-pod-2.kubeconfig",
+        bound_pod=(pod["metadata"]["name"], pod["metadata"]["uid"]),
+    )
+    other = await ask(await world.writer(other_token), "node-2")
+    s = signer(world, ctl)
+    s.max_writes = 2  # room for the grants only: they come first
+    answered = dict(await s.pass_())
+    assert answered.get(other) == "issued", answered
+    assert len(answered) == 2 and sum(r == "issued" for r in answered.values()) == 2
+    issued = [n for n in floods if answered.get(n) == "issued"]
+    assert len(issued) == 1, answered
+    s.max_writes = 64
+    rest = dict(await s.pass_())
+    for name in floods:
+        if name not in issued:
+            assert rest[name] == "denied"
+            message = conditions(await world.admin.get(CSR_RESOURCE, name))["Denied"]["message"]
+            assert "superseded by" in message or "less than 30s ago" in message, message
+    again = await ask(flooder, "node-1")
+    assert dict(await s.pass_()).get(again) == "denied"
+    message = conditions(await world.admin.get(CSR_RESOURCE, again))["Denied"]["message"]
+    assert "issued a certificate less than 30s ago" in message

@@ -4,6 +4,7 @@ the signer puts in a certificate (transport/certificates.py)."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,76 @@ def test_the_controllers_login_is_never_a_node_name() -> None:
         _, request = new_key_and_request(name or "x")
         verdict = review(spec(name), request, AGENT)
         assert verdict.node is None and "not a node name" in (verdict.denial or ""), name
+
+
+def _der(request_pem: bytes) -> bytes:
+    return x509.load_pem_x509_csr(request_pem).public_bytes(serialization.Encoding.DER)
+
+
+def _pem(der: bytes) -> bytes:
+    body = base64.encodebytes(der)
+    return b"-----BEGIN CERTIFICATE REQUEST-----\n" + body + b"-----END CERTIFICATE REQUEST-----\n"
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    size = (
+        bytes([n])
+        if n < 128
+        else bytes([0x80 | ((n.bit_length() + 7) // 8)])
+        + n.to_bytes((n.bit_length() + 7) // 8, "big")
+    )
+    return bytes([tag]) + size + content
+
+
+def _read(buf: bytes, i: int) -> tuple[bytes, int]:
+    """The whole TLV at `i` and the index after it."""
+    length, j = buf[i + 1], i + 2
+    if length & 0x80:
+        k = length & 0x7F
+        length, j = int.from_bytes(buf[j : j + k], "big"), j + k
+    return buf[i : j + length], j + length
+
+
+def test_a_request_whose_extensions_cannot_be_parsed_is_denied_not_raised() -> None:
+    """A request correctly signed by its key whose extensions the parser rejects (two
+    basicConstraints; a basicConstraints that is not one): reading `extensions` raises in the
+    library. One node's request must not crash every replica that leads."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    stand_in = x509.ObjectIdentifier("1.2.3.4")  # DER 06 03 2a 03 04, as long as basicConstraints'
+    for value, duplicate in ((b"\x05\x00", True), (b"\x04\x00", False)):
+        builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([cn("node-1")]))
+        if duplicate:
+            builder = builder.add_extension(x509.BasicConstraints(False, None), critical=False)
+        builder = builder.add_extension(x509.UnrecognizedExtension(stand_in, value), critical=False)
+        der = builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+        outer, _ = _read(der, 0)
+        header = 2 if outer[1] < 128 else 2 + (outer[1] & 0x7F)
+        tbs, after = _read(outer, header)
+        algorithm, _ = _read(outer, after)
+        tbs = tbs.replace(bytes.fromhex("06032a0304"), bytes.fromhex("0603551d13"))
+        signature = key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+        forged = _pem(_tlv(0x30, tbs + algorithm + _tlv(0x03, b"\x00" + signature)))
+        verdict = review(spec(), forged, AGENT)
+        assert verdict.node is None and verdict.denial, verdict
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_review_never_raises_on_a_mutated_request(data: st.DataObject) -> None:
+    """Each field of a valid spec right, the request's DER mutated anywhere: a verdict, never
+    an exception, and never a certificate of another subject."""
+    der = bytearray(_der(GOOD_REQUEST))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(der) - 1))
+        der[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(len(der) // 2, len(der)))
+    verdict = review(spec(), _pem(bytes(der[:cut])), AGENT)
+    assert (verdict.node is None) != (verdict.denial is None)
+    assert verdict.node in (None, "node-1")
+
+
+GOOD_REQUEST = new_key_and_request("node-1")[1]
 
 
 @settings(max_examples=300, deadline=None)

@@ -38,6 +38,7 @@ from watchdog.actuate.preflight import (
     AccessRule,
     required_access,
 )
+from watchdog.decide.names import GUARD_API_GROUP, LEGACY_STATE_ANNOTATION, STATE_ANNOTATION
 from watchdog.runtime.settings import CONFIG_FILE_ENV, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -783,3 +784,17 @@ def test_pod_security_admission_level_fits_what_runs(render) -> None:
     [ns] = namespaces
     level = ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
     assert level == ("privileged" if name in SELF_FENCED else "restricted")
+
+
+def test_the_state_guard_guards_every_name_the_state_is_read_under(render) -> None:
+    """Both names the watchdog reads the state under (ours and the legacy one, which wins when
+    they differ): a name read but not guarded is a fence command anyone with `patch nodes`
+    can write. tests/integration/test_state_guard.py proves the policy in the API server."""
+    import ast
+
+    _, objs = render
+    [policy] = [o for o in objs if o["kind"] == "ValidatingAdmissionPolicy"]
+    variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
+    assert set(ast.literal_eval(variables["keys"])) == {STATE_ANNOTATION, LEGACY_STATE_ANNOTATION}
+    checks = " ".join(v["expression"] for v in policy["spec"]["validations"])
+    assert checks.count(f"authorizer.group('{GUARD_API_GROUP}')") == 2

@@ -19,6 +19,7 @@ import base64
 import datetime
 import logging
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from urllib.parse import quote
 
 from watchdog.actuate.errors import ActuationError, NotFound
 from watchdog.actuate.kube import KubeWriter
-from watchdog.decide.csr_review import review
+from watchdog.decide.csr_review import Verdict, review
 from watchdog.decide.names import MQTT_CLIENT_SIGNER
 from watchdog.transport.certificates import (
     Authority,
@@ -41,8 +42,11 @@ log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 CSRS = "/apis/certificates.k8s.io/v1/certificatesigningrequests"
 # The longest certificate the signer issues, whatever is asked: a node that is removed from
-# the cluster keeps broker access at most this long.
-MAX_LIFETIME_S = 7 * 24 * 3600
+# the cluster (or whose certificate leaked) keeps broker access at most this long.
+MAX_LIFETIME_S = 24 * 3600
+# Requests read per pass at most (a flood beyond it waits for Kubernetes to delete answered
+# ones, after an hour).
+MAX_LISTED = 5000
 
 
 def _csr_path(name: str, sub: str = "") -> str:
@@ -113,7 +117,7 @@ class Enrollment:
             try:
                 await self.enroll()
                 delay = self.poll_s
-            except (ActuationError, EnrollmentRefused, OSError) as e:
+            except (ActuationError, EnrollmentRefused, OSError, ValueError) as e:
                 self.last_error = str(e)
                 log.error(
                     "broker certificate of node %s: %s; retrying in %.0fs", self.node, e, delay
@@ -185,9 +189,14 @@ class Enrollment:
 
 
 class CertificateSigner:
-    """The controller's side: while `leading()`, answers every pending request for
+    """The controller's side: while `leading()`, answers the pending requests for
     `MQTT_CLIENT_SIGNER`: approves and signs what `review` grants, denies the rest (with the
-    reason in the request's Denied condition, for `kubectl get csr`)."""
+    reason in the request's Denied condition, for `kubectl get csr`).
+
+    Bounded against a node that floods requests: per pass it signs at most one request per
+    node (the newest; older pending ones of that node are denied as superseded), none for a
+    node it signed for less than `per_node_interval_s` ago, and writes at most `max_writes`
+    answers; one request that fails is logged and skipped, never ends the pass."""
 
     def __init__(
         self,
@@ -197,6 +206,9 @@ class CertificateSigner:
         leading: Callable[[], bool],
         *,
         interval_s: float = 2.0,
+        max_writes: int = 64,
+        per_node_interval_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
         on_result: Callable[[str], None] | None = None,
     ) -> None:
         self.writer = writer
@@ -204,7 +216,13 @@ class CertificateSigner:
         self.agent_user = agent_user
         self.leading = leading
         self.interval_s = interval_s
+        self.max_writes = max_writes
+        self.per_node_interval_s = per_node_interval_s
+        self._clock = clock
         self._on_result = on_result
+        # When this replica last signed for each node (keyed by nodes the API server named,
+        # pruned to the recent ones each pass: bounded by the cluster).
+        self._signed_at: dict[str, float] = {}
 
     async def run(self) -> None:
         while True:
@@ -217,37 +235,81 @@ class CertificateSigner:
 
     async def pass_(self) -> list[tuple[str, str]]:
         """One look at the pending requests; (name, result) for each answered."""
-        listing = await self.writer.call(
-            "GET",
-            CSRS,
-            query={"fieldSelector": f"spec.signerName={MQTT_CLIENT_SIGNER}"},
-            what="list broker certificate requests",
-        )
+        pending = [
+            obj
+            for obj in await self._list()
+            if not (obj.get("status") or {}).get("certificate")
+            and not any(_condition(obj, k) for k in ("Denied", "Failed"))
+        ]
+        now = self._clock()
+        self._signed_at = {
+            n: t for n, t in self._signed_at.items() if now - t < self.per_node_interval_s
+        }
+        # Newest first: of one node's pending requests, the newest is the one its agent waits
+        # for (it asks again only after the earlier one was answered or lost).
+        pending.sort(key=lambda o: str((o.get("metadata") or {}).get("creationTimestamp")))
+        pending.reverse()
+        planned: list[tuple[Obj, Verdict, str | None]] = []
+        seen: dict[str, str] = {}
+        for obj in pending:
+            verdict = self._review(obj)
+            node, why = verdict.node, None
+            if node is not None and node in seen:
+                why = f"superseded by {seen[node]}, a newer request of node {node}"
+            elif node is not None and node in self._signed_at:
+                why = (
+                    f"node {node} was issued a certificate less than "
+                    f"{self.per_node_interval_s:.0f}s ago"
+                )
+            if node is not None:
+                seen.setdefault(node, str(obj["metadata"]["name"]))
+            planned.append((obj, verdict, why))
+        # Grants first: a flood of one node's requests never delays another node's certificate.
+        planned.sort(key=lambda p: p[1].node is None or p[2] is not None)
         done: list[tuple[str, str]] = []
-        for obj in listing.get("items") or ():
-            meta = obj.get("metadata") or {}
-            if (obj.get("status") or {}).get("certificate") or _condition(obj, "Denied"):
-                continue
-            if _condition(obj, "Failed"):
-                continue
+        for obj, verdict, why in planned[: self.max_writes]:
             if not self.leading():
                 break
-            result = await self._answer(obj)
+            name = str(obj["metadata"]["name"])
+            try:
+                result = await self._answer(obj, verdict, why)
+            except Exception as e:  # one request must not end the pass, nor the controller
+                log.warning("broker certificate request %s: %s", name, e)
+                continue
             if result:
-                done.append((str(meta.get("name")), result))
+                done.append((name, result))
                 if self._on_result is not None:
                     self._on_result(result)
         return done
 
-    async def _answer(self, obj: Obj) -> str | None:
-        meta = obj["metadata"]
-        name = str(meta["name"])
+    async def _list(self) -> list[Obj]:
+        """Our signer's requests, read in pages (Kubernetes deletes answered ones after an
+        hour, so they are about as many as nodes renewing per hour)."""
+        items: list[Obj] = []
+        query = {"fieldSelector": f"spec.signerName={MQTT_CLIENT_SIGNER}", "limit": "500"}
+        while True:
+            listing = await self.writer.call(
+                "GET", CSRS, query=query, what="list broker certificate requests"
+            )
+            items.extend(listing.get("items") or ())
+            token = (listing.get("metadata") or {}).get("continue")
+            if not token or len(items) >= MAX_LISTED:
+                return items
+            query = {**query, "continue": token}
+
+    def _review(self, obj: Obj) -> Verdict:
         spec = obj.get("spec") or {}
         try:
             request_pem = base64.b64decode(str(spec.get("request", "")), validate=True)
         except ValueError:
             request_pem = b""
-        verdict = review(spec, request_pem, self.agent_user)
+        return review(spec, request_pem, self.agent_user)
+
+    async def _answer(self, obj: Obj, verdict: Verdict, why: str | None) -> str | None:
+        name = str(obj["metadata"]["name"])
+        spec = obj.get("spec") or {}
+        if why is not None:
+            verdict = Verdict(None, why)
         approved = _condition(obj, "Approved") is not None
         try:
             if verdict.node is None:
@@ -265,11 +327,13 @@ class CertificateSigner:
                     f"sent by the agent of node {verdict.node}",
                 )
             lifetime = min(int(spec.get("expirationSeconds") or MAX_LIFETIME_S), MAX_LIFETIME_S)
+            request_pem = base64.b64decode(str(spec["request"]))
             certificate = self.authority().sign(request_pem, max(lifetime, 600))
             obj.setdefault("status", {})["certificate"] = base64.b64encode(certificate).decode()
             await self.writer.call("PUT", _csr_path(name, "status"), body=obj, what=f"sign {name}")
         except NotFound:
             return None  # deleted meanwhile (garbage-collected, or by its owner)
+        self._signed_at[verdict.node] = self._clock()
         log.info("broker certificate of node %s issued (%s)", verdict.node, name)
         return "issued"
 

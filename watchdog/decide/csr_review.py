@@ -32,6 +32,9 @@ ALLOWED_USAGES = frozenset({"client auth", "digital signature", "key enciphermen
 _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _CURVES = frozenset({"secp256r1", "secp384r1"})
 MAX_REQUEST_BYTES = 16 * 1024
+# X.509's upper bound for a common name (RFC 5280 ub-common-name): longer node names cannot be
+# a certificate's subject.
+MAX_COMMON_NAME = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +50,16 @@ def _deny(why: str) -> Verdict:
 
 
 def review(spec: Mapping[str, Any], request_pem: bytes, agent_user: str) -> Verdict:
-    """The verdict on one request: its `spec` and its decoded `spec.request`."""
+    """The verdict on one request: its `spec` and its decoded `spec.request`. Never raises:
+    whatever the request holds, an exception while reading it is a denial (a request that
+    crashed the signer would crash every replica that leads after it)."""
+    try:
+        return _review(spec, request_pem, agent_user)
+    except Exception as e:  # any parser failure is the request's fault
+        return _deny(f"spec.request cannot be read: {type(e).__name__}: {e}"[:512])
+
+
+def _review(spec: Mapping[str, Any], request_pem: bytes, agent_user: str) -> Verdict:
     if spec.get("signerName") != MQTT_CLIENT_SIGNER:
         return _deny(f"spec.signerName {spec.get('signerName')!r} is not {MQTT_CLIENT_SIGNER}")
     username = spec.get("username")
@@ -63,6 +75,11 @@ def review(spec: Mapping[str, Any], request_pem: bytes, agent_user: str) -> Verd
     (node,) = nodes
     if not isinstance(node, str) or len(node) > 253 or not _NODE_NAME.match(node):
         return _deny(f"spec.extra[{NODE_NAME_EXTRA}] {node!r} is not a node name")
+    if len(node) > MAX_COMMON_NAME:
+        return _deny(
+            f"node {node!r} has {len(node)} characters: a certificate's common name has at most "
+            f"{MAX_COMMON_NAME} (give this agent cert_file/key_file instead)"
+        )
     if not (extra.get(POD_NAME_EXTRA) if isinstance(extra, Mapping) else None):
         return _deny(f"spec.extra[{POD_NAME_EXTRA}] is missing: the token is not bound to a pod")
     usages = spec.get("usages") or []

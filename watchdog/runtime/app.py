@@ -118,6 +118,15 @@ def main(role: str, settings: Settings, args: argparse.Namespace) -> int:
             print(f"invalid configuration: power_fence_inventory: {e}", file=sys.stderr)
             return 2
         log.info("fence_mode=power: BMCs of %d nodes in the inventory", len(bmcs))
+    node = settings.node_name or ""
+    if role in ("run", "agent") and settings.mqtt.enroll_file is not None and len(node) > 64:
+        print(
+            f"invalid configuration: mqtt.enroll_file: node name {node!r} has {len(node)} "
+            "characters, a certificate's common name at most 64; give this node's agent "
+            "mqtt.cert_file/key_file instead",
+            file=sys.stderr,
+        )
+        return 2
     ca_file, key_file = settings.mqtt.signer_ca_file, settings.mqtt.signer_key_file
     if role in ("run", "controller") and ca_file is not None and key_file is not None:
         # A signer that cannot sign must be found now, not when a node joins.

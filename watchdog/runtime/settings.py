@@ -74,8 +74,9 @@ class MQTTSettings(BaseModel):
     enroll_lifetime_s: int = Field(
         86400,
         ge=600,
-        le=7 * 86400,
-        description="Agent: lifetime asked for its certificate (the signer caps it at 7 days).",
+        le=86400,
+        description="Agent: lifetime asked for its certificate (600 s to 24 h; the signer caps "
+        "every certificate at 24 h: a leaked one is not valid for longer).",
     )
     signer_ca_file: Path | None = Field(
         None,
