@@ -165,14 +165,18 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None
     pytest.fail(f"mosquitto did not listen on {port} within {DEADLINE_S} s:\n{log.read_text()}")
 
 
-@pytest.fixture(scope="module")
-def workdir() -> Iterator[Path]:
-    # Readable by the `mosquitto` user: mosquitto started as root drops to it before it reads
-    # its files, and pytest's tmp_path is private to root.
+def readable_workdir() -> Iterator[Path]:
+    """A directory readable by the `mosquitto` user: mosquitto started as root drops to it
+    before it reads its files, and pytest's tmp_path is private to root."""
     d = Path(tempfile.mkdtemp(prefix="nw-broker-"))
     d.chmod(0o755)
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    yield from readable_workdir()
 
 
 def start_broker(workdir: Path, passwd: Path) -> tuple[subprocess.Popen[bytes], Broker]:

@@ -20,8 +20,6 @@ import asyncio
 import base64
 import datetime
 import json
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -71,11 +69,34 @@ class World:
 
 @pytest.fixture(scope="module")
 def broker_dir() -> Iterator[Path]:
-    # Readable by the `mosquitto` user (mosquitto started as root drops to it).
-    d = Path(tempfile.mkdtemp(prefix="nw-identity-"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    yield from broker_harness.readable_workdir()
+
+
+async def agent_pod_token(world: World, node: str) -> Path:
+    """An agent pod on `node` and the token the kubelet would mount into it: bound to the pod,
+    so the API server knows (and records in each request it authenticates) the node it runs
+    on."""
+    namespace = world.agent.namespace
+    pod = await world.admin.create(
+        PODS,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"node-watchdog-agent-{node}", "namespace": namespace},
+            "spec": {
+                "serviceAccountName": world.agent.name,
+                "nodeName": node,
+                "containers": [{"name": "node-watchdog", "image": "node-watchdog"}],
+            },
+        },
+        namespace,
+    )
+    return await world.cp.kubeconfig_for_service_account(
+        namespace,
+        world.agent.name,
+        world.work / f"agent-{node}.kubeconfig",
+        bound_pod=(pod["metadata"]["name"], pod["metadata"]["uid"]),
+    )
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -94,28 +115,7 @@ async def world(
             )
             for node in ("node-1", "node-2"):
                 await admin.create(NODES, node_body(node))
-            pod = await admin.create(
-                PODS,
-                {
-                    "apiVersion": "v1",
-                    "kind": "Pod",
-                    "metadata": {"name": "node-watchdog-agent-1", "namespace": w.agent.namespace},
-                    "spec": {
-                        "serviceAccountName": w.agent.name,
-                        "nodeName": "node-1",
-                        "containers": [{"name": "node-watchdog", "image": "node-watchdog"}],
-                    },
-                },
-                w.agent.namespace,
-            )
-            # The token the kubelet would mount into that pod: bound to it, so the API server
-            # knows (and records in each request it authenticates) the node it runs on.
-            w.pod_token = await cp.kubeconfig_for_service_account(
-                w.agent.namespace,
-                w.agent.name,
-                work / "agent-pod.kubeconfig",
-                bound_pod=(pod["metadata"]["name"], pod["metadata"]["uid"]),
-            )
+            w.pod_token = await agent_pod_token(w, "node-1")
             proc, w.broker = broker_harness.start_broker(
                 broker_dir, broker_harness.controller_passwd(broker_dir)
             )
@@ -287,27 +287,7 @@ async def test_a_node_that_floods_requests_gets_one_certificate_and_others_are_n
     ctl = await world.writer(world.controller.kubeconfig)
     flooder = await world.writer(world.pod_token)
     floods = [await ask(flooder, "node-1") for _ in range(3)]
-    pod = await world.admin.create(
-        PODS,
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "node-watchdog-agent-2", "namespace": world.agent.namespace},
-            "spec": {
-                "serviceAccountName": world.agent.name,
-                "nodeName": "node-2",
-                "containers": [{"name": "node-watchdog", "image": "node-watchdog"}],
-            },
-        },
-        world.agent.namespace,
-    )
-    other_token = await world.cp.kubeconfig_for_service_account(
-        world.agent.namespace,
-        world.agent.name,
-        world.work / "agent-pod-2.kubeconfig",
-        bound_pod=(pod["metadata"]["name"], pod["metadata"]["uid"]),
-    )
-    other = await ask(await world.writer(other_token), "node-2")
+    other = await ask(await world.writer(await agent_pod_token(world, "node-2")), "node-2")
     s = signer(world, ctl)
     s.max_writes = 2  # room for the grants only: they come first
     answered = dict(await s.pass_())
