@@ -143,6 +143,34 @@ async def test_with_the_leaders_metrics_it_adds_heartbeat_ages_reset_times_and_h
     assert code == 0 and "metrics" in json.loads(out)["metrics_error"]
 
 
+async def test_kubectl_runs_it_as_a_plugin(cluster: ControlPlane) -> None:
+    """`kubectl node-watchdog status`: the real kubectl finds `kubectl-node_watchdog` (installed
+    with the package, next to `node-watchdog`) and prints what `node-watchdog status` does."""
+    env = {**os.environ, "KUBECONFIG": str(cluster.admin_kubeconfig)}
+    env.pop("WATCHDOG_CONFIG_FILE", None)
+    listed = await asyncio.create_subprocess_exec(
+        "kubectl", "plugin", "list", env=env, stdout=asyncio.subprocess.PIPE
+    )
+    plugins, _ = await asyncio.wait_for(listed.communicate(), 60)
+    assert b"kubectl-node_watchdog" in plugins, plugins
+    proc = await asyncio.create_subprocess_exec(
+        "kubectl",
+        "node-watchdog",
+        "status",
+        "--json",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err
+    via_kubectl = {r["node"]: r["phase"] for r in json.loads(out)["nodes"]}
+    code, direct, _ = await status(cluster, "--json")
+    assert code == 0
+    assert via_kubectl == {r["node"]: r["phase"] for r in json.loads(direct)["nodes"]}
+    assert via_kubectl["st-down"] == "Fencing"
+
+
 async def test_an_unreachable_api_server_exits_1_and_says_so(tmp_path) -> None:
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(

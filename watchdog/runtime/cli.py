@@ -75,9 +75,9 @@ def _role(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "node-watchdog") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="node-watchdog",
+        prog=prog,
         description="Keeps KubeVirt/Harvester VMs alive when a node dies. Configuration comes "
         f"from WATCHDOG_* environment variables and the YAML file named by {CONFIG_FILE_ENV}; "
         "see `node-watchdog config --schema`.",
@@ -132,12 +132,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status.main(settings, args.metrics_url, args.json)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "node-watchdog") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+
+
+def kubectl_plugin() -> int:
+    """`kubectl node-watchdog …`: kubectl runs the executable `kubectl-node_watchdog` it finds
+    on PATH with the rest of the command line, and the environment (KUBECONFIG included)."""
+    return main(prog="kubectl node-watchdog")
 
 
 if __name__ == "__main__":
