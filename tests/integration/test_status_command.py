@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sysconfig
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -146,7 +147,10 @@ async def test_with_the_leaders_metrics_it_adds_heartbeat_ages_reset_times_and_h
 async def test_kubectl_runs_it_as_a_plugin(cluster: ControlPlane) -> None:
     """`kubectl node-watchdog status`: the real kubectl finds `kubectl-node_watchdog` (installed
     with the package, next to `node-watchdog`) and prints what `node-watchdog status` does."""
-    env = {**os.environ, "KUBECONFIG": str(cluster.admin_kubeconfig)}
+    # Where pip put the package's executables, first on PATH: kubectl looks there.
+    scripts = sysconfig.get_path("scripts")
+    path = f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "KUBECONFIG": str(cluster.admin_kubeconfig), "PATH": path}
     env.pop("WATCHDOG_CONFIG_FILE", None)
     listed = await asyncio.create_subprocess_exec(
         "kubectl", "plugin", "list", env=env, stdout=asyncio.subprocess.PIPE
