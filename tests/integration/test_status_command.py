@@ -68,13 +68,22 @@ async def cluster(control_plane_binaries: ControlPlaneBinaries) -> AsyncIterator
         yield cp
 
 
-async def status(cluster: ControlPlane | Path, *args: str) -> tuple[int, str, str]:
-    """`node-watchdog status ARGS` with the cluster's admin kubeconfig (or the one given)."""
+async def status(
+    cluster: ControlPlane | Path, *args: str, command: tuple[str, ...] = ("node-watchdog",)
+) -> tuple[int, str, str]:
+    """`COMMAND status ARGS` with the cluster's admin kubeconfig (or the one given). pip's
+    scripts directory comes first on PATH: kubectl looks for its plugins there."""
     kubeconfig = cluster if isinstance(cluster, Path) else cluster.admin_kubeconfig
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "WATCHDOG_API_REQUEST_TIMEOUT_S": "2"}
+    path = f"{sysconfig.get_path('scripts')}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "WATCHDOG_API_REQUEST_TIMEOUT_S": "2",
+        "PATH": path,
+    }
     env.pop("WATCHDOG_CONFIG_FILE", None)
     proc = await asyncio.create_subprocess_exec(
-        "node-watchdog",
+        *command,
         "status",
         *args,
         env=env,
@@ -147,27 +156,20 @@ async def test_with_the_leaders_metrics_it_adds_heartbeat_ages_reset_times_and_h
 async def test_kubectl_runs_it_as_a_plugin(cluster: ControlPlane) -> None:
     """`kubectl node-watchdog status`: the real kubectl finds `kubectl-node_watchdog` (installed
     with the package, next to `node-watchdog`) and prints what `node-watchdog status` does."""
-    # Where pip put the package's executables, first on PATH: kubectl looks there.
-    scripts = sysconfig.get_path("scripts")
-    path = f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "KUBECONFIG": str(cluster.admin_kubeconfig), "PATH": path}
-    env.pop("WATCHDOG_CONFIG_FILE", None)
     listed = await asyncio.create_subprocess_exec(
-        "kubectl", "plugin", "list", env=env, stdout=asyncio.subprocess.PIPE
+        "kubectl",
+        "plugin",
+        "list",
+        env={
+            **os.environ,
+            "PATH": f"{sysconfig.get_path('scripts')}{os.pathsep}{os.environ['PATH']}",
+        },
+        stdout=asyncio.subprocess.PIPE,
     )
     plugins, _ = await asyncio.wait_for(listed.communicate(), 60)
     assert b"kubectl-node_watchdog" in plugins, plugins
-    proc = await asyncio.create_subprocess_exec(
-        "kubectl",
-        "node-watchdog",
-        "status",
-        "--json",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err
+    code, out, err = await status(cluster, "--json", command=("kubectl", "node-watchdog"))
+    assert code == 0, err
     via_kubectl = {r["node"]: r["phase"] for r in json.loads(out)["nodes"]}
     code, direct, _ = await status(cluster, "--json")
     assert code == 0

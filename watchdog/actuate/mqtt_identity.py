@@ -54,6 +54,14 @@ def _csr_path(name: str, sub: str = "") -> str:
     return f"{path}/{sub}" if sub else path
 
 
+def _request_of(obj: Obj) -> bytes:
+    """The request's PEM (`spec.request` is base64); b"" when it is not base64 (denied)."""
+    try:
+        return base64.b64decode(str((obj.get("spec") or {}).get("request", "")), validate=True)
+    except ValueError:
+        return b""
+
+
 def _condition(obj: Obj, kind: str) -> Obj | None:
     for c in (obj.get("status") or {}).get("conditions") or ():
         if isinstance(c, dict) and c.get("type") == kind and c.get("status", "True") == "True":
@@ -80,7 +88,6 @@ class Enrollment:
         poll_max_s: float = 10.0,
         retry_max_s: float = 60.0,
         now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
-        on_issued: Callable[[], None] | None = None,
     ) -> None:
         self.writer = writer
         self.node = node
@@ -90,8 +97,6 @@ class Enrollment:
         self.poll_max_s = poll_max_s
         self.retry_max_s = retry_max_s
         self._now = now
-        self._on_issued = on_issued
-        self.last_error: str | None = None
         # The request being waited for (its name, our key): a failed poll resumes it rather
         # than asking again.
         self._pending: tuple[str, bytes] | None = None
@@ -118,7 +123,6 @@ class Enrollment:
                 await self.enroll()
                 delay = self.poll_s
             except (ActuationError, EnrollmentRefused, OSError, ValueError) as e:
-                self.last_error = str(e)
                 log.error(
                     "broker certificate of node %s: %s; retrying in %.0fs", self.node, e, delay
                 )
@@ -181,10 +185,7 @@ class Enrollment:
                         f"{name}: the certificate issued is not of our key and node {self.node}"
                     )
                 write_private(self.path, data)
-                self.last_error = None
                 log.info("broker certificate of node %s: issued (%s)", self.node, name)
-                if self._on_issued is not None:
-                    self._on_issued()
                 return
 
 
@@ -249,10 +250,11 @@ class CertificateSigner:
         # for (it asks again only after the earlier one was answered or lost).
         pending.sort(key=lambda o: str((o.get("metadata") or {}).get("creationTimestamp")))
         pending.reverse()
-        planned: list[tuple[Obj, Verdict, str | None]] = []
+        planned: list[tuple[Obj, bytes, Verdict, str | None]] = []
         seen: dict[str, str] = {}
         for obj in pending:
-            verdict = self._review(obj)
+            request_pem = _request_of(obj)
+            verdict = review(obj.get("spec") or {}, request_pem, self.agent_user)
             node, why = verdict.node, None
             if node is not None and node in seen:
                 why = f"superseded by {seen[node]}, a newer request of node {node}"
@@ -263,16 +265,16 @@ class CertificateSigner:
                 )
             if node is not None:
                 seen.setdefault(node, str(obj["metadata"]["name"]))
-            planned.append((obj, verdict, why))
+            planned.append((obj, request_pem, verdict, why))
         # Grants first: a flood of one node's requests never delays another node's certificate.
-        planned.sort(key=lambda p: p[1].node is None or p[2] is not None)
+        planned.sort(key=lambda p: p[2].node is None or p[3] is not None)
         done: list[tuple[str, str]] = []
-        for obj, verdict, why in planned[: self.max_writes]:
+        for obj, request_pem, verdict, why in planned[: self.max_writes]:
             if not self.leading():
                 break
             name = str(obj["metadata"]["name"])
             try:
-                result = await self._answer(obj, verdict, why)
+                result = await self._answer(obj, request_pem, verdict, why)
             except Exception as e:  # one request must not end the pass, nor the controller
                 log.warning("broker certificate request %s: %s", name, e)
                 continue
@@ -297,15 +299,9 @@ class CertificateSigner:
                 return items
             query = {**query, "continue": token}
 
-    def _review(self, obj: Obj) -> Verdict:
-        spec = obj.get("spec") or {}
-        try:
-            request_pem = base64.b64decode(str(spec.get("request", "")), validate=True)
-        except ValueError:
-            request_pem = b""
-        return review(spec, request_pem, self.agent_user)
-
-    async def _answer(self, obj: Obj, verdict: Verdict, why: str | None) -> str | None:
+    async def _answer(
+        self, obj: Obj, request_pem: bytes, verdict: Verdict, why: str | None
+    ) -> str | None:
         name = str(obj["metadata"]["name"])
         spec = obj.get("spec") or {}
         if why is not None:
@@ -327,7 +323,6 @@ class CertificateSigner:
                     f"sent by the agent of node {verdict.node}",
                 )
             lifetime = min(int(spec.get("expirationSeconds") or MAX_LIFETIME_S), MAX_LIFETIME_S)
-            request_pem = base64.b64decode(str(spec["request"]))
             certificate = self.authority().sign(request_pem, max(lifetime, 600))
             obj.setdefault("status", {})["certificate"] = base64.b64encode(certificate).decode()
             await self.writer.call("PUT", _csr_path(name, "status"), body=obj, what=f"sign {name}")

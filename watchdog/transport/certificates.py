@@ -18,7 +18,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    PrivateKeyTypes,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # A certificate is renewed once this fraction of its lifetime has passed (as kubelets do with
@@ -62,11 +65,7 @@ class Authority:
             key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
         ):
             raise ValueError(f"{key_file}: a {type(key).__name__} cannot sign certificates here")
-        spki = serialization.PublicFormat.SubjectPublicKeyInfo
-        der = serialization.Encoding.DER
-        if key.public_key().public_bytes(der, spki) != certificate.public_key().public_bytes(
-            der, spki
-        ):
+        if not _same_key(key, certificate):
             raise ValueError(f"{key_file} is not the key of the certificate in {cert_file}")
         return cls(certificate, key)
 
@@ -143,13 +142,19 @@ def held_in(data: bytes) -> Held | None:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
         return None
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if key.public_key().public_bytes(der, spki) != certificate.public_key().public_bytes(der, spki):
+    if not _same_key(key, certificate):
         return None
     names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     common_name = str(names[0].value) if len(names) == 1 else None
     return Held(common_name, certificate.not_valid_before_utc, certificate.not_valid_after_utc)
+
+
+def _same_key(key: PrivateKeyTypes, certificate: x509.Certificate) -> bool:
+    """Whether `key` is the private half of the certificate's public key."""
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    mine = key.public_key().public_bytes(der, spki)
+    return mine == certificate.public_key().public_bytes(der, spki)
 
 
 def write_private(path: Path, data: bytes) -> None:
