@@ -1,7 +1,8 @@
 """The node agent: heartbeats with a Last Will over MQTT, and self-fencing (DESIGN §4, §5).
 
-Owns one broker connection per process (client id `node-watchdog-agent-<node>`) and these
-promises to the controller:
+Owns one broker connection per process (client id `node-watchdog-agent-<node>`; a broker that
+takes the client id from the certificate's name, as the shipped one does, makes it the node's
+name) and these promises to the controller:
 
 - retained `online` on `<prefix>/status/<node>` while connected; the broker publishes the Last
   Will `offline` (retained, QoS 1) when the connection dies; a clean stop publishes `offline`.
