@@ -209,3 +209,18 @@ def test_a_controller_refuses_a_signer_it_cannot_sign_with(tmp_path: Path) -> No
         result = run_cli("controller", env=env)
         assert result.returncode == 2, result.stderr
         assert "mqtt.signer_ca_file/signer_key_file" in result.stderr and why in result.stderr
+
+
+def test_an_agent_whose_node_name_cannot_be_a_common_name_exits_naming_it() -> None:
+    """A certificate's common name has at most 64 characters; a longer node name cannot get one
+    through the signer: exit 2 at start, naming the node, instead of retrying for ever."""
+    node = "n" * 65
+    env = {"WATCHDOG_NODE_NAME": node, "WATCHDOG_MQTT__ENROLL_FILE": "/run/id/client.pem"}
+    result = run_cli("agent", env=env)
+    assert result.returncode == 2, result.stderr
+    assert f"node name {node!r} has 65 characters" in result.stderr
+    # The twin: 64 characters pass this check; the agent goes on to its kubeconfig (none here).
+    fits = {**env, "WATCHDOG_NODE_NAME": "n" * 64, "KUBECONFIG": "/nonexistent/kubeconfig"}
+    later = run_cli("agent", env=fits)
+    assert "characters, a certificate's common name" not in later.stderr
+    assert "/nonexistent/kubeconfig" in later.stderr, later.stderr
