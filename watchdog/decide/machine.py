@@ -36,6 +36,7 @@ from watchdog.decide.reasons import Reason
 from watchdog.decide.safety import fence_accepted, reset_not_before
 from watchdog.decide.signals import Signal, Signals, heartbeat_watch_since, signals_of
 from watchdog.decide.state import DOWN_PHASES, NodeState, Phase
+from watchdog.decide.transitions import check
 
 # While pods are being force-deleted, look again this often (deletes are idempotent).
 RESET_RETRY_S = 2.0
@@ -88,19 +89,19 @@ def decide(
     step = _Step(state, obs, ctx, now, cfg, sig)
     match state.phase:
         case Phase.HEALTHY:
-            step.healthy()
+            step.while_healthy()
         case Phase.SUSPECT:
-            step.suspect()
+            step.while_suspect()
         case Phase.DEGRADED:
-            step.degraded()
+            step.while_degraded()
         case Phase.UNREACHABLE | Phase.FENCING:
-            step.fencing()
+            step.while_fencing()
         case Phase.RESETTING:
-            step.resetting()
+            step.while_resetting()
         case Phase.RESET:
-            step.reset()
+            step.while_reset()
         case Phase.RECOVERING:
-            step.recovering()
+            step.while_recovering()
         case _ as unreachable:
             assert_never(unreachable)
     return step.result()
@@ -202,6 +203,8 @@ class _Step:
         self.actions.append(EmitEvent(self.obs.name, event, reason, message, kind))
 
     def move(self, phase: Phase, reason: Reason, **changes: Any) -> None:
+        """The only place a phase changes, and only along an edge of TRANSITIONS."""
+        check(self.state.phase, phase, reason)
         self.transitions.append((self.state.phase, phase, reason))
         self.state = self.state.moved(phase, reason, self.now, **changes)
 
@@ -273,7 +276,7 @@ class _Step:
             ref = max(self.obs.lease_renewed_at or 0.0, self.ctx.health.api_up_since)
             self.wake_at(ref + self.cfg.lease_stale_after_s)
 
-    def to_suspect(self) -> None:
+    def enter_suspect(self) -> None:
         reason = Reason.AGENT_OFFLINE if self.obs.agent_offline else Reason.HEARTBEAT_STALE
         last = self.obs.last_heartbeat_at
         self.move(
@@ -289,12 +292,12 @@ class _Step:
 
     # --- phases --------------------------------------------------------------------------------
 
-    def healthy(self) -> None:
+    def while_healthy(self) -> None:
         if self.sig.heartbeat is Signal.STALE:
-            self.to_suspect()
-            self.suspect()
+            self.enter_suspect()
+            self.while_suspect()
         elif self.sig.heartbeat is Signal.ALIVE and self.kubelet_path_stale() and self.heard():
-            self.to_degraded()
+            self.enter_degraded()
         else:
             self.heartbeat_wakeups()
 
@@ -308,7 +311,7 @@ class _Step:
         last = self.obs.last_heartbeat_at
         return up is not None and last is not None and last >= up
 
-    def to_degraded(self) -> None:
+    def enter_degraded(self) -> None:
         self.move(Phase.DEGRADED, Reason.KUBELET_PATH_LOST, heartbeats_at_mark=0)
         self.event(
             "EvacuationStarted",
@@ -318,7 +321,7 @@ class _Step:
         )
         self.actions.append(StartEvacuation(self.obs.name))
 
-    def suspect(self) -> None:
+    def while_suspect(self) -> None:
         if self.sig.heartbeat is Signal.ALIVE:
             if self.state.tainted:
                 # It went silent while RECOVERING: our out-of-service taint is still on the
@@ -328,7 +331,7 @@ class _Step:
                 return
             if self.fresh_enough():
                 if self.kubelet_path_stale():
-                    self.to_degraded()
+                    self.enter_degraded()
                 else:
                     self.move(Phase.HEALTHY, Reason.HEARTBEAT_FRESH)
             self.heartbeat_wakeups()
@@ -351,13 +354,13 @@ class _Step:
             self.hold(Reason.HOLD_QUORUM)
             self.heartbeat_wakeups()
             return
-        self.to_unreachable(why, age)
+        self.enter_unreachable(why, age)
 
     def declared_fence(self) -> FenceDeclaration | None:
         """What the agent declared in the last heartbeat this controller saw (DESIGN §5)."""
         return self.obs.fence if self.obs.fence is not None else self.state.fence
 
-    def to_unreachable(self, why: Reason, age: float) -> None:
+    def enter_unreachable(self, why: Reason, age: float) -> None:
         self.move(
             Phase.UNREACHABLE,
             why,
@@ -381,13 +384,13 @@ class _Step:
                 self.actions.append(
                     MarkPodsNotReady(self.obs.name, tuple((p.namespace, p.name) for p in pods))
                 )
-        self.fencing()
+        self.while_fencing()
 
-    def degraded(self) -> None:
+    def while_degraded(self) -> None:
         if self.sig.heartbeat is Signal.STALE:
             self.actions.append(StopEvacuation(self.obs.name))
-            self.to_suspect()
-            self.suspect()
+            self.enter_suspect()
+            self.while_suspect()
         elif self.sig.heartbeat is Signal.ALIVE and not self.kubelet_path_stale():
             if self.sig.lease is Signal.UNKNOWN and self.sig.ready is Signal.UNKNOWN:
                 self.heartbeat_wakeups()  # still notice the heartbeat going silent
@@ -405,7 +408,7 @@ class _Step:
         reason = Reason.NODE_REBOOTED if rebooted else Reason.NODE_BACK
         self.move(Phase.RECOVERING, reason)
         self.event("NodeRecovered", reason, "heartbeats are back", warning=False)
-        self.recovering()
+        self.while_recovering()
         return True
 
     def withdraw_fencing(self) -> None:
@@ -432,7 +435,7 @@ class _Step:
         )
         self.heartbeat_wakeups()
 
-    def fencing(self) -> None:
+    def while_fencing(self) -> None:
         if self.sig.heartbeat is Signal.ALIVE:
             rebooted = self.obs.boot_id is not None and self.obs.boot_id != self.state.boot_id
             if self.power_off_contradicted(rebooted):
@@ -490,7 +493,7 @@ class _Step:
         if earliest is None or self.now < earliest:
             self.wake_at(earliest)
             return
-        self.to_resetting(fenced)
+        self.enter_resetting(fenced)
 
     def start_fence_clock(self) -> None:
         # The agent can read that it is being fenced only once the annotation is visible.
@@ -644,7 +647,7 @@ class _Step:
             self.state = replace(self.state, held=why)
             self.event("ResetHeld", why, f"reset held: {why.value}", warning=True)
 
-    def to_resetting(self, fenced: Reason) -> None:
+    def enter_resetting(self, fenced: Reason) -> None:
         self.event("NodeFenced", fenced, f"fencing proven: {fenced.value}")
         self.move(Phase.RESETTING, Reason.RESET_STARTED, tainted=True)
         self.actions.append(TaintOutOfService(self.obs.name))
@@ -654,7 +657,7 @@ class _Step:
         n = len(self.obs.launcher_pods)
         self.event("ForceReset", Reason.RESET_STARTED, f"force-deleting {n} launcher pods")
         if not n:
-            self.resetting()  # nothing to delete: the reset is complete
+            self.while_resetting()  # nothing to delete: the reset is complete
 
     def issue_deletes(self) -> None:
         pods = tuple((p.namespace, p.name) for p in self.obs.launcher_pods)
@@ -662,7 +665,7 @@ class _Step:
             self.actions.append(ForceDeletePods(self.obs.name, pods))
             self.wake_at(self.now + RESET_RETRY_S)
 
-    def resetting(self) -> None:
+    def while_resetting(self) -> None:
         if self.obs.launcher_pods:
             # Never force-delete on a node whose agent heartbeats again (DESIGN §6); the
             # out-of-service taint already placed evicts what is left.
@@ -673,7 +676,7 @@ class _Step:
             Phase.RESET, Reason.LAUNCHER_PODS_GONE, heartbeats_at_mark=self.obs.heartbeats_received
         )
 
-    def reset(self) -> None:
+    def while_reset(self) -> None:
         if self.sig.heartbeat is Signal.ALIVE and not self.node_back():
             self.heartbeat_wakeups()
 
@@ -699,10 +702,10 @@ class _Step:
             return False
         return True
 
-    def recovering(self) -> None:
+    def while_recovering(self) -> None:
         if self.sig.heartbeat is Signal.STALE:
-            self.to_suspect()
-            self.suspect()
+            self.enter_suspect()
+            self.while_suspect()
             return
         if self.state.tainted:
             # Kubernetes must first clean up every pod still bound to the node, or the node's
