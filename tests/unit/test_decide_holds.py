@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from watchdog.decide.config import DecideConfig, FenceMode, Policy
-from watchdog.decide.holds import cluster_holds, is_storm
+from watchdog.decide.holds import (
+    STORM_WAKE_AFTER_S,
+    cluster_holds,
+    is_storm,
+    storm_hold_until,
+    wake_after_storm,
+)
 from watchdog.decide.observations import SourceHealth
 from watchdog.decide.reasons import Reason
 from watchdog.decide.state import Phase
@@ -212,3 +218,17 @@ def test_the_storm_hold_outlives_the_storm_while_it_settles() -> None:
     assert cluster_holds(after, 6, UP, Policy(), CFG) == ()
     settling = cluster_holds(after, 6, UP, Policy(), CFG, storm_settling=True)
     assert settling == (Reason.HOLD_STORM,)
+
+
+def test_the_storm_hold_outlives_the_storm_by_a_lease_period_and_wakes_its_nodes_after() -> None:
+    cfg = DecideConfig()
+    until = storm_hold_until(True, None, 100.0, cfg)
+    assert until == 100.0 + cfg.lease_stale_after_s
+    # Over: the end stays where the last storm put it (a renewal within it vetoes a reset).
+    assert storm_hold_until(False, until, 101.0, cfg) == until
+    assert storm_hold_until(False, None, 101.0, cfg) is None
+    # A held node is decided again just after the hold, or earlier if it asked to be.
+    assert wake_after_storm(None, until) == until + STORM_WAKE_AFTER_S
+    assert wake_after_storm(until + 5.0, until) == until + STORM_WAKE_AFTER_S
+    assert wake_after_storm(until - 1.0, until) == until - 1.0
+    assert wake_after_storm(7.0, None) == 7.0

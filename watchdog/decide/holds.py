@@ -51,6 +51,28 @@ def is_storm(phases: Iterable[Phase], total_nodes: int, cfg: DecideConfig) -> bo
     return down > cfg.storm_max_unreachable or down / total_nodes >= cfg.storm_max_fraction
 
 
+# A node held by the storm is decided again just after the hold ends (never exactly at it: the
+# hold is still in force at `until` itself).
+STORM_WAKE_AFTER_S = 0.01
+
+
+def storm_hold_until(
+    storm: bool, until: float | None, now: float, cfg: DecideConfig
+) -> float | None:
+    """When the storm hold ends: it outlives the storm by a Lease staleness period (a returning
+    kubelet renews within it, which vetoes its node's reset; see cluster_holds)."""
+    return now + cfg.lease_stale_after_s if storm else until
+
+
+def wake_after_storm(wake: float | None, until: float | None) -> float | None:
+    """The wake-up of a node the storm holds: held nodes schedule none of their own, so the
+    earlier of its own and just after the hold ends."""
+    if until is None:
+        return wake
+    after = until + STORM_WAKE_AFTER_S
+    return after if wake is None or after < wake else wake
+
+
 def cluster_holds(
     phases: Iterable[Phase],
     total_nodes: int,

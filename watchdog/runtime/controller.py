@@ -25,7 +25,9 @@ from watchdog.decide.holds import (
     cluster_holds,
     is_storm,
     silent_phases,
+    storm_hold_until,
     storm_phases,
+    wake_after_storm,
 )
 from watchdog.decide.machine import Context, Decision, decide
 from watchdog.decide.names import STATE_ANNOTATION
@@ -319,16 +321,18 @@ class Controller:
         since = state.hook_since if state is not None else None
         return sent is not None and since is not None and sent >= since
 
-    def holds(self, health: SourceHealth | None = None) -> tuple[Reason, ...]:
+    def holds(
+        self, health: SourceHealth | None = None, now: float | None = None
+    ) -> tuple[Reason, ...]:
+        """The cluster-wide holds at `now` (an evaluation passes its own `now`: one reading of
+        the clock per decision, so the holds and the node's timers agree)."""
         # O(phases), not O(nodes): only the count going down matters for storm control.
         counted = storm_phases(self.cfg)
         down = sum(n for p, n in self.phase_counts.items() if p in counted)
         phases = [Phase.UNREACHABLE] * down
-        now = self.clock()
-        if is_storm(phases, len(self.states), self.cfg):
-            # The storm hold outlives the storm by a Lease renewal period (see cluster_holds):
-            # a returning kubelet renews within it, which vetoes its node's reset.
-            self.storm_until = now + self.cfg.lease_stale_after_s
+        now = self.clock() if now is None else now
+        storm = is_storm(phases, len(self.states), self.cfg)
+        self.storm_until = storm_hold_until(storm, self.storm_until, now, self.cfg)
         settling = self.storm_until is not None and now < self.storm_until
         silent_in = silent_phases(self.cfg)
         silent = sum(n for p, n in self.phase_counts.items() if p in silent_in)
@@ -448,7 +452,7 @@ class Controller:
             self._set_state(node, state)
         obs = self.observe_node(node, now)
         health = self.health.snapshot(self.ingest_lagging())
-        ctx = Context(health, self.refresh_policy(), self.holds(health), self.blind_until)
+        ctx = Context(health, self.refresh_policy(), self.holds(health, now), self.blind_until)
         self._report_holds(ctx.holds)
         decision = decide(state, obs, ctx, now, self.cfg)
         if (
@@ -456,10 +460,9 @@ class Controller:
             and self.storm_until is not None
             and decision.state.held is Reason.HOLD_STORM
         ):
-            # Held nodes schedule no wake-up of their own: look again when the storm settles.
-            wake = self.storm_until + 0.01
-            if decision.wake_at is None or wake < decision.wake_at:
-                decision = replace(decision, wake_at=wake)
+            decision = replace(
+                decision, wake_at=wake_after_storm(decision.wake_at, self.storm_until)
+            )
         self._record(node, state, obs, decision, now)
         self._set_state(node, decision.state)
         sig = decision.signals
