@@ -203,6 +203,13 @@ def register_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "(`controller service-account kubeconfig: PATH` for controllers)",
     )
     p.add_argument(
+        "--broker-identity",
+        action="store_true",
+        help="the broker as deploy/ ships it (with --broker mosquitto and --rbac-overlay): TLS "
+        "only, each agent by a certificate of its node that it asks the controller for; prints "
+        "`controller broker environment: KEY=VALUE ...` (its listener, password and the signer)",
+    )
+    p.add_argument(
         "--bmcs",
         action="store_true",
         help="a Redfish BMC per node (sushy-tools' emulator, wired to the machine's power); "
@@ -281,6 +288,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         broker=None if args.broker == "none" else args.broker,
         agents=args.agents,
         rbac_overlay=args.rbac_overlay,
+        broker_identity=args.broker_identity,
         audit_log=args.audit_log,
         bmcs=args.bmcs,
         bmc_protocol=args.bmc_protocol,
@@ -313,6 +321,7 @@ def _build_only(bin_dir: Path | None) -> int:
 
 
 async def _run_sim(config: Any, ready_timeout_s: float) -> int:
+    from chaos.sim.broker_identity import IdentityBroker
     from chaos.sim.cluster import SimCluster
 
     stop = asyncio.Event()
@@ -352,6 +361,9 @@ async def _run_sim(config: Any, ready_timeout_s: float) -> int:
         )
         if cluster.broker is not None:
             print(f"broker: {cluster.broker.url}", flush=True)
+        if isinstance(cluster.broker, IdentityBroker):
+            pairs = " ".join(f"{k}={v}" for k, v in cluster.broker.controller_env().items())
+            print(f"controller broker environment: {pairs}", flush=True)
         if cluster.identity is not None:
             print(f"controller service-account kubeconfig: {cluster.identity.kubeconfig}")
         if cluster.agent_identity is not None:

@@ -40,6 +40,7 @@ import yaml
 from chaos.sim.binaries import ControlPlaneBinaries
 from chaos.sim.bmc import BmcFleet
 from chaos.sim.broker import MqttBroker, make_broker
+from chaos.sim.broker_identity import IdentityBroker
 from chaos.sim.control import ControlServer, FenceServer, fence_command
 from chaos.sim.controlplane import ControlPlane, Timings, free_port
 from chaos.sim.faults import Faults
@@ -144,6 +145,13 @@ class SimConfig:
     # (`SimCluster.agent_identity`), nodes in role `run` as its controller ServiceAccount
     # (`SimCluster.identity`, also for controllers); None: everything runs as admin.
     rbac_overlay: str | None = None
+    # The broker as deploy/ ships it (chaos/sim/broker_identity.py): TLS only, each agent by a
+    # certificate of its node that it obtains from the controller through a
+    # CertificateSigningRequest with a token bound to an agent pod on its node (one is created
+    # per node), controllers by password on their own listener (`broker.controller_env()`).
+    # Needs broker="mosquitto", an rbac_overlay, and no node in role `run` (whose one process
+    # would need both listeners).
+    broker_identity: bool = False
     control_channel: bool = False  # serve the `fault`/`ledger` control API (the CLI does)
     keep_work_dir: bool = False
 
@@ -186,6 +194,18 @@ class SimConfig:
                 kustomization_dirs(self.rbac_overlay)
             except RbacError as e:
                 raise bad("rbac_overlay", self.rbac_overlay, str(e)) from e
+        if self.broker_identity:
+            if self.broker != "mosquitto":
+                raise bad("broker", self.broker, "broker_identity needs broker='mosquitto'")
+            if self.rbac_overlay is None:
+                raise bad("rbac_overlay", None, "broker_identity needs the agents' ServiceAccount")
+            if self.run_nodes:
+                raise bad(
+                    "run_nodes",
+                    self.run_nodes,
+                    "broker_identity runs controllers as their own processes (role `run` "
+                    "would need the agents' and the controllers' listener in one process)",
+                )
 
     @property
     def wants_links(self) -> bool:
@@ -300,6 +320,7 @@ class SimCluster:
         # role `run`) and the agents'.
         self.identity: ServiceIdentity | None = None
         self.agent_identity: ServiceIdentity | None = None
+        self._agent_tokens: dict[str, Path] = {}  # node → its agent pod's bound token
         self._runner: asyncio.Task[None] | None = None
         self._control: ControlServer | None = None
         self._fence: FenceServer | None = None
@@ -362,6 +383,8 @@ class SimCluster:
             if cfg.bmcs:
                 await self._start_bmcs()
             await self._create_vms()
+            if cfg.broker_identity and cfg.agents:
+                await self._bind_agent_tokens()
             await self._start_agents()
             if cfg.control_channel:
                 self._control = ControlServer(self, self.kubeconfig)
@@ -636,7 +659,11 @@ class SimCluster:
 
     async def _start_broker_and_links(self) -> None:
         cfg = self.config
-        self.broker = make_broker(cfg.broker, self.work_dir)
+        self.broker = (
+            IdentityBroker(self.work_dir / "mosquitto")
+            if cfg.broker_identity
+            else make_broker(cfg.broker, self.work_dir)
+        )
         if self.broker is not None:
             await self.broker.start()
         if not cfg.wants_links:
@@ -712,7 +739,8 @@ class SimCluster:
         links = self.links.get(node)
         if links is None or links.broker is None:
             return None
-        return f"mqtt://127.0.0.1:{links.broker.port}"
+        scheme = "mqtts" if isinstance(self.broker, IdentityBroker) else "mqtt"
+        return f"{scheme}://127.0.0.1:{links.broker.port}"
 
     def node_kubeconfig(self, node: str) -> Path:
         """A kubeconfig reaching the API server through `node`'s link: with `rbac_overlay` the
@@ -723,7 +751,7 @@ class SimCluster:
         source = self.control_plane.admin_kubeconfig
         identity = self.identity if node in self.config.run_nodes else self.agent_identity
         if identity is not None:
-            source = identity.kubeconfig
+            source = self._agent_tokens.get(node, identity.kubeconfig)
         data = yaml.safe_load(source.read_text())
         if links is not None and links.api is not None:
             for cluster in data["clusters"]:
@@ -745,8 +773,46 @@ class SimCluster:
         return self.work_dir / "nodes" / node / "run"
 
     def new_boot_state(self, node: str) -> None:
-        """A boot empties the machine's tmpfs, and with it the agent's boot record."""
+        """A boot empties the machine's tmpfs, and with it the agent's boot record (and its
+        broker certificate, kept in its pod's memory)."""
         shutil.rmtree(self.boot_state_dir(node), ignore_errors=True)
+        shutil.rmtree(self.broker_identity_dir(node), ignore_errors=True)
+
+    def broker_identity_dir(self, node: str) -> Path:
+        """The agent pod's memory volume for its broker certificate (`mqtt.enroll_file`)."""
+        return self.work_dir / "nodes" / node / "identity"
+
+    async def _bind_agent_tokens(self) -> None:
+        """With broker_identity: an agent pod on each node (tolerating every taint, as the
+        DaemonSet's do) and a token bound to it, which the agent uses for everything (the API
+        server then names its node in each request, and the signer grants only that node)."""
+        ident = self.agent_identity
+        assert ident is not None
+        for name in self.fleet.members:
+            pod = await self.kube.create(
+                PODS,
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {
+                        "name": f"node-watchdog-agent-{name}",
+                        "namespace": ident.namespace,
+                    },
+                    "spec": {
+                        "serviceAccountName": ident.name,
+                        "nodeName": name,
+                        "tolerations": [{"operator": "Exists"}],
+                        "containers": [{"name": "node-watchdog", "image": "node-watchdog"}],
+                    },
+                },
+                ident.namespace,
+            )
+            self._agent_tokens[name] = await self.control_plane.kubeconfig_for_service_account(
+                ident.namespace,
+                ident.name,
+                self.work_dir / "nodes" / name / "agent-token.kubeconfig",
+                bound_pod=(pod["metadata"]["name"], pod["metadata"]["uid"]),
+            )
 
     async def _start_agents(self) -> None:
         cfg = self.config
@@ -780,6 +846,8 @@ class SimCluster:
             broker_url = self.node_broker_url(name)
             if broker_url:
                 env["WATCHDOG_MQTT__URL"] = broker_url
+            if isinstance(self.broker, IdentityBroker):
+                env.update(self.broker.agent_env(self.broker_identity_dir(name) / "mqtt.pem"))
             node_argv = [exe, *argv[1:]]
             metrics_port = None
             if name in cfg.run_nodes:

@@ -33,6 +33,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from chaos.sim.broker_identity import shipped_config
 from chaos.sim.ports import free_port
 from watchdog.transport.certificates import Authority, new_key_and_request, write_private
 
@@ -130,26 +131,6 @@ class Broker:
             keepalive=5,
             **kw,
         )
-
-
-def shipped_config(paths: dict[str, Path], port: int, controller_port: int) -> str:
-    """mosquitto.conf as shipped, with only its file paths and listener ports rewritten."""
-    text = (BROKER_DIR / "mosquitto.conf").read_text()
-    rewrites = {
-        "/mosquitto/auth/passwd": (paths["passwd"], 1),
-        "/mosquitto/config/acl": (paths["acl"], 1),
-        "/mosquitto/clients/ca.crt": (paths["signer.crt"], 1),
-        "/mosquitto/tls/ca.crt": (paths["ca.crt"], 1),
-        "/mosquitto/tls/tls.crt": (paths["tls.crt"], 2),
-        "/mosquitto/tls/tls.key": (paths["tls.key"], 2),
-        "listener 8883": (f"listener {port} 127.0.0.1", 1),
-        "listener 8884": (f"listener {controller_port} 127.0.0.1", 1),
-    }
-    for old, (new, count) in rewrites.items():
-        found = text.count(old)
-        assert found == count, f"shipped mosquitto.conf has {found} {old!r}, expected {count}"
-        text = text.replace(old, str(new))
-    return text
 
 
 def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:

@@ -47,8 +47,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from chaos.sim.informer import LEASES, NAMESPACES, NODES, PODS, VMIMS, ApiError, Kube
+from chaos.sim.informer import LEASES, NAMESPACES, NODES, ApiError, Kube
 from chaos.sim.rbac import ServiceIdentity
+from tests.integration.attacks import api_attacks
 from tests.integration.test_service_failover import delta, fail_over
 from tests.integration.watchdog_env import (
     LEADER_LEASE,
@@ -488,56 +489,12 @@ async def test_a_compromised_nodes_token_cannot_reboot_reset_or_silence_another_
     pod = next(p for p in c.launcher_pods(victim))
     lease = await c.kube.get(LEASES, LEADER_LEASE, env.namespace)
     stolen = await Kube.from_kubeconfig(identity(env, "agent").kubeconfig)
-    ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
-    attacks = {
-        "declare the victim Fencing": stolen.patch(
-            NODES,
-            victim,
-            {"metadata": {"annotations": {"node-watchdog.io/state": '{"phase":"Fencing"}'}}},
-        ),
-        "taint the victim out-of-service": stolen.patch(
-            NODES,
-            victim,
-            {
-                "spec": {
-                    "taints": [{"key": "node.kubernetes.io/out-of-service", "effect": "NoExecute"}]
-                }
-            },
-        ),
-        "force-delete a VM's launcher pod": stolen.delete(PODS, name, ns, grace_period_s=0),
-        "mark a launcher pod not ready": stolen.patch(
-            PODS,
-            name,
-            {"status": {"conditions": [{"type": "Ready", "status": "False"}]}},
-            ns,
-            sub="status",
-        ),
-        "take the leader Lease": stolen.replace(
-            LEASES,
-            {**lease, "spec": {**lease["spec"], "holderIdentity": "attacker"}},
-        ),
-        "start a migration": stolen.create(
-            VMIMS,
-            {
-                "apiVersion": "kubevirt.io/v1",
-                "kind": "VirtualMachineInstanceMigration",
-                "metadata": {"name": "attack", "namespace": ns},
-                "spec": {"vmiName": pod["metadata"]["labels"].get("vm.kubevirt.io/name", "x")},
-            },
-            ns,
-        ),
-    }
-    refused: dict[str, int] = {}
+    name = pod["metadata"]["name"]
     try:
-        for what, call in attacks.items():
-            try:
-                await call
-                refused[what] = 200
-            except ApiError as e:
-                refused[what] = e.status
+        refused = await api_attacks(stolen, victim, pod, lease)
     finally:
         await stolen.close()
-    assert refused == {what: 403 for what in attacks}, refused
+    assert set(refused.values()) == {403}, refused
     # Nothing moved: every node still Healthy, the pod still there, the Lease still ours.
     assert {n: env.phase(n) for n in c.fleet.members} == phases
     assert any(p["metadata"]["name"] == name for p in c.launcher_pods(victim))

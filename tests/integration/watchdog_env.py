@@ -41,6 +41,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from chaos.sim.binaries import ControlPlaneBinaries
+from chaos.sim.broker_identity import IdentityBroker
 from chaos.sim.cluster import SimCluster, SimConfig
 from chaos.sim.informer import EVENTS, LEASES, NAMESPACES, NODES, ApiError, Obj, condition
 from chaos.sim.ledger import StartReason
@@ -436,9 +437,16 @@ class WatchdogEnv:
             "WATCHDOG_METRICS_HOST": "127.0.0.1",
             "WATCHDOG_METRICS_PORT": str(port),
             "WATCHDOG_NAMESPACE": self.namespace,
+            **self._broker_environment(),
             **self._bmc_environment(),
             **self.controller_env,
         }
+
+    def _broker_environment(self) -> dict[str, str]:
+        """With the shipped broker (`broker_identity`): the controllers' listener, password and
+        the agents' signer, as the Deployment mounts them."""
+        broker = self.cluster.broker
+        return broker.controller_env() if isinstance(broker, IdentityBroker) else {}
 
     def _bmc_environment(self) -> dict[str, str]:
         """With the cluster's BMCs: their inventory (which names the CA of their certificate)."""
@@ -617,14 +625,16 @@ class WatchdogEnv:
     async def leader_hears_every_node(self) -> bool:
         """The acting leader has fresh heartbeats of every node, so it knows each agent's
         declared fence (a node never heard from counts as unfenced: its reset is held)."""
+        return await self.leader_hears(self.cluster.fleet.members)
+
+    async def leader_hears(self, nodes: Iterable[str]) -> bool:
+        """The acting leader has fresh heartbeats of each of `nodes`."""
         leader = await self.leader()
         m = None if leader is None else await leader.try_scrape()
         if m is None:
             return False
         ages = m.labelled("watchdog_heartbeat_age_seconds", "node")
-        return all(
-            n in ages and ages[n] < HEARTBEAT_INTERVAL_S * 3 for n in self.cluster.fleet.members
-        )
+        return all(n in ages and ages[n] < HEARTBEAT_INTERVAL_S * 3 for n in nodes)
 
     # --- processes -----------------------------------------------------------------------------
 

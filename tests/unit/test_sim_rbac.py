@@ -6,6 +6,8 @@ Rendered with the real `kubectl kustomize`; what the test cluster then does with
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from chaos.sim.cluster import SimConfig
@@ -63,3 +65,29 @@ def test_an_unknown_overlay_or_component_is_refused_naming_the_field() -> None:
         render("kubevirt+no-such-component")
     with pytest.raises(ValueError, match="rbac_overlay='openshift'"):
         SimConfig(rbac_overlay="openshift").validate()
+
+
+@pytest.mark.parametrize(
+    ("fields", "names"),
+    [
+        ({"broker": "amqtt", "rbac_overlay": "kubevirt"}, "broker='amqtt'"),
+        ({"broker": "mosquitto"}, "rbac_overlay=None"),
+        (
+            {
+                "broker": "mosquitto",
+                "rbac_overlay": "kubevirt",
+                "agents": True,
+                "run_nodes": ("node-1",),
+            },
+            "run_nodes=",
+        ),
+    ],
+)
+def test_the_shipped_broker_in_the_test_cluster_names_what_it_lacks(
+    fields: dict[str, object], names: str
+) -> None:
+    """broker_identity needs the real Mosquitto, the agents' ServiceAccount (their certificate
+    requests) and controllers of their own (role `run` would need both listeners)."""
+    with pytest.raises(ValueError, match=re.escape(names)):
+        SimConfig(broker_identity=True, **fields).validate()  # type: ignore[arg-type]
+    SimConfig(broker_identity=True, broker="mosquitto", rbac_overlay="kubevirt").validate()

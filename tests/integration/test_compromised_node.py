@@ -1,0 +1,322 @@
+"""A compromised node: what one node's credentials can do to the others (DESIGN §9).
+
+The test cluster runs the broker as deploy/ ships it (`SimConfig.broker_identity`: the shipped
+mosquitto.conf and ACL, TLS only; each agent obtained a certificate of its node from the
+controller through a CertificateSigningRequest, with a token bound to its agent pod), the RBAC
+and the state guard of the kubevirt overlay, a real controller and a real agent per node.
+
+The attacker holds everything node-4 holds: the certificate and key its agent obtained, and the
+token bound to its agent pod. It stops node-4's agent (it owns the machine) and tries every
+attack: publish another node's heartbeat, status or peer report, take another client id, write
+probe lists and the member count, send 1,000,000 node names, ask for another node's
+certificate, and, through the API server, fence, taint, reset or replace the controller. Each
+is refused (the broker's ACL and identity-derived client ids, the signer's review, RBAC) or
+bounded (the controller's books), and no other node changes phase.
+
+"Not delivered" is shown with a barrier, never a sleep: a QoS 1 publish returns only after the
+broker routed it, and one connection's messages arrive in order, so once a later message has
+reached a subscriber, an earlier one that was allowed would have reached it before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiomqtt
+import pytest
+import pytest_asyncio
+
+from chaos.sim.broker_identity import IdentityBroker
+from chaos.sim.informer import LEASES, Kube, Obj, Resource
+from tests.integration.attacks import api_attacks
+from tests.integration.watchdog_env import LEADER_LEASE, WatchdogEnv, default_config
+from watchdog.decide.heartbeats import Heartbeat, encode_heartbeat, heartbeat_topic, status_topic
+from watchdog.decide.names import MQTT_CLIENT_SIGNER
+from watchdog.decide.observations import FenceDeclaration
+from watchdog.decide.peer_probe import PeerView
+from watchdog.decide.peer_reports import PeerReport, encode_report, peers_topic
+from watchdog.decide.peer_ring import MAX_TARGETS, encode_probe_list, probe_topic
+from watchdog.decide.quorum import encode_members, members_topic
+from watchdog.transport.certificates import Authority, new_key_and_request, write_private
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.broker,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.timeout(300),
+]
+
+PREFIX = "node-watchdog/v1"
+ATTACKER = "node-4"
+OTHERS = ("node-1", "node-2", "node-3")
+FLOOD_NAMES = 1_000_000
+DEADLINE_S = 15.0
+CSRS = Resource("/apis/certificates.k8s.io/v1", "certificatesigningrequests", False)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def env(control_plane_binaries, tmp_path_factory: pytest.TempPathFactory):
+    work = Path(tmp_path_factory.mktemp("compromised"))
+    # No watchdog devices: the attacker stops node-4's agent, and a device would then reboot
+    # node-4 (taking the attacker's foothold with it); nothing here may be reset anyway.
+    config = default_config(rbac_overlay="kubevirt", broker_identity=True, watchdog_devices=False)
+    async with WatchdogEnv(config, control_plane_binaries, work) as e:
+        yield e
+
+
+def tls(broker: IdentityBroker, identity: Path | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(broker.ca_file))
+    if identity is not None:
+        ctx.load_cert_chain(str(identity))
+    return ctx
+
+
+@asynccontextmanager
+async def connected(
+    broker: IdentityBroker, identity: Path | None, identifier: str | None = None
+) -> AsyncIterator[aiomqtt.Client]:
+    """On the agents' listener with `identity` (cert + key), or, with None, as the controller
+    (its password, its listener)."""
+    if identity is None:
+        client = aiomqtt.Client(
+            broker.host,
+            broker.controller_port,
+            username=broker.controller_user,
+            password=broker.controller_password_file.read_text().strip(),
+            tls_context=tls(broker, None),
+            identifier=identifier,
+            timeout=DEADLINE_S,
+        )
+    else:
+        client = aiomqtt.Client(
+            broker.host,
+            broker.port,
+            tls_context=tls(broker, identity),
+            identifier=identifier,
+            timeout=DEADLINE_S,
+        )
+    async with client:
+        yield client
+
+
+class Inbox:
+    """Every message a client receives, by topic, read in the background."""
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.client = client
+        self.messages: list[tuple[str, bytes]] = []
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for m in self.client.messages:
+            payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+            self.messages.append((str(m.topic), payload))
+
+    async def wait_for(self, topic: str, payload: bytes) -> None:
+        deadline = time.monotonic() + DEADLINE_S
+        while (topic, payload) not in self.messages:
+            assert time.monotonic() < deadline, f"{topic} {payload!r} never arrived"
+            await asyncio.sleep(0.02)
+
+    def got(self, marker: bytes) -> list[str]:
+        return [t for t, p in self.messages if marker in p]
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+def mint(broker: IdentityBroker, node: str, path: Path) -> Path:
+    """A certificate of `node` from the agents' signer: the test's own witness (the operator
+    holds the signer; the attacker does not)."""
+    authority = Authority.load(broker.signer_dir / "ca.crt", broker.signer_dir / "ca.key")
+    key, request = new_key_and_request(node)
+    write_private(path, authority.sign(request, 3600) + key)
+    return path
+
+
+def hb(node: str, boot_id: str, seq: int, marker: str) -> bytes:
+    fence = FenceDeclaration(armed=False, after_s=1.0, bound_s=1.0)
+    return encode_heartbeat(Heartbeat(node, boot_id, seq, time.time(), marker, fence))
+
+
+async def scrape(env: WatchdogEnv):
+    leader = await env.wait_leader()
+    return await leader.scrape()
+
+
+async def test_a_compromised_node_cannot_reboot_reset_or_silence_another(env, tmp_path) -> None:
+    c = env.cluster
+    broker = c.broker
+    assert isinstance(broker, IdentityBroker)
+    # Every agent speaks with the certificate the controller issued for its node.
+    for node in c.fleet.members:
+        assert (c.broker_identity_dir(node) / "mqtt.pem").is_file(), node
+    before = await scrape(env)
+    assert before.get("watchdog_mqtt_certificates_total", result="issued") >= len(c.fleet.members)
+    # Until its certificate was issued a node was unheard (Suspect): wait for the baseline.
+    await env.wait_for(lambda: not env.baseline_problems(), 60, "every node Healthy")
+    boots = {n: c.fleet[n].boot_id for n in OTHERS}
+    launchers = {n: sorted(p["metadata"]["uid"] for p in c.launcher_pods(n)) for n in OTHERS}
+    t0 = time.monotonic()
+
+    # What node-4 holds, taken before its agent is stopped.
+    stolen_identity = tmp_path / "node-4.pem"
+    stolen_identity.write_bytes((c.broker_identity_dir(ATTACKER) / "mqtt.pem").read_bytes())
+    stolen_token = c.node_kubeconfig(ATTACKER)
+    boot4 = c.fleet[ATTACKER].boot_id
+    await env.fault("agent-kill", ATTACKER)
+
+    witness_id = mint(broker, "node-99", tmp_path / "witness.pem")
+    marker = uuid.uuid4().hex
+    mark = marker.encode()
+    async with (
+        connected(broker, None, "watchdog_spy") as spy_client,
+        connected(broker, witness_id) as witness_client,
+        connected(broker, stolen_identity, identifier="node-2") as attacker,
+    ):
+        spy, witness = Inbox(spy_client), Inbox(witness_client)
+        try:
+            # Not node-4's peer reports: the flood below would overrun the spy's queue.
+            for topic in ("heartbeat/#", "status/#", "peers/node-2"):
+                await spy_client.subscribe(f"{PREFIX}/{topic}", qos=1)
+            await witness_client.subscribe(f"{PREFIX}/#", qos=1)
+
+            # Broker: another node's topics, probe lists, the member count; all QoS 1, so each
+            # was routed (or dropped) before the next is sent.
+            p = PREFIX
+            forged = {
+                heartbeat_topic(p, "node-2"): hb("node-2", "new-boot", 1, marker),
+                status_topic(p, "node-2"): b"offline " + mark,
+                peers_topic(p, "node-2"): mark,
+                probe_topic(p, "node-99"): encode_probe_list("node-99", {"node-1": marker}),
+                probe_topic(p, "node-1"): encode_probe_list("node-1", {"node-2": marker}),
+                members_topic(p): encode_members(1)[:-1] + b',"x":"' + mark + b'"}',
+            }
+            for topic, payload in forged.items():
+                await attacker.publish(topic, payload, qos=1, retain=topic.startswith(f"{p}/s"))
+            # Its own topics with another node's name in the body: delivered, then refused by
+            # the controller (the body must name the topic's node).
+            await attacker.publish(
+                heartbeat_topic(p, ATTACKER), hb("node-2", "new-boot", 2, marker), qos=1
+            )
+            # Barriers: the attacker's own heartbeat topic (the spy reads it), and the witness's
+            # own echo (routed after the forged probe list and member count).
+            barrier = b"barrier " + mark
+            await attacker.publish(heartbeat_topic(p, ATTACKER), barrier, qos=1)
+            await spy.wait_for(heartbeat_topic(p, ATTACKER), barrier)
+            await witness_client.publish(f"{p}/echo/node-99", barrier, qos=1)
+            await witness.wait_for(f"{p}/echo/node-99", barrier)
+            assert spy.got(mark) == [heartbeat_topic(p, ATTACKER)] * 2, spy.got(mark)
+            assert witness.got(mark) == [f"{p}/echo/node-99"], witness.got(mark)
+
+            # Client id: the broker takes the certificate's name, so the attacker's "node-2"
+            # session displaced nobody (node-2's agent would have left its Will: offline).
+            assert not [m for m in spy.messages if m == (status_topic(p, "node-2"), b"offline")]
+
+            # Its own peer report: node-1..3 "unreachable" (one observer corroborates
+            # nothing), then 1,000,000 names of nodes the cluster does not have.
+            seq = 10**15  # above the agent's own (its boot's monotonic clock)
+            views = dict.fromkeys(OTHERS, PeerView.UNREACHABLE)
+            report = PeerReport(ATTACKER, boot4, seq, time.time(), views)
+            await attacker.publish(peers_topic(p, ATTACKER), encode_report(report), qos=1)
+            rss0 = (await scrape(env)).get("process_resident_memory_bytes")
+            for i in range(FLOOD_NAMES // MAX_TARGETS):
+                names = {f"n{i}-{j}.attack": PeerView.UNREACHABLE for j in range(MAX_TARGETS)}
+                report = PeerReport(ATTACKER, boot4, seq + 1 + i, time.time(), names)
+                await attacker.publish(peers_topic(p, ATTACKER), encode_report(report))
+            await attacker.publish(heartbeat_topic(p, ATTACKER), barrier + b"2", qos=1)
+            await spy.wait_for(heartbeat_topic(p, ATTACKER), barrier + b"2")
+        finally:
+            await spy.close()
+            await witness.close()
+
+    # The controller read the flood (or the broker dropped what it could not take) and kept
+    # nothing of it: its books hold only the cluster's nodes.
+    async def flood_read() -> bool:
+        m = await scrape(env)
+        return m.get("watchdog_peer_targets_ignored") > 0
+
+    await env.wait_for(flood_read, 60, "the controller read the flooded reports")
+    await env.wait_for(
+        lambda: env.leader_hears(OTHERS), 30, "the leader hears every other node again"
+    )
+    after = await scrape(env)
+    entries = after.labelled("watchdog_input_entries", "book")
+    nodes = len(c.fleet.members)
+    assert entries["peers_observers"] <= nodes and entries["peers_targets"] <= nodes, entries
+    assert entries["peers_retired_boots"] + entries["heartbeat_retired_boots"] <= 2 * 64 * nodes
+    grew_mib = (after.get("process_resident_memory_bytes") - rss0) / 2**20
+    ignored = after.get("watchdog_peer_targets_ignored")
+    print(
+        f"flood: {ignored:.0f} invented names read and dropped, books {entries}, "
+        f"controller RSS {grew_mib:+.1f} MiB"
+    )
+    assert grew_mib < 32, f"the controller grew {grew_mib:.0f} MiB under the flood"
+    assert after.get("watchdog_heartbeats_rejected_total", reason="topic_mismatch") >= 1
+
+    # A certificate of another node, asked for with node-4's pod-bound token: denied.
+    stolen = await Kube.from_kubeconfig(stolen_token)
+    try:
+        csr_name = await ask_for_certificate(stolen, "node-2")
+        denied = await wait_denied(c.kube, csr_name)
+        assert "certificate" not in denied.get("status", {}), denied["status"]
+        # The API server: every write that would fence, reset or replace the controller.
+        victim = max(OTHERS, key=lambda n: len(c.vms_on(n)))
+        pod = next(iter(c.launcher_pods(victim)))
+        lease = await c.kube.get(LEASES, LEADER_LEASE, env.namespace)
+        refused = await api_attacks(stolen, victim, pod, lease)
+    finally:
+        await stolen.close()
+    assert set(refused.values()) == {403}, refused
+
+    # No other node changed phase, none is tainted, nothing was fenced or reset.
+    changed = {n: env.timeline.phases_of(n, after=t0) for n in OTHERS}
+    assert all(set(v) <= {"Healthy"} for v in changed.values()), changed
+    assert {n: env.phase(n) for n in OTHERS} == dict.fromkeys(OTHERS, "Healthy")
+    assert not any(env.tainted(n) for n in OTHERS)
+    assert {n: c.fleet[n].boot_id for n in OTHERS} == boots  # nobody fenced
+    assert {  # nothing reset: the same launcher pods
+        n: sorted(p["metadata"]["uid"] for p in c.launcher_pods(n)) for n in OTHERS
+    } == launchers
+    assert c.ledger.totals()["split_brain_s"] == 0
+
+
+async def ask_for_certificate(kube: Kube, node: str) -> str:
+    """A CertificateSigningRequest for `node`'s broker identity, as an agent makes one."""
+    _, request = new_key_and_request(node)
+    name = f"attack-{uuid.uuid4().hex[:8]}"
+    await kube.create(
+        CSRS,
+        {
+            "apiVersion": "certificates.k8s.io/v1",
+            "kind": "CertificateSigningRequest",
+            "metadata": {"name": name},
+            "spec": {
+                "request": base64.b64encode(request).decode(),
+                "signerName": MQTT_CLIENT_SIGNER,
+                "usages": ["client auth", "digital signature"],
+            },
+        },
+    )
+    return name
+
+
+async def wait_denied(kube: Kube, name: str) -> Obj:
+    deadline = time.monotonic() + 60
+    while True:
+        csr = await kube.get(CSRS, name)
+        conditions = {c["type"]: c for c in csr.get("status", {}).get("conditions", [])}
+        if "Denied" in conditions:
+            return csr
+        assert "Approved" not in conditions, json.dumps(csr["status"])
+        assert time.monotonic() < deadline, f"{name}: not answered within 60 s"
+        await asyncio.sleep(0.5)
