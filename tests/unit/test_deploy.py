@@ -456,6 +456,8 @@ def test_the_broker_is_locked_down_and_serves_tls_only(render) -> None:
     assert 2 <= int(listeners["8884"]["max_connections"]) <= 64
     assert int(settings["max_packet_size"]) <= 65536
     memory_limit = int(settings["memory_limit"])
+    # One stalled client's queue holds at most a small share of the broker's memory.
+    assert 0 < int(settings["max_queued_bytes"]) <= memory_limit // 64
     container_limit = c["resources"]["limits"]["memory"]
     assert container_limit.endswith("Mi")
     assert 0 < memory_limit <= 0.8 * int(container_limit[:-2]) * 2**20
