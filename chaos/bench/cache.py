@@ -297,7 +297,7 @@ async def _relist(
     cp: Any, ctl: ControllerProcess, sampler: ProcSampler, pace: Pace
 ) -> dict[str, Any]:
     def gone(m: Any, resource: str) -> float:
-        return m.get("watchdog_watch_restarts_total", resource=resource, cause="gone")
+        return float(m.get("watchdog_watch_restarts_total", resource=resource, cause="gone"))
 
     m0 = await ctl.metrics()
     wanted = ("pods", "virtualmachineinstances.kubevirt.io")
@@ -416,7 +416,7 @@ def extrapolate(steps: list[dict[str, Any]], target: int = 100_000) -> dict[str,
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         den = sum((x - mx) ** 2 for x in xs)
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0
-        return round(my + slope * (target - mx), 1)
+        return float(round(my + slope * (target - mx), 1))
 
     return {
         "target_vmis": target,

@@ -199,7 +199,7 @@ class Scenario(_Strict):
     repetitions: int = Field(1, ge=1, le=50)
     systems: list[System] = Field(["watchdog"], min_length=1)
     cluster: ClusterShape = Field(default_factory=ClusterShape)  # type: ignore[arg-type]
-    watchdog: WatchdogSetup = Field(default_factory=WatchdogSetup)
+    watchdog: WatchdogSetup = Field(default_factory=WatchdogSetup)  # type: ignore[arg-type]
     harvester_policy: dict[str, Any] | None = Field(
         None,
         description="vm-force-reset-policy value for the Harvester systems (their "
