@@ -18,46 +18,14 @@ import logging
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from chaos.bench.common import DEFAULT_OUT, load_line, write_report
+from chaos.cli_args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, existing_dir, int_list, positive
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BENCHMARKS = ("ingest", "cache", "decide", "failover", "testcluster")
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x.replace("_", "")) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of integers"
-        ) from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
-    return values
-
-
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
-        return value
-
-    return parse
-
-
-def _dir(text: str) -> Path:
-    path = Path(text)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
-    return path
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -92,17 +60,17 @@ def add_parser(subparsers: Any) -> None:
         help="N agents at 1 Hz → Mosquitto → one controller process: CPU, RSS, detection",
     )
     _common(p)
-    p.add_argument("--nodes", type=_int_list, default=(1000, 5000), help="agent counts")
-    p.add_argument("--window", type=_positive(float), default=60.0, help="steady window, s")
+    p.add_argument("--nodes", type=int_list, default=(1000, 5000), help="agent counts")
+    p.add_argument("--window", type=positive(float), default=60.0, help="steady window, s")
     p.add_argument("--kill", type=int, default=5, help="nodes killed under load")
-    p.add_argument("--kill-gap", type=_positive(float), default=4.0, help="s between kills")
+    p.add_argument("--kill-gap", type=positive(float), default=4.0, help="s between kills")
     p.add_argument("--connections", type=int, default=0, help="MQTT connections (0: N/500)")
     p.add_argument(
-        "--lease-renew", type=_positive(float), default=10.0, help="Lease renewal interval, s"
+        "--lease-renew", type=positive(float), default=10.0, help="Lease renewal interval, s"
     )
     p.add_argument(
         "--lease-stale-after",
-        type=_positive(float),
+        type=positive(float),
         default=None,
         help="the controller's lease_stale_after_s (default: its own, 15 s)",
     )
@@ -121,7 +89,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--controller-source",
-        type=_dir,
+        type=existing_dir,
         default=None,
         help="run the controller from the `watchdog` package in DIR (compare a baseline)",
     )
@@ -137,20 +105,18 @@ def add_parser(subparsers: Any) -> None:
         "cache", help="VMIs + launcher pods in the test cluster: sync time, RSS, events, 410"
     )
     _common(p)
-    p.add_argument("--vmis", type=_int_list, default=(10_000, 20_000, 50_000), help="sizes")
-    p.add_argument("--nodes", type=_positive(int), default=1000, help="Node objects")
-    p.add_argument("--events", type=_positive(int), default=5000, help="pod updates measured")
+    p.add_argument("--vmis", type=int_list, default=(10_000, 20_000, 50_000), help="sizes")
+    p.add_argument("--nodes", type=positive(int), default=1000, help="Node objects")
+    p.add_argument("--events", type=positive(int), default=5000, help="pod updates measured")
     p.add_argument(
-        "--controller-source", type=_dir, default=None, help="controller package directory"
+        "--controller-source", type=existing_dir, default=None, help="controller package directory"
     )
     p.set_defaults(func=handle, bench_run=_run_cache)
 
     p = sub.add_parser("decide", help="decide() evaluations/s; tick cost 1 vs all changed")
     _common(p)
-    p.add_argument("--nodes", type=_positive(int), default=5000, help="nodes for decide()")
-    p.add_argument(
-        "--sizes", type=_int_list, default=(500, 5000), help="cluster sizes for the tick"
-    )
+    p.add_argument("--nodes", type=positive(int), default=5000, help="nodes for decide()")
+    p.add_argument("--sizes", type=int_list, default=(500, 5000), help="cluster sizes for the tick")
     p.add_argument("--pods-per-node", type=int, default=20, help="launcher pods per node")
     p.set_defaults(func=handle, bench_run=_run_decide)
 
@@ -158,7 +124,7 @@ def add_parser(subparsers: Any) -> None:
         "failover", help="power-off trials (chaos harness): watchdog vs Harvester 1.7 / 1.6"
     )
     _common(p)
-    p.add_argument("--trials", type=_positive(int), default=5, help="power-offs per system")
+    p.add_argument("--trials", type=positive(int), default=5, help="power-offs per system")
     p.add_argument(
         "--systems",
         default="watchdog,harvester-1.7,harvester-1.6",
@@ -179,17 +145,17 @@ def add_parser(subparsers: Any) -> None:
         "shipped 15 s, which bounds both fence modes alike); 1 shows what each fence proof "
         "alone takes",
     )
-    p.add_argument("--time-scale", type=_positive(float), default=0.25, help="time compression")
+    p.add_argument("--time-scale", type=positive(float), default=0.25, help="time compression")
     p.set_defaults(func=handle, bench_run=_run_failover)
 
     p = sub.add_parser(
         "testcluster", help="the test cluster at scale: create time, Lease load, RSS (issue 3)"
     )
     _common(p)
-    p.add_argument("--nodes", type=_positive(int), default=1000, help="simulated nodes")
-    p.add_argument("--vms", type=_positive(int), default=30_000, help="VMs (one launcher pod each)")
-    p.add_argument("--window", type=_positive(float), default=60.0, help="steady window, s")
-    p.add_argument("--time-scale", type=_positive(float), default=1.0, help="time compression")
+    p.add_argument("--nodes", type=positive(int), default=1000, help="simulated nodes")
+    p.add_argument("--vms", type=positive(int), default=30_000, help="VMs (one launcher pod each)")
+    p.add_argument("--window", type=positive(float), default=60.0, help="steady window, s")
+    p.add_argument("--time-scale", type=positive(float), default=1.0, help="time compression")
     p.set_defaults(func=handle, bench_run=_run_testcluster)
 
 

@@ -20,7 +20,7 @@ from chaos.harness.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _binaries, _out,
 
 
 def register_campaign(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from chaos.cli import existing_dir, positive_int
+    from chaos.cli_args import existing_dir, positive_int
     from chaos.harness.campaign import KINDS, CampaignSpec
 
     d = CampaignSpec()

@@ -53,7 +53,7 @@ def _systems(text: str) -> list[str]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from chaos.cli import existing_dir
+    from chaos.cli_args import existing_dir
 
     p.add_argument(
         "--report",
@@ -79,7 +79,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from chaos.cli import positive_int
+    from chaos.cli_args import positive_int
 
     p = sub.add_parser(
         "run",
@@ -172,9 +172,9 @@ def register_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _setup(args: argparse.Namespace) -> None:
-    from chaos.cli import _setup_logging
+    from chaos.cli_args import setup_logging
 
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
 
 
 def _binaries(bin_dir: Path | None) -> Any:
