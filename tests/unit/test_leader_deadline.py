@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import pytest
 
+from watchdog.actuate.errors import TransientError
 from watchdog.actuate.lease_lock import LeaseRecord
 from watchdog.runtime.leader import LeaderElector
 from watchdog.runtime.settings import LeaderSettings
@@ -212,3 +213,25 @@ async def test_at_shutdown_no_queued_leadership_handler_runs_after_the_election_
         await task
     await asyncio.sleep(0.05)
     assert ran == []
+
+
+async def test_an_api_error_means_not_leading_but_a_bug_is_not_taken_for_an_outage():
+    """The API's errors (the actuate error tree) make an attempt fail and are reported; any
+    other exception (a bug in reading the Lease) propagates instead of passing for API
+    trouble, so it stops the process rather than being retried forever as an outage."""
+
+    class Failing(MemoryLease):
+        def __init__(self, store: Store, error: Exception) -> None:
+            super().__init__(store)
+            self.error = error
+
+        async def get(self) -> LeaseRecord | None:
+            raise self.error
+
+    changes: list[tuple[float, bool]] = []
+    refused = elector(Failing(Store(), TransientError("connection reset")), "a", changes)
+    assert await refused.attempt() is False and not refused.is_leader
+    broken = elector(Failing(Store(), KeyError("spec")), "b", changes)
+    with pytest.raises(KeyError):
+        await broken.attempt()
+    assert not broken.is_leader and changes == []

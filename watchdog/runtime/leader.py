@@ -23,6 +23,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Protocol
 
+from watchdog.actuate.errors import ActuationError
 from watchdog.actuate.lease_lock import LeaseRecord
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ class LeaderElector:
         wall = datetime.now(UTC)
         try:
             current = await self.lock.get()
-        except Exception as e:  # API trouble: we cannot prove we are leader
+        except ActuationError as e:  # API trouble: we cannot prove we are leader
+            # Only the API's errors: anything else is a bug, which must not pass for an outage.
             self._report("read", e)
             return False
         # After the read: the record it returned was written no later than now. Read before
@@ -135,7 +137,7 @@ class LeaderElector:
     async def _write(self, op: Awaitable[bool]) -> bool:
         try:
             return await op
-        except Exception as e:
+        except ActuationError as e:
             self._report("write", e)
             return False
 
@@ -191,7 +193,7 @@ class LeaderElector:
         self.is_leader = False
         try:
             await self.lock.release(self.identity)
-        except Exception as e:
+        except ActuationError as e:
             log.info("leader lease release failed: %s", e)
 
 
