@@ -4,7 +4,7 @@ take the controller's place. Each attack's HTTP status is returned (403: refused
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from chaos.sim.informer import LEASES, NODES, PODS, VMIMS, ApiError, Kube, Obj
@@ -15,16 +15,17 @@ async def api_attacks(stolen: Kube, victim: str, pod: Obj, lease: Obj) -> dict[s
     """With `stolen` (a node's credentials): against Node `victim`, one of its launcher pods
     and the leader Lease."""
     ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
-    attacks: dict[str, Awaitable[Any]] = {
-        "declare the victim Fencing": stolen.patch(
+    # Each made only when tried: one failing unexpectedly leaves no coroutine never awaited.
+    attacks: dict[str, Callable[[], Awaitable[Any]]] = {
+        "declare the victim Fencing": lambda: stolen.patch(
             NODES,
             victim,
             {"metadata": {"annotations": {STATE_ANNOTATION: '{"phase":"Fencing"}'}}},
         ),
-        "delete the victim's state": stolen.patch(
+        "delete the victim's state": lambda: stolen.patch(
             NODES, victim, {"metadata": {"annotations": {STATE_ANNOTATION: None}}}
         ),
-        "taint the victim out-of-service": stolen.patch(
+        "taint the victim out-of-service": lambda: stolen.patch(
             NODES,
             victim,
             {
@@ -33,19 +34,19 @@ async def api_attacks(stolen: Kube, victim: str, pod: Obj, lease: Obj) -> dict[s
                 }
             },
         ),
-        "force-delete a VM's launcher pod": stolen.delete(PODS, name, ns, grace_period_s=0),
-        "mark a launcher pod not ready": stolen.patch(
+        "force-delete a VM's launcher pod": lambda: stolen.delete(PODS, name, ns, grace_period_s=0),
+        "mark a launcher pod not ready": lambda: stolen.patch(
             PODS,
             name,
             {"status": {"conditions": [{"type": "Ready", "status": "False"}]}},
             ns,
             sub="status",
         ),
-        "take the leader Lease": stolen.replace(
+        "take the leader Lease": lambda: stolen.replace(
             LEASES,
             {**lease, "spec": {**lease["spec"], "holderIdentity": "attacker"}},
         ),
-        "start a migration": stolen.create(
+        "start a migration": lambda: stolen.create(
             VMIMS,
             {
                 "apiVersion": "kubevirt.io/v1",
@@ -59,7 +60,7 @@ async def api_attacks(stolen: Kube, victim: str, pod: Obj, lease: Obj) -> dict[s
     status: dict[str, int] = {}
     for what, call in attacks.items():
         try:
-            await call
+            await call()
             status[what] = 200
         except ApiError as e:
             status[what] = e.status

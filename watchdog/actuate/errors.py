@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config.config_exception import ConfigException
 
 # Statuses a retry of the very same request may cure.
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -108,6 +109,10 @@ def translate(e: BaseException, what: str) -> ActuationError:
         return TransientError(f"{what}: timed out")
     if isinstance(e, aiohttp.ClientError | OSError):
         return TransientError(f"{what}: {type(e).__name__}: {e}")
+    if isinstance(e, ConfigException):
+        # The client re-reads its token file before requests; a projected token is replaced
+        # by the kubelet while it runs (an empty file for a moment): the next attempt reads it.
+        return TransientError(f"{what}: credentials: {e}")
     return PermanentError(f"{what}: {type(e).__name__}: {e}")
 
 

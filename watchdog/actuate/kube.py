@@ -41,6 +41,7 @@ import aiohttp
 import tenacity
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config.config_exception import ConfigException
 
 from watchdog.actuate.errors import (
     ActuationError,
@@ -246,7 +247,7 @@ class KubeWriter:
                 )
                 async with resp:
                     data = await resp.read()
-        except (ApiException, aiohttp.ClientError, TimeoutError, OSError) as e:
+        except (ApiException, ConfigException, aiohttp.ClientError, TimeoutError, OSError) as e:
             raise translate(e, what) from e
         if resp.status >= 300:
             raise from_status(resp.status, data, resp.headers, what)

@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 from kubernetes_asyncio import client as k8s_client
 
-from watchdog.actuate.errors import Conflict, NotFound
+from watchdog.actuate.errors import Conflict, NotFound, PermanentError
 from watchdog.actuate.kube import KubeWriter
 
 _API = "/apis/coordination.k8s.io/v1"
@@ -103,6 +103,8 @@ class LeaseLock:
             obj = await self._writer.once("GET", self._path, what=f"get lease {self._key}")
         except NotFound:
             return None
+        if not isinstance(obj, dict):
+            raise PermanentError(f"get lease {self._key}: the answer is not an object")
         return LeaseRecord.from_object(obj)
 
     async def create(self, record: LeaseRecord) -> bool:
