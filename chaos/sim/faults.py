@@ -50,12 +50,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from chaos.sim.ledger import StopReason
-
-if TYPE_CHECKING:
-    from chaos.sim.cluster import SimCluster
+from chaos.sim.bmc import BmcFleet
+from chaos.sim.broker import MqttBroker
+from chaos.sim.controlplane import ControlPlane
+from chaos.sim.informer import Clock
+from chaos.sim.kubelet import Fleet
+from chaos.sim.ledger import Ledger, StopReason
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +120,43 @@ INVERSE = {
 NIC_FLAP_S = 5.0  # unscaled
 
 
-class Faults:
-    """Applies faults to a running SimCluster; keeps a history for reports."""
+class MachineConfig(Protocol):
+    @property
+    def fence_action(self) -> str: ...
 
-    def __init__(self, cluster: SimCluster) -> None:
+
+class FaultTarget(Protocol):
+    """What faults act on: the test cluster's machines, links, agents, BMCs, control plane
+    and broker (`chaos.sim.cluster.SimCluster` is one; this module does not import it)."""
+
+    fleet: Fleet
+    clock: Clock
+    ledger: Ledger
+    bmcs: BmcFleet | None
+    control_plane: ControlPlane
+    broker: MqttBroker | None
+    fence_failing: set[str]
+
+    @property
+    def config(self) -> MachineConfig: ...
+    def background(self, step: Awaitable[None], name: str) -> None: ...
+    def links_down(self, node: str) -> None: ...
+    def sync_links(self, node: str) -> None: ...
+    def cut_broker_link(self, node: str, cut: bool) -> None: ...
+    def cut_mgmt_link(self, node: str, cut: bool) -> None: ...
+    def cut_api_link(self, node: str, cut: bool) -> None: ...
+    def device_power_off(self, node: str) -> None: ...
+    def signal_agent(self, node: str, *, freeze: bool) -> bool: ...
+    async def restart_agent(self, node: str) -> bool: ...
+    async def start_agent(self, node: str) -> bool: ...
+    def start_agent_after_boot(self, node: str) -> None: ...
+    async def kill_agent(self, node: str) -> bool: ...
+
+
+class Faults:
+    """Applies faults to a running test cluster; keeps a history for reports."""
+
+    def __init__(self, cluster: FaultTarget) -> None:
         self.cluster = cluster
         self.history: list[dict[str, Any]] = []
         self._tasks: set[asyncio.Task[None]] = set()
