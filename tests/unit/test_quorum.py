@@ -321,7 +321,9 @@ def test_the_model_catches_each_broken_variant(mutant: Rules) -> None:
         found = find(
             schedules(max_nodes=5),
             lambda case: violation(*case, mutant) is not None,
-            settings=settings(max_examples=20_000, deadline=None, database=None),
+            # Derandomized: the same search every run, so a variant found once is always found
+            # (a random search of this size missed `cut-too-early` in one of seven runs here).
+            settings=settings(max_examples=20_000, deadline=None, database=None, derandomize=True),
         )
     except NoSuchExample:  # pragma: no cover - the failure this test exists to report
         pytest.fail(f"the model cannot show what {mutant} breaks")
