@@ -276,13 +276,18 @@ class MosquittoBroker:
             "mosquitto", [self.binary, "-c", str(conf)], self.work_dir / "mosquitto.log"
         )
         await self._proc.spawn()
-        try:
-            await wait_port(self.host, self.port)
-        except TimeoutError as e:
-            tail = self._proc.log_tail()
-            await self._proc.stop()
-            raise BrokerError(f"mosquitto did not listen on {self.port}:\n{tail}") from e
+        for port in self.listen_ports():
+            try:
+                await wait_port(self.host, port)
+            except TimeoutError as e:
+                tail = self._proc.log_tail()
+                await self._proc.stop()
+                raise BrokerError(f"mosquitto did not listen on {port}:\n{tail}") from e
         log.info("mosquitto on %s (pid %s)", self.url, self._proc.pid)
+
+    def listen_ports(self) -> tuple[int, ...]:
+        """Every port the configuration opens (the broker is up once each one listens)."""
+        return (self.port,)
 
     async def stop(self) -> None:
         if self._proc is not None:

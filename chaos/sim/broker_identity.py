@@ -24,9 +24,8 @@ import shutil
 from pathlib import Path
 from types import ModuleType
 
-from chaos.sim.broker import BrokerError, MosquittoBroker, wait_port
+from chaos.sim.broker import BrokerError, MosquittoBroker
 from chaos.sim.ports import free_port
-from chaos.sim.procs import managed
 
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
 BROKER_DIR = DEPLOY_DIR / "base" / "broker"
@@ -119,21 +118,8 @@ class IdentityBroker(MosquittoBroker):
         conf.write_text(text)
         return conf
 
-    async def start(self) -> None:
-        if self.running:
-            return
-        conf = self._write_config()
-        self._proc = managed(
-            "mosquitto", [self.binary, "-c", str(conf)], self.work_dir / "mosquitto.log"
-        )
-        await self._proc.spawn()
-        try:
-            await wait_port(self.host, self.port)
-            await wait_port(self.host, self.controller_port)
-        except TimeoutError as e:
-            tail = self._proc.log_tail()
-            await self._proc.stop()
-            raise BrokerError(f"mosquitto did not listen on {self.port}:\n{tail}") from e
+    def listen_ports(self) -> tuple[int, ...]:
+        return (self.port, self.controller_port)
 
     def agent_env(self, enroll_file: Path) -> dict[str, str]:
         """What the DaemonSet gives an agent: the broker's CA and where its certificate lives
