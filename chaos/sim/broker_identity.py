@@ -26,6 +26,7 @@ from types import ModuleType
 
 from chaos.sim.broker import BrokerError, MosquittoBroker
 from chaos.sim.ports import free_port
+from watchdog.transport.certificates import Authority, new_key_and_request, write_private
 
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
 BROKER_DIR = DEPLOY_DIR / "base" / "broker"
@@ -65,6 +66,16 @@ def shipped_config(paths: dict[str, Path], port: int, controller_port: int) -> s
             raise BrokerError(f"shipped mosquitto.conf has {found} {old!r}, expected {count}")
         text = text.replace(old, str(new))
     return text
+
+
+def sign_identity(signer_dir: Path, node: str, path: Path, lifetime_s: int = 3600) -> Path:
+    """A client certificate of `node` with its key (one file at `path`), signed by the signer
+    in `signer_dir` (ca.crt, ca.key) with the service's own code: what an operator holding the
+    signer can make, for tests and witnesses."""
+    authority = Authority.load(signer_dir / "ca.crt", signer_dir / "ca.key")
+    key, request = new_key_and_request(node)
+    write_private(path, authority.sign(request, lifetime_s) + key)
+    return path
 
 
 class IdentityBroker(MosquittoBroker):

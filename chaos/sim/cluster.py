@@ -75,7 +75,7 @@ from chaos.sim.kubevirt import (
 from chaos.sim.ledger import RESTARTING_STRATEGIES, Ledger
 from chaos.sim.procs import ManagedProcess, managed
 from chaos.sim.proxy import ProxyMode, TcpProxy
-from chaos.sim.rbac import RbacError, ServiceIdentity, kustomization_dirs
+from chaos.sim.rbac import RbacError, ServiceIdentity, agent_pod_token, kustomization_dirs
 from chaos.sim.rbac import install as install_rbac
 from chaos.sim.wdt import EmulatedWatchdog
 from watchdog.runtime.settings import Settings
@@ -789,29 +789,12 @@ class SimCluster:
         ident = self.agent_identity
         assert ident is not None
         for name in self.fleet.members:
-            pod = await self.kube.create(
-                PODS,
-                {
-                    "apiVersion": "v1",
-                    "kind": "Pod",
-                    "metadata": {
-                        "name": f"node-watchdog-agent-{name}",
-                        "namespace": ident.namespace,
-                    },
-                    "spec": {
-                        "serviceAccountName": ident.name,
-                        "nodeName": name,
-                        "tolerations": [{"operator": "Exists"}],
-                        "containers": [{"name": "node-watchdog", "image": "node-watchdog"}],
-                    },
-                },
-                ident.namespace,
-            )
-            self._agent_tokens[name] = await self.control_plane.kubeconfig_for_service_account(
-                ident.namespace,
-                ident.name,
+            self._agent_tokens[name] = await agent_pod_token(
+                self.control_plane,
+                self.kube,
+                ident,
+                name,
                 self.work_dir / "nodes" / name / "agent-token.kubeconfig",
-                bound_pod=(pod["metadata"]["name"], pod["metadata"]["uid"]),
             )
 
     async def _start_agents(self) -> None:

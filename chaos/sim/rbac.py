@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from chaos.sim.controlplane import ControlPlane
-from chaos.sim.informer import NAMESPACES, ApiError, Kube, Obj
+from chaos.sim.informer import NAMESPACES, PODS, ApiError, Kube, Obj
 
 # deploy/ next to the chaos package: the test cluster is run from a source checkout.
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
@@ -236,3 +236,32 @@ async def _bindings_not_in_force(kube: Kube, objs: list[Obj]) -> list[str]:
         if not (review.get("status") or {}).get("allowed"):
             pending.append(f"{binding['kind']}/{binding['metadata']['name']}")
     return pending
+
+
+async def agent_pod_token(
+    cp: ControlPlane, admin: Kube, agent: ServiceIdentity, node: str, path: Path
+) -> Path:
+    """An agent pod on `node` (tolerating every taint, as the DaemonSet's do) and a kubeconfig
+    with the token the kubelet would mount into it: bound to the pod, so the API server knows
+    (and records in each request it authenticates) the node it runs on."""
+    pod = await admin.create(
+        PODS,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"node-watchdog-agent-{node}", "namespace": agent.namespace},
+            "spec": {
+                "serviceAccountName": agent.name,
+                "nodeName": node,
+                "tolerations": [{"operator": "Exists"}],
+                "containers": [{"name": "node-watchdog", "image": "node-watchdog"}],
+            },
+        },
+        agent.namespace,
+    )
+    return await cp.kubeconfig_for_service_account(
+        agent.namespace,
+        agent.name,
+        path,
+        bound_pod=(pod["metadata"]["name"], pod["metadata"]["uid"]),
+    )

@@ -33,9 +33,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from chaos.sim.broker_identity import shipped_config
+from chaos.sim.broker_identity import shipped_config, sign_identity
 from chaos.sim.ports import free_port
-from watchdog.transport.certificates import Authority, new_key_and_request, write_private
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKER_DIR = ROOT / "deploy" / "base" / "broker"
@@ -89,11 +88,7 @@ class Broker:
         signer (or the one in `signer_dir`)."""
         signer_dir = signer_dir or self.signer_dir
         path = self.identities / f"{signer_dir.name}-{node}.pem"
-        if not path.exists():
-            authority = Authority.load(signer_dir / "ca.crt", signer_dir / "ca.key")
-            key, request = new_key_and_request(node)
-            write_private(path, authority.sign(request, 3600) + key)
-        return path
+        return path if path.exists() else sign_identity(signer_dir, node, path)
 
     def client(
         self,

@@ -35,7 +35,7 @@ import aiomqtt
 import pytest
 import pytest_asyncio
 
-from chaos.sim.broker_identity import IdentityBroker
+from chaos.sim.broker_identity import IdentityBroker, sign_identity
 from chaos.sim.informer import LEASES, Kube, Obj, Resource
 from tests.integration.attacks import api_attacks
 from tests.integration.watchdog_env import LEADER_LEASE, WatchdogEnv, default_config
@@ -46,7 +46,7 @@ from watchdog.decide.peer_probe import PeerView
 from watchdog.decide.peer_reports import PeerReport, encode_report, peers_topic
 from watchdog.decide.peer_ring import MAX_TARGETS, encode_probe_list, probe_topic
 from watchdog.decide.quorum import encode_members, members_topic
-from watchdog.transport.certificates import Authority, new_key_and_request, write_private
+from watchdog.transport.certificates import new_key_and_request
 
 pytestmark = [
     pytest.mark.cluster,
@@ -134,15 +134,6 @@ class Inbox:
     async def close(self) -> None:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
-
-
-def mint(broker: IdentityBroker, node: str, path: Path) -> Path:
-    """A certificate of `node` from the agents' signer: the test's own witness (the operator
-    holds the signer; the attacker does not)."""
-    authority = Authority.load(broker.signer_dir / "ca.crt", broker.signer_dir / "ca.key")
-    key, request = new_key_and_request(node)
-    write_private(path, authority.sign(request, 3600) + key)
-    return path
 
 
 def hb(node: str, boot_id: str, seq: int, marker: str) -> bytes:
@@ -262,7 +253,8 @@ async def test_a_compromised_node_cannot_reboot_reset_or_silence_another(env, tm
     boot4 = c.fleet[ATTACKER].boot_id
     await env.fault("agent-kill", ATTACKER)
 
-    witness_id = mint(broker, "node-99", tmp_path / "witness.pem")
+    # The test's own witness: a certificate the operator (who holds the signer) makes.
+    witness_id = sign_identity(broker.signer_dir, "node-99", tmp_path / "witness.pem")
     marker = uuid.uuid4().hex
     mark = marker.encode()
     p = PREFIX

@@ -32,7 +32,7 @@ from chaos.bench.kubeload import node_body
 from chaos.sim import rbac
 from chaos.sim.binaries import ControlPlaneBinaries
 from chaos.sim.controlplane import ControlPlane
-from chaos.sim.informer import NODES, PODS, Kube, Resource
+from chaos.sim.informer import NODES, Kube, Resource
 from tests.integration import test_broker_config as broker_harness
 from watchdog.actuate.errors import ActuationError
 from watchdog.actuate.kube import KubeWriter
@@ -73,29 +73,9 @@ def broker_dir() -> Iterator[Path]:
 
 
 async def agent_pod_token(world: World, node: str) -> Path:
-    """An agent pod on `node` and the token the kubelet would mount into it: bound to the pod,
-    so the API server knows (and records in each request it authenticates) the node it runs
-    on."""
-    namespace = world.agent.namespace
-    pod = await world.admin.create(
-        PODS,
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": f"node-watchdog-agent-{node}", "namespace": namespace},
-            "spec": {
-                "serviceAccountName": world.agent.name,
-                "nodeName": node,
-                "containers": [{"name": "node-watchdog", "image": "node-watchdog"}],
-            },
-        },
-        namespace,
-    )
-    return await world.cp.kubeconfig_for_service_account(
-        namespace,
-        world.agent.name,
-        world.work / f"agent-{node}.kubeconfig",
-        bound_pod=(pod["metadata"]["name"], pod["metadata"]["uid"]),
+    """An agent pod on `node` and its pod-bound token (chaos/sim/rbac.py)."""
+    return await rbac.agent_pod_token(
+        world.cp, world.admin, world.agent, node, world.work / f"agent-{node}.kubeconfig"
     )
 
 
