@@ -30,7 +30,6 @@ from tests.eventually import eventually
 from tests.integration.test_service_failover import VAP, VAP_BINDINGS
 from watchdog.actuate import Actuator, LeaseLock, LeaseRecord, Result
 from watchdog.actuate.errors import TransientError
-from watchdog.actuate.kube import EVACUATION_LABEL, KubeWriter
 from watchdog.actuate.preflight import (
     check_access,
     check_api,
@@ -39,6 +38,7 @@ from watchdog.actuate.preflight import (
     required_access,
     run_preflight,
 )
+from watchdog.actuate.writer import KubeWriter
 from watchdog.decide.actions import (
     Basis,
     DeleteVolumeAttachments,
@@ -52,7 +52,7 @@ from watchdog.decide.actions import (
     StopEvacuation,
     TaintOutOfService,
 )
-from watchdog.decide.names import LEGACY_STATE_ANNOTATION, STATE_ANNOTATION
+from watchdog.decide.names import EVACUATION_LABEL, LEGACY_STATE_ANNOTATION, STATE_ANNOTATION
 from watchdog.decide.reasons import Reason
 from watchdog.observe.kube import load_api_client
 from watchdog.runtime.settings import Settings
@@ -249,7 +249,7 @@ async def test_marking_pods_not_ready_shows_in_kubectl_and_repeats_as_already_do
         "mark-1", (("default", "mark-a"), ("default", "mark-b"), ("default", "mark-gone"))
     )
 
-    first = await actuator.mark_pods_not_ready(action)
+    first = await actuator.pods.mark_pods_not_ready(action)
     assert first.result is Result.SUCCESS, first
     assert dict(first.items) == {
         "default/mark-a": Result.SUCCESS,
@@ -262,7 +262,7 @@ async def test_marking_pods_not_ready_shows_in_kubectl_and_repeats_as_already_do
     assert conds["Ready"]["reason"] == "NodeUnreachable"
     assert conds["ContainersReady"]["status"] == "False"
 
-    second = await actuator.mark_pods_not_ready(action)
+    second = await actuator.pods.mark_pods_not_ready(action)
     assert second.result is Result.ALREADY_DONE, second
 
 
@@ -272,28 +272,29 @@ async def test_out_of_service_taint_added_and_removed_once_each_without_losing_o
     other = {"key": "example.com/maintenance", "value": "yes", "effect": "NoSchedule"}
     await create_node(admin, "taint-1", taints=[other])
 
-    first = await actuator.taint_out_of_service(TaintOutOfService("taint-1"))
+    first = await actuator.nodes.taint_out_of_service(TaintOutOfService("taint-1"))
     assert first.result is Result.SUCCESS, first
     node = await kubectl_json(cluster.admin_kubeconfig, "get", "node", "taint-1")
     taints = {(t["key"], t.get("value"), t["effect"]) for t in node["spec"]["taints"]}
     assert (OOS_KEY, "nodeshutdown", "NoExecute") in taints
     assert ("example.com/maintenance", "yes", "NoSchedule") in taints
-    assert (await actuator.taint_out_of_service(TaintOutOfService("taint-1"))).result is (
+    assert (await actuator.nodes.taint_out_of_service(TaintOutOfService("taint-1"))).result is (
         Result.ALREADY_DONE
     )
 
-    removed = await actuator.remove_out_of_service_taint(RemoveOutOfServiceTaint("taint-1"))
+    removed = await actuator.nodes.remove_out_of_service_taint(RemoveOutOfServiceTaint("taint-1"))
     assert removed.result is Result.SUCCESS, removed
     node = await kubectl_json(cluster.admin_kubeconfig, "get", "node", "taint-1")
     keys = [t["key"] for t in node["spec"]["taints"]]
     assert OOS_KEY not in keys and "example.com/maintenance" in keys
-    again = await actuator.remove_out_of_service_taint(RemoveOutOfServiceTaint("taint-1"))
+    again = await actuator.nodes.remove_out_of_service_taint(RemoveOutOfServiceTaint("taint-1"))
     assert again.result is Result.ALREADY_DONE
-    missing = await actuator.remove_out_of_service_taint(RemoveOutOfServiceTaint("no-such-node"))
-    assert missing.result is Result.ALREADY_DONE
-    assert (await actuator.taint_out_of_service(TaintOutOfService("no-such-node"))).result is (
-        Result.FAILED
+    missing = await actuator.nodes.remove_out_of_service_taint(
+        RemoveOutOfServiceTaint("no-such-node")
     )
+    assert missing.result is Result.ALREADY_DONE
+    absent = await actuator.nodes.taint_out_of_service(TaintOutOfService("no-such-node"))
+    assert absent.result is Result.FAILED
 
 
 async def test_concurrent_taint_writers_never_lose_an_update(
@@ -307,7 +308,7 @@ async def test_concurrent_taint_writers_never_lose_an_update(
         for i in range(6)
     ]
     outcomes = await asyncio.gather(
-        *(w.taint_out_of_service(TaintOutOfService("race-1")) for w in writers)
+        *(w.nodes.taint_out_of_service(TaintOutOfService("race-1")) for w in writers)
     )
     assert all(o.result is Result.SUCCESS for o in outcomes), outcomes
     node = await admin.get(NODES, "race-1")
@@ -331,15 +332,15 @@ async def test_force_delete_removes_a_pod_that_a_normal_delete_leaves_terminatin
     assert pod["metadata"].get("deletionTimestamp"), "Terminating, waiting for a kubelet"
 
     action = ForceDeletePods("dead-1", (("default", "dead-pod"),))
-    first = await actuator.force_delete_pods(action, uids={("default", "dead-pod"): uid})
+    first = await actuator.pods.force_delete_pods(action, uids={("default", "dead-pod"): uid})
     assert first.result is Result.SUCCESS, first
     assert await admin.get_or_none(PODS, "dead-pod", "default") is None
-    second = await actuator.force_delete_pods(action)
+    second = await actuator.pods.force_delete_pods(action)
     assert second.result is Result.ALREADY_DONE
 
     # A pod recreated under the same name is not ours: the uid precondition protects it.
     await create_launcher_pod(admin, "dead-pod", "dead-1")
-    third = await actuator.force_delete_pods(action, uids={("default", "dead-pod"): uid})
+    third = await actuator.pods.force_delete_pods(action, uids={("default", "dead-pod"): uid})
     assert third.result is Result.ALREADY_DONE
     assert await admin.get_or_none(PODS, "dead-pod", "default") is not None
     await admin.delete(PODS, "dead-pod", "default", grace_period_s=0)
@@ -350,22 +351,24 @@ async def test_state_annotation_is_persisted_once(
 ) -> None:
     await create_node(admin, "state-1")
     value = '{"phase":"Unreachable","reason":"CorroboratedByLease"}'
-    first = await actuator.persist_state(PersistState("state-1", value))
+    first = await actuator.nodes.persist_state(PersistState("state-1", value))
     assert first.result is Result.SUCCESS
     node = await kubectl_json(cluster.admin_kubeconfig, "get", "node", "state-1")
     assert node["metadata"]["annotations"][STATE_ANNOTATION] == value
-    assert (await actuator.persist_state(PersistState("state-1", value))).result is (
+    assert (await actuator.nodes.persist_state(PersistState("state-1", value))).result is (
         Result.ALREADY_DONE
     )
     newer = '{"phase":"Fencing","reason":"PeriodRunning"}'
-    assert (await actuator.persist_state(PersistState("state-1", newer))).result is (Result.SUCCESS)
+    changed = await actuator.nodes.persist_state(PersistState("state-1", newer))
+    assert changed.result is Result.SUCCESS
     assert (await admin.get(NODES, "state-1"))["metadata"]["annotations"][STATE_ANNOTATION] == newer
     # What `kubectl describe node` shows: the NodeWatchdog condition says the same.
     described = await kubectl_text(cluster.admin_kubeconfig, "describe", "node", "state-1")
     line = next(x for x in described.splitlines() if x.strip().startswith("NodeWatchdog"))
     assert "True" in line and "Fencing" in line and "PeriodRunning" in line, line
     back = '{"phase":"Healthy","reason":"HeartbeatFresh"}'
-    assert (await actuator.persist_state(PersistState("state-1", back))).result is Result.SUCCESS
+    healthy = await actuator.nodes.persist_state(PersistState("state-1", back))
+    assert healthy.result is Result.SUCCESS
     conditions = (await admin.get(NODES, "state-1"))["status"]["conditions"]
     [cond] = [c for c in conditions if c["type"] == "NodeWatchdog"]
     assert (cond["status"], cond["reason"]) == ("False", "Healthy")
@@ -382,8 +385,8 @@ async def test_events_are_created_then_counted_and_visible_to_kubectl(
         "no heartbeat for 5.2s, lease stale",
         EventType.WARNING,
     )
-    assert (await actuator.emit_event(action)).result is Result.SUCCESS
-    assert (await actuator.emit_event(action)).result is Result.ALREADY_DONE  # counted
+    assert (await actuator.events.emit_event(action)).result is Result.SUCCESS
+    assert (await actuator.events.emit_event(action)).result is Result.ALREADY_DONE  # counted
 
     listing = await kubectl_json(
         cluster.admin_kubeconfig,
@@ -412,7 +415,7 @@ async def test_events_are_created_then_counted_and_visible_to_kubectl(
         },
         "default",
     )
-    vmi_event = await actuator.emit_vmi_event(
+    vmi_event = await actuator.events.emit_vmi_event(
         "default", "event-vm", "VMRescheduled", "running on node-2 after 21.3s"
     )
     assert vmi_event.result is Result.SUCCESS
@@ -443,9 +446,9 @@ async def test_evacuation_creates_one_migration_per_vmi_and_stop_aborts_them(
             "default",
         )
     vmis = [("default", "evac-a"), ("default", "evac-b")]
-    first = await actuator.start_evacuation(StartEvacuation("evac-node"), vmis)
+    first = await actuator.migrations.start_evacuation(StartEvacuation("evac-node"), vmis)
     assert first.result is Result.SUCCESS, first
-    again = await actuator.start_evacuation(StartEvacuation("evac-node"), vmis)
+    again = await actuator.migrations.start_evacuation(StartEvacuation("evac-node"), vmis)
     assert again.result is Result.ALREADY_DONE, again
 
     listing = await admin.list(VMIMS, "default", labelSelector=f"{EVACUATION_LABEL}=evac-node")
@@ -455,11 +458,11 @@ async def test_evacuation_creates_one_migration_per_vmi_and_stop_aborts_them(
         m["metadata"]["name"].startswith(f"evacuate-{m['spec']['vmiName']}-") for m in migrations
     )
 
-    stopped = await actuator.stop_evacuation(StopEvacuation("evac-node"))
+    stopped = await actuator.migrations.stop_evacuation(StopEvacuation("evac-node"))
     assert stopped.result is Result.SUCCESS, stopped
     listing = await admin.list(VMIMS, "default", labelSelector=f"{EVACUATION_LABEL}=evac-node")
     assert listing["items"] == []
-    assert (await actuator.stop_evacuation(StopEvacuation("evac-node"))).result is (
+    assert (await actuator.migrations.stop_evacuation(StopEvacuation("evac-node"))).result is (
         Result.ALREADY_DONE
     )
 
@@ -498,11 +501,11 @@ async def test_volume_attachments_of_the_reset_pods_volumes_are_deleted_and_no_o
         )
     action = DeleteVolumeAttachments("va-node")
     claims = [("default", "vm-disk"), ("default", "missing-claim")]
-    first = await actuator.delete_volume_attachments(action, claims)
+    first = await actuator.pods.delete_volume_attachments(action, claims)
     assert first.result is Result.SUCCESS, first
     assert await admin.get_or_none(VOLUME_ATTACHMENTS, "csi-pv-vm-disk") is None
     assert await admin.get_or_none(VOLUME_ATTACHMENTS, "csi-pv-other") is not None
-    second = await actuator.delete_volume_attachments(action, claims)
+    second = await actuator.pods.delete_volume_attachments(action, claims)
     assert second.result is Result.ALREADY_DONE, second
 
 
@@ -514,10 +517,10 @@ async def test_dry_run_reports_and_writes_nothing(
     dry = Actuator(api_client, settings(dry_run=True))
     assert dry.dry_run
     outcomes = [
-        await dry.taint_out_of_service(TaintOutOfService("dry-1")),
-        await dry.persist_state(PersistState("dry-1", "{}")),
-        await dry.mark_pods_not_ready(MarkPodsNotReady("dry-1", (("default", "dry-pod"),))),
-        await dry.force_delete_pods(ForceDeletePods("dry-1", (("default", "dry-pod"),))),
+        await dry.nodes.taint_out_of_service(TaintOutOfService("dry-1")),
+        await dry.nodes.persist_state(PersistState("dry-1", "{}")),
+        await dry.pods.mark_pods_not_ready(MarkPodsNotReady("dry-1", (("default", "dry-pod"),))),
+        await dry.pods.force_delete_pods(ForceDeletePods("dry-1", (("default", "dry-pod"),))),
     ]
     assert {o.result for o in outcomes} == {Result.DRY_RUN}
     node = await admin.get(NODES, "dry-1")
@@ -539,7 +542,7 @@ async def test_an_action_during_an_api_restart_is_retried_until_it_succeeds(
     caplog.set_level(logging.WARNING, logger="watchdog.actuate")
     await cluster.api_outage_start("stop")
     try:
-        task = asyncio.ensure_future(patient.persist_state(PersistState("retry-1", "{}")))
+        task = asyncio.ensure_future(patient.nodes.persist_state(PersistState("retry-1", "{}")))
 
         async def first_attempt_failed() -> bool:
             return "attempt 1/12" in caplog.text
@@ -554,7 +557,7 @@ async def test_an_action_during_an_api_restart_is_retried_until_it_succeeds(
     # With too few attempts the failure is reported as transient, not raised.
     hopeless = Actuator(api_client, settings(api_request_timeout_s=1.0), attempts=2)
     async with cluster.api_outage("freeze"):
-        failed = await hopeless.persist_state(PersistState("retry-1", "{}"))
+        failed = await hopeless.nodes.persist_state(PersistState("retry-1", "{}"))
     assert failed.result is Result.FAILED
     assert isinstance(failed.error, TransientError)
 
@@ -611,7 +614,7 @@ async def test_an_event_the_api_refused_is_written_once_it_accepts_with_when_it_
         )
         return [e for e in listing["items"] if e["reason"] == "NodeFenced"]
 
-    retrying = asyncio.ensure_future(actuator.event_backlog.run(lambda: True))
+    retrying = asyncio.ensure_future(actuator.events.backlog.run(lambda: True))
     try:
         refused_at = datetime.now(UTC).replace(microsecond=0)
 
@@ -632,8 +635,8 @@ async def test_an_event_the_api_refused_is_written_once_it_accepts_with_when_it_
             return False
 
         await eventually(refused, what="the API server refusing NodeFenced Events")
-        assert (await actuator.emit_event(action)).result is Result.FAILED
-        assert len(actuator.event_backlog) == 1 and await events() == []
+        assert (await actuator.events.emit_event(action)).result is Result.FAILED
+        assert len(actuator.events.backlog) == 1 and await events() == []
         await admin.delete(VAP_BINDINGS, REFUSE_EVENTS)
         await admin.delete(VAP, REFUSE_EVENTS)
 
@@ -644,7 +647,7 @@ async def test_an_event_the_api_refused_is_written_once_it_accepts_with_when_it_
     finally:
         retrying.cancel()
     (event,) = await events()
-    assert event["reason"] == "NodeFenced" and len(actuator.event_backlog) == 0
+    assert event["reason"] == "NodeFenced" and len(actuator.events.backlog) == 0
     happened = datetime.fromisoformat(event["firstTimestamp"].replace("Z", "+00:00"))
     written_at = datetime.fromisoformat(
         event["metadata"]["creationTimestamp"].replace("Z", "+00:00")

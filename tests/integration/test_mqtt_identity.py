@@ -35,8 +35,8 @@ from chaos.sim.controlplane import ControlPlane
 from chaos.sim.informer import NODES, Kube, Resource
 from tests.integration import test_broker_config as broker_harness
 from watchdog.actuate.errors import ActuationError
-from watchdog.actuate.kube import KubeWriter
 from watchdog.actuate.mqtt_identity import CSRS, CertificateSigner, Enrollment, EnrollmentRefused
+from watchdog.actuate.writer import KubeWriter
 from watchdog.decide.names import MQTT_CLIENT_SIGNER
 from watchdog.observe.kube import load_api_client
 from watchdog.transport.certificates import Authority, held, new_key_and_request

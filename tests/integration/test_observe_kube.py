@@ -24,20 +24,14 @@ from chaos.sim.binaries import ControlPlaneBinaries
 from chaos.sim.controlplane import ControlPlane, OutageMode
 from chaos.sim.informer import CRDS, LEASES, NAMESPACES, NODES, PODS, ApiError, Kube, Resource
 from tests.eventually import eventually
+from watchdog.decide.names import NODE_LEASE_NAMESPACE
 from watchdog.decide.observations import LauncherPod
-from watchdog.observe.cluster_cache import (
-    NODE_LEASE_NAMESPACE,
-    ClusterCache,
-    PodRecord,
-    VMIRecord,
-    project_pod,
-    project_vmi,
-)
-from watchdog.observe.cluster_cache import (
-    PODS as LAUNCHER_PODS,
-)
+from watchdog.observe.cluster_cache import PODS as LAUNCHER_PODS
+from watchdog.observe.cluster_cache import ClusterCache
 from watchdog.observe.informer import EventKind, Informer, RestartCause
 from watchdog.observe.kube import KubeApi, load_api_client
+from watchdog.observe.projections import project_pod, project_vmi
+from watchdog.observe.records import PodRecord, VMIRecord
 from watchdog.runtime.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]

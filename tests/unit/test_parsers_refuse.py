@@ -34,8 +34,8 @@ from watchdog.decide.peer_ring import encode_probe_list, parse_probe_list
 from watchdog.decide.policy import PolicyError, parse_policy
 from watchdog.decide.state import NodeState, Phase
 from watchdog.heartbeat.boot_record import BootRecordError, parse_record
-from watchdog.observe.cluster_cache import MAX_QUANTITY, parse_quantity
 from watchdog.observe.node_probe import phase_for_boot
+from watchdog.observe.projections import MAX_QUANTITY, parse_quantity
 
 PREFIX = "node-watchdog/v1"
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

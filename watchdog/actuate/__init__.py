@@ -5,9 +5,10 @@ Executes the actions `watchdog.decide` returns; decides nothing itself. Only thi
 `watchdog.observe` import kubernetes_asyncio; the two never import each other.
 """
 
+from watchdog.actuate.actuator import Actuator, ActuatorSettings
 from watchdog.actuate.errors import ActuationError, PermanentError, TransientError
-from watchdog.actuate.kube import Actuator, ActuatorSettings, Outcome, Result
 from watchdog.actuate.lease_lock import LeaseLock, LeaseRecord
+from watchdog.actuate.outcome import Outcome, Result
 
 __all__ = [
     "ActuationError",

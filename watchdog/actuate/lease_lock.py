@@ -22,7 +22,7 @@ from urllib.parse import quote
 from kubernetes_asyncio import client as k8s_client
 
 from watchdog.actuate.errors import Conflict, NotFound, PermanentError
-from watchdog.actuate.kube import KubeWriter
+from watchdog.actuate.writer import KubeWriter
 
 _API = "/apis/coordination.k8s.io/v1"
 

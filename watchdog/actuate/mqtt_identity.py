@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import quote
 
 from watchdog.actuate.errors import ActuationError, NotFound
-from watchdog.actuate.kube import KubeWriter
+from watchdog.actuate.writer import KubeWriter
 from watchdog.decide.csr_review import Verdict, review
 from watchdog.decide.names import MQTT_CLIENT_SIGNER
 from watchdog.transport.certificates import (

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from kubernetes_asyncio import client as k8s_client
 
 from watchdog.actuate.errors import ActuationError, NotFound
-from watchdog.actuate.kube import KubeWriter
+from watchdog.actuate.writer import KubeWriter
 from watchdog.decide.names import MQTT_CLIENT_SIGNER, NODE_LEASE_NAMESPACE
 
 # Placeholder in the table for the watchdog's own namespace (Settings.namespace).
@@ -164,7 +164,7 @@ AGENT_ACCESS: tuple[AccessRule, ...] = (
         "leases",
         ("get",),
         "read its kubelet's Lease renewals before fencing (self_fence_lease_s)",
-        namespace="kube-node-lease",
+        namespace=NODE_LEASE_NAMESPACE,
     ),
     AccessRule(
         "certificates.k8s.io",

@@ -33,7 +33,7 @@ class Basis:
     may_act: Callable[[], bool] = _always
     # What the Node shows of ours at `node_version`: the state annotation and whether our
     # out-of-service taint is on (None: unknown). A Node changed only elsewhere (the kubelet's
-    # status, labels) still carries the plan; see actuate/kube.py.
+    # status, labels) still carries the plan; see actuate/node_writes.py.
     expect: tuple[str | None, bool] | None = None
     # The versions etcd held during the plan that differ from the view it was made on by the
     # plan's own writes alone (those writes, and newer versions `expect` still carried on).

@@ -7,7 +7,7 @@ so many informers do not renew in lockstep) and a client read timeout; a quiet r
 event; source health (`up`, `on_health`); and change callbacks `on_event(kind, key, old, new)`
 fired only when the projected record really changed.
 
-Records are whatever the projection returns (frozen dataclasses in `cluster_cache`): the raw
+Records are whatever the projection returns (frozen dataclasses in `records`): the raw
 object is dropped as soon as it is projected, which is what lets 100,000 pods fit in memory.
 
 Health is precise: the informer is down when a list or watch request fails with a connection

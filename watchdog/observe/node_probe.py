@@ -11,7 +11,7 @@ from datetime import datetime
 from urllib.parse import quote
 
 from watchdog.decide import bounded_json
-from watchdog.decide.names import read_state_annotation
+from watchdog.decide.names import NODE_LEASE_NAMESPACE, read_state_annotation
 from watchdog.decide.state import (
     DOWN_PHASES,
     MAX_ANNOTATION_BYTES,
@@ -53,9 +53,6 @@ def node_phase_probe(
         )
 
     return probe
-
-
-NODE_LEASE_NAMESPACE = "kube-node-lease"
 
 
 def node_lease_probe(api: KubeApi, node: str) -> Callable[[], Awaitable[float | None]]:

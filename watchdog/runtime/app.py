@@ -21,8 +21,8 @@ from typing import Any
 from pythonjsonlogger.json import JsonFormatter
 
 from watchdog import __version__
+from watchdog.actuate.actuator import Actuator
 from watchdog.actuate.events import ObjectRef
-from watchdog.actuate.kube import Actuator
 from watchdog.actuate.lease_lock import LeaseLock
 from watchdog.actuate.power_fence import InventoryError, PowerFencer
 from watchdog.actuate.preflight import run_preflight
@@ -30,6 +30,7 @@ from watchdog.decide import actions as act
 from watchdog.decide.actions import EventType
 from watchdog.decide.config import FenceMode
 from watchdog.decide.heartbeats import HeartbeatBook, RejectReason
+from watchdog.decide.names import NODE_LEASE_NAMESPACE
 from watchdog.decide.peer_reports import PeerBook
 from watchdog.heartbeat.agent import Agent, read_boot_id
 from watchdog.metrics import Metrics
@@ -38,7 +39,6 @@ from watchdog.observe.cluster_cache import (
     HARVESTER_UPGRADES,
     LEASES,
     MIGRATIONS,
-    NODE_LEASE_NAMESPACE,
     NODES,
     PODS,
     VMIS,
@@ -479,7 +479,7 @@ def _controller(
                 api_version="harvesterhci.io/v1beta1",
             )
             message = f"invalid value, keeping {controller.policy}: {problem}"
-            await actuator.record_event(ref, EventType.WARNING, "PolicyInvalid", message)
+            await actuator.events.record_event(ref, EventType.WARNING, "PolicyInvalid", message)
         reported_policy_problem[0] = problem
 
     async def heartbeat_loop() -> None:
@@ -509,9 +509,9 @@ def _controller(
     tg.create_task(heartbeat_loop(), name="health")
     # Events the API refused or lost: written again while we lead (actuate/event_backlog.py).
     metrics.queue_depth.labels(queue="events_unwritten").set_function(
-        lambda: len(actuator.event_backlog)
+        lambda: len(actuator.events.backlog)
     )
-    tg.create_task(actuator.event_backlog.run(lambda: controller.acting), name="event backlog")
+    tg.create_task(actuator.events.backlog.run(lambda: controller.acting), name="event backlog")
 
     async def campaign() -> None:
         # Only a replica whose caches are synced campaigns: one that took the Lease first and

@@ -21,12 +21,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from watchdog.actuate.kube import Actuator, Result
+from watchdog.actuate.actuator import Actuator
+from watchdog.actuate.outcome import Result
 from watchdog.decide.actions import EmitEvent, EventType, StartEvacuation, StopEvacuation
 from watchdog.decide.evacuation import describe_policy, plan_evacuation
 from watchdog.decide.reasons import Reason
 from watchdog.metrics import Metrics
-from watchdog.observe.cluster_cache import ClusterCache, MigrationRecord
+from watchdog.observe.cluster_cache import ClusterCache
+from watchdog.observe.records import MigrationRecord
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ class Evacuations:
 
     async def _vmi_event(self, namespace: str, name: str, event: str, message: str) -> None:
         vmi = self.cache.vmi(namespace, name)
-        await self.actuator.emit_vmi_event(
+        await self.actuator.events.emit_vmi_event(
             namespace, name, event, message, uid=vmi.uid if vmi is not None else ""
         )
 

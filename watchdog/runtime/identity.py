@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from watchdog.actuate.kube import KubeWriter
 from watchdog.actuate.mqtt_identity import CertificateSigner, Enrollment
+from watchdog.actuate.writer import KubeWriter
 from watchdog.metrics import Metrics
 from watchdog.observe.kube import KubeApi
 from watchdog.runtime.settings import Settings

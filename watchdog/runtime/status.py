@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from watchdog.actuate.kube import TaintSpec
+from watchdog.actuate.node_writes import TaintSpec
 from watchdog.decide.names import read_state_annotation
 from watchdog.decide.reasons import Reason
 from watchdog.decide.state import NodeState, Phase

@@ -21,7 +21,7 @@ class CacheView:
         return None if rec is None else rec.ready
 
     def node_annotation(self, node: str, key: str) -> str | None:
-        # The cache keeps one annotation per Node, the watchdog's own (observe/cluster_cache.py):
+        # The cache keeps one annotation per Node, the watchdog's own (observe/projections.py):
         # asking for another one is a bug, not an absent annotation.
         if key != STATE_ANNOTATION:
             raise KeyError(f"annotation {key!r} is not cached, only {STATE_ANNOTATION!r}")

@@ -1,0 +1,196 @@
+"""Requests to the Kubernetes API server: the one way every write of this package is sent.
+
+Owns: `KubeWriter` (raw JSON requests over the process's kubernetes_asyncio ApiClient, a
+timeout on every request, library errors translated into `TransientError` / `PermanentError`,
+transient ones retried with tenacity: bounded attempts, jittered exponential backoff,
+`Retry-After` honoured on 429, `attempt n/N` logged), the leadership check before every attempt
+(`sent_only_while`), and the wire formats the writes share (content types, metav1.Time).
+
+Must not: decide what to write, map errors to results (outcome.py does), or swallow
+`asyncio.CancelledError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import tenacity
+from kubernetes_asyncio import client as k8s_client
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config.config_exception import ConfigException
+
+from watchdog.actuate.errors import (
+    ActuationError,
+    PermanentError,
+    Stale,
+    TransientError,
+    from_status,
+    translate,
+)
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+
+Obj = dict[str, Any]
+
+# The running action's `Basis.may_act`, seen by every request it makes (the per-pod tasks
+# inherit it): checked before each attempt, so a retried request stops when leadership does.
+_MAY_ACT: ContextVar[Callable[[], bool] | None] = ContextVar("may_act", default=None)
+
+
+@contextlib.contextmanager
+def sent_only_while(may_act: Callable[[], bool]) -> Iterator[None]:
+    """Every `KubeWriter.call()` made inside (in tasks started inside too) sends each attempt
+    only while `may_act()` says so; else it raises `Stale` without sending it."""
+    token = _MAY_ACT.set(may_act)
+    try:
+        yield
+    finally:
+        _MAY_ACT.reset(token)
+
+
+def now_rfc3339() -> str:
+    """metav1.Time: seconds precision, UTC."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Wait(tenacity.wait.wait_base):
+    """Exponential backoff with "equal jitter" (a random half of each step, so the total wait
+    over N attempts is bounded below as well as above), or the server's Retry-After when it
+    sent one (bounded)."""
+
+    def __init__(self, initial_s: float, max_s: float, max_retry_after_s: float) -> None:
+        self._initial_s = initial_s
+        self._max_s = max_s
+        self._max_retry_after_s = max_retry_after_s
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        if isinstance(error, ActuationError) and error.retry_after_s is not None:
+            return min(error.retry_after_s, self._max_retry_after_s)
+        ceiling = min(self._max_s, self._initial_s * 2 ** (retry_state.attempt_number - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+class KubeWriter:
+    """Raw JSON requests with our error tiers; `call()` retries transient failures."""
+
+    def __init__(
+        self,
+        api_client: k8s_client.ApiClient,
+        *,
+        request_timeout_s: float = 10.0,
+        attempts: int = 5,
+        backoff_initial_s: float = 0.2,
+        backoff_max_s: float = 5.0,
+        max_retry_after_s: float = 30.0,
+    ) -> None:
+        self.api_client = api_client
+        self.request_timeout_s = request_timeout_s
+        self.attempts = attempts
+        self._wait = _Wait(backoff_initial_s, backoff_max_s, max_retry_after_s)
+
+    async def once(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = JSON,
+        what: str = "",
+    ) -> Obj:
+        """One attempt. The decoded body on 2xx; else an `ActuationError`."""
+        what = what or f"{method} {path}"
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                resp = await self.api_client.call_api(
+                    path,
+                    method,
+                    query_params=list((query or {}).items()),
+                    header_params={"Content-Type": content_type, "Accept": JSON},
+                    body=body,
+                    auth_settings=["BearerToken"],
+                    _preload_content=False,
+                    _request_timeout=self.request_timeout_s,
+                )
+                async with resp:
+                    data = await resp.read()
+        except (ApiException, ConfigException, aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise translate(e, what) from e
+        if resp.status >= 300:
+            raise from_status(resp.status, data, resp.headers, what)
+        try:
+            return json.loads(data) if data else {}
+        except ValueError as e:
+            raise PermanentError(f"{what}: answer is not JSON", status=resp.status) from e
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = JSON,
+        what: str = "",
+    ) -> Obj:
+        """`once()`, retried on `TransientError` up to `attempts` times."""
+        what = what or f"{method} {path}"
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(self.attempts),
+            wait=self._wait,
+            retry=tenacity.retry_if_exception_type(TransientError),
+            before_sleep=self._log_retry(what),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                may_act = _MAY_ACT.get()
+                if may_act is not None and not may_act():
+                    raise Stale(f"{what}: not sent, this replica no longer leads")
+                return await self.once(
+                    method, path, query=query, body=body, content_type=content_type, what=what
+                )
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    def _log_retry(self, what: str) -> Callable[[tenacity.RetryCallState], None]:
+        attempts = self.attempts
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome is not None else None
+            delay = state.next_action.sleep if state.next_action is not None else 0.0
+            log.warning(
+                "%s: attempt %d/%d failed (%s); retrying in %.1fs",
+                what,
+                state.attempt_number,
+                attempts,
+                error,
+                delay,
+            )
+
+        return before_sleep
+
+
+__all__ = [
+    "JSON",
+    "MERGE_PATCH",
+    "STRATEGIC_MERGE_PATCH",
+    "KubeWriter",
+    "Obj",
+    "now_rfc3339",
+    "sent_only_while",
+]
