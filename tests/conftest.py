@@ -7,6 +7,16 @@ import os
 import pytest
 
 from chaos.sim.binaries import BinariesUnavailable, ControlPlaneBinaries, ensure_binaries
+from chaos.sim.ports import SLICE_ENV
+
+# The suite runs on parallel workers (pytest-xdist, `.ci/run`): each worker's test clusters,
+# brokers and servers take ports from the worker's own slice, inherited by every process it
+# starts, so two workers never choose the same port.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ[SLICE_ENV] = (
+        f"{int(os.environ['PYTEST_XDIST_WORKER'].removeprefix('gw'))}"
+        f"/{int(os.environ['PYTEST_XDIST_WORKER_COUNT'])}"
+    )
 
 
 @pytest.fixture(scope="session")

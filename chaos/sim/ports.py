@@ -8,11 +8,16 @@ connection draws its local port from, and the test cluster opens hundreds of tho
 metrics port freed by an `agent-kill` was taken by a connection before `agent-start` bound it
 again. Ports here come from below that range, which the kernel never assigns on its own; within
 this process no port is handed out twice.
+
+Processes that run test clusters side by side (the test suite's parallel workers) cannot see
+each other's choices: each is given its own slice of that range with `NODE_WATCHDOG_PORT_SLICE`
+= `k/n` (slice k of n, from 0), so no two of them can choose the same port.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import socket
 import threading
@@ -22,6 +27,7 @@ from pathlib import Path
 # 9090, node exporters, brokers on 1883/8883).
 _LOWEST = 10_000
 _RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+SLICE_ENV = "NODE_WATCHDOG_PORT_SLICE"
 
 _given: set[int] = set()
 _lock = threading.Lock()
@@ -35,6 +41,21 @@ def _ephemeral_low() -> int:
         return 32_768  # Linux's default
 
 
+def _slice(low: int, high: int) -> tuple[int, int]:
+    """This process's part of [low, high]: all of it unless SLICE_ENV names a slice."""
+    raw = os.environ.get(SLICE_ENV, "")
+    if not raw:
+        return low, high
+    try:
+        k, n = (int(x) for x in raw.split("/"))
+    except ValueError:
+        raise ValueError(f"{SLICE_ENV}={raw!r}: expected k/n, e.g. 0/2") from None
+    if not 0 <= k < n:
+        raise ValueError(f"{SLICE_ENV}={raw!r}: k must be in 0..n-1")
+    size = (high - low + 1) // n
+    return low + k * size, low + (k + 1) * size - 1
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free right now, outside the ephemeral range, not handed out before here."""
     return free_ports(1, host)[0]
@@ -42,8 +63,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """`count` distinct ports, each bound once to check it is free, none handed out before."""
-    high = _ephemeral_low() - 1
-    if high - _LOWEST < 1_000:
+    low, high = _slice(_LOWEST, _ephemeral_low() - 1)
+    if high - low < 1_000:
         # The machine gave (almost) every port to the ephemeral range: fall back to the
         # kernel's choice, which is as good as it gets there.
         return _kernel_ports(count, host)
@@ -52,13 +73,13 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
         for _ in range(50 * count):
             if len(ports) == count:
                 break
-            port = _random.randint(_LOWEST, high)
+            port = _random.randint(low, high)
             if port in _given or port in ports:
                 continue
             if _bindable(host, port):
                 ports.append(port)
         if len(ports) < count:
-            raise OSError(f"no {count} free ports between {_LOWEST} and {high} on {host}")
+            raise OSError(f"no {count} free ports between {low} and {high} on {host}")
         _given.update(ports)
     return ports
 

@@ -8,7 +8,11 @@ with "address already in use" in a scenario run.
 
 from __future__ import annotations
 
+import itertools
+import re
 import socket
+
+import pytest
 
 from chaos.sim import ports
 
@@ -27,3 +31,24 @@ def test_a_port_in_use_is_not_chosen() -> None:
         taken = held.getsockname()[1]
         # every port this process could be given is checked by binding it: a listening one fails
         assert not ports._bindable("127.0.0.1", taken)
+
+
+def test_side_by_side_processes_choose_from_disjoint_slices(monkeypatch) -> None:
+    # Two workers of the parallel suite cannot see each other's choices: their slices must not
+    # overlap, or both could give the same port to a component that binds it later.
+    high = ports._ephemeral_low() - 1
+    chosen = {}
+    for k in range(3):
+        monkeypatch.setenv(ports.SLICE_ENV, f"{k}/3")
+        lo, hi = ports._slice(10_000, high)
+        chosen[k] = (lo, hi, ports.free_ports(50))
+        assert all(lo <= p <= hi for p in chosen[k][2])
+    spans = sorted((lo, hi) for lo, hi, _ in chosen.values())
+    assert all(a_hi < b_lo for (_, a_hi), (b_lo, _) in itertools.pairwise(spans))
+
+
+def test_a_malformed_slice_is_refused_naming_the_variable(monkeypatch) -> None:
+    for bad in ("2/2", "x", "1/0"):
+        monkeypatch.setenv(ports.SLICE_ENV, bad)
+        with pytest.raises(ValueError, match=f"{ports.SLICE_ENV}='{re.escape(bad)}'"):
+            ports.free_port()
