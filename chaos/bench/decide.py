@@ -89,6 +89,9 @@ class DictView:
     def harvester_policy(self) -> tuple[bool, str | None, str | None]:
         return (False, None, None)
 
+    def node_maintenance(self, node: str) -> tuple[bool, str | None, int]:
+        return False, None, 0
+
     def upgrade_running(self) -> bool:
         return False
 

@@ -257,6 +257,17 @@ def verdict(run: RunResult, expect: Expect) -> list[str]:
         leaders = list(run.watchdog.get("leaders_seen") or ())
         if len(leaders) < 2:
             fails.append(f"the acting leader never changed (leaders seen: {leaders or 'none'})")
+    if (expect.phases_entered or expect.phases_not_entered) and run.system == "watchdog":
+        entered = set(run.watchdog.get("phases_entered") or ())
+        shown = ", ".join(sorted(entered)) or "none"
+        missing_phases = [p for p in expect.phases_entered if p not in entered]
+        if missing_phases:
+            fails.append(f"no node entered {', '.join(missing_phases)} (entered: {shown})")
+        forbidden = [p for p in expect.phases_not_entered if p in entered]
+        if forbidden:
+            fails.append(
+                f"a node entered {', '.join(forbidden)}; expected never (entered: {shown})"
+            )
     if expect.held and run.system == "watchdog":
         seen = set(run.watchdog.get("resets_held_seen") or ())
         missing_holds = [h for h in expect.held if h not in seen]

@@ -189,6 +189,7 @@ class WatchdogView:
         self.last: dict[str, dict[str, Any]] = {}  # node → last summary seen
         self.held_seen: set[str] = set()
         self.leaders_seen: list[str] = []
+        self.phases_entered: set[str] = set()
 
     def urls(self) -> dict[str, str]:
         return {
@@ -205,6 +206,10 @@ class WatchdogView:
             s = probe.summary(m)
             self.last[node] = s
             self.held_seen.update(s["resets_held"])
+            # "From→To (Reason)": a phase some node was moved into on this replica.
+            self.phases_entered.update(
+                k.split("→", 1)[1].split(" (", 1)[0] for k in s["transitions"]
+            )
             if s["leader"] == 1 and (not self.leaders_seen or self.leaders_seen[-1] != node):
                 self.leaders_seen.append(node)
         return out
@@ -581,6 +586,7 @@ class Run:
                 "replicas": self.view.last,
                 "leaders_seen": self.view.leaders_seen,
                 "resets_held_seen": sorted(self.view.held_seen),
+                "phases_entered": sorted(self.view.phases_entered),
             }
         if self.system in HARVESTER and cluster.harvester is not None:
             r.notes.extend(

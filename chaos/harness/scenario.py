@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from chaos.harness.settings import scale_settings, unknown_settings
 from chaos.sim.faults import CLUSTER_ACTIONS, NODE_ACTIONS
+from watchdog.decide.state import Phase
 
 SYSTEMS: tuple[str, ...] = ("watchdog", "harvester-1.7", "harvester-1.6", "kubernetes-only")
 System = Literal["watchdog", "harvester-1.7", "harvester-1.6", "kubernetes-only"]
@@ -37,6 +38,7 @@ SCENARIO_NODE_ACTIONS: tuple[str, ...] = tuple(a for a in NODE_ACTIONS if a != "
 FENCERS = ("fence-command", "watchdog-device", "bmc")
 Fencer = Literal["fence-command", "watchdog-device", "bmc"]
 SCENARIO_ACTIONS: tuple[str, ...] = SCENARIO_NODE_ACTIONS + CLUSTER_ACTIONS
+PHASES: tuple[str, ...] = tuple(p.value for p in Phase)
 # Actions after which a node's VMs may have to run elsewhere: they start a failover incident.
 DISRUPTIVE_ACTIONS = frozenset(
     {"poweroff", "reboot", "partition", "nic-flap", "kubelet-stop", "mgmt-link-cut"}
@@ -166,11 +168,28 @@ class Expect(_Strict):
         description="watchdog only: another controller replica must have become the acting "
         "leader after the first fault.",
     )
+    phases_entered: list[str] = Field(
+        default_factory=list,
+        description="watchdog only: phases (e.g. Maintenance) some controller replica must "
+        "have moved a node into during the run (`watchdog_transitions_total`).",
+    )
+    phases_not_entered: list[str] = Field(
+        default_factory=list,
+        description="watchdog only: phases no replica may have moved any node into.",
+    )
     held: list[str] = Field(
         default_factory=list,
         description="watchdog only: hold reasons (`watchdog_resets_held{reason}`, e.g. Storm, "
         "BrokerDown) its controllers must have reported during the run.",
     )
+
+    @field_validator("phases_entered", "phases_not_entered")
+    @classmethod
+    def _known_phases(cls, v: list[str]) -> list[str]:
+        unknown = [p for p in v if p not in PHASES]
+        if unknown:
+            raise ValueError(f"unknown phase {', '.join(unknown)}; one of: {', '.join(PHASES)}")
+        return v
 
 
 class Budget(_Strict):

@@ -31,6 +31,11 @@ per node
                   API; broker and peer paths stay up
   bmc-down/bmc-up   the machine's BMC frozen (a BMC without power: requests hang) / back
   bmc-lies/bmc-truthful   the BMC reports power changes it never makes (off while it runs)
+  maintenance     Harvester's maintenance mode, through the API (chaos/sim/maintenance.py):
+                  cordoned, its VMs live-migrated away; returns once Harvester would show it
+                  completed
+  maintenance-end maintenance mode disabled: uncordoned, the status annotation removed
+  cordon/uncordon `kubectl cordon`: unschedulable, its VMs stay where they are
   fence           (the node-local fence channel, the node's watchdog device firing, or its BMC
                   switching it off) as
                   poweroff, recorded as a fence (`by`: fence-command or watchdog-device); with
@@ -52,10 +57,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from chaos.sim import maintenance
 from chaos.sim.bmc import BmcFleet
 from chaos.sim.broker import MqttBroker
 from chaos.sim.controlplane import ControlPlane
-from chaos.sim.informer import Clock
+from chaos.sim.informer import Clock, Kube
 from chaos.sim.kubelet import Fleet
 from chaos.sim.ledger import Ledger, StopReason
 
@@ -87,6 +93,10 @@ NODE_ACTIONS = (
     "bmc-up",
     "bmc-lies",
     "bmc-truthful",
+    "maintenance",
+    "maintenance-end",
+    "cordon",
+    "uncordon",
     "fence",
 )
 CLUSTER_ACTIONS = (
@@ -113,6 +123,8 @@ INVERSE = {
     "bmc-down": "bmc-up",
     "bmc-lies": "bmc-truthful",
     "fence": "poweron",
+    "maintenance": "maintenance-end",
+    "cordon": "uncordon",
     "api-outage": "api-restore",
     "broker-outage": "broker-restore",
     "controller-manager-stop": "controller-manager-start",
@@ -134,6 +146,7 @@ class FaultTarget(Protocol):
     ledger: Ledger
     bmcs: BmcFleet | None
     control_plane: ControlPlane
+    kube: Kube
     broker: MqttBroker | None
     fence_failing: set[str]
 
@@ -298,6 +311,12 @@ class Faults:
                 case "api-link-cut" | "api-link-heal":
                     c.cut_api_link(node, action == "api-link-cut")
                     return {}
+                case "maintenance":
+                    return await maintenance.enter(c.kube, node, c.clock)
+                case "maintenance-end":
+                    return await maintenance.leave(c.kube, node)
+                case "cordon" | "uncordon":
+                    return await maintenance.cordon(c.kube, node, on=action == "cordon")
                 case "bmc-down" | "bmc-up" | "bmc-lies" | "bmc-truthful":
                     if c.bmcs is None:
                         raise ValueError(f"fault {action}: this cluster has no BMCs (bmcs: true)")

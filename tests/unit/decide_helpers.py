@@ -78,6 +78,9 @@ def seen(
     persisted: str | None = None,
     out_of_service_tainted: bool = False,
     external_fence_confirmed: bool = False,
+    cordoned: bool = False,
+    maintain_status: str | None = None,
+    vmis_here: int = 0,
     now: float = T,
 ) -> NodeObservation:
     """What the controller observes about NODE at `now`, with ages instead of timestamps."""
@@ -96,6 +99,9 @@ def seen(
         launcher_pods=tuple(launcher_pods),
         external_fence_confirmed=external_fence_confirmed,
         persisted_phase=persisted,
+        cordoned=cordoned,
+        maintain_status=maintain_status,
+        vmis_here=vmis_here,
     )
 
 

@@ -26,6 +26,7 @@ from .test_decide_transitions import DETECTION, PERIOD, RECOVERY, SELF, dead
 
 H, S, D = Phase.HEALTHY, Phase.SUSPECT, Phase.DEGRADED
 U, F, RS, R, RC = Phase.UNREACHABLE, Phase.FENCING, Phase.RESETTING, Phase.RESET, Phase.RECOVERING
+M = Phase.MAINTENANCE
 ARCHITECTURE = Path(__file__).resolve().parents[2] / "docs" / "ARCHITECTURE.md"
 BEGIN, END = "```mermaid\n", "```\n"
 
@@ -94,6 +95,31 @@ MORE_ROWS = [
         None,
         [(RS, R, Reason.LAUNCHER_PODS_GONE)],
         id="the launcher pods are gone: reset",
+    ),
+    pytest.param(
+        node(S),
+        dead(launcher_pods=(), cordoned=True),
+        None,
+        [(S, M, Reason.IN_MAINTENANCE)],
+        id="a cordoned node with no VMI goes down: maintenance, not unreachable",
+    ),
+    pytest.param(
+        node(M, heartbeats_at_mark=100),
+        dead(launcher_pods=(), cordoned=True, vmis_here=1),
+        None,
+        [
+            (M, S, Reason.MAINTENANCE_ENDED),
+            (S, U, Reason.CORROBORATED_LEASE),
+            (U, F, Reason.PERIOD_RUNNING),
+        ],
+        id="a VMI shows on a silent node in maintenance: judged again",
+    ),
+    pytest.param(
+        node(M, heartbeats_at_mark=100),
+        seen(0.5, received=103, cordoned=True),
+        None,
+        [(M, H, Reason.HEARTBEAT_FRESH)],
+        id="heard again after maintenance: healthy",
     ),
 ]
 

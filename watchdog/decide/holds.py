@@ -18,10 +18,12 @@ BLIND_HOLDS = frozenset({Reason.HOLD_QUORUM, Reason.HOLD_BROKER_DOWN, Reason.HOL
 
 
 def silent_phases(cfg: DecideConfig) -> frozenset[Phase]:
-    """The phases the quorum hold counts as silent: SUSPECT and the phases a storm counts (a
-    node already reset, in the modes where every reset has its own proof, rebooted: its agent
-    has no contact in its new boot and answers nobody `cut`)."""
-    return frozenset({Phase.SUSPECT}) | storm_phases(cfg)
+    """The phases the quorum hold counts as silent: SUSPECT, MAINTENANCE and the phases a storm
+    counts (a node already reset, in the modes where every reset has its own proof, rebooted:
+    its agent has no contact in its new boot and answers nobody `cut`). A node in maintenance
+    is silent like any other: the controller cannot tell it switched off from cut off with the
+    others, whose majority it may complete."""
+    return frozenset({Phase.SUSPECT, Phase.MAINTENANCE}) | storm_phases(cfg)
 
 
 def storm_phases(cfg: DecideConfig) -> frozenset[Phase]:

@@ -31,6 +31,7 @@ from watchdog.decide.config import (
     self_fence_counts,
 )
 from watchdog.decide.falsely_ready import falsely_ready
+from watchdog.decide.maintenance import in_maintenance, maintenance_note
 from watchdog.decide.observations import FenceDeclaration, NodeObservation, SourceHealth
 from watchdog.decide.reasons import Reason
 from watchdog.decide.safety import fence_accepted, reset_not_before
@@ -102,6 +103,8 @@ def decide(
             step.while_reset()
         case Phase.RECOVERING:
             step.while_recovering()
+        case Phase.MAINTENANCE:
+            step.while_maintenance()
         case _ as unreachable:
             assert_never(unreachable)
     return step.result()
@@ -346,6 +349,19 @@ class _Step:
         if why is None:
             self.heartbeat_wakeups()  # heartbeat alone is not evidence; wait for a corroborator
             return
+        if in_maintenance(self.obs) and not self.state.tainted:
+            # Planned and empty: no declaration (the agent reads none), no fence, no reset, no
+            # failure alert. A hold, so safe; nothing to reset, so nothing kept down
+            # (decide/maintenance.py). A node still carrying our taint is finished normally.
+            self.move(Phase.MAINTENANCE, Reason.IN_MAINTENANCE)
+            self.event(
+                "NodeInMaintenance",
+                Reason.IN_MAINTENANCE,
+                f"no heartbeat for {age:.1f}s; {maintenance_note(self.obs)} and no VMI on it: "
+                "not fenced, nothing to reset",
+            )
+            self.heartbeat_wakeups()
+            return
         if Reason.HOLD_QUORUM in self.ctx.holds:
             # More than half of the nodes are silent, their agents maybe sparing themselves by
             # quorum (decide/quorum.py). A declaration written now would be the first thing such
@@ -355,6 +371,27 @@ class _Step:
             self.heartbeat_wakeups()
             return
         self.enter_unreachable(why, age)
+
+    def while_maintenance(self) -> None:
+        if self.sig.heartbeat is Signal.ALIVE:
+            if self.fresh_enough():
+                self.move(Phase.HEALTHY, Reason.HEARTBEAT_FRESH)
+                self.event("NodeRecovered", Reason.HEARTBEAT_FRESH, "heartbeats are back")
+            self.heartbeat_wakeups()
+            return
+        if self.sig.heartbeat is Signal.STALE and not in_maintenance(self.obs):
+            # Still silent, but a VMI shows on it, or the cordon or Harvester's status is gone:
+            # judged like any silent node again, from SUSPECT (its silence is already counted).
+            self.move(Phase.SUSPECT, Reason.MAINTENANCE_ENDED)
+            self.event(
+                "NodeSuspect",
+                Reason.MAINTENANCE_ENDED,
+                "silent and no longer in maintenance (uncordoned, or a VMI runs on it)",
+                warning=True,
+            )
+            self.while_suspect()
+            return
+        self.heartbeat_wakeups()
 
     def declared_fence(self) -> FenceDeclaration | None:
         """What the agent declared in the last heartbeat this controller saw (DESIGN §5)."""

@@ -34,6 +34,10 @@ GUARD_API_GROUP = DOMAIN
 MQTT_CLIENT_SIGNER = f"{DOMAIN}/mqtt-client"
 # Where every kubelet renews its node's Lease.
 NODE_LEASE_NAMESPACE = "kube-node-lease"
+# Harvester's maintenance mode (its node controller): "running" while it live-migrates the
+# node's VMs away, "completed" once none is left; the node is cordoned throughout.
+MAINTAIN_STATUS_ANNOTATION = "harvesterhci.io/maintain-status"
+MAINTAIN_STATUS_COMPLETED = "completed"
 # A KubeVirt migration in one of these phases is over (it no longer counts against the limits).
 FINAL_MIGRATION_PHASES = frozenset({"Succeeded", "Failed"})
 

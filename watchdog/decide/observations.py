@@ -123,3 +123,8 @@ class NodeObservation:
     # When this controller first saw the Node object. Heartbeats of a node it did not know yet
     # were rejected (unknown node), so silence before then is not evidence either.
     known_since: float | None = None
+    # Planned maintenance (decide/maintenance.py): the Node's cordon, Harvester's maintenance
+    # status annotation, and how many VMIs the API shows on the node.
+    cordoned: bool = False
+    maintain_status: str | None = None
+    vmis_here: int = 0

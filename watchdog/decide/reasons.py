@@ -30,6 +30,9 @@ class Reason(StrEnum):
     NODE_BACK = "NodeBack"
     NODE_REBOOTED = "NodeRebooted"
     RECOVERED = "Recovered"
+    # planned maintenance (decide/maintenance.py)
+    IN_MAINTENANCE = "InMaintenance"
+    MAINTENANCE_ENDED = "MaintenanceEnded"
     # holds
     HOLD_STORM = "Storm"
     # More than half of the nodes are silent to the controller: a majority may be cut off

@@ -34,6 +34,9 @@ class Phase(StrEnum):
     RESETTING = "Resetting"
     RESET = "Reset"
     RECOVERING = "Recovering"
+    # Silent, but planned: in maintenance with no VM left on it (decide/maintenance.py). Not
+    # down: no declaration, no fence, no reset, no failure alert.
+    MAINTENANCE = "Maintenance"
 
 
 # Phases in which a node counts as down: for the node's own agent (a declaration it acts on),

@@ -18,6 +18,7 @@ from watchdog.decide.state import Phase
 
 H, S, D = Phase.HEALTHY, Phase.SUSPECT, Phase.DEGRADED
 U, F, RS, R, RC = Phase.UNREACHABLE, Phase.FENCING, Phase.RESETTING, Phase.RESET, Phase.RECOVERING
+M = Phase.MAINTENANCE
 
 _SILENT = (Reason.HEARTBEAT_STALE, Reason.AGENT_OFFLINE)
 _CORROBORATED = (Reason.CORROBORATED_LEASE, Reason.CORROBORATED_READY, Reason.CORROBORATED_PEERS)
@@ -48,6 +49,12 @@ TRANSITIONS: frozenset[tuple[Phase, Phase, Reason]] = frozenset(
         # The node is heard again: after a reset, or while still fenced or tainted.
         *((p, RC, why) for p, why in product((S, U, F, R), _BACK)),
         (RC, H, Reason.RECOVERED),
+        # Planned maintenance (decide/maintenance.py): a corroborated silence of a node taken
+        # out of service with no VMI on it is held, not declared; it is judged again from
+        # SUSPECT once it is no longer in maintenance, and is healthy when heard again.
+        (S, M, Reason.IN_MAINTENANCE),
+        (M, S, Reason.MAINTENANCE_ENDED),
+        (M, H, Reason.HEARTBEAT_FRESH),
     ]
 )
 

@@ -32,6 +32,7 @@ from watchdog.decide.names import (
     EVACUATION_PRIORITY,
     LEGACY_EVACUATION_LABEL,
     LEGACY_EVACUATION_PRIORITY,
+    MAINTAIN_STATUS_ANNOTATION,
     read_name,
     read_state_annotation,
 )
@@ -193,6 +194,7 @@ def project_node(
             ),
             labels=tuple((_intern(k), _intern(str(labels[k]))) for k in keep_labels if k in labels),
             unschedulable=bool(spec.get("unschedulable", False)),
+            maintain_status=_s(annotations.get(MAINTAIN_STATUS_ANNOTATION)),
             resource_version=str(meta.get("resourceVersion") or ""),
         )
 

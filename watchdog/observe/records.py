@@ -41,6 +41,8 @@ class NodeRecord:
     virt_handler_seen_at: float | None  # monotonic: when that annotation was last seen to change
     labels: tuple[tuple[str, str], ...]  # only the keys the cache was told to keep
     unschedulable: bool
+    # Harvester's maintenance status (harvesterhci.io/maintain-status), None when not set.
+    maintain_status: str | None = None
     # The version this record was projected from: a decision's writes carry it as their
     # precondition (decide/actions.py, Basis). Not compared: a Node changed only in fields we
     # do not keep (the kubelet's status) wakes no evaluation.

@@ -76,6 +76,7 @@ class ClusterView(Protocol):
     def vmi_location(self, namespace: str, name: str) -> tuple[str | None, str | None]: ...
     def harvester_policy(self) -> tuple[bool, str | None, str | None]: ...
     def upgrade_running(self) -> bool: ...
+    def node_maintenance(self, node: str) -> tuple[bool, str | None, int]: ...
 
 
 class Executor(Protocol):
@@ -296,6 +297,7 @@ class Controller:
         persisted_phase = None
         if persisted:
             persisted_phase = NodeState.from_annotation(node, persisted, 0.0).phase.value
+        cordoned, maintain_status, vmis_here = self.view.node_maintenance(node)
         return NodeObservation(
             name=node,
             last_heartbeat_at=last_at,
@@ -312,6 +314,9 @@ class Controller:
             external_fence_confirmed=self._hook_confirmed(node),
             persisted_phase=persisted_phase,
             known_since=self.known_since.get(node),
+            cordoned=cordoned,
+            maintain_status=maintain_status,
+            vmis_here=vmis_here,
         )
 
     def _hook_confirmed(self, node: str) -> bool:

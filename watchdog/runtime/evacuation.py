@@ -1,10 +1,13 @@
 """Evacuation of degraded-but-alive nodes by live migration (DESIGN §6).
 
 A DEGRADED node's agent still heartbeats: its VMs are alive and must never be reset. This
-module moves what can move, within KubeVirt's limits (which VMIs, in what order: the pure
-`decide.evacuation.plan_evacuation`), follows each migration, reports what cannot move or does
-not finish within the policy's `vmMigrationTimeout`, and gives up on a VMI after
-`MAX_ATTEMPTS` failed migrations instead of retrying forever.
+module moves what can move, within KubeVirt's limits, follows each migration, reports what
+cannot move or does not finish within the policy's `vmMigrationTimeout`, and gives up on a VMI
+after `MAX_ATTEMPTS` failed migrations instead of retrying forever. What to do at each look is
+decided by the pure `decide.evacuation.evacuation_step` (which VMIs, in what order, which
+reports, finished or timed out) and `migration_ended` (a failed migration counts an attempt);
+this module reads the cache and the clock, carries out the step's effects (migrations, Events,
+metrics, logs) and keeps each node's `EvacuationState`.
 
 Every migration it creates is reported on its VMI (Event `EvacuationMigrating`, and the log)
 with the KubeVirt `MigrationPolicy` that applies to it (`decide.evacuation.select_policy`, from
@@ -19,31 +22,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from watchdog.actuate.actuator import Actuator
 from watchdog.actuate.outcome import Result
 from watchdog.decide.actions import EmitEvent, EventType, StartEvacuation, StopEvacuation
-from watchdog.decide.evacuation import describe_policy, plan_evacuation
+from watchdog.decide.evacuation import (
+    EvacuationEvent,
+    EvacuationState,
+    describe_policy,
+    evacuation_step,
+    migration_ended,
+    migration_result,
+)
 from watchdog.decide.reasons import Reason
 from watchdog.metrics import Metrics
 from watchdog.observe.cluster_cache import ClusterCache
 from watchdog.observe.records import MigrationRecord
 
 log = logging.getLogger(__name__)
-
-MAX_ATTEMPTS = 2  # a VMI whose migration failed twice is reported and left running where it is
-
-
-@dataclass
-class NodeEvacuation:
-    node: str
-    started_at: float
-    attempts: dict[tuple[str, str], int] = field(default_factory=dict)
-    given_up: set[tuple[str, str]] = field(default_factory=set)
-    reported: set[tuple[str, str]] = field(default_factory=set)
-    timed_out: bool = False
-    finished: bool = False
 
 
 class Evacuations:
@@ -60,7 +56,7 @@ class Evacuations:
         self.metrics = metrics
         self.clock = clock
         self.timeout_s = timeout_s
-        self.active: dict[str, NodeEvacuation] = {}
+        self.active: dict[str, EvacuationState] = {}
         # Ticks come from the decision worker (start) and from the evacuation loop (events):
         # two at once would both plan from the same cache and start the same VMI twice.
         self._lock = asyncio.Lock()
@@ -68,7 +64,7 @@ class Evacuations:
 
     async def start(self, action: StartEvacuation) -> str:
         if action.node not in self.active:
-            self.active[action.node] = NodeEvacuation(action.node, self.clock())
+            self.active[action.node] = EvacuationState(action.node, self.clock())
             log.warning("evacuating degraded node %s by live migration", action.node)
         await self.tick(action.node)
         return "success"
@@ -84,6 +80,11 @@ class Evacuations:
     async def _event(self, node: str, event: str, message: str, warning: bool = False) -> None:
         kind = EventType.WARNING if warning else EventType.NORMAL
         await self.actuator.execute(EmitEvent(node, event, Reason.KUBELET_PATH_LOST, message, kind))
+
+    async def _report(self, node: str, event: EvacuationEvent) -> None:
+        if event.result is not None:
+            self.metrics.migrations.labels(result=event.result).inc()
+        await self._event(node, event.event, event.message, warning=event.warning)
 
     async def _vmi_event(self, namespace: str, name: str, event: str, message: str) -> None:
         vmi = self.cache.vmi(namespace, name)
@@ -108,16 +109,16 @@ class Evacuations:
         started = self._migration_started.pop(key, None)
         if old is not None and old.final:
             return new.node
-        result = "succeeded" if new.phase == "Succeeded" else "failed"
+        result = migration_result(new.phase)
         self.metrics.migrations.labels(result=result).inc()
         if started is not None:
             self.metrics.migration_duration.observe(self.clock() - started)
         node = new.node
-        ev = self.active.get(node) if node else None
-        if ev is not None and result == "failed":
+        if node and (ev := self.active.get(node)) is not None:
             vmi = (new.namespace, new.vmi)
-            ev.attempts[vmi] = ev.attempts.get(vmi, 0) + 1
-            log.warning("evacuation of %s: migration %s of %s failed", node, key, vmi)
+            self.active[node] = migration_ended(ev, vmi, result)
+            if result == "failed":
+                log.warning("evacuation of %s: migration %s of %s failed", node, key, vmi)
         return node
 
     async def tick(self, node: str) -> None:
@@ -129,39 +130,21 @@ class Evacuations:
         ev = self.active.get(node)
         if ev is None:
             return
-        vmis = [v.evacuation() for v in self.cache.vmis_on(node)]
-        running_here = len(self.cache.migrations_from(node))
-        movable = [v for v in vmis if (v.namespace, v.name) not in ev.given_up]
-        plan = plan_evacuation(
-            movable, self.cache.active_migrations(), running_here, self.cache.migration_limits()
+        ev, effects = evacuation_step(
+            ev,
+            [v.evacuation() for v in self.cache.vmis_on(node)],
+            self.cache.active_migrations(),
+            len(self.cache.migrations_from(node)),
+            self.cache.migration_limits(),
+            now=self.clock(),
+            timeout_s=self.timeout_s(),
         )
-        for v in plan.not_migratable:
-            key = (v.namespace, v.name)
-            if key not in ev.reported:
-                ev.reported.add(key)
-                self.metrics.migrations.labels(result="not_migratable").inc()
-                await self._event(
-                    node,
-                    "VMNotMigratable",
-                    f"{v.namespace}/{v.name} cannot live-migrate ({v.not_migratable_reason}); "
-                    "it keeps running on the degraded node",
-                    warning=True,
-                )
-        chosen: list[tuple[str, str]] = []
-        for v in plan.start:
-            key = (v.namespace, v.name)
-            n = ev.attempts.get(key, 0)
-            if n >= MAX_ATTEMPTS:
-                ev.given_up.add(key)
-                self.metrics.migrations.labels(result="given_up").inc()
-                await self._event(
-                    node,
-                    "VMNotMigratable",
-                    f"{v.namespace}/{v.name}: {n} migrations failed; not retrying",
-                    warning=True,
-                )
-                continue
-            chosen.append(key)
+        # Kept before the first await: a migration that ends while the effects are carried out
+        # counts its attempt on this state, and an evacuation stopped meanwhile stays stopped.
+        self.active[node] = ev
+        for report in effects.reports:
+            await self._report(node, report)
+        chosen = effects.migrate
         if chosen:
             policies = {key: self._policy(*key) for key in chosen}
             outcome = await self.actuator.execute(StartEvacuation(node), vmis=chosen)
@@ -181,35 +164,8 @@ class Evacuations:
                         "EvacuationMigrating",
                         f"live-migrating off degraded node {node}; {policies[ns, name]}",
                     )
-        await self._check_end(
-            ev,
-            vmis_left=[v for v in movable if v.live_migratable],
-            running_here=running_here + len(chosen),
-        )
-
-    async def _check_end(
-        self, ev: NodeEvacuation, vmis_left: list[object], running_here: int
-    ) -> None:
-        if not vmis_left and running_here == 0 and not ev.finished:
-            ev.finished = True
-            await self._event(
-                ev.node,
-                "EvacuationFinished",
-                f"every live-migratable VMI left {ev.node} "
-                f"({len(ev.reported)} not migratable, {len(ev.given_up)} given up)",
-            )
-            return
-        timeout = self.timeout_s()
-        if not ev.timed_out and self.clock() - ev.started_at > timeout:
-            ev.timed_out = True
-            self.metrics.migrations.labels(result="timeout").inc()
-            await self._event(
-                ev.node,
-                "EvacuationTimeout",
-                f"evacuation of {ev.node} still unfinished after {timeout:.0f}s "
-                f"({len(vmis_left)} VMIs left); VMs keep running, nothing is reset",
-                warning=True,
-            )
+        if effects.end is not None:
+            await self._report(node, effects.end)
 
     async def tick_all(self) -> None:
         for node in list(self.active):

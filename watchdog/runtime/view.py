@@ -57,5 +57,13 @@ class CacheView:
             return False, None, None
         return True, setting.value, setting.default
 
+    def node_maintenance(self, node: str) -> tuple[bool, str | None, int]:
+        """(cordoned, Harvester's maintenance status, VMIs the API shows on it)."""
+        rec = self.cache.node(node)
+        vmis = len(self.cache.vmis_on(node))
+        if rec is None:
+            return False, None, vmis
+        return rec.unschedulable, rec.maintain_status, vmis
+
     def upgrade_running(self) -> bool:
         return self.cache.upgrade_running() is not None
