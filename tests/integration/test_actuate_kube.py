@@ -798,7 +798,9 @@ async def test_a_replica_that_stopped_leading_sends_nothing_more_even_mid_retry(
             t["key"] for t in node["spec"].get("taints") or ()
         ]
 
-    await eventually(settled, what="the node lifecycle controller's taint")
+    # Bound: earlier tests of this module restart and freeze the API server, after which
+    # kube-controller-manager's watches come back with a backoff of up to 30 s of their own.
+    await eventually(settled, timeout_s=90, what="the node lifecycle controller's taint")
     leading = True
     # As the controller makes it: what the Node shows of ours goes with the version, so that
     # the API server's own controllers writing the Node (its TTL annotation) refuse nothing.

@@ -93,21 +93,42 @@ def test_a_node_still_carrying_our_taint_is_finished_normally() -> None:
     assert M not in [to for _, to, _ in d.transitions]
 
 
-@pytest.mark.parametrize(
-    ("now_seen", "why"),
-    [
-        ({"cordoned": True, "vmis_here": 1}, "a VMI shows on it"),
-        ({"cordoned": False}, "uncordoned"),
-        ({"maintain_status": None}, "Harvester's status removed"),
-    ],
-)
-def test_leaving_maintenance_while_silent_is_judged_like_any_silent_node(now_seen, why) -> None:
+def test_a_vmi_showing_on_a_silent_node_in_maintenance_ends_it() -> None:
     state = node(M, heartbeats_at_mark=100, last_contact_at=T - 40.0)
-    d = step(state, seen(**OFF, **now_seen))
+    d = step(state, seen(**OFF, cordoned=True, vmis_here=1))
     assert list(d.transitions)[:2] == [
         (M, S, Reason.MAINTENANCE_ENDED),
         (S, U, Reason.CORROBORATED_LEASE),
-    ], why
+    ]
+
+
+@pytest.mark.parametrize("cfg", MODES, ids=lambda c: f"mode {c.fence_mode}")
+@pytest.mark.parametrize(
+    "now_seen",
+    [{"cordoned": False}, {"cordoned": False, "maintain_status": None}],
+    ids=["uncordoned", "harvester-maintenance-disabled"],
+)
+def test_must_not_switch_off_a_node_uncordoned_while_it_boots_after_maintenance(
+    now_seen, cfg
+) -> None:
+    # The operator powers the node on and disables maintenance at once: its Lease is still
+    # stale from the work, its agent not yet up. That old silence proves nothing against a
+    # booting machine: no declaration, no BMC power-off, no taint.
+    state = node(M, heartbeats_at_mark=100, last_contact_at=T - 3600.0)
+    obs = seen(hb_age=3600.0, lease_age=3600.0, ready="Unknown", **now_seen)
+    d = step(state, obs, cfg=cfg)
+    assert d.transitions == ()
+    assert actions_of(d, RunFenceHook) == actions_of(d, TaintOutOfService) == []
+    assert written_phases(d) == []
+
+
+def test_a_kubelet_renewing_again_ends_maintenance_without_any_fence() -> None:
+    # The machine runs again (booting, or only its agent is gone): judged from Suspect, where
+    # a kubelet alive since the silence vetoes any declaration.
+    state = node(M, heartbeats_at_mark=100, last_contact_at=T - 40.0)
+    d = step(state, seen(hb_age=40.0, lease_age=1.0, ready="True", cordoned=True))
+    assert list(d.transitions) == [(M, S, Reason.KUBELET_PATH_BACK)]
+    assert actions_of(d, RunFenceHook) == []
 
 
 def test_heard_again_after_maintenance_is_healthy_with_nothing_to_undo() -> None:
@@ -125,10 +146,11 @@ def test_two_heartbeats_are_not_yet_back() -> None:
 
 @pytest.mark.parametrize("cfg", MODES, ids=lambda c: f"mode {c.fence_mode}")
 def test_maintenance_counts_toward_no_storm_but_is_silent_for_the_quorum_hold(cfg) -> None:
-    # Four of six nodes in maintenance and switched off: no storm holds a real failure...
+    # Four of six nodes in maintenance and switched off: they raise no storm hold...
     assert not is_storm([M, M, M, M, H, H], 6, cfg)
     # ...but the controller cannot tell them off from cut off together with the others, whose
-    # majority they may complete: the quorum hold counts them as silent.
+    # majority they may complete: the quorum hold counts them as silent (with those four off,
+    # a failure of a fifth node is held as QuorumLost until enough of them are heard again).
     assert M in silent_phases(cfg)
     # The failure alert (WatchdogNodeUnreachable) counts only the down phases.
     assert M not in DOWN_PHASES and M not in STORM_PHASES

@@ -121,6 +121,13 @@ MORE_ROWS = [
         [(M, H, Reason.HEARTBEAT_FRESH)],
         id="heard again after maintenance: healthy",
     ),
+    pytest.param(
+        node(M, heartbeats_at_mark=100, last_contact_at=1000.0 - 40.0),
+        seen(40.0, lease_age=1.0, cordoned=True),
+        None,
+        [(M, S, Reason.KUBELET_PATH_BACK)],
+        id="a kubelet renewing again after maintenance: suspect, never declared",
+    ),
 ]
 
 

@@ -379,18 +379,27 @@ class _Step:
                 self.event("NodeRecovered", Reason.HEARTBEAT_FRESH, "heartbeats are back")
             self.heartbeat_wakeups()
             return
-        if self.sig.heartbeat is Signal.STALE and not in_maintenance(self.obs):
-            # Still silent, but a VMI shows on it, or the cordon or Harvester's status is gone:
-            # judged like any silent node again, from SUSPECT (its silence is already counted).
+        if self.kubelet_alive_since_silence():
+            # Its kubelet renews again: the machine runs (booting after the work, or only its
+            # agent is gone). Judged from SUSPECT like any node whose kubelet lives.
+            self.move(Phase.SUSPECT, Reason.KUBELET_PATH_BACK)
+            self.while_suspect()
+            return
+        if self.sig.heartbeat is Signal.STALE and self.obs.vmis_here > 0:
+            # A VMI shows on the silent node: its VMs may need failing over, so it is judged
+            # like any silent node again, from SUSPECT (its silence is already counted).
             self.move(Phase.SUSPECT, Reason.MAINTENANCE_ENDED)
             self.event(
                 "NodeSuspect",
                 Reason.MAINTENANCE_ENDED,
-                "silent and no longer in maintenance (uncordoned, or a VMI runs on it)",
+                f"silent, and {self.obs.vmis_here} VMI(s) show on it: no longer in maintenance",
                 warning=True,
             )
             self.while_suspect()
             return
+        # Uncordoned, or Harvester's status gone, while still silent and empty: nothing to
+        # reset, and the old silence is no evidence against a machine that may be booting (a
+        # power-off through its BMC would stop it): held until it is heard or runs a VMI.
         self.heartbeat_wakeups()
 
     def declared_fence(self) -> FenceDeclaration | None:

@@ -9,8 +9,10 @@ Why holding it is safe and right: a hold never runs a VM twice. With no VMI on t
 is nothing to reset, so fencing it (a BMC power-off, the out-of-service taint, an alert) would
 only disturb a planned shutdown. A node still running a VMI is never in maintenance, however it
 is labelled: its VMs are failed over as on any other node (the cordoned twin). If a VMI shows
-up, or the cordon or the status goes, while the node is still silent, it leaves MAINTENANCE
-and is judged like any silent node again.
+up while the node is still silent, or its kubelet renews its Lease again, it leaves
+MAINTENANCE and is judged like any silent node again. The cordon or the status going away does
+not end it while the node is silent and empty: that silence is old, and the machine may be
+booting after the work (a BMC power-off would stop it); it ends when the node is heard.
 
 Must not: read anything but the observation (pure).
 """

@@ -51,9 +51,10 @@ TRANSITIONS: frozenset[tuple[Phase, Phase, Reason]] = frozenset(
         (RC, H, Reason.RECOVERED),
         # Planned maintenance (decide/maintenance.py): a corroborated silence of a node taken
         # out of service with no VMI on it is held, not declared; it is judged again from
-        # SUSPECT once it is no longer in maintenance, and is healthy when heard again.
+        # SUSPECT once a VMI shows on it or its kubelet renews, and is healthy when heard.
         (S, M, Reason.IN_MAINTENANCE),
         (M, S, Reason.MAINTENANCE_ENDED),
+        (M, S, Reason.KUBELET_PATH_BACK),
         (M, H, Reason.HEARTBEAT_FRESH),
     ]
 )

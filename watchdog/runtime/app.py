@@ -32,6 +32,7 @@ from watchdog.decide.config import FenceMode
 from watchdog.decide.heartbeats import HeartbeatBook, RejectReason
 from watchdog.decide.names import NODE_LEASE_NAMESPACE
 from watchdog.decide.peer_reports import PeerBook
+from watchdog.decide.state import Phase
 from watchdog.heartbeat.agent import Agent, read_boot_id
 from watchdog.metrics import Metrics
 from watchdog.observe.cluster_cache import (
@@ -308,6 +309,11 @@ def _controller(
             for rec in (old, new):
                 if rec is not None and rec.node in evacuations.active:
                     evacuation_ticks.put_nowait(rec.node)
+            # A node held in maintenance has no wake-up of its own: a VMI showing on it ends
+            # the maintenance (decide/maintenance.py), so it is decided again at once.
+            if new.node is not None and (held := controller.states.get(new.node)) is not None:
+                if held.phase is Phase.MAINTENANCE:
+                    scheduler.mark(new.node)
         elif resource == MIGRATIONS.name:
             node = evacuations.migration_changed(key, old, new)
             if node in evacuations.active:
