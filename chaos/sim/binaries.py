@@ -77,7 +77,7 @@ def ensure_binaries(
     target = cache_dir()
     if _is_complete(target):
         return _from_directory(target, origin="cache")
-    with _build_lock(target, progress):
+    with build_lock(target, progress):
         if _is_complete(target):  # another process built it while we waited for the lock
             progress(f"using binaries another process just built in {target}")
             return _from_directory(target, origin="cache")
@@ -137,12 +137,12 @@ def build_into(target: Path, *, progress: Progress = _stderr_progress) -> None:
             f"building {', '.join(KUBE_BINARIES)} {KUBERNETES_VERSION} with {go} in {work}"
             " (first time only: minutes on 2 cores)"
         )
-        _run_step(
+        run_step(
             progress, started, "downloading Go modules", [str(go), "mod", "download"], work, env
         )
         out = work / "out"
         out.mkdir()
-        _run_step(
+        run_step(
             progress,
             started,
             "compiling",
@@ -205,7 +205,7 @@ def _is_complete(directory: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _build_lock(target: Path, progress: Progress) -> Iterator[None]:
+def build_lock(target: Path, progress: Progress) -> Iterator[None]:
     target.parent.mkdir(parents=True, exist_ok=True)
     lock_path = target.parent / f".{target.name}.lock"
     with lock_path.open("a+") as lock:
@@ -243,7 +243,7 @@ def _go_env() -> dict[str, str]:
     return env
 
 
-def _run_step(
+def run_step(
     progress: Progress,
     started: float,
     step: str,

@@ -145,15 +145,20 @@ class Seen:
 
 
 def subscriber(
-    broker: Mosquitto | str, tmp_path: Path, seen: Seen, **kw: Any
+    broker: Mosquitto | str, tmp_path: Path, seen: Seen, *, leading: bool = True, **kw: Any
 ) -> HeartbeatSubscriber:
-    return HeartbeatSubscriber(
+    """The controller's real subscriber; `leading`: it acknowledges what it accepts, as the
+    leader does (the agents' only proof of broker contact)."""
+    sub = HeartbeatSubscriber(
         settings(broker, tmp_path, node="controller", **kw),
         seen.book,
         on_change=seen.on_change,
         on_connection=seen.on_connection,
         on_reject=seen.on_reject,
     )
+    if leading:
+        sub.acks_when = lambda: True
+    return sub
 
 
 @contextlib.asynccontextmanager
@@ -269,7 +274,7 @@ async def test_subscriber_sees_agent_heartbeats_on_a_fixed_cadence_with_its_fenc
     assert not rec.offline
     stats = agent.statistics()
     assert stats["last_broker_contact_age_s"] is not None
-    assert stats["last_broker_contact_age_s"] < 3 * HEARTBEAT_S, "echo proves broker contact"
+    assert stats["last_broker_contact_age_s"] < 3 * HEARTBEAT_S, "acknowledged: contact"
     assert stats["fenced"] is False
 
 
@@ -419,7 +424,7 @@ async def test_agent_fences_itself_when_cut_off_from_broker_and_api(
     assert marker.read_text() == "fenced\n", "the fence ran exactly once"
 
 
-async def test_partitioned_agent_fences_for_lack_of_echoes_before_the_broker_sends_its_will(
+async def test_partitioned_agent_fences_for_lack_of_acks_before_the_broker_sends_its_will(
     mosquitto: Mosquitto, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     """A partition sends no FIN: the agent's connection still looks open, yet no heartbeat
@@ -448,6 +453,120 @@ async def test_partitioned_agent_fences_for_lack_of_echoes_before_the_broker_sen
     record_property("partition_will_s", round(will_after, 3))
     print(f"partitioned: fenced after {fenced_after:.2f}s, Will after {will_after:.2f}s")
     assert fenced_after + KEEPALIVE_S / 2 < will_after <= 3 * KEEPALIVE_S + 1
+
+
+def bridged_member(make_mosquitto: Callable[..., Mosquitto], port: int) -> Mosquitto:
+    """A second broker bridged to the one on `port` for every watchdog topic, both ways (a
+    broker cluster of two members, as far as an agent and a controller can tell)."""
+    return make_mosquitto(
+        extra_config=(
+            "connection member-b\n"
+            f"address 127.0.0.1:{port}\n"
+            f"topic {PREFIX}/# both 0\n"
+            "cleansession true\n"
+            "keepalive_interval 5\n"
+            "restart_timeout 1\n"
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("contact", "bridge"), [("leader-ack", "cut"), ("leader-ack", "up"), ("echo", "cut")]
+)
+async def test_an_agent_whose_broker_member_no_longer_reaches_the_leader_fences(
+    mosquitto: Mosquitto,
+    make_mosquitto: Callable[..., Mosquitto],
+    tmp_path: Path,
+    contact: str,
+    bridge: str,
+) -> None:
+    """A clustered broker split in two: the agent still reaches its own member, which takes its
+    heartbeats, but the leader, on the other member, hears nothing, and after the safe delay
+    resets the node's VMs. With `broker_contact: leader-ack` contact is only the leader's
+    acknowledgement, so the agent, cut from the API too, fences on its deadline. Its twin: the
+    same agent on the same member while the members are joined is acknowledged through the
+    bridge, keeps contact and never fences. With `echo` (the default, for the single broker the
+    manifests ship) its own member's echo keeps it from fencing: why a clustered broker needs
+    leader-ack."""
+    marker = tmp_path / "fenced"
+    seen = Seen()
+    probe = Probe("Healthy")  # the API arms it; then it goes
+    on_member_b: list[float] = []  # when agent node-a's own member routed one of its heartbeats
+
+    async def witness(port: int) -> None:
+        async with aiomqtt.Client("127.0.0.1", port, identifier="witness") as c:
+            await c.subscribe(heartbeat_topic(PREFIX, "node-a"), qos=0)
+            async for _ in c.messages:
+                on_member_b.append(time.monotonic())
+
+    async with TcpProxy("127.0.0.1", mosquitto.port, name="bridge") as link:
+        member_b = bridged_member(make_mosquitto, link.port)
+        agent = Agent(
+            settings(
+                member_b,
+                tmp_path,
+                fence_command=fence_command(marker),
+                mqtt={"broker_contact": contact},
+            ),
+            api_probe=probe,
+        )
+        leader = subscriber(mosquitto, tmp_path, seen)
+        async with running(leader.run(), agent.run(), witness(member_b.port)):
+            await wait_for(lambda: seen.count("node-a") >= 3, 10, "heartbeats through the bridge")
+            await wait_for(
+                lambda: (agent.statistics()["last_broker_contact_age_s"] or 9) < 2 * HEARTBEAT_S,
+                5,
+                "acknowledged through the bridge",
+            )
+            probe.phase = None  # the API is gone for this node
+            cut_at = time.monotonic()
+            if contact == "echo":
+                link.set_mode(ProxyMode.BLACKHOLE)
+                heard = seen.count("node-a")
+                await stays(lambda: not marker.exists(), 2 * FENCE_AFTER_S, "not fenced")
+                assert seen.count("node-a") <= heard + 1, "the leader heard it after the cut"
+                assert agent.statistics()["last_broker_contact_age_s"] < 3 * HEARTBEAT_S
+            elif bridge == "cut":
+                link.set_mode(ProxyMode.BLACKHOLE)
+                heard = seen.count("node-a")
+                await wait_for(marker.exists, FENCE_AFTER_S + 2, "fence marker")
+                after = time.monotonic() - cut_at
+                routed = [t for t in on_member_b if t > cut_at]
+                # Its own member kept taking its heartbeats until it fenced: an echo would
+                # have kept it from fencing while the leader heard none of them.
+                assert len(routed) >= (FENCE_AFTER_S / HEARTBEAT_S) - 2, routed
+                assert seen.count("node-a") <= heard + 1, "the leader heard it after the cut"
+                assert FENCE_AFTER_S - 2 * HEARTBEAT_S - 0.1 <= after <= FENCE_AFTER_S + 0.5
+            else:
+                await stays(lambda: not marker.exists(), 2 * FENCE_AFTER_S, "not fenced")
+                assert agent.statistics()["last_broker_contact_age_s"] < 3 * HEARTBEAT_S
+
+
+async def test_with_leader_ack_a_standby_that_hears_every_heartbeat_is_no_contact(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Only the leader's hearing counts: with no leader (a controller rollout between two
+    leaders) the agent has no broker contact even though a standby replica hears it, and falls
+    back on the API; once a leader acknowledges, contact is proven again."""
+    seen = Seen()
+    probe = Probe("Healthy")
+    agent = Agent(
+        settings(mosquitto, tmp_path, fence_command="true", mqtt={"broker_contact": "leader-ack"}),
+        api_probe=probe,
+    )
+    standby = subscriber(mosquitto, tmp_path, seen, leading=False)
+    async with running(standby.run(), agent.run()):
+        await wait_for(lambda: seen.count("node-a") >= 5, 5, "heartbeats heard")
+        await wait_for(lambda: agent.statistics()["fence_armed"], 5, "armed by the API")
+        stats = agent.statistics()
+        assert stats["last_broker_contact_age_s"] is None, "a standby's hearing counted"
+        assert stats["last_api_contact_age_s"] is not None
+        assert standby.statistics()["acks"] == 0
+        standby.acks_when = lambda: True  # it takes the lead
+        await wait_for(
+            lambda: agent.statistics()["last_broker_contact_age_s"] is not None, 5, "contact"
+        )
+        assert standby.statistics()["acks"] > 0
 
 
 async def test_stopping_agent_and_subscriber_on_a_partition_still_ends_promptly(

@@ -444,14 +444,15 @@ async def test_the_controller_user_reads_but_cannot_publish_node_topics(broker: 
 
 async def test_an_agent_reads_nothing_of_another_node(broker: Broker) -> None:
     """A node's credentials are no window on the others: its heartbeats, status and peer
-    reports reach the controller only. Each agent reads back only its own heartbeats (the echo
-    that proves its broker contact)."""
+    reports reach the controller only. Each agent reads only the leader's acknowledgements of
+    its own heartbeats (its proof of broker contact), not even its own heartbeats back."""
     others = [
         (f"{PREFIX}/heartbeat/node-2", b"hb-2"),
         (f"{PREFIX}/status/node-2", b"online"),
         (f"{PREFIX}/peers/node-2", b"{}"),
     ]
     own = (f"{PREFIX}/heartbeat/node-1", b"hb-1")
+    acks = [(f"{PREFIX}/ack/node-2", b"2 boot-2"), (f"{PREFIX}/ack/node-1", b"1 boot-1")]
     async with (
         subscribed(broker, "node-1", f"{PREFIX}/#") as spy,
         subscribed(broker, mqtt_credentials.CONTROLLER_USER, f"{PREFIX}/#") as controller,
@@ -462,8 +463,28 @@ async def test_an_agent_reads_nothing_of_another_node(broker: Broker) -> None:
         assert spy.client is not None
         await spy.client.publish(*own, qos=1)
         await controller.wait_for(*own)
-        got = await spy.wait_for(*own)
-    assert got == [own], f"node-1 read another node's topics: {got[:-1]}"
+        async with broker.client(mqtt_credentials.CONTROLLER_USER, identifier="leader") as leader:
+            for topic, payload in acks:  # in order: node-1's own acknowledgement is the barrier
+                await leader.publish(topic, payload, qos=1)
+        got = await spy.wait_for(*acks[-1])
+    assert got == [acks[-1]], f"node-1 read another node's topics, or its own heartbeat: {got}"
+
+
+async def test_no_agent_can_acknowledge_a_heartbeat(broker: Broker) -> None:
+    """An acknowledgement is an agent's proof that the leader heard it: a node that could write
+    one, for itself or another node, could keep an agent from fencing while the leader hears
+    nothing of it. Only the controller's identity writes them."""
+    real = (f"{PREFIX}/ack/node-2", b"9 boot-2")
+    async with subscribed(broker, "node-2", f"{PREFIX}/ack/node-2") as inbox:
+        async with broker.client("node-1", identifier="agent-node-1") as forger:
+            await forger.publish(f"{PREFIX}/ack/node-2", b"8 boot-2", qos=1)
+            await forger.publish(f"{PREFIX}/ack/node-1", b"8 boot-1", qos=1)
+        assert inbox.client is not None
+        await inbox.client.publish(f"{PREFIX}/ack/node-2", b"8 boot-2", qos=1)  # its own
+        async with broker.client(mqtt_credentials.CONTROLLER_USER, identifier="leader") as leader:
+            await leader.publish(*real, qos=1)
+        got = await inbox.wait_for(*real)
+    assert got == [real], f"an agent forged an acknowledgement: {got[:-1]}"
 
 
 async def test_a_client_writes_only_its_own_echo_topic(broker: Broker) -> None:

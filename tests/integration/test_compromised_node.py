@@ -39,6 +39,7 @@ from chaos.sim.broker_identity import IdentityBroker, sign_identity
 from chaos.sim.informer import LEASES, Kube, Obj, Resource
 from tests.integration.attacks import api_attacks
 from tests.integration.watchdog_env import LEADER_LEASE, WatchdogEnv, default_config
+from watchdog.decide.acks import ack_topic
 from watchdog.decide.heartbeats import Heartbeat, encode_heartbeat, heartbeat_topic, status_topic
 from watchdog.decide.names import MQTT_CLIENT_SIGNER
 from watchdog.decide.observations import FenceDeclaration
@@ -154,12 +155,14 @@ async def attack_topics(
     witness: Inbox,
     mark: bytes,
 ) -> None:
-    """Another node's heartbeat, status and peer topics, probe lists, the member count, and
-    another client id's echo topic: each refused by the broker, shown by barriers."""
+    """Another node's heartbeat, status and peer topics, probe lists, the member count, another
+    client id's echo topic, and acknowledgements (its own node's or another's: the proof of
+    broker contact only the leader gives): each refused by the broker, shown by barriers."""
     p, marker = PREFIX, mark.decode()
     # The ACL lets a client read only the echo topic of its own client id: it reads `node-2`'s
     # only if the broker gave it the id it asked for.
     await attacker.subscribe(f"{p}/echo/#", qos=1)
+    await attacker.subscribe(f"{p}/ack/#", qos=1)  # its own node's are readable
     forged = {
         heartbeat_topic(p, "node-2"): hb("node-2", "new-boot", 1, marker),
         status_topic(p, "node-2"): b"offline " + mark,
@@ -168,6 +171,8 @@ async def attack_topics(
         probe_topic(p, "node-1"): encode_probe_list("node-1", {"node-2": marker}),
         members_topic(p): encode_members(1)[:-1] + b',"x":"' + mark + b'"}',
         f"{p}/echo/node-2": mark,
+        ack_topic(p, "node-99"): b"1 " + mark,
+        ack_topic(p, ATTACKER): b"1 " + mark,
     }
     # QoS 1: each is routed (or dropped) before the next is sent.
     for topic, payload in forged.items():

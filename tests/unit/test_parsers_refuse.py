@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from watchdog.decide import bounded_json
+from watchdog.decide.acks import MAX_ACK_BYTES, Ack, AckRefused, encode_ack, parse_ack
 from watchdog.decide.heartbeats import (
     MAX_RETIRED_BOOTS,
     Heartbeat,
@@ -141,6 +142,43 @@ def test_a_probe_list_with_any_field_wrong_is_refused_or_sane(doc: dict) -> None
 
 
 @FUZZ
+@given(st.one_of(st.binary(max_size=200), _texts().map(str.encode)))
+def test_any_acknowledgement_is_one_or_refused_by_name(payload: bytes) -> None:
+    try:
+        ack = parse_ack(payload)
+    except AckRefused as e:
+        assert str(e)
+        return
+    assert ack.seq >= 0 and 0 < len(ack.boot_id) <= 64 and " " not in ack.boot_id
+    assert parse_ack(encode_ack(ack.seq, ack.boot_id)) == ack
+
+
+@given(
+    st.integers(min_value=0, max_value=10**19),
+    st.text("0123456789abcdef-", min_size=1, max_size=64),
+)
+def test_an_acknowledgement_reads_back_as_sent(seq: int, boot_id: str) -> None:
+    assert parse_ack(encode_ack(seq, boot_id)) == Ack(seq, boot_id)
+
+
+@pytest.mark.parametrize(
+    ("payload", "says"),
+    [
+        (b"", "0 bytes"),
+        (b"1" * (MAX_ACK_BYTES + 1), "bytes"),
+        (b"12", "expected"),
+        (b"-1 boot", "not a non-negative integer"),
+        (b"1e3 boot", "not a non-negative integer"),
+        (b"1 boot extra", "expected"),
+        ("1 b\u00f6ot".encode(), "not ASCII"),
+        (b"1 " + b"b" * 65, "expected"),
+    ],
+)
+def test_a_malformed_acknowledgement_is_refused_naming_why(payload: bytes, says: str) -> None:
+    with pytest.raises(AckRefused, match=says):
+        parse_ack(payload)
+
+
 @given(st.binary(max_size=600))
 def test_ping_and_pong_lines_parse_or_are_none(line: bytes) -> None:
     parse_ping(line)

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
+from watchdog.decide.acks import BrokerContact
+
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 # Reconnect backoff: fast first retries (a broker restart or a healed partition is back within
@@ -41,6 +43,8 @@ class BrokerSettings(Protocol):
     def key_file(self) -> Path | None: ...
     @property
     def enroll_file(self) -> Path | None: ...
+    @property
+    def broker_contact(self) -> BrokerContact: ...
 
 
 @dataclass(frozen=True, slots=True)

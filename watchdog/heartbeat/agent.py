@@ -18,9 +18,14 @@ name) and these promises to the controller:
   within a bounded grace; a fenced agent never heartbeats again. Before that first contact it
   declares `armed: false` and never fences.
 
-Broker contact is the echo of its own heartbeat (it subscribes to its own topic, so the broker
-ACL must let an agent read as well as write `<prefix>/heartbeat/<node>`): a connection that the
-kernel still believes open proves nothing. API contact comes from `api_probe`, injected by the
+Broker contact is one of its own heartbeats come back (`mqtt.broker_contact`, decide/acks.py):
+read back from the broker (`echo`: it subscribes to its own topic, so the broker ACL lets an
+agent read as well as write `<prefix>/heartbeat/<node>`), or acknowledged by the leading
+controller on `<prefix>/ack/<node>` (`leader-ack`: a member of a clustered broker that takes
+our heartbeats but no longer reaches the leader proves nothing; no leader, as between two
+leaders of a controller rollout, means no broker contact, and the API's word keeps the agent
+from fencing meanwhile). Each is stamped with when that heartbeat was sent; a connection that
+the kernel still believes open proves nothing. API contact comes from `api_probe`, injected by the
 runtime because this layer may not import the Kubernetes client.
 
 With peer probes on (`peer_port` set and a probe address known), it also serves its probe
@@ -47,6 +52,7 @@ from typing import Any, Protocol
 import aiomqtt
 
 import watchdog
+from watchdog.decide.acks import AckRefused, BrokerContact, ack_topic, parse_ack
 from watchdog.decide.heartbeats import (
     Heartbeat,
     HeartbeatRejected,
@@ -87,9 +93,10 @@ OFFLINE = b"offline"
 # A deliberate stop (SIGTERM: a rollout, a drain): this agent releases its fence (device
 # disarmed, boot record cleared), and the controller disarms the declaration on reading it.
 STOPPED = b"stopped"
-# Heartbeats awaiting their echo; older ones are forgotten (their echo no longer matters once a
-# later one came back, and a broker that echoes nothing must not grow this).
-MAX_UNECHOED = 256
+# Heartbeats awaiting the leader's acknowledgement; older ones are forgotten (their
+# acknowledgement no longer matters once a later one came back, and a leader that acknowledges
+# nothing must not grow this).
+MAX_UNACKED = 256
 # How long a clean stop may spend telling the broker `offline` and disconnecting.
 GOODBYE_TIMEOUT_S = 1.0
 
@@ -169,6 +176,14 @@ class Agent:
         prefix = settings.mqtt.topic_prefix
         self._prefix = prefix
         self._heartbeat_topic = heartbeat_topic(prefix, self.node)
+        # What proves broker contact (decide/acks.py): our heartbeat read back, or the leader's
+        # acknowledgement of it.
+        self._contact = settings.mqtt.broker_contact
+        self._contact_topic = (
+            self._heartbeat_topic
+            if self._contact is BrokerContact.ECHO
+            else ack_topic(prefix, self.node)
+        )
         self._status_topic = status_topic(prefix, self.node)
         self._api_probe = api_probe
         self._lease_probe = lease_probe
@@ -233,7 +248,7 @@ class Agent:
         self._goodbye_delivered = False  # the clean stop's `offline` reached the broker
         self._boot_id: str | None = None
         self._next_seq = 0
-        self._unechoed: dict[int, float] = {}  # seq -> monotonic time it was handed to the broker
+        self._unacked: dict[int, float] = {}  # seq -> monotonic time it was handed to the broker
         self._connected = False
         self._connects = 0
         self._started_at: float | None = None
@@ -506,7 +521,7 @@ class Agent:
         """One connection: returns only once fenced; raises MqttError when the broker is lost."""
         if self._fencing.is_set():
             return  # fenced while this connection was being made: not even `online`
-        await client.subscribe(self._heartbeat_topic, qos=0)
+        await client.subscribe(self._contact_topic, qos=0)
         if self.prober is not None:
             await client.subscribe(self._probe_topic, qos=1)  # retained: delivered at once
             await client.subscribe(self._members_topic, qos=1)
@@ -521,9 +536,9 @@ class Agent:
         lost: aiomqtt.MqttError | None = None
         try:
             async with asyncio.TaskGroup() as tg:
-                echoes = tg.create_task(self._read_echoes(client), name=f"agent-echo:{self.node}")
+                acks = tg.create_task(self._read_acks(client), name=f"agent-acks:{self.node}")
                 await self._publish_heartbeats(client)
-                echoes.cancel()
+                acks.cancel()
         except* aiomqtt.MqttError as group:
             lost = group.exceptions[0]  # type: ignore[assignment]
         finally:
@@ -562,12 +577,12 @@ class Agent:
                 peer=self._peer_address,
             )
         )
-        self._unechoed[seq] = self._clock()
-        while len(self._unechoed) > MAX_UNECHOED:
-            del self._unechoed[next(iter(self._unechoed))]
+        self._unacked[seq] = self._clock()
+        while len(self._unacked) > MAX_UNACKED:
+            del self._unacked[next(iter(self._unacked))]
         await client.publish(self._heartbeat_topic, payload, qos=0, timeout=within_s)
 
-    async def _read_echoes(self, client: aiomqtt.Client) -> None:
+    async def _read_acks(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             topic = message.topic.value
             if topic == self._probe_topic and self.prober is not None:
@@ -576,29 +591,37 @@ class Agent:
             if topic == self._members_topic:
                 self._members_message(message.payload)
                 continue
-            if topic != self._heartbeat_topic or not isinstance(message.payload, bytes):
+            if topic != self._contact_topic:
                 continue
             try:
-                hb = parse_heartbeat(topic, message.payload, self._prefix)
-            except HeartbeatRejected as e:
-                log.warning("agent %s: unreadable message on own topic: %s", self.node, e)
+                if self._contact is BrokerContact.ECHO:
+                    hb = parse_heartbeat(topic, message.payload, self._prefix)
+                    boot_id, seq = hb.boot_id, hb.seq
+                else:
+                    ack = parse_ack(message.payload)
+                    boot_id, seq = ack.boot_id, ack.seq
+            except (HeartbeatRejected, AckRefused) as e:
+                log.warning("agent %s: unreadable %s: %s", self.node, self._contact.value, e)
                 continue
-            if hb.boot_id != self._boot_id:
-                log.warning(
-                    "agent %s: heartbeat of boot %s on own topic: another agent for this node?",
-                    self.node,
-                    hb.boot_id,
-                )
+            if boot_id != self._boot_id:
+                # An earlier boot's heartbeat proves nothing about this one (an echo of another
+                # boot: another agent for this node, or a replay).
+                log.warning("agent %s: %s of boot %s", self.node, self._contact.value, boot_id)
                 continue
-            sent_at = self._unechoed.get(hb.seq)
-            if sent_at is None:
-                continue
-            for seq in [s for s in self._unechoed if s <= hb.seq]:
-                del self._unechoed[seq]
-            # Stamped with the send time: the broker (and the controller) saw it no earlier.
-            if self._last_broker_contact is None or sent_at > self._last_broker_contact:
-                self._last_broker_contact = sent_at
-                self.contact_proven(sent_at)
+            self._acknowledged(seq)
+
+    def _acknowledged(self, seq: int) -> None:
+        """Our heartbeat `seq` came back (echo) or the leader heard it (leader-ack): broker
+        contact, as of when we sent it."""
+        sent_at = self._unacked.get(seq)
+        if sent_at is None:
+            return  # not ours (an earlier process of this boot), or already superseded
+        for s in [s for s in self._unacked if s <= seq]:
+            del self._unacked[s]
+        # Stamped with the send time: the broker (or the leader) had it no earlier.
+        if self._last_broker_contact is None or sent_at > self._last_broker_contact:
+            self._last_broker_contact = sent_at
+            self.contact_proven(sent_at)
 
     def _probe_list(self, payload: object) -> None:
         assert self.prober is not None
@@ -664,8 +687,8 @@ class Agent:
                 # The broker just proved contact, so the API is asked only every
                 # self_fence_after_s / 2 (not every interval: one GET per node per interval is
                 # thousands per second on a large cluster). That still reads a FENCING
-                # declaration well within the safe delay (a clustered broker can split so that
-                # our echo arrives but the controller hears nothing).
+                # declaration well within the safe delay (with `echo` contact a clustered
+                # broker can split so that our echo arrives but the controller hears nothing).
                 await self._sleep_unless_fencing(interval)
                 continue
             error: str | None = None

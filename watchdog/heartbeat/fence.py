@@ -6,11 +6,12 @@ contact, and its fence action stops the VMs within `fence_action_bound_s`. This 
 the agent's side of that bargain. It owns the fence deadline and the fence action; it must not
 talk to the broker or the API (the agent feeds it contact times).
 
-**Contact** is proven, never assumed: a broker round trip (the agent's own heartbeat echoed
-back) or an API read (a quorum read, not the watch cache) in which the controller does not
-consider this node down. Each contact is stamped with the time its request was *sent*, which is
-never later than the moment the broker or API server (and therefore the controller) last saw
-us, so the agent fences no later than the controller's arithmetic expects.
+**Contact** is proven, never assumed: one of the agent's heartbeats come back (read back from
+the broker, or acknowledged by the leading controller: `mqtt.broker_contact`, decide/acks.py)
+or an API read (a quorum read, not the watch cache) in which the controller does not consider
+this node down. Each contact is stamped with the time its request was *sent*, which is never
+later than the moment the broker (or the leader) or the API server last saw us, so the agent
+fences no later than the controller's arithmetic expects.
 
 **Armed in this boot.** The agent neither fences nor declares its fence armed before its first
 proven contact in this boot, and declares it armed only once that contact is recorded in the

@@ -8,7 +8,10 @@ the broker gives each agent, so no agent can take it over), subscribed to
 message is validated (decide/heartbeats.py, decide/peer_reports.py, DESIGN §9); a rejection is
 counted and reported through `on_reject` / `on_peer_reject`, never raised. It also carries the
 leader's retained probe lists out (`publish_retained`: latest per topic wins, re-sent by the
-caller after a reconnection). The state of the connection itself is
+caller after a reconnection), and, while `acks_when()` says so (the runtime: while this replica
+holds the leader Lease), acknowledges every heartbeat it accepted on `<prefix>/ack/<node>`:
+that acknowledgement is the agent's only proof of broker contact (decide/acks.py). The state
+of the connection itself is
 reported through `on_connection`: the controller turns "down" into UNKNOWN heartbeats and holds
 resets (a lost broker is not evidence that nodes died).
 
@@ -41,8 +44,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 
+from watchdog.decide.acks import encode_ack
 from watchdog.decide.heartbeats import (
+    Heartbeat,
     HeartbeatBook,
     HeartbeatRejected,
     RejectReason,
@@ -62,6 +68,9 @@ STOPPED = b"stopped"  # an agent's deliberate stop: it released its fence
 GOODBYE_TIMEOUT_S = 1.0
 # At most one log line per rejection reason (and one for queue overflow) per this many seconds.
 LOG_EVERY_S = 10.0
+# Acknowledgements (decide/acks.py) go out in batches of at most this many, or this late.
+ACK_BATCH = 64
+ACK_BATCH_S = 0.02
 
 
 class SubscriberSettings(Protocol):
@@ -152,6 +161,16 @@ class HeartbeatSubscriber:
         self._heartbeat_head = f"{prefix}/heartbeat/"
         self._status_head = f"{prefix}/status/"
         self._peers_head = f"{prefix}/peers/"
+        self._ack_head = f"{prefix}/ack/"
+        # Whether this replica acknowledges the heartbeats it accepts (decide/acks.py): set by
+        # the runtime to "holds the leader Lease", so that only the leader's hearing counts as
+        # an agent's broker contact. None: never (a standby, a test of ingest alone).
+        self.acks_when: Callable[[], bool] | None = None
+        self._paho: mqtt.Client | None = None
+        self._acks_pending: list[tuple[str, bytes]] = []
+        self._acks_timer: asyncio.TimerHandle | None = None
+        self._acks = 0
+        self._acks_unsent = 0
         self.client_id = f"watchdog_controller_{socket.gethostname()}_{os.getpid()}"
         # The ACL lets every client write echo/<its client id> (deploy/base/broker/acl).
         self._echo_topic = f"{prefix}/echo/{self.client_id}"
@@ -211,6 +230,8 @@ class HeartbeatSubscriber:
             "rejected": {reason.value: n for reason, n in self._rejected.items()},
             "rejected_total": sum(self._rejected.values()),
             "peer_reports": self._peer_reports,
+            "acks": self._acks,
+            "acks_unsent": self._acks_unsent,
             "outbox": len(self._outbox),
             "handler_errors": self._handler_errors,
             "ingest_lag_s": self._echoes.lag_s(now),
@@ -257,6 +278,11 @@ class HeartbeatSubscriber:
                 if self._peers is not None:
                     await client.subscribe(self._peers_head + "+", qos=1)
                 self._client = client
+                # Acknowledgements are sent from paho's read callback, thousands per second,
+                # where no coroutine can be awaited (aiomqtt's publish waits for each socket
+                # write): paho's own publish queues the packet, and the event loop writes it
+                # with the next socket write. aiomqtt (pinned <3) keeps its paho client here.
+                self._paho = client._client
                 self._attempt = 0
                 self._echoes = EchoBook(self._max_lag_s)
                 self._set_connected(True)
@@ -284,6 +310,8 @@ class HeartbeatSubscriber:
             return f"{type(e).__name__}: {e}"
         finally:
             self._client = None
+            self._paho = None
+            self._flush_acks()  # counted as unsent: no acknowledgement outlives its connection
         return "message stream ended"  # pragma: no cover - aiomqtt raises instead
 
     async def _send_outbox(self, client: aiomqtt.Client) -> None:
@@ -347,6 +375,8 @@ class HeartbeatSubscriber:
                 self._reject(e.reason, e.detail, topic, now)
                 return
             self._accepted += 1
+            if self.acks_when is not None and self.acks_when():
+                self._ack(hb)
             self._on_change(hb.node)
         elif topic.startswith(self._status_head):
             self._handle_status(topic[len(self._status_head) :], payload, topic, now)
@@ -360,6 +390,32 @@ class HeartbeatSubscriber:
             self._handle_peers(topic, payload, now)
         else:  # our subscriptions cannot deliver this; a broker bug is still not trusted
             self._reject(RejectReason.TOPIC_MISMATCH, "unexpected topic", topic, now)
+
+    def _ack(self, hb: Heartbeat) -> None:
+        """Tell the agent its heartbeat was heard (QoS 0; a lost one costs it one interval of
+        contact, which the quorum timings allow for). Sent in batches: a publish made alone costs
+        paho a socket write registration and wake-up of its own (about 1.7x the CPU of one in a
+        batch); a batch waits at most ACK_BATCH_S, far below a heartbeat interval."""
+        self._acks_pending.append((self._ack_head + hb.node, encode_ack(hb.seq, hb.boot_id)))
+        if len(self._acks_pending) >= ACK_BATCH:
+            self._flush_acks()
+        elif self._acks_timer is None:
+            self._acks_timer = asyncio.get_running_loop().call_later(ACK_BATCH_S, self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        if self._acks_timer is not None:
+            self._acks_timer.cancel()
+            self._acks_timer = None
+        pending, self._acks_pending = self._acks_pending, []
+        paho = self._paho
+        if paho is None:  # the connection went: these agents hear nothing, as they should not
+            self._acks_unsent += len(pending)
+            return
+        for topic, payload in pending:
+            if paho.publish(topic, payload, 0).rc == mqtt.MQTT_ERR_SUCCESS:
+                self._acks += 1
+            else:  # the connection is going down; the reader reports it
+                self._acks_unsent += 1
 
     # --- ingest lag ------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from watchdog.actuate.lease_lock import LeaseLock
 from watchdog.actuate.power_fence import InventoryError, PowerFencer
 from watchdog.actuate.preflight import run_preflight
 from watchdog.decide import actions as act
+from watchdog.decide.acks import BrokerContact
 from watchdog.decide.actions import EventType
 from watchdog.decide.config import FenceMode
 from watchdog.decide.heartbeats import HeartbeatBook, RejectReason
@@ -452,6 +453,12 @@ def _controller(
         clock=clock,
     )
     controller.lease_held = elector.holds_lease
+    if settings.mqtt.broker_contact is BrokerContact.LEADER_ACK:
+        # Only the leader's hearing is then an agent's broker contact (decide/acks.py): a
+        # replica acknowledges heartbeats while it holds the Lease, from its acquisition (the
+        # book fills before the cache has synced), and stops at its renew deadline, before
+        # another can lead.
+        subscriber.acks_when = elector.holds_lease
 
     async def follow_vmis() -> None:
         while True:

@@ -19,6 +19,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from watchdog.decide.acks import BrokerContact
 from watchdog.decide.config import DecideConfig, FenceMode, Policy
 from watchdog.decide.peer_address import valid_peer_address
 from watchdog.decide.quorum import spare_timing_error
@@ -99,6 +100,17 @@ class MQTTSettings(BaseModel):
         "queues none.",
     )
 
+    broker_contact: BrokerContact = Field(
+        BrokerContact.ECHO,
+        description="Both roles: what proves an agent's broker contact. `echo`: its own "
+        "heartbeat read back from the broker, sound only with the one broker the manifests ship, "
+        "which the controller reads too. `leader-ack`: the leading controller's acknowledgement "
+        "of each heartbeat it accepted; required with a clustered or bridged broker (a member "
+        "that no longer reaches the leader proves nothing); its cost: during a control-plane "
+        "outage longer than the leader's renew deadline no leader acknowledges, and agents fence "
+        "unless the quorum before self-fencing spares them (clusters of up to 2 x peer_count + 1 "
+        "nodes).",
+    )
     max_ingest_lag_s: float = Field(
         1.0,
         gt=0,
