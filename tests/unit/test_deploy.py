@@ -53,6 +53,7 @@ RENDERS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "harvester": ("overlays/harvester", (), "harvester-system"),
     "kubevirt": ("overlays/kubevirt", (), "node-watchdog"),
     "self-fence": ("overlays/self-fence", (), "node-watchdog"),
+    "harvester+self-fence": ("overlays/harvester", ("components/self-fence",), "harvester-system"),
     "harvester+self-fence+delete-volume-attachments": (
         "overlays/harvester",
         ("components/self-fence", "components/delete-volume-attachments"),
@@ -70,7 +71,11 @@ RENDERS: dict[str, tuple[str, tuple[str, ...], str]] = {
     ),
 }
 POWER_FENCED = {"harvester+power-fence"}
-SELF_FENCED = {"self-fence", "harvester+self-fence+delete-volume-attachments"}
+SELF_FENCED = {
+    "self-fence",
+    "harvester+self-fence",
+    "harvester+self-fence+delete-volume-attachments",
+}
 CR_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 
