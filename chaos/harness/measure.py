@@ -90,6 +90,9 @@ class RunResult:
     watchdog: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     startup: dict[str, float] = field(default_factory=dict)  # wall seconds of each start phase
+    # The test cluster's own event-loop lag while it was watched (chaos/sim/loop_lag.py): a run
+    # whose p99 exceeds 10 % of the smallest modelled interval is invalid, whatever it found.
+    sim_lag: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)  # filled by verdict()
 
     def to_json(self) -> dict[str, Any]:

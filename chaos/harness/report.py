@@ -263,6 +263,27 @@ def results_json(result: ScenarioResult, v: Verdict) -> dict[str, Any]:
     }
 
 
+def validity_line(result: ScenarioResult) -> str:
+    """Whether the runs measured the systems or the test cluster's own lag (loop_lag.py)."""
+    invalid = [
+        f"{r.system} #{r.repetition} (p99 {r.sim_lag['p99_ms']:g} ms > {r.sim_lag['bound_ms']:g})"
+        for r in result.runs
+        if r.sim_lag and not r.sim_lag["valid"]
+    ]
+    if invalid:
+        return (
+            "Validity: **INVALID** — the test cluster's own event loop lagged more than 10 % of "
+            "the smallest modelled interval (p99) in " + ", ".join(invalid) + ": its numbers "
+            "measure the test cluster, not the systems; rerun at a larger time scale."
+        )
+    if any(not r.sim_lag for r in result.runs):
+        return "Validity: not measured for every run (a run that never got to its faults)."
+    return (
+        "Validity: **valid** — the test cluster's own event-loop lag stayed within 10 % of the "
+        "smallest modelled interval (p99) in every run."
+    )
+
+
 def report_md(result: ScenarioResult, v: Verdict, png: str | None) -> str:
     sc = result.scenario
     scale = sc.time_scale
@@ -280,6 +301,7 @@ def report_md(result: ScenarioResult, v: Verdict, png: str | None) -> str:
     else:
         out.append("Verdict: **FAIL**")
         out += [f"- {f}" for f in v.failures]
+    out += ["", validity_line(result)]
     out += [
         "",
         f"Time scale **{scale:g}**: every timing of every system (Kubernetes, the simulated "
@@ -318,6 +340,14 @@ def report_md(result: ScenarioResult, v: Verdict, png: str | None) -> str:
             f"({run.observed_s / scale:.0f}s real-world) after the first fault"
             + (", stopped at the timeout" if run.timed_out else "")
         )
+        if run.sim_lag:
+            lag = run.sim_lag
+            out.append(
+                f"- {'valid' if lag['valid'] else '**invalid**'}: test-cluster loop lag p50 "
+                f"{lag['p50_ms']:g} ms, p99 {lag['p99_ms']:g} ms, max {lag['max_ms']:g} ms, "
+                f"{lag['stalls_over_bound']} of {lag['samples']} wake-ups over the bound of "
+                f"{lag['bound_ms']:g} ms"
+            )
         if run.crashed:
             out += ["- crashed component:", "", "```", run.crashed, "```", ""]
         if run.error:

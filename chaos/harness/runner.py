@@ -23,7 +23,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +34,9 @@ from chaos.harness.scenario import DISRUPTIVE_ACTIONS, LEADER, Fault, Scenario
 from chaos.harness.settings import ScaledSettings, scale_settings
 from chaos.sim.binaries import ControlPlaneBinaries
 from chaos.sim.cluster import SimCluster, SimConfig
+from chaos.sim.kubelet import NodeTimings
 from chaos.sim.ledger import RESTARTING_STRATEGIES
+from chaos.sim.loop_lag import LoopLag
 from chaos.sim.procs import pid_alive
 
 log = logging.getLogger(__name__)
@@ -415,6 +417,8 @@ class Run:
         timeout = sc.timeout_s * self.scale
         settled_since: float | None = None
         next_poll = 0.0
+        lag = LoopLag()
+        lag.start()
         try:
             while True:
                 await asyncio.sleep(TICK_S)
@@ -451,7 +455,21 @@ class Run:
             injector.cancel()
             with contextlib.suppress(BaseException):
                 await injector
+            await lag.stop()
+            summary = lag.summary(self._smallest_interval_s())
+            r.sim_lag = asdict(summary)
+            self._say(summary.line())
         r.observed_s = round(time.monotonic() - (self.first_fault or self.run_start), 3)
+
+    def _smallest_interval_s(self) -> float:
+        """The shortest timing the run models, in wall seconds: the simulated kubelet's Lease
+        renewal, and for the watchdog its heartbeat interval too (peer probes are floored in
+        wall time, chaos/harness/settings.py, and never shorter than a heartbeat here)."""
+        timings = self.cluster.config.node_timings if self.cluster is not None else NodeTimings()
+        intervals = [timings.lease_renew_s * self.scale]
+        if self.system == "watchdog":
+            intervals.append(float(self.scaled.scaled["heartbeat_interval_s"]))
+        return min(intervals)
 
     def _recovered(self, cluster: SimCluster) -> bool:
         if not cluster.all_running():
