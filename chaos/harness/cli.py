@@ -273,6 +273,7 @@ def _run_local(args: argparse.Namespace, sc: Any, source: str, directory: Path) 
     _out("")
     for line in report.invariant_lines(result):
         _out(line)
+    _out(report.validity_line(result).replace("**", ""))
     _out(f"{'PASS' if v.ok else 'FAIL'} in {result.wall_s:.0f}s; report: {directory}/report.md")
     for f in v.failures:
         _out(f"  - {f}")

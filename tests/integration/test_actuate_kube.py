@@ -1007,3 +1007,70 @@ async def test_preflight_reports_an_unreachable_api_and_missing_kubevirt() -> No
         assert await run_preflight(client, settings(api_request_timeout_s=2.0)) == [api]
     finally:
         await client.close()
+
+
+async def test_a_write_still_out_at_the_leader_deadline_is_abandoned_there_not_at_its_timeout(
+    cluster: ControlPlane, admin: Kube, api_client: k8s_client.ApiClient
+) -> None:
+    """A frozen API server holds a write with no answer. A leader whose Lease is not renewed
+    meanwhile (it cannot be: the same API) stops waiting at its renew deadline and acts no
+    further (stale), instead of waiting out the 10 s request timeout and acting on an answer
+    that may come after another replica took the lead. Its twin: a leader whose deadline moves
+    on with its renewals keeps waiting, and the write lands once the API answers."""
+    await create_node(admin, "basis-3")
+    version = await version_of(admin, "basis-3")
+    slow = Actuator(api_client, settings(api_request_timeout_s=10.0), attempts=1)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 1.0
+    basis = Basis(
+        version,
+        lambda: True,
+        acting_left_s=lambda: deadline - loop.time(),
+        expect=None,
+    )
+    await cluster.api_outage_start("freeze")
+    try:
+        started = loop.time()
+        outcome = await asyncio.wait_for(
+            slow.execute(PersistState("basis-3", '{"phase":"Fencing"}'), basis=basis), 8
+        )
+        took = loop.time() - started
+    finally:
+        await cluster.api_outage_stop()
+    assert outcome.result is Result.STALE, outcome
+    assert 0.9 <= took <= 3.0, f"abandoned after {took:.2f}s, its deadline was 1 s away"
+
+    # The twin: renewed every 0.2 s (as the leader's own renewals move its deadline) while the
+    # API is frozen for 2 s, longer than any one deadline: the same write waits and lands.
+    renewing = True
+
+    async def renew() -> None:
+        nonlocal deadline
+        while renewing:
+            deadline = loop.time() + 1.0
+            await asyncio.sleep(0.2)
+
+    renewer = asyncio.ensure_future(renew())
+    basis = Basis(
+        await version_of(admin, "basis-3"),
+        lambda: True,
+        acting_left_s=lambda: deadline - loop.time(),
+        expect=None,
+    )
+    await cluster.api_outage_start("freeze")
+    try:
+        task = asyncio.ensure_future(
+            slow.execute(PersistState("basis-3", '{"phase":"Suspect"}'), basis=basis)
+        )
+        await asyncio.sleep(2.0)  # the outage's length: a fault time, not a wait for a result
+        assert not task.done(), "abandoned although its deadline kept moving on"
+    finally:
+        await cluster.api_outage_stop()
+    try:
+        outcome = await asyncio.wait_for(task, 15)
+    finally:
+        renewing = False
+        await renewer
+    assert outcome.result is Result.SUCCESS, outcome
+    node = await admin.get(NODES, "basis-3")
+    assert "Suspect" in node["metadata"]["annotations"][STATE_ANNOTATION]

@@ -20,6 +20,7 @@ PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 DISTRIBUTION = {
     "kubernetes_asyncio": "kubernetes-asyncio",
     "aiomqtt": "aiomqtt",
+    "paho": "paho-mqtt",
     "tenacity": "tenacity",
     "prometheus_client": "prometheus-client",
     "pydantic": "pydantic",

@@ -23,7 +23,7 @@ async def test_a_stall_of_the_loop_is_seen_at_its_length() -> None:
     assert summary.samples >= 20
     assert 140 <= summary.max_ms <= 400, summary
     assert summary.stalls_over_bound >= 1
-    assert summary.p50_ms < 10, "one stall, not a lagging loop"
+    assert summary.p50_ms < 50, "one stall, not a lagging loop"
 
 
 def test_a_run_is_valid_while_its_p99_lag_stays_within_a_tenth_of_the_smallest_interval() -> None:

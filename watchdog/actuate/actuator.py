@@ -107,7 +107,7 @@ class Actuator:
         sent once `basis.may_act()` says no (`Basis`, decide/actions.py)."""
         if basis is None:
             return await self._dispatch(action, claims, vmis, None)
-        with sent_only_while(basis.may_act):
+        with sent_only_while(basis.may_act, basis.acting_left_s):
             if isinstance(action, MarkPodsNotReady | ForceDeletePods | DeleteVolumeAttachments):
                 refused = await self.nodes.refused(type(action).__name__, action.node, basis)
                 if refused is not None:

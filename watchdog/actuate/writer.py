@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -48,16 +48,25 @@ Obj = dict[str, Any]
 # The running action's `Basis.may_act`, seen by every request it makes (the per-pod tasks
 # inherit it): checked before each attempt, so a retried request stops when leadership does.
 _MAY_ACT: ContextVar[Callable[[], bool] | None] = ContextVar("may_act", default=None)
+# And the seconds it may still act: no request waits for its answer beyond that.
+_ACTING_LEFT: ContextVar[Callable[[], float | None] | None] = ContextVar(
+    "acting_left", default=None
+)
 
 
 @contextlib.contextmanager
-def sent_only_while(may_act: Callable[[], bool]) -> Iterator[None]:
+def sent_only_while(
+    may_act: Callable[[], bool], acting_left_s: Callable[[], float | None] | None = None
+) -> Iterator[None]:
     """Every `KubeWriter.call()` made inside (in tasks started inside too) sends each attempt
-    only while `may_act()` says so; else it raises `Stale` without sending it."""
+    only while `may_act()` says so, else it raises `Stale` without sending it; and with
+    `acting_left_s`, waits for each answer only that long (then `Stale`, not retried)."""
     token = _MAY_ACT.set(may_act)
+    left_token = _ACTING_LEFT.set(acting_left_s)
     try:
         yield
     finally:
+        _ACTING_LEFT.reset(left_token)
         _MAY_ACT.reset(token)
 
 
@@ -115,28 +124,80 @@ class KubeWriter:
     ) -> Obj:
         """One attempt. The decoded body on 2xx; else an `ActuationError`."""
         what = what or f"{method} {path}"
+        acting_left = _ACTING_LEFT.get()
+        left = acting_left() if acting_left is not None else None
+        if left is not None and left <= 0:
+            raise Stale(f"{what}: not sent, this replica's leader Lease ran out")
+        sending = self._send(method, path, query, body, content_type)
         try:
-            async with asyncio.timeout(self.request_timeout_s):
-                resp = await self.api_client.call_api(
-                    path,
-                    method,
-                    query_params=list((query or {}).items()),
-                    header_params={"Content-Type": content_type, "Accept": JSON},
-                    body=body,
-                    auth_settings=["BearerToken"],
-                    _preload_content=False,
-                    _request_timeout=self.request_timeout_s,
-                )
-                async with resp:
-                    data = await resp.read()
+            if acting_left is None:
+                async with asyncio.timeout(self.request_timeout_s):
+                    status, headers, data = await sending
+            else:
+                status, headers, data = await self._within_lease(sending, acting_left, what)
         except (ApiException, ConfigException, aiohttp.ClientError, TimeoutError, OSError) as e:
             raise translate(e, what) from e
-        if resp.status >= 300:
-            raise from_status(resp.status, data, resp.headers, what)
+        if status >= 300:
+            raise from_status(status, data, headers, what)
         try:
             return json.loads(data) if data else {}
         except ValueError as e:
-            raise PermanentError(f"{what}: answer is not JSON", status=resp.status) from e
+            raise PermanentError(f"{what}: answer is not JSON", status=status) from e
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, Any] | None,
+        body: Any,
+        content_type: str,
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        resp = await self.api_client.call_api(
+            path,
+            method,
+            query_params=list((query or {}).items()),
+            header_params={"Content-Type": content_type, "Accept": JSON},
+            body=body,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=self.request_timeout_s,
+        )
+        async with resp:
+            data = await resp.read()
+        return resp.status, resp.headers, data
+
+    async def _within_lease(
+        self,
+        sending: Awaitable[tuple[int, Mapping[str, str], bytes]],
+        acting_left: Callable[[], float | None],
+        what: str,
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """The answer, waited for at most the request timeout and never past this replica's
+        leader deadline, which moves on with every renewal while the request is out. At the
+        deadline the request is abandoned (`Stale`, not retried): another replica may lead
+        from then on. (What the API server had already applied stays applied; the next
+        leader reads it.)"""
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(sending)
+        give_up_at = loop.time() + self.request_timeout_s
+        try:
+            while True:
+                left = acting_left()
+                if left is not None and left <= 0:
+                    raise Stale(f"{what}: abandoned at this replica's leader deadline")
+                wait = give_up_at - loop.time()
+                if wait <= 0:
+                    raise TimeoutError
+                if left is not None:
+                    wait = min(wait, left)
+                done, _ = await asyncio.wait({task}, timeout=wait)
+                if done:
+                    return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     async def call(
         self,

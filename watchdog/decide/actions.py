@@ -26,11 +26,17 @@ class Basis:
     changed since it was made — a newer leader withdrew or declared, an administrator wrote
     our annotation or taint — writes nothing more. `may_act` is checked before every request
     and every retry of one: a leader whose Lease ran out sends nothing after it, even in the
-    middle of a retried action. A write refused for either reason ends the decision (result
+    middle of a retried action, and a request still out at its deadline is abandoned then
+    (`acting_left_s`). A write refused for either reason ends the decision (result
     `stale`); the next one is made on the newer Node."""
 
     node_version: str | None
     may_act: Callable[[], bool] = _always
+    # Seconds this replica may still act (its leader Lease's renew deadline; None: no bound).
+    # Each request waits at most that long for its answer: a leader deposed while a request is
+    # out stops waiting at its deadline and sends nothing more, instead of acting on an answer
+    # up to a request timeout later.
+    acting_left_s: Callable[[], float | None] = lambda: None
     # What the Node shows of ours at `node_version`: the state annotation and whether our
     # out-of-service taint is on (None: unknown). A Node changed only elsewhere (the kubelet's
     # status, labels) still carries the plan; see actuate/node_writes.py.

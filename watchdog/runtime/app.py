@@ -453,6 +453,7 @@ def _controller(
         clock=clock,
     )
     controller.lease_held = elector.holds_lease
+    controller.lease_left_s = elector.lease_left_s
     if settings.mqtt.broker_contact is BrokerContact.LEADER_ACK:
         # Only the leader's hearing is then an agent's broker contact (decide/acks.py): a
         # replica acknowledges heartbeats while it holds the Lease, from its acquisition (the

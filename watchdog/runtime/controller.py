@@ -143,6 +143,8 @@ class Controller:
         # Set by the runtime to the elector's `holds_lease`: a leader whose renew deadline has
         # passed stops acting at once, before its elector's loop gets to step it down.
         self.lease_held: Callable[[], bool] = lambda: True
+        # Seconds left before the leader Lease's renew deadline (None: unbounded, no election).
+        self.lease_left_s: Callable[[], float | None] = lambda: None
         # node → when the machine sent the hook run that succeeded (the machine's clock): it
         # counts only for the episode whose first run was not later (`NodeState.hook_since`).
         self.fence_confirmed: dict[str, float | None] = {}
@@ -510,7 +512,12 @@ class Controller:
         if own is not None and seen in own.versions:
             version, expect = own.version, own.expect
         term = self._term
-        basis = act.Basis(version, lambda: self.acting and self._term == term, expect=expect)
+        basis = act.Basis(
+            version,
+            lambda: self.acting and self._term == term,
+            acting_left_s=self.lease_left_s,
+            expect=expect,
+        )
         return basis, seen, own
 
     async def _act(

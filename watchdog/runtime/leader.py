@@ -145,6 +145,10 @@ class LeaderElector:
         """Leader, and still within the renew deadline of the last renewal that succeeded."""
         return self.is_leader and self._clock() < self.valid_until
 
+    def lease_left_s(self) -> float:
+        """Seconds until that renew deadline (0 when not leading): how long a write may wait."""
+        return max(0.0, self.valid_until - self._clock()) if self.is_leader else 0.0
+
     async def attempt(self) -> bool:
         """One acquire-or-renew, bounded: a leader's attempt ends at its deadline, a
         candidate's after `renew_deadline_s` (a hung request must not stall the campaign)."""
