@@ -188,7 +188,7 @@ def _binaries(bin_dir: Path | None) -> Any:
             _out(
                 "First run: building the control-plane binaries (kube-apiserver, "
                 "kube-controller-manager, kube-scheduler) from their Go modules once — about "
-                f"8 minutes on 2 cores; later runs reuse them from {cache_dir()}."
+                f"6 minutes on 2 cores; later runs reuse them from {cache_dir()}."
             )
     t0 = time.monotonic()
     found = ensure_binaries(bin_dir, progress=lambda line: _out(f"[control-plane] {line}"))
