@@ -38,3 +38,14 @@ def test_a_run_is_valid_while_its_p99_lag_stays_within_a_tenth_of_the_smallest_i
     # The same lag at time scale 1 (heartbeat 1 s) measures the watchdog, not the simulator.
     assert validity(busy, 1.0).valid
     assert validity([], interval).valid, "nothing watched, nothing against it"
+
+
+def test_an_invalid_run_is_run_again_slower_up_to_real_time_unless_the_scale_was_fixed() -> None:
+    from chaos.harness.cli import next_valid_scale
+
+    assert next_valid_scale(0.1, True, fixed=False) == 0.25
+    assert next_valid_scale(0.25, True, fixed=False) == 0.625
+    assert next_valid_scale(0.625, True, fixed=False) == 1.0
+    assert next_valid_scale(1.0, True, fixed=False) is None, "real time is the last resort"
+    assert next_valid_scale(0.1, False, fixed=False) is None, "a valid run stands"
+    assert next_valid_scale(0.1, True, fixed=True) is None, "--time-scale F runs at F only"
