@@ -1017,8 +1017,8 @@ async def test_a_write_still_out_at_the_leader_deadline_is_abandoned_there_not_a
     further (stale), instead of waiting out the 10 s request timeout and acting on an answer
     that may come after another replica took the lead. Its twin: a leader whose deadline moves
     on with its renewals keeps waiting, and the write lands once the API answers."""
-    await create_node(admin, "basis-3")
-    version = await version_of(admin, "basis-3")
+    await create_node(admin, "deadline-1")
+    version = await version_of(admin, "deadline-1")
     slow = Actuator(api_client, settings(api_request_timeout_s=10.0), attempts=1)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 1.0
@@ -1032,7 +1032,7 @@ async def test_a_write_still_out_at_the_leader_deadline_is_abandoned_there_not_a
     try:
         started = loop.time()
         outcome = await asyncio.wait_for(
-            slow.execute(PersistState("basis-3", '{"phase":"Fencing"}'), basis=basis), 8
+            slow.execute(PersistState("deadline-1", '{"phase":"Fencing"}'), basis=basis), 8
         )
         took = loop.time() - started
     finally:
@@ -1050,17 +1050,30 @@ async def test_a_write_still_out_at_the_leader_deadline_is_abandoned_there_not_a
             deadline = loop.time() + 1.0
             await asyncio.sleep(0.2)
 
+    # Another Node: the abandoned write may still land on deadline-1 once the API thaws (the API
+    # server had received it; only its answer was given up on).
+    await create_node(admin, "deadline-2")
+
+    async def settled() -> bool:
+        # The node lifecycle controller taints a node without a kubelet once, soon after it
+        # appears (see the test above); our write goes after it, as the controller's would.
+        node = await admin.get(NODES, "deadline-2")
+        return "node.kubernetes.io/not-ready" in [
+            t["key"] for t in node["spec"].get("taints") or ()
+        ]
+
+    await eventually(settled, timeout_s=90, what="the node lifecycle controller's taint")
     renewer = asyncio.ensure_future(renew())
     basis = Basis(
-        await version_of(admin, "basis-3"),
+        await version_of(admin, "deadline-2"),
         lambda: True,
         acting_left_s=lambda: deadline - loop.time(),
-        expect=None,
+        expect=(None, False),
     )
     await cluster.api_outage_start("freeze")
     try:
         task = asyncio.ensure_future(
-            slow.execute(PersistState("basis-3", '{"phase":"Suspect"}'), basis=basis)
+            slow.execute(PersistState("deadline-2", '{"phase":"Suspect"}'), basis=basis)
         )
         await asyncio.sleep(2.0)  # the outage's length: a fault time, not a wait for a result
         assert not task.done(), "abandoned although its deadline kept moving on"
@@ -1072,5 +1085,5 @@ async def test_a_write_still_out_at_the_leader_deadline_is_abandoned_there_not_a
         renewing = False
         await renewer
     assert outcome.result is Result.SUCCESS, outcome
-    node = await admin.get(NODES, "basis-3")
+    node = await admin.get(NODES, "deadline-2")
     assert "Suspect" in node["metadata"]["annotations"][STATE_ANNOTATION]

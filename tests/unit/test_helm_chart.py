@@ -39,7 +39,7 @@ ADDON = ROOT / "deploy" / "helm" / "harvester-addon.yaml"
 
 # kustomize render (tests/unit/test_deploy.py RENDERS) → the chart values that must equal it
 CASES: dict[str, dict[str, Any]] = {
-    "kubevirt": {},
+    "kubevirt": {"createNamespace": True},
     "harvester": {"platform": "harvester"},
     "harvester+self-fence": {"platform": "harvester", "fence": {"self": True}},
     "harvester+self-fence+delete-volume-attachments": {
@@ -47,7 +47,10 @@ CASES: dict[str, dict[str, Any]] = {
         "fence": {"self": True},
         "deleteVolumeAttachments": True,
     },
-    "kubevirt+delete-volume-attachments": {"deleteVolumeAttachments": True},
+    "kubevirt+delete-volume-attachments": {
+        "createNamespace": True,
+        "deleteVolumeAttachments": True,
+    },
     "harvester+power-fence": {"platform": "harvester", "fence": {"power": {"enabled": True}}},
 }
 GENERATED = re.compile(r'"(node-watchdog-config|node-watchdog-mqtt-config)-[a-z0-9]{10}"')
@@ -147,15 +150,14 @@ def test_the_pods_roll_when_their_configuration_changes(helm: str) -> None:
 
 
 def test_values_reach_the_objects_they_name(helm: str) -> None:
-    tolerations = [{"key": "dedicated", "operator": "Equal", "value": "vm", "effect": "NoSchedule"}]
+    extra = [{"key": "dedicated", "operator": "Equal", "value": "vm", "effect": "NoSchedule"}]
     resources = {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
     got = objects(
         helm,
         {
             "image": {"repository": "registry.example.com/node-watchdog", "tag": "0.1.1"},
             "config": {"mqtt": {"broker_contact": "leader-ack"}, "peer_count": 5},
-            "agent": {"tolerations": tolerations},
-            "controller": {"resources": resources},
+            "controller": {"resources": resources, "tolerations": extra},
             "runbookBaseURL": "https://docs.example.com/node-watchdog/",
         },
     )
@@ -164,7 +166,12 @@ def test_values_reach_the_objects_they_name(helm: str) -> None:
     for pod in (ds, ctl):
         [container] = [c for c in pod["containers"] if c["name"] == "node-watchdog"]
         assert container["image"] == "registry.example.com/node-watchdog:0.1.1"
-    assert ds["tolerations"] == tolerations
+    base = objects(helm, {})
+    base_ctl = base["Deployment", "node-watchdog", "node-watchdog-controller"]["spec"]["template"]
+    # Added to the shipped ones, which make the controller leave a dead node within 20 s.
+    assert ctl["tolerations"] == base_ctl["spec"]["tolerations"] + extra
+    assert ds["tolerations"] == [{"operator": "Exists"}], "the agent tolerates every taint"
+    assert not any(k[0] == "Namespace" for k in base), "Helm's release namespace exists already"
     assert next(c for c in ctl["containers"] if c["name"] == "node-watchdog")["resources"] == (
         resources
     )
@@ -215,6 +222,9 @@ def test_bmcs_in_the_values_become_an_inventory_the_controller_accepts(helm: str
         ({"fence": {"power": {"bmcs": {"node-1": {"ip": "10.0.0.1"}}}}}, None, "agent"),
         ({"runbookBaseURL": "docs.example.com"}, None, "/runbookBaseURL"),
         ({"agent": {"replicas": 3}}, None, "replicas"),
+        ({"agent": {"tolerations": [{"key": "a", "operator": "Exists"}]}}, None, "tolerations"),
+        ({"config": {"peer_port": 9200}}, None, "values.config.peer_port"),
+        ({"image": {"repository": "r", "tag": 1.10}}, None, "/image/tag"),
         ({"platform": "harvester"}, "default", "harvester-system"),
     ],
 )

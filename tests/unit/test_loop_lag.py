@@ -49,3 +49,10 @@ def test_an_invalid_run_is_run_again_slower_up_to_real_time_unless_the_scale_was
     assert next_valid_scale(1.0, True, fixed=False) is None, "real time is the last resort"
     assert next_valid_scale(0.1, False, fixed=False) is None, "a valid run stands"
     assert next_valid_scale(0.1, True, fixed=True) is None, "--time-scale F runs at F only"
+
+
+def test_one_stall_longer_than_the_smallest_interval_invalidates_a_run_on_its_own() -> None:
+    # At time scale 0.1 a 1 s stall is a 10 s real-world event: a missed heartbeat or more.
+    verdict = validity([0.002] * 5000 + [1.0], 0.1)
+    assert verdict.p99_ms < verdict.bound_ms and not verdict.valid
+    assert validity([0.002] * 5000 + [0.09], 0.1).valid, "shorter than one interval"

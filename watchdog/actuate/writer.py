@@ -196,8 +196,13 @@ class KubeWriter:
         finally:
             if not task.done():
                 task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+                try:
+                    # Not `await task`: a cancellation of this caller that arrives meanwhile
+                    # must reach it, not be taken for the abandoned request's own.
+                    await asyncio.wait({task})
+                finally:
+                    if task.done() and not task.cancelled():
+                        task.exception()  # the abandoned request's error: retrieved, dropped
 
     async def call(
         self,

@@ -375,9 +375,9 @@ class HeartbeatSubscriber:
                 self._reject(e.reason, e.detail, topic, now)
                 return
             self._accepted += 1
+            self._on_change(hb.node)
             if self.acks_when is not None and self.acks_when():
                 self._ack(hb)
-            self._on_change(hb.node)
         elif topic.startswith(self._status_head):
             self._handle_status(topic[len(self._status_head) :], payload, topic, now)
         elif topic == self._echo_topic:
@@ -411,6 +411,10 @@ class HeartbeatSubscriber:
         if paho is None:  # the connection went: these agents hear nothing, as they should not
             self._acks_unsent += len(pending)
             return
+        # paho numbers every publish, QoS 0 too, from one 16-bit counter: once it wraps, an
+        # acknowledgement can share its number with a retained QoS 1 probe list still waiting
+        # for its PUBACK, and aiomqtt then reports that list sent early. It is sent on a live
+        # connection all the same, and every list is sent again after a reconnection.
         for topic, payload in pending:
             if paho.publish(topic, payload, 0).rc == mqtt.MQTT_ERR_SUCCESS:
                 self._acks += 1

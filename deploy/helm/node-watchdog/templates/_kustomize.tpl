@@ -3,8 +3,8 @@ The few kustomize operations deploy/ uses, applied to parsed objects (dicts, cha
 so that the chart renders the overlays' objects from the overlays' own files:
 
 - nw.merge: a strategic merge patch as our patches use it: maps merge key by key, lists of
-  maps merge by `name` (else `mountPath`) and put what is new first (as kustomize does),
-  anything else is replaced.
+  maps merge by `mountPath` (volumeMounts) or `name` and put what is new first (as kustomize
+  does), any other list is replaced.
 - nw.jsonpatch: RFC 6902 `add` and `replace` on one object (the ops our patches use).
 - nw.matches: a kustomize patch target (group, version, kind, name as an anchored regex).
 - nw.patches: a kustomization's `patches:` on a list of objects (a strategic merge patch names
@@ -33,14 +33,17 @@ Each returns nothing; a helper that must return a value says so.
 {{- $new := list -}}
 {{- $replace := false -}}
 {{- range $item := .src -}}
-{{- if not (kindIs "map" $item) -}}{{- $replace = true -}}{{- end -}}
+{{- /* a list of scalars, or of maps without a merge key (tolerations): replaced */ -}}
+{{- if not (kindIs "map" $item) -}}{{- $replace = true -}}
+{{- else if not (or (hasKey $item "mountPath") (hasKey $item "name")) -}}{{- $replace = true -}}{{- end -}}
 {{- end -}}
 {{- if $replace -}}
 {{- $out = .src -}}
 {{- else -}}
 {{- range $item := .src -}}
 {{- $key := "" -}}
-{{- if hasKey $item "name" -}}{{- $key = "name" -}}{{- else if hasKey $item "mountPath" -}}{{- $key = "mountPath" -}}{{- end -}}
+{{- /* volumeMounts merge by mountPath (their names may repeat), the rest by name */ -}}
+{{- if hasKey $item "mountPath" -}}{{- $key = "mountPath" -}}{{- else -}}{{- $key = "name" -}}{{- end -}}
 {{- $found := false -}}
 {{- if $key -}}
 {{- range $existing := $out -}}
