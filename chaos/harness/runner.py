@@ -34,7 +34,6 @@ from chaos.harness.scenario import DISRUPTIVE_ACTIONS, LEADER, Fault, Scenario
 from chaos.harness.settings import ScaledSettings, scale_settings
 from chaos.sim.binaries import ControlPlaneBinaries
 from chaos.sim.cluster import SimCluster, SimConfig
-from chaos.sim.kubelet import NodeTimings
 from chaos.sim.ledger import RESTARTING_STRATEGIES
 from chaos.sim.loop_lag import LoopLag
 from chaos.sim.procs import pid_alive
@@ -465,8 +464,8 @@ class Run:
         """The shortest timing the run models, in wall seconds: the simulated kubelet's Lease
         renewal, and for the watchdog its heartbeat interval too (peer probes are floored in
         wall time, chaos/harness/settings.py, and never shorter than a heartbeat here)."""
-        timings = self.cluster.config.node_timings if self.cluster is not None else NodeTimings()
-        intervals = [timings.lease_renew_s * self.scale]
+        assert self.cluster is not None, "watched only once the cluster runs"
+        intervals = [self.cluster.config.node_timings.lease_renew_s * self.scale]
         if self.system == "watchdog":
             intervals.append(float(self.scaled.scaled["heartbeat_interval_s"]))
         return min(intervals)

@@ -424,7 +424,7 @@ async def test_agent_fences_itself_when_cut_off_from_broker_and_api(
     assert marker.read_text() == "fenced\n", "the fence ran exactly once"
 
 
-async def test_partitioned_agent_fences_for_lack_of_acks_before_the_broker_sends_its_will(
+async def test_partitioned_agent_fences_for_lack_of_echoes_before_the_broker_sends_its_will(
     mosquitto: Mosquitto, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     """A partition sends no FIN: the agent's connection still looks open, yet no heartbeat

@@ -130,11 +130,7 @@ class KubeWriter:
             raise Stale(f"{what}: not sent, this replica's leader Lease ran out")
         sending = self._send(method, path, query, body, content_type)
         try:
-            if acting_left is None:
-                async with asyncio.timeout(self.request_timeout_s):
-                    status, headers, data = await sending
-            else:
-                status, headers, data = await self._within_lease(sending, acting_left, what)
+            status, headers, data = await self._within_lease(sending, acting_left, what)
         except (ApiException, ConfigException, aiohttp.ClientError, TimeoutError, OSError) as e:
             raise translate(e, what) from e
         if status >= 300:
@@ -169,20 +165,20 @@ class KubeWriter:
     async def _within_lease(
         self,
         sending: Awaitable[tuple[int, Mapping[str, str], bytes]],
-        acting_left: Callable[[], float | None],
+        acting_left: Callable[[], float | None] | None,
         what: str,
     ) -> tuple[int, Mapping[str, str], bytes]:
-        """The answer, waited for at most the request timeout and never past this replica's
-        leader deadline, which moves on with every renewal while the request is out. At the
-        deadline the request is abandoned (`Stale`, not retried): another replica may lead
-        from then on. (What the API server had already applied stays applied; the next
-        leader reads it.)"""
+        """The answer, waited for at most the request timeout and (with `acting_left`) never
+        past this replica's leader deadline, which moves on with every renewal while the
+        request is out. At the deadline the request is abandoned (`Stale`, not retried):
+        another replica may lead from then on. (What the API server had already applied stays
+        applied; the next leader reads it.)"""
         loop = asyncio.get_running_loop()
         task = asyncio.ensure_future(sending)
         give_up_at = loop.time() + self.request_timeout_s
         try:
             while True:
-                left = acting_left()
+                left = acting_left() if acting_left is not None else None
                 if left is not None and left <= 0:
                     raise Stale(f"{what}: abandoned at this replica's leader deadline")
                 wait = give_up_at - loop.time()

@@ -15,10 +15,10 @@
   self-fencing spares it (decide/quorum.py), which it can only on clusters of up to
   `2 x peer_count + 1` nodes.
 
-Every accepted heartbeat is acknowledged (QoS 0), so the agent's latest contact is at most one
-interval older than the controller's latest heartbeat of it (only a lost acknowledgement makes
-the difference): the same bound the quorum timings rest on (decide/quorum.py,
-`spare_timing_error`).
+Every accepted heartbeat is acknowledged (QoS 0), as every heartbeat is echoed: the agent's
+latest contact lags the controller's latest heartbeat of it by the controller's ingest lag and
+one interval per acknowledgement lost in a row, the terms the quorum timings rest on
+(decide/quorum.py, `spare_timing_error`, which allows one).
 
 The payload is `<seq> <boot_id>` in ASCII: the boot id keeps an acknowledgement of an earlier
 boot's heartbeat (same `seq` by chance) from counting. Only the controller's identity may write
