@@ -158,6 +158,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--time-scale", type=positive(float), default=1.0, help="time compression")
     p.set_defaults(func=handle, bench_run=_run_testcluster)
 
+    p = sub.add_parser(
+        "sweep", help="a cut-off agent's roster sweep: probes, wall time and CPU per round"
+    )
+    _common(p)
+    p.add_argument("--sizes", type=int_list, default=(100, 1000, 5000), help="cluster sizes")
+    p.add_argument("--rounds", type=positive(int), default=5, help="rounds per size")
+    p.set_defaults(func=handle, bench_run=_run_sweep)
+
 
 # --- handlers ---------------------------------------------------------------------------------
 
@@ -267,6 +275,14 @@ def _run_failover(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from chaos.bench import sweep
+
+    if args.smoke:
+        return sweep.run(sizes=(20,), rounds=2)
+    return sweep.run(sizes=tuple(args.sizes), rounds=args.rounds)
+
+
 def _run_testcluster(args: argparse.Namespace) -> dict[str, Any]:
     from chaos.bench import testcluster
 
@@ -287,6 +303,7 @@ RENDER = {
     "decide": "chaos.bench.decide",
     "failover": "chaos.bench.failover",
     "testcluster": "chaos.bench.testcluster",
+    "sweep": "chaos.bench.sweep",
 }
 
 

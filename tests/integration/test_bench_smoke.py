@@ -53,6 +53,15 @@ def test_decide_benchmark_reports_throughput_and_tick_costs(tmp_path: Path) -> N
         assert t["evaluations_per_s_controller"] > 0
 
 
+def test_sweep_benchmark_spares_the_agent_within_one_probe_timeout(tmp_path: Path) -> None:
+    report = run_bench("sweep", tmp_path)
+    (row,) = report["sweep"]
+    assert row["nodes"] == 20 and row["need"] == 10
+    assert row["spared_every_round"], row
+    assert row["wall_s_max"] < row["probe_timeout_s"]
+    assert row["agent_cpu_s_median"] > 0 and row["peers_cpu_s_median"] is not None
+
+
 @pytest.mark.cluster
 @pytest.mark.broker
 def test_ingest_benchmark_measures_the_controller_process_and_detects_the_killed_node(

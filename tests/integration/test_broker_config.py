@@ -35,6 +35,7 @@ import pytest
 
 from chaos.sim.broker_identity import shipped_config, sign_identity
 from chaos.sim.ports import free_port
+from watchdog.decide.roster import encode_roster_shard, roster_topic, shard_of
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKER_DIR = ROOT / "deploy" / "base" / "broker"
@@ -580,6 +581,27 @@ async def test_every_agent_reads_the_member_count_and_only_the_controller_writes
         async with broker.client(mqtt_credentials.CONTROLLER_USER, identifier="leader") as leader:
             await leader.publish(*real, qos=1)
         assert await one.wait_for(*real) == [real], "an agent wrote the member count"
+        assert await two.wait_for(*real) == [real]
+
+
+async def test_every_agent_reads_the_roster_and_only_the_controller_writes_it(
+    broker: Broker,
+) -> None:
+    """The roster a cut-off agent sweeps for cut-off peers (decide/roster.py): a node that could
+    write it would point the sweeps of others at answers of its choosing."""
+    shard = shard_of("node-9")
+    topic = roster_topic(PREFIX, shard)
+    forged = (topic, encode_roster_shard(shard, {"node-9": "6.6.6.6:1"}))
+    real = (topic, encode_roster_shard(shard, {"node-9": "10.0.0.9:9101"}))
+    async with (
+        subscribed(broker, "node-1", f"{PREFIX}/roster/+") as one,
+        subscribed(broker, "node-2", f"{PREFIX}/roster/+") as two,
+    ):
+        assert two.client is not None
+        await two.client.publish(*forged, qos=1)  # node-2 as the attacker
+        async with broker.client(mqtt_credentials.CONTROLLER_USER, identifier="leader") as leader:
+            await leader.publish(*real, qos=1)
+        assert await one.wait_for(*real) == [real], "an agent wrote the roster"
         assert await two.wait_for(*real) == [real]
 
 

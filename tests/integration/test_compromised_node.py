@@ -47,6 +47,7 @@ from watchdog.decide.peer_probe import PeerView
 from watchdog.decide.peer_reports import PeerReport, encode_report, peers_topic
 from watchdog.decide.peer_ring import MAX_TARGETS, encode_probe_list, probe_topic
 from watchdog.decide.quorum import encode_members, members_topic
+from watchdog.decide.roster import roster_topic
 from watchdog.transport.certificates import new_key_and_request
 
 pytestmark = [
@@ -155,9 +156,10 @@ async def attack_topics(
     witness: Inbox,
     mark: bytes,
 ) -> None:
-    """Another node's heartbeat, status and peer topics, probe lists, the member count, another
-    client id's echo topic, and acknowledgements (its own node's or another's: the proof of
-    broker contact only the leader gives): each refused by the broker, shown by barriers."""
+    """Another node's heartbeat, status and peer topics, probe lists, the member count, the
+    roster, another client id's echo topic, and acknowledgements (its own node's or another's:
+    the proof of broker contact only the leader gives): each refused by the broker, shown by
+    barriers."""
     p, marker = PREFIX, mark.decode()
     # The ACL lets a client read only the echo topic of its own client id: it reads `node-2`'s
     # only if the broker gave it the id it asked for.
@@ -170,6 +172,7 @@ async def attack_topics(
         probe_topic(p, "node-99"): encode_probe_list("node-99", {"node-1": marker}),
         probe_topic(p, "node-1"): encode_probe_list("node-1", {"node-2": marker}),
         members_topic(p): encode_members(1)[:-1] + b',"x":"' + mark + b'"}',
+        roster_topic(p, 0): b'{"shard":0,"nodes":{"x":"' + mark + b'"}}',
         f"{p}/echo/node-2": mark,
         ack_topic(p, "node-99"): b"1 " + mark,
         ack_topic(p, ATTACKER): b"1 " + mark,

@@ -11,10 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from watchdog.decide.quorum import encode_members
+from watchdog.decide.roster import encode_roster_shard, roster_topic, shard_of
 from watchdog.heartbeat.agent import Agent
 from watchdog.runtime.settings import Settings
 
 BOOT = "6f1c0d2e-boot"
+PREFIX = "node-watchdog/v1"
 AFTER_S = 8.0  # shipped: cut answered 5 s after the last contact, spare lasts 4 s (1 s rounds)
 
 
@@ -133,3 +135,34 @@ def test_a_peer_with_contact_again_has_broker_and_api_tried_at_once(tmp_path: Pa
     a.contact_proven(clock.now)
     a._probe_round(109.5, 0, 3)  # in contact ourselves: nothing to retry
     assert not a._retry_broker.is_set()
+
+
+def test_a_cut_off_agent_sweeps_the_roster_it_was_given(tmp_path: Path) -> None:
+    """The roster (decide/roster.py): while cut off, every other node of it may be asked, for
+    the count a spare needs; before that, or never told the member count, nobody is swept."""
+    clock = Clock()
+    a = agent(tmp_path, clock)
+    nodes = {f"node-{c}": f"10.0.0.{i}:9101" for i, c in enumerate("abcdefghij")}
+    for shard in {shard_of(n) for n in nodes}:
+        part = {n: addr for n, addr in nodes.items() if shard_of(n) == shard}
+        a._roster_message(roster_topic(PREFIX, shard), encode_roster_shard(shard, part))
+    assert a.roster_size() == 10
+    clock.now += 6.0  # cut off
+    assert a._sweep_plan() is None, "no member count: nothing found could spare it"
+    a._members_message(encode_members(10))
+    plan = a._sweep_plan()
+    assert plan is not None and plan.need == 5
+    assert set(plan.candidates) == set(nodes) - {"node-a"}  # never itself
+    a.contact_proven(clock.now)
+    assert a._sweep_plan() is None, "in contact: no sweep"
+
+
+def test_a_refused_roster_shard_keeps_what_the_agent_knew(tmp_path: Path) -> None:
+    clock = Clock()
+    a = agent(tmp_path, clock)
+    shard = shard_of("node-b")
+    topic = roster_topic(PREFIX, shard)
+    a._roster_message(topic, encode_roster_shard(shard, {"node-b": "10.0.0.2:9101"}))
+    a._roster_message(topic, b'{"shard":' + str(shard).encode() + b',"nodes":{"node-b":"x"}}')
+    a._roster_message(topic, b"")  # a cleared retained message: kept too
+    assert a._roster == {shard: {"node-b": "10.0.0.2:9101"}}

@@ -130,6 +130,9 @@ class Rules:
     members_extra: int = 0  # the controller divides by this many more nodes than the agents
     cut_s: float = CUT_S
     count_deleted: bool = True  # deleted nodes count as silent (for MEMBERS_MEMORY_S)
+    # A cut-off agent also sweeps the roster (decide/roster.py): it may count any node it
+    # reaches, not only its k successors. Off: the probe lists alone, as before the roster.
+    sweep: bool = True
 
 
 @dataclass
@@ -194,9 +197,10 @@ def simulate(
                 a.spared_at, a.pending = a.pending, None
             if not alive[i] or not a.cut(now):
                 continue
+            asked = (j for j in range(n) if j != i) if rules.sweep else successors(i, n, k)
             cut_peers = sum(
                 1
-                for j in successors(i, n, k)
+                for j in asked
                 if alive[j] and shape.groups[j] == shape.groups[i] and agents[j].cut(now)
             )
             if spared(n, cut_peers):  # the agents know n: published before any deletion
@@ -243,7 +247,7 @@ def simulate(
 
 
 @st.composite
-def schedules(draw: st.DrawFn, max_nodes: int = 7) -> tuple[int, int, list[tuple[int, Shape]]]:
+def schedules(draw: st.DrawFn, max_nodes: int = 9) -> tuple[int, int, list[tuple[int, Shape]]]:
     """Up to four partition changes; each may flap (switch back and forth every 1-3 s for a
     while, as a flapping link does) before it settles, and may delete Node objects."""
     n = draw(st.integers(2, max_nodes))
@@ -290,6 +294,24 @@ def test_a_control_plane_loss_reboots_no_node_in_the_model() -> None:
     problem, fenced = simulate(4, 3, CONTROL_PLANE_LOSS)
     assert problem is None
     assert fenced == [], f"nodes {fenced} rebooted in a control-plane outage"
+
+
+def test_a_control_plane_loss_reboots_no_node_of_a_cluster_larger_than_the_probe_lists() -> None:
+    """Twelve nodes probing three each: their probe lists can never show a majority of twelve,
+    so before the roster every agent fenced in a control-plane outage; sweeping it, none does."""
+    outage = [(10, Shape((0,) * 12, None, 0)), (50, Shape((0,) * 12, 0, 0))]
+    assert simulate(12, 3, outage) == (None, [])
+    problem, fenced = simulate(12, 3, outage, Rules(sweep=False))
+    assert problem is None and sorted(fenced) == list(range(12))
+
+
+def test_a_large_minority_cut_off_together_fences() -> None:
+    """Five of twelve nodes cut off together (they reach each other, not the control plane):
+    however many of them each asks, five are no majority of twelve, so all five fence before the
+    controller, hearing seven, resets them."""
+    groups = (0,) * 7 + (1,) * 5
+    problem, fenced = simulate(12, 3, [(10, Shape(groups, 0, 0))])
+    assert problem is None and sorted(fenced) == list(range(7, 12))
 
 
 def test_a_minority_partition_fences_and_only_then_is_reset() -> None:

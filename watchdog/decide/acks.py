@@ -12,8 +12,8 @@
   leader proves nothing, and the agent fences on its deadline as if the broker were gone. The
   cost: no leader, no acknowledgement. During a control-plane outage longer than the leader's
   renew deadline every agent has neither contact, and fences unless the quorum before
-  self-fencing spares it (decide/quorum.py), which it can only on clusters of up to
-  `2 x peer_count + 1` nodes.
+  self-fencing spares it (decide/quorum.py; on clusters larger than its probe list can show a
+  majority of, through the roster sweep, decide/roster.py).
 
 Every accepted heartbeat is acknowledged (QoS 0), as every heartbeat is echoed: the agent's
 latest contact lags the controller's latest heartbeat of it by the controller's ingest lag and

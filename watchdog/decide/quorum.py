@@ -1,8 +1,9 @@
 """Quorum before self-fencing: when an agent cut off from broker and API may spare itself.
 
 An agent that has proven no contact with broker or API for `self_fence_after_s` fences — unless
-the outage is cluster-wide. It asks its peers (its probe targets answer `PONG ... cut` once they
-have proven no contact for `cut_after_s`, heartbeat/peers.py) and spares itself while
+the outage is cluster-wide. It asks its peers (its probe targets, and while cut off the nodes
+of the roster, decide/roster.py; each answers `PONG ... cut` once it has proven no contact for
+`cut_after_s`, heartbeat/peers.py) and spares itself while
 
     1 + (peers it reached that are cut off too)  >  members / 2
 

@@ -73,6 +73,7 @@ from watchdog.decide.quorum import (
     spare_valid_s,
     spared,
 )
+from watchdog.decide.roster import cut_peers_needed, parse_roster_shard, roster_filter
 from watchdog.decide.state import UNREADABLE, Phase
 from watchdog.heartbeat.boot_record import BootRecord, BootRecordError, BootRecordStore
 from watchdog.heartbeat.device import DeviceError, Petter, WatchdogDevice
@@ -83,7 +84,7 @@ from watchdog.heartbeat.fence import (
     declared_down,
     declared_grace_s,
 )
-from watchdog.heartbeat.peers import PeerEndpoint, PeerProber
+from watchdog.heartbeat.peers import PeerEndpoint, PeerProber, SweepPlan
 from watchdog.transport.mqtt import broker_connection
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,11 @@ class Agent:
         # The node count the leader published (decide/quorum.py); None: never told, so never
         # spared by peers.
         self._members: int | None = None
+        # The roster the leader published (decide/roster.py): shard → {node: address}. Kept
+        # across connections (a cut-off agent sweeps the one it knew); the newest per shard.
+        self._roster_filter = roster_filter(prefix)
+        self._roster_head = f"{prefix}/roster/"
+        self._roster: dict[int, dict[str, str]] = {}
         # Quorum: when the latest probe round that spared us started (our clock), and how many
         # rounds have (statistics).
         self._spared_at: float | None = None
@@ -388,6 +394,7 @@ class Agent:
             publish=self._publish_report,
             on_outcome=self._on_probe,
             on_round=self._probe_round,
+            sweep_plan=self._sweep_plan,
             clock=self._clock,
         )
         log.info(
@@ -450,6 +457,11 @@ class Agent:
             "members": self._members,
             "cut_off": self.cut_off(),
             "spared_rounds": self._spared_rounds,
+            "roster": self.roster_size(),
+            "sweeps": self.prober.sweeps if self.prober else 0,
+            "last_sweep": {"asked": self.prober.last_sweep.asked, "cut": self.prober.last_sweep.cut}
+            if self.prober is not None and self.prober.last_sweep is not None
+            else None,
             "peer_targets": sorted(self.prober.targets) if self.prober else [],
             "peer_results": {t: v.value for t, v in self.prober.results().items()}
             if self.prober
@@ -525,6 +537,7 @@ class Agent:
         if self.prober is not None:
             await client.subscribe(self._probe_topic, qos=1)  # retained: delivered at once
             await client.subscribe(self._members_topic, qos=1)
+            await client.subscribe(self._roster_filter, qos=1)
         await client.publish(self._status_topic, ONLINE, qos=1, retain=True)
         self._connected = True
         self._client = client
@@ -591,6 +604,9 @@ class Agent:
             if topic == self._members_topic:
                 self._members_message(message.payload)
                 continue
+            if topic.startswith(self._roster_head):
+                self._roster_message(topic, message.payload)
+                continue
             if topic != self._contact_topic:
                 continue
             try:
@@ -648,6 +664,34 @@ class Agent:
         if members != self._members:
             log.info("agent %s: %d nodes take part (for the quorum)", self.node, members)
         self._members = members
+
+    def _roster_message(self, topic: str, payload: object) -> None:
+        if not isinstance(payload, bytes) or not payload:
+            return  # withdrawn or not bytes: keep what we knew
+        try:
+            shard = parse_roster_shard(topic, payload, self._prefix)
+        except HeartbeatRejected as e:
+            log.warning("agent %s: roster refused: %s", self.node, e)
+            return
+        self._roster[shard.shard] = shard.nodes
+
+    def roster_size(self) -> int:
+        return sum(len(nodes) for nodes in self._roster.values())
+
+    def _sweep_plan(self) -> SweepPlan | None:
+        """While cut off: every other node of the roster may be asked for `cut`, until a spare's
+        worth answered (decide/roster.py). Not cut off, or never told the member count: no
+        sweep (nothing it found could spare us)."""
+        need = cut_peers_needed(self._members)
+        if need is None or need == 0 or not self._roster or not self.cut_off():
+            return None
+        candidates = {
+            name: address
+            for nodes in self._roster.values()
+            for name, address in nodes.items()
+            if name != self.node
+        }
+        return SweepPlan(candidates, need)
 
     async def _goodbye(self, client: aiomqtt.Client, why: str) -> None:
         """Clean end of a connection, then the disconnect (no Will): retained `stopped` on a

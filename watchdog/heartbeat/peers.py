@@ -12,6 +12,12 @@ report to `publish` when a verdict changes, when the list changes, after a recon
 every `peer_refresh_s` otherwise. It runs as its own task: a slow probe or publish never delays
 a heartbeat.
 
+While its agent is cut off, each round also sweeps the roster (decide/roster.py) for cut-off
+peers, alongside the assigned probes and within the same `peer_probe_timeout_s`: in random
+order, at most `SWEEP_CONCURRENCY` at a time, until it has counted the peers a spare needs or
+too few are left to reach them. Only a round's count of `cut` answers comes of it (for the
+quorum, decide/quorum.py); the sweep's targets get no verdicts and no reports.
+
 Must not decide anything about the targets beyond its own verdicts (the controller weighs them).
 """
 
@@ -20,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 from watchdog.decide.peer_address import split_peer_address
 from watchdog.decide.peer_probe import (
@@ -41,9 +49,15 @@ log = logging.getLogger(__name__)
 
 # A client gets this long to send its PING and read the PONG; then it is cut off.
 HANDLER_DEADLINE_S = 2.0
-# More simultaneous probe connections than this are closed at once: each node has only
-# peer_count observers, so anything beyond is not a prober.
-MAX_CONNECTIONS = 64
+# More simultaneous probe connections than this are closed at once. A node has peer_count
+# observers, but in a cluster-wide outage every cut-off agent may sweep it too (up to
+# SWEEP_CONCURRENCY each at a time, spread over the round by their random orders); a refused
+# sweep probe counts as no `cut`, so a limit too low would turn a spare into a fence.
+MAX_CONNECTIONS = 1024
+# The listen backlog: connections the kernel queues before we accept them (a burst of sweeps).
+LISTEN_BACKLOG = 1024
+# How many sweep probes one agent has in flight at once (file descriptors, and the peers' load).
+SWEEP_CONCURRENCY = 128
 # How long the endpoint waits before trying again to listen (port taken, address missing).
 LISTEN_RETRY_S = 5.0
 
@@ -82,7 +96,11 @@ class PeerEndpoint:
         while True:
             try:
                 self._server = await asyncio.start_server(
-                    self._handle, self.host, self.port, limit=MAX_LINE_BYTES + 1
+                    self._handle,
+                    self.host,
+                    self.port,
+                    limit=MAX_LINE_BYTES + 1,
+                    backlog=LISTEN_BACKLOG,
                 )
                 break
             except OSError as e:
@@ -147,6 +165,56 @@ async def probe_once(expected: str, address: str, timeout_s: float) -> ProbeOutc
     return classify(expected, reply, error)
 
 
+@dataclass(frozen=True, slots=True)
+class SweepPlan:
+    """Whom a cut-off agent may ask besides its targets (the roster: name → address), and how
+    many `cut` answers in one round spare it (decide/roster.py, `cut_peers_needed`)."""
+
+    candidates: Mapping[str, str]
+    need: int
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    asked: int = 0
+    cut: int = 0
+
+
+async def sweep(
+    candidates: Mapping[str, str],
+    need: int,
+    timeout_s: float,
+    concurrency: int = SWEEP_CONCURRENCY,
+) -> SweepResult:
+    """Probe `candidates` for `cut` answers until `need` of them said so, until fewer are left
+    unasked than still needed, or until `timeout_s` is over (what was counted by then stands).
+
+    Random order: every agent of a cut-off majority sweeps at once, and the same order
+    everywhere would send all of them to the same peer first."""
+    order = list(candidates.items())
+    random.shuffle(order)
+    pending = iter(order)
+    undecided = len(order)  # not yet answered: asked and in flight, or not yet asked
+    counted = SweepResult()
+
+    async def worker() -> None:
+        nonlocal undecided, counted
+        for name, address in pending:
+            if counted.cut >= need or counted.cut + undecided < need:
+                return
+            outcome = await probe_once(name, address, timeout_s)
+            undecided -= 1
+            cut = outcome is ProbeOutcome.CUT
+            counted = SweepResult(counted.asked + 1, counted.cut + cut)
+
+    if need <= 0 or not order:
+        return counted
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*(worker() for _ in range(min(concurrency, len(order)))))
+    return counted
+
+
 class PeerProber:
     """Probes the assigned targets, keeps verdicts, publishes reports when they change."""
 
@@ -162,6 +230,7 @@ class PeerProber:
         publish: Publish,
         on_outcome: Callable[[ProbeOutcome], None] | None = None,
         on_round: Callable[[float, int, int], None] | None = None,
+        sweep_plan: Callable[[], SweepPlan | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node = node
@@ -175,6 +244,10 @@ class PeerProber:
         # After each round: (when it started, how many targets answered `cut`, how many answered
         # a plain PONG: their agents have contact), for the agent's quorum (decide/quorum.py).
         self._on_round = on_round
+        # While the agent is cut off: whom else to ask for `cut` this round (None: nobody).
+        self._sweep_plan = sweep_plan
+        self.last_sweep: SweepResult | None = None
+        self.sweeps = 0
         self._clock = clock
         self.targets: dict[str, str] = {}
         self.states: dict[str, TargetState] = {}
@@ -208,8 +281,9 @@ class PeerProber:
     async def run(self) -> None:
         next_at = self._clock()
         while True:
-            if self.targets:
-                await self._round()
+            plan = self._sweep_plan() if self._sweep_plan is not None else None
+            if self.targets or plan is not None:
+                await self._round(plan)
             await self._maybe_publish()
             next_at += self.interval_s
             now = self._clock()
@@ -222,14 +296,27 @@ class PeerProber:
                     await self._changed.wait()
                     next_at = self._clock()
 
-    async def _round(self) -> None:
+    async def _round(self, plan: SweepPlan | None = None) -> None:
         targets = dict(self.targets)
         started = self._clock()
-        outcomes = await asyncio.gather(
-            *(probe_once(t, a, self.timeout_s) for t, a in targets.items())
-        )
+        assigned = asyncio.gather(*(probe_once(t, a, self.timeout_s) for t, a in targets.items()))
+        swept = SweepResult()
+        if plan is None:
+            outcomes = await assigned
+        else:
+            others = {
+                n: a for n, a in plan.candidates.items() if n not in targets and n != self.node
+            }
+            # Alongside the assigned probes, for the same timeout: the round takes no longer.
+            # The sweep aims at the whole need, as if no assigned target were cut: a few probes
+            # more, for a round no longer than before.
+            outcomes, swept = await asyncio.gather(
+                assigned, sweep(others, plan.need, self.timeout_s)
+            )
+            self.last_sweep = swept
+            self.sweeps += 1
         if self._on_round is not None:
-            cut = sum(1 for o in outcomes if o is ProbeOutcome.CUT)
+            cut = sum(1 for o in outcomes if o is ProbeOutcome.CUT) + swept.cut
             self._on_round(started, cut, sum(1 for o in outcomes if o is ProbeOutcome.OK))
         for target, outcome in zip(targets, outcomes, strict=True):
             if self._on_outcome is not None:

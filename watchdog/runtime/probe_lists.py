@@ -1,5 +1,7 @@
 """The leader's probe lists: who probes whom, published retained on `<prefix>/probe/<node>`;
-and the member count the agents' quorum divides by, retained on `<prefix>/members`.
+the member count the agents' quorum divides by, retained on `<prefix>/members`; and the roster
+of every node's probe address a cut-off agent sweeps, retained on `<prefix>/roster/<shard>`
+(decide/roster.py; a shard only when one of its nodes joined, moved or left).
 
 Owns the assignment ring (decide/peer_ring.py) fed from the addresses agents announce in their
 heartbeats, and what it last published per node. Every replica keeps the ring (the controller
@@ -15,6 +17,7 @@ from collections.abc import Callable, Iterable
 
 from watchdog.decide.peer_ring import PeerRing, encode_probe_list, probe_topic
 from watchdog.decide.quorum import encode_members, members_topic
+from watchdog.decide.roster import ROSTER_SHARDS, encode_roster_shard, roster_topic, shard_of
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ class ProbeLists:
         self.publishes = 0
         self._members = 0  # the node count (the controller's known nodes)
         self._members_published: int | None = None
+        self._shards: dict[int, dict[str, str]] = {}  # the roster: shard → {node: address}
+        self._shards_published: dict[int, bytes] = {}
 
     def set_members(self, nodes: int) -> None:
         """The node count changed (a Node added or deleted): the leader says so at once."""
@@ -53,10 +58,12 @@ class ProbeLists:
         else:
             changed = self.ring.set_address(node, address)
         self._send(changed)
+        self._roster_entry(node, address)
 
     def node_deleted(self, node: str) -> None:
         changed = self.ring.remove(node)
         self._send(changed)
+        self._roster_entry(node, None)
         if self._leading and self._published.pop(node, None) is not None:
             self._publish(probe_topic(self._prefix, node), b"")  # clears the retained list
             self.publishes += 1
@@ -69,6 +76,8 @@ class ProbeLists:
         self._published.clear()
         self._send(list(self.ring.addresses), force=True)
         self._send_members(force=True)
+        self._shards_published.clear()
+        self._send_roster(range(ROSTER_SHARDS), force=True)
 
     def step_down(self) -> None:
         self._leading = False
@@ -77,6 +86,7 @@ class ProbeLists:
         if self._leading:
             self._send(list(self.ring.addresses), force=True)
             self._send_members(force=True)
+            self._send_roster(range(ROSTER_SHARDS), force=True)
 
     def _send(self, nodes: Iterable[str], *, force: bool = False) -> None:
         if not self._leading:
@@ -89,4 +99,27 @@ class ProbeLists:
                 continue
             self._published[node] = payload
             self._publish(probe_topic(self._prefix, node), payload)
+            self.publishes += 1
+
+    def _roster_entry(self, node: str, address: str | None) -> None:
+        shard = shard_of(node)
+        entries = self._shards.setdefault(shard, {})
+        if address is None:
+            if entries.pop(node, None) is None:
+                return
+        else:
+            entries[node] = address
+        self._send_roster((shard,))
+
+    def _send_roster(self, shards: Iterable[int], *, force: bool = False) -> None:
+        """Every shard in `shards`, empty ones too: a previous leader's retained shard may still
+        name nodes that have left since."""
+        if not self._leading:
+            return
+        for shard in shards:
+            payload = encode_roster_shard(shard, self._shards.get(shard, {}))
+            if not force and self._shards_published.get(shard) == payload:
+                continue
+            self._shards_published[shard] = payload
+            self._publish(roster_topic(self._prefix, shard), payload)
             self.publishes += 1

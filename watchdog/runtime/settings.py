@@ -108,8 +108,8 @@ class MQTTSettings(BaseModel):
         "of each heartbeat it accepted; required with a clustered or bridged broker (a member "
         "that no longer reaches the leader proves nothing); its cost: during a control-plane "
         "outage longer than the leader's renew deadline no leader acknowledges, and agents fence "
-        "unless the quorum before self-fencing spares them (clusters of up to 2 x peer_count + 1 "
-        "nodes).",
+        "unless the quorum before self-fencing spares them (a majority of the nodes cut off "
+        "too, found through the probe lists and the roster).",
     )
     max_ingest_lag_s: float = Field(
         1.0,
