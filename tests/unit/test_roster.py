@@ -10,9 +10,11 @@ import pytest
 from watchdog.decide.heartbeats import HeartbeatRejected
 from watchdog.decide.quorum import spared
 from watchdog.decide.roster import (
+    MAX_ROSTER_SHARD_BYTES,
     ROSTER_SHARDS,
     cut_peers_needed,
     encode_roster_shard,
+    encode_roster_shard_within,
     parse_roster_shard,
     roster_topic,
     shard_of,
@@ -34,8 +36,26 @@ def test_the_count_a_sweep_looks_for_is_exactly_what_spares() -> None:
 def test_shards_are_stable_across_processes_and_versions() -> None:
     """A leader and agents of different versions must agree on a node's shard (an agent refuses
     a shard that holds a node of another): the hash is CRC-32, pinned here."""
-    assert (shard_of("node-1"), shard_of("node-2")) == (31, 37)
+    assert (shard_of("node-1"), shard_of("node-2")) == (95, 229)
     assert {shard_of(f"n{i}") for i in range(5000)} == set(range(ROSTER_SHARDS))
+
+
+def test_a_shard_too_large_for_the_broker_leaves_nodes_out_rather_than_drop_the_leader() -> None:
+    """The shipped broker drops a connection that publishes more than 65,536 bytes: an
+    oversized shard would take the leader's connection with it. It is cut to fit instead."""
+    long = "x" * 200
+    nodes = {
+        f"n{i:05d}{long}": f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:9101" for i in range(600)
+    }
+    shard = 7
+    payload, left_out = encode_roster_shard_within(shard, nodes)
+    assert len(encode_roster_shard(shard, nodes)) > MAX_ROSTER_SHARD_BYTES
+    assert len(payload) <= MAX_ROSTER_SHARD_BYTES and 0 < left_out < 600
+    doc = json.loads(payload)
+    assert len(doc["nodes"]) == 600 - left_out
+    assert list(doc["nodes"]) == sorted(nodes)[: 600 - left_out]  # the last in name order go
+    small = {"node-1": "10.0.0.1:9101"}
+    assert encode_roster_shard_within(shard, small) == (encode_roster_shard(shard, small), 0)
 
 
 def test_a_roster_shard_round_trips_and_anything_else_is_refused() -> None:
@@ -56,7 +76,7 @@ def test_a_roster_shard_round_trips_and_anything_else_is_refused() -> None:
         (topic, encode_roster_shard(shard, {node: "10.0.0.1"})),  # no port
         (topic, encode_roster_shard(shard, {node: "a b:1"})),
         (f"{PREFIX}/roster/{shard}/x", payload),
-        (topic, b"{" + b" " * 300_000 + b"}"),
+        (topic, b"{" + b" " * MAX_ROSTER_SHARD_BYTES + b"}"),
     ]
     for t, p in bad:
         with pytest.raises(HeartbeatRejected):

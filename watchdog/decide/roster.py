@@ -16,7 +16,9 @@ The roster only widens whom the agent may ask.
 On the wire: `<prefix>/roster/<shard>` (retained, QoS 1, written by the leader only), one of
 `ROSTER_SHARDS` shards by a stable hash of the node name, `{"shard": i, "nodes": {name:
 "host:port"}}`. Shards keep each change small: a node joining or moving its address rewrites
-one shard (about 1/64 of the cluster), not the whole roster.
+one shard (about 1/256 of the cluster), not the whole roster. Every agent holds the whole
+roster: a node joining costs one shard to every agent, a broker restart every shard to every
+agent (about 40 bytes x nodes² in all: 40 MB at 1,000 nodes, 1 GB at 5,000).
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from watchdog.decide.heartbeats import HeartbeatRejected, RejectReason, json_mes
 from watchdog.decide.peer_address import valid_peer_address
 from watchdog.decide.peer_ring import valid_node_name
 
-ROSTER_SHARDS = 64
-# 100,000 nodes (MAX_MEMBERS) over 64 shards, about 1,600 entries of at most ~550 bytes in the
-# worst case; real names and addresses take ~40 bytes each, so 256 KiB per shard is ample.
-MAX_ROSTER_SHARD_BYTES = 256 * 1024
+ROSTER_SHARDS = 256
+# Below the shipped broker's max_packet_size (65,536 bytes, deploy/base/broker/mosquitto.conf),
+# which would drop the leader's connection for a larger publish. Entries take ~40 bytes (a
+# 20-character name and an IPv4 address), so a shard holds ~1,500 of them: 380,000 nodes.
+MAX_ROSTER_SHARD_BYTES = 60_000
 
 
 def roster_topic(prefix: str, shard: int) -> str:
@@ -58,6 +61,23 @@ class RosterShard:
 def encode_roster_shard(shard: int, nodes: Mapping[str, str]) -> bytes:
     doc = {"shard": shard, "nodes": dict(sorted(nodes.items()))}
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def encode_roster_shard_within(shard: int, nodes: Mapping[str, str]) -> tuple[bytes, int]:
+    """The shard as it may be published, and how many entries had to be left out to keep it
+    within MAX_ROSTER_SHARD_BYTES (the last in name order). Leaving a node out only narrows
+    whom a cut-off agent may ask: it may fence where it could have been spared, never the
+    reverse."""
+    payload = encode_roster_shard(shard, nodes)
+    if len(payload) <= MAX_ROSTER_SHARD_BYTES:
+        return payload, 0
+    kept = sorted(nodes.items())
+    while kept and len(payload) > MAX_ROSTER_SHARD_BYTES:
+        # Cut in proportion to the excess, at least one entry: a few encodes, not one per entry.
+        over = len(payload) - MAX_ROSTER_SHARD_BYTES
+        kept = kept[: len(kept) - max(1, over * len(kept) // len(payload) + 1)]
+        payload = encode_roster_shard(shard, dict(kept))
+    return payload, len(nodes) - len(kept)
 
 
 def parse_roster_shard(topic: str, payload: bytes, prefix: str) -> RosterShard:

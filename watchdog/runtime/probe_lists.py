@@ -17,7 +17,12 @@ from collections.abc import Callable, Iterable
 
 from watchdog.decide.peer_ring import PeerRing, encode_probe_list, probe_topic
 from watchdog.decide.quorum import encode_members, members_topic
-from watchdog.decide.roster import ROSTER_SHARDS, encode_roster_shard, roster_topic, shard_of
+from watchdog.decide.roster import (
+    ROSTER_SHARDS,
+    encode_roster_shard_within,
+    roster_topic,
+    shard_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +122,16 @@ class ProbeLists:
         if not self._leading:
             return
         for shard in shards:
-            payload = encode_roster_shard(shard, self._shards.get(shard, {}))
+            payload, left_out = encode_roster_shard_within(shard, self._shards.get(shard, {}))
             if not force and self._shards_published.get(shard) == payload:
                 continue
+            if left_out:
+                log.warning(
+                    "roster shard %d leaves out %d nodes to stay within the broker's packet "
+                    "size: cut-off agents cannot ask them for the quorum",
+                    shard,
+                    left_out,
+                )
             self._shards_published[shard] = payload
             self._publish(roster_topic(self._prefix, shard), payload)
             self.publishes += 1
