@@ -166,3 +166,21 @@ def test_a_refused_roster_shard_keeps_what_the_agent_knew(tmp_path: Path) -> Non
     a._roster_message(topic, b'{"shard":' + str(shard).encode() + b',"nodes":{"node-b":"x"}}')
     a._roster_message(topic, b"")  # a cleared retained message: kept too
     assert a._roster == {shard: {"node-b": "10.0.0.2:9101"}}
+
+
+def test_heartbeats_report_the_age_cut_is_judged_on(tmp_path: Path) -> None:
+    """`contact_age_s` (decide/heartbeats.py): the same age `cut_off` compares, rounded up (an
+    older age only makes the controller count the node silent sooner), capped at a day."""
+    clock = Clock()
+    a = Agent(
+        Settings(node_name="node-a", boot_state_dir=tmp_path, fence_command="true"), clock=clock
+    )
+    a.resume_boot(BOOT, clock.now)
+    assert a.contact_age() is None, "no contact in this boot: nothing to report"
+    a.contact_proven(clock.now)
+    clock.now += 3.451
+    assert a.contact_age() == 3.46
+    clock.now += 1.549
+    assert a.contact_age() == 5.0 and a.cut_off()
+    clock.now += 200_000.0
+    assert a.contact_age() == 86_400.0

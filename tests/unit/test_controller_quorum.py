@@ -64,6 +64,9 @@ class Run:
         self.marked: list[str] = []
         self.c.mark = self.marked.append
         self.seq = 0
+        # node → since when its agent has had no contact (a one-way broker path), for
+        # `contact_age`; a node not in it reports nothing.
+        self.contact_lost: dict[str, float] = {}
         for node in NODES:
             self.c.known_since[node] = 0.0
         self.book.set_known(set(NODES))
@@ -75,7 +78,14 @@ class Run:
     def beat(self, *nodes: str) -> None:
         for node in nodes:
             self.seq += 1
-            self.book.accept(Heartbeat(node, "boot-1", self.seq, 0.0, "1", ARMED), self.clock.now)
+            age = self.contact_age(node)
+            hb = Heartbeat(node, "boot-1", self.seq, 0.0, "1", ARMED, contact_age_s=age)
+            self.book.accept(hb, self.clock.now)
+
+    def contact_age(self, node: str) -> float | None:
+        """What the node's agent reports (None: an agent that does not say)."""
+        since = self.contact_lost.get(node)
+        return None if since is None else max(1.0, self.clock.now - since)
 
     async def tick(self, seconds: float, heard: list[str]) -> None:
         """Seconds pass, heartbeats of `heard` every second, every node decided each second."""
@@ -170,3 +180,32 @@ async def test_a_node_registered_again_counts_once() -> None:
     run.c.node_count_changed()
     await run.tick(6.0, ["n3", "n4", "n5"])  # n1 down, n2 silent: 2 of 5, no majority
     assert Reason.HOLD_QUORUM not in run.c.holds()
+
+
+async def test_agents_heard_but_cut_off_count_as_silent_and_hold_every_reset() -> None:
+    """A one-way broker path: n2's and n3's heartbeats still reach the controller, but nothing
+    reaches them back and they lost the API: they report their contact getting older, and
+    from 5 s without it they answer their peers `cut`, so they may spare n1. The controller
+    ages them from that contact, finds them Suspect — three of five silent — and holds.
+    Taken as heard, n1 would have been reset while its agent may be spared."""
+    run = Run()
+    run.c.become_leader()
+    for node in QUIET:
+        run.contact_lost[node] = run.clock.now
+    await run.tick(SAFE_DELAY + 4.0, HEARD + QUIET)  # every node's heartbeat arrives
+    assert [run.c.states[n].phase for n in QUIET] == [Phase.SUSPECT] * 2
+    assert Reason.HOLD_QUORUM in run.c.holds()
+    assert not run.reset()
+
+
+async def test_agents_that_report_contact_as_usual_are_heard() -> None:
+    """The twin: the same heartbeats reporting a healthy agent's contact age (one interval):
+    n2 and n3 stay Healthy, and n1 is reset after one safe delay."""
+    run = Run()
+    run.c.become_leader()
+    start = run.clock.now
+    for node in QUIET:
+        run.contact_lost[node] = float("inf")  # reports max(1.0, -inf): one interval
+    await run.tick(SAFE_DELAY + 1.0, HEARD + QUIET)
+    assert [run.c.states[n].phase for n in QUIET] == [Phase.HEALTHY] * 2
+    assert run.reset() and run.clock.now <= start + SAFE_DELAY + 1.0

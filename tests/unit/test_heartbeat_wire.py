@@ -151,6 +151,7 @@ seconds = st.floats(min_value=0, max_value=86_400, allow_nan=False)
         sent_at=st.floats(allow_nan=False, allow_infinity=False),
         version=st.text(max_size=32),
         fence=st.builds(FenceDeclaration, st.booleans(), seconds, seconds),
+        contact_age_s=st.none() | seconds,
     )
 )
 def test_what_the_agent_encodes_the_controller_parses_back_unchanged(hb: Heartbeat) -> None:
@@ -234,6 +235,24 @@ def test_what_the_agent_encodes_the_controller_parses_back_unchanged(hb: Heartbe
             RejectReason.SCHEMA,
             id="empty boot_id",
         ),
+        pytest.param(
+            heartbeat_topic(PREFIX, "node-a"),
+            json.dumps(doc(contact_age_s=-0.5)).encode(),
+            RejectReason.SCHEMA,
+            id="negative contact age",
+        ),
+        pytest.param(
+            heartbeat_topic(PREFIX, "node-a"),
+            json.dumps(doc(contact_age_s="3")).encode(),
+            RejectReason.SCHEMA,
+            id="contact age as a string",
+        ),
+        pytest.param(
+            heartbeat_topic(PREFIX, "node-a"),
+            json.dumps(doc(contact_age_s=1e9)).encode(),
+            RejectReason.SCHEMA,
+            id="contact age beyond a day",
+        ),
     ],
 )
 def test_parser_refuses_with_its_reason(topic: str, payload: bytes, reason: RejectReason) -> None:
@@ -265,6 +284,29 @@ def test_book_accepts_a_reboot_whose_seq_restarts_at_zero_and_refuses_the_old_bo
     assert (rec.boot_id, rec.seq, rec.received) == ("boot-2", 0, 2)
     assert accept(b, heartbeat(boot_id="boot-1", seq=42)) is RejectReason.REPLAYED
     assert b.nodes["node-a"].boot_id == "boot-2"
+
+
+def test_the_signal_ages_from_the_agents_own_contact_when_that_is_older_than_usual() -> None:
+    """`NodeHeartbeats.contact_at`: a heartbeat reporting one interval of contact age (a healthy
+    agent) is fresh; one reporting more ages the node by the excess (a one-way broker path: the
+    agent is cut off and will answer `cut`, so the controller must count it silent), never
+    backwards within a boot; a new boot starts afresh; an agent that does not say is fresh."""
+    b = HeartbeatBook(contact_slack_s=1.0)
+    b.set_known({"node-a"})
+
+    def beat(seq: int, now: float, age: float | None, boot: str = "boot-1") -> float | None:
+        hb = Heartbeat("node-a", boot, seq, 0.0, "1", FENCE, contact_age_s=age)
+        return b.accept(hb, now).contact_at
+
+    assert beat(1, 100.0, 1.0) == 100.0  # healthy: one interval
+    assert beat(2, 101.0, None) == 101.0  # an agent that does not say
+    assert beat(3, 102.0, 2.0) == 101.0  # one echo late: a second older
+    assert beat(4, 103.0, 3.0) == 101.0  # no contact since: the node ages as if unheard
+    assert beat(5, 108.0, 8.0) == 101.0
+    assert beat(6, 109.0, 0.5) == 109.0  # contact again: fresh
+    assert beat(7, 109.5, 9.0) == 109.0, "never backwards within a boot"
+    assert beat(0, 110.0, 4.0, boot="boot-2") == 107.0  # a new boot: from its own report
+    assert b.nodes["node-a"].last_at == 110.0, "the heartbeat itself is still the latest heard"
 
 
 def test_book_status_offline_is_cleared_by_the_next_heartbeat_and_unknown_is_ignored() -> None:

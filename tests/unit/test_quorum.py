@@ -119,6 +119,12 @@ class Shape:
     control_plane: int | None
     controller: int
     deleted: frozenset[int] = frozenset()
+    # Nodes on a one-way broker path: their heartbeats reach the controller (when it reaches
+    # the control plane) but nothing comes back to them: no contact, as if cut off.
+    one_way: frozenset[int] = frozenset()
+    # Nodes cut from the control plane alone (broker and API), still reaching their group's
+    # peers: the truly cut-off node that one-way peers may spare.
+    isolated: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,9 @@ class Rules:
     # A cut-off agent also sweeps the roster (decide/roster.py): it may count any node it
     # reaches, not only its k successors. Off: the probe lists alone, as before the roster.
     sweep: bool = True
+    # The controller ages a heard node from the contact age its heartbeats report
+    # (decide/heartbeats.py, `contact_at`). Off: every heartbeat heard is fresh.
+    contact_age: bool = True
 
 
 @dataclass
@@ -170,7 +179,11 @@ def successors(i: int, n: int, k: int) -> list[int]:
 def violation(
     n: int, k: int, schedule: list[tuple[int, Shape]], rules: Rules = Rules()
 ) -> str | None:
-    """Run the schedule; the first reset of a node whose agent has not stopped it, else None."""
+    """Run the schedule; the first reset of a node whose agent has not stopped it, else None.
+
+    One-way nodes (Shape.one_way) answer `cut` like any node without contact while the
+    controller still hears them: with `Rules.contact_age` it ages them from the contact their
+    heartbeats report (at most CONTACT_LAG older than what it would have heard of them)."""
     return simulate(n, k, schedule, rules)[0]
 
 
@@ -188,7 +201,8 @@ def simulate(
         alive = [a.fenced_at is None for a in agents]
         # Contact: an agent reaches broker and API with its group.
         for i, a in enumerate(agents):
-            if alive[i] and shape.control_plane is not None:
+            reach = i not in shape.one_way and i not in shape.isolated
+            if alive[i] and shape.control_plane is not None and reach:
                 if shape.groups[i] == shape.control_plane:
                     a.last_contact = max(a.last_contact, now - CONTACT_LAG)
         # Probe rounds: last second's answers arrive now; this second's round starts.
@@ -220,8 +234,13 @@ def simulate(
             ctl.connected = True
             ctl.heard = [max(h, now) for h in ctl.heard]
         for i in range(n):
-            if agents[i].fenced_at is None and shape.groups[i] == shape.control_plane:
-                ctl.heard[i] = now
+            heard = shape.groups[i] == shape.control_plane and i not in shape.isolated
+            if agents[i].fenced_at is None and heard:
+                if i in shape.one_way and rules.contact_age:
+                    # Heard, but aged from the contact it reports: at most CONTACT_LAG older.
+                    ctl.heard[i] = max(ctl.heard[i], agents[i].last_contact + CONTACT_LAG)
+                else:
+                    ctl.heard[i] = now
         known = [i for i in range(n) if i not in shape.deleted]
         silent = {i for i in known if now - ctl.heard[i] >= SUSPECT}
         counted = len(silent) + (len(shape.deleted) if rules.count_deleted else 0)
@@ -261,7 +280,10 @@ def schedules(draw: st.DrawFn, max_nodes: int = 9) -> tuple[int, int, list[tuple
         deleted = before.deleted
         if draw(st.integers(0, 3)) == 0:  # now and then, an administrator deletes a Node
             deleted = deleted | {draw(st.integers(0, n - 1))}
-        shape = Shape(groups, cp, draw(st.integers(0, 2)), frozenset(deleted))
+        one_way = frozenset(i for i in range(n) if draw(st.integers(0, 3)) == 0)
+        isolated = frozenset(i for i in range(n) if draw(st.integers(0, 4)) == 0) - one_way
+        controller = draw(st.integers(0, 2))
+        shape = Shape(groups, cp, controller, frozenset(deleted), one_way, isolated)
         settled = at
         if draw(st.booleans()):  # flaps first
             period = draw(st.integers(1, 3))
@@ -314,6 +336,17 @@ def test_a_large_minority_cut_off_together_fences() -> None:
     assert problem is None and sorted(fenced) == list(range(7, 12))
 
 
+def test_peers_on_a_one_way_broker_path_spare_no_node_the_controller_resets() -> None:
+    """Five nodes; three lose the way back from the broker (their heartbeats still reach the
+    controller, nothing reaches them) and the API; a fourth is cut from both but still reaches
+    them. Those three answer `cut`, so the fourth is spared: the controller must count them
+    silent and hold. Taking their heartbeats as contact, it resets the spared node."""
+    one_way = [(10, Shape((0,) * 5, 0, 0, one_way=frozenset({0, 1, 2}), isolated=frozenset({3})))]
+    assert simulate(5, 3, one_way)[0] is None
+    problem, _ = simulate(5, 3, one_way, Rules(contact_age=False))
+    assert problem is not None and "node 3 reset while running" in problem
+
+
 def test_a_minority_partition_fences_and_only_then_is_reset() -> None:
     partition = [(10, Shape((0, 0, 0, 1), 0, 0))]  # node 3 alone, the rest with the control plane
     assert simulate(4, 3, partition) == (None, [3])
@@ -327,6 +360,7 @@ def test_a_minority_partition_fences_and_only_then_is_reset() -> None:
         Rules(members_extra=2),  # the controller divides by more nodes than the agents
         Rules(cut_s=CUT_S - CONTACT_LAG),  # `cut` said while the controller may still hear it
         Rules(count_deleted=False),  # a deleted Node's agent still answers `cut`
+        Rules(contact_age=False),  # a one-way node's heartbeats taken as contact
     ],
     ids=[
         "no-clock-restart",
@@ -334,6 +368,7 @@ def test_a_minority_partition_fences_and_only_then_is_reset() -> None:
         "larger-denominator",
         "cut-too-early",
         "deleted-not-counted",
+        "one-way-heard-as-fresh",
     ],
 )
 def test_the_model_catches_each_broken_variant(mutant: Rules) -> None:

@@ -48,6 +48,10 @@ class Heartbeat:
     # Where this agent's peer-probe endpoint is reached ("host:port"); optional, additive to
     # wire version 1: agents without peer probes omit it and stay valid.
     peer: str | None = None
+    # Seconds since the agent's latest proven contact with broker or API (the age its `cut`
+    # answer is judged on, decide/quorum.py), when it sent this; None: no contact in this boot,
+    # or an agent that does not say (additive to wire version 1). See `NodeHeartbeats.contact_at`.
+    contact_age_s: float | None = None
 
 
 def heartbeat_topic(prefix: str, node: str) -> str:
@@ -69,6 +73,8 @@ def encode_heartbeat(hb: Heartbeat) -> bytes:
     }
     if hb.peer is not None:
         doc["peer"] = hb.peer
+    if hb.contact_age_s is not None:
+        doc["contact_age_s"] = hb.contact_age_s
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -145,7 +151,8 @@ def parse_heartbeat(topic: str, payload: bytes, prefix: str) -> Heartbeat:
     peer = doc.get("peer")
     if peer is not None and not valid_peer_address(peer):
         raise HeartbeatRejected(RejectReason.SCHEMA, "peer is not a valid host:port")
-    return Heartbeat(node, boot_id, seq, sent_at, version, fence, peer)
+    contact_age = _seconds(doc, "contact_age_s") if "contact_age_s" in doc else None
+    return Heartbeat(node, boot_id, seq, sent_at, version, fence, peer, contact_age)
 
 
 # Boot ids of a node's earlier boots that are refused as replays. A node reboots a few times a
@@ -186,6 +193,16 @@ class NodeHeartbeats:
     fence: FenceDeclaration | None = None
     offline: bool = False  # the broker delivered the Will (or a clean "offline")
     peer: str | None = None  # the probe address its latest heartbeat announced
+    # What the heartbeat signal ages from (controller's monotonic time): `last_at`, moved back
+    # by how much older than one heartbeat interval the agent's own latest contact was when it
+    # sent its heartbeat (`contact_age_s`), never backwards within a boot. A heartbeat proves
+    # the node runs, not that its agent can be heard back: an agent whose echoes or
+    # acknowledgements stopped (a one-way broker path) and that lost the API answers its peers
+    # `cut` from `cut_after_s` after its contact, and the controller must count it silent by
+    # then (decide/quorum.py), as it would had its heartbeats stopped. A healthy agent reports
+    # about one interval (its contact is stamped with the send time of the previous heartbeat
+    # that came back), so for it this is `last_at`.
+    contact_at: float | None = None
 
 
 class HeartbeatBook:
@@ -196,10 +213,12 @@ class HeartbeatBook:
     random and we cannot order them: only the current one is trusted.
     """
 
-    def __init__(self, will_fresh_s: float = 3.0) -> None:
+    def __init__(self, will_fresh_s: float = 3.0, contact_slack_s: float = 1.0) -> None:
         # A Last Will that arrives while the agent's heartbeats are younger than this means the
         # agent process died on a live node (its socket closed at once), not a silent node.
         self.will_fresh_s = will_fresh_s
+        # The contact age a healthy agent reports: one heartbeat interval (see `contact_at`).
+        self.contact_slack_s = contact_slack_s
         self.nodes: dict[str, NodeHeartbeats] = {}
         self.known: set[str] = set()
         self._retired: dict[str, RetiredBoots] = {}
@@ -236,6 +255,12 @@ class HeartbeatBook:
             raise HeartbeatRejected(RejectReason.REPLAYED, "boot_id of an earlier boot")
         elif rec.boot_id is not None:
             self._retired.setdefault(hb.node, RetiredBoots()).add(rec.boot_id)
+        contact_at = now
+        if hb.contact_age_s is not None and hb.contact_age_s > self.contact_slack_s:
+            contact_at = now - (hb.contact_age_s - self.contact_slack_s)
+        if hb.boot_id == rec.boot_id and rec.contact_at is not None:
+            contact_at = max(contact_at, rec.contact_at)
+        rec.contact_at = contact_at
         rec.boot_id = hb.boot_id
         rec.seq = hb.seq
         rec.last_at = now

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import socket
 import time
@@ -588,6 +589,7 @@ class Agent:
                 version=watchdog.__version__,
                 fence=self.declaration,
                 peer=self._peer_address,
+                contact_age_s=self.contact_age(),
             )
         )
         self._unacked[seq] = self._clock()
@@ -932,13 +934,28 @@ class Agent:
         (decide/quorum.py)."""
         if self._quorum_off is not None:
             return False  # nobody may count on what we would say
+        age = self._since_contact()
+        # No contact in this boot (None): unarmed, nothing to spare, and the controller may
+        # never have heard this boot. Counting it would only hold others' resets for nothing.
+        return age is not None and age >= self._cut_after_s
+
+    def _since_contact(self) -> float | None:
+        """Seconds since the latest proven contact in this boot, or since this process started
+        if that is later (a restarted agent starts its count again); None: no contact yet."""
         last = self._boot_contact.last
         if last is None:
-            # No contact in this boot: unarmed, nothing to spare, and the controller may never
-            # have heard this boot. Counting it would only hold others' resets for nothing.
-            return False
+            return None
         marks = [t for t in (last, self._started_at) if t is not None]
-        return self._clock() - max(marks) >= self._cut_after_s
+        return self._clock() - max(marks)
+
+    def contact_age(self) -> float | None:
+        """What each heartbeat reports as `contact_age_s`: the age `cut_off` is judged on,
+        rounded up to 10 ms (an older age only makes the controller count us silent sooner)
+        and capped at the wire's 86,400 s."""
+        age = self._since_contact()
+        if age is None:
+            return None
+        return min(86_400.0, math.ceil(max(0.0, age) * 100) / 100)
 
     def _probe_round(self, started: float, cut_peers: int, live_peers: int = 0) -> None:
         """After a probe round: spared while it and the peers cut off too are a majority."""

@@ -245,7 +245,9 @@ def _controller(
     tg: asyncio.TaskGroup, settings: Settings, api: KubeApi, metrics: Metrics, health: Health
 ) -> LeaderElector:
     clock = time.monotonic
-    book = HeartbeatBook(will_fresh_s=settings.suspect_after_s)
+    book = HeartbeatBook(
+        will_fresh_s=settings.suspect_after_s, contact_slack_s=settings.heartbeat_interval_s
+    )
     metrics.weak_fence_accepted.set(1 if settings.accept_weak_self_fence else 0)
     # Read at scrape time (O(nodes) per scrape, nothing per heartbeat): a standby shows which
     # declarations it would count on if it took over.

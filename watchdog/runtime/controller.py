@@ -291,7 +291,10 @@ class Controller:
 
     def observe_node(self, node: str, now: float | None = None) -> NodeObservation:
         rec = self.book.nodes.get(node)
-        last_at = rec.last_at if rec else None
+        # Aged from the agent's own contact when that is older than a heartbeat interval
+        # (decide/heartbeats.py, `NodeHeartbeats.contact_at`): a node whose agent is cut off
+        # but still heard (a one-way broker path) turns SUSPECT as if it were not heard.
+        last_at = rec.contact_at if rec else None
         peers = self.peer_verdict(node, last_at, self.clock() if now is None else now)
         lease_seen, lease_at = self.view.lease_renewed_at(node)
         tainted = self.view.node_has_taint(node, self.taint_key, self.taint_effect)
