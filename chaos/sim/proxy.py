@@ -11,6 +11,9 @@ Owns: one listening port forwarding to one target, and the mode of all its conne
   for us, so unlike a real partition the client's connect itself succeeds; nothing flows after).
   Switching back to `PASS` resumes the held connections where they stopped, like a healed
   partition before either side timed out.
+- `TO_TARGET`: bytes flow from clients to the target only; the target's bytes to its clients
+  are held as in `BLACKHOLE` (a one-way path: what a client sends arrives, nothing comes back,
+  e.g. a broker that stopped sending to a subscriber, or a half-broken route).
 - `RESET`: every open connection is aborted with an RST on both sides, and new connections are
   reset as soon as they are accepted, like a peer whose process died (or a REJECT firewall).
 
@@ -33,6 +36,7 @@ _CHUNK = 64 * 1024
 class ProxyMode(StrEnum):
     PASS = "pass"
     BLACKHOLE = "blackhole"
+    TO_TARGET = "to-target"
     RESET = "reset"
 
 
@@ -162,7 +166,7 @@ class TcpProxy:
     async def _serve(self, link: _Link, client_reader: asyncio.StreamReader) -> None:
         # Do not connect upstream while cut: the target must not learn of a client it cannot
         # reach yet.
-        if not await self._gate(link):
+        if not await self._gate(link, "bytes_to_target"):
             return  # reset while it was held
         try:
             up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
@@ -196,11 +200,11 @@ class TcpProxy:
     ) -> None:
         try:
             while True:
-                if not await self._gate(link):
+                if not await self._gate(link, counter):
                     return
                 data = await reader.read(_CHUNK)
                 # Data read just before a cut is held, not forwarded, until the link heals.
-                if not await self._gate(link):
+                if not await self._gate(link, counter):
                     return
                 if not data:
                     if writer.can_write_eof():
@@ -212,9 +216,16 @@ class TcpProxy:
         except (ConnectionError, OSError):
             link.abort()
 
-    async def _gate(self, link: _Link) -> bool:
-        """Wait until bytes may flow on `link`; False once it is aborted."""
-        while self._mode is not ProxyMode.PASS and not link.aborted:
+    def _flows(self, direction: str) -> bool:
+        mode = self._mode
+        return mode is ProxyMode.PASS or (
+            mode is ProxyMode.TO_TARGET and direction == "bytes_to_target"
+        )
+
+    async def _gate(self, link: _Link, direction: str) -> bool:
+        """Wait until bytes may flow on `link` in `direction` (the statistics counter's name);
+        False once it is aborted."""
+        while not self._flows(direction) and not link.aborted:
             link.wake.clear()
             await link.wake.wait()
         return not link.aborted

@@ -455,6 +455,47 @@ async def test_partitioned_agent_fences_for_lack_of_echoes_before_the_broker_sen
     assert fenced_after + KEEPALIVE_S / 2 < will_after <= 3 * KEEPALIVE_S + 1
 
 
+async def test_an_agent_heard_one_way_reports_its_contact_ageing_and_the_controller_ages_it(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """A one-way broker path: the agent's heartbeats still reach the broker and the controller,
+    but nothing comes back to the agent (its echoes are lost), and the API is gone. The agent
+    has no contact: it fences on its deadline, and until then it would answer its peers `cut`.
+    Its heartbeats say how old its contact is, and the controller's book ages the node from
+    that contact, not from the heartbeats it still hears: what makes it count the node silent
+    (decide/heartbeats.py, `contact_at`). The twin, before the cut: the same heartbeats over
+    the two-way path keep the node fresh."""
+    marker = tmp_path / "fenced"
+    seen = Seen(book=HeartbeatBook(contact_slack_s=HEARTBEAT_S))
+    probe = Probe("Healthy")  # the API arms it; then it goes
+    async with TcpProxy("127.0.0.1", mosquitto.port, name="one-way") as link:
+        agent = Agent(
+            settings(
+                f"mqtt://127.0.0.1:{link.port}", tmp_path, fence_command=fence_command(marker)
+            ),
+            api_probe=probe,
+        )
+        async with running(subscriber(mosquitto, tmp_path, seen).run(), agent.run()):
+            await wait_for(lambda: seen.count("node-a") >= 5, 5, "heartbeats")
+            rec = seen.book.nodes["node-a"]
+            now = time.monotonic()
+            assert rec.contact_at is not None and now - rec.contact_at < 3 * HEARTBEAT_S
+            probe.phase = None  # the API is gone for this node
+            link.set_mode(ProxyMode.TO_TARGET)
+            cut_at = time.monotonic()
+            heard = seen.count("node-a")
+            await wait_for(marker.exists, FENCE_AFTER_S + 1, "fence marker")
+            at_fence = time.monotonic()
+            assert rec.last_at is not None and rec.contact_at is not None
+            assert seen.count("node-a") >= heard + (FENCE_AFTER_S / HEARTBEAT_S) - 3, (
+                "the controller no longer heard it: not a one-way path"
+            )
+            assert at_fence - rec.last_at < 3 * HEARTBEAT_S, "heard until it fenced"
+            # Aged from its contact (before the cut), give or take a heartbeat interval.
+            assert rec.contact_at <= cut_at + 2 * HEARTBEAT_S
+            assert at_fence - rec.contact_at >= FENCE_AFTER_S - 3 * HEARTBEAT_S
+
+
 def bridged_member(make_mosquitto: Callable[..., Mosquitto], port: int) -> Mosquitto:
     """A second broker bridged to the one on `port` for every watchdog topic, both ways (a
     broker cluster of two members, as far as an agent and a controller can tell)."""
