@@ -8,10 +8,11 @@ created Ready with their Leases, a `LeaseRenewer` renewing every Lease at the ku
 a real Mosquitto, N simulated agents (`mqttload`: raw MQTT, a few connections multiplexing the
 node topics), and the controller with default timings. Then:
 
-0. floor: before the controller starts, a bare subscriber (chaos/bench/floor.py: the same
-   MQTT client library, only receiving and JSON-decoding each heartbeat) is measured under the
-   same load; the controller's CPU per heartbeat is reported as a ratio to it
-   (`steady.ratio_to_floor`), so a machine's speed cancels out;
+0. floor: before the controller starts, two bare subscribers (chaos/bench/floor.py, only
+   receiving and JSON-decoding each heartbeat) are measured under the same load, one with the
+   controller's own ingest link, one with aiomqtt over paho-mqtt; the controller's CPU per
+   heartbeat is reported as a ratio to each (`steady.ratio_to_floor`, the link's;
+   `steady.ratio_to_paho_floor`), so a machine's speed cancels out;
 1. steady window: controller CPU seconds and RSS from /proc, heartbeats it accepted (its own
    `watchdog_heartbeats_total`), Lease events it received, and the load generators' lag;
 2. optional py-spy profile of the controller (a separate window, so the numbers above are
@@ -185,9 +186,14 @@ async def _measure(
         await asyncio.wait_for(watch.synced.wait(), 60)
         await asyncio.sleep(2.0)  # every agent has published at least once
         if floor_s > 0:
-            progress(f"  floor: a bare subscriber for {floor_s:.0f}s")
+            progress(f"  floor: a bare subscriber for {floor_s:.0f}s (the ingest link)")
             out["floor"] = await measure_floor(
-                broker.url, fleet.prefix, floor_s, work_dir, controller_nice
+                broker.url, fleet.prefix, floor_s, work_dir, controller_nice, client="link"
+            )
+            _check(tasks)
+            progress(f"  floor: a bare subscriber for {floor_s:.0f}s (aiomqtt over paho)")
+            out["floor_paho"] = await measure_floor(
+                broker.url, fleet.prefix, floor_s, work_dir, controller_nice, client="paho"
             )
             _check(tasks)
         await ctl.start()
@@ -242,6 +248,11 @@ async def _measure(
                     out["steady"]["ratio_to_floor"] = round(
                         out["steady"]["cpu_s_per_1000_heartbeats"] / floor["cpu_s_per_1000"], 2
                     )
+                paho = out.get("floor_paho") or {}
+                if paho.get("cpu_s_per_1000") and out["steady"]["cpu_s_per_1000_heartbeats"]:
+                    out["steady"]["ratio_to_paho_floor"] = round(
+                        out["steady"]["cpu_s_per_1000_heartbeats"] / paho["cpu_s_per_1000"], 2
+                    )
                 out["agents_lag"] = fleet.lag_summary()
                 out["lease_renewer"] = {
                     "errors": renewer.stats.errors,
@@ -289,7 +300,12 @@ async def _measure(
 
 
 async def measure_floor(
-    url: str, prefix: str, seconds: float, work_dir: Path, nice: int | None = None
+    url: str,
+    prefix: str,
+    seconds: float,
+    work_dir: Path,
+    nice: int | None = None,
+    client: str = "link",
 ) -> dict[str, Any]:
     """The bare subscriber (chaos/bench/floor.py) as its own process, under the same load and
     with the controller's priority (`nice`), so the two are compared on equal terms."""
@@ -305,6 +321,8 @@ async def measure_floor(
         str(min(3.0, seconds)),
         "--seconds",
         str(seconds),
+        "--client",
+        client,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=str(work_dir),
@@ -491,6 +509,8 @@ def render(report: dict[str, Any]) -> str:
                 s.get("cpu_s_per_1000_heartbeats"),
                 (r.get("floor") or {}).get("cpu_s_per_1000"),
                 s.get("ratio_to_floor"),
+                (r.get("floor_paho") or {}).get("cpu_s_per_1000"),
+                s.get("ratio_to_paho_floor"),
                 c.get("rss_mib_max"),
                 f"{sus.get('p50')}/{sus.get('p95')}",
                 f"{d.get('p50')}/{d.get('p95')}/{d.get('max')}",
@@ -508,8 +528,10 @@ def render(report: dict[str, Any]) -> str:
             "ctl cores",
             "ctl run-queue wait s/s",
             "CPU s/1k hb",
-            "floor CPU s/1k",
+            "floor CPU s/1k (link)",
             "ratio",
+            "floor CPU s/1k (paho)",
+            "ratio (paho)",
             "RSS MiB",
             "suspect p50/p95 s",
             "unreach. p50/p95/max s",

@@ -1,10 +1,12 @@
 """The controller's MQTT subscriber: agents' heartbeats and status into the HeartbeatBook.
 
-Owns one broker connection (client id `watchdog_controller_<host>_<pid>`, unique per process
-so two replicas never take over each other's session, and never a node name, the client id
-the broker gives each agent, so no agent can take it over), subscribed to
-`<prefix>/heartbeat/+` (QoS 0), `<prefix>/status/+` (QoS 1, retained `online` / Will
-`offline`) and `<prefix>/peers/+` (QoS 1, retained peer reports, into the PeerBook). Every
+Owns two broker connections, made and lost together: the ingest link (transport/mqtt_link.py,
+client id `watchdog_controller_<host>_<pid>_ingest`) subscribed to `<prefix>/heartbeat/+`
+(QoS 0) and its own echo topic, and an aiomqtt client (client id
+`watchdog_controller_<host>_<pid>`) subscribed to `<prefix>/status/+` (QoS 1, retained `online`
+/ Will `offline`) and `<prefix>/peers/+` (QoS 1, retained peer reports, into the PeerBook). The
+ids are unique per process, so two replicas never take over each other's session, and never a
+node name, the client id the broker gives each agent, so no agent can take them over. Every
 message is validated (decide/heartbeats.py, decide/peer_reports.py, DESIGN §9); a rejection is
 counted and reported through `on_reject` / `on_peer_reject`, never raised. It also carries the
 leader's retained probe lists out (`publish_retained`: latest per topic wins, re-sent by the
@@ -16,16 +18,18 @@ reported through `on_connection`: the controller turns "down" into UNKNOWN heart
 resets (a lost broker is not evidence that nodes died).
 
 Ingest lag: every `echo_interval_s` the subscriber publishes a probe to
-`<prefix>/echo/<client id>` and reads it back on the same connection (decide/ingest_lag.py).
+`<prefix>/echo/<ingest client id>` and reads it back on the ingest link (decide/ingest_lag.py).
 While the oldest unanswered probe is older than `max_lag_s`, heartbeats wait in our own backlog
 and their ages say nothing about the nodes: `on_lag(True)` tells the controller to treat them
 as UNKNOWN until the echo is prompt again (`on_lag(False)`).
 
-Ingest path: every message is handled where paho-mqtt parses it (`_Dispatch`, given to aiomqtt
-as its queue type, hands each message to `_handle` synchronously instead of queueing it for a
-task): no task, future or queue entry per heartbeat, and nothing is buffered in this process.
-Backpressure is therefore the connection's own: a subscriber that reads slower than heartbeats
-arrive leaves them in the socket and the broker, in order, where the echo above measures it.
+Ingest path: every heartbeat is handled where the ingest link parses it, many per socket read,
+and the acknowledgements of one read go out in one write; status and peer reports are handled
+where paho-mqtt parses them (`_Dispatch`, given to aiomqtt as its queue type, hands each message
+to `_handle` synchronously instead of queueing it for a task). No task, future or queue entry
+per message, and nothing is buffered in this process. Backpressure is therefore the
+connections' own: a subscriber that reads slower than heartbeats arrive leaves them in the
+socket and the broker, in order, where the echo above measures it.
 It must not decide anything: it records what it saw, when it saw it.
 """
 
@@ -44,7 +48,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiomqtt
-import paho.mqtt.client as mqtt
 
 from watchdog.decide.acks import encode_ack
 from watchdog.decide.heartbeats import (
@@ -58,6 +61,7 @@ from watchdog.decide.ingest_lag import EchoBook
 from watchdog.decide.mqtt_url import BrokerSettings, reconnect_delay_s
 from watchdog.decide.peer_reports import PeerBook, parse_report
 from watchdog.transport.mqtt import broker_connection
+from watchdog.transport.mqtt_link import IngestLink, LinkError, encode_publish
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +72,6 @@ STOPPED = b"stopped"  # an agent's deliberate stop: it released its fence
 GOODBYE_TIMEOUT_S = 1.0
 # At most one log line per rejection reason (and one for queue overflow) per this many seconds.
 LOG_EVERY_S = 10.0
-# Acknowledgements (decide/acks.py) go out in batches of at most this many, or this late.
-ACK_BATCH = 64
-ACK_BATCH_S = 0.02
 
 
 class SubscriberSettings(Protocol):
@@ -166,14 +167,14 @@ class HeartbeatSubscriber:
         # the runtime to "holds the leader Lease", so that only the leader's hearing counts as
         # an agent's broker contact. None: never (a standby, a test of ingest alone).
         self.acks_when: Callable[[], bool] | None = None
-        self._paho: mqtt.Client | None = None
-        self._acks_pending: list[tuple[str, bytes]] = []
-        self._acks_timer: asyncio.TimerHandle | None = None
+        self._link: IngestLink | None = None
+        self._acks_pending: list[bytes] = []  # encoded PUBLISH packets of this read
         self._acks = 0
         self._acks_unsent = 0
         self.client_id = f"watchdog_controller_{socket.gethostname()}_{os.getpid()}"
+        self.ingest_id = f"{self.client_id}_ingest"
         # The ACL lets every client write echo/<its client id> (deploy/base/broker/acl).
-        self._echo_topic = f"{prefix}/echo/{self.client_id}"
+        self._echo_topic = f"{prefix}/echo/{self.ingest_id}"
         self._on_lag = on_lag
         self._echo_interval_s = echo_interval_s
         self._max_lag_s = max_lag_s
@@ -218,6 +219,8 @@ class HeartbeatSubscriber:
         now = self._clock()
         return {
             "client_id": self.client_id,
+            "ingest_id": self.ingest_id,
+            "ingest_reads": self._link.reads if self._link is not None else None,
             "connected": self._connected,
             "connected_for_s": None
             if self._connected_since is None
@@ -257,62 +260,90 @@ class HeartbeatSubscriber:
     # --- connection ------------------------------------------------------------------------------
 
     async def _connection(self) -> str:
-        """One connection, until it fails; returns why."""
+        """One pair of connections, until either fails; returns why."""
         try:
             conn = broker_connection(self._settings.mqtt, self._settings.mqtt_password)
+            keepalive = self._settings.mqtt.keepalive_s
             client = aiomqtt.Client(
                 conn.address.host,
                 conn.address.port,
                 username=conn.username,
                 password=conn.password,
                 identifier=self.client_id,
-                keepalive=self._settings.mqtt.keepalive_s,
+                keepalive=keepalive,
                 tls_context=conn.tls_context,
-                timeout=float(self._settings.mqtt.keepalive_s),
+                timeout=float(keepalive),
                 queue_type=self._queue_type,
             )
             async with client:
-                await client.subscribe(self._heartbeat_head + "+", qos=0)
                 await client.subscribe(self._status_head + "+", qos=1)
-                await client.subscribe(self._echo_topic, qos=0)
                 if self._peers is not None:
                     await client.subscribe(self._peers_head + "+", qos=1)
-                self._client = client
-                # Acknowledgements are sent from paho's read callback, thousands per second,
-                # where no coroutine can be awaited (aiomqtt's publish waits for each socket
-                # write): paho's own publish queues the packet, and the event loop writes it
-                # with the next socket write. aiomqtt (pinned <3) keeps its paho client here.
-                self._paho = client._client
-                self._attempt = 0
-                self._echoes = EchoBook(self._max_lag_s)
-                self._set_connected(True)
-                echo = asyncio.create_task(self._echo_loop(client), name="ingest echo")
-                sender = asyncio.create_task(self._send_outbox(client), name="probe lists out")
+                link = IngestLink(
+                    host=conn.address.host,
+                    port=conn.address.port,
+                    tls=conn.tls_context,
+                    client_id=self.ingest_id,
+                    username=conn.username,
+                    password=conn.password,
+                    keepalive_s=keepalive,
+                    filters=[self._heartbeat_head + "+", self._echo_topic],
+                    on_message=self._guarded,
+                    on_batch_end=self._batch_end,
+                    clock=self._clock,
+                )
                 try:
-                    # Messages are handled as they are read (_dispatch); the iterator yields
-                    # nothing and ends with the connection.
-                    async for message in client.messages:
-                        self._handle(message)  # pragma: no cover - _Dispatch queues nothing
-                except asyncio.CancelledError:
-                    client.timeout = GOODBYE_TIMEOUT_S  # bounds the DISCONNECT wait on the way out
-                    raise
+                    await link.open()
+                    return await self._connected_pair(client, link)
                 finally:
-                    echo.cancel()
-                    self._set_lagging(False, 0.0)  # a new connection measures afresh
-                    sender.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                        await sender
+                    link.close()
         except aiomqtt.MqttError as e:
             _reraise_cancellation(e)
             return str(e) or type(e).__name__
+        except LinkError as e:
+            return f"ingest link: {e}"
         except (OSError, ValueError) as e:  # password/cert files, URL: retried, maybe fixed
             _reraise_cancellation(e)
             return f"{type(e).__name__}: {e}"
         finally:
             self._client = None
-            self._paho = None
+            self._link = None
             self._flush_acks()  # counted as unsent: no acknowledgement outlives its connection
-        return "message stream ended"  # pragma: no cover - aiomqtt raises instead
+
+    async def _connected_pair(self, client: aiomqtt.Client, link: IngestLink) -> str:
+        self._client = client
+        self._link = link
+        self._attempt = 0
+        self._echoes = EchoBook(self._max_lag_s)
+        self._set_connected(True)
+        echo = asyncio.create_task(self._echo_loop(link), name="ingest echo")
+        sender = asyncio.create_task(self._send_outbox(client), name="probe lists out")
+        # Status and peer reports are handled as they are read (_dispatch): the iterator
+        # yields nothing and ends (raises) with the connection.
+        reader = asyncio.create_task(self._drain(client), name="status and peers in")
+        try:
+            either: set[asyncio.Future[Any]] = {reader, link.closed}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if reader.done():
+                reader.result()  # raises the MqttError that ended it
+                return "message stream ended"  # pragma: no cover - aiomqtt raises instead
+            return f"ingest link: {link.closed.result()}"
+        except asyncio.CancelledError:
+            client.timeout = GOODBYE_TIMEOUT_S  # bounds the DISCONNECT wait on the way out
+            raise
+        finally:
+            echo.cancel()
+            reader.cancel()
+            self._set_lagging(False, 0.0)  # a new connection measures afresh
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await sender
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await reader
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            self._dispatch(message)  # pragma: no cover - _Dispatch queues nothing
 
     async def _send_outbox(self, client: aiomqtt.Client) -> None:
         while True:
@@ -345,10 +376,18 @@ class HeartbeatSubscriber:
     # --- messages --------------------------------------------------------------------------------
 
     def _dispatch(self, message: aiomqtt.Message) -> None:
-        """Called inside paho's read callback: an exception here would end the connection, so
-        a bug in handling one message is logged and counted, and the next one is read."""
+        """Called inside paho's read callback (status, peer reports)."""
+        payload = message.payload
+        if not isinstance(payload, bytes):  # paho delivers bytes; anything else is not ours
+            payload = b"" if payload is None else str(payload).encode()
+        self._guarded(message.topic.value, payload)
+
+    def _guarded(self, topic: str, payload: bytes) -> None:
+        """Called inside a connection's read callback: an exception here would end the
+        connection, so a bug in handling one message is logged and counted, and the next one is
+        read."""
         try:
-            self._handle(message)
+            self._handle(topic, payload)
         except Exception:
             self._handler_errors += 1
             self._log_limited(
@@ -356,16 +395,12 @@ class HeartbeatSubscriber:
                 self._clock(),
                 logging.ERROR,
                 "heartbeat subscriber: handling a message on %r failed",
-                message.topic.value[:160],
+                topic[:160],
                 exc_info=True,
             )
 
-    def _handle(self, message: aiomqtt.Message) -> None:
+    def _handle(self, topic: str, payload: bytes) -> None:
         self._messages += 1
-        topic = message.topic.value
-        payload = message.payload
-        if not isinstance(payload, bytes):  # paho delivers bytes; anything else is not ours
-            payload = b"" if payload is None else str(payload).encode()
         now = self._clock()
         if topic.startswith(self._heartbeat_head):
             try:
@@ -393,45 +428,37 @@ class HeartbeatSubscriber:
 
     def _ack(self, hb: Heartbeat) -> None:
         """Tell the agent its heartbeat was heard (QoS 0; a lost one costs it one interval of
-        contact, which the quorum timings allow for). Sent in batches: a publish made alone costs
-        paho a socket write registration and wake-up of its own (about 1.7x the CPU of one in a
-        batch); a batch waits at most ACK_BATCH_S, far below a heartbeat interval."""
-        self._acks_pending.append((self._ack_head + hb.node, encode_ack(hb.seq, hb.boot_id)))
-        if len(self._acks_pending) >= ACK_BATCH:
-            self._flush_acks()
-        elif self._acks_timer is None:
-            self._acks_timer = asyncio.get_running_loop().call_later(ACK_BATCH_S, self._flush_acks)
+        contact, which the quorum timings allow for). The acknowledgements of one socket read
+        go out in one write at its end (`_flush_acks`, the link's `on_batch_end`)."""
+        ack = encode_ack(hb.seq, hb.boot_id)
+        self._acks_pending.append(encode_publish(self._ack_head + hb.node, ack))
+
+    def _batch_end(self) -> None:
+        """After each slice the link handled: its acknowledgements out in one write, and the
+        lag of what it read but has not handled yet looked at (`IngestLink.pending_age`)."""
+        self._flush_acks()
+        if self._link is not None and self._link.pending_age(self._clock()) > 0.0:
+            self._check_lag(self._clock())
 
     def _flush_acks(self) -> None:
-        if self._acks_timer is not None:
-            self._acks_timer.cancel()
-            self._acks_timer = None
         pending, self._acks_pending = self._acks_pending, []
-        paho = self._paho
-        if paho is None:  # the connection went: these agents hear nothing, as they should not
-            self._acks_unsent += len(pending)
+        if not pending:
             return
-        # paho numbers every publish, QoS 0 too, from one 16-bit counter: once it wraps, an
-        # acknowledgement can share its number with a retained QoS 1 probe list still waiting
-        # for its PUBACK, and aiomqtt then reports that list sent early. It is sent on a live
-        # connection all the same, and every list is sent again after a reconnection.
-        for topic, payload in pending:
-            if paho.publish(topic, payload, 0).rc == mqtt.MQTT_ERR_SUCCESS:
-                self._acks += 1
-            else:  # the connection is going down; the reader reports it
-                self._acks_unsent += 1
+        link = self._link
+        if link is not None and link.publish(b"".join(pending)):
+            self._acks += len(pending)
+        else:  # the connection went: these agents hear nothing, as they should not
+            self._acks_unsent += len(pending)
 
     # --- ingest lag ------------------------------------------------------------------------------
 
-    async def _echo_loop(self, client: aiomqtt.Client) -> None:
+    async def _echo_loop(self, link: IngestLink) -> None:
         warned = False
         while True:
             now = self._clock()
             seq = self._echoes.sent(now)
-            try:
-                await client.publish(self._echo_topic, str(seq).encode(), qos=0)
-            except aiomqtt.MqttError:
-                return  # the connection is going down; the reader reports it
+            if not link.publish(encode_publish(self._echo_topic, str(seq).encode())):
+                return  # the connection is going down; its reader reports it
             self._check_lag(now)
             if not warned and self._echoes.unsupported(now):
                 warned = True
@@ -444,7 +471,8 @@ class HeartbeatSubscriber:
             await asyncio.sleep(self._echo_interval_s)
 
     def _check_lag(self, now: float) -> None:
-        lag = self._echoes.lag_s(now)
+        link = self._link
+        lag = max(self._echoes.lag_s(now), link.pending_age(now) if link is not None else 0.0)
         # Hysteresis: lagging above the bound, caught up only below half of it. A probe the
         # broker dropped means it drops heartbeats too: blind for a while (decide/ingest_lag.py).
         lagging = (
@@ -459,7 +487,10 @@ class HeartbeatSubscriber:
         stall of the event loop its timers can run before this subscriber sees any echo."""
         if not self._connected:
             return False  # a lost connection is reported as such (on_connection)
-        return self._lagging or self._echoes.lagging(self._clock())
+        now = self._clock()
+        link = self._link
+        pending = link.pending_age(now) if link is not None else 0.0
+        return self._lagging or self._echoes.lagging(now) or pending > self._max_lag_s
 
     def _set_lagging(self, lagging: bool, lag_s: float) -> None:
         if self._on_lag is not None:
