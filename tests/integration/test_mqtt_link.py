@@ -1,8 +1,9 @@
 """The controller's ingest link (transport/mqtt_link.py) against a real Mosquitto.
 
-What the controller relies on: every heartbeat arrives whole and in order; what it publishes (echoes, acknowledgements) reaches subscribers; a refused subscription
-or login is an error naming why; a broker that goes silent (a partition) or away closes the
-link within 1.5 x keepalive, so the subscriber reconnects and holds meanwhile.
+What the controller relies on: every heartbeat arrives whole and in order; what it publishes
+(echoes, acknowledgements) reaches subscribers; a refused login is an error naming why; a
+broker that goes silent (a partition) or away closes the link within 1.5 x keepalive, so the
+subscriber reconnects and holds meanwhile.
 """
 
 from __future__ import annotations
