@@ -72,7 +72,7 @@ async def measure(
             username=None,
             password=None,
             keepalive_s=10,
-            filters=[f"{prefix}/heartbeat/+"],
+            filters=[(f"{prefix}/heartbeat/+", 0)],
             on_message=window.raw,
         )
         await link.open()

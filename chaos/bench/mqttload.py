@@ -32,37 +32,13 @@ from watchdog.decide.heartbeats import Heartbeat, encode_heartbeat, heartbeat_to
 from watchdog.decide.observations import FenceDeclaration
 from watchdog.decide.peer_probe import PeerView
 from watchdog.decide.peer_reports import PeerReport, encode_report, peers_topic
+from watchdog.transport.mqtt_link import encode_connect, encode_publish
 
 log = logging.getLogger(__name__)
 
 SLOTS_PER_SECOND = 100  # heartbeats of one second are spread over 100 writes
 _SEQ_MARK = 987654321987
 _SENT_MARK = 1234567.25
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _str(s: bytes) -> bytes:
-    return len(s).to_bytes(2, "big") + s
-
-
-def connect_packet(client_id: str, keepalive_s: int) -> bytes:
-    variable = _str(b"MQTT") + bytes([4, 0x02]) + keepalive_s.to_bytes(2, "big")
-    payload = _str(client_id.encode())
-    body = variable + payload
-    return b"\x10" + _varint(len(body)) + body
-
-
-def publish_packet(topic: bytes, payload: bytes, *, retain: bool = False) -> bytes:
-    body = _str(topic) + payload
-    return bytes([0x30 | (0x01 if retain else 0)]) + _varint(len(body)) + body
 
 
 PINGREQ = b"\xc0\x00"
@@ -162,7 +138,7 @@ class Publisher:
     def inject(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """One extra message on this connection, now (between heartbeat ticks)."""
         if self._writer is not None:
-            self._writer.write(publish_packet(topic.encode(), payload, retain=retain))
+            self._writer.write(encode_publish(topic.encode(), payload, retain=retain))
 
     def last_sent(self, node: str) -> float | None:
         return self.nodes[node].last_sent
@@ -170,14 +146,16 @@ class Publisher:
     async def run(self) -> None:
         reader, writer = await asyncio.open_connection(self.host, self.port)
         self._writer = writer
-        writer.write(connect_packet(f"bench-agents-{self.index}-{uuid.uuid4().hex[:6]}", 60))
+        writer.write(
+            encode_connect(f"bench-agents-{self.index}-{uuid.uuid4().hex[:6]}", 60, None, None)
+        )
         await writer.drain()
         connack = await reader.readexactly(4)
         if connack[0] != 0x20 or connack[3] != 0:
             raise ConnectionError(f"broker refused the connection: {connack!r}")
         status = bytearray()
         for n in self.nodes:
-            status += publish_packet(status_topic(self.prefix, n).encode(), b"online", retain=True)
+            status += encode_publish(status_topic(self.prefix, n).encode(), b"online", retain=True)
         writer.write(bytes(status))
         try:
             async with asyncio.TaskGroup() as tg:
@@ -210,7 +188,7 @@ class Publisher:
                 if node.name in self.killed:
                     continue
                 node.seq += 1
-                buf += publish_packet(node.topic, node.template.payload(node.seq, wall))
+                buf += encode_publish(node.topic, node.template.payload(node.seq, wall))
                 node.last_sent = now
                 self.stats.published += 1
             if now - last_ping > self.keepalive_s / 2:

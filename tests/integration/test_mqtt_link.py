@@ -27,7 +27,7 @@ DEADLINE_S = 10.0
 def link_to(
     port: int,
     got: list[tuple[str, bytes]],
-    filters: list[str],
+    filters: list[tuple[str, int]],
     keepalive_s: int = 5,
     arrived: asyncio.Event | None = None,
 ) -> IngestLink:
@@ -54,7 +54,7 @@ async def test_every_message_arrives_whole_and_in_order(
 ) -> None:
     got: list[tuple[str, bytes]] = []
     arrived = asyncio.Event()
-    link = link_to(mosquitto.port, got, ["p/heartbeat/+", "p/echo/me"], arrived=arrived)
+    link = link_to(mosquitto.port, got, [("p/heartbeat/+", 0), ("p/echo/me", 0)], arrived=arrived)
     await link.open()
     try:
         sent = [(f"p/heartbeat/node-{i % 7}", f'{{"seq":{i}}}'.encode() * 3) for i in range(3000)]
@@ -75,7 +75,7 @@ async def test_every_message_arrives_whole_and_in_order(
 
 async def test_what_the_link_publishes_reaches_subscribers(mosquitto: Mosquitto) -> None:
     got: list[tuple[str, bytes]] = []
-    link = link_to(mosquitto.port, got, ["p/heartbeat/+"])
+    link = link_to(mosquitto.port, got, [("p/heartbeat/+", 0)])
     await link.open()
     try:
         async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="agent") as agent:
@@ -99,7 +99,7 @@ async def test_a_refused_login_is_an_error_naming_why(
     make_mosquitto: Callable[..., Mosquitto],
 ) -> None:
     broker = make_mosquitto(allow_anonymous=False)
-    link = link_to(broker.port, [], ["p/heartbeat/+"])
+    link = link_to(broker.port, [], [("p/heartbeat/+", 0)])
     with pytest.raises(LinkError, match=r"not authorized|bad user name"):
         await link.open()
     assert link.closed.done()
@@ -109,7 +109,7 @@ async def test_a_silent_broker_closes_the_link_within_one_and_a_half_keepalives(
     mosquitto: Mosquitto,
 ) -> None:
     async with TcpProxy("127.0.0.1", mosquitto.port, name="cut") as proxy:
-        link = link_to(proxy.port, [], ["p/heartbeat/+"], keepalive_s=2)
+        link = link_to(proxy.port, [], [("p/heartbeat/+", 0)], keepalive_s=2)
         await link.open()
         proxy.set_mode(ProxyMode.BLACKHOLE)
         cut_at = time.monotonic()
@@ -121,7 +121,7 @@ async def test_a_silent_broker_closes_the_link_within_one_and_a_half_keepalives(
 
 
 async def test_a_broker_that_goes_away_closes_the_link(mosquitto: Mosquitto) -> None:
-    link = link_to(mosquitto.port, [], ["p/heartbeat/+"])
+    link = link_to(mosquitto.port, [], [("p/heartbeat/+", 0)])
     await link.open()
     mosquitto.stop()
     async with asyncio.timeout(DEADLINE_S):

@@ -740,6 +740,34 @@ def test_a_bmc_that_said_off_while_the_node_heartbeats_is_held_and_distrusted() 
     assert not d2.state.fence_confirmed
 
 
+def test_heartbeats_from_an_agent_without_contact_still_contradict_a_bmc_that_said_off() -> None:
+    """The agent reports no contact (a one-way broker path: its heartbeat signal is aged as
+    silent, decide/heartbeats.py `contact_at`), but its heartbeats keep arriving from the same
+    boot: the node runs, whatever the BMC said. Held and distrusted, as when it is in contact;
+    its twin, no heartbeat heard at all, is the power fence's immediate reset (above)."""
+    state = node(
+        F,
+        unreachable_at=T - 5.0,
+        boot_id="boot-1",
+        fence_confirmed=True,
+        hook_runs=1,
+        hook_sent_at=T - 2.0,
+        heartbeats_at_mark=10,
+    )
+    cut_but_heard = replace(
+        seen(6.0, boot_id="boot-1", received=11, persisted="Fencing"), heard_at=T - 0.2
+    )
+    d = step(state, cut_but_heard, cfg=POWER, ctx=context(policy=PERIOD))
+    assert not is_destructive(d)
+    assert ("PowerFenceContradiction", Reason.HOLD_POWER_CONTRADICTION) in events(d)
+    assert d.state.power_contradicted and not d.state.fence_confirmed
+    # Not heard since either: no contradiction, and nothing but the period holds the reset.
+    silent = replace(cut_but_heard, heard_at=T - 6.0)
+    d = step(state, silent, cfg=POWER, ctx=context(policy=PERIOD))
+    assert ("PowerFenceContradiction", Reason.HOLD_POWER_CONTRADICTION) not in events(d)
+    assert not d.state.power_contradicted
+
+
 def test_a_node_rebooted_after_the_bmc_said_off_is_no_contradiction() -> None:
     state = node(F, boot_id="boot-1", fence_confirmed=True, hook_runs=1, hook_sent_at=T - 2.0)
     d = step(state, seen(0.2, boot_id="boot-2", received=1, persisted="Fencing"), cfg=POWER)

@@ -24,6 +24,7 @@ from watchdog.transport.mqtt_link import (
 def test_a_publish_is_laid_out_as_mqtt_says() -> None:
     packet = encode_publish("a/b", b"xyz")
     assert packet == b"\x30\x08\x00\x03a/bxyz"
+    assert encode_publish(b"a/b", b"xyz", retain=True) == b"\x31" + packet[1:]
     big = encode_publish("t", b"p" * 200)  # a two-byte remaining length
     assert big[:3] == b"\x30\xcb\x01" and len(big) == 3 + 203
 
@@ -33,8 +34,8 @@ def test_connect_and_subscribe_are_laid_out_as_mqtt_says() -> None:
     body = b"\x00\x04MQTT\x04\xc2\x00\x05" + b"\x00\x03cid" + b"\x00\x04user" + b"\x00\x02pw"
     assert connect == bytes((0x10, len(body))) + body
     assert encode_connect("cid", 5, None, None)[9] == 0x02  # clean session only
-    sub = encode_subscribe(1, ["p/heartbeat/+", "p/echo/x"])
-    body = b"\x00\x01" + b"\x00\x0dp/heartbeat/+\x00" + b"\x00\x08p/echo/x\x00"
+    sub = encode_subscribe(1, [("p/heartbeat/+", 0), ("p/echo/x", 1)])
+    body = b"\x00\x01" + b"\x00\x0dp/heartbeat/+\x00" + b"\x00\x08p/echo/x\x01"
     assert sub == bytes((0x82, len(body))) + body
 
 

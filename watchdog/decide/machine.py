@@ -35,7 +35,13 @@ from watchdog.decide.maintenance import in_maintenance, maintenance_note
 from watchdog.decide.observations import FenceDeclaration, NodeObservation, SourceHealth
 from watchdog.decide.reasons import Reason
 from watchdog.decide.safety import fence_accepted, reset_not_before
-from watchdog.decide.signals import Signal, Signals, heartbeat_watch_since, signals_of
+from watchdog.decide.signals import (
+    Signal,
+    Signals,
+    heartbeat_signal,
+    heartbeat_watch_since,
+    signals_of,
+)
 from watchdog.decide.state import DOWN_PHASES, NodeState, Phase
 from watchdog.decide.transitions import check
 
@@ -482,6 +488,12 @@ class _Step:
         self.heartbeat_wakeups()
 
     def while_fencing(self) -> None:
+        if self.sig.heartbeat is not Signal.ALIVE and self.heard_alive():
+            # Heard, though its agent reports no contact (aged as silent): still proof that the
+            # node runs, which a BMC's "off" cannot outweigh.
+            rebooted = self.obs.boot_id is not None and self.obs.boot_id != self.state.boot_id
+            if self.power_off_contradicted(rebooted):
+                return
         if self.sig.heartbeat is Signal.ALIVE:
             rebooted = self.obs.boot_id is not None and self.obs.boot_id != self.state.boot_id
             if self.power_off_contradicted(rebooted):
@@ -552,6 +564,14 @@ class _Step:
             # (decide/quorum.py), so its own deadline no longer bounds its fence: the safe
             # delay counts again, whole, from the end of the blind hold.
             self.state = replace(self.state, fence_clock_from=blind)
+
+    def heard_alive(self) -> bool:
+        """Heartbeats still arriving, whatever contact they report (`NodeObservation.heard_at`)."""
+        heard = self.obs.heard_at
+        if heard is None or heard == self.obs.last_heartbeat_at:
+            return self.sig.heartbeat is Signal.ALIVE
+        as_heard = replace(self.obs, last_heartbeat_at=heard)
+        return heartbeat_signal(as_heard, self.ctx.health, self.now, self.cfg)[0] is Signal.ALIVE
 
     def power_off_contradicted(self, rebooted: bool) -> bool:
         """Fence mode `power`: the BMC confirmed the node off, yet its agent heartbeats from the

@@ -105,7 +105,13 @@ class NodeObservation:
     """Everything observed about one node, assembled per decision by the runtime."""
 
     name: str
+    # What the heartbeat signal ages from: the agent's own contact as its heartbeats report it
+    # (decide/heartbeats.py, `NodeHeartbeats.contact_at`), so an agent that is cut off but
+    # still heard counts as silent.
     last_heartbeat_at: float | None = None
+    # When its latest heartbeat was received, whatever contact it reported: evidence that the
+    # node runs (a BMC that said "off" is contradicted by it). None: as last_heartbeat_at.
+    heard_at: float | None = None
     heartbeats_received: int = 0
     boot_id: str | None = None
     fence: FenceDeclaration | None = None

@@ -12,11 +12,14 @@ controller, for its part, holds every reset while more than half of the nodes ar
 (`quorum_lost`), and declares no node down meanwhile.
 
 Why that is safe — two majorities of one set intersect: the agent's spare rests on more than
-half of the nodes being cut off, every one of them silent to the controller (no contact for
-`cut_after_s` means none of its heartbeats came back from the broker for that long; the
-controller's latest one is at most a lost echo and the ingest lag newer, so it has gone
-`suspect_after_s` without one: the node is SUSPECT or further down there); the controller
-then hears at most half of them, and holds. It needs, at the moment the controller would reset:
+half of the nodes being cut off, every one of them silent to the controller. No contact for
+`cut_after_s` means none of its heartbeats came back from the broker for that long. If the
+controller no longer hears it, its latest heartbeat there is at most a lost echo and the
+ingest lag newer, so it has gone `suspect_after_s` without one; if it still hears it (a one-way
+broker path), every heartbeat reports the agent's contact age and the controller ages the node
+from that contact plus one interval (decide/heartbeats.py, `contact_at`), with the same bound.
+Either way the node is SUSPECT or further down there, the controller hears at most half of
+them, and holds. It needs, at the moment the controller would reset:
 - the controller's member count not above the agent's, and every node the agents count
   counted by the controller: each replica keeps the smallest node count it saw within
   `MEMBERS_MEMORY_S`, and counts Nodes deleted within that time as silent (a count that grows

@@ -222,6 +222,7 @@ class Agent:
         # the peers' earlier `cut` gave us lapses.
         self._live_peers = 0
         self._retry_broker = asyncio.Event()
+        self._beat_now = asyncio.Event()  # contact is back after a gap: heartbeat now
         self._retry_api = asyncio.Event()
         self._spare_valid_s = spare_valid_s(settings.peer_interval_s, settings.peer_probe_timeout_s)
         self._cut_after_s = cut_after_s(
@@ -561,18 +562,25 @@ class Agent:
             raise lost
 
     async def _publish_heartbeats(self, client: aiomqtt.Client) -> None:
-        """Fixed cadence from the session start: a slow publish does not shift later beats."""
+        """Fixed cadence from the session start: a slow publish does not shift later beats. One
+        extra beat, off the cadence, when contact returns after a gap (`contact_proven`): the
+        first heartbeat after a gap still reports the old contact, and the controller withdraws
+        a declaration only at one that reports it fresh (decide/heartbeats.py, `contact_at`)."""
         interval = self._settings.heartbeat_interval_s
         next_at = self._clock()
+        extra = False
         while not self._fencing.is_set():
+            self._beat_now.clear()
             await self._publish_heartbeat(client, within_s=interval)
-            next_at += interval
+            if not extra:
+                next_at += interval
             now = self._clock()
             if now >= next_at:  # the loop stalled past a slot: skip it, keep the phase
                 skipped = int((now - next_at) // interval) + 1
                 next_at += skipped * interval
                 log.debug("agent %s: %d heartbeat slot(s) skipped", self.node, skipped)
-            await self._sleep_unless_fencing(next_at - now)
+            await self._sleep_unless_fencing(next_at - now, wake=self._beat_now)
+            extra = self._beat_now.is_set() and self._clock() < next_at
 
     async def _publish_heartbeat(self, client: aiomqtt.Client, *, within_s: float) -> None:
         assert self._boot_id is not None
@@ -753,7 +761,8 @@ class Agent:
                 error = f"{type(e).__name__}: {e}"
             self._record_api(started, phase, error)
             # Declared down: look again every heartbeat interval, so that a withdrawal is seen
-            # within the grace (the controller withdraws at the first heartbeat it hears).
+            # within the grace (the controller withdraws at the first heartbeat it hears that
+            # reports fresh contact; we send one as soon as contact is back).
             step = interval
             if self._declared_down_phase is not None:
                 step = min(interval, self._settings.heartbeat_interval_s)
@@ -868,7 +877,8 @@ class Agent:
                     self._declared_since = started
                     log.warning(
                         "agent %s: the API says this node is %s; fencing in %.1fs unless the "
-                        "controller withdraws it (it does at our first heartbeat it hears)",
+                        "controller withdraws it (it does at our first heartbeat with fresh "
+                        "contact)",
                         self.node,
                         phase,
                         self.declared_grace_s,
@@ -984,7 +994,10 @@ class Agent:
         """Proven contact stamped `at`: arm at the first one, keep the latest in the record."""
         if self._boot_contact.first is None:
             log.info("agent %s: first contact in this boot", self.node)
+        gap = self._since_contact()
         self._boot_contact = self._boot_contact.seen(at)
+        if gap is not None and gap >= 2 * self._settings.heartbeat_interval_s:
+            self._beat_now.set()  # say at once that contact is back (`_publish_heartbeats`)
         if self._fence.armed:
             self._save_boot_record()
             self._arm_device()

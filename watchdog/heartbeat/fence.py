@@ -68,7 +68,8 @@ def declared_grace_s(after_s: float, heartbeat_interval_s: float, api_interval_s
 
     Why wait at all: a NIC flap just longer than `unreachable_after_s` is declared (peers
     corroborate in seconds); when the link returns, the agent's API read races the controller,
-    which withdraws the declaration at the first heartbeat it hears (decide/machine.py,
+    which withdraws the declaration at the first heartbeat it hears that reports fresh contact
+    (sent as soon as contact is back; decide/machine.py,
     `withdraw_fencing`). Fencing at once would reboot a healthy node.
 
     Why this is safe: the controller resets no earlier than

@@ -178,6 +178,31 @@ class SweepPlan:
 class SweepResult:
     asked: int = 0
     cut: int = 0
+    # Who answered `cut`, and who timed out: the next sweep asks the first ones first and the
+    # others last (`sweep_order`).
+    cut_names: frozenset[str] = frozenset()
+    silent_names: frozenset[str] = frozenset()
+
+
+def sweep_order(candidates: Mapping[str, str], last: SweepResult | None) -> list[tuple[str, str]]:
+    """Those that answered `cut` in the last sweep first, those that timed out last, each group
+    in random order: a powered-off node holds a probe slot for a whole timeout, so a sweep that
+    met many of them once starts the next one where the answers were. Random within a group:
+    every agent of a cut-off majority sweeps at once, and the same order everywhere would send
+    all of them to the same peer first."""
+    first: list[tuple[str, str]] = []
+    middle: list[tuple[str, str]] = []
+    end: list[tuple[str, str]] = []
+    for item in candidates.items():
+        if last is not None and item[0] in last.cut_names:
+            first.append(item)
+        elif last is not None and item[0] in last.silent_names:
+            end.append(item)
+        else:
+            middle.append(item)
+    for group in (first, middle, end):
+        random.shuffle(group)
+    return first + middle + end
 
 
 async def sweep(
@@ -185,26 +210,34 @@ async def sweep(
     need: int,
     timeout_s: float,
     concurrency: int = SWEEP_CONCURRENCY,
+    last: SweepResult | None = None,
 ) -> SweepResult:
-    """Probe `candidates` for `cut` answers until `need` of them said so, until fewer are left
-    unasked than still needed, or until `timeout_s` is over (what was counted by then stands).
-
-    Random order: every agent of a cut-off majority sweeps at once, and the same order
-    everywhere would send all of them to the same peer first."""
-    order = list(candidates.items())
-    random.shuffle(order)
+    """Probe `candidates` (in `sweep_order`) for `cut` answers until `need` of them said so,
+    until fewer are left unasked than still needed, or until `timeout_s` is over (what was
+    counted by then stands)."""
+    order = sweep_order(candidates, last)
     pending = iter(order)
     undecided = len(order)  # not yet answered: asked and in flight, or not yet asked
     counted = SweepResult()
+    cut_names: set[str] = set()
+    silent_names: set[str] = set()  # timed out, or still unanswered at the deadline
+    answered: set[str] = set()
 
     async def worker() -> None:
         nonlocal undecided, counted
         for name, address in pending:
             if counted.cut >= need or counted.cut + undecided < need:
                 return
-            outcome = await probe_once(name, address, timeout_s)
+            silent_names.add(name)  # until it answers
+            # Half the round's time each: a powered-off peer (no answer at all) holds a slot
+            # for that long, a live one answers within milliseconds even when busy.
+            outcome = await probe_once(name, address, timeout_s / 2)
             undecided -= 1
             cut = outcome is ProbeOutcome.CUT
+            if cut:
+                cut_names.add(name)
+            if outcome is not ProbeOutcome.TIMEOUT:
+                answered.add(name)
             counted = SweepResult(counted.asked + 1, counted.cut + cut)
 
     if need <= 0 or not order:
@@ -212,7 +245,9 @@ async def sweep(
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout_s):
             await asyncio.gather(*(worker() for _ in range(min(concurrency, len(order)))))
-    return counted
+    return SweepResult(
+        counted.asked, counted.cut, frozenset(cut_names), frozenset(silent_names - answered)
+    )
 
 
 class PeerProber:
@@ -311,7 +346,7 @@ class PeerProber:
             # The sweep aims at the whole need, as if no assigned target were cut: a few probes
             # more, for a round no longer than before.
             outcomes, swept = await asyncio.gather(
-                assigned, sweep(others, plan.need, self.timeout_s)
+                assigned, sweep(others, plan.need, self.timeout_s, last=self.last_sweep)
             )
             self.last_sweep = swept
             self.sweeps += 1

@@ -2,9 +2,11 @@
 
 Owns two broker connections, made and lost together: the ingest link (transport/mqtt_link.py,
 client id `watchdog_controller_<host>_<pid>_ingest`) subscribed to `<prefix>/heartbeat/+`
-(QoS 0) and its own echo topic, and an aiomqtt client (client id
-`watchdog_controller_<host>_<pid>`) subscribed to `<prefix>/status/+` (QoS 1, retained `online`
-/ Will `offline`) and `<prefix>/peers/+` (QoS 1, retained peer reports, into the PeerBook). The
+(QoS 0), `<prefix>/status/+` (QoS 1, retained `online` / Will `offline`: on the same connection
+as the heartbeats, so that the broker's order between an agent's heartbeats and its status is
+the order they are handled in) and its own echo topic, and an aiomqtt client (client id
+`watchdog_controller_<host>_<pid>`) subscribed to `<prefix>/peers/+` (QoS 1, retained peer
+reports, into the PeerBook), which also carries the leader's retained publishes. The
 ids are unique per process, so two replicas never take over each other's session, and never a
 node name, the client id the broker gives each agent, so no agent can take them over. Every
 message is validated (decide/heartbeats.py, decide/peer_reports.py, DESIGN §9); a rejection is
@@ -23,11 +25,12 @@ While the oldest unanswered probe is older than `max_lag_s`, heartbeats wait in 
 and their ages say nothing about the nodes: `on_lag(True)` tells the controller to treat them
 as UNKNOWN until the echo is prompt again (`on_lag(False)`).
 
-Ingest path: every heartbeat is handled where the ingest link parses it, many per socket read,
-and the acknowledgements of one read go out in one write; status and peer reports are handled
-where paho-mqtt parses them (`_Dispatch`, given to aiomqtt as its queue type, hands each message
-to `_handle` synchronously instead of queueing it for a task). No task, future or queue entry
-per message, and nothing is buffered in this process. Backpressure is therefore the
+Ingest path: every heartbeat and status is handled where the ingest link parses it, many per
+socket read, in slices, and the acknowledgements of a slice go out in one write; peer reports
+are handled where paho-mqtt parses them (`_Dispatch`, given to aiomqtt as its queue type, hands
+each message to `_handle` synchronously instead of queueing it for a task). No task, future or
+queue entry per message; what the link has read but not yet handled (at most one socket read)
+waits in its backlog, and its age counts toward the ingest lag. Backpressure is therefore the
 connections' own: a subscriber that reads slower than heartbeats arrive leaves them in the
 socket and the broker, in order, where the echo above measures it.
 It must not decide anything: it records what it saw, when it saw it.
@@ -276,7 +279,6 @@ class HeartbeatSubscriber:
                 queue_type=self._queue_type,
             )
             async with client:
-                await client.subscribe(self._status_head + "+", qos=1)
                 if self._peers is not None:
                     await client.subscribe(self._peers_head + "+", qos=1)
                 link = IngestLink(
@@ -287,7 +289,14 @@ class HeartbeatSubscriber:
                     username=conn.username,
                     password=conn.password,
                     keepalive_s=keepalive,
-                    filters=[self._heartbeat_head + "+", self._echo_topic],
+                    # Status with the heartbeats, on one connection: the broker keeps their
+                    # order, so an agent's last heartbeat can never be handled after its
+                    # `stopped` or its Will (which would declare a released fence again).
+                    filters=[
+                        (self._heartbeat_head + "+", 0),
+                        (self._status_head + "+", 1),
+                        (self._echo_topic, 0),
+                    ],
                     on_message=self._guarded,
                     on_batch_end=self._batch_end,
                     clock=self._clock,
@@ -320,7 +329,7 @@ class HeartbeatSubscriber:
         sender = asyncio.create_task(self._send_outbox(client), name="probe lists out")
         # Status and peer reports are handled as they are read (_dispatch): the iterator
         # yields nothing and ends (raises) with the connection.
-        reader = asyncio.create_task(self._drain(client), name="status and peers in")
+        reader = asyncio.create_task(self._drain(client), name="peer reports in")
         try:
             either: set[asyncio.Future[Any]] = {reader, link.closed}
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -376,7 +385,7 @@ class HeartbeatSubscriber:
     # --- messages --------------------------------------------------------------------------------
 
     def _dispatch(self, message: aiomqtt.Message) -> None:
-        """Called inside paho's read callback (status, peer reports)."""
+        """Called inside paho's read callback (peer reports)."""
         payload = message.payload
         if not isinstance(payload, bytes):  # paho delivers bytes; anything else is not ours
             payload = b"" if payload is None else str(payload).encode()

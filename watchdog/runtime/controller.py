@@ -306,6 +306,7 @@ class Controller:
         return NodeObservation(
             name=node,
             last_heartbeat_at=last_at,
+            heard_at=rec.last_at if rec else None,
             heartbeats_received=rec.received if rec else 0,
             boot_id=rec.boot_id if rec else None,
             fence=rec.fence if rec else None,

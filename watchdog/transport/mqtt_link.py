@@ -13,10 +13,10 @@ QoS 0 PUBLISH packets written in batches (`on_batch_end` after each slice). Ever
 features are needed.
 
 What it does: CONNECT (client id, clean session, keepalive, username/password, TLS through the
-event loop's ssl), one SUBSCRIBE of QoS 0 filters (a refused filter is an error), PINGREQ every
-keepalive, and a close when nothing at all arrived for 1.5 x keepalive (a black-holed broker).
-It accepts only what a QoS 0 subscription can deliver: PUBLISH of QoS 0 (QoS 1 is acknowledged,
-for a broker that upgrades), PINGRESP, and nothing before CONNACK or SUBACK. A packet above
+event loop's ssl), one SUBSCRIBE of filters of QoS 0 or 1 (a refused filter is an error),
+PINGREQ every half keepalive, and a close when nothing at all arrived for 1.5 x keepalive (a
+black-holed broker). It accepts PUBLISH of QoS 0 and 1 (acknowledged), also between SUBSCRIBE
+and SUBACK as MQTT allows, PINGRESP, and nothing else. A packet above
 `MAX_PACKET_BYTES` or one it cannot parse closes the connection (the caller reconnects).
 
 Backpressure is the socket's: reading pauses while a read's messages are being handled, so a
@@ -57,8 +57,8 @@ class LinkError(Exception):
     """The connection failed or was refused; the message says why."""
 
 
-def _utf8(text: str) -> bytes:
-    data = text.encode()
+def _utf8(text: str | bytes) -> bytes:
+    data = text.encode() if isinstance(text, str) else text
     if len(data) > 65_535:
         raise ValueError("MQTT string longer than 65,535 bytes")
     return struct.pack("!H", len(data)) + data
@@ -73,10 +73,10 @@ def _remaining_length(n: int) -> bytes:
             return bytes(out)
 
 
-def encode_publish(topic: str, payload: bytes) -> bytes:
-    """A QoS 0 PUBLISH packet, not retained."""
+def encode_publish(topic: str | bytes, payload: bytes, *, retain: bool = False) -> bytes:
+    """A QoS 0 PUBLISH packet (the topic may come encoded already)."""
     body = _utf8(topic) + payload
-    return bytes((_PUBLISH,)) + _remaining_length(len(body)) + body
+    return bytes((_PUBLISH | (0x01 if retain else 0),)) + _remaining_length(len(body)) + body
 
 
 def encode_connect(
@@ -94,8 +94,9 @@ def encode_connect(
     return bytes((_CONNECT,)) + _remaining_length(len(body)) + body
 
 
-def encode_subscribe(packet_id: int, filters: Iterable[str]) -> bytes:
-    body = struct.pack("!H", packet_id) + b"".join(_utf8(f) + b"\x00" for f in filters)
+def encode_subscribe(packet_id: int, filters: Iterable[tuple[str, int]]) -> bytes:
+    """SUBSCRIBE to (filter, QoS 0 or 1) pairs."""
+    body = struct.pack("!H", packet_id) + b"".join(_utf8(f) + bytes((q,)) for f, q in filters)
     return bytes((_SUBSCRIBE,)) + _remaining_length(len(body)) + body
 
 
@@ -166,7 +167,7 @@ class IngestLink:
         username: str | None,
         password: str | None,
         keepalive_s: int,
-        filters: list[str],
+        filters: list[tuple[str, int]],
         on_message: Callable[[str, bytes], None],
         on_batch_end: Callable[[], None] | None = None,
         clock: Callable[[], float] | None = None,
@@ -179,7 +180,7 @@ class IngestLink:
         self._on_batch_end = on_batch_end
         self._transport: asyncio.Transport | None = None
         self._reader = PacketReader()
-        self._state = "connecting"  # → "subscribing" → "open"
+        self._state = "connecting"  # → "subscribing" → "open"; "closed" from any
         self._ready: asyncio.Future[None] | None = None
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._pinger: asyncio.Task[None] | None = None
@@ -211,6 +212,8 @@ class IngestLink:
         except BaseException:
             self.close("open failed")
             raise
+        if self._state != "open":  # lost between the SUBACK and here
+            raise LinkError(self.closed.result() if self.closed.done() else "closed")
         self._pinger = loop.create_task(self._ping(), name="ingest link keepalive")
 
     def publish(self, packets: bytes) -> bool:
@@ -263,10 +266,16 @@ class IngestLink:
         """Handle up to SLICE packets; if more are waiting, stop reading and go on after the
         event loop has run once (`call_soon`)."""
         backlog = self._backlog
+        if self._state == "closed":
+            backlog.clear()  # nothing is handled after the link is reported closed
+            return
+        # Busy with what was read, not waiting on a silent broker (see `_ping`).
+        self._heard_at = self._clock()
         try:
             for _ in range(min(SLICE, len(backlog))):
                 header, body = backlog.popleft()
-                if header & 0xF0 == _PUBLISH and self._state == "open":
+                # A broker may send matching messages before its SUBACK (MQTT 3.1.1 §3.8.4).
+                if header & 0xF0 == _PUBLISH and self._state in ("open", "subscribing"):
                     self._publish_in(header, body)
                 else:
                     self._control(header, body)
@@ -322,7 +331,9 @@ class IngestLink:
             if header != _SUBACK or len(body) != 2 + len(self._filters) or body[:2] != b"\x00\x01":
                 raise LinkError(f"expected SUBACK, got packet type {header >> 4}")
             if any(code == 0x80 for code in body[2:]):
-                refused = [f for f, code in zip(self._filters, body[2:], strict=True) if code]
+                refused = [
+                    f for (f, _), code in zip(self._filters, body[2:], strict=True) if code == 0x80
+                ]
                 raise LinkError(f"broker refused the subscription to {refused}")
             self._state = "open"
             if self._ready is not None and not self._ready.done():
@@ -338,6 +349,7 @@ class IngestLink:
         self._finish(f"connection lost: {exc}" if exc else "connection closed by the broker")
 
     def _finish(self, why: str) -> None:
+        self._state = "closed"
         if self._pinger is not None:
             self._pinger.cancel()
             self._pinger = None
