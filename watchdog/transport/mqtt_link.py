@@ -9,7 +9,7 @@ to `on_message` synchronously, `SLICE` at a time: between two slices the link st
 lets the event loop run (timers, the scheduler, the ingest-lag echo, which a long slice of a
 busy read would otherwise hold up), then goes on. The acknowledgements and echoes it sends are
 QoS 0 PUBLISH packets written in batches (`on_batch_end` after each slice). Everything else
-(status, peer reports, retained probe lists, QoS 1) stays on the aiomqtt connection, where its
+(peer reports, retained probe lists, QoS 1 publishes) stays on the aiomqtt connection, where its
 features are needed.
 
 What it does: CONNECT (client id, clean session, keepalive, username/password, TLS through the
