@@ -142,3 +142,80 @@ async def test_a_wake_up_asked_for_by_an_evaluation_that_acted_comes_on_time():
         s.mark("n")
         await eventually(lambda: len(calls) == 2, timeout_s=2.0)
     assert calls[1] - calls[0] >= 0.05
+
+
+async def test_a_due_wake_up_that_rearm_moves_on_is_not_evaluated_and_comes_again_when_asked():
+    """A quiet node (decide/quiet.py): its wake-up is moved on twice without an evaluation,
+    then `rearm` refuses (its heartbeat would be stale) and it is evaluated at that time."""
+    calls: list[float] = []
+    rearmed: list[float] = []
+
+    def evaluate(node: str) -> float | None:
+        calls.append(time.monotonic())
+        return time.monotonic() + 0.03 if len(calls) == 1 else None
+
+    def rearm(node: str) -> float | None:
+        rearmed.append(time.monotonic())
+        return time.monotonic() + 0.03 if len(rearmed) < 3 else None
+
+    s = NodeScheduler(evaluate, time.monotonic, rearm=rearm)
+    async with running(s):
+        s.mark("n")
+        await eventually(lambda: len(calls) == 2, timeout_s=2.0)
+    assert len(rearmed) == 3 and s.rearms == 2
+    assert calls[1] - calls[0] >= 3 * 0.03 - 0.005, "evaluated only when rearm refused"
+    assert s.evaluations == 2
+
+
+async def test_a_node_marked_before_its_wake_up_is_evaluated_not_rearmed():
+    """News about a node (its Node, Lease, a status message) always means a whole decision."""
+    calls: list[str] = []
+    rearmed: list[str] = []
+    now = [100.0]
+
+    def evaluate(node: str) -> float | None:
+        calls.append(node)
+        return now[0] + 1.0 if len(calls) == 1 else None
+
+    def rearm(node: str) -> float | None:
+        rearmed.append(node)
+        return now[0] + 1.0
+
+    s = NodeScheduler(evaluate, lambda: now[0], rearm=rearm)
+    async with running(s):
+        s.mark("n")
+        await eventually(lambda: len(calls) == 1)
+        now[0] += 2.0
+        s.mark("n")  # marked, and its wake-up is due in the same pass
+        await eventually(lambda: len(calls) == 2)
+    assert rearmed == [], "a marked node's due wake-up is not re-armed"
+
+
+async def test_a_rearm_that_fails_or_asks_for_a_time_already_past_means_an_evaluation():
+    """Never a wake-up that is due again at once (the loop would spin), never one lost."""
+    calls: list[str] = []
+    now = [100.0]
+
+    def evaluate(node: str) -> float | None:
+        calls.append(node)
+        return now[0] + 1.0 if len(calls) <= 2 else None
+
+    answers: list[float | Exception] = [now[0], RuntimeError("broken")]
+
+    def rearm(node: str) -> float | None:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    s = NodeScheduler(evaluate, lambda: now[0], rearm=rearm)
+    async with running(s):
+        s.mark("n")
+        await eventually(lambda: len(calls) == 1)
+        now[0] += 1.5  # its wake-up is due; rearm answers a time already past
+        s._kick.set()
+        await eventually(lambda: len(calls) == 2)
+        now[0] += 1.5  # due again; rearm raises
+        s._kick.set()
+        await eventually(lambda: len(calls) == 3)
+    assert s.rearms == 0 and answers == []

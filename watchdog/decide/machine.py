@@ -33,6 +33,7 @@ from watchdog.decide.config import (
 from watchdog.decide.falsely_ready import falsely_ready
 from watchdog.decide.maintenance import in_maintenance, maintenance_note
 from watchdog.decide.observations import FenceDeclaration, NodeObservation, SourceHealth
+from watchdog.decide.quiet import Quiet
 from watchdog.decide.reasons import Reason
 from watchdog.decide.safety import fence_accepted, reset_not_before
 from watchdog.decide.signals import (
@@ -82,6 +83,9 @@ class Decision:
     # alone, no hold in force): when its VMs will be reset. None while a hold or a missing
     # proof means no time can be promised.
     reset_not_before: float | None = None
+    # A HEALTHY node whose decision changed nothing and waits only for time: what it waited
+    # for, so its wake-up can be moved on by newer heartbeats without deciding (quiet.py).
+    quiet: Quiet | None = None
 
 
 def decide(
@@ -137,6 +141,7 @@ class _Step:
         self.sig = sig
         self.actions: list[Action] = []
         self.wake: float | None = None
+        self.other_wake: float | None = None  # the earliest not asked for by the heartbeat
         self.transitions: list[tuple[Phase, Phase, Reason]] = []
         self.reset_at: float | None = None
 
@@ -164,6 +169,31 @@ class _Step:
             signals=self.sig,
             transitions=tuple(self.transitions),
             reset_not_before=self.reset_at if self.state.phase is Phase.FENCING else None,
+            quiet=self.quiet(),
+        )
+
+    def quiet(self) -> Quiet | None:
+        """HEALTHY before and after, nothing done, the heartbeat ALIVE and the kubelet path not
+        stale (nor waiting for an API answer to tell): the next decision can only differ by its
+        heartbeat and the clock until one of its other inputs changes (quiet.py). The kubelet
+        path as `while_healthy` reads it, not only its signals: a Ready=False seen before the
+        API went down still moves a node that is then heard (`heard`) to DEGRADED."""
+        sig, health = self.sig, self.ctx.health
+        if (
+            self.start.phase is not Phase.HEALTHY
+            or self.state is not self.start
+            or self.actions
+            or sig.heartbeat is not Signal.ALIVE
+            or self.kubelet_path_stale()
+            or sig.lease_pending
+            or health.broker_up_since is None
+        ):
+            return None
+        return Quiet(
+            heartbeat_watch_since(self.obs, health.broker_up_since),
+            self.other_wake,
+            health.broker_up_since,
+            health.api_up_since,
         )
 
     def reconcile(self) -> None:
@@ -203,9 +233,13 @@ class _Step:
         self.actions.extend(missing)
         self.wake_at(self.now + RECONCILE_AFTER_S)
 
-    def wake_at(self, t: float | None) -> None:
-        if t is not None and t > self.now and (self.wake is None or t < self.wake):
+    def wake_at(self, t: float | None, heartbeat: bool = False) -> None:
+        if t is None or t <= self.now:
+            return
+        if self.wake is None or t < self.wake:
             self.wake = t
+        if not heartbeat and (self.other_wake is None or t < self.other_wake):
+            self.other_wake = t
 
     def event(self, event: str, reason: Reason, message: str, warning: bool = False) -> None:
         kind = EventType.WARNING if warning else EventType.NORMAL
@@ -274,8 +308,8 @@ class _Step:
         if self.ctx.health.broker_up_since is not None:
             since = heartbeat_watch_since(self.obs, self.ctx.health.broker_up_since)
             ref = max(self.obs.last_heartbeat_at or 0.0, since)
-            self.wake_at(ref + self.cfg.suspect_after_s)
-            self.wake_at(ref + self.cfg.unreachable_after_s)
+            self.wake_at(ref + self.cfg.suspect_after_s, heartbeat=True)
+            self.wake_at(ref + self.cfg.unreachable_after_s, heartbeat=True)
         self.lease_wakeup()
 
     def lease_wakeup(self) -> None:

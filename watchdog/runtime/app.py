@@ -358,7 +358,7 @@ def _controller(
         observers_of=lambda node: probe_lists.observers_of(node),
         peer_quorum=settings.peer_quorum,
     )
-    scheduler = NodeScheduler(controller.evaluate_now, clock)
+    scheduler = NodeScheduler(controller.evaluate_now, clock, rearm=controller.rearm)
     controller.mark = scheduler.mark
     controller.health.api_answered = lambda: cache.api_answered_at
     controller.request_api_probe = cache.probe_soon

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from watchdog.decide import actions as act
 from watchdog.decide.config import DecideConfig, FenceMode, Policy
@@ -34,13 +34,16 @@ from watchdog.decide.names import STATE_ANNOTATION
 from watchdog.decide.observations import LauncherPod, NodeObservation, SourceHealth
 from watchdog.decide.peer_reports import PeerBook, PeerEvidence, peers_unreachable
 from watchdog.decide.policy import PolicyError, parse_policy
+from watchdog.decide.quiet import Quiet, next_quiet_wake
 from watchdog.decide.quorum import MEMBERS_MEMORY_S, MembersFloor, quorum_lost
 from watchdog.decide.reasons import Reason
 from watchdog.decide.reset_plan import Outcome, outcome_for
 from watchdog.decide.safety import effective_period_s, safe_delay_s
-from watchdog.decide.signals import Signal
 from watchdog.decide.state import DOWN_PHASES, NodeState, Phase
 from watchdog.metrics import Metrics
+
+if TYPE_CHECKING:
+    from prometheus_client import Gauge
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,9 @@ STALE_RETRY_S = 0.5
 # ... and at the latest this long after the refusal even if our view still shows the version
 # the refused plan stood on.
 STALE_GATE_S = 5.0
+# A quiet node's wake-up is decided in full, not re-armed (`rearm`), when the cluster-wide holds
+# are older than this: holds that end by time alone end within it.
+HOLDS_REREAD_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,13 +167,15 @@ class Controller:
         self._policy_text: tuple[str | None, str | None] | None = None
         self._policy_invalid_reported: str | None = None
         self._false_ready: dict[str, int] = {}
-        self._aged: set[str] = set()
+        self._age_gauges: dict[str, Gauge] = {}  # node → its heartbeat-age child (`rearm`)
         self._reset_due: dict[str, float] = {}  # node → reset_not_before (our clock) exported
         self._node_holds: dict[str, Reason] = {}  # node → why its reset is held (exported)
         self._period_warned: set[tuple[float, float]] = set()
-        # HEALTHY nodes whose last decision only waits for their heartbeat to age (see
-        # `heartbeat_needs_evaluation`).
-        self._quiet: set[str] = set()
+        # HEALTHY nodes whose last decision only waits for their heartbeat to age, and what
+        # it waited for (decide/quiet.py; `heartbeat_needs_evaluation`, `rearm`).
+        self._quiet: dict[str, Quiet] = {}
+        # When the cluster-wide holds were last computed (`holds`; `rearm`).
+        self._holds_at: float | None = None
         # Nodes whose Lease passed its deadline with no API answer after it yet (signals.py,
         # lease_pending): decided again at the next probe answer (`api_answered_now`).
         self._lease_pending: set[str] = set()
@@ -342,6 +350,7 @@ class Controller:
         down = sum(n for p, n in self.phase_counts.items() if p in counted)
         phases = [Phase.UNREACHABLE] * down
         now = self.clock() if now is None else now
+        self._holds_at = now
         storm = is_storm(phases, len(self.states), self.cfg)
         self.storm_until = storm_hold_until(storm, self.storm_until, now, self.cfg)
         settling = self.storm_until is not None and now < self.storm_until
@@ -412,7 +421,7 @@ class Controller:
     def forget_node(self, node: str) -> None:
         if self._members_synced:
             self._deleted[node] = self.clock()
-        self._quiet.discard(node)
+        self._quiet.pop(node, None)
         self._lease_pending.discard(node)
         self.known_since.pop(node, None)
         self._stale.pop(node, None)
@@ -421,8 +430,7 @@ class Controller:
         if old is not None:
             self.phase_counts[old.phase] -= 1
             self.metrics.nodes.labels(phase=old.phase.value).dec()
-        if node in self._aged:
-            self._aged.discard(node)
+        if self._age_gauges.pop(node, None) is not None:
             self.metrics.heartbeat_age.remove(node)
         if self._reset_due.pop(node, None) is not None:
             self.metrics.reset_not_before.remove(node)
@@ -483,18 +491,10 @@ class Controller:
             self._lease_pending.add(node)
         else:
             self._lease_pending.discard(node)
-        if (
-            decision.state.phase is Phase.HEALTHY
-            and not decision.transitions
-            and decision.wake_at is not None
-            and sig is not None
-            and sig.heartbeat is Signal.ALIVE
-            and sig.lease is not Signal.STALE
-            and sig.ready is not Signal.STALE
-        ):
-            self._quiet.add(node)
+        if decision.quiet is not None:
+            self._quiet[node] = decision.quiet
         else:
-            self._quiet.discard(node)
+            self._quiet.pop(node, None)
         if not decision.actions:
             self._count_transitions(node, decision, now)
             return decision.wake_at
@@ -605,15 +605,48 @@ class Controller:
     def heartbeat_needs_evaluation(self, node: str) -> bool:
         """Whether a fresh heartbeat of `node` can change its decision before its `wake_at`.
 
-        Not for a HEALTHY node whose heartbeat was ALIVE and whose kubelet path was not stale
-        at its last decision: from HEALTHY, a heartbeat can only keep it HEALTHY, and its
-        wake-up (last heartbeat + suspect_after_s) re-evaluates it with the newest heartbeat
-        anyway. Skipping those evaluations makes a healthy node cost one evaluation per
-        `suspect_after_s` instead of one per heartbeat (docs/PERFORMANCE.md, ingest). Every
-        other phase, and any node whose Lease or Ready is stale (DEGRADED needs a heartbeat
-        heard), is evaluated on every heartbeat as before.
+        Not for a quiet node (its last decision's `quiet`, decide/quiet.py: HEALTHY, heartbeat
+        ALIVE, kubelet path not stale): a heartbeat changes only its heartbeat fields, and with
+        those alone it stays HEALTHY and does nothing; its wake-up (last heartbeat +
+        `suspect_after_s`) is then moved on from the newest heartbeat (`rearm`) or decided in
+        full. A healthy node so costs a few comparisons per `suspect_after_s` rather than one
+        evaluation per heartbeat (docs/PERFORMANCE.md, ingest). Every other node is evaluated
+        on every heartbeat.
         """
         return node not in self._quiet
+
+    def rearm(self, node: str) -> float | None:
+        """A quiet node's wake-up has come: its next one when its newer heartbeats alone move it
+        (decide/quiet.py, where the proof is), else None and it is decided in full.
+
+        Also decided in full when the cluster-wide holds were last computed `HOLDS_REREAD_S` ago
+        or more: some change by time alone (storm settling, deleted nodes leaving the member
+        count), and the nodes they hold are decided again only when they are computed."""
+        quiet = self._quiet.get(node)
+        if quiet is None or not self.acting or node in self._stale:
+            return None
+        rec = self.book.nodes.get(node)
+        if rec is None or rec.offline:
+            return None
+        now = self.clock()
+        if self._holds_at is None or now - self._holds_at >= HOLDS_REREAD_S:
+            return None
+        health = self.health  # as `Health.snapshot` gives it, without building one
+        broker = None if self.ingest_lagging() else health.broker_up_since
+        moved = next_quiet_wake(quiet, rec.contact_at, broker, health.api_up_since, now, self.cfg)
+        if moved is None:
+            return None
+        wake_at, age = moved
+        self._set_age(node, age)
+        return wake_at
+
+    def _set_age(self, node: str, age: float) -> None:
+        """`watchdog_heartbeat_age_seconds{node}`; its child kept (a label lookup takes a lock
+        and builds a tuple, every few seconds per node)."""
+        gauge = self._age_gauges.get(node)
+        if gauge is None:
+            gauge = self._age_gauges[node] = self.metrics.heartbeat_age.labels(node=node)
+        gauge.set(age)
 
     def _report_holds(self, holds: tuple[Reason, ...]) -> None:
         """`watchdog_resets_held{reason}`: 1 while that cluster-wide hold is in force."""
@@ -630,8 +663,7 @@ class Controller:
         # from the broker connection (benefit of the doubt), which is no heartbeat's age.
         heard = obs.last_heartbeat_at is not None
         if sig is not None and sig.heartbeat_age_s is not None and heard:
-            self.metrics.heartbeat_age.labels(node=node).set(sig.heartbeat_age_s)
-            self._aged.add(node)
+            self._set_age(node, sig.heartbeat_age_s)
         for frm, to, _ in d.transitions:
             if to is Phase.UNREACHABLE:
                 # A new episode needs its own external fence confirmation.

@@ -8,6 +8,10 @@ cause one more evaluation, not ten.
 An evaluation that decides without acting (a healthy node's wake-up: nearly all of them) is
 finished when `evaluate` returns its `wake_at`: it runs inline, with no task. One that acts
 returns an awaitable instead; that runs as a task of its own, the node busy until it ends.
+
+A wake-up that is due is first offered to `rearm`: a node whose decision would only move its
+wake-up later (a quiet HEALTHY node with newer heartbeats: decide/quiet.py) gets that later
+wake-up without an evaluation. A node marked meanwhile, or busy, is evaluated as before.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ log = logging.getLogger(__name__)
 INLINE_BATCH = 64
 
 Evaluate = Callable[[str], "float | Awaitable[float | None] | None"]
+# A due wake-up's next time without an evaluation, or None: evaluate it.
+Rearm = Callable[[str], "float | None"]
 
 
 class NodeScheduler:
@@ -35,9 +41,11 @@ class NodeScheduler:
         *,
         concurrency: int = 64,
         retry_after_failure_s: float = 2.0,
+        rearm: Rearm | None = None,
     ) -> None:
         self._retry_after_failure_s = retry_after_failure_s
         self._evaluate = evaluate
+        self._rearm = rearm
         self._clock = clock
         self._dirty: dict[str, None] = {}  # insertion-ordered set
         self._busy: set[str] = set()
@@ -46,6 +54,7 @@ class NodeScheduler:
         self._kick = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self.evaluations = 0
+        self.rearms = 0
 
     def mark(self, node: str) -> None:
         self._dirty[node] = None
@@ -73,6 +82,7 @@ class NodeScheduler:
             "busy": len(self._busy),
             "timers": len(self._wake_at),
             "evaluations": self.evaluations,
+            "rearms": self.rearms,
         }
 
     def _due(self, now: float) -> None:
@@ -80,7 +90,25 @@ class NodeScheduler:
             at, node = heapq.heappop(self._timers)
             if self._wake_at.get(node) == at:  # stale heap entries are skipped lazily
                 del self._wake_at[node]
+                if node not in self._dirty and node not in self._busy:
+                    later = self._rearmed(node, now)
+                    if later is not None:
+                        self._schedule(node, later)
+                        continue
                 self._dirty[node] = None
+
+    def _rearmed(self, node: str, now: float) -> float | None:
+        if self._rearm is None:
+            return None
+        try:
+            later = self._rearm(node)
+        except Exception:
+            log.exception("re-arming the wake-up of node %s failed; evaluating it", node)
+            return None
+        if later is None or later <= now:
+            return None  # never a wake-up that is due already: that would never end
+        self.rearms += 1
+        return later
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
