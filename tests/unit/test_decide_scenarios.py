@@ -4,7 +4,7 @@ Each reset story has its "must not reset" twin (partition, broker down, API down
 degraded). The Sim evaluates the node only on news or at the decision's `wake_at`, as the
 runtime does, so a missing wake-up shows as a node that never moves on.
 
-Defaults: heartbeat every 1 s, suspect after 3 s, unreachable after 5 s, lease stale after 15 s,
+Defaults: heartbeat every 1 s, suspect after 3 s, unreachable after 4 s, lease stale after 15 s,
 policy period 15 s, agent fence 10 s + 5 s (safe delay 18 s), Ready Unknown 40 s after the
 kubelet stops.
 """
