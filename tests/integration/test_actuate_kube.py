@@ -29,7 +29,6 @@ from chaos.sim.informer import CRDS, NODES, PODS, ApiError, Kube, Resource
 from tests.eventually import eventually
 from tests.integration.test_service_failover import VAP, VAP_BINDINGS
 from watchdog.actuate import Actuator, LeaseLock, LeaseRecord, Result
-from watchdog.actuate.errors import TransientError
 from watchdog.actuate.preflight import (
     check_access,
     check_api,
@@ -54,8 +53,9 @@ from watchdog.decide.actions import (
 )
 from watchdog.decide.names import EVACUATION_LABEL, LEGACY_STATE_ANNOTATION, STATE_ANNOTATION
 from watchdog.decide.reasons import Reason
-from watchdog.observe.kube import load_api_client
 from watchdog.runtime.settings import Settings
+from watchdog.transport.kube import load_api_client
+from watchdog.transport.kube_errors import TransientError
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "chaos" / "sim" / "crds"

@@ -34,12 +34,12 @@ from chaos.sim.binaries import ControlPlaneBinaries
 from chaos.sim.controlplane import ControlPlane
 from chaos.sim.informer import NODES, Kube, Resource
 from tests.integration import test_broker_config as broker_harness
-from watchdog.actuate.errors import ActuationError
 from watchdog.actuate.mqtt_identity import CSRS, CertificateSigner, Enrollment, EnrollmentRefused
 from watchdog.actuate.writer import KubeWriter
 from watchdog.decide.names import MQTT_CLIENT_SIGNER
-from watchdog.observe.kube import load_api_client
 from watchdog.transport.certificates import Authority, held, new_key_and_request
+from watchdog.transport.kube import load_api_client
+from watchdog.transport.kube_errors import KubeError
 
 pytestmark = [
     pytest.mark.cluster,
@@ -239,7 +239,7 @@ async def test_the_agent_can_neither_approve_nor_sign_and_a_standby_answers_noth
         {"type": "Approved", "status": "True", "reason": "Self", "message": "self"}
     ]
     for sub in ("approval", "status"):
-        with pytest.raises(ActuationError) as forbidden:
+        with pytest.raises(KubeError) as forbidden:
             await agent.call("PUT", f"{CSRS}/{name}/{sub}", body=approved)
         assert forbidden.value.status == 403, forbidden.value
     # A replica that does not lead leaves it pending for the leader.
@@ -253,7 +253,7 @@ async def test_the_agent_can_neither_approve_nor_sign_and_a_standby_answers_noth
 async def test_the_controllers_account_cannot_ask_for_a_certificate(world: World) -> None:
     """Least privilege: only the agents ask; the controller only answers."""
     ctl = await world.writer(world.controller.kubeconfig)
-    with pytest.raises(ActuationError) as forbidden:
+    with pytest.raises(KubeError) as forbidden:
         await ask(ctl, "node-1")
     assert forbidden.value.status == 403
 

@@ -29,10 +29,10 @@ from watchdog.decide.observations import LauncherPod
 from watchdog.observe.cluster_cache import PODS as LAUNCHER_PODS
 from watchdog.observe.cluster_cache import ClusterCache
 from watchdog.observe.informer import EventKind, Informer, RestartCause
-from watchdog.observe.kube import KubeApi, load_api_client
 from watchdog.observe.projections import project_pod, project_vmi
 from watchdog.observe.records import PodRecord, VMIRecord
 from watchdog.runtime.settings import Settings
+from watchdog.transport.kube import KubeApi, load_api_client
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "chaos" / "sim" / "crds"

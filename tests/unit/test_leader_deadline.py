@@ -14,10 +14,10 @@ from dataclasses import replace
 
 import pytest
 
-from watchdog.actuate.errors import TransientError
 from watchdog.actuate.lease_lock import LeaseRecord
 from watchdog.runtime.leader import LeaderElector
 from watchdog.runtime.settings import LeaderSettings
+from watchdog.transport.kube_errors import TransientError
 
 RENEW_DEADLINE_S = 0.4
 LEASE_DURATION_S = 0.6
@@ -216,9 +216,10 @@ async def test_at_shutdown_no_queued_leadership_handler_runs_after_the_election_
 
 
 async def test_an_api_error_means_not_leading_but_a_bug_is_not_taken_for_an_outage():
-    """The API's errors (the actuate error tree) make an attempt fail and are reported; any
-    other exception (a bug in reading the Lease) propagates instead of passing for API
-    trouble, so it stops the process rather than being retried forever as an outage."""
+    """The API's errors (the one error tree, transport/kube_errors.py) make an attempt fail
+    and are reported; any other exception (a bug in reading the Lease) propagates instead of
+    passing for API trouble, so it stops the process rather than being retried forever as an
+    outage."""
 
     class Failing(MemoryLease):
         def __init__(self, store: Store, error: Exception) -> None:

@@ -23,8 +23,6 @@ import socket
 from collections.abc import Iterable
 from typing import Protocol, assert_never
 
-from kubernetes_asyncio import client as k8s_client
-
 from watchdog.actuate.event_writes import EventWrites
 from watchdog.actuate.fence_runners import FenceRunner, FenceSettings
 from watchdog.actuate.migrations import Migrations
@@ -46,6 +44,7 @@ from watchdog.decide.actions import (
     StopEvacuation,
     TaintOutOfService,
 )
+from watchdog.transport.kube import ApiClient
 
 
 class ActuatorSettings(FenceSettings, Protocol):
@@ -67,7 +66,7 @@ class Actuator:
 
     def __init__(
         self,
-        api_client: k8s_client.ApiClient,
+        api_client: ApiClient,
         settings: ActuatorSettings,
         *,
         dry_run: bool | None = None,

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from watchdog.actuate.errors import NotFound
+from watchdog.transport.kube_errors import NotFound
 
 MERGE_PATCH = "application/merge-patch+json"
 _MAX_MESSAGE = 1024  # the API server rejects messages over 1 KiB for new-style events

@@ -19,10 +19,9 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-from kubernetes_asyncio import client as k8s_client
-
-from watchdog.actuate.errors import Conflict, NotFound, PermanentError
 from watchdog.actuate.writer import KubeWriter
+from watchdog.transport.kube import ApiClient
+from watchdog.transport.kube_errors import Conflict, NotFound, PermanentError
 
 _API = "/apis/coordination.k8s.io/v1"
 
@@ -85,7 +84,7 @@ class LeaseLock:
 
     def __init__(
         self,
-        api_client: k8s_client.ApiClient,
+        api_client: ApiClient,
         namespace: str,
         name: str,
         *,

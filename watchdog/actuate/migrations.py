@@ -16,7 +16,6 @@ import re
 from collections.abc import Iterable
 from urllib.parse import quote
 
-from watchdog.actuate.errors import ActuationError, NotFound
 from watchdog.actuate.outcome import Outcome, Result, aggregate, guard
 from watchdog.actuate.writer import KubeWriter, Obj
 from watchdog.decide.actions import StartEvacuation, StopEvacuation
@@ -26,6 +25,7 @@ from watchdog.decide.names import (
     FINAL_MIGRATION_PHASES,
     LEGACY_EVACUATION_LABEL,
 )
+from watchdog.transport.kube_errors import KubeError, NotFound
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
@@ -51,7 +51,7 @@ class Migrations:
         self, action: StartEvacuation, vmis: Iterable[tuple[str, str]]
     ) -> Outcome:
         """One migration per (namespace, VMI) chosen by the plan (decide.evacuation)."""
-        items: list[tuple[str, Result, ActuationError | None]] = []
+        items: list[tuple[str, Result, KubeError | None]] = []
         for namespace, vmi in vmis:
             outcome = await self.create_migration(namespace, vmi, action.node)
             items.append((f"{namespace}/{vmi}", outcome.result, outcome.error))
@@ -116,7 +116,7 @@ class Migrations:
                     what=f"list evacuation migrations of {action.node}",
                 )
                 found.extend(listing.get("items") or ())
-            items: list[tuple[str, Result, ActuationError | None]] = []
+            items: list[tuple[str, Result, KubeError | None]] = []
             for m in found:
                 if (m.get("status") or {}).get("phase") in FINAL_MIGRATION_PHASES:
                     continue
@@ -131,7 +131,7 @@ class Migrations:
                     items.append((key, Result.SUCCESS, None))
                 except NotFound:
                     items.append((key, Result.ALREADY_DONE, None))
-                except ActuationError as e:
+                except KubeError as e:
                     items.append((key, Result.FAILED, e))
             if not items:
                 return Outcome(name, Result.ALREADY_DONE, "no unfinished migrations")

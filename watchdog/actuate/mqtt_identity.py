@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from watchdog.actuate.errors import ActuationError, NotFound
 from watchdog.actuate.writer import KubeWriter
 from watchdog.decide.csr_review import Verdict, review
 from watchdog.decide.names import MQTT_CLIENT_SIGNER
@@ -36,6 +35,7 @@ from watchdog.transport.certificates import (
     new_key_and_request,
     write_private,
 )
+from watchdog.transport.kube_errors import KubeError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class Enrollment:
             try:
                 await self.enroll()
                 delay = self.poll_s
-            except (ActuationError, EnrollmentRefused, OSError, ValueError) as e:
+            except (KubeError, EnrollmentRefused, OSError, ValueError) as e:
                 log.error(
                     "broker certificate of node %s: %s; retrying in %.0fs", self.node, e, delay
                 )
@@ -131,7 +131,7 @@ class Enrollment:
 
     async def enroll(self) -> None:
         """One request, followed until the certificate is issued (written to `path`), denied
-        (`EnrollmentRefused`) or deleted (`ActuationError` NotFound: the next call asks
+        (`EnrollmentRefused`) or deleted (`KubeError` NotFound: the next call asks
         again). A request left pending is polled, never duplicated: after an error the next
         call resumes it."""
         if self._pending is None:
@@ -230,7 +230,7 @@ class CertificateSigner:
             if self.leading():
                 try:
                     await self.pass_()
-                except ActuationError as e:
+                except KubeError as e:
                     log.warning("broker certificates: %s", e)
             await asyncio.sleep(self.interval_s)
 

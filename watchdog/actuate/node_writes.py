@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from watchdog.actuate.errors import ActuationError, Conflict, NotFound, Stale, TransientError
 from watchdog.actuate.outcome import Outcome, Result, guard
 from watchdog.actuate.writer import (
     MERGE_PATCH,
@@ -45,6 +44,7 @@ from watchdog.decide.names import (
     read_state_annotation,
 )
 from watchdog.decide.state import DOWN_PHASES
+from watchdog.transport.kube_errors import Conflict, KubeError, NotFound, Stale, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ class NodeWrites:
                 content_type=STRATEGIC_MERGE_PATCH,
                 what=f"NodeWatchdog condition on node {action.node}",
             )
-        except ActuationError as e:
+        except KubeError as e:
             # A conflict: someone wrote the Node after our annotation; the chain's next Node
             # write says so. A refusal (e.g. RBAC of an older release without nodes/status):
             # said once.

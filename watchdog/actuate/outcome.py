@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from watchdog.actuate.errors import ActuationError, Stale
+from watchdog.transport.kube_errors import KubeError, Stale
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Outcome:
     action: str
     result: Result
     detail: str = ""
-    error: ActuationError | None = None
+    error: KubeError | None = None
     items: tuple[tuple[str, Result], ...] = field(default_factory=tuple)
 
     @property
@@ -60,12 +60,12 @@ async def guard(
     except Stale as e:
         log.info("%s not written: %s", action, e)
         return Outcome(action, Result.STALE, str(e), e)
-    except ActuationError as e:
+    except KubeError as e:
         log.warning("%s failed: %s", action, e)
         return Outcome(action, Result.FAILED, str(e), e)
 
 
-def aggregate(action: str, items: Sequence[tuple[str, Result, ActuationError | None]]) -> Outcome:
+def aggregate(action: str, items: Sequence[tuple[str, Result, KubeError | None]]) -> Outcome:
     """One Outcome for an action over many objects: stale if leadership ended on the way,
     else failed if any failed, else success if any changed, else already_done."""
     results = tuple((name, result) for name, result, _ in items)

@@ -17,10 +17,10 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from urllib.parse import quote
 
-from watchdog.actuate.errors import ActuationError, Conflict, NotFound, Stale
 from watchdog.actuate.outcome import Outcome, Result, aggregate, guard
 from watchdog.actuate.writer import STRATEGIC_MERGE_PATCH, KubeWriter, Obj, now_rfc3339
 from watchdog.decide.actions import DeleteVolumeAttachments, ForceDeletePods, MarkPodsNotReady
+from watchdog.transport.kube_errors import Conflict, KubeError, NotFound, Stale
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class PodWrites:
         pods: Iterable[tuple[str, str]],
         one: Callable[[str, str], Awaitable[Result]],
     ) -> Outcome:
-        items: list[tuple[str, Result, ActuationError | None]] = []
+        items: list[tuple[str, Result, KubeError | None]] = []
         limit = asyncio.Semaphore(_PARALLEL_ITEMS)
 
         async def run(namespace: str, pod: str) -> None:
@@ -139,7 +139,7 @@ class PodWrites:
                     items.append((f"{namespace}/{pod}", await one(namespace, pod), None))
                 except Stale as e:
                     items.append((f"{namespace}/{pod}", Result.STALE, e))
-                except ActuationError as e:
+                except KubeError as e:
                     log.warning("%s %s/%s failed: %s", name, namespace, pod, e)
                     items.append((f"{namespace}/{pod}", Result.FAILED, e))
 
@@ -191,7 +191,7 @@ class PodWrites:
                 and ((va.get("spec") or {}).get("source") or {}).get("persistentVolumeName") in pvs
                 and (attacher is None or va["spec"].get("attacher") == attacher)
             ]
-            items: list[tuple[str, Result, ActuationError | None]] = []
+            items: list[tuple[str, Result, KubeError | None]] = []
             for va_name in targets:
                 try:
                     await self.writer.call(
@@ -209,7 +209,7 @@ class PodWrites:
                     items.append((va_name, Result.ALREADY_DONE, None))
                 except Stale as e:
                     items.append((va_name, Result.STALE, e))
-                except ActuationError as e:
+                except KubeError as e:
                     items.append((va_name, Result.FAILED, e))
             if not items:
                 return Outcome(name, Result.ALREADY_DONE, "no attachments on the node")

@@ -19,11 +19,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kubernetes_asyncio import client as k8s_client
-
-from watchdog.actuate.errors import ActuationError, NotFound
 from watchdog.actuate.writer import KubeWriter
 from watchdog.decide.names import MQTT_CLIENT_SIGNER, NODE_LEASE_NAMESPACE
+from watchdog.transport.kube import ApiClient
+from watchdog.transport.kube_errors import KubeError, NotFound
 
 # Placeholder in the table for the watchdog's own namespace (Settings.namespace).
 OWN_NAMESPACE = "{namespace}"
@@ -276,12 +275,12 @@ def cluster_role_rules(rules: Iterable[AccessRule]) -> list[dict[str, Any]]:
     ]
 
 
-async def check_api(api_client: k8s_client.ApiClient, *, timeout_s: float = 10.0) -> Check:
+async def check_api(api_client: ApiClient, *, timeout_s: float = 10.0) -> Check:
     """`/version` answers."""
     writer = KubeWriter(api_client, request_timeout_s=timeout_s, attempts=1)
     try:
         version = await writer.once("GET", "/version", what="GET /version")
-    except ActuationError as e:
+    except KubeError as e:
         return Check("api reachable", False, f"{api_client.configuration.host}: {e}")
     return Check(
         "api reachable",
@@ -291,7 +290,7 @@ async def check_api(api_client: k8s_client.ApiClient, *, timeout_s: float = 10.0
 
 
 async def check_access(
-    api_client: k8s_client.ApiClient,
+    api_client: ApiClient,
     settings: PreflightSettings,
     *,
     table: Iterable[AccessRule] = CONTROLLER_ACCESS,
@@ -332,7 +331,7 @@ async def check_access(
                     body=body,
                     what=f"SelfSubjectAccessReview {verb} {rule.resource_name}",
                 )
-            except ActuationError as e:
+            except KubeError as e:
                 return Check(name, False, f"cannot ask: {e}")
         status = answer.get("status") or {}
         allowed = bool(status.get("allowed"))
@@ -353,7 +352,7 @@ async def check_access(
     return list(await asyncio.gather(*(review(rule, verb) for rule, verb in asks)))
 
 
-async def check_crds(api_client: k8s_client.ApiClient, *, timeout_s: float = 10.0) -> list[Check]:
+async def check_crds(api_client: ApiClient, *, timeout_s: float = 10.0) -> list[Check]:
     """Whether the API serves KubeVirt's and Harvester's resources (discovery: no RBAC needed).
     A missing Harvester is fine; missing KubeVirt is a failure."""
     writer = KubeWriter(api_client, request_timeout_s=timeout_s)
@@ -369,7 +368,7 @@ async def check_crds(api_client: k8s_client.ApiClient, *, timeout_s: float = 10.
                 served[group_version] = {str(r.get("name")) for r in doc.get("resources") or ()}
             except NotFound:
                 served[group_version] = None
-            except ActuationError as e:
+            except KubeError as e:
                 served[group_version] = str(e)
         resources = served[group_version]
         name = f"crd: {plural}.{group_version.split('/')[0]}"
@@ -383,7 +382,7 @@ async def check_crds(api_client: k8s_client.ApiClient, *, timeout_s: float = 10.
 
 
 async def run_preflight(
-    api_client: k8s_client.ApiClient, settings: PreflightSettings, role: str = "controller"
+    api_client: ApiClient, settings: PreflightSettings, role: str = "controller"
 ) -> list[Check]:
     """API reachability first; when it answers, the role's RBAC (for the agent: also what it
     must not be allowed) and, for the controller, the CRDs it reads."""

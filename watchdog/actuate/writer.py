@@ -1,10 +1,10 @@
 """Requests to the Kubernetes API server: the one way every write of this package is sent.
 
-Owns: `KubeWriter` (raw JSON requests over the process's kubernetes_asyncio ApiClient, a
-timeout on every request, library errors translated into `TransientError` / `PermanentError`,
-transient ones retried with tenacity: bounded attempts, jittered exponential backoff,
-`Retry-After` honoured on 429, `attempt n/N` logged), the leadership check before every attempt
-(`sent_only_while`), and the wire formats the writes share (content types, metav1.Time).
+Owns: `KubeWriter` (raw JSON requests over the process's API client, transport/kube.py's
+`exchange`, a timeout on every request, transient errors (`KubeError.transient`) retried with
+tenacity: bounded attempts, transport/kube.py's `backoff_s`, `Retry-After` honoured on 429,
+`attempt n/N` logged), the leadership check before every attempt (`sent_only_while`), and the
+wire formats the writes share (content types, metav1.Time).
 
 Must not: decide what to write, map errors to results (outcome.py does), or swallow
 `asyncio.CancelledError`.
@@ -16,34 +16,26 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import tenacity
-from kubernetes_asyncio import client as k8s_client
-from kubernetes_asyncio.client.exceptions import ApiException
-from kubernetes_asyncio.config.config_exception import ConfigException
 
-from watchdog.actuate.errors import (
-    ActuationError,
+from watchdog.transport.kube import JSON, ApiClient, Obj, backoff_s, exchange
+from watchdog.transport.kube_errors import (
+    ApiUnreachable,
+    KubeError,
     PermanentError,
     Stale,
-    TransientError,
     from_status,
-    translate,
 )
 
 log = logging.getLogger(__name__)
 
-JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
-
-Obj = dict[str, Any]
 
 # The running action's `Basis.may_act`, seen by every request it makes (the per-pod tasks
 # inherit it): checked before each attempt, so a retried request stops when leadership does.
@@ -76,9 +68,7 @@ def now_rfc3339() -> str:
 
 
 class _Wait(tenacity.wait.wait_base):
-    """Exponential backoff with "equal jitter" (a random half of each step, so the total wait
-    over N attempts is bounded below as well as above), or the server's Retry-After when it
-    sent one (bounded)."""
+    """`backoff_s`, or the server's Retry-After when it sent one (bounded)."""
 
     def __init__(self, initial_s: float, max_s: float, max_retry_after_s: float) -> None:
         self._initial_s = initial_s
@@ -88,18 +78,17 @@ class _Wait(tenacity.wait.wait_base):
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         outcome = retry_state.outcome
         error = outcome.exception() if outcome is not None else None
-        if isinstance(error, ActuationError) and error.retry_after_s is not None:
+        if isinstance(error, KubeError) and error.retry_after_s is not None:
             return min(error.retry_after_s, self._max_retry_after_s)
-        ceiling = min(self._max_s, self._initial_s * 2 ** (retry_state.attempt_number - 1))
-        return random.uniform(ceiling / 2, ceiling)
+        return backoff_s(retry_state.attempt_number, self._initial_s, self._max_s)
 
 
 class KubeWriter:
-    """Raw JSON requests with our error tiers; `call()` retries transient failures."""
+    """Raw JSON requests with our error tree; `call()` retries transient failures."""
 
     def __init__(
         self,
-        api_client: k8s_client.ApiClient,
+        api_client: ApiClient,
         *,
         request_timeout_s: float = 10.0,
         attempts: int = 5,
@@ -122,45 +111,31 @@ class KubeWriter:
         content_type: str = JSON,
         what: str = "",
     ) -> Obj:
-        """One attempt. The decoded body on 2xx; else an `ActuationError`."""
+        """One attempt. The decoded body on 2xx; else a `KubeError`."""
         what = what or f"{method} {path}"
         acting_left = _ACTING_LEFT.get()
         left = acting_left() if acting_left is not None else None
         if left is not None and left <= 0:
             raise Stale(f"{what}: not sent, this replica's leader Lease ran out")
-        sending = self._send(method, path, query, body, content_type)
+        sending = exchange(
+            self.api_client,
+            method,
+            path,
+            query=query,
+            body=body,
+            content_type=content_type,
+            timeout_s=self.request_timeout_s,
+        )
         try:
             status, headers, data = await self._within_lease(sending, acting_left, what)
-        except (ApiException, ConfigException, aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise translate(e, what) from e
+        except TimeoutError as e:
+            raise ApiUnreachable(f"{what}: timed out") from e
         if status >= 300:
             raise from_status(status, data, headers, what)
         try:
             return json.loads(data) if data else {}
         except ValueError as e:
             raise PermanentError(f"{what}: answer is not JSON", status=status) from e
-
-    async def _send(
-        self,
-        method: str,
-        path: str,
-        query: Mapping[str, Any] | None,
-        body: Any,
-        content_type: str,
-    ) -> tuple[int, Mapping[str, str], bytes]:
-        resp = await self.api_client.call_api(
-            path,
-            method,
-            query_params=list((query or {}).items()),
-            header_params={"Content-Type": content_type, "Accept": JSON},
-            body=body,
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=self.request_timeout_s,
-        )
-        async with resp:
-            data = await resp.read()
-        return resp.status, resp.headers, data
 
     async def _within_lease(
         self,
@@ -210,12 +185,13 @@ class KubeWriter:
         content_type: str = JSON,
         what: str = "",
     ) -> Obj:
-        """`once()`, retried on `TransientError` up to `attempts` times."""
+        """`once()`, retried on a transient error (`KubeError.transient`) up to `attempts`
+        times."""
         what = what or f"{method} {path}"
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(self.attempts),
             wait=self._wait,
-            retry=tenacity.retry_if_exception_type(TransientError),
+            retry=tenacity.retry_if_exception(lambda e: isinstance(e, KubeError) and e.transient),
             before_sleep=self._log_retry(what),
             reraise=True,
         )

@@ -36,9 +36,7 @@ from typing import Any, Protocol
 from watchdog.decide.evacuation import Limits, MigrationPolicyRef, select_policy
 from watchdog.decide.names import NODE_LEASE_NAMESPACE
 from watchdog.decide.observations import LauncherPod
-from watchdog.observe.errors import ApiStatusError, ApiUnreachable
 from watchdog.observe.informer import EventKind, Informer, Resource, RestartCause
-from watchdog.observe.kube import KubeApi
 from watchdog.observe.projections import (
     project_kubevirt,
     project_lease,
@@ -66,6 +64,8 @@ from watchdog.observe.records import (
     VMRecord,
     VolumeAttachmentRecord,
 )
+from watchdog.transport.kube import KubeApi
+from watchdog.transport.kube_errors import ApiUnreachable, KubeError
 
 log = logging.getLogger(__name__)
 
@@ -378,8 +378,8 @@ class ClusterCache:
                 if self._probe_up:
                     log.warning("Kubernetes API unreachable: %s", e)
                 up = False
-            except ApiStatusError:
-                up = True  # it answered
+            except KubeError:
+                up = True  # it answered (with an error status: ApiUnreachable is no answer)
             if up:
                 self.api_answered_at = sent
             if up != self._probe_up:

@@ -36,13 +36,8 @@ from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
-from watchdog.observe.errors import (
-    ApiStatusError,
-    ApiUnreachable,
-    ResourceAbsent,
-    ResourceGone,
-)
-from watchdog.observe.kube import KubeApi
+from watchdog.transport.kube import KubeApi, backoff_s
+from watchdog.transport.kube_errors import ApiUnreachable, Gone, KubeError, NotFound, from_status
 
 log = logging.getLogger(__name__)
 
@@ -129,19 +124,23 @@ class InformerStatistics:
 
 @dataclass
 class _Backoff:
-    """Full-jitter exponential backoff, bounded (AWS architecture blog's "full jitter")."""
+    """Consecutive failures, and the wait before the next retry (transport/kube.py's
+    `backoff_s`, the service's one backoff)."""
 
     initial_s: float
     max_s: float
     attempt: int = 0
 
     def next(self) -> float:
-        ceiling = min(self.max_s, self.initial_s * 2**self.attempt)
         self.attempt += 1
-        return random.uniform(ceiling / 2, ceiling)
+        return backoff_s(self.attempt, self.initial_s, self.max_s)
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+class _CollectionAbsent(Exception):
+    """A list found no such collection (404): a CRD this cluster does not serve (yet)."""
 
 
 @dataclass
@@ -271,7 +270,7 @@ class Informer(Generic[T]):
                     self._backoff.reset()
             except asyncio.CancelledError:
                 raise
-            except ResourceGone:
+            except Gone:
                 # Quiet: a compacted resourceVersion is routine (DESIGN §4, STYLE 8).
                 log.debug(
                     "%s: 410 Gone at resourceVersion %s, relisting",
@@ -283,7 +282,7 @@ class Informer(Generic[T]):
                     delay = self._backoff.next()
                 self.resource_version = None
                 restart = RestartCause.GONE
-            except ResourceAbsent:
+            except _CollectionAbsent:
                 self._set_up(True)
                 self._set_absent()
                 self.resource_version = None
@@ -294,7 +293,7 @@ class Informer(Generic[T]):
                 self._set_up(False)
                 delay = self._backoff.next()
                 log.debug("%s: API unreachable (%s); retrying in %.1fs", self.name, e, delay)
-            except ApiStatusError as e:
+            except KubeError as e:
                 self._note_error(e)
                 self._set_up(True)  # an error status is an answer: the API is reachable
                 if e.status == 404 and self.resource_version is not None:
@@ -324,10 +323,10 @@ class Informer(Generic[T]):
         while True:
             try:
                 page = await self.api.request("GET", path, query=query)
-            except ApiStatusError as e:
-                if e.status == 404:
-                    raise ResourceAbsent(e.status, e.message) from e
-                if isinstance(e, ResourceGone) and "continue" in query:
+            except NotFound as e:
+                raise _CollectionAbsent(e.message) from e
+            except Gone:
+                if "continue" in query:
                     # The continue token expired mid-list: start over.
                     query = {**self._query, "limit": self._page_size}
                     seen.clear()
@@ -370,9 +369,7 @@ class Informer(Generic[T]):
         if etype == "ERROR":
             code = int(obj.get("code") or 0)
             message = str(obj.get("message") or obj)
-            if code == 410:
-                raise ResourceGone(410, message)
-            raise ApiStatusError(code, f"watch {self.name}: {message}")
+            raise from_status(code, message, None, f"watch {self.name}")
         rv = (obj.get("metadata") or {}).get("resourceVersion")
         if etype != "BOOKMARK":
             self._counters.events += 1

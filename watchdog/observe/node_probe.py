@@ -18,8 +18,8 @@ from watchdog.decide.state import (
     UNREADABLE,
     Phase,
 )
-from watchdog.observe.errors import ApiStatusError
-from watchdog.observe.kube import KubeApi
+from watchdog.transport.kube import KubeApi
+from watchdog.transport.kube_errors import NotFound
 
 HEALTHY = "Healthy"
 KNOWN_PHASES = frozenset(p.value for p in Phase)
@@ -32,7 +32,7 @@ def node_phase_probe(
 
     A phase recorded about an earlier boot of this machine is not about us: the VMs it was
     about died with that boot, so it reads as "Healthy" (otherwise a rebooted node would fence
-    itself again at every boot and never come back). Raises an `ObserveError` when the API
+    itself again at every boot and never come back). Raises a `KubeError` when the API
     cannot be reached: that is not contact.
     """
     path = f"/api/v1/nodes/{quote(node, safe='')}"
@@ -67,10 +67,8 @@ def node_lease_probe(api: KubeApi, node: str) -> Callable[[], Awaitable[float | 
     async def probe() -> float | None:
         try:
             obj = await api.request("GET", path)
-        except ApiStatusError as e:
-            if e.status == 404:
-                return None
-            raise
+        except NotFound:
+            return None
         return renew_time(obj)
 
     return probe

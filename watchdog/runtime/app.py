@@ -47,7 +47,6 @@ from watchdog.observe.cluster_cache import (
     ClusterCache,
 )
 from watchdog.observe.informer import EventKind, RestartCause
-from watchdog.observe.kube import ConfigError, KubeApi, load_api_client
 from watchdog.observe.mqtt import HeartbeatSubscriber
 from watchdog.observe.node_probe import node_lease_probe, node_phase_probe
 from watchdog.runtime.controller import Controller
@@ -60,6 +59,7 @@ from watchdog.runtime.scheduler import NodeScheduler
 from watchdog.runtime.settings import Settings
 from watchdog.runtime.view import CacheView
 from watchdog.transport.certificates import Authority
+from watchdog.transport.kube import ConfigError, KubeApi, load_api_client
 
 log = logging.getLogger("watchdog")
 

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from watchdog.actuate.mqtt_identity import CertificateSigner, Enrollment
 from watchdog.actuate.writer import KubeWriter
 from watchdog.metrics import Metrics
-from watchdog.observe.kube import KubeApi
 from watchdog.runtime.settings import Settings
 from watchdog.transport.certificates import Authority, held
+from watchdog.transport.kube import KubeApi
 
 
 def start_enrollment(

@@ -23,8 +23,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Protocol
 
-from watchdog.actuate.errors import ActuationError
 from watchdog.actuate.lease_lock import LeaseRecord
+from watchdog.transport.kube_errors import KubeError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class LeaderElector:
         wall = datetime.now(UTC)
         try:
             current = await self.lock.get()
-        except ActuationError as e:  # API trouble: we cannot prove we are leader
+        except KubeError as e:  # API trouble: we cannot prove we are leader
             # Only the API's errors: anything else is a bug, which must not pass for an outage.
             self._report("read", e)
             return False
@@ -137,7 +137,7 @@ class LeaderElector:
     async def _write(self, op: Awaitable[bool]) -> bool:
         try:
             return await op
-        except ActuationError as e:
+        except KubeError as e:
             self._report("write", e)
             return False
 
@@ -197,7 +197,7 @@ class LeaderElector:
         self.is_leader = False
         try:
             await self.lock.release(self.identity)
-        except ActuationError as e:
+        except KubeError as e:
             log.info("leader lease release failed: %s", e)
 
 

@@ -30,9 +30,9 @@ from watchdog.actuate.node_writes import TaintSpec
 from watchdog.decide.names import read_state_annotation
 from watchdog.decide.reasons import Reason
 from watchdog.decide.state import NodeState, Phase
-from watchdog.observe.errors import ObserveError
-from watchdog.observe.kube import ConfigError, KubeApi, load_api_client
 from watchdog.runtime.settings import Settings
+from watchdog.transport.kube import ConfigError, KubeApi, load_api_client
+from watchdog.transport.kube_errors import KubeError
 
 NODE_LEASE_API = "/apis/coordination.k8s.io/v1"
 
@@ -115,7 +115,7 @@ async def collect(settings: Settings, metrics_url: str | None = None) -> Status:
         )
         try:
             lease = await api.request("GET", lease_path)
-        except ObserveError:  # no leader yet, or not allowed to read it: shown as "-"
+        except KubeError:  # no leader yet, or not allowed to read it: shown as "-"
             lease = {}
     finally:
         await api.close()
@@ -180,7 +180,7 @@ def main(settings: Settings, metrics_url: str | None, as_json: bool) -> int:
     """0 with the status printed; 1 when the API server cannot be read (said why)."""
     try:
         status = asyncio.run(collect(settings, metrics_url))
-    except (ConfigError, ObserveError) as e:
+    except (ConfigError, KubeError) as e:
         print(f"error: cannot read the cluster: {e}", file=sys.stderr)
         return 1
     if as_json:

@@ -1,32 +1,32 @@
-"""The two error tiers of actuation (STYLE 7): what a failed write means, not which library
-failed.
+"""What a failed request to the Kubernetes API means to the watchdog: one error tree for reads
+and writes (STYLE 7), not which library failed.
 
-`TransientError`: worth retrying as is (connection lost, timeout, 429, 5xx). `PermanentError`:
-retrying the same request cannot help (400, 401, 403, 404, 409, 422): the caller re-reads,
-treats it as done, or reports it. Library exceptions (kubernetes_asyncio's `ApiException`,
-aiohttp's errors, timeouts) are translated here and chained (`raise ... from e`).
+`KubeError.transient`: worth retrying as is (no answer, a timeout, 408, 429, 5xx). Otherwise
+retrying the very same request cannot help (400, 401, 403, 404, 409, 410, 422): the caller
+re-reads, relists, treats it as done, or reports it. `ApiUnreachable` is the transient error
+with no answer at all (connection refused or lost, TLS, timeout): source health reads it as
+"API down", never as evidence about nodes (DESIGN §10). Library exceptions (kubernetes_asyncio's
+`ApiException` and `ConfigException`, aiohttp's errors, timeouts) are translated only in
+transport/kube.py (`translate`) and chained (`raise ... from e`).
 
 Must not: retry, log or decide; `asyncio.CancelledError` is never translated.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Mapping
-from typing import Any
-
-import aiohttp
-from kubernetes_asyncio.client.exceptions import ApiException
-from kubernetes_asyncio.config.config_exception import ConfigException
+from typing import Any, ClassVar
 
 # Statuses a retry of the very same request may cure.
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_BODY = 2048
 
 
-class ActuationError(Exception):
-    """A write to the cluster failed. `status` is the HTTP status (None: no answer)."""
+class KubeError(Exception):
+    """A request to the API server failed. `status` is the HTTP status (None: no answer)."""
+
+    transient: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -37,21 +37,28 @@ class ActuationError(Exception):
         retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
+        self.message = message
         self.status = status
         self.reason = reason  # the API's Status.reason: NotFound, AlreadyExists, Conflict, ...
         self.retry_after_s = retry_after_s
 
 
-class TransientError(ActuationError):
+class TransientError(KubeError):
     """Retrying the same request later may succeed."""
 
+    transient = True
 
-class PermanentError(ActuationError):
+
+class ApiUnreachable(TransientError):
+    """No answer: the API server could not be reached or did not answer in time."""
+
+
+class PermanentError(KubeError):
     """Retrying the same request cannot succeed."""
 
 
 class NotFound(PermanentError):
-    """404: the object (or its collection) does not exist."""
+    """404: the object, or its collection (a CRD this cluster does not serve), does not exist."""
 
 
 class Conflict(PermanentError):
@@ -63,16 +70,21 @@ class Conflict(PermanentError):
         return self.reason == "AlreadyExists"
 
 
+class Gone(PermanentError):
+    """410: the resourceVersion a list or watch resumed from was compacted away; relist."""
+
+
 class Stale(PermanentError):
     """The write no longer stands on what its decision saw: the Node changed since (another
     leader, an administrator, a kubelet wrote it), or this replica stopped leading. The
-    decision is dropped, not retried: the next one is made on the newer Node."""
+    decision is dropped, not retried: the next one is made on the newer Node. Raised by the
+    actuator's writer (actuate/writer.py), never by the API server."""
 
 
 def from_status(
     status: int, body: bytes | str | None, headers: Mapping[str, str] | None, what: str
-) -> ActuationError:
-    """The error for an HTTP error answer of the API server."""
+) -> KubeError:
+    """The error for an HTTP error answer of the API server (a body of JSON `Status` or not)."""
     text = body.decode(errors="replace") if isinstance(body, bytes) else (body or "")
     message, reason = text[:_MAX_BODY], None
     try:
@@ -89,31 +101,11 @@ def from_status(
         return NotFound(full, **kwargs)
     if status == 409:
         return Conflict(full, **kwargs)
+    if status == 410:
+        return Gone(full, **kwargs)
     if status in TRANSIENT_STATUSES:
         return TransientError(full, **kwargs)
     return PermanentError(full, **kwargs)
-
-
-def translate(e: BaseException, what: str) -> ActuationError:
-    """Our error for a library exception; raise it `from e`. Never for CancelledError."""
-    if isinstance(e, asyncio.CancelledError):
-        raise TypeError("CancelledError must propagate, not be translated") from e
-    if isinstance(e, ActuationError):
-        return e
-    if isinstance(e, ApiException):
-        headers = dict(e.headers) if e.headers else None
-        if not e.status:
-            return TransientError(f"{what}: {e.reason}")
-        return from_status(int(e.status), e.body, headers, what)
-    if isinstance(e, TimeoutError | asyncio.TimeoutError):
-        return TransientError(f"{what}: timed out")
-    if isinstance(e, aiohttp.ClientError | OSError):
-        return TransientError(f"{what}: {type(e).__name__}: {e}")
-    if isinstance(e, ConfigException):
-        # The client re-reads its token file before requests; a projected token is replaced
-        # by the kubelet while it runs (an empty file for a moment): the next attempt reads it.
-        return TransientError(f"{what}: credentials: {e}")
-    return PermanentError(f"{what}: {type(e).__name__}: {e}")
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -126,12 +118,14 @@ def _retry_after(value: str | None) -> float | None:
 
 
 __all__ = [
-    "ActuationError",
+    "TRANSIENT_STATUSES",
+    "ApiUnreachable",
     "Conflict",
+    "Gone",
+    "KubeError",
     "NotFound",
     "PermanentError",
     "Stale",
     "TransientError",
     "from_status",
-    "translate",
 ]

@@ -1,13 +1,19 @@
-"""The observers' connection to the Kubernetes API: client construction and raw JSON reads.
+"""The one Kubernetes client of the service: client construction, requests, watches, the
+translation of every library error, and the retry backoff.
 
-Owns: building one kubernetes_asyncio `ApiClient` from an explicit kubeconfig, `KUBECONFIG`,
-the in-cluster ServiceAccount or `~/.kube/config` (in that order); `KubeApi`, which sends
-requests through that client's transport and hands back plain JSON (`_preload_content=False`:
-100,000 pods are never turned into generated model objects), with a client-side timeout on
-every request and a server-side `timeoutSeconds` plus a read timeout on every watch.
+Owns: building one kubernetes_asyncio `ApiClient` (one connection pool per process) from an
+explicit kubeconfig, `KUBECONFIG`, the in-cluster ServiceAccount or `~/.kube/config` (in that
+order); `exchange`, one raw request over that client's transport (status, headers, body:
+`_preload_content=False`, so 100,000 pods are never turned into generated model objects);
+`KubeApi`, the readers' JSON requests and watches over it, with a client-side timeout on every
+request and a server-side `timeoutSeconds` plus a read timeout on every watch; `backoff_s`, the
+one backoff every retry loop of the service waits (the informers' relists and rewatches, the
+writer's attempts). It is the only module that imports kubernetes_asyncio (an import-linter
+contract), and the only one of observe and actuate that imports aiohttp's client.
 
-Must not: cache, decide or write. Library exceptions never leave this module: they become
-`watchdog.observe.errors` (`raise ... from e`). `asyncio.CancelledError` always propagates.
+Must not: cache, decide, or know what a request is for. Library exceptions never leave this
+module: they become transport/kube_errors.py's (`raise ... from e`). `asyncio.CancelledError`
+always propagates.
 """
 
 from __future__ import annotations
@@ -17,15 +23,23 @@ import contextlib
 import json
 import logging
 import os
+import random
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import aiohttp
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config.config_exception import ConfigException
 
-from watchdog.observe.errors import ApiStatusError, ApiUnreachable, ResourceGone
+from watchdog.transport.kube_errors import (
+    ApiUnreachable,
+    KubeError,
+    PermanentError,
+    TransientError,
+    from_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +51,70 @@ _MAX_ERROR_BODY = 4096
 _WATCH_READ_SLACK_S = 5.0
 
 Obj = dict[str, Any]
+# The process's connection to the API server, as the other layers hold it (opaque to them).
+ApiClient: TypeAlias = k8s_client.ApiClient
+
+
+def backoff_s(attempt: int, initial_s: float, max_s: float) -> float:
+    """The wait before retry `attempt` (1 for the first): exponential from `initial_s`, capped
+    at `max_s`, with "equal jitter" (a random half of each step, so that the retries of many
+    clients spread out, and the total wait over N attempts is bounded below as well as
+    above)."""
+    ceiling = min(max_s, initial_s * 2 ** (attempt - 1))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def translate(e: BaseException, what: str) -> KubeError:
+    """Our error for a library exception met sending `what`; raise it `from e`. Never for
+    CancelledError."""
+    if isinstance(e, asyncio.CancelledError):
+        raise TypeError("CancelledError must propagate, not be translated") from e
+    if isinstance(e, KubeError):
+        return e
+    if isinstance(e, ApiException):
+        headers = dict(e.headers) if e.headers else None
+        if not e.status:  # raised by the client before any byte was sent
+            return TransientError(f"{what}: {e.reason}")
+        return from_status(int(e.status), e.body, headers, what)
+    if isinstance(e, TimeoutError | asyncio.TimeoutError):
+        return ApiUnreachable(f"{what}: timed out")
+    if isinstance(e, aiohttp.ClientError | OSError):
+        return ApiUnreachable(f"{what}: {_describe(e)}")
+    if isinstance(e, ConfigException):
+        # The client re-reads its token file before requests; a projected token is replaced
+        # by the kubelet while it runs (an empty file for a moment): the next attempt reads it.
+        return TransientError(f"{what}: credentials: {e}")
+    return PermanentError(f"{what}: {type(e).__name__}: {e}")
+
+
+# What `exchange` and the watches meet from the library (everything else is a bug, not an
+# API error, and propagates as it is).
+_LIBRARY_ERRORS = (ApiException, ConfigException, aiohttp.ClientError, TimeoutError, OSError)
+
+
+async def exchange(
+    api_client: ApiClient,
+    method: str,
+    path: str,
+    *,
+    query: Mapping[str, Any] | None = None,
+    body: Any = None,
+    content_type: str = JSON,
+    timeout_s: float | aiohttp.ClientTimeout = 10.0,
+) -> tuple[int, Mapping[str, str], bytes]:
+    """One request, its whole answer read: (status, headers, body) whatever the status. The
+    request's own timeout is `timeout_s` (callers bound their wait themselves too)."""
+    try:
+        resp = await _open(api_client, method, path, query, body, content_type, timeout_s)
+        async with resp:
+            data = await resp.read()
+    except _LIBRARY_ERRORS as e:
+        raise translate(e, f"{method} {path}") from e
+    return resp.status, resp.headers, data
 
 
 class KubeSettings(Protocol):
-    """What this module reads from the runtime's Settings (structural: observe must not import
+    """What this module reads from the runtime's Settings (structural: transport must not import
     the runtime layer)."""
 
     @property
@@ -128,7 +202,7 @@ class KubeApi:
 
     def __init__(
         self,
-        api_client: k8s_client.ApiClient,
+        api_client: ApiClient,
         *,
         request_timeout_s: float = 10.0,
         watch_timeout_s: int = 60,
@@ -138,7 +212,7 @@ class KubeApi:
         self.watch_timeout_s = watch_timeout_s
 
     @classmethod
-    def from_settings(cls, api_client: k8s_client.ApiClient, settings: KubeSettings) -> KubeApi:
+    def from_settings(cls, api_client: ApiClient, settings: KubeSettings) -> KubeApi:
         return cls(
             api_client,
             request_timeout_s=settings.api_request_timeout_s,
@@ -160,21 +234,28 @@ class KubeApi:
         content_type: str = JSON,
         timeout_s: float | None = None,
     ) -> Obj:
-        """One request; the decoded JSON body on 2xx, else an `ObserveError`."""
+        """One request; the decoded JSON body on 2xx, else a `KubeError`."""
         timeout = self.request_timeout_s if timeout_s is None else timeout_s
+        what = f"{method} {path}"
         try:
             async with asyncio.timeout(timeout):
-                resp = await self._open(method, path, query, body, content_type, timeout)
-                async with resp:
-                    data = await resp.read()
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise ApiUnreachable(f"{method} {path}: {_describe(e)}") from e
-        if resp.status >= 300:
-            raise _status_error(resp.status, resp.headers, data, f"{method} {path}")
+                status, headers, data = await exchange(
+                    self.api_client,
+                    method,
+                    path,
+                    query=query,
+                    body=body,
+                    content_type=content_type,
+                    timeout_s=timeout,
+                )
+        except TimeoutError as e:
+            raise ApiUnreachable(f"{what}: timed out") from e
+        if status >= 300:
+            raise from_status(status, data, headers, what)
         try:
             return json.loads(data) if data else {}
         except ValueError as e:
-            raise ApiStatusError(resp.status, f"{method} {path}: body is not JSON") from e
+            raise PermanentError(f"{what}: body is not JSON", status=status) from e
 
     async def version(self) -> Obj:
         """`/version`: readable by every client, the cheapest proof the API answers."""
@@ -211,45 +292,43 @@ class KubeApi:
         try:
             # The response headers must come within the ordinary request timeout.
             async with asyncio.timeout(self.request_timeout_s):
-                resp = await self._open("GET", path, params, None, JSON, stream_timeout)
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise ApiUnreachable(f"watch {path}: {_describe(e)}") from e
+                resp = await _open(self.api_client, "GET", path, params, None, JSON, stream_timeout)
+        except _LIBRARY_ERRORS as e:
+            raise translate(e, f"watch {path}") from e
         try:
             if resp.status >= 300:
                 try:
                     data = await resp.content.read(_MAX_ERROR_BODY)
                 except (aiohttp.ClientError, TimeoutError, OSError) as e:
                     raise ApiUnreachable(f"watch {path}: {_describe(e)}") from e
-                raise _status_error(resp.status, resp.headers, data, f"watch {path}")
+                raise from_status(resp.status, data, resp.headers, f"watch {path}")
             yield _events(resp, path)
         finally:
             # A watch not read to its end cannot go back to the pool.
             resp.close()
 
-    async def _open(
-        self,
-        method: str,
-        path: str,
-        query: Mapping[str, Any] | None,
-        body: Any,
-        content_type: str,
-        client_timeout: float | aiohttp.ClientTimeout,
-    ) -> aiohttp.ClientResponse:
-        try:
-            resp = await self.api_client.call_api(
-                path,
-                method,
-                query_params=list((query or {}).items()),
-                header_params={"Content-Type": content_type, "Accept": JSON},
-                body=body,
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _request_timeout=client_timeout,
-            )
-        except ApiException as e:  # raised by the client before any byte is sent
-            raise ApiStatusError(e.status or 0, f"{method} {path}: {e.reason}") from e
-        assert isinstance(resp, aiohttp.ClientResponse)
-        return resp
+
+async def _open(
+    api_client: ApiClient,
+    method: str,
+    path: str,
+    query: Mapping[str, Any] | None,
+    body: Any,
+    content_type: str,
+    client_timeout: float | aiohttp.ClientTimeout,
+) -> aiohttp.ClientResponse:
+    resp = await api_client.call_api(
+        path,
+        method,
+        query_params=list((query or {}).items()),
+        header_params={"Content-Type": content_type, "Accept": JSON},
+        body=body,
+        auth_settings=["BearerToken"],
+        _preload_content=False,
+        _request_timeout=client_timeout,
+    )
+    assert isinstance(resp, aiohttp.ClientResponse)
+    return resp
 
 
 async def _events(resp: aiohttp.ClientResponse, path: str) -> AsyncIterator[Obj]:
@@ -274,29 +353,21 @@ async def _events(resp: aiohttp.ClientResponse, path: str) -> AsyncIterator[Obj]
         raise ApiUnreachable(f"watch {path}: undecodable event: {e}") from e
 
 
-def _status_error(
-    status: int, headers: Mapping[str, str], data: bytes, what: str
-) -> ApiStatusError:
-    message = data[:_MAX_ERROR_BODY].decode(errors="replace")
-    with contextlib.suppress(ValueError, AttributeError):
-        message = json.loads(data).get("message") or message
-    retry_after = _retry_after(headers.get("Retry-After"))
-    cls = ResourceGone if status == 410 else ApiStatusError
-    return cls(status, f"{what}: {message}", retry_after_s=retry_after)
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
-
-
 def _describe(e: BaseException) -> str:
     text = str(e)
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-__all__ = ["ConfigError", "KubeApi", "KubeSettings", "connect", "load_api_client"]
+__all__ = [
+    "JSON",
+    "ApiClient",
+    "ConfigError",
+    "KubeApi",
+    "KubeSettings",
+    "Obj",
+    "backoff_s",
+    "connect",
+    "exchange",
+    "load_api_client",
+    "translate",
+]
