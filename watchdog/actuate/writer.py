@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
@@ -23,13 +22,11 @@ from typing import Any
 
 import tenacity
 
-from watchdog.transport.kube import JSON, ApiClient, Obj, backoff_s, exchange
+from watchdog.transport.kube import JSON, ApiClient, Obj, backoff_s, exchange, json_answer
 from watchdog.transport.kube_errors import (
     ApiUnreachable,
     KubeError,
-    PermanentError,
     Stale,
-    from_status,
 )
 
 log = logging.getLogger(__name__)
@@ -130,12 +127,7 @@ class KubeWriter:
             status, headers, data = await self._within_lease(sending, acting_left, what)
         except TimeoutError as e:
             raise ApiUnreachable(f"{what}: timed out") from e
-        if status >= 300:
-            raise from_status(status, data, headers, what)
-        try:
-            return json.loads(data) if data else {}
-        except ValueError as e:
-            raise PermanentError(f"{what}: answer is not JSON", status=status) from e
+        return json_answer(status, headers, data, what)
 
     async def _within_lease(
         self,

@@ -87,6 +87,16 @@ def translate(e: BaseException, what: str) -> KubeError:
     return PermanentError(f"{what}: {type(e).__name__}: {e}")
 
 
+def json_answer(status: int, headers: Mapping[str, str], data: bytes, what: str) -> Obj:
+    """The decoded JSON body of a 2xx answer to `what`; else its `KubeError`."""
+    if status >= 300:
+        raise from_status(status, data, headers, what)
+    try:
+        return json.loads(data) if data else {}
+    except ValueError as e:
+        raise PermanentError(f"{what}: body is not JSON", status=status) from e
+
+
 # What `exchange` and the watches meet from the library (everything else is a bug, not an
 # API error, and propagates as it is).
 _LIBRARY_ERRORS = (ApiException, ConfigException, aiohttp.ClientError, TimeoutError, OSError)
@@ -250,12 +260,7 @@ class KubeApi:
                 )
         except TimeoutError as e:
             raise ApiUnreachable(f"{what}: timed out") from e
-        if status >= 300:
-            raise from_status(status, data, headers, what)
-        try:
-            return json.loads(data) if data else {}
-        except ValueError as e:
-            raise PermanentError(f"{what}: body is not JSON", status=status) from e
+        return json_answer(status, headers, data, what)
 
     async def version(self) -> Obj:
         """`/version`: readable by every client, the cheapest proof the API answers."""
@@ -368,6 +373,7 @@ __all__ = [
     "backoff_s",
     "connect",
     "exchange",
+    "json_answer",
     "load_api_client",
     "translate",
 ]
