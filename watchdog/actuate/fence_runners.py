@@ -18,12 +18,11 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-import aiohttp
-
 from watchdog.actuate.outcome import Outcome, Result
 from watchdog.actuate.power_fence import PowerFencer
 from watchdog.decide.actions import RunFenceHook
 from watchdog.decide.config import FenceMode
+from watchdog.transport.http_client import HttpError, post_json
 
 log = logging.getLogger(__name__)
 
@@ -107,18 +106,13 @@ class FenceRunner:
         return Outcome(name, Result.FAILED, f"fence command exit {proc.returncode}: {tail}")
 
     async def _fence_webhook(self, name: str, url: str, node: str) -> Outcome:
-        timeout = aiohttp.ClientTimeout(total=self.settings.fence_hook_timeout_s)
         try:
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.post(url, json={"node": node}) as resp,
-            ):
-                text = (await resp.text())[:300]
-                if 200 <= resp.status < 300:
-                    return Outcome(name, Result.SUCCESS, f"fence webhook confirmed {node} off")
-                return Outcome(name, Result.FAILED, f"fence webhook {resp.status}: {text}")
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            return Outcome(name, Result.FAILED, f"fence webhook: {type(e).__name__}: {e}")
+            status, text = await post_json(url, {"node": node}, self.settings.fence_hook_timeout_s)
+        except HttpError as e:
+            return Outcome(name, Result.FAILED, f"fence webhook: {e}")
+        if 200 <= status < 300:
+            return Outcome(name, Result.SUCCESS, f"fence webhook confirmed {node} off")
+        return Outcome(name, Result.FAILED, f"fence webhook {status}: {text[:300]}")
 
 
 __all__ = ["FenceRunner", "FenceSettings"]

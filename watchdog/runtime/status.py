@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from watchdog.actuate.node_writes import TaintSpec
@@ -31,6 +30,7 @@ from watchdog.decide.names import read_state_annotation
 from watchdog.decide.reasons import Reason
 from watchdog.decide.state import NodeState, Phase
 from watchdog.runtime.settings import Settings
+from watchdog.transport.http_client import HttpError, get_text
 from watchdog.transport.kube import ConfigError, KubeApi, load_api_client
 from watchdog.transport.kube_errors import KubeError
 
@@ -130,14 +130,11 @@ async def collect(settings: Settings, metrics_url: str | None = None) -> Status:
     status = Status(spec.get("holderIdentity"), age, rows)
     if metrics_url:
         try:
-            timeout = aiohttp.ClientTimeout(total=settings.api_request_timeout_s)
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.get(metrics_url) as resp,
-            ):
-                resp.raise_for_status()
-                apply_metrics(status, await resp.text(), time.time())
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
+            code, text = await get_text(metrics_url, settings.api_request_timeout_s)
+            if code >= 300:
+                raise HttpError(f"HTTP {code}")
+            apply_metrics(status, text, time.time())
+        except (HttpError, ValueError) as e:
             status.metrics_error = f"{metrics_url}: {type(e).__name__}: {e}"
     return status
 

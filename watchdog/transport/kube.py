@@ -9,7 +9,7 @@ order); `exchange`, one raw request over that client's transport (status, header
 request and a server-side `timeoutSeconds` plus a read timeout on every watch; `backoff_s`, the
 one backoff every retry loop of the service waits (the informers' relists and rewatches, the
 writer's attempts). It is the only module that imports kubernetes_asyncio (an import-linter
-contract), and the only one of observe and actuate that imports aiohttp's client.
+contract); with transport/http_client.py, the only client of aiohttp (another contract).
 
 Must not: cache, decide, or know what a request is for. Library exceptions never leave this
 module: they become transport/kube_errors.py's (`raise ... from e`). `asyncio.CancelledError`
