@@ -75,7 +75,7 @@ from watchdog.decide.quorum import (
     spared,
 )
 from watchdog.decide.roster import cut_peers_needed, parse_roster_shard, roster_filter
-from watchdog.decide.state import UNREADABLE, Phase
+from watchdog.decide.state import UNREADABLE
 from watchdog.heartbeat.boot_record import BootRecord, BootRecordError, BootRecordStore
 from watchdog.heartbeat.device import DeviceError, Petter, WatchdogDevice
 from watchdog.heartbeat.fence import (
@@ -84,6 +84,8 @@ from watchdog.heartbeat.fence import (
     FenceOutcome,
     declared_down,
     declared_grace_s,
+    fence_at,
+    fence_call,
 )
 from watchdog.heartbeat.peers import PeerEndpoint, PeerProber, SweepPlan
 from watchdog.transport.mqtt import broker_connection
@@ -103,8 +105,6 @@ MAX_UNACKED = 256
 GOODBYE_TIMEOUT_S = 1.0
 
 ApiProbe = Callable[[], Awaitable[str | None]]
-# The declared phases during which the fence may wait for the kubelet's Lease.
-LEASE_WAITS_IN = frozenset({Phase.UNREACHABLE.value, Phase.FENCING.value})
 # The wall clock moved against the monotonic one by more than this between two looks: a step
 # (NTP, an administrator). A renewTime read across a step says nothing about when it was
 # written, so no Lease renewal counts until the step is older than any renewal we could read.
@@ -1061,16 +1061,14 @@ class Agent:
         """When to fence; None while not armed in this boot (the fence never runs then)."""
         if not self._durable:
             return None
-        base = self._boot_contact.deadline(self._settings.self_fence_after_s)
         spared_at = self._spared_at
-        if base is not None and spared_at is not None:
-            # Spared by a majority of cut-off nodes: the deadline (and the device's petting)
-            # lasts until the spare lapses, `spare_valid_s` after the round that granted it.
-            base = max(base, spared_at + self._spare_valid_s)
-        lease = self.lease_deadline()
-        if base is None or lease is None:
-            return base
-        return max(base, lease)  # the controller waits for both (decide/safety.py)
+        # Spared by a majority of cut-off nodes: the deadline (and the device's petting) lasts
+        # until the spare lapses, `spare_valid_s` after the round that granted it.
+        return fence_at(
+            self._boot_contact.deadline(self._settings.self_fence_after_s),
+            None if spared_at is None else spared_at + self._spare_valid_s,
+            self.lease_deadline(),
+        )
 
     async def _fence_guard(self) -> None:
         while True:
@@ -1091,30 +1089,24 @@ class Agent:
                     )
                 await self._contact_changed.wait()
                 continue
-            reason: str | None = None
-            grace_until: float | None = None
-            if self._declared_down_phase is not None:
-                assert self._declared_since is not None
-                grace_until = self._declared_since + self.declared_grace_s
-                lease = self.lease_deadline()
-                if lease is not None and self._declared_down_phase in LEASE_WAITS_IN:
-                    # The controller waits for both. Once it writes Resetting it has passed
-                    # its Lease gate: no more waiting, whatever renewal we may have read.
-                    grace_until = max(grace_until, lease)
-            if grace_until is not None and now >= grace_until:
-                reason = f"the API says this node is {self._declared_down_phase}"
-                episode = f"declared {self._declared_down_phase}"
-            elif now >= deadline:
-                last = self._boot_contact.last
-                silent_s = now - last if last is not None else self.declaration.after_s
-                reason = f"no contact with broker or API for {silent_s:.1f}s"
-                episode = f"cut off until {deadline}"
-            if reason is not None:
-                if await self._fence_now(reason, episode):
+            call = fence_call(
+                now,
+                deadline,
+                declared_phase=self._declared_down_phase,
+                declared_since=self._declared_since,
+                grace_s=self.declared_grace_s,
+                lease_deadline=self.lease_deadline(),
+                last_contact=self._boot_contact.last,
+                after_s=self.declaration.after_s,
+            )
+            if call.reason is not None:
+                assert call.episode is not None
+                if await self._fence_now(call.reason, call.episode):
                     return
                 wait: float | None = None  # unarmed: nothing to do until contact changes
             else:
-                wait = deadline - now if grace_until is None else min(deadline, grace_until) - now
+                assert call.wake_at is not None
+                wait = call.wake_at - now
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._contact_changed.wait()

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from watchdog.decide.state import DOWN_PHASES
+from watchdog.decide.state import DOWN_PHASES, Phase
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,73 @@ class BootContact:
 
     def deadline(self, after_s: float) -> float | None:
         return fence_deadline(self.last if self.first is not None else None, after_s)
+
+
+# Declarations in which the controller still waits for its Lease gate as well (decide/safety.py):
+# once it writes Resetting it has passed the gate, and the agent waits for no renewal any more.
+LEASE_WAITS_IN = frozenset({Phase.UNREACHABLE.value, Phase.FENCING.value})
+
+
+def fence_at(
+    base: float | None, spared_until: float | None, lease_deadline: float | None
+) -> float | None:
+    """When an armed agent fences without contact: its boot's deadline (`BootContact.deadline`;
+    None: not armed in this boot, never), moved on while a majority of cut-off peers spares it
+    (until `spared_until`, decide/quorum.py) and to the Lease wait (`lease_deadline`, an
+    opt-in): the controller waits for each of them (decide/safety.py)."""
+    if base is None:
+        return None
+    if spared_until is not None:
+        base = max(base, spared_until)
+    return base if lease_deadline is None else max(base, lease_deadline)
+
+
+@dataclass(frozen=True, slots=True)
+class FenceCall:
+    """What the agent's fence guard does at one look: fence now (`reason`, and the `episode` it
+    logs an unarmed fence once for), or look again at `wake_at` at the latest (None: only when
+    contact or a declaration changes)."""
+
+    reason: str | None = None
+    episode: str | None = None
+    wake_at: float | None = None
+
+
+def fence_call(
+    now: float,
+    deadline: float | None,
+    *,
+    declared_phase: str | None,
+    declared_since: float | None,
+    grace_s: float,
+    lease_deadline: float | None,
+    last_contact: float | None,
+    after_s: float,
+) -> FenceCall:
+    """The fence guard's rule, at `now`, with this boot's `deadline` (`fence_at`; None: not
+    armed, never fence: the controller cannot have received an armed declaration of this
+    boot). Fence when the controller's declaration that this node is down (`declared_phase`,
+    read `declared_since`) has stood for `grace_s` (`declared_grace_s`) and, while the
+    controller still waits for the Lease gate, until `lease_deadline`; or when the deadline
+    passed without contact."""
+    if deadline is None:
+        return FenceCall()
+    grace_until: float | None = None
+    if declared_phase is not None:
+        assert declared_since is not None
+        grace_until = declared_since + grace_s
+        if lease_deadline is not None and declared_phase in LEASE_WAITS_IN:
+            grace_until = max(grace_until, lease_deadline)
+    if grace_until is not None and now >= grace_until:
+        return FenceCall(
+            f"the API says this node is {declared_phase}", f"declared {declared_phase}"
+        )
+    if now >= deadline:
+        silent_s = now - last_contact if last_contact is not None else after_s
+        return FenceCall(
+            f"no contact with broker or API for {silent_s:.1f}s", f"cut off until {deadline}"
+        )
+    return FenceCall(wake_at=deadline if grace_until is None else min(deadline, grace_until))
 
 
 @dataclass(frozen=True, slots=True)
