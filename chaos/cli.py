@@ -446,6 +446,12 @@ def register_campaign(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     register(sub)
 
 
+def register_protosim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from chaos.protosim.cli import register
+
+    register(sub)
+
+
 def register_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from chaos.bench.cli import add_parser
 
@@ -460,6 +466,7 @@ SUBCOMMANDS: list[Register] = [
     register_run,
     register_demo,
     register_campaign,
+    register_protosim,
     register_bench,
 ]
 

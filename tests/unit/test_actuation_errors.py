@@ -28,13 +28,14 @@ from watchdog.transport.kube_errors import (
     ("error", "kind"),
     [
         # The token file replaced by the kubelet while the client re-reads it (empty a moment).
-        (ConfigException("Token file exists but empty."), TransientError),
+        # Nothing sent, nothing answered: never taken for the API's answer (the Lease gate).
+        (ConfigException("Token file exists but empty."), ApiUnreachable),
         (aiohttp.ServerDisconnectedError(), ApiUnreachable),
         (ConnectionResetError("reset by peer"), ApiUnreachable),
         (TimeoutError(), ApiUnreachable),
         (ApiException(status=503, reason="Service Unavailable"), TransientError),
         (ApiException(status=403, reason="Forbidden"), PermanentError),
-        (ApiException(status=0, reason="no answer"), TransientError),
+        (ApiException(status=0, reason="no answer"), ApiUnreachable),
         (ValueError("unexpected"), PermanentError),
     ],
 )

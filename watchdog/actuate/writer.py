@@ -122,6 +122,7 @@ class KubeWriter:
             body=body,
             content_type=content_type,
             timeout_s=self.request_timeout_s,
+            what=what,
         )
         try:
             status, headers, data = await self._within_lease(sending, acting_left, what)

@@ -378,8 +378,8 @@ class ClusterCache:
                 if self._probe_up:
                     log.warning("Kubernetes API unreachable: %s", e)
                 up = False
-            except KubeError:
-                up = True  # it answered (with an error status: ApiUnreachable is no answer)
+            except KubeError as e:
+                up = e.status is not None  # an error status is an answer; no status is none
             if up:
                 self.api_answered_at = sent
             if up != self._probe_up:

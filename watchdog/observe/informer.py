@@ -295,7 +295,10 @@ class Informer(Generic[T]):
                 log.debug("%s: API unreachable (%s); retrying in %.1fs", self.name, e, delay)
             except KubeError as e:
                 self._note_error(e)
-                self._set_up(True)  # an error status is an answer: the API is reachable
+                # An error status is an answer: the API is reachable. An error without one
+                # (never sent, e.g. no credentials for a moment) says nothing either way.
+                if e.status is not None:
+                    self._set_up(True)
                 if e.status == 404 and self.resource_version is not None:
                     # The collection vanished under a running watch (CRD deleted): relist,
                     # which finds it absent.

@@ -451,6 +451,9 @@ class Controller:
         A standby decides nothing: its state would diverge from the leader's, which acts. It
         keeps its caches and heartbeat book warm and resumes from annotations on takeover.
         """
+        # What its last decision waited for no longer holds once it is decided again: were this
+        # evaluation to fail, its retry must not be re-armed as if it had been quiet (`rearm`).
+        self._quiet.pop(node, None)
         if not self.acting:
             return None
         # Membership on the view's key view is O(1); building a set here made every

@@ -37,7 +37,6 @@ from watchdog.transport.kube_errors import (
     ApiUnreachable,
     KubeError,
     PermanentError,
-    TransientError,
     from_status,
 )
 
@@ -73,8 +72,8 @@ def translate(e: BaseException, what: str) -> KubeError:
         return e
     if isinstance(e, ApiException):
         headers = dict(e.headers) if e.headers else None
-        if not e.status:  # raised by the client before any byte was sent
-            return TransientError(f"{what}: {e.reason}")
+        if not e.status:  # raised by the client before any byte was sent: no answer
+            return ApiUnreachable(f"{what}: {e.reason}")
         return from_status(int(e.status), e.body, headers, what)
     if isinstance(e, TimeoutError | asyncio.TimeoutError):
         return ApiUnreachable(f"{what}: timed out")
@@ -83,7 +82,9 @@ def translate(e: BaseException, what: str) -> KubeError:
     if isinstance(e, ConfigException):
         # The client re-reads its token file before requests; a projected token is replaced
         # by the kubelet while it runs (an empty file for a moment): the next attempt reads it.
-        return TransientError(f"{what}: credentials: {e}")
+        # Nothing was sent, so nothing was answered: never taken for the API's answer (the
+        # Lease gate waits for a real one, decide/signals.py).
+        return ApiUnreachable(f"{what}: credentials: {e}")
     return PermanentError(f"{what}: {type(e).__name__}: {e}")
 
 
@@ -111,15 +112,17 @@ async def exchange(
     body: Any = None,
     content_type: str = JSON,
     timeout_s: float | aiohttp.ClientTimeout = 10.0,
+    what: str = "",
 ) -> tuple[int, Mapping[str, str], bytes]:
     """One request, its whole answer read: (status, headers, body) whatever the status. The
-    request's own timeout is `timeout_s` (callers bound their wait themselves too)."""
+    request's own timeout is `timeout_s` (callers bound their wait themselves too); `what`
+    names it in errors (default: method and path)."""
     try:
         resp = await _open(api_client, method, path, query, body, content_type, timeout_s)
         async with resp:
             data = await resp.read()
     except _LIBRARY_ERRORS as e:
-        raise translate(e, f"{method} {path}") from e
+        raise translate(e, what or f"{method} {path}") from e
     return resp.status, resp.headers, data
 
 
