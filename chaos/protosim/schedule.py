@@ -97,6 +97,21 @@ def _cluster(attr: str, up: bool) -> Apply:
     return apply
 
 
+def _leader(leading: bool) -> Apply:
+    """No replica leads for a while (the leader died; the standby takes the Lease over once
+    it expires), then one does: it resumes every node from the annotations (runtime/
+    controller.py, `become_leader`), with the heartbeat book it kept warm as a standby."""
+
+    def apply(w: World, n: Node | None) -> None:
+        if leading:
+            w.controller.become_leader()
+            w.mark_all()
+        else:
+            w.controller.step_down()
+
+    return apply
+
+
 KINDS: dict[str, tuple[bool, Apply, Apply | None]] = {
     "power-off": (True, _power_off, _power_on),
     "reboot": (True, _reboot, None),
@@ -110,6 +125,7 @@ KINDS: dict[str, tuple[bool, Apply, Apply | None]] = {
     "fence-fails": (True, _set("fence_fails", True), _set("fence_fails", False)),
     "broker-outage": (False, _cluster("broker_up", False), _cluster("broker_up", True)),
     "api-outage": (False, _cluster("api_up", False), _cluster("api_up", True)),
+    "leader-failover": (False, _leader(False), _leader(True)),
 }
 # A partition cuts both of the node's paths.
 PARTITION_API = (_set("api_link", False), _set("api_link", True))
@@ -193,6 +209,8 @@ def _heal_all(world: World) -> None:
     for attr in ("broker_up", "api_up"):
         if not getattr(world, attr):
             _cluster(attr, True)(world, None)
+    if not world.controller.acting:
+        _leader(True)(world, None)
     for n in world.nodes.values():
         n.broker_link = n.api_link = n.kubelet = True
         n.fence_fails = False

@@ -18,9 +18,13 @@ dead; a restart keeps the boot's contact, as the boot record does), the watchdog
 fence command (stops the node within its bound, or fails). The agent's reading of the API
 (its declaration, or contact) follows heartbeat/agent.py `_record_api`.
 
+A leader change is a time without a leader, then the real `become_leader` (resuming every
+node from its annotation) with the heartbeat book the standby kept.
+
 Not modelled yet: peer probes (so neither the peers' corroboration nor the quorum before
-self-fencing: agents are never spared), leader changes, acknowledgements (`leader-ack`), one-
-way broker paths, clock-rate drift, stale API reads.
+self-fencing: agents are never spared), two replicas acting at once (a deposed leader's late
+write), acknowledgements (`leader-ack`), one-way broker paths, clock-rate drift, stale API
+reads, the agents' Lease wait (`self_fence_lease_s`, off by default).
 
 Invariants, checked at every event: no VM runs on two nodes at once (split-brain); no node's
 VMs are reset while one of them still runs there; no node is fenced (its agent's command or its
