@@ -1,6 +1,6 @@
 """The protocol simulation (chaos/protosim): the shipped service breaks no invariant over random
-fault schedules, and the simulation is able to: with either of the fencing issue's fixes taken
-out (`Variant`), it finds the split-brain that fix closed. A seed replays exactly.
+fault schedules, and the simulation is able to: with either of two fencing fixes taken out
+(`Variant`), it finds the split-brain that fix closed. A seed replays exactly.
 
 A small run (CI); the full one is `watchdog-chaos protosim --schedules 100000`, recorded in
 docs/RELIABILITY.md.
@@ -35,7 +35,7 @@ def test_the_shipped_service_breaks_no_invariant_over_random_schedules() -> None
 
 
 def test_without_restart_continuity_a_restarted_agent_is_unheard_and_its_vms_run_twice() -> None:
-    """Issue 12, hole 1: the agent's seq restarts with its process; the controller refuses its
+    """The agent's seq restarts with its process; the controller refuses its
     heartbeats as replays; once the node also loses the API, its VMs are reset while its agent
     (with broker contact) never fences."""
     kinds = ["agent-restart", "api-link-cut"]
@@ -46,7 +46,7 @@ def test_without_restart_continuity_a_restarted_agent_is_unheard_and_its_vms_run
 
 
 def test_without_a_watchdog_device_a_frozen_agent_leaves_a_promise_nobody_keeps() -> None:
-    """Issue 12, hole 2: a frozen agent with its kubelet stopped: the controller resets after
+    """A frozen agent with its kubelet stopped: the controller resets after
     the safe delay while the VMs still run, unless a device stops the node."""
     kinds = ["agent-freeze", "kubelet-stop"]
     broken = campaign(1, 10, kinds, Variant(watchdog_device=False))
