@@ -20,8 +20,10 @@ import atexit
 import contextlib
 import ctypes
 import functools
+import glob
 import os
 import signal
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,9 +85,15 @@ class ManagedProcess:
         _LIVE[self.process.pid] = self
 
     def freeze(self) -> None:
-        """SIGSTOP the process group: sockets stay open, nothing is answered."""
+        """SIGSTOP the process group: sockets stay open, nothing is answered. Returns once
+        every thread of the process shows stopped: `kill` only queues the signal, and a thread
+        running on the other core can still answer a request for a moment (seen under load:
+        a request sent right after the freeze was served)."""
         self._signal_group(signal.SIGSTOP)
         self.frozen = True
+        proc = self.process
+        if proc is not None and proc.returncode is None:
+            _wait_stopped(proc.pid)
 
     def thaw(self) -> None:
         self._signal_group(signal.SIGCONT)
@@ -130,6 +138,22 @@ class ManagedProcess:
         # anything it forked.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
+
+
+def _wait_stopped(pid: int, timeout_s: float = 2.0) -> None:
+    """Until every thread of `pid` is in the stopped state (`T` in /proc), or `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            states = [
+                (Path(task) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                for task in glob.glob(f"/proc/{pid}/task/*")
+            ]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            states = []  # a thread ended while we read: look again
+        if states and all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.001)
 
 
 def managed(

@@ -28,6 +28,7 @@ from chaos.sim.controlplane import ControlPlane
 from chaos.sim.informer import CRDS, NODES, PODS, ApiError, Kube, Resource
 from tests.eventually import eventually
 from tests.integration.test_service_failover import VAP, VAP_BINDINGS
+from tests.loopback_http import serving
 from watchdog.actuate import Actuator, LeaseLock, LeaseRecord, Result
 from watchdog.actuate.preflight import (
     check_access,
@@ -861,18 +862,13 @@ async def test_retry_after_of_a_429_is_honoured() -> None:
 
     app = web.Application()
     app.router.add_get("/version", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    cfg = k8s_client.Configuration(host=f"http://127.0.0.1:{port}")
-    client = k8s_client.ApiClient(configuration=cfg)
-    try:
-        answer = await KubeWriter(client, attempts=5).call("GET", "/version")
-    finally:
-        await client.close()
-        await runner.cleanup()
+    async with serving(app) as port:
+        cfg = k8s_client.Configuration(host=f"http://127.0.0.1:{port}")
+        client = k8s_client.ApiClient(configuration=cfg)
+        try:
+            answer = await KubeWriter(client, attempts=5).call("GET", "/version")
+        finally:
+            await client.close()
     assert answer["gitVersion"] == "v1.37.2"
     assert len(hits) == 3
     assert hits[1] - hits[0] >= 0.95 and hits[2] - hits[1] >= 0.95

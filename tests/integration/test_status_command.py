@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from chaos.sim.binaries import ControlPlaneBinaries
 from chaos.sim.controlplane import ControlPlane
 from chaos.sim.informer import NODES, Kube
+from tests.loopback_http import serving
 from watchdog.decide.names import STATE_ANNOTATION
 from watchdog.metrics import Metrics
 
@@ -130,17 +131,10 @@ async def test_with_the_leaders_metrics_it_adds_heartbeat_ages_reset_times_and_h
 
     app = web.Application()
     app.router.add_get("/metrics", exposition)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serving(app) as port:
         code, out, err = await status(
             cluster, "--json", f"--metrics-url=http://127.0.0.1:{port}/metrics"
         )
-    finally:
-        await runner.cleanup()
     assert code == 0, err
     doc: dict[str, Any] = json.loads(out)
     rows = {r["node"]: r for r in doc["nodes"]}

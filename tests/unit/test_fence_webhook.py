@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from tests.loopback_http import serving
 from watchdog.actuate.fence_runners import FenceRunner
 from watchdog.actuate.outcome import Result
 from watchdog.decide.actions import RunFenceHook
@@ -39,15 +40,8 @@ async def endpoint() -> AsyncIterator[tuple[str, list[object], list[int]]]:
 
     app = web.Application()
     app.router.add_post("/fence", fence)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serving(app) as port:
         yield f"http://127.0.0.1:{port}/fence", bodies, answers
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_2xx_confirms_the_node_off_and_anything_else_does_not(
