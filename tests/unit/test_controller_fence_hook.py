@@ -153,6 +153,30 @@ def controller() -> tuple[Controller, Executor, Clock, list[str]]:
     return c, execute, clock, marked
 
 
+def leading_self_fence_controller() -> tuple[Controller, Clock, HeartbeatBook, Cluster]:
+    """The shipped fence mode (`self`), both connections up, leading for 100 s, no heartbeat
+    heard yet (the caller's `book` gets them)."""
+    cluster, clock, book = Cluster(), Clock(), HeartbeatBook()
+    c = Controller(
+        DecideConfig(),
+        Policy(period_s=15.0),
+        ("node.kubernetes.io/out-of-service", "NoExecute"),
+        cluster,
+        book,
+        Executor(cluster),
+        Metrics(),
+        clock,
+    )
+    for node in NODES:
+        c.known_since[node] = 0.0
+    c.broker_connection(True)
+    c.api_connection(True)
+    c.become_leader()
+    clock.now += 100.0
+    book.set_known(set(NODES))
+    return c, clock, book, cluster
+
+
 async def settle(c: Controller) -> None:
     await asyncio.gather(*c._hooks.values())
 

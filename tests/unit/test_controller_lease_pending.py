@@ -8,43 +8,23 @@ test_controller_fence_hook.py.
 
 from __future__ import annotations
 
-from watchdog.decide.config import DecideConfig, Policy
-from watchdog.decide.heartbeats import Heartbeat, HeartbeatBook
+from watchdog.decide.heartbeats import Heartbeat
 from watchdog.decide.observations import FenceDeclaration
 from watchdog.decide.state import Phase
-from watchdog.metrics import Metrics
-from watchdog.runtime.controller import Controller
 
-from .test_controller_fence_hook import NODES, Clock, Cluster, Executor
+from .test_controller_fence_hook import leading_self_fence_controller
 
 LIVE = "n2"
 
 
 async def test_a_lease_past_its_deadline_waits_for_an_api_answer_after_it() -> None:
-    cluster, clock, book = Cluster(), Clock(), HeartbeatBook()
-    answered: list[float] = [clock.now]
-    c = Controller(
-        DecideConfig(),
-        Policy(period_s=15.0),
-        ("node.kubernetes.io/out-of-service", "NoExecute"),
-        cluster,
-        book,
-        Executor(cluster),
-        Metrics(),
-        clock,
-    )
+    c, clock, book, cluster = leading_self_fence_controller()
+    answered: list[float] = [clock.now - 100.0]
     c.health.api_answered = lambda: answered[-1]
     probes: list[float] = []  # when the controller asked the cache for a probe now
     c.request_api_probe = lambda: probes.append(clock.now)
-    for node in NODES:
-        c.known_since[node] = 0.0
-    c.broker_connection(True)
-    c.api_connection(True)
-    c.become_leader()
-    clock.now += 100.0
     cluster.lease_at = clock.now - 15.5  # deadline half a second ago
     answered.append(clock.now - 2.0)  # the API answered last before it (then froze)
-    book.set_known(set(NODES))
     armed = FenceDeclaration(armed=True, after_s=8.0, bound_s=5.0, device=True, watchdog_s=5.0)
     for seq in range(1, 4):
         book.accept(Heartbeat(LIVE, "boot-1", seq, 0.0, "1", armed), clock.now)

@@ -9,14 +9,13 @@ test_controller_fence_hook.py.
 
 from __future__ import annotations
 
-from watchdog.decide.config import DecideConfig, Policy
+from watchdog.decide.config import DecideConfig
 from watchdog.decide.heartbeats import Heartbeat, HeartbeatBook
 from watchdog.decide.observations import FenceDeclaration
 from watchdog.decide.state import Phase
-from watchdog.metrics import Metrics
 from watchdog.runtime.controller import HOLDS_REREAD_S, Controller
 
-from .test_controller_fence_hook import NODES, Clock, Cluster, Executor
+from .test_controller_fence_hook import Clock, Cluster, leading_self_fence_controller
 
 NODE = "n2"
 ARMED = FenceDeclaration(armed=True, after_s=8.0, bound_s=5.0, device=True, watchdog_s=5.0)
@@ -24,25 +23,7 @@ CFG = DecideConfig()
 
 
 def leading() -> tuple[Controller, Clock, HeartbeatBook, Cluster]:
-    cluster, clock, book = Cluster(), Clock(), HeartbeatBook()
-    c = Controller(
-        CFG,
-        Policy(period_s=15.0),
-        ("node.kubernetes.io/out-of-service", "NoExecute"),
-        cluster,
-        book,
-        Executor(cluster),
-        Metrics(),
-        clock,
-    )
-    for node in NODES:
-        c.known_since[node] = 0.0
-    c.broker_connection(True)
-    c.api_connection(True)
-    c.become_leader()
-    clock.now += 100.0
-    book.set_known(set(NODES))
-    return c, clock, book, cluster
+    return leading_self_fence_controller()
 
 
 def beat(book: HeartbeatBook, seq: int, at: float) -> None:
