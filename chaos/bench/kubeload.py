@@ -28,12 +28,12 @@ from typing import Any
 
 import aiohttp
 
-from watchdog.decide.names import read_state_annotation
+from watchdog.decide.names import NODE_LEASE_NAMESPACE, read_state_annotation
 
 log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
-LEASE_NS = "kube-node-lease"
+LEASE_NS = NODE_LEASE_NAMESPACE
 
 
 class KubeError(RuntimeError):
