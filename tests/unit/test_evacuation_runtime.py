@@ -207,3 +207,24 @@ async def test_the_timeout_is_reported_once_and_a_stop_ends_the_evacuation() -> 
     assert NODE not in evac.active
     await evac.tick(NODE)
     assert actuator.done == [timeout, StopEvacuation(NODE)]
+
+
+async def test_the_loop_is_woken_for_the_time_limit_alone_and_not_after_it() -> None:
+    """No polling: between changes the evacuation loop sleeps until `next_wake`, the moment
+    the time limit has passed (decide/evacuation.py, `evacuation_wake_at`); a look then
+    reports the timeout, and after it nothing is due for time alone."""
+    evac, cache, _, metrics, clock = make([vmi("a")], timeout_s=60.0)
+    cache.running = 5  # the cluster's limit taken: nothing starts, nothing finishes
+    assert evac.next_wake() is None
+    await evac.start(StartEvacuation(NODE))
+    wake = evac.next_wake()
+    assert wake is not None and clock.now + 60.0 < wake <= clock.now + 60.1
+    assert evac.due(wake - 0.001) == set()
+    clock.now = wake
+    assert evac.due(clock.now) == {NODE}
+    for node in evac.due(clock.now):
+        await evac.tick(node)
+    assert counted(metrics, "timeout") == 1, "the look for time alone found the timeout"
+    assert evac.next_wake() is None and evac.due(clock.now + 1e6) == set()
+    await evac.stop(StopEvacuation(NODE))
+    assert evac.next_wake() is None

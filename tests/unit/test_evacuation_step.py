@@ -14,6 +14,7 @@ from watchdog.decide.evacuation import (
     EvacuationVMI,
     Limits,
     evacuation_step,
+    evacuation_wake_at,
     migration_ended,
     migration_result,
 )
@@ -320,3 +321,17 @@ def test_over_any_sequence_of_looks(
     assert [e.event for e in seen].count("EvacuationTimeout") <= 1
     assert [e.event for e in seen].count("EvacuationFinished") <= 1
     assert sum(e.result == "not_migratable" for e in seen) == len(pinned & {"a", "b", "c", "d"})
+
+
+def test_a_look_for_time_alone_is_due_just_past_the_limit_and_finds_the_timeout() -> None:
+    """The runtime sleeps until `evacuation_wake_at`; a look then must report the timeout (a
+    look exactly at the limit would find it not yet passed and ask for the same moment)."""
+    vmis = [vm("a", migrating=True)]
+    state = start()
+    wake = evacuation_wake_at(state, TIMEOUT_S)
+    assert wake is not None and T0 + TIMEOUT_S < wake < T0 + TIMEOUT_S + 0.1
+    state, fx = step(state, vmis, running_here=1, now=wake)
+    assert fx.end is not None and fx.end.event == "EvacuationTimeout"
+    assert evacuation_wake_at(state, TIMEOUT_S) is None  # reported once: nothing more is due
+    finished, _ = step(start(), [], now=T0 + 1)
+    assert evacuation_wake_at(finished, TIMEOUT_S) is None

@@ -205,6 +205,21 @@ def evacuation_step(
     return new, EvacuationEffects(tuple(reports), tuple(chosen), end)
 
 
+# A look at an evacuation due for time alone comes this long after its time limit: the timeout
+# is reported once more than `timeout_s` has passed, and a look exactly at the limit would
+# find it not yet passed and ask for the same moment again.
+TIMEOUT_LOOK_AFTER_S = 0.01
+
+
+def evacuation_wake_at(state: EvacuationState, timeout_s: float) -> float | None:
+    """When `state`'s evacuation needs a look for time alone: just past its time limit, while
+    it is neither finished nor timed out; None otherwise. Every other look comes from a change:
+    the node's VMIs, any migration ending (a slot frees up), the policy (its time limit)."""
+    if state.finished or state.timed_out:
+        return None
+    return state.started_at + timeout_s + TIMEOUT_LOOK_AFTER_S
+
+
 def migration_result(phase: str | None) -> str:
     """The `watchdog_migrations_total` result of a migration in a final phase: anything but
     KubeVirt's `Succeeded` failed."""

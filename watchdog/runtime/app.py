@@ -276,7 +276,10 @@ def _controller(
         if isinstance(action, act.DeleteVolumeAttachments):
             claims = claims_of_reset.pop(action.node, [])
         if isinstance(action, act.StartEvacuation):
-            return await evacuations.start(action)
+            started = await evacuations.start(action)
+            # The evacuation loop learns of its time limit (it may sleep until a later one).
+            evacuation_ticks.put_nowait(action.node)
+            return started
         if isinstance(action, act.StopEvacuation):
             return await evacuations.stop(action)
         outcome = await actuator.execute(action, claims=claims, basis=basis)
@@ -319,11 +322,18 @@ def _controller(
                     scheduler.mark(new.node)
         elif resource == MIGRATIONS.name:
             node = evacuations.migration_changed(key, old, new)
-            if node in evacuations.active:
+            if new is not None and new.final and (old is None or not old.final):
+                # A migration ended: a slot KubeVirt's limits held is free for every evacuation.
+                for waiting in evacuations.active:
+                    evacuation_ticks.put_nowait(waiting)
+            elif node in evacuations.active:
                 evacuation_ticks.put_nowait(node)
         elif resource in (HARVESTER_SETTINGS.name, HARVESTER_UPGRADES.name):
-            # A policy change or an upgrade starting/ending changes what every node may do.
+            # A policy change or an upgrade starting/ending changes what every node may do (and
+            # the policy carries the evacuations' time limit).
             scheduler.mark_all(list(book.known))
+            for waiting in evacuations.active:
+                evacuation_ticks.put_nowait(waiting)
 
     def on_health(up: bool) -> None:
         controller.api_connection(up)
@@ -470,15 +480,19 @@ def _controller(
             metrics.queue_depth.labels(queue="vmi_changes").set(vmi_changes.qsize())
 
     async def evacuate() -> None:
-        # Ticks coalesce: one per node however many events arrived meanwhile.
+        # Ticks coalesce: one per node however many events arrived meanwhile. Between events
+        # the loop sleeps until the earliest look an evacuation needs for time alone (its time
+        # limit, `Evacuations.next_wake`), not polling.
         while True:
+            wake = evacuations.next_wake()
+            timeout = None if wake is None else max(0.0, wake - clock())
             try:
-                node = await asyncio.wait_for(evacuation_ticks.get(), timeout=2.0)
+                node = await asyncio.wait_for(evacuation_ticks.get(), timeout=timeout)
                 nodes = {node}
                 while not evacuation_ticks.empty():
                     nodes.add(evacuation_ticks.get_nowait())
             except TimeoutError:
-                nodes = set(evacuations.active)  # timeouts need a look now and then
+                nodes = evacuations.due(clock())
             if controller.acting:
                 for n in nodes:
                     await evacuations.tick(n)

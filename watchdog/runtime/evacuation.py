@@ -31,6 +31,7 @@ from watchdog.decide.evacuation import (
     EvacuationState,
     describe_policy,
     evacuation_step,
+    evacuation_wake_at,
     migration_ended,
     migration_result,
 )
@@ -61,6 +62,9 @@ class Evacuations:
         # two at once would both plan from the same cache and start the same VMI twice.
         self._lock = asyncio.Lock()
         self._migration_started: dict[str, float] = {}  # "ns/name" → first seen unfinished
+        # node → when its evacuation needs a look for time alone (decide/evacuation.py,
+        # `evacuation_wake_at`); the evacuation loop sleeps until the earliest.
+        self.wake_at: dict[str, float] = {}
 
     async def start(self, action: StartEvacuation) -> str:
         if action.node not in self.active:
@@ -72,6 +76,7 @@ class Evacuations:
     async def stop(self, action: StopEvacuation) -> str:
         async with self._lock:
             ev = self.active.pop(action.node, None)
+            self.wake_at.pop(action.node, None)
             outcome = await self.actuator.execute(action)
         if ev is not None and not ev.finished:
             log.info("evacuation of %s stopped (node healthy again or down for real)", action.node)
@@ -142,6 +147,11 @@ class Evacuations:
         # Kept before the first await: a migration that ends while the effects are carried out
         # counts its attempt on this state, and an evacuation stopped meanwhile stays stopped.
         self.active[node] = ev
+        wake = evacuation_wake_at(ev, self.timeout_s())
+        if wake is None:
+            self.wake_at.pop(node, None)
+        else:
+            self.wake_at[node] = wake
         for report in effects.reports:
             await self._report(node, report)
         chosen = effects.migrate
@@ -170,3 +180,11 @@ class Evacuations:
     async def tick_all(self) -> None:
         for node in list(self.active):
             await self.tick(node)
+
+    def next_wake(self) -> float | None:
+        """The earliest look due for time alone (None: none; only changes wake the loop)."""
+        return min(self.wake_at.values(), default=None)
+
+    def due(self, now: float) -> set[str]:
+        """The evacuations whose look for time alone is due at `now`."""
+        return {node for node, at in self.wake_at.items() if at <= now}
