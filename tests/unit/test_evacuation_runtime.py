@@ -228,3 +228,18 @@ async def test_the_loop_is_woken_for_the_time_limit_alone_and_not_after_it() -> 
     assert evac.next_wake() is None and evac.due(clock.now + 1e6) == set()
     await evac.stop(StopEvacuation(NODE))
     assert evac.next_wake() is None
+
+
+async def test_a_look_deferred_while_not_acting_comes_later_and_a_step_down_forgets_all() -> None:
+    """A replica that may not act for a moment defers a due look (the loop would otherwise be
+    woken again at once, spinning); one that steps down keeps neither evacuations nor looks."""
+    evac, cache, _, _, clock = make([vmi("a")], timeout_s=60.0)
+    cache.running = 5
+    await evac.start(StartEvacuation(NODE))
+    wake = evac.next_wake()
+    assert wake is not None
+    clock.now = wake
+    evac.defer(evac.due(clock.now), clock.now + 1.0)
+    assert evac.due(clock.now) == set() and evac.next_wake() == clock.now + 1.0
+    evac.forget_all()
+    assert evac.active == {} and evac.next_wake() is None

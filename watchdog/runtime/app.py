@@ -63,6 +63,10 @@ from watchdog.transport.kube import ConfigError, KubeApi, load_api_client
 
 log = logging.getLogger("watchdog")
 
+# An evacuation's look due while this replica may not act (a renewal overdue) comes this much
+# later, instead of waking the evacuation loop again at once.
+NOT_ACTING_RETRY_S = 1.0
+
 
 def configure_logging(settings: Settings) -> None:
     """Text, or one JSON object per line (`log_format: json`, the deployed default): quotes,
@@ -447,7 +451,7 @@ def _controller(
             probe_lists.step_down()
             subscriber.clear_outbox()
             # The next leader resumes DEGRADED nodes as HEALTHY and evacuates them itself.
-            evacuations.active.clear()
+            evacuations.forget_all()
 
     identity = process_identity(settings)
     elector = LeaderElector(
@@ -496,6 +500,10 @@ def _controller(
             if controller.acting:
                 for n in nodes:
                     await evacuations.tick(n)
+            else:
+                # Not acting for a moment (a renewal overdue): look again later, not at once
+                # (a look still due would wake this loop again and again).
+                evacuations.defer(nodes, clock() + NOT_ACTING_RETRY_S)
 
     reported_policy_problem: list[str | None] = [None]
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from watchdog.actuate.actuator import Actuator
 from watchdog.actuate.outcome import Result
@@ -180,6 +180,17 @@ class Evacuations:
     async def tick_all(self) -> None:
         for node in list(self.active):
             await self.tick(node)
+
+    def forget_all(self) -> None:
+        """This replica stopped leading: the next leader evacuates what it finds DEGRADED."""
+        self.active.clear()
+        self.wake_at.clear()
+
+    def defer(self, nodes: Iterable[str], until: float) -> None:
+        """The looks at `nodes` due for time alone come at `until` instead (not acting now)."""
+        for node in nodes:
+            if node in self.wake_at:
+                self.wake_at[node] = max(self.wake_at[node], until)
 
     def next_wake(self) -> float | None:
         """The earliest look due for time alone (None: none; only changes wake the loop)."""
