@@ -123,7 +123,34 @@ def draw(spec: CampaignSpec, trial: int) -> Scenario:
             fault["duration_s"] = round(rng.uniform(min(MIN_FAULT_S, ceiling), ceiling), 1)
         faults.append(fault)
     faults.sort(key=lambda f: f["at_s"])
-    return scenario_for(spec, f"campaign-{spec.seed}-{trial}", faults)
+    return scenario_for(spec, f"campaign-{spec.seed}-{trial}", _merged(faults))
+
+
+def _merged(faults: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Two overlapping faults of the whole cluster of one kind are one outage, from the first's
+    start to the later end (the test cluster has one API server and one broker: a second outage
+    of one already out is no fault, and it refuses one)."""
+    out: list[dict[str, Any]] = []
+    for f in faults:  # sorted by start
+        same = next(
+            (
+                g
+                for g in out
+                if "node" not in f
+                and "node" not in g
+                and g["action"] == f["action"]
+                and "duration_s" in f
+                and "duration_s" in g
+                and f["at_s"] <= g["at_s"] + g["duration_s"]
+            ),
+            None,
+        )
+        if same is None:
+            out.append(dict(f))
+            continue
+        end = max(same["at_s"] + same["duration_s"], f["at_s"] + f["duration_s"])
+        same["duration_s"] = round(end - same["at_s"], 1)
+    return out
 
 
 def scenario_for(spec: CampaignSpec, name: str, faults: list[dict[str, Any]]) -> Scenario:
